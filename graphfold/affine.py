@@ -1,0 +1,249 @@
+"""Recognise per-channel affine maps ``A(x) = s ⊙ x + t`` and merge chains of them into one A.
+
+Sources (FOLDING.md §1): ``FusedBatchNorm``/``V2``/``V3`` in inference mode, ``BatchNormWithGlobal
+Normalization``, and ``Mul``/``RealDiv``/``Add``/``AddV2``/``BiasAdd``/``Sub`` by a constant that
+broadcasts only along the channel axis (which covers Keras 3's decomposed ``x * inv + offset``).
+A chain ``A2(A1(x))`` composes to ``(s2 s1) x + (s2 t1 + t2)``. All arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from graphfold.graph import Graph, canonical, tensor_name
+
+FUSED_BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+BATCH_NORM_OPS = FUSED_BATCH_NORMS + ("BatchNormWithGlobalNormalization",)
+ELEMENTWISE = ("Mul", "RealDiv", "Add", "AddV2", "BiasAdd", "Sub")
+FLOAT_TYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+
+
+@dataclasses.dataclass
+class Affine:
+    """One A: ``nodes`` (in data order) compute ``s ⊙ x + t`` on channel ``axis`` of a rank-``rank``
+    tensor. ``s``/``t`` are float64 vectors of length C, or of length 1 for a scalar."""
+
+    nodes: list[str]
+    s: np.ndarray
+    t: np.ndarray
+    axis: int | None          # None: s and t are scalars, any axis will do
+    rank: int
+    dtype: tf.DType
+    batch_norms: list[str]    # user-facing names of the batch-norm layers inside the chain
+    form: str                 # "FusedBatchNormV3", "Keras 3 (Mul/Add)", "Mul", ...
+    blocked: str | None = None  # set when the group can never be folded (training mode, ...)
+
+    @property
+    def is_batch_norm(self) -> bool:
+        return bool(self.batch_norms)
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(np.all(self.s == 1) and np.all(self.t == 0))
+
+    def input(self, graph: Graph) -> str:
+        return graph.data_inputs(graph.nodes[self.nodes[0]])[0] if self.nodes[0] in graph.nodes \
+            else ""
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1]
+
+    def then(self, other: "Affine") -> "Affine":
+        """The composition ``other ∘ self``."""
+        axis = self.axis if self.axis is not None else other.axis
+        return Affine(
+            nodes=self.nodes + other.nodes, s=other.s * self.s, t=other.s * self.t + other.t,
+            axis=axis, rank=self.rank, dtype=self.dtype,
+            batch_norms=self.batch_norms + [b for b in other.batch_norms
+                                            if b not in self.batch_norms],
+            form=_merge_forms(self.form, other.form), blocked=self.blocked or other.blocked)
+
+
+def _merge_forms(a: str, b: str) -> str:
+    kinds = [f for f in (a, b) if f not in ELEMENTWISE]
+    if kinds:
+        return kinds[0]
+    return f"{a}+{b}" if a != b else a
+
+
+def channel_axis_of(data_format: bytes | str, rank: int) -> int:
+    fmt = data_format.decode() if isinstance(data_format, bytes) else data_format
+    return 1 if fmt.startswith("NC") else rank - 1
+
+
+def _per_channel(k: np.ndarray, shape: tuple | None) -> tuple[np.ndarray, int | None] | None:
+    """``k`` as a per-channel vector and its channel axis in a tensor of ``shape``, or None when
+    ``k`` broadcasts along another axis or would enlarge the tensor."""
+    if shape is None or k.ndim > len(shape):
+        return None
+    if k.size == 1:
+        return k.reshape(1).astype(np.float64), None
+    rank = len(shape)
+    aligned = (1,) * (rank - k.ndim) + tuple(k.shape)
+    axes = [i for i, d in enumerate(aligned) if d != 1]
+    if len(axes) != 1:
+        return None
+    axis = axes[0]
+    if shape[axis] is not None and shape[axis] != aligned[axis]:
+        return None
+    return k.reshape(-1).astype(np.float64), axis
+
+
+def batch_norm_name(node_name: str) -> str | None:
+    """The Keras layer name behind a batch-norm node (``model/conv1_bn/batchnorm/mul_1`` ->
+    ``conv1_bn``), or None when the name does not say."""
+    match = re.search(r"([^/]+)/batchnorm/[^/]+$", node_name)
+    if match:
+        return match.group(1)
+    return None
+
+
+def _fused_layer_name(node_name: str) -> str:
+    parts = node_name.split("/")
+    if len(parts) >= 2 and parts[-1].startswith("FusedBatchNorm"):
+        return parts[-2]
+    return parts[-1]
+
+
+def recognise(graph: Graph, node) -> Affine | None:
+    """The A computed by ``node`` alone, or None when ``node`` is not an affine op."""
+    if node.op in BATCH_NORM_OPS:
+        return _batch_norm(graph, node)
+    if node.op not in ELEMENTWISE:
+        return None
+    dtype = graph.dtype(node)
+    if dtype not in FLOAT_TYPES:
+        return None
+    inputs = graph.data_inputs(node)
+    if len(inputs) != 2:
+        return None
+    a, b = (graph.const(t) for t in inputs)
+    if (a is None) == (b is None):
+        return None
+    x_index = 0 if b is not None else 1
+    k = b if b is not None else a
+    x = inputs[x_index]
+    shape = graph.shape(x)
+    if node.op == "BiasAdd":
+        if shape is None:
+            return None
+        axis = channel_axis_of(node.attr["data_format"].s or b"NHWC", len(shape))
+        vec = k.reshape(-1).astype(np.float64)
+        per_channel = (vec, axis)
+    else:
+        per_channel = _per_channel(k, shape)
+    if per_channel is None:
+        return None
+    vec, axis = per_channel
+    ones, zeros = np.ones_like(vec), np.zeros_like(vec)
+    if node.op == "Mul":
+        s, t = vec, zeros
+    elif node.op == "RealDiv":
+        if x_index != 0 or np.any(vec == 0):
+            return None
+        s, t = 1 / vec, zeros
+    elif node.op == "Sub":
+        s, t = (ones, -vec) if x_index == 0 else (-ones, vec)
+    else:
+        s, t = ones, vec
+    name = batch_norm_name(node.name)
+    return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=len(shape), dtype=dtype,
+                  batch_norms=[name] if name else [], form=node.op)
+
+
+def _batch_norm(graph: Graph, node) -> Affine | None:
+    inputs = graph.data_inputs(node)
+    x = inputs[0]
+    shape = graph.shape(x)
+    rank = len(shape) if shape is not None else 4
+    dtype = graph.dtype(node)
+    if node.op == "BatchNormWithGlobalNormalization":
+        mean, var, beta, gamma = (graph.const(t) for t in inputs[1:5])
+        eps = node.attr["variance_epsilon"].f
+        if not node.attr["scale_after_normalization"].b and gamma is not None:
+            gamma = np.ones_like(gamma)
+        axis, blocked = rank - 1, None
+        name = _fused_layer_name(node.name)
+    else:
+        gamma, beta, mean, var = (graph.const(t) for t in inputs[1:5])
+        eps = node.attr["epsilon"].f
+        axis = channel_axis_of(node.attr["data_format"].s or b"NHWC", rank)
+        blocked = None
+        if node.attr["is_training"].b:
+            blocked = "training mode (is_training=true): it normalises with batch statistics"
+        elif any(graph.consumers(tensor_name(node.name, i)) or
+                 graph.is_fetched(tensor_name(node.name, i)) for i in range(1, 6)):
+            blocked = "outputs 1-5 (batch statistics) are used"
+        name = _fused_layer_name(node.name)
+    params = [gamma, beta, mean, var]
+    if blocked or any(p is None for p in params):
+        return Affine(nodes=[node.name], s=np.ones(1), t=np.zeros(1), axis=axis, rank=rank,
+                      dtype=dtype, batch_norms=[name], form=node.op,
+                      blocked=blocked or "batch-norm parameters are not constant")
+    gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
+    with np.errstate(all="ignore"):
+        s = gamma / np.sqrt(var + eps)
+        t = beta - mean * s
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
+        blocked = blocked or "non-finite scale or shift (NaN/Inf or negative variance)"
+    return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=rank, dtype=dtype,
+                  batch_norms=[name], form=node.op, blocked=blocked)
+
+
+def find_affines(graph: Graph) -> list[Affine]:
+    """Every maximal chain of affine ops, merged, in graph order.
+
+    A chain continues from op1 to op2 when op1's output feeds only op2, is not fetched, and the
+    two agree on the channel axis.
+    """
+    single = {}
+    for node in graph.graph_def.node:
+        affine = recognise(graph, node)
+        if affine is not None:
+            single[node.name] = affine
+    # next_in_chain[a] = b when b consumes a's output alone.
+    nxt, has_prev = {}, set()
+    for name, affine in single.items():
+        out = canonical(name)
+        users = graph.consumers(out)
+        if len(users) != 1 or graph.is_fetched(out) or affine.blocked:
+            continue
+        user = users[0]
+        other = single.get(user.name)
+        if other is None or other.blocked or not _reads_as_x(graph, user, out):
+            continue
+        if affine.axis is not None and other.axis is not None and affine.axis != other.axis:
+            continue
+        if affine.rank != other.rank:
+            continue
+        nxt[name] = user.name
+        has_prev.add(user.name)
+    groups = []
+    for node in graph.graph_def.node:
+        name = node.name
+        if name not in single or name in has_prev:
+            continue
+        group = single[name]
+        while name in nxt:
+            name = nxt[name]
+            group = group.then(single[name])
+        groups.append(group)
+    return [g for g in groups if g.is_batch_norm or g.blocked or not _is_pure_shift(g)]
+
+
+def _reads_as_x(graph: Graph, node, tensor: str) -> bool:
+    """Whether ``node`` reads ``tensor`` as its variable operand (not as the constant)."""
+    inputs = graph.data_inputs(node)
+    if node.op in BATCH_NORM_OPS:
+        return canonical(inputs[0]) == tensor
+    return any(canonical(t) == tensor and graph.const(t) is None for t in inputs)
+
+
+def _is_pure_shift(group: Affine) -> bool:
+    """A bias alone (s = 1): it is a layer's own bias, not something to fold."""
+    return bool(np.all(group.s == 1))

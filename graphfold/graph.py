@@ -1,0 +1,191 @@
+"""A small mutable view over a GraphDef shared by every stage.
+
+Nodes by name, the data consumers of every tensor (kept in sync by the mutators), constant values
+as NumPy arrays (decoded lazily, cached), and the static shapes TensorFlow inferred when the graph
+was frozen. Tensors are named as in TensorFlow: ``"node"`` is output 0, ``"node:1"`` output 1.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterable
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+
+def split_tensor(tensor: str) -> tuple[str, int]:
+    """``"a:1"`` -> ``("a", 1)``; ``"a"`` -> ``("a", 0)``."""
+    name, _, index = tensor.partition(":")
+    return name, int(index) if index else 0
+
+
+def tensor_name(node: str, index: int = 0) -> str:
+    return node if index == 0 else f"{node}:{index}"
+
+
+def canonical(tensor: str) -> str:
+    return tensor_name(*split_tensor(tensor))
+
+
+# Consumers that read only a tensor's shape: they never see its values.
+SHAPE_ONLY_OPS = frozenset({"Shape", "ShapeN", "Rank", "Size"})
+
+
+class Graph:
+    """Nodes, consumers, constants and shapes of one GraphDef (which the Graph owns)."""
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, shapes: dict[str, tuple | None] | None = None,
+                 outputs: Iterable[str] = ()):
+        self.graph_def = graph_def
+        self.nodes: dict[str, node_def_pb2.NodeDef] = {n.name: n for n in graph_def.node}
+        self.shapes: dict[str, tuple | None] = dict(shapes or {})
+        self.outputs = {canonical(t) for t in outputs}   # tensors the caller fetches
+        self._consts: dict[str, np.ndarray] = {}
+        self._consumers: dict[str, list[str]] = collections.defaultdict(list)
+        for node in graph_def.node:
+            for tensor in node.input:
+                if not tensor.startswith("^"):
+                    self._consumers[canonical(tensor)].append(node.name)
+
+    # ---- reading -------------------------------------------------------------------------------
+    def producer(self, tensor: str) -> node_def_pb2.NodeDef:
+        return self.nodes[split_tensor(tensor)[0]]
+
+    def consumers(self, tensor: str) -> list[node_def_pb2.NodeDef]:
+        """Distinct data consumers of ``tensor`` (a node reading it twice appears once)."""
+        names = dict.fromkeys(self._consumers.get(canonical(tensor), ()))
+        return [self.nodes[n] for n in names]
+
+    def value_consumers(self, tensor: str) -> list[node_def_pb2.NodeDef]:
+        """Consumers that read the values (not only the shape) of ``tensor``."""
+        return [n for n in self.consumers(tensor) if n.op not in SHAPE_ONLY_OPS]
+
+    def is_fetched(self, tensor: str) -> bool:
+        return canonical(tensor) in self.outputs
+
+    def data_inputs(self, node: node_def_pb2.NodeDef) -> list[str]:
+        return [t for t in node.input if not t.startswith("^")]
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        """The value of ``tensor`` if its producer is a ``Const`` node, else None."""
+        name, index = split_tensor(tensor)
+        node = self.nodes.get(name)
+        if node is None or node.op != "Const" or index != 0:
+            return None
+        if name not in self._consts:
+            self._consts[name] = tf.make_ndarray(node.attr["value"].tensor)
+        return self._consts[name]
+
+    def shape(self, tensor: str) -> tuple | None:
+        """Static shape as a tuple (None for an unknown dimension), or None for an unknown rank."""
+        value = self.const(tensor)
+        if value is not None:
+            return tuple(value.shape)
+        return self.shapes.get(canonical(tensor))
+
+    def rank(self, tensor: str) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def dtype(self, node: node_def_pb2.NodeDef) -> tf.DType:
+        for key in ("T", "dtype"):
+            if key in node.attr and node.attr[key].type:
+                return tf.as_dtype(node.attr[key].type)
+        raise KeyError(f"node {node.name} ({node.op}) has no T or dtype attribute")
+
+    def unique_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.nodes:
+            i += 1
+            name = f"{base}_{i}"
+        return name
+
+    # ---- mutating ------------------------------------------------------------------------------
+    def add_node(self, node: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
+        if node.name in self.nodes:
+            raise ValueError(f"duplicate node name {node.name}")
+        added = self.graph_def.node.add()
+        added.CopyFrom(node)
+        self.nodes[added.name] = added
+        for tensor in added.input:
+            if not tensor.startswith("^"):
+                self._consumers[canonical(tensor)].append(added.name)
+        return added
+
+    def add_const(self, base: str, value: np.ndarray, dtype: tf.DType) -> str:
+        """Adds a ``Const`` node holding ``value`` cast to ``dtype``; returns its name."""
+        node = node_def_pb2.NodeDef(name=self.unique_name(base), op="Const")
+        node.attr["dtype"].type = dtype.as_datatype_enum
+        array = np.asarray(value).astype(dtype.as_numpy_dtype)
+        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+        self.add_node(node)
+        self._consts[node.name] = array
+        return node.name
+
+    def add_op(self, base: str, op: str, inputs: list[str], dtype: tf.DType, **attrs) -> str:
+        node = node_def_pb2.NodeDef(name=self.unique_name(base), op=op, input=inputs)
+        node.attr["T"].type = dtype.as_datatype_enum
+        for key, value in attrs.items():
+            if isinstance(value, bytes):
+                node.attr[key].s = value
+            else:
+                raise TypeError(f"unsupported attribute {key}={value!r}")
+        return self.add_node(node).name
+
+    def set_input(self, node: node_def_pb2.NodeDef, index: int, tensor: str) -> None:
+        """Makes data input ``index`` of ``node`` read ``tensor``."""
+        old = canonical(node.input[index])
+        self._consumers[old].remove(node.name)
+        node.input[index] = tensor
+        self._consumers[canonical(tensor)].append(node.name)
+
+    def replace_uses(self, old: str, new: str, *, except_nodes: Iterable[str] = ()) -> None:
+        """Every data consumer of ``old`` reads ``new`` instead; a fetched ``old`` stays fetched."""
+        skip = set(except_nodes)
+        old = canonical(old)
+        for consumer in list(self.consumers(old)):
+            if consumer.name in skip:
+                continue
+            for i, tensor in enumerate(consumer.input):
+                if not tensor.startswith("^") and canonical(tensor) == old:
+                    self.set_input(consumer, i, new)
+
+    def set_const(self, name: str, value: np.ndarray, dtype: tf.DType) -> None:
+        """Overwrites the value of the ``Const`` node ``name``."""
+        node = self.nodes[name]
+        array = np.asarray(value).astype(dtype.as_numpy_dtype)
+        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+        self._consts[name] = array
+
+    def remove_nodes(self, names: Iterable[str]) -> None:
+        doomed = set(names)
+        if not doomed:
+            return
+        for name in doomed:
+            for tensor in self.nodes[name].input:
+                if not tensor.startswith("^"):
+                    users = self._consumers[canonical(tensor)]
+                    users.remove(name)
+            del self.nodes[name]
+            self._consts.pop(name, None)
+        kept = [n for n in self.graph_def.node if n.name not in doomed]
+        del self.graph_def.node[:]
+        self.graph_def.node.extend(kept)
+        self.nodes = {n.name: n for n in self.graph_def.node}
+
+    def prune(self, keep: Iterable[str] = ()) -> None:
+        """Removes every node that no fetched tensor, control edge or ``keep`` node depends on."""
+        live: set[str] = set()
+        stack = [split_tensor(t)[0] for t in self.outputs] + list(keep)
+        while stack:
+            name = stack.pop()
+            if name in live or name not in self.nodes:
+                continue
+            live.add(name)
+            stack.extend(split_tensor(t.lstrip("^"))[0] for t in self.nodes[name].input)
+        self.remove_nodes([n for n in self.nodes if n not in live])
+
+    def op_counts(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(n.op for n in self.graph_def.node).items()))

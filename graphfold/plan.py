@@ -1,0 +1,345 @@
+"""Plan folds without touching the graph: per A, walk to the layers that can absorb it.
+
+Forward (FOLDING.md §3): from A's input up to *roots*, layers whose out-channels absorb s, and
+whose bias absorbs t. Backward (§4): from A's output down to consumer layers whose in-channels
+absorb s, and whose bias absorbs ``W ⊛ t``; an ``Add`` on the way needs *leaves*, layers on the
+other operand whose outputs are divided by s. A walk either yields a complete ``Plan`` or the
+first ``Blocked`` it met; the condition travels with the walk as a ``Demand``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graphfold.affine import Affine, recognise
+from graphfold.graph import Graph, canonical, split_tensor
+from graphfold.layers import LAYOUTS, channel_axis
+
+PASS_THROUGH = ("Identity", "Snapshot", "StopGradient")
+RESHAPES = ("Reshape", "Squeeze", "ExpandDims")
+ADDS = ("Add", "AddV2")
+LEAF_EPS = 1e-6  # refuse a leaf when some |s| < LEAF_EPS · max|s|
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    """Why an A cannot fold: the first node that stopped the walk, and the rule that failed."""
+    node: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.node}: {self.reason}"
+
+
+@dataclasses.dataclass
+class Demand:
+    """What the walk carries: the per-channel s and t as seen at the current tensor, on which
+    axis of a tensor of which rank."""
+    s: np.ndarray
+    t: np.ndarray
+    axis: int | None
+    rank: int
+
+    def slice(self, start: int, stop: int) -> "Demand":
+        cut = (lambda v: v if v.size == 1 else v[start:stop])
+        return Demand(cut(self.s), cut(self.t), self.axis, self.rank)
+
+    def with_axis(self, axis: int | None, rank: int) -> "Demand":
+        return Demand(self.s, self.t, axis, rank)
+
+    def without_shift(self) -> "Demand":
+        return Demand(self.s, np.zeros_like(self.t), self.axis, self.rank)
+
+    @property
+    def has_shift(self) -> bool:
+        return bool(np.any(self.t != 0))
+
+    @property
+    def positive(self) -> bool:
+        return bool(np.all(self.s > 0))
+
+
+@dataclasses.dataclass
+class Root:
+    """A layer absorbing A forward: W ⊙_out s; every bias on its path b ⊙ s; t into one bias."""
+    layer: str
+    s: np.ndarray
+    t: np.ndarray
+    biases: list[tuple[str, int | None, int]]   # (bias node, channel axis, rank) on its path
+
+
+@dataclasses.dataclass
+class Sink:
+    """A layer absorbing A backward: W ⊙_in s, and ``W ⊛ t`` added to its bias.
+    ``in_slice`` selects the part of W's in-channels that A feeds (through a Concat);
+    ``tile`` repeats s and t over the spatial positions of a flatten before a MatMul."""
+    layer: str
+    s: np.ndarray
+    t: np.ndarray
+    in_slice: tuple[int, int] | None
+    tile: int = 1
+
+
+@dataclasses.dataclass
+class Leaf:
+    """A layer on the other operand of an Add: its output (W and bias) divided by s."""
+    layer: str
+    s: np.ndarray
+    biases: list[tuple[str, int | None, int]]
+
+
+@dataclasses.dataclass
+class Plan:
+    direction: str                      # "forward" or "backward"
+    roots: list[Root] = dataclasses.field(default_factory=list)
+    sinks: list[Sink] = dataclasses.field(default_factory=list)
+    leaves: list[Leaf] = dataclasses.field(default_factory=list)
+
+    @property
+    def absorbed_by(self) -> list[str]:
+        return [r.layer for r in self.roots] + [s.layer for s in self.sinks]
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def weight_const(graph: Graph, layer) -> str | None:
+    """The ``Const`` node behind a layer's weight input (through Identity), or None."""
+    tensor = layer.input[1]
+    for _ in range(16):
+        node = graph.producer(tensor)
+        if node.op == "Const":
+            return node.name
+        if node.op not in PASS_THROUGH:
+            return None
+        tensor = graph.data_inputs(node)[0]
+    return None
+
+
+def _const_operand(graph: Graph, node) -> int | None:
+    for i, tensor in enumerate(graph.data_inputs(node)):
+        if graph.const(tensor) is not None:
+            return i
+    return None
+
+
+def axis_in_to_out(graph: Graph, node, axis: int | None) -> tuple[int | None, int] | None:
+    """Where channel ``axis`` of a reshaping op's input lands in its output, with the output rank;
+    None when the op does not keep the channel axis intact. A ``Reshape`` must keep the channel
+    axis last, with the same known size."""
+    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
+    if src is None or dst is None:
+        return None
+    if axis is None:
+        return None, len(dst)
+    if node.op == "Squeeze":
+        listed = list(node.attr["squeeze_dims"].list.i)
+        dims = [d % len(src) for d in listed] if listed else \
+            [i for i, d in enumerate(src) if d == 1]
+        if axis in dims:
+            return None
+        return axis - sum(d < axis for d in dims), len(dst)
+    if node.op == "ExpandDims":
+        where = graph.const(graph.data_inputs(node)[1])
+        if where is None:
+            return None
+        where = int(where) % len(dst)
+        return (axis + 1 if where <= axis else axis), len(dst)
+    if node.op == "Transpose":
+        return (axis, len(dst)) if _is_identity_transpose(graph, node) else None
+    if axis == len(src) - 1 and src[-1] is not None and dst[-1] == src[-1]:
+        return len(dst) - 1, len(dst)
+    return None
+
+
+def axis_out_to_in(graph: Graph, node, axis: int | None) -> tuple[int | None, int] | None:
+    """The inverse of ``axis_in_to_out``."""
+    src = graph.shape(graph.data_inputs(node)[0])
+    if src is None:
+        return None
+    if axis is None:
+        return (None, len(src)) if axis_in_to_out(graph, node, None) else None
+    for candidate in range(len(src)):
+        mapped = axis_in_to_out(graph, node, candidate)
+        if mapped is not None and mapped[0] == axis:
+            return candidate, len(src)
+    return None
+
+
+def _is_identity_transpose(graph: Graph, node) -> bool:
+    perm = graph.const(graph.data_inputs(node)[1])
+    return perm is not None and list(perm) == list(range(len(perm)))
+
+
+def _reduced_axes(graph: Graph, node, rank: int) -> list[int] | None:
+    axes = graph.const(graph.data_inputs(node)[1])
+    if axes is None:
+        return None
+    return sorted({int(a) % rank for a in np.atleast_1d(axes)})
+
+
+def _format_axis(node, rank: int) -> int:
+    fmt = node.attr["data_format"].s or b"NHWC"
+    return 1 if fmt.startswith(b"NC") else rank - 1
+
+
+def _pad_amounts(graph: Graph, node) -> np.ndarray | None:
+    pads = graph.const(graph.data_inputs(node)[1])
+    if node.op == "PadV2":
+        value = graph.const(graph.data_inputs(node)[2])
+        if value is None or np.any(value != 0):
+            return None
+    return pads
+
+
+# ---- forward ------------------------------------------------------------------------------------
+def plan_forward(graph: Graph, affine: Affine) -> Plan | Blocked:
+    x = affine.input(graph)
+    demand = Demand(affine.s, affine.t, affine.axis, affine.rank)
+    seen: set[str] = set()
+    result = _up(graph, x, affine.nodes[0], demand, seen)
+    if isinstance(result, Blocked):
+        return result
+    return Plan("forward", roots=result)
+
+
+def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
+        seen: set[str]) -> list[Root] | Blocked:
+    """Roots that absorb ``demand`` applied to ``tensor``, read on the path by ``reader``."""
+    node = graph.producer(tensor)
+    others = [c.name for c in graph.value_consumers(tensor) if c.name != reader]
+    if others:
+        return Blocked(node.name, f"its output is also read by {others[0]}")
+    if graph.is_fetched(tensor):
+        return Blocked(node.name, "its output is also a function output")
+    if node.name in seen:
+        return Blocked(node.name, "reached twice on the way to the layers")
+    seen.add(node.name)
+    op = node.op
+    if op in LAYOUTS and split_tensor(tensor)[1] == 0:
+        return _root(graph, node, demand)
+    inputs = graph.data_inputs(node)
+    if op in PASS_THROUGH:
+        return _up(graph, inputs[0], node.name, demand, seen)
+    if op in RESHAPES or op == "Transpose":
+        mapped = axis_out_to_in(graph, node, demand.axis)
+        if mapped is None:
+            return Blocked(node.name, f"{op} does not keep the channel axis intact")
+        return _up(graph, inputs[0], node.name, demand.with_axis(*mapped), seen)
+    shift = recognise(graph, node)
+    if shift is not None and not shift.blocked and np.all(shift.s == 1) and \
+            (shift.axis is None or demand.axis is None or shift.axis == demand.axis):
+        x = inputs[1 - _const_operand(graph, node)] if op != "BiasAdd" else inputs[0]
+        roots = _up(graph, x, node.name, demand, seen)
+        if isinstance(roots, Blocked):
+            return roots
+        for root in roots:
+            root.biases.append((node.name, demand.axis, demand.rank))
+        return roots
+    if op in ("AvgPool", "AvgPool3D", "MaxPool", "MaxPool3D"):
+        if demand.axis is not None and demand.axis != _format_axis(node, demand.rank):
+            return Blocked(node.name, "pools over the channel axis")
+        if op.startswith("MaxPool") and not demand.positive:
+            return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max)")
+        return _up(graph, inputs[0], node.name, demand, seen)
+    if op == "Mean":
+        axes = _reduced_axes(graph, node, graph.rank(inputs[0]) or 0)
+        if axes is None or graph.rank(inputs[0]) is None:
+            return Blocked(node.name, "Mean over unknown axes")
+        in_rank = graph.rank(inputs[0])
+        if demand.axis is None:
+            return _up(graph, inputs[0], node.name, demand.with_axis(None, in_rank), seen)
+        if node.attr["keep_dims"].b:
+            axis = demand.axis
+        else:
+            kept = [a for a in range(in_rank) if a not in axes]
+            axis = kept[demand.axis]
+        if axis in axes:
+            return Blocked(node.name, "Mean reduces the channel axis")
+        return _up(graph, inputs[0], node.name, demand.with_axis(axis, in_rank), seen)
+    if op == "Relu":
+        if not demand.positive:
+            return Blocked(node.name, "Relu needs every scale > 0")
+        if demand.has_shift:
+            return Blocked(node.name, "Relu needs a zero shift")
+        return _up(graph, inputs[0], node.name, demand, seen)
+    if op in ("Pad", "PadV2"):
+        pads = _pad_amounts(graph, node)
+        if pads is None:
+            return Blocked(node.name, "padding is not a constant zero")
+        if demand.has_shift:
+            return Blocked(node.name, "zero padding needs a zero shift")
+        if demand.axis is not None and np.any(pads[demand.axis] != 0):
+            return Blocked(node.name, "pads the channel axis")
+        return _up(graph, inputs[0], node.name, demand, seen)
+    if op in ADDS and _const_operand(graph, node) is None and len(inputs) == 2:
+        shapes = [graph.shape(t) for t in inputs]
+        if shapes[0] is None or shapes[0] != shapes[1] or graph.shape(tensor) != shapes[0]:
+            return Blocked(node.name, "Add broadcasts its operands")
+        if inputs[0] == inputs[1]:
+            return Blocked(node.name, "Add of a tensor with itself")
+        found = []
+        for i, operand in enumerate(inputs):
+            part = demand if i == 0 else demand.without_shift()
+            roots = _up(graph, operand, node.name, part, seen)
+            if isinstance(roots, Blocked):
+                return roots
+            found.extend(roots)
+        return found
+    if op == "ConcatV2":
+        return _up_concat(graph, node, tensor, demand, seen)
+    if op == "Placeholder":
+        return Blocked(node.name, "graph input")
+    return Blocked(node.name, f"{op} is not a linear layer nor an op A can pass through")
+
+
+def _concat_slices(graph: Graph, node, axis: int | None, rank: int):
+    """``[(operand, start, stop)]`` when ``node`` concatenates on ``axis``, else a reason."""
+    inputs = graph.data_inputs(node)
+    concat_axis = graph.const(inputs[-1])
+    if concat_axis is None or axis is None:
+        return "concatenates on an unknown axis"
+    if int(concat_axis) % rank != axis:
+        return "does not concatenate on the channel axis"
+    slices, start = [], 0
+    for operand in inputs[:-1]:
+        shape = graph.shape(operand)
+        if shape is None or shape[axis] is None:
+            return "an operand has an unknown channel count"
+        slices.append((operand, start, start + shape[axis]))
+        start += shape[axis]
+    return slices
+
+
+def _up_concat(graph: Graph, node, tensor, demand: Demand, seen) -> list[Root] | Blocked:
+    slices = _concat_slices(graph, node, demand.axis, demand.rank)
+    if isinstance(slices, str):
+        return Blocked(node.name, f"ConcatV2 {slices}")
+    found = []
+    for operand, start, stop in slices:
+        if [op for op, _, _ in slices].count(operand) > 1:
+            return Blocked(node.name, "ConcatV2 reads one tensor twice")
+        roots = _up(graph, operand, node.name, demand.slice(start, stop), seen)
+        if isinstance(roots, Blocked):
+            return roots
+        found.extend(roots)
+    return found
+
+
+def _root(graph: Graph, layer, demand: Demand) -> list[Root] | Blocked:
+    if weight_const(graph, layer) is None:
+        return Blocked(layer.name, "its weight is not a constant")
+    if demand.axis is not None and demand.axis != channel_axis(layer, demand.rank):
+        return Blocked(layer.name, "A's channel axis is not the layer's output-channel axis")
+    w = graph.const(weight_const(graph, layer))
+    out = LAYOUTS[layer.op].out_channels(w, layer)
+    if demand.s.size not in (1, out):
+        return Blocked(layer.name, f"A has {demand.s.size} channels, the layer {out}")
+    s = np.broadcast_to(demand.s, (out,)).astype(np.float64)
+    t = np.broadcast_to(demand.t, (out,)).astype(np.float64)
+    return [Root(layer.name, s, t, [])]
+
+
+# ---- backward -----------------------------------------------------------------------------------
+def plan_backward(graph: Graph, affine: Affine) -> Plan | Blocked:
+    return Blocked(affine.output, "backward folding is not implemented yet")

@@ -1,0 +1,117 @@
+"""What a rewrite did: one entry per batch-norm layer, and op counts before and after."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+
+@dataclasses.dataclass
+class Entry:
+    """One batch-norm layer (or another affine map the rewrite met)."""
+    name: str                   # user-facing name, e.g. "conv1_bn"
+    form: str                   # "FusedBatchNormV3", "decomposed (x*inv+offset)", "Mul", ...
+    nodes: list[str]            # graph nodes of the A this layer belongs to
+    folded: bool
+    direction: str | None = None        # "forward" / "backward" when folded
+    absorbed_by: list[str] = dataclasses.field(default_factory=list)
+    leaves: list[str] = dataclasses.field(default_factory=list)
+    reason: str | None = None   # why not folded: "<blocker node>: <rule that failed>"
+    blocker: str | None = None
+    tried: dict[str, str] = dataclasses.field(default_factory=dict)  # direction -> blocker
+    is_batch_norm: bool = True
+
+
+@dataclasses.dataclass
+class FoldReport:
+    entries: list[Entry]
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch_norms(self) -> list[Entry]:
+        return [e for e in self.entries if e.is_batch_norm]
+
+    @property
+    def folded(self) -> list[Entry]:
+        return [e for e in self.batch_norms if e.folded]
+
+    @property
+    def not_folded(self) -> list[Entry]:
+        return [e for e in self.batch_norms if not e.folded]
+
+    def count(self, direction: str) -> int:
+        return sum(e.direction == direction for e in self.folded)
+
+    def entry(self, name: str) -> Entry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def summary(self) -> str:
+        return (f"{len(self.batch_norms)} batch norms: {len(self.folded)} folded "
+                f"({self.count('forward')} forward, {self.count('backward')} backward), "
+                f"{len(self.not_folded)} not folded")
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": {
+                "batch_norms": len(self.batch_norms),
+                "folded": len(self.folded),
+                "folded_forward": self.count("forward"),
+                "folded_backward": self.count("backward"),
+                "not_folded": len(self.not_folded),
+            },
+            "entries": [dataclasses.asdict(e) for e in self.entries],
+            "ops_before": dict(self.ops_before),
+            "ops_after": dict(self.ops_after),
+            "notes": list(self.notes),
+            "seconds": dict(self.seconds),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def op_table(self) -> str:
+        """Before/after op counts, changed rows first, in the manner of onnxsim."""
+        ops = sorted(set(self.ops_before) | set(self.ops_after),
+                     key=lambda op: (self.ops_before.get(op, 0) == self.ops_after.get(op, 0), op))
+        rows = [("op", "before", "after")]
+        for op in ops:
+            rows.append((op, str(self.ops_before.get(op, 0)), str(self.ops_after.get(op, 0))))
+        rows.append(("total", str(sum(self.ops_before.values())),
+                     str(sum(self.ops_after.values()))))
+        return _table(rows)
+
+    def entry_table(self) -> str:
+        rows = [("layer", "form", "folded", "into / reason")]
+        for e in self.entries:
+            if not e.is_batch_norm and not e.folded and e.reason is None:
+                continue
+            label = e.name if e.is_batch_norm else f"{e.name} (affine)"
+            if e.folded:
+                into = ", ".join(e.absorbed_by)
+                if e.leaves:
+                    into += f" (leaves: {', '.join(e.leaves)})"
+                rows.append((label, e.form, e.direction, into))
+            else:
+                rows.append((label, e.form, "no", e.reason or ""))
+        return _table(rows)
+
+    def __str__(self) -> str:
+        parts = [self.summary(), "", self.entry_table(), "", self.op_table()]
+        parts += [f"note: {n}" for n in self.notes]
+        return "\n".join(parts)
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
