@@ -95,11 +95,13 @@ def _per_channel(k: np.ndarray, shape: tuple | None) -> tuple[np.ndarray, int | 
 
 
 def batch_norm_name(node_name: str) -> str | None:
-    """The Keras layer name behind a batch-norm node (``model/conv1_bn/batchnorm/mul_1`` ->
-    ``conv1_bn``), or None when the name does not say."""
-    match = re.search(r"([^/]+)/batchnorm/[^/]+$", node_name)
-    if match:
-        return match.group(1)
+    """The layer name behind a decomposed batch-norm node (``model/conv1_bn/batchnorm/mul_1`` ->
+    ``conv1_bn``; a top-level ``batchnorm_2/mul_1`` -> ``batchnorm_2``), or None when the node
+    is not one (tf.nn.batch_normalization and Keras 3 name their ops under ``batchnorm``)."""
+    parts = node_name.split("/")
+    for i in range(len(parts) - 2, -1, -1):
+        if re.fullmatch(r"batchnorm(_\d+)?", parts[i]):
+            return parts[i - 1] if i > 0 else parts[i]
     return None
 
 
@@ -247,3 +249,17 @@ def _reads_as_x(graph: Graph, node, tensor: str) -> bool:
 def _is_pure_shift(group: Affine) -> bool:
     """A bias alone (s = 1): it is a layer's own bias, not something to fold."""
     return bool(np.all(group.s == 1))
+
+
+def refresh(graph: Graph, affine: Affine) -> Affine:
+    """``affine`` recomputed from its nodes as they are now: an earlier fold may have changed a
+    bias inside the chain (a backward fold adds ``W ⊛ t`` to the bias that starts it)."""
+    if affine.blocked:
+        return affine
+    parts = [recognise(graph, graph.nodes[name]) for name in affine.nodes]
+    if any(p is None or p.blocked for p in parts):
+        return affine
+    result = parts[0]
+    for part in parts[1:]:
+        result = result.then(part)
+    return dataclasses.replace(affine, s=result.s, t=result.t)

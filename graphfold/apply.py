@@ -14,7 +14,7 @@ import tensorflow as tf
 from graphfold.affine import Affine
 from graphfold.graph import Graph, canonical
 from graphfold.layers import LAYOUTS, bias_format
-from graphfold.plan import Blocked, Plan, weight_const
+from graphfold.plan import Blocked, Plan, Root, weight_const
 
 _LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38}
 
@@ -61,60 +61,43 @@ def check(graph: Graph, plan: Plan) -> Blocked | None:
 
 
 def _compute(graph: Graph, plan: Plan) -> list[tuple]:
-    """All new constants as ``(node, input index, const, value)`` plus biases to create."""
+    """Every change as ``(kind, node, input index, const, value)``, computed before any is made."""
     writes = []
-    for root in plan.roots:
-        layer = graph.nodes[root.layer]
-        const = weight_const(graph, layer)
-        w = graph.const(const).astype(np.float64)
-        new_w = LAYOUTS[layer.op].scale_out(w, root.s, layer)
-        dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
-        _check_range(new_w, dtype, f"weight of {layer.name}")
-        writes.append(("weight", layer, 1, const, new_w))
-        shift = root.t
-        for i, (name, axis, rank) in enumerate(root.biases):
-            bias_node, k, bias_const, b = _bias(graph, name)
-            new_b = _channel_values(b, root.s, shift if i == 0 else 0.0, axis, rank)
-            _check_range(new_b, dtype, f"bias of {layer.name}")
-            writes.append(("bias", bias_node, k, bias_const, new_b))
-        if not root.biases and np.any(shift != 0):
-            _check_range(shift, dtype, f"bias of {layer.name}")
-            writes.append(("new_bias", layer, None, None, shift))
+    for root in plan.roots + plan.leaves:
+        writes += _root_writes(graph, root)
     for sink in plan.sinks:
         layer = graph.nodes[sink.layer]
         const = weight_const(graph, layer)
         w = graph.const(const).astype(np.float64)
         dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
         layout = LAYOUTS[layer.op]
-        s = np.tile(sink.s, sink.tile)
-        t = np.tile(sink.t, sink.tile)
-        n_in = layout.in_channels(w, layer)
-        full_s = np.ones(n_in)
-        full_t = np.zeros(n_in)
-        lo, hi = sink.in_slice or (0, n_in)
-        full_s[lo:hi] = np.broadcast_to(s, (hi - lo,))
-        full_t[lo:hi] = np.broadcast_to(t, (hi - lo,))
-        new_w = layout.scale_in(w, full_s, layer)
+        new_w = layout.scale_in(w, sink.s, layer)
         _check_range(new_w, dtype, f"weight of {layer.name}")
         writes.append(("weight", layer, 1, const, new_w))
-        if np.any(full_t != 0):
-            response = layout.response(w, full_t, layer)
+        if np.any(sink.t != 0):
+            response = layout.response(w, sink.t, layer)
             _check_range(response, dtype, f"bias of {layer.name}")
             writes.append(("add_bias", layer, None, None, response))
-    for leaf in plan.leaves:
-        layer = graph.nodes[leaf.layer]
-        const = weight_const(graph, layer)
-        w = graph.const(const).astype(np.float64)
-        dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
-        inv = 1.0 / leaf.s
-        new_w = LAYOUTS[layer.op].scale_out(w, inv, layer)
-        _check_range(new_w, dtype, f"weight of {layer.name}")
-        writes.append(("weight", layer, 1, const, new_w))
-        for name, axis, rank in leaf.biases:
-            bias_node, k, bias_const, b = _bias(graph, name)
-            new_b = _channel_values(b, inv, 0.0, axis, rank)
-            _check_range(new_b, dtype, f"bias of {layer.name}")
-            writes.append(("bias", bias_node, k, bias_const, new_b))
+    return writes
+
+
+def _root_writes(graph: Graph, root: Root) -> list[tuple]:
+    """W ← W ⊙_out s; each bias on the path b ← s ⊙ b; t into the first bias (or a new one)."""
+    layer = graph.nodes[root.layer]
+    const = weight_const(graph, layer)
+    w = graph.const(const).astype(np.float64)
+    new_w = LAYOUTS[layer.op].scale_out(w, root.s, layer)
+    dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
+    _check_range(new_w, dtype, f"weight of {layer.name}")
+    writes = [("weight", layer, 1, const, new_w)]
+    for i, (name, axis, rank) in enumerate(root.biases):
+        bias_node, k, bias_const, b = _bias(graph, name)
+        new_b = _channel_values(b, root.s, root.t if i == 0 else 0.0, axis, rank)
+        _check_range(new_b, dtype, f"bias of {layer.name}")
+        writes.append(("bias", bias_node, k, bias_const, new_b))
+    if not root.biases and np.any(root.t != 0):
+        _check_range(root.t, dtype, f"bias of {layer.name}")
+        writes.append(("new_bias", layer, None, None, root.t))
     return writes
 
 

@@ -32,7 +32,7 @@ def _conv_scale_in(w, s, node):
 
 
 def _conv_response(w, t, node):
-    return np.einsum("...co,c->o", w, t)
+    return np.einsum("kco,c->o", w.reshape(-1, *w.shape[-2:]), t)
 
 
 def _dw_scale_out(w, s, node):

@@ -72,22 +72,10 @@ class Root:
 
 @dataclasses.dataclass
 class Sink:
-    """A layer absorbing A backward: W ⊙_in s, and ``W ⊛ t`` added to its bias.
-    ``in_slice`` selects the part of W's in-channels that A feeds (through a Concat);
-    ``tile`` repeats s and t over the spatial positions of a flatten before a MatMul."""
+    """A layer absorbing A backward: W ⊙_in s, and ``W ⊛ t`` added to its bias."""
     layer: str
     s: np.ndarray
     t: np.ndarray
-    in_slice: tuple[int, int] | None
-    tile: int = 1
-
-
-@dataclasses.dataclass
-class Leaf:
-    """A layer on the other operand of an Add: its output (W and bias) divided by s."""
-    layer: str
-    s: np.ndarray
-    biases: list[tuple[str, int | None, int]]
 
 
 @dataclasses.dataclass
@@ -95,7 +83,7 @@ class Plan:
     direction: str                      # "forward" or "backward"
     roots: list[Root] = dataclasses.field(default_factory=list)
     sinks: list[Sink] = dataclasses.field(default_factory=list)
-    leaves: list[Leaf] = dataclasses.field(default_factory=list)
+    leaves: list[Root] = dataclasses.field(default_factory=list)   # roots of 1/s, behind Adds
 
     @property
     def absorbed_by(self) -> list[str]:
@@ -342,4 +330,198 @@ def _root(graph: Graph, layer, demand: Demand) -> list[Root] | Blocked:
 
 # ---- backward -----------------------------------------------------------------------------------
 def plan_backward(graph: Graph, affine: Affine) -> Plan | Blocked:
-    return Blocked(affine.output, "backward folding is not implemented yet")
+    y = canonical(affine.output)
+    demand = Demand(affine.s, affine.t, affine.axis, affine.rank)
+    plan = Plan("backward")
+    blocked = _down(graph, y, demand, plan, set(), padded=False)
+    if blocked is not None:
+        return blocked
+    if not plan.sinks:
+        return Blocked(affine.output, "its output reaches no linear layer")
+    return plan
+
+
+def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
+          padded: bool) -> Blocked | None:
+    """Adds to ``plan`` the sinks (and leaves) that absorb ``demand`` applied to ``tensor``."""
+    producer = split_tensor(tensor)[0]
+    if graph.is_fetched(tensor):
+        return Blocked(producer, "its output is a function output")
+    consumers = graph.value_consumers(tensor)
+    if not consumers:
+        return Blocked(producer, "its output has no consumer")
+    for node in consumers:
+        if node.name in seen:
+            return Blocked(node.name, "reached twice")
+        seen.add(node.name)
+        blocked = _down_into(graph, node, tensor, demand, plan, seen, padded)
+        if blocked is not None:
+            return blocked
+    return None
+
+
+def _down_into(graph: Graph, node, tensor: str, demand: Demand, plan: Plan, seen: set[str],
+               padded: bool) -> Blocked | None:
+    op = node.op
+    inputs = graph.data_inputs(node)
+    reads = [i for i, t in enumerate(inputs) if canonical(t) == canonical(tensor)]
+    out = canonical(node.name)
+    if op in LAYOUTS:
+        if reads != [0]:
+            return Blocked(node.name, "A feeds the layer's weight")
+        return _sink(graph, node, tensor, demand, plan, padded)
+    if op in PASS_THROUGH:
+        return _down(graph, out, demand, plan, seen, padded)
+    if op in RESHAPES or op == "Transpose":
+        if reads != [0]:
+            return Blocked(node.name, f"A feeds the shape operand of {op}")
+        mapped = axis_in_to_out(graph, node, demand.axis)
+        if mapped is None and op == "Reshape":
+            flat = _flatten(graph, node, demand)
+            if flat is not None:
+                return _down(graph, out, flat, plan, seen, padded)
+        if mapped is None:
+            return Blocked(node.name, f"{op} does not keep the channel axis intact")
+        return _down(graph, out, demand.with_axis(*mapped), plan, seen, padded)
+    if op in ("AvgPool", "AvgPool3D", "MaxPool", "MaxPool3D"):
+        if demand.axis is not None and demand.axis != _format_axis(node, demand.rank):
+            return Blocked(node.name, "pools over the channel axis")
+        if op.startswith("MaxPool") and not demand.positive:
+            return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max)")
+        return _down(graph, out, demand, plan, seen, padded)
+    if op == "Mean":
+        if reads != [0]:
+            return Blocked(node.name, "A feeds the reduction axes")
+        axes = _reduced_axes(graph, node, demand.rank)
+        if axes is None:
+            return Blocked(node.name, "Mean over unknown axes")
+        if demand.axis is None:
+            out_rank = demand.rank if node.attr["keep_dims"].b else demand.rank - len(axes)
+            return _down(graph, out, demand.with_axis(None, out_rank), plan, seen, padded)
+        if demand.axis in axes:
+            return Blocked(node.name, "Mean reduces the channel axis")
+        if node.attr["keep_dims"].b:
+            axis, rank = demand.axis, demand.rank
+        else:
+            axis = demand.axis - sum(a < demand.axis for a in axes)
+            rank = demand.rank - len(axes)
+        return _down(graph, out, demand.with_axis(axis, rank), plan, seen, padded)
+    if op in ("Pad", "PadV2"):
+        pads = _pad_amounts(graph, node)
+        if reads != [0] or pads is None:
+            return Blocked(node.name, "padding is not a constant zero")
+        if demand.axis is not None and np.any(pads[demand.axis] != 0):
+            return Blocked(node.name, "pads the channel axis")
+        if demand.has_shift:
+            return Blocked(node.name, "zero padding after A: the shift cannot fold")
+        return _down(graph, out, demand, plan, seen, True)
+    if op == "ConcatV2":
+        return _down_concat(graph, node, tensor, reads, demand, plan, seen, padded)
+    if op in ADDS and len(inputs) == 2 and _const_operand(graph, node) is None:
+        return _down_add(graph, node, tensor, reads, demand, plan, seen, padded)
+    return Blocked(node.name, f"{op} is not a linear layer nor an op A can pass through")
+
+
+def _sink(graph: Graph, layer, tensor: str, demand: Demand, plan: Plan,
+          padded: bool) -> Blocked | None:
+    const = weight_const(graph, layer)
+    if const is None:
+        return Blocked(layer.name, "its weight is not a constant")
+    if layer.op == "MatMul" and layer.attr["transpose_a"].b:
+        return Blocked(layer.name, "MatMul with transpose_a")
+    if demand.axis is not None and demand.axis != channel_axis(layer, demand.rank):
+        return Blocked(layer.name, "A's channel axis is not the layer's input-channel axis")
+    w = graph.const(const)
+    layout = LAYOUTS[layer.op]
+    n_in = layout.in_channels(w, layer)
+    shape = graph.shape(tensor)
+    if shape is None or (demand.axis is not None and shape[demand.axis] not in (None, n_in)):
+        return Blocked(layer.name, "grouped or unknown input channels")
+    if demand.s.size not in (1, n_in):
+        return Blocked(layer.name, f"A has {demand.s.size} channels, the layer reads {n_in}")
+    if demand.has_shift and (padded or pads_input(graph, layer, shape, w)):
+        return Blocked(layer.name, "zero padding touches the input: the shift cannot fold "
+                                   "(the border outputs would change)")
+    s = np.broadcast_to(demand.s, (n_in,)).astype(np.float64)
+    t = np.broadcast_to(demand.t, (n_in,)).astype(np.float64)
+    plan.sinks.append(Sink(layer.name, s, t))
+    return None
+
+
+def pads_input(graph: Graph, layer, shape: tuple, w: np.ndarray) -> bool:
+    """Whether the layer reads zero padding around its input (SAME/EXPLICIT with pads > 0)."""
+    if layer.op == "MatMul":
+        return False
+    padding = layer.attr["padding"].s
+    if padding == b"VALID":
+        return False
+    fmt = layer.attr["data_format"].s or b"NHWC"
+    spatial = list(range(2, len(shape))) if fmt.startswith(b"NC") else \
+        list(range(1, len(shape) - 1))
+    if padding == b"EXPLICIT":
+        return bool(np.any(np.asarray(layer.attr["explicit_paddings"].list.i) != 0))
+    strides = list(layer.attr["strides"].list.i) or [1] * len(shape)
+    dilations = list(layer.attr["dilations"].list.i) or [1] * len(shape)
+    for k, axis in enumerate(spatial):
+        kernel = w.shape[k]
+        size = shape[axis]
+        stride, dilation = strides[axis], dilations[axis]
+        if kernel == 1:
+            continue
+        if size is None:
+            return True
+        out = -(-size // stride)
+        if (out - 1) * stride + (kernel - 1) * dilation + 1 - size > 0:
+            return True
+    return False
+
+
+def _flatten(graph: Graph, node, demand: Demand) -> Demand | None:
+    """A Flatten of ``[N, ..., C]`` to ``[N, K]``: s and t tiled over the spatial positions."""
+    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
+    if src is None or dst is None or len(dst) != 2 or demand.axis != len(src) - 1:
+        return None
+    if any(d is None for d in src[1:]) or dst[1] not in (None, int(np.prod(src[1:]))):
+        return None
+    repeats = int(np.prod(src[1:-1]))
+    tile = (lambda v: v if v.size == 1 else np.tile(v, repeats))
+    return Demand(tile(demand.s), tile(demand.t), 1, 2)
+
+
+def _down_concat(graph: Graph, node, tensor, reads, demand: Demand, plan: Plan, seen,
+                 padded) -> Blocked | None:
+    """Past a Concat on the channel axis, A acts on its slice; the other slices see 1·x + 0."""
+    if len(reads) != 1:
+        return Blocked(node.name, "ConcatV2 reads A's output twice")
+    slices = _concat_slices(graph, node, demand.axis, demand.rank)
+    if isinstance(slices, str):
+        return Blocked(node.name, f"ConcatV2 {slices}")
+    total = slices[-1][2]
+    s, t = np.ones(total), np.zeros(total)
+    _, start, stop = slices[reads[0]]
+    s[start:stop] = np.broadcast_to(demand.s, (stop - start,))
+    t[start:stop] = np.broadcast_to(demand.t, (stop - start,))
+    return _down(graph, canonical(node.name), Demand(s, t, demand.axis, demand.rank), plan,
+                 seen, padded)
+
+
+def _down_add(graph: Graph, node, tensor, reads, demand: Demand, plan: Plan, seen,
+              padded) -> Blocked | None:
+    """``A(x) + z`` = ``s ⊙ (x + z/s) + t``: z's layers (leaves) absorb 1/s, then A continues
+    past the Add."""
+    if len(reads) != 1:
+        return Blocked(node.name, "Add of A's output with itself")
+    shapes = [graph.shape(t) for t in graph.data_inputs(node)]
+    if shapes[0] is None or shapes[0] != shapes[1]:
+        return Blocked(node.name, "Add broadcasts its operands")
+    magnitude = np.abs(demand.s)
+    if np.any(magnitude < LEAF_EPS * magnitude.max()) or not np.all(np.isfinite(1 / demand.s)):
+        return Blocked(node.name, "a scale is (near) zero: the other operand cannot be divided "
+                                  "by it")
+    other = graph.data_inputs(node)[1 - reads[0]]
+    inverse = Demand(1 / demand.s, np.zeros_like(demand.t), demand.axis, demand.rank)
+    leaves = _up(graph, other, node.name, inverse, set())
+    if isinstance(leaves, Blocked):
+        return Blocked(leaves.node, f"leaf behind {node.name}: {leaves.reason}")
+    plan.leaves.extend(leaves)
+    return _down(graph, canonical(node.name), demand, plan, seen, padded)

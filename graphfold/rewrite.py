@@ -6,7 +6,7 @@ import collections
 import time
 
 from graphfold import apply as apply_
-from graphfold.affine import BATCH_NORM_OPS, Affine, find_affines
+from graphfold.affine import BATCH_NORM_OPS, Affine, find_affines, refresh
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, import_graph, with_signature
@@ -60,6 +60,7 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     clock = time.perf_counter()
     for affine in affines:
         start = time.perf_counter()
+        affine = refresh(graph, affine)
         outcome, tried = _decide(graph, affine)
         plan_time += time.perf_counter() - start
         if isinstance(outcome, Blocked):
@@ -78,8 +79,7 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
 def _decide(graph: Graph, affine: Affine):
     """The plan to carry out, or the blocker; and what each direction met."""
     if affine.blocked:
-        blocked = Blocked(affine.nodes[-1], affine.blocked)
-        return blocked, {"forward": str(blocked)}
+        return Blocked(affine.nodes[-1], affine.blocked), {}
     tried, first = {}, None
     for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
         plan = planner(graph, affine)
@@ -102,7 +102,8 @@ def _entries(affine: Affine, outcome, tried) -> list[Entry]:
         common.update(direction=outcome.direction, absorbed_by=outcome.absorbed_by,
                       leaves=[leaf.layer for leaf in outcome.leaves])
     else:
-        common.update(reason=str(outcome), blocker=outcome.node)
+        reason = "; ".join(f"{d}: {why}" for d, why in tried.items()) or str(outcome)
+        common.update(reason=reason, blocker=outcome.node)
     names = affine.batch_norms or [affine.nodes[-1]]
     return [Entry(name=name, is_batch_norm=affine.is_batch_norm, **common) for name in names]
 

@@ -1,0 +1,249 @@
+"""The paper's condition (FOLDING.md §3-§5): backward folds, Add/Concat, leaves, pass-through ops.
+
+Each test builds the smallest tf.nn graph that shows one rule or one refusal, with random BN
+statistics and biases, rewrites it, and compares with the original on random inputs.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphfold
+
+RNG = np.random.default_rng(1234)
+
+
+def const(*shape, low=None, high=None):
+    if low is not None:
+        return tf.constant(RNG.uniform(low, high, shape).astype("float32"))
+    return tf.constant(RNG.normal(size=shape).astype("float32"))
+
+
+def bn_params(c, gamma=None):
+    gamma = RNG.uniform(0.5, 1.5, c) if gamma is None else np.asarray(gamma, float)
+    return [tf.constant(v.astype("float32")) for v in
+            (gamma, RNG.normal(size=c), RNG.normal(size=c), RNG.uniform(0.5, 2.0, c))]
+
+
+def bn(x, params, data_format="NHWC"):
+    gamma, beta, mean, var = params
+    return tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=mean, variance=var,
+                                       epsilon=1e-3, data_format=data_format,
+                                       is_training=False)[0]
+
+
+def keras_bn(x, params):
+    """The decomposed form (Keras 3, tf.nn): x * inv + (beta - mean * inv)."""
+    gamma, beta, mean, var = params
+    return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-3)
+
+
+def rewrite(body, *shapes):
+    fn = tf.function(body).get_concrete_function(
+        *[tf.TensorSpec([None] + list(s), tf.float32) for s in shapes])
+    folded = graphfold.rewrite(fn)
+    inputs = [RNG.normal(size=[2] + list(s)).astype("float32") for s in shapes]
+    want = fn(*inputs)
+    got = folded(*inputs)
+    for a, b in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+        a, b = a.numpy(), b.numpy()
+        assert a.shape == b.shape
+        err = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
+        assert err <= 1e-5, f"relative error {err}"
+    return folded.report
+
+
+def only(report):
+    (entry,) = report.batch_norms
+    return entry
+
+
+# ---- backward -----------------------------------------------------------------------------------
+def test_backward_into_valid_conv_with_shift_folds():
+    p, w, b = bn_params(3), const(3, 3, 3, 5), const(5)
+    report = rewrite(lambda x: tf.nn.bias_add(tf.nn.conv2d(bn(x, p), w, 1, "VALID"), b), [8, 8, 3])
+    entry = only(report)
+    assert entry.folded and entry.direction == "backward"
+    assert "FusedBatchNormV3" not in report.ops_after
+
+
+def test_backward_into_same_3x3_conv_keeps_the_shift():
+    p, w = bn_params(3), const(3, 3, 3, 5)
+    report = rewrite(lambda x: tf.nn.conv2d(bn(x, p), w, 1, "SAME"), [8, 8, 3])
+    entry = only(report)
+    assert not entry.folded
+    assert "padding" in entry.reason and entry.tried["backward"]
+
+
+def test_backward_into_same_1x1_conv_folds_the_shift():
+    p, w = bn_params(3), const(1, 1, 3, 5)
+    report = rewrite(lambda x: tf.nn.conv2d(bn(x, p), w, 2, "SAME"), [7, 7, 3])
+    assert only(report).folded
+
+
+def test_backward_scale_only_into_same_conv_folds():
+    gamma, _, _, var = bn_params(3)
+    report = rewrite(lambda x: tf.nn.conv2d(x * gamma, const(3, 3, 3, 4), 1, "SAME"), [6, 6, 3])
+    (entry,) = report.entries
+    assert entry.folded and entry.direction == "backward"
+
+
+def test_backward_into_depthwise_with_multiplier_3():
+    p, w = bn_params(4), const(3, 3, 4, 3)
+    report = rewrite(lambda x: tf.nn.depthwise_conv2d(bn(x, p), w, [1, 1, 1, 1], "VALID"),
+                     [7, 7, 4])
+    assert only(report).folded
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_backward_into_matmul(transpose_b):
+    p = bn_params(6)
+    w = const(4, 6) if transpose_b else const(6, 4)
+    report = rewrite(lambda x: tf.matmul(keras_bn(x, p), w, transpose_b=transpose_b), [6])
+    entry = only(report)
+    assert entry.folded and entry.direction == "backward"
+
+
+def test_backward_through_flatten_into_dense():
+    p, w = bn_params(3), const(4 * 4 * 3, 5)
+    report = rewrite(lambda x: tf.matmul(tf.reshape(bn(x, p), [-1, 48]), w), [4, 4, 3])
+    assert only(report).folded
+
+
+def test_backward_into_every_consumer():
+    p, w1, w2 = bn_params(3), const(1, 1, 3, 4), const(3, 5)
+    report = rewrite(lambda x: (tf.nn.conv2d(keras_bn(x, p), w1, 1, "VALID"),
+                                tf.matmul(tf.reduce_mean(keras_bn(x, p), [1, 2]), w2)),
+                     [5, 5, 3])
+    assert all(e.folded for e in report.batch_norms)
+
+
+def test_bn_feeding_conv_and_relu_is_refused():
+    p, w = bn_params(3), const(1, 1, 3, 4)
+
+    def body(x):
+        y = bn(x, p)
+        return tf.nn.conv2d(y, w, 1, "VALID"), tf.nn.relu(y)
+
+    entry = only(rewrite(body, [5, 5, 3]))
+    assert not entry.folded
+    assert "Relu" in entry.tried["backward"]
+
+
+def test_backward_through_maxpool_needs_positive_scale():
+    p, w = bn_params(3, gamma=[1.0, -0.5, 2.0]), const(1, 1, 3, 4)
+    entry = only(rewrite(lambda x: tf.nn.conv2d(tf.nn.max_pool2d(bn(x, p), 2, 2, "VALID"), w, 1,
+                                                "VALID"), [6, 6, 3]))
+    assert not entry.folded and "MaxPool" in entry.reason
+
+
+def test_backward_through_avgpool_and_concat_with_uneven_channels():
+    p, w = bn_params(3), const(1, 1, 5, 4)
+
+    def body(x, z):
+        y = tf.nn.avg_pool2d(bn(x, p), 2, 2, "SAME")
+        return tf.nn.conv2d(tf.concat([z, y], axis=-1), w, 1, "VALID")
+
+    entry = only(rewrite(body, [6, 6, 3], [3, 3, 2]))
+    assert entry.folded and entry.direction == "backward"
+
+
+def test_backward_pad_blocks_the_shift():
+    p, w = bn_params(3), const(3, 3, 3, 4)
+    entry = only(rewrite(lambda x: tf.nn.conv2d(tf.pad(bn(x, p), [[0, 0], [1, 1], [1, 1],
+                                                                  [0, 0]]), w, 1, "VALID"),
+                         [5, 5, 3]))
+    assert not entry.folded and "shift" in entry.reason
+
+
+# ---- leaves -------------------------------------------------------------------------------------
+def test_backward_through_add_with_a_leaf():
+    p, w1, b1, w2 = bn_params(4), const(1, 1, 3, 4), const(4), const(1, 1, 4, 5)
+
+    def body(x, z):
+        leaf = tf.nn.bias_add(tf.nn.conv2d(z, w1, 1, "VALID"), b1)
+        return tf.nn.conv2d(bn(x, p) + leaf, w2, 1, "VALID")
+
+    entry = only(rewrite(body, [5, 5, 4], [5, 5, 3]))
+    assert entry.folded and entry.direction == "backward" and entry.leaves
+
+
+def test_leaf_with_zero_gamma_is_refused():
+    p, w1, w2 = bn_params(4, gamma=[1.0, 0.0, 0.5, 2.0]), const(1, 1, 3, 4), const(1, 1, 4, 5)
+
+    def body(x, z):
+        return tf.nn.conv2d(bn(x, p) + tf.nn.conv2d(z, w1, 1, "VALID"), w2, 1, "VALID")
+
+    entry = only(rewrite(body, [5, 5, 4], [5, 5, 3]))
+    assert not entry.folded and "zero" in entry.tried["backward"]
+
+
+def test_add_with_a_nonlinear_operand_is_refused():
+    p, w2 = bn_params(4), const(1, 1, 4, 5)
+
+    def body(x, z):
+        return tf.nn.conv2d(bn(x, p) + tf.math.sigmoid(z), w2, 1, "VALID")
+
+    entry = only(rewrite(body, [5, 5, 4], [5, 5, 4]))
+    assert not entry.folded and "Sigmoid" in entry.tried["backward"]
+
+
+# ---- forward through ops ------------------------------------------------------------------------
+def test_forward_through_add_of_two_convs():
+    p, w1, w2, b1 = bn_params(4), const(3, 3, 3, 4), const(1, 1, 3, 4), const(4)
+
+    def body(x):
+        return bn(tf.nn.bias_add(tf.nn.conv2d(x, w1, 1, "SAME"), b1) +
+                  tf.nn.conv2d(x, w2, 1, "SAME"), p)
+
+    entry = only(rewrite(body, [6, 6, 3]))
+    assert entry.folded and entry.direction == "forward" and len(entry.absorbed_by) == 2
+
+
+def test_forward_through_concat_with_uneven_channels():
+    p, w1, w2 = bn_params(7), const(3, 3, 3, 2), const(1, 1, 3, 5)
+
+    def body(x):
+        return bn(tf.concat([tf.nn.conv2d(x, w1, 1, "SAME"), tf.nn.conv2d(x, w2, 1, "SAME")],
+                            -1), p)
+
+    entry = only(rewrite(body, [6, 6, 3]))
+    assert entry.folded and entry.direction == "forward" and len(entry.absorbed_by) == 2
+
+
+def test_forward_through_maxpool_with_negative_gamma_is_refused():
+    p, w = bn_params(3, gamma=[1.0, -1.0, 0.5]), const(3, 3, 2, 3)
+    entry = only(rewrite(lambda x: bn(tf.nn.max_pool2d(tf.nn.conv2d(x, w, 1, "SAME"), 2, 2,
+                                                       "VALID"), p), [6, 6, 2]))
+    assert not entry.folded and "MaxPool" in entry.tried["forward"]
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "mean"])
+def test_forward_through_pools(pool):
+    p, w, b = bn_params(3, gamma=[1.0, 0.3, 0.5]), const(3, 3, 2, 3), const(3)
+
+    def body(x):
+        y = tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
+        if pool == "avg":
+            y = tf.nn.avg_pool2d(y, 3, 2, "SAME")
+        elif pool == "max":
+            y = tf.nn.max_pool2d(y, 2, 2, "VALID")
+        else:
+            y = tf.reduce_mean(y, [1, 2], keepdims=True)
+        return bn(y, p)
+
+    entry = only(rewrite(body, [7, 7, 2]))
+    assert entry.folded and entry.direction == "forward"
+
+
+def test_forward_through_relu_with_shift_is_refused_forward():
+    p, w = bn_params(3), const(3, 3, 2, 3)
+    entry = only(rewrite(lambda x: bn(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME")), p), [6, 6, 2]))
+    assert not entry.folded and "Relu" in entry.tried["forward"]
+
+
+def test_conv_absorbs_bn_before_and_after():
+    p1, p2, w = bn_params(3), bn_params(4), const(1, 1, 3, 4)
+    report = rewrite(lambda x: bn(tf.nn.conv2d(bn(x, p1), w, 1, "VALID"), p2), [5, 5, 3])
+    assert [e.folded for e in report.batch_norms] == [True, True]
+    assert {e.direction for e in report.batch_norms} == {"forward", "backward"}
