@@ -1,0 +1,79 @@
+"""Example models for the demo, the tools and the tests, with randomised batch-norm statistics.
+
+Default initialisation (γ=1, β=0, μ=0, σ²=1, zero biases) makes every batch norm nearly the
+identity and hides folding bugs, so every example gets random statistics and biases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+APPLICATIONS = {
+    "ResNet50": 224, "MobileNetV2": 224, "MobileNetV3Small": 224, "MobileNetV3Large": 224,
+    "EfficientNetB0": 224, "InceptionV3": 299, "InceptionResNetV2": 299, "DenseNet121": 224,
+    "NASNetMobile": 224,
+}
+
+
+def keras_module(legacy: bool):
+    """``tf_keras`` (Keras 2, emits FusedBatchNormV3) or Keras 3."""
+    if legacy:
+        import tf_keras
+        return tf_keras
+    import keras
+    return keras
+
+
+def _layers(model):
+    for layer in model.layers:
+        inner = getattr(layer, "layers", None)
+        if inner:
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def randomise(model, rng: np.random.Generator, negative_gamma: float = 0.0) -> int:
+    """Random BN statistics (γ in ±[0.5, 1.5] with a share ``negative_gamma`` of negatives,
+    β, μ normal, σ² in [0.3, 2]) and random biases; returns the number of BN layers."""
+    count = 0
+    for layer in _layers(model):
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        names = [v.name.split("/")[-1].split(":")[0] for v in layer.weights]
+        if "BatchNormalization" in type(layer).__name__:
+            count += 1
+            new = []
+            for name, w in zip(names, weights):
+                if "gamma" in name:
+                    sign = np.where(rng.random(w.shape) < negative_gamma, -1.0, 1.0)
+                    value = rng.uniform(0.5, 1.5, w.shape) * sign
+                elif "variance" in name:
+                    value = rng.uniform(0.3, 2.0, w.shape)
+                else:                                        # beta, moving_mean
+                    value = rng.normal(0.0, 0.5, w.shape)
+                new.append(value.astype(w.dtype))
+            layer.set_weights(new)
+        elif any("bias" in n for n in names):
+            layer.set_weights([rng.normal(0.0, 0.5, w.shape).astype(w.dtype) if "bias" in n
+                               else w for n, w in zip(names, weights)])
+    return count
+
+
+def application(name: str, legacy: bool = False, seed: int = 0):
+    """A ``keras.applications`` model (``weights=None``, no softmax), randomised; returns
+    ``(model, input_size, number of BN layers)``."""
+    keras = keras_module(legacy)
+    size = APPLICATIONS[name]
+    kwargs = dict(weights=None, input_shape=(size, size, 3))
+    model = getattr(keras.applications, name)(classifier_activation=None, **kwargs)
+    count = randomise(model, np.random.default_rng(seed))
+    return model, size, count
+
+
+def concrete(model, shape, dtype="float32", name="x"):
+    """The inference-mode ConcreteFunction of a Keras model, batch dimension unknown."""
+    import tensorflow as tf
+    fn = tf.function(lambda x: model(x, training=False))
+    return fn.get_concrete_function(tf.TensorSpec([None, *shape], dtype, name=name))
