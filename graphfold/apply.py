@@ -169,21 +169,7 @@ def _bypass(graph: Graph, affine: Affine) -> None:
     last = graph.nodes[affine.output]
     graph.replace_uses(y, x)
     if graph.is_fetched(y):
-        _become(graph, last, "Identity", [x], affine.dtype)
-
-
-def _become(graph: Graph, node, op: str, inputs: list[str], dtype: tf.DType) -> None:
-    for tensor in graph.data_inputs(node):
-        graph._consumers[canonical(tensor)].remove(node.name)
-    controls = [t for t in node.input if t.startswith("^")]
-    del node.input[:]
-    node.input.extend(inputs + controls)
-    for tensor in inputs:
-        graph._consumers[canonical(tensor)].append(node.name)
-    node.op = op
-    for key in list(node.attr):
-        del node.attr[key]
-    node.attr["T"].type = dtype.as_datatype_enum
+        graph.become(last, "Identity", [x], affine.dtype)
 
 
 def as_multiply_add(graph: Graph, affine: Affine) -> None:
@@ -205,4 +191,4 @@ def as_multiply_add(graph: Graph, affine: Affine) -> None:
     out = canonical(affine.output)
     graph.replace_uses(out, y, except_nodes=[y])
     if graph.is_fetched(out):
-        _become(graph, graph.nodes[affine.output], "Identity", [y], dtype)
+        graph.become(graph.nodes[affine.output], "Identity", [y], dtype)

@@ -141,7 +141,7 @@ def fold_constants(graph: Graph) -> int:
         graph.replace_uses(name, const)
         if graph.is_fetched(name):
             # Keep the fetched name valid: turn the node itself into an Identity of the constant.
-            _become_identity(graph, node, const, dtype)
+            graph.become(node, "Identity", [const], dtype)
         replaced += 1
     return replaced
 
@@ -157,19 +157,6 @@ def _drop_pure_control_edges(graph: Graph, pure) -> None:
             if len(kept) != len(node.input):
                 del node.input[:]
                 node.input.extend(kept)
-
-
-def _become_identity(graph: Graph, node, source: str, dtype: tf.DType) -> None:
-    for tensor in list(graph.data_inputs(node)):
-        graph._consumers[canonical(tensor)].remove(node.name)
-    controls = [t for t in node.input if t.startswith("^")]
-    del node.input[:]
-    node.input.extend([source] + controls)
-    graph._consumers[source].append(node.name)
-    node.op = "Identity"
-    for key in list(node.attr):
-        del node.attr[key]
-    node.attr["T"].type = dtype.as_datatype_enum
 
 
 def _topological(graph: Graph) -> list[str]:

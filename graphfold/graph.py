@@ -152,6 +152,23 @@ class Graph:
                 if not tensor.startswith("^") and canonical(tensor) == old:
                     self.set_input(consumer, i, new)
 
+    def become(self, node: node_def_pb2.NodeDef, op: str, inputs: list[str],
+               dtype: tf.DType) -> None:
+        """Turns ``node`` into ``op(*inputs)`` of type ``dtype``, keeping its name (so that a
+        fetched tensor stays valid) and its control inputs."""
+        for tensor in self.data_inputs(node):
+            self._consumers[canonical(tensor)].remove(node.name)
+        controls = [t for t in node.input if t.startswith("^")]
+        del node.input[:]
+        node.input.extend(inputs + controls)
+        for tensor in inputs:
+            self._consumers[canonical(tensor)].append(node.name)
+        node.op = op
+        for key in list(node.attr):
+            del node.attr[key]
+        node.attr["T"].type = dtype.as_datatype_enum
+        self._consts.pop(node.name, None)
+
     def set_const(self, name: str, value: np.ndarray, dtype: tf.DType) -> None:
         """Overwrites the value of the ``Const`` node ``name``."""
         node = self.nodes[name]

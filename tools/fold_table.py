@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import sys
 import time
 
@@ -29,8 +30,10 @@ def blocker_kind(reason: str) -> str:
     """The rule part of a reason, without node names: 'Relu is not ...', 'graph input'."""
     parts = []
     for part in reason.split("; "):
-        rule = part.split(": ", 2)[-1]
-        parts.append(rule)
+        direction, _, rest = part.partition(": ")
+        rule = rest.split(": ", 1)[-1]
+        rule = re.sub(r"\S*/\S*", "another node", rule)      # drop node names
+        parts.append(f"{direction}: {rule}")
     return " / ".join(dict.fromkeys(parts))
 
 
