@@ -46,8 +46,13 @@ class Affine:
         return bool(np.all(self.s == 1) and np.all(self.t == 0))
 
     def input(self, graph: Graph) -> str:
-        return graph.data_inputs(graph.nodes[self.nodes[0]])[0] if self.nodes[0] in graph.nodes \
-            else ""
+        """The tensor A applies to: the first node's variable operand (``k * x`` reads it
+        second)."""
+        if self.nodes[0] not in graph.nodes:
+            return ""
+        inputs = graph.data_inputs(graph.nodes[self.nodes[0]])
+        variable = [t for t in inputs[:2] if graph.const(t) is None]
+        return variable[0] if variable else inputs[0]
 
     @property
     def output(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from graphfold.affine import Affine
+from graphfold.affine import BATCH_NORM_OPS, Affine
 from graphfold.graph import Graph, canonical
 from graphfold.layers import LAYOUTS, bias_format
 from graphfold.plan import Blocked, Plan, Root, weight_const
@@ -19,8 +19,21 @@ from graphfold.plan import Blocked, Plan, Root, weight_const
 _LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38}
 
 
-class Overflow(Exception):
+class Refused(Exception):
+    """A fold that must not be written; the message says why."""
+
+
+class Overflow(Refused):
     """A folded value does not fit the weight's dtype."""
+
+
+def _check_new_bias(layer) -> None:
+    """TensorFlow 2.21 with oneDNN (the default x86 CPU build) aborts the process (``CHECK`` in
+    tensor_format.h, from grappler's remapper) when a ``DepthwiseConv2dNative`` with
+    ``padding=EXPLICIT`` feeds a ``BiasAdd`` or ``Add``: never add one after such a layer."""
+    if layer.op == "DepthwiseConv2dNative" and layer.attr["padding"].s == b"EXPLICIT":
+        raise Refused(f"a bias after {layer.name} (DepthwiseConv2dNative with EXPLICIT padding) "
+                      "makes TensorFlow's oneDNN remapper abort the process")
 
 
 def _check_range(values: np.ndarray, dtype: tf.DType, what: str) -> None:
@@ -54,10 +67,36 @@ def _bias_operand(graph: Graph, bias_node) -> int:
 def check(graph: Graph, plan: Plan) -> Blocked | None:
     """Dry run of the numbers: a fold whose values overflow the weight's dtype is refused."""
     try:
-        _compute(graph, plan)
-    except Overflow as err:
+        writes = _compute(graph, plan)
+    except Refused as err:
         return Blocked(plan.absorbed_by[0] if plan.absorbed_by else "?", str(err))
+    plan._checked = (writes, _read_state(graph, writes))   # ``fold`` reuses them (see _computed)
     return None
+
+
+def _read_state(graph: Graph, writes: list[tuple]) -> list[tuple]:
+    """What computed writes depend on: each node (the object), which constant it reads, and that
+    constant's current array (the object: ``set_const`` replaces it)."""
+    state = []
+    for kind, node, index, const, _ in writes:
+        reads = weight_const(graph, node) if kind == "weight" else \
+            node.input[index] if kind == "bias" else None
+        state.append((graph.nodes.get(node.name), reads,
+                      graph._consts.get(const) if const is not None else None))
+    return state
+
+
+def _computed(graph: Graph, plan: Plan) -> list[tuple]:
+    """``_compute(graph, plan)``; the writes ``check`` computed for this plan when nothing they
+    read has changed since (the weights are large: computing them twice doubled the apply time)."""
+    cached = getattr(plan, "_checked", None)
+    plan._checked = None
+    if cached is not None:
+        writes, state = cached
+        now = _read_state(graph, writes)
+        if all(a[0] is b[0] and a[1] == b[1] and a[2] is b[2] for a, b in zip(state, now)):
+            return writes
+    return _compute(graph, plan)
 
 
 def _compute(graph: Graph, plan: Plan) -> list[tuple]:
@@ -77,12 +116,14 @@ def _compute(graph: Graph, plan: Plan) -> list[tuple]:
         if np.any(sink.t != 0):
             response = layout.response(w, sink.t, layer)
             _check_range(response, dtype, f"bias of {layer.name}")
+            _check_new_bias(layer)
             writes.append(("add_bias", layer, None, None, response))
     return writes
 
 
 def _root_writes(graph: Graph, root: Root) -> list[tuple]:
-    """W ← W ⊙_out s; each bias on the path b ← s ⊙ b; t into the first bias (or a new one)."""
+    """W ← W ⊙_out s; each bias on the path b ← s ⊙ b + t (``x - b``: b ← s ⊙ b − t), with the
+    s, t that reach it; a t that reaches the layer itself goes into a new bias."""
     layer = graph.nodes[root.layer]
     const = weight_const(graph, layer)
     w = graph.const(const).astype(np.float64)
@@ -90,13 +131,15 @@ def _root_writes(graph: Graph, root: Root) -> list[tuple]:
     dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
     _check_range(new_w, dtype, f"weight of {layer.name}")
     writes = [("weight", layer, 1, const, new_w)]
-    for i, (name, axis, rank) in enumerate(root.biases):
+    for name, axis, rank, s, t in root.biases:
         bias_node, k, bias_const, b = _bias(graph, name)
-        new_b = _channel_values(b, root.s, root.t if i == 0 else 0.0, axis, rank)
+        sign = -1.0 if bias_node.op == "Sub" else 1.0      # Sub(y, b): s ⊙ (y − b) + t
+        new_b = _channel_values(b, s, sign * t, axis, rank)
         _check_range(new_b, dtype, f"bias of {layer.name}")
         writes.append(("bias", bias_node, k, bias_const, new_b))
-    if not root.biases and np.any(root.t != 0):
+    if np.any(root.t != 0):
         _check_range(root.t, dtype, f"bias of {layer.name}")
+        _check_new_bias(layer)
         writes.append(("new_bias", layer, None, None, root.t))
     return writes
 
@@ -123,7 +166,7 @@ def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,
 
 def fold(graph: Graph, affine: Affine, plan: Plan) -> None:
     """Rewrites weights and biases by ``plan`` and bypasses ``affine``."""
-    for kind, node, index, const, value in _compute(graph, plan):
+    for kind, node, index, const, value in _computed(graph, plan):
         if kind in ("weight", "bias"):
             _write_const(graph, node, index, const, value)
         elif kind == "new_bias":
@@ -174,7 +217,12 @@ def _bypass(graph: Graph, affine: Affine) -> None:
 
 def as_multiply_add(graph: Graph, affine: Affine) -> None:
     """Replaces A's nodes by ``x * s + t`` (one ``Mul`` and one ``AddV2``; either is omitted when
-    it is the identity)."""
+    it is the identity). A float16/bfloat16 batch-norm op stays as it is: its kernel computes in
+    float32, and Grappler pushes a ``Mul`` that follows a conv into the conv's half-precision
+    filter at run time (``MulConvPushDown``), the very overflow a refused fold avoided."""
+    if affine.dtype in (tf.float16, tf.bfloat16) and \
+            any(graph.nodes[name].op in BATCH_NORM_OPS for name in affine.nodes):
+        return
     x = affine.input(graph)
     dtype = affine.dtype
     shape = [] if affine.axis is None else [-1] + [1] * (affine.rank - 1 - affine.axis)

@@ -40,7 +40,12 @@ def _rsqrt(node, x):
 
 def _div(node, x, y):
     if np.issubdtype(x.dtype, np.integer):
-        return np.floor_divide(x, y)
+        # TF's integer Div truncates toward zero (-7 / 2 = -3), unlike floor_divide; and a
+        # division by zero is an error TF raises at run time: leave that node unevaluated.
+        if np.any(y == 0):
+            raise ValueError("integer division by zero")
+        quotient = np.abs(x) // np.abs(y)
+        return np.where((x < 0) != (y < 0), -quotient, quotient)
     return np.divide(x, y)
 
 
@@ -86,7 +91,25 @@ EVALUATORS = {
 }
 
 
+_BROADCASTING = ("Mul", "Add", "AddV2", "Sub", "RealDiv", "Div", "Maximum", "Minimum")
+
+
+def _result_size(node, values) -> float:
+    """The element count of the result, known before computing it, for the ops that can make it
+    larger than their inputs (float: a hostile ``Fill`` of [2**40, 2**40] must not wrap around)."""
+    if node.op == "Fill":
+        return float(np.prod(values[0].astype(np.float64)))
+    if node.op == "Tile":
+        return values[0].size * float(np.prod(values[1].astype(np.float64)))
+    if node.op in _BROADCASTING:              # [N, 1] * [1, M] has N·M elements
+        return float(np.prod(np.broadcast_shapes(values[0].shape, values[1].shape),
+                             dtype=np.float64))
+    return 0.0                                # no larger than its inputs: checked after
+
+
 def _evaluate(node, values):
+    if _result_size(node, values) > MAX_ELEMENTS:
+        return None                           # checked first: never allocate it
     result = np.asarray(EVALUATORS[node.op](node, *values))
     if result.size > MAX_ELEMENTS:
         return None

@@ -15,6 +15,13 @@ from tensorflow.python.framework import convert_to_constants
 from graphfold.graph import canonical
 
 
+WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
+
+
+class NotFreezable(ValueError):
+    """The function holds state that freezing cannot turn into constants."""
+
+
 @dataclasses.dataclass
 class Frozen:
     graph_def: graph_pb2.GraphDef
@@ -36,21 +43,52 @@ def as_concrete_function(fn) -> tf.types.experimental.ConcreteFunction:
     raise TypeError(f"expected a ConcreteFunction or a tf.function, got {type(fn).__name__}")
 
 
-def _shape_of(tensor) -> tuple | None:
+def _shape_of(tensor, known: tf.TensorShape | None = None) -> tuple | None:
+    """The static shape of ``tensor``, completed by ``known`` (the shape the same tensor has in
+    the original function) where the two agree."""
     shape = tensor.shape
+    if known is not None and not shape.is_fully_defined():
+        try:
+            shape = shape.merge_with(known)
+        except ValueError:
+            pass
     if shape.rank is None:
         return None
     return tuple(shape.as_list())
 
 
+def check_freezable(fn: tf.types.experimental.ConcreteFunction) -> None:
+    """Raises ``NotFreezable`` naming the problem when ``fn`` captures resources other than
+    variables (lookup tables, ...) or assigns to variables (a batch norm in training mode
+    updating its moving statistics)."""
+    resources = sum(t.dtype == tf.resource for t in fn.captured_inputs)
+    others = resources - len(fn.variables)
+    if others > 0:
+        raise NotFreezable(f"it captures {others} resource(s) other than variables (a lookup "
+                           "table, ...), which cannot be frozen into constants")
+    graph_def = fn.graph.as_graph_def()
+    ops = {n.op for n in graph_def.node}
+    ops.update(n.op for f in graph_def.library.function for n in f.node_def)
+    if ops & set(WRITES):
+        raise NotFreezable("it assigns to variables (a batch norm in training mode updating its "
+                           "moving statistics, ...), which cannot be frozen into constants")
+
+
 def freeze(fn: tf.types.experimental.ConcreteFunction) -> Frozen:
     """The frozen GraphDef of ``fn`` (``fn`` itself is left as it was)."""
+    check_freezable(fn)
     frozen_fn, graph_def = convert_to_constants.convert_variables_to_constants_v2_as_graph(
         fn, lower_control_flow=False, aggressive_inlining=True)
+    # Freezing changes the signature of a call that is not inlined (an XLA-compiled function,
+    # e.g. Keras' grouped Conv2D on CPU): its outputs, and everything after them, lose their
+    # static shapes in the frozen graph. Same node name, same tensor: take them from ``fn``.
+    original = {canonical(f"{op.name}:{i}"): out.shape
+                for op in fn.graph.get_operations() for i, out in enumerate(op.outputs)}
     shapes = {}
     for op in frozen_fn.graph.get_operations():
         for i, out in enumerate(op.outputs):
-            shapes[canonical(f"{op.name}:{i}")] = _shape_of(out)
+            name = canonical(f"{op.name}:{i}")
+            shapes[name] = _shape_of(out, original.get(name))
     inputs = [canonical(t.name) for t in frozen_fn.inputs]
     outputs = [canonical(t.name) for t in frozen_fn.outputs]
     return Frozen(graph_def, inputs, outputs, shapes)

@@ -8,6 +8,8 @@ signature.
 
 from __future__ import annotations
 
+import inspect
+
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
@@ -32,17 +34,60 @@ def with_signature(pruned, original: tf.types.experimental.ConcreteFunction):
     """A ConcreteFunction with ``original``'s inputs and outputs that calls ``pruned``."""
     args, kwargs = original.structured_input_signature
     structure = original.structured_outputs
+    # Python values in the signature (``training=False``, any default argument) are traced into
+    # the graph, not placeholders: only the TensorSpec positions are fed.
+    fed = [isinstance(spec, tf.TensorSpec) for spec in tf.nest.flatten((args, kwargs))]
+
+    signature = _python_signature(original, args, kwargs)
 
     def call(*call_args, **call_kwargs):
+        if signature is not None:
+            # Bound by the original parameter names, so keyword calls work as they do on fn.
+            bound = signature.bind(*call_args, **call_kwargs).arguments
+            call_args = tuple(bound[name] for name, p in signature.parameters.items()
+                              if p.kind != p.KEYWORD_ONLY)
+            call_kwargs = {name: bound[name] for name, p in signature.parameters.items()
+                           if p.kind == p.KEYWORD_ONLY}
         flat = tf.nest.flatten((call_args, call_kwargs))
+        flat = [value for value, is_fed in zip(flat, fed) if is_fed]
         results = pruned(*flat)
         results = list(results) if isinstance(results, (list, tuple)) else [results]
-        expected = tf.nest.flatten(structure)
-        for result, want in zip(results, expected):
-            result.set_shape(want.shape)
-        return tf.nest.pack_sequence_as(structure, results)
+        # ``structure`` may hold atoms that are not tensors (a ``None`` output): they are not
+        # among the fetches, and come back as they were.
+        fetched = iter(results)
+        flat_out = []
+        for want in tf.nest.flatten(structure):
+            if isinstance(want, (tf.Tensor, tf.TensorSpec)):
+                result = next(fetched)
+                result.set_shape(want.shape)
+                flat_out.append(result)
+            else:
+                flat_out.append(want)
+        return tf.nest.pack_sequence_as(structure, flat_out)
 
+    if signature is not None:
+        call.__signature__ = signature
     return tf.function(call, autograph=False).get_concrete_function(*args, **kwargs)
+
+
+def _python_signature(original, args, kwargs) -> inspect.Signature | None:
+    """The parameter names and kinds of ``original`` (``x, training, *, alpha``), when they match
+    its structured (args, kwargs); None when they cannot be recovered (then the rewritten
+    function takes its arguments positionally, as the structure lists them)."""
+    function_type = getattr(original, "function_type", None)
+    if function_type is None:
+        return None
+    params = list(function_type.parameters.values())
+    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    keyword = [p for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    if len(positional) + len(keyword) != len(params) or len(positional) != len(args) or \
+            sorted(p.name for p in keyword) != sorted(kwargs):
+        return None
+    try:
+        return inspect.Signature([inspect.Parameter(p.name, p.kind) for p in params])
+    except (ValueError, TypeError):
+        return None
 
 
 class FoldedFunction:

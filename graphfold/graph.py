@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2, node_def_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_pb2, tensor_shape_pb2
 
 
 def split_tensor(tensor: str) -> tuple[str, int]:
@@ -27,6 +27,23 @@ def tensor_name(node: str, index: int = 0) -> str:
 
 def canonical(tensor: str) -> str:
     return tensor_name(*split_tensor(tensor))
+
+
+# Dtypes that ``tf.make_tensor_proto`` writes as raw ``tensor_content`` (when there is more than
+# one element): ``tensor_proto`` builds those directly, byte for byte the same, without its ~20 µs
+# of checks per call (a third of the normalize stage on graphs of many small constants).
+_RAW_DTYPES = frozenset({tf.float32, tf.float64, tf.int32, tf.int64})
+
+
+def tensor_proto(array: np.ndarray, dtype: tf.DType):
+    """``tf.make_tensor_proto(array, dtype=dtype)``."""
+    if (dtype in _RAW_DTYPES and array.size > 1 and array.dtype == dtype.as_numpy_dtype
+            and array.dtype.isnative):
+        shape = tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape])
+        return tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum, tensor_shape=shape,
+                                      tensor_content=array.tobytes())
+    return tf.make_tensor_proto(array, dtype=dtype)
 
 
 # Consumers that read only a tensor's shape: they never see its values.
@@ -119,7 +136,7 @@ class Graph:
         node = node_def_pb2.NodeDef(name=self.unique_name(base), op="Const")
         node.attr["dtype"].type = dtype.as_datatype_enum
         array = np.asarray(value).astype(dtype.as_numpy_dtype)
-        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+        node.attr["value"].tensor.CopyFrom(tensor_proto(array, dtype))
         self.add_node(node)
         self._consts[node.name] = array
         return node.name
@@ -173,7 +190,7 @@ class Graph:
         """Overwrites the value of the ``Const`` node ``name``."""
         node = self.nodes[name]
         array = np.asarray(value).astype(dtype.as_numpy_dtype)
-        node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+        node.attr["value"].tensor.CopyFrom(tensor_proto(array, dtype))
         self._consts[name] = array
 
     def remove_nodes(self, names: Iterable[str]) -> None:
@@ -187,9 +204,12 @@ class Graph:
                     users.remove(name)
             del self.nodes[name]
             self._consts.pop(name, None)
-        kept = [n for n in self.graph_def.node if n.name not in doomed]
-        del self.graph_def.node[:]
-        self.graph_def.node.extend(kept)
+        # In place, without copying a NodeDef: a stable sort moves the doomed nodes to the end
+        # (the kept ones keep their order and stay the same objects), then one truncation.
+        nodes = self.graph_def.node
+        count = sum(n.name in doomed for n in nodes)
+        nodes.sort(key=lambda n: n.name in doomed)
+        del nodes[len(nodes) - count:]
         self.nodes = {n.name: n for n in self.graph_def.node}
 
     def prune(self, keep: Iterable[str] = ()) -> None:

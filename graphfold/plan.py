@@ -63,11 +63,15 @@ class Demand:
 
 @dataclasses.dataclass
 class Root:
-    """A layer absorbing A forward: W ⊙_out s; every bias on its path b ⊙ s; t into one bias."""
+    """A layer absorbing A forward: W ⊙_out s (+ t as a new bias when no bias on its path took
+    it); each bias on its path becomes s ⊙ b + t with the s, t that reach that bias (the bias
+    nearest A takes t, the ones below it see t = 0). A bias below an Add or Concat is listed on
+    one root only."""
     layer: str
     s: np.ndarray
     t: np.ndarray
-    biases: list[tuple[str, int | None, int]]   # (bias node, channel axis, rank) on its path
+    # (bias node, channel axis, rank, s, t at the bias)
+    biases: list[tuple[str, int | None, int, np.ndarray, np.ndarray]]
 
 
 @dataclasses.dataclass
@@ -217,12 +221,13 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
     shift = recognise(graph, node)
     if shift is not None and not shift.blocked and np.all(shift.s == 1) and \
             (shift.axis is None or demand.axis is None or shift.axis == demand.axis):
+        # s ⊙ (y + b) + t = s ⊙ y + (s ⊙ b + t): this bias takes t, y only sees s. Recorded
+        # once, with the s and t seen here (roots below an Add/Concat share the bias).
         x = inputs[1 - _const_operand(graph, node)] if op != "BiasAdd" else inputs[0]
-        roots = _up(graph, x, node.name, demand, seen)
+        roots = _up(graph, x, node.name, demand.without_shift(), seen)
         if isinstance(roots, Blocked):
             return roots
-        for root in roots:
-            root.biases.append((node.name, demand.axis, demand.rank))
+        roots[0].biases.append((node.name, demand.axis, demand.rank, demand.s, demand.t))
         return roots
     if op in ("AvgPool", "AvgPool3D", "MaxPool", "MaxPool3D"):
         if demand.axis is not None and demand.axis != _format_axis(node, demand.rank):
@@ -338,6 +343,10 @@ def plan_backward(graph: Graph, affine: Affine) -> Plan | Blocked:
         return blocked
     if not plan.sinks:
         return Blocked(affine.output, "its output reaches no linear layer")
+    layers = [sink.layer for sink in plan.sinks] + [leaf.layer for leaf in plan.leaves]
+    twice = [layer for layer in layers if layers.count(layer) > 1]
+    if twice:   # y = A(x); L(y + P(y)): P would need W ⊙_in s and W ⊙_out 1/s at once
+        return Blocked(twice[0], "the layer reads A's output and is also a leaf behind an Add")
     return plan
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import gc
 import time
 
 from graphfold import apply as apply_
-from graphfold.affine import BATCH_NORM_OPS, Affine, find_affines, refresh
+from graphfold.affine import BATCH_NORM_OPS, Affine, batch_norm_name, find_affines, refresh
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, import_graph, with_signature
@@ -42,6 +43,19 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
 
     Returns the optimized GraphDef and its ``FoldReport``.
     """
+    # Python's cyclic GC off meanwhile: the rewrite makes no cycles, but its many long-lived
+    # objects trigger full collections that walk TensorFlow's whole heap, which made the time per
+    # node grow with the graph (about 1.9x from 1k to 20k nodes).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
@@ -109,11 +123,18 @@ def _entries(affine: Affine, outcome, tried) -> list[Entry]:
 
 
 def _control_flow_notes(graph_def) -> list[str]:
-    """A note for batch norms inside control-flow bodies, which stay unfolded."""
+    """A note for batch norms inside control-flow bodies, which stay unfolded: one count per
+    batch-norm layer (a fused op, or the ``.../batchnorm`` scope of a decomposed one, whose
+    three Mul nodes are one layer; top-level ``batchnorm/mul`` included)."""
     inside = collections.Counter()
     for function in graph_def.library.function:
+        layers = set()
         for node in function.node_def:
-            if node.op in BATCH_NORM_OPS or "/batchnorm/" in node.name and node.op == "Mul":
-                inside[function.signature.name] += 1
-    return [f"{count} batch-norm op(s) inside control-flow function {name} were not folded "
+            if node.op in BATCH_NORM_OPS:
+                layers.add(node.name)
+            elif node.op == "Mul" and batch_norm_name(node.name) is not None:
+                layers.add(node.name.rsplit("/", 1)[0])
+        if layers:
+            inside[function.signature.name] = len(layers)
+    return [f"{count} batch norm(s) inside control-flow function {name} were not folded "
             f"(control-flow bodies are left as they are)" for name, count in sorted(inside.items())]

@@ -1,0 +1,7 @@
+"""``python -m graphfold``: the same as the ``graphfold`` command."""
+
+import sys
+
+from graphfold.cli import main
+
+sys.exit(main())

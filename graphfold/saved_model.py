@@ -1,0 +1,541 @@
+"""SavedModel in, SavedModel out: fold every requested signature, verify, write safely.
+
+``optimize_saved_model(src, dst)`` loads ``src`` with ``tf.saved_model.load``, rewrites each
+requested signature with ``graphfold.rewrite``, saves a new SavedModel (same signature keys, input
+and output names, dtypes, shapes and method names; the assets) into a temporary directory beside
+``dst``, loads that back and compares it with the original on random inputs, and only then renames
+it into place. ``src`` is only ever read.
+
+A signature that cannot be frozen (one that captures a lookup table, say) is copied through
+unchanged, with the reason in its report. Signatures that were not requested are copied through
+too.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Iterable
+
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from graphfold.freeze import NotFreezable
+from graphfold.report import Entry, FoldReport
+from graphfold.verify import Verification, verify as verify_signature
+
+INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
+BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
+                  "BatchNormWithGlobalNormalization")
+
+Progress = Callable[[str], None]
+
+
+class GraphfoldError(Exception):
+    """An error with a one-line message meant for the user; ``exit_code`` for the CLI."""
+    exit_code = 2
+
+
+class BadInput(GraphfoldError):
+    """Bad usage or bad input: a path, a SavedModel, a signature key, a tag set (exit 2)."""
+    exit_code = 2
+
+
+class VerificationFailed(GraphfoldError):
+    """An optimized signature disagrees with the original: nothing was written (exit 1)."""
+    exit_code = 1
+
+    def __init__(self, message: str, result: "SavedModelResult"):
+        super().__init__(message)
+        self.result = result
+
+
+class SavedModelResult(dict):
+    """Signature key -> ``FoldReport`` for every requested signature, plus what happened.
+
+    ``unchanged``: key -> why that requested signature was copied through unchanged.
+    ``verification``: key -> ``Verification`` (empty when verification was off).
+    ``written``: whether ``dst`` now holds the result. ``seconds``: time per stage.
+    """
+
+    def __init__(self, src: str, dst: str | None, tags: tuple[str, ...]):
+        super().__init__()
+        self.src, self.dst, self.tags = src, dst, tuple(tags)
+        self.all_signatures: list[str] = []
+        self.unchanged: dict[str, str] = {}
+        self.verification: dict[str, Verification] = {}
+        self.seconds: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.written = False
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.verification) and all(v.ok for v in self.verification.values())
+
+    def to_dict(self) -> dict:
+        signatures = {}
+        for key, report in self.items():
+            check = self.verification.get(key)
+            signatures[key] = {
+                "rewritten": key not in self.unchanged,
+                "unchanged_reason": self.unchanged.get(key),
+                "report": report.to_dict(),
+                "verification": check.to_dict() if check else None,
+            }
+        return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
+                "written": self.written, "all_signatures": list(self.all_signatures),
+                "signatures": signatures, "notes": list(self.notes),
+                "seconds": dict(self.seconds)}
+
+
+# ---- reading and checking the source ---------------------------------------------------------
+
+def read_saved_model(src: str) -> saved_model_pb2.SavedModel:
+    """The parsed ``saved_model.pb`` (or ``.pbtxt``) of ``src``, or a clear ``BadInput``."""
+    if not os.path.exists(src):
+        raise BadInput(f"{src}: no such file or directory")
+    if not os.path.isdir(src):
+        raise BadInput(f"{src}: not a directory (a SavedModel is a directory holding "
+                       f"saved_model.pb)")
+    pb, pbtxt = os.path.join(src, "saved_model.pb"), os.path.join(src, "saved_model.pbtxt")
+    proto = saved_model_pb2.SavedModel()
+    if os.path.isfile(pb):
+        try:
+            with open(pb, "rb") as f:
+                data = f.read()
+            proto.ParseFromString(data)
+        except (pb_message.DecodeError, RuntimeWarning, ValueError) as exc:
+            raise BadInput(f"{pb}: not a valid SavedModel protobuf (truncated or corrupt: "
+                           f"{exc})") from None
+        except OSError as exc:
+            raise BadInput(f"{pb}: cannot read it ({exc.strerror or exc})") from None
+    elif os.path.isfile(pbtxt):
+        try:
+            with open(pbtxt, encoding="utf-8") as f:
+                text_format.Parse(f.read(), proto)
+        except (text_format.ParseError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{pbtxt}: not a valid SavedModel text protobuf ({exc})") from None
+    else:
+        raise BadInput(f"{src}: not a SavedModel (no saved_model.pb in it)")
+    if not proto.meta_graphs:
+        raise BadInput(f"{src}/saved_model.pb holds no MetaGraph (truncated or corrupt)")
+    return proto
+
+
+def meta_graph_for(proto: saved_model_pb2.SavedModel, src: str, tags: Iterable[str]):
+    wanted = set(tags)
+    available = [sorted(mg.meta_info_def.tags) for mg in proto.meta_graphs]
+    for mg in proto.meta_graphs:
+        if set(mg.meta_info_def.tags) == wanted:
+            return mg
+    shown = "; ".join(",".join(t) for t in available) or "(none)"
+    raise BadInput(f"{src}: no MetaGraph with tag-set '{','.join(sorted(wanted))}' "
+                   f"(available: {shown})")
+
+
+def signature_keys(meta_graph) -> list[str]:
+    return [k for k in meta_graph.signature_def if k not in INTERNAL_SIGNATURES]
+
+
+def select(available: list[str], requested: Iterable[str] | None, src: str) -> list[str]:
+    if not available:
+        raise BadInput(f"{src}: the SavedModel has no signatures (save it with "
+                       f"tf.saved_model.save(obj, path, signatures=...) or model.export(path))")
+    if requested is None:
+        return sorted(available)
+    if isinstance(requested, str):
+        requested = [requested]
+    requested = list(dict.fromkeys(requested))
+    if not requested:
+        raise BadInput("no signature requested")
+    unknown = [k for k in requested if k not in available]
+    if unknown:
+        raise BadInput(f"{src}: unknown signature key {', '.join(map(repr, unknown))} "
+                       f"(available: {', '.join(sorted(available))})")
+    return requested
+
+
+def load(src: str, tags: Iterable[str]):
+    try:
+        return tf.saved_model.load(src, tags=list(tags))
+    except Exception as exc:  # noqa: BLE001 - TF raises many types here; all mean a bad SavedModel
+        raise BadInput(f"{src}: TensorFlow cannot load this SavedModel: {_first_line(exc)}") \
+            from None
+
+
+# ---- rewriting ------------------------------------------------------------------------------
+
+def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
+                       progress: Progress) -> dict:
+    """key -> ConcreteFunction to save, for every signature of ``loaded``."""
+    import graphfold   # late: graphfold/__init__ imports this package's other modules
+
+    functions = {}
+    seen = {}    # graph fingerprint -> the folded function of the first signature with it
+    for key in keys:
+        fn = loaded.signatures[key]
+        progress(f"freezing and folding signature '{key}'")
+        try:
+            folded = graphfold.rewrite(fn)
+        except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
+            reason = _why_not_rewritten(exc)
+            result.unchanged[key] = reason
+            result[key] = unrewritten_report(fn, reason)
+            functions[key] = fn
+            progress(f"  '{key}' copied through unchanged: {reason}")
+            continue
+        result[key] = folded.report
+        # Keras' export writes `serve` and `serving_default` as the same function: save the
+        # folded graph (whose weights are constants in saved_model.pb) once, not once per key.
+        fingerprint = _fingerprint(folded, fn)
+        functions[key] = seen.setdefault(fingerprint, folded.function)
+        s = folded.report.seconds
+        progress(f"  '{key}': {folded.report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
+                 f"fold {s.get('normalize', 0) + s.get('plan', 0) + s.get('apply', 0):.2f}s, "
+                 f"re-import {s.get('import', 0):.2f}s)")
+    return functions
+
+
+def _fingerprint(folded, fn) -> str:
+    """Equal for two signatures whose folded graphs and input/output specs are the same."""
+    import hashlib
+    graph_def = type(folded.graph_def)()
+    graph_def.CopyFrom(folded.graph_def)
+    for node in graph_def.node:
+        node.ClearField("experimental_debug_info")
+    digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True))
+    digest.update(repr(fn.structured_input_signature).encode())
+    digest.update(repr(tf.nest.map_structure(
+        lambda t: (t.dtype.name, tuple(t.shape.as_list()) if t.shape.rank is not None else None,
+                   getattr(t, "name", None)) if hasattr(t, "dtype") else repr(t),
+        fn.structured_outputs)).encode())
+    return digest.hexdigest()
+
+
+def _why_not_rewritten(exc: Exception) -> str:
+    if isinstance(exc, NotFreezable):
+        return str(exc)
+    return f"it cannot be frozen and rewritten: {_first_line(exc)}"
+
+
+def unrewritten_report(fn, reason: str) -> FoldReport:
+    """A report for a signature copied through: its batch-norm ops, none folded, and why."""
+    graph_def = fn.graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    ops = dict(sorted(collections.Counter(n.op for n in nodes).items()))
+    entries = [Entry(name=n.name, form=n.op, nodes=[n.name], folded=False,
+                     reason=f"signature copied through unchanged: {reason}")
+               for n in nodes if n.op in BATCH_NORM_OPS]
+    return FoldReport(entries, ops, dict(ops), [f"signature copied through unchanged: {reason}"])
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+def is_inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_destination(src: str, dst: str, overwrite: bool) -> str:
+    """The resolved path to write, after the safety rules; ``BadInput`` when one is broken."""
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src:
+        raise BadInput(f"{dst}: DST is SRC; graphfold never writes over its input")
+    if is_inside(real_dst, real_src):
+        raise BadInput(f"{dst}: DST is inside SRC; graphfold never writes inside its input")
+    if is_inside(real_src, real_dst):
+        raise BadInput(f"{dst}: SRC is inside DST; replacing DST would delete SRC")
+    if os.path.lexists(dst) or os.path.lexists(real_dst):
+        if not overwrite:
+            raise BadInput(f"{dst}: already exists (pass --overwrite to replace it)")
+        if not os.path.isdir(real_dst):
+            raise BadInput(f"{dst}: exists and is not a directory; refusing to replace it")
+        if os.listdir(real_dst) and not _looks_like_saved_model(real_dst):
+            raise BadInput(f"{dst}: exists and is not a SavedModel directory; refusing to "
+                           f"replace it")
+    return real_dst
+
+
+def _looks_like_saved_model(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name))
+               for name in ("saved_model.pb", "saved_model.pbtxt"))
+
+
+def make_staging_dir(dst: str) -> tuple[str, list[str]]:
+    """An empty temporary directory beside ``dst`` (same filesystem: the rename is atomic), and
+    the parent directories that had to be created for it (to remove should nothing be written).
+    """
+    parent = os.path.dirname(dst) or "."
+    ancestor, created = parent, []
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        created.append(ancestor)
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise BadInput(f"{dst}: cannot write here ({ancestor} is not a directory)")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.graphfold-", dir=parent)
+    except OSError as exc:
+        _remove_empty(created)
+        raise BadInput(f"{dst}: cannot write here ({exc.strerror or exc})") from None
+    # mkdtemp makes the directory private (0700): give it the mode of any new directory, so
+    # that a server running as another user can read the model once it is renamed into place.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    return staging, created
+
+
+def _remove_empty(directories: list[str]) -> None:
+    """Removes the directories we created (deepest first), if they are still empty."""
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+def find_assets(loaded) -> list:
+    """Every ``tf.saved_model.Asset`` reachable from the loaded object."""
+    try:
+        objects = tf.train.TrackableView(loaded).descendants()
+    except Exception:  # noqa: BLE001 - an unusual object graph: no assets to keep
+        return []
+    return [obj for obj in objects if isinstance(obj, tf.saved_model.Asset)]
+
+
+def save(loaded, functions: dict, path: str, keep_original: bool) -> None:
+    """Saves ``functions`` as the signatures of a new SavedModel at ``path``.
+
+    The loaded original is attached when a signature still uses its variables or tables
+    (``keep_original``); otherwise only its assets are, so the folded model does not carry
+    the original's variables.
+    """
+    def attempt(attach: bool):
+        module = tf.Module()
+        if attach:
+            module.original = loaded
+        else:
+            module.assets = find_assets(loaded)
+        tf.saved_model.save(module, path, signatures=functions)
+
+    if keep_original:
+        attempt(True)
+        return
+    try:
+        attempt(False)
+    except Exception:  # noqa: BLE001 - e.g. an untracked resource: keep everything
+        _empty_dir(path)
+        attempt(True)
+
+
+def _empty_dir(path: str) -> None:
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.remove(full)
+
+
+def restore_metadata(path: str, original_meta_graph) -> None:
+    """``tf.saved_model.save`` writes one MetaGraph tagged ``serve`` whose signatures are all
+    Predict signatures: put back the original tag set and method names (Classify, Regress)."""
+    proto = read_saved_model(path)
+    meta = proto.meta_graphs[0]
+    changed = False
+    tags = list(original_meta_graph.meta_info_def.tags)
+    if sorted(meta.meta_info_def.tags) != sorted(tags):
+        del meta.meta_info_def.tags[:]
+        meta.meta_info_def.tags.extend(tags)
+        changed = True
+    for key, original in original_meta_graph.signature_def.items():
+        if key in meta.signature_def and original.method_name and \
+                meta.signature_def[key].method_name != original.method_name:
+            meta.signature_def[key].method_name = original.method_name
+            changed = True
+    if not changed:
+        return
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))
+    try:   # keep fingerprint.pb consistent with the new saved_model.pb
+        from tensorflow.python.saved_model import pywrap_saved_model
+        fingerprint = pywrap_saved_model.fingerprinting.CreateFingerprintDef(path)
+        with open(os.path.join(path, "fingerprint.pb"), "wb") as f:
+            f.write(fingerprint)
+    except Exception:  # noqa: BLE001 - the fingerprint is optional metadata
+        fp = os.path.join(path, "fingerprint.pb")
+        if os.path.exists(fp):
+            os.remove(fp)
+
+
+def move_into_place(staging: str, dst: str) -> None:
+    """Renames ``staging`` to ``dst``; an existing ``dst`` is replaced only once that works."""
+    backup = None
+    if os.path.lexists(dst):
+        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.graphfold-old-",
+                                  dir=os.path.dirname(dst) or ".")
+        os.rmdir(backup)
+        os.rename(dst, backup)
+    try:
+        os.rename(staging, dst)
+    except OSError:
+        if backup is not None:
+            os.rename(backup, dst)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+# ---- the entry points -----------------------------------------------------------------------
+
+def inspect_saved_model(src, *, signatures=None, tags=("serve",),
+                        progress: Progress | None = None) -> SavedModelResult:
+    """The fold report of every requested signature of ``src``; nothing is written."""
+    progress = progress or _silent
+    src = os.fspath(src)
+    tags = _tags(tags)
+    proto = read_saved_model(src)
+    meta = meta_graph_for(proto, src, tags)
+    available = signature_keys(meta)
+    keys = select(available, signatures, src)
+    result = SavedModelResult(src, None, tags)
+    result.all_signatures = sorted(available)
+    clock = time.perf_counter()
+    progress(f"loading {src} (tag-set {','.join(tags)})")
+    loaded = load(src, tags)
+    result.seconds["load"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    rewrite_signatures(loaded, keys, result, progress)
+    result.seconds["rewrite"] = time.perf_counter() - clock
+    return result
+
+
+def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=True,
+                         tolerance=1e-5, overwrite=False, batch: int = 1,
+                         progress: Progress | None = None) -> SavedModelResult:
+    """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
+    SavedModel ``dst``.
+
+    ``signatures``: keys to rewrite (default all); the others are copied through unchanged.
+    ``tags``: the MetaGraph's tag set. ``verify``: compare every rewritten signature of the
+    written model with the original on random inputs (unknown batch dimension: ``batch``);
+    a relative error over ``tolerance`` raises ``VerificationFailed`` and nothing is written.
+    ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty directory).
+    ``progress``: called with a line of text at the start of each stage.
+
+    Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
+    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths and SavedModels. ``src``
+    is only read; ``dst`` appears (by a rename) only when everything succeeded.
+    """
+    progress = progress or _silent
+    src, dst = os.fspath(src), os.fspath(dst)
+    tags = _tags(tags)
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    if not tolerance >= 0:
+        raise BadInput(f"tolerance must be a non-negative number, got {tolerance}")
+    proto = read_saved_model(src)
+    meta = meta_graph_for(proto, src, tags)
+    available = signature_keys(meta)
+    keys = select(available, signatures, src)
+    target = check_destination(src, dst, overwrite)
+
+    result = SavedModelResult(src, dst, tags)
+    result.all_signatures = sorted(available)
+    if len(proto.meta_graphs) > 1:
+        others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
+                           if mg is not meta)
+        result.notes.append(f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set "
+                            f"'{','.join(tags)}' is written to DST (not: {others})")
+    staging, created = make_staging_dir(target)
+    try:
+        clock = time.perf_counter()
+        progress(f"loading {src} (tag-set {','.join(tags)})")
+        loaded = load(src, tags)
+        missing = [k for k in keys if k not in loaded.signatures]
+        if missing:
+            raise BadInput(f"{src}: signature {', '.join(missing)} is in saved_model.pb but "
+                           f"TensorFlow did not load it")
+        result.seconds["load"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        functions = rewrite_signatures(loaded, keys, result, progress)
+        passthrough = [k for k in loaded.signatures if k not in functions]
+        for key in passthrough:
+            functions[key] = loaded.signatures[key]
+        result.seconds["rewrite"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        progress(f"writing a temporary SavedModel beside {dst}")
+        keep_original = bool(passthrough or result.unchanged)
+        try:
+            save(loaded, functions, staging, keep_original)
+            restore_metadata(staging, meta)
+        except GraphfoldError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise BadInput(f"{dst}: cannot write the optimized SavedModel: "
+                           f"{_first_line(exc)}") from None
+        result.seconds["write"] = time.perf_counter() - clock
+
+        if verify:
+            clock = time.perf_counter()
+            progress(f"verifying {len(keys)} signature(s) on random inputs "
+                     f"(tolerance {tolerance:g})")
+            written = load(staging, tags)
+            for key in keys:
+                check = verify_signature(key, loaded.signatures[key], written.signatures[key],
+                                         tolerance=tolerance, batch=batch)
+                result.verification[key] = check
+                progress(f"  {check.line()}")
+            result.seconds["verify"] = time.perf_counter() - clock
+            failed = [k for k, v in result.verification.items() if not v.ok]
+            if failed:
+                raise VerificationFailed(
+                    "verification failed for signature(s) " + ", ".join(failed) + ": " +
+                    "; ".join(result.verification[k].reason or "" for k in failed) +
+                    f"; nothing was written to {dst}", result)
+
+        clock = time.perf_counter()
+        progress(f"moving it into place: {dst}")
+        try:
+            move_into_place(staging, target)
+        except OSError as exc:
+            raise BadInput(f"{dst}: cannot move the result into place "
+                           f"({exc.strerror or exc})") from None
+        result.written = True
+        result.seconds["rename"] = time.perf_counter() - clock
+        return result
+    finally:
+        if not result.written:
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(created)
+
+
+def _tags(tags) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    tags = tuple(t.strip() for t in tags if t.strip())
+    if not tags:
+        raise BadInput("the tag set is empty")
+    return tags
+
+
+def _silent(_line: str) -> None:
+    pass
+
+
+def _first_line(exc) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,237 @@
+"""Check that two callables compute the same thing, on random inputs built from input specs.
+
+Floats are standard normal, integers uniform in ``INT_RANGE``, bools fair coins, strings drawn from
+a few short words. An unknown leading (batch) dimension takes ``batch``; any other unknown
+dimension takes 1, and, when the reference function rejects that, 8 and then 32. Every output is
+compared: max absolute error ``max|a-b|`` and relative error ``max|a-b| / max|a|``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+INT_RANGE = (0, 4)            # integers are drawn from [0, 4): safe as small indices
+WORDS = (b"a", b"b", b"c", b"graphfold")
+OTHER_DIMS = (1, 8, 32)       # sizes tried, in order, for unknown non-batch dimensions
+
+
+@dataclasses.dataclass
+class OutputError:
+    name: str
+    shape: tuple
+    dtype: str
+    max_abs: float
+    max_rel: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Verification:
+    """The outcome of comparing one signature: ``status`` is "ok", "failed" or "skipped"."""
+    signature: str
+    status: str
+    tolerance: float
+    inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)   # name -> shape used
+    outputs: list[OutputError] = dataclasses.field(default_factory=list)
+    reason: str | None = None            # why it failed or was skipped
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def line(self) -> str:
+        if self.status == "skipped":
+            return f"{self.signature}: not verified ({self.reason})"
+        shapes = ", ".join(f"{k}{list(v)}" for k, v in self.inputs.items())
+        text = (f"{self.signature}: max abs error {self.max_abs:.3g}, max rel error "
+                f"{self.max_rel:.3g} over {len(self.outputs)} output(s), inputs {shapes}")
+        if self.status == "failed":
+            text += f" -- FAILED: {self.reason}"
+        return text
+
+    def to_dict(self) -> dict:
+        return {"signature": self.signature, "status": self.status, "tolerance": self.tolerance,
+                "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "inputs": {k: list(v) for k, v in self.inputs.items()},
+                "outputs": [o.to_dict() for o in self.outputs], "reason": self.reason,
+                "seconds": self.seconds}
+
+
+def input_specs(fn) -> dict[str, tf.TensorSpec]:
+    """Keyword name -> TensorSpec of a signature function (a ConcreteFunction taking kwargs)."""
+    args, kwargs = fn.structured_input_signature
+    if args:
+        raise ValueError("signature functions take keyword arguments only")
+    return dict(kwargs)
+
+
+def random_inputs(specs: dict[str, tf.TensorSpec], *, batch: int = 1, other: int = 1,
+                  seed: int = 0) -> dict[str, tf.Tensor]:
+    """Random tensors matching ``specs`` (see the module docstring for the distributions)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, spec in sorted(specs.items()):
+        out[name] = random_tensor(spec, rng, batch=batch, other=other)
+    return out
+
+
+def concrete_shape(spec: tf.TensorSpec, batch: int = 1, other: int = 1) -> tuple:
+    if spec.shape.rank is None:
+        return (batch,)
+    dims = spec.shape.as_list()
+    return tuple((batch if i == 0 else other) if d is None else d for i, d in enumerate(dims))
+
+
+def random_tensor(spec: tf.TensorSpec, rng: np.random.Generator, *, batch=1, other=1) -> tf.Tensor:
+    shape = concrete_shape(spec, batch, other)
+    dtype = tf.as_dtype(spec.dtype)
+    if dtype.is_floating:
+        return tf.cast(tf.constant(rng.standard_normal(shape)), dtype)
+    if dtype.is_complex:
+        real, imag = rng.standard_normal(shape), rng.standard_normal(shape)
+        return tf.cast(tf.constant(real + 1j * imag), dtype)
+    if dtype == tf.bool:
+        return tf.constant(rng.integers(0, 2, shape).astype(bool))
+    if dtype.is_integer:
+        return tf.constant(rng.integers(*INT_RANGE, shape).astype(dtype.as_numpy_dtype))
+    if dtype == tf.string:
+        return tf.constant(rng.choice(np.array(WORDS, dtype=object), shape).astype(bytes)
+                           if shape else WORDS[int(rng.integers(len(WORDS)))])
+    raise TypeError(f"cannot build random inputs of dtype {dtype.name}")
+
+
+def compare(want, got) -> tuple[float, float]:
+    """(max |a-b|, max |a-b| / max |a|) of reference ``want`` and candidate ``got``.
+
+    NaNs in the same places count as equal. Strings compare for equality (error 0 or inf).
+    When ``want`` is all zero the relative error is the absolute error.
+    """
+    a, b = np.asarray(want), np.asarray(got)
+    if a.shape != b.shape:
+        raise ValueError(f"shape {b.shape} differs from the original's {a.shape}")
+    if a.size == 0:
+        return 0.0, 0.0
+    if a.dtype.kind in "OSU" or b.dtype.kind in "OSU":
+        err = 0.0 if np.array_equal(a, b) else float("inf")
+        return err, err
+    if a.dtype.kind == "c" or b.dtype.kind == "c":
+        a, b = a.astype(np.complex128), b.astype(np.complex128)
+    else:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+    both_nan = np.isnan(a) & np.isnan(b)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(both_nan | (a == b), 0.0, np.abs(a - b))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    max_abs = float(diff.max())
+    scale = np.abs(a[np.isfinite(a)])
+    scale = float(scale.max()) if scale.size else 0.0
+    return max_abs, (max_abs / scale if scale > 0 else max_abs)
+
+
+def verify(name: str, reference, candidate, *, tolerance: float = 1e-5, batch: int = 1,
+           seed: int = 0) -> Verification:
+    """Runs ``reference`` and ``candidate`` (ConcreteFunctions with the same inputs: a
+    SavedModel's signature functions take keyword arguments) on the same random inputs and
+    compares every output."""
+    import time
+    clock = time.perf_counter()
+    result = Verification(name, "ok", tolerance)
+
+    def done(status=None, reason=None):
+        if status:
+            result.status, result.reason = status, reason
+        result.seconds = time.perf_counter() - clock
+        return result
+
+    args_specs, kwargs_specs = reference.structured_input_signature
+    flat_specs = tf.nest.flatten((args_specs, kwargs_specs))
+    if not all(isinstance(s, tf.TensorSpec) for s in flat_specs):
+        return done("skipped", "an input is not a plain tensor")
+    labels = _labels(args_specs, kwargs_specs)
+    unknown_other = any(s.shape.rank is None or None in s.shape.as_list()[1:]
+                        for s in flat_specs)
+    want, error = None, None
+    for other in (OTHER_DIMS if unknown_other else (1,)):
+        rng = np.random.default_rng(seed)
+        try:
+            flat = [random_tensor(s, rng, batch=batch, other=other) for s in flat_specs]
+        except TypeError as exc:
+            return done("skipped", str(exc))
+        args, kwargs = tf.nest.pack_sequence_as((args_specs, kwargs_specs), flat)
+        try:
+            want = reference(*args, **kwargs)
+            break
+        except (tf.errors.OpError, ValueError, TypeError) as exc:
+            error = exc
+    if want is None:
+        return done("skipped", f"the original fails on random inputs: {_first_line(error)}")
+
+    result.inputs = {label: tuple(t.shape.as_list()) for label, t in zip(labels, flat)}
+    try:
+        got = candidate(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
+        return done("failed", f"the optimized function fails: {_first_line(exc)}")
+
+    want_flat, got_flat = _named(want), _named(got)
+    if set(want_flat) != set(got_flat):
+        return done("failed", f"outputs {sorted(got_flat)} differ from the original's "
+                              f"{sorted(want_flat)}")
+    bad = []
+    for key in sorted(want_flat):
+        a, b = want_flat[key], got_flat[key]
+        problem = None
+        try:
+            max_abs, max_rel = compare(a.numpy(), b.numpy())
+        except ValueError as exc:
+            max_abs = max_rel = float("inf")
+            problem = f"{key}: {exc}"
+        if problem is None and a.dtype != b.dtype:
+            problem = f"{key}: dtype {b.dtype.name} differs from the original's {a.dtype.name}"
+        if problem is None and not max_rel <= tolerance:
+            problem = f"{key}: relative error {max_rel:.3g} > tolerance {tolerance:g}"
+        result.outputs.append(OutputError(key, tuple(a.shape.as_list()), a.dtype.name,
+                                          max_abs, max_rel))
+        if problem:
+            bad.append(problem)
+    return done("failed", "; ".join(bad)) if bad else done()
+
+
+def _labels(args_specs, kwargs_specs) -> list[str]:
+    """A name per flat input, in flat order: keyword names, else TensorSpec names, else argN."""
+    labels = []
+    for i, spec in enumerate(tf.nest.flatten(args_specs)):
+        labels.append(spec.name or f"arg{i}")
+    for key in sorted(kwargs_specs or {}):          # tf.nest flattens a dict in key order
+        parts = tf.nest.flatten(kwargs_specs[key])
+        labels.extend([key] if len(parts) == 1 else [f"{key}/{i}" for i in range(len(parts))])
+    return labels
+
+
+class _Skip(Exception):
+    pass
+
+
+def _named(outputs) -> dict[str, tf.Tensor]:
+    if isinstance(outputs, dict):
+        return dict(outputs)
+    flat = tf.nest.flatten(outputs)
+    return {f"output_{i}": t for i, t in enumerate(flat)}
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
