@@ -1,0 +1,301 @@
+"""Shared utilities for the graphfold tests.
+
+Random batch-norm parameters (never the default γ=1, β=0, μ=0, σ²=1), random inputs built from a
+function's signature, a numerical comparison ``assert_close`` (relative error
+``max|a-b| / max|a|``), ``check_rewrite`` that also proves ``fn`` itself was not modified, and an
+"NHWC twin" of a GraphDef so that NCHW graphs can be executed on CPU builds that lack NCHW
+kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.core.framework import graph_pb2  # noqa: E402
+
+import graphfold  # noqa: E402
+from graphfold.freeze import freeze  # noqa: E402
+
+BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
+          "BatchNormWithGlobalNormalization")
+
+TOLERANCE = {tf.float32: 1e-5, tf.float64: 1e-12, tf.float16: 1e-2, tf.bfloat16: 3e-2}
+
+
+# ---- random parameters ---------------------------------------------------------------------------
+def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False):
+    """(γ, β, μ, σ²) for ``c`` channels: γ of magnitude in [0.5, 1.5] with random signs (unless
+    ``positive``), β and μ normal, σ² in [0.2, 2]. Never the identity statistics."""
+    gamma = rng.uniform(0.5, 1.5, c)
+    if not positive:
+        gamma = gamma * np.where(rng.random(c) < 0.3, -1.0, 1.0)
+    beta = rng.normal(0.0, 1.0, c)
+    mean = rng.normal(0.0, 1.0, c)
+    var = rng.uniform(0.2, 2.0, c)
+    params = tuple(np.asarray(v, dtype=np.float64) for v in (gamma, beta, mean, var))
+    assert not np.allclose(params[0], 1) and not np.allclose(params[1], 0)
+    assert not np.allclose(params[2], 0) and not np.allclose(params[3], 1)
+    return tuple(p.astype(dtype) for p in params)
+
+
+def bias(c: int, rng: np.random.Generator, dtype="float32") -> np.ndarray:
+    """A random, clearly non-zero bias."""
+    return (rng.normal(0.0, 1.0, c) + np.sign(rng.normal(size=c)) * 0.5).astype(dtype)
+
+
+def weight(shape, rng: np.random.Generator, dtype="float32") -> np.ndarray:
+    fan_in = int(np.prod(shape[:-1])) or 1
+    return (rng.normal(0.0, 1.0, shape) / np.sqrt(fan_in)).astype(dtype)
+
+
+def randomise_keras_model(model, rng: np.random.Generator) -> int:
+    """Random BN statistics and non-zero biases for every layer of a Keras 3 or tf-keras model
+    (kernels keep their random initialisation); returns the number of BN layers."""
+    count = 0
+    for layer in _all_layers(model):
+        cls = type(layer).__name__
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        if "BatchNormalization" in cls:
+            count += 1
+            new = []
+            names = [w.name.split("/")[-1].split(":")[0] for w in layer.weights]
+            for name, w in zip(names, weights):
+                c = w.shape[0]
+                if "gamma" in name:
+                    new.append(rng.uniform(0.5, 1.5, c).astype(w.dtype)
+                               * np.where(rng.random(c) < 0.3, -1, 1).astype(w.dtype))
+                elif "beta" in name:
+                    new.append(rng.normal(0, 0.5, c).astype(w.dtype))
+                elif "mean" in name:
+                    new.append(rng.normal(0, 0.5, c).astype(w.dtype))
+                elif "variance" in name:
+                    new.append(rng.uniform(0.3, 2.0, c).astype(w.dtype))
+                else:
+                    raise AssertionError(f"unexpected BN weight {name}")
+            layer.set_weights(new)
+        else:
+            new = []
+            for w, var in zip(weights, layer.weights):
+                if "bias" in var.name:
+                    new.append(rng.normal(0, 0.5, w.shape).astype(w.dtype))
+                else:
+                    new.append(w)
+            layer.set_weights(new)
+    return count
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+# ---- inputs and comparison -----------------------------------------------------------------------
+def random_inputs(fn, rng: np.random.Generator, batch: int = 2):
+    """(args, kwargs) of random tensors for ``fn.structured_input_signature`` (None -> batch)."""
+    args, kwargs = fn.structured_input_signature
+
+    def make(spec):
+        if not isinstance(spec, tf.TensorSpec):
+            return spec                    # a Python value traced into the function
+        shape = [batch if d is None else d for d in spec.shape.as_list()]
+        if spec.dtype == tf.bool:
+            return tf.constant(rng.random(shape) < 0.5)
+        if spec.dtype.is_integer:
+            return tf.constant(rng.integers(0, 4, shape), dtype=spec.dtype)
+        return tf.constant(rng.normal(0.0, 1.0, shape), dtype=spec.dtype)
+
+    return tf.nest.map_structure(make, (args, kwargs))
+
+
+def rel_err(want, got) -> float:
+    want = np.asarray(want, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    assert want.shape == got.shape, (want.shape, got.shape)
+    scale = np.abs(want).max()
+    assert np.isfinite(scale) and scale > 0, "reference output is zero or not finite"
+    return float(np.abs(want - got).max() / scale)
+
+
+def _to_numpy(t):
+    if t.dtype == tf.bfloat16:
+        t = tf.cast(t, tf.float32)
+    return t.numpy()
+
+
+def assert_close(fn, folded, inputs, tol: float | None = None):
+    """Calls ``fn`` and ``folded`` on ``inputs`` ((args, kwargs) or a tuple of args) and asserts
+    that every output has the same structure, dtype and shape, and relative error <= ``tol``
+    (default by dtype). Returns the largest relative error."""
+    args, kwargs = inputs if _is_args_kwargs(inputs) else (tuple(inputs), {})
+    want = fn(*args, **kwargs)
+    got = folded(*args, **kwargs)
+    tf.nest.assert_same_structure(want, got)
+    worst = 0.0
+    for w, g in zip(tf.nest.flatten(want), tf.nest.flatten(got)):
+        if w is None or g is None:
+            assert w is None and g is None, (w, g)
+            continue
+        assert w.dtype == g.dtype, (w.dtype, g.dtype)
+        assert w.shape == g.shape, (w.shape, g.shape)
+        limit = tol if tol is not None else TOLERANCE.get(w.dtype, 0.0)
+        if w.dtype.is_floating:
+            err = rel_err(_to_numpy(w), _to_numpy(g))
+            assert err <= limit, f"relative error {err:.3g} > {limit:.3g}"
+            worst = max(worst, err)
+        else:
+            np.testing.assert_array_equal(w.numpy(), g.numpy())
+    return worst
+
+
+def _is_args_kwargs(inputs) -> bool:
+    return (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], (tuple, list))
+            and isinstance(inputs[1], dict))
+
+
+def graph_def_of(fn) -> graph_pb2.GraphDef:
+    return fn.graph.as_graph_def()
+
+
+def check_rewrite(fn, rng: np.random.Generator | None = None, *, tol: float | None = None,
+                  batch: int = 2, run: bool = True):
+    """Rewrites ``fn`` and checks that ``fn`` is untouched (graph and outputs), that the report is
+    JSON-serialisable, and (if ``run``) that the folded function matches ``fn``. Returns folded."""
+    rng = rng or np.random.default_rng(1234)
+    before = graph_def_of(fn)
+    inputs = random_inputs(fn, rng, batch) if run else None
+    outputs_before = _flat_numpy(fn(*inputs[0], **inputs[1])) if run else None
+    folded = graphfold.rewrite(fn)
+    assert graph_def_of(fn) == before, "rewrite modified the original function's graph"
+    json.dumps(folded.report.to_dict())
+    str(folded.report)
+    if run:
+        outputs_after = _flat_numpy(fn(*inputs[0], **inputs[1]))
+        for a, b in zip(outputs_before, outputs_after):
+            np.testing.assert_array_equal(a, b)
+        assert_close(fn, folded, inputs, tol)
+    return folded
+
+
+def _flat_numpy(structure):
+    return [None if t is None else _to_numpy(t) for t in tf.nest.flatten(structure)]
+
+
+# ---- graph inspection ----------------------------------------------------------------------------
+def op_counts(graph_def) -> collections.Counter:
+    return collections.Counter(n.op for n in graph_def.node)
+
+
+def nodes_of(graph_def, op: str) -> list:
+    return [n for n in graph_def.node if n.op == op]
+
+
+def assert_no_batch_norm(graph_def):
+    """No BN op and no node of a decomposed batch norm (``.../batchnorm/...``) is left."""
+    left = [n.name for n in graph_def.node if n.op in BN_OPS or "batchnorm/" in n.name]
+    assert not left, f"batch-norm nodes left: {left[:5]}"
+
+
+def const_value(graph_def, name: str) -> np.ndarray:
+    node = {n.name: n for n in graph_def.node}[name]
+    assert node.op == "Const", node.op
+    return tf.make_ndarray(node.attr["value"].tensor)
+
+
+def weight_of(graph_def, layer_node) -> np.ndarray:
+    """The constant behind input 1 of ``layer_node`` (through Identity)."""
+    nodes = {n.name: n for n in graph_def.node}
+    tensor = layer_node.input[1]
+    while True:
+        node = nodes[tensor.split(":")[0]]
+        if node.op == "Const":
+            return tf.make_ndarray(node.attr["value"].tensor)
+        assert node.op == "Identity", node.op
+        tensor = node.input[0]
+
+
+def folded_entries(report, batch_norm: bool | None = True):
+    entries = report.entries if batch_norm is None else \
+        [e for e in report.entries if e.is_batch_norm == batch_norm]
+    return [e for e in entries if e.folded]
+
+
+# ---- running GraphDefs, and the NHWC twin of an NCHW graph ---------------------------------------
+def run_graph_def(graph_def, inputs: list[str], outputs: list[str],
+                  feeds: list) -> list[np.ndarray]:
+    """Imports ``graph_def`` (independently of graphfold's own importer) and runs it."""
+    def load():
+        tf.graph_util.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(load, [])
+    g = wrapped.graph
+    full = (lambda t: t if ":" in t else t + ":0")
+    pruned = wrapped.prune([g.get_tensor_by_name(full(t)) for t in inputs],
+                           [g.get_tensor_by_name(full(t)) for t in outputs])
+    return [_to_numpy(r) for r in pruned(*[tf.constant(f) for f in feeds])]
+
+
+_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool")
+
+
+def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
+    """A copy of ``graph_def`` in which every NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/
+    ``AvgPool`` runs in NHWC between two transposes (same values, runs on any CPU build).
+    ``BiasAdd`` and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support it."""
+    out = graph_pb2.GraphDef()
+    out.CopyFrom(graph_def)
+    del out.node[:]
+    to_nhwc = _perm_const(out, "nhwc_twin/to_nhwc", [0, 2, 3, 1])
+    to_nchw = _perm_const(out, "nhwc_twin/to_nchw", [0, 3, 1, 2])
+    for node in graph_def.node:
+        fmt = node.attr["data_format"].s if "data_format" in node.attr else b""
+        if node.op not in _NCHW_OPS or fmt != b"NCHW":
+            out.node.add().CopyFrom(node)
+            continue
+        dtype = node.attr["T"].type
+        pre = out.node.add(name=node.name + "/nhwc_twin_in", op="Transpose",
+                           input=[node.input[0], to_nhwc])
+        pre.attr["T"].type = dtype
+        pre.attr["Tperm"].type = tf.int32.as_datatype_enum
+        inner = out.node.add()
+        inner.CopyFrom(node)
+        inner.name = node.name + "/nhwc_twin"
+        inner.input[0] = pre.name
+        inner.attr["data_format"].s = b"NHWC"
+        for key in ("strides", "ksize", "dilations"):
+            if key in inner.attr and len(inner.attr[key].list.i) == 4:
+                n, c, h, w = inner.attr[key].list.i
+                del inner.attr[key].list.i[:]
+                inner.attr[key].list.i.extend([n, h, w, c])
+        post = out.node.add(name=node.name, op="Transpose", input=[inner.name, to_nchw])
+        post.attr["T"].type = dtype
+        post.attr["Tperm"].type = tf.int32.as_datatype_enum
+    return out
+
+
+def _perm_const(graph_def, name, perm):
+    node = graph_def.node.add(name=name, op="Const")
+    node.attr["dtype"].type = tf.int32.as_datatype_enum
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.asarray(perm, np.int32)))
+    return name
+
+
+def run_nhwc_twin(fn, graph_def, feeds) -> list[np.ndarray]:
+    """Runs ``graph_def`` (the frozen ``fn`` or a rewrite of it) through its NHWC twin."""
+    frozen = freeze(fn)
+    return run_graph_def(nhwc_twin(graph_def), frozen.inputs, frozen.outputs, feeds)
+
+
+def frozen_graph_def(fn) -> graph_pb2.GraphDef:
+    return freeze(fn).graph_def
+
