@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import tensorflow as tf
 
 from graphfold.affine import Affine, recognise
 from graphfold.graph import Graph, canonical, split_tensor
@@ -163,6 +164,22 @@ def _is_identity_transpose(graph: Graph, node) -> bool:
     return perm is not None and list(perm) == list(range(len(perm)))
 
 
+def _float_cast(node) -> bool:
+    """A ``Cast`` between floating-point types (Keras mixed precision computes a half-precision
+    layer's batch norm in float32 between two of them): per-channel maps commute with it."""
+    if node.op != "Cast":
+        return False
+    return all(tf.as_dtype(node.attr[key].type).is_floating for key in ("SrcT", "DstT"))
+
+
+def _pads(graph: Graph, node) -> bool:
+    """Whether ``SpaceToBatchND`` adds zero padding (a ``BatchToSpaceND`` only crops)."""
+    if node.op != "SpaceToBatchND":
+        return False
+    pads = graph.const(graph.data_inputs(node)[2])
+    return pads is None or bool(np.any(pads != 0))
+
+
 def _reduced_axes(graph: Graph, node, rank: int) -> list[int] | None:
     axes = graph.const(graph.data_inputs(node)[1])
     if axes is None:
@@ -211,7 +228,11 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
     if op in LAYOUTS and split_tensor(tensor)[1] == 0:
         return _root(graph, node, demand)
     inputs = graph.data_inputs(node)
-    if op in PASS_THROUGH:
+    if op in PASS_THROUGH or op == "BatchToSpaceND" or _float_cast(node):
+        return _up(graph, inputs[0], node.name, demand, seen)
+    if op == "SpaceToBatchND":
+        if demand.has_shift and _pads(graph, node):
+            return Blocked(node.name, "SpaceToBatchND pads with zeros: needs a zero shift")
         return _up(graph, inputs[0], node.name, demand, seen)
     if op in RESHAPES or op == "Transpose":
         mapped = axis_out_to_in(graph, node, demand.axis)
@@ -379,8 +400,12 @@ def _down_into(graph: Graph, node, tensor: str, demand: Demand, plan: Plan, seen
         if reads != [0]:
             return Blocked(node.name, "A feeds the layer's weight")
         return _sink(graph, node, tensor, demand, plan, padded)
-    if op in PASS_THROUGH:
+    if op in PASS_THROUGH or _float_cast(node):
         return _down(graph, out, demand, plan, seen, padded)
+    if op in ("SpaceToBatchND", "BatchToSpaceND"):
+        if reads != [0]:
+            return Blocked(node.name, f"A feeds the shape operands of {op}")
+        return _down(graph, out, demand, plan, seen, padded or _pads(graph, node))
     if op in RESHAPES or op == "Transpose":
         if reads != [0]:
             return Blocked(node.name, f"A feeds the shape operand of {op}")

@@ -247,3 +247,18 @@ def test_conv_absorbs_bn_before_and_after():
     report = rewrite(lambda x: bn(tf.nn.conv2d(bn(x, p1), w, 1, "VALID"), p2), [5, 5, 3])
     assert [e.folded for e in report.batch_norms] == [True, True]
     assert {e.direction for e in report.batch_norms} == {"forward", "backward"}
+
+
+def test_backward_into_dilated_depthwise_keeps_the_shift_out_of_space_to_batch_padding():
+    """A dilated SAME depthwise conv is SpaceToBatchND (zero padding) → depthwise → BatchToSpaceND:
+    the scale folds backward, a shift must not."""
+    w = const(3, 3, 3, 1)
+    scale_only = rewrite(lambda x: tf.nn.depthwise_conv2d(x * const(3, low=0.5, high=2.0), w,
+                                                          [1, 1, 1, 1], "SAME", dilations=[2, 2]),
+                         [8, 8, 3])
+    (entry,) = scale_only.entries
+    assert entry.folded and entry.direction == "backward"
+    p = bn_params(3)
+    entry = only(rewrite(lambda x: tf.nn.depthwise_conv2d(bn(x, p), w, [1, 1, 1, 1], "SAME",
+                                                          dilations=[2, 2]), [8, 8, 3]))
+    assert not entry.folded and "padding" in entry.tried["backward"]

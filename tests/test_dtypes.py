@@ -108,10 +108,6 @@ def test_keras_half_precision_model_stays_exact(framework, dtype):
         assert folded.report.entry("conv_bn").folded, str(folded.report)
 
 
-@pytest.mark.xfail(reason="plan: Cast is not a pass-through op. Keras 3 BatchNormalization (and "
-                   "tf-keras' non-fused one) computes half-precision inputs in float32: "
-                   "layer -> Cast(f32) -> x*inv+offset -> Cast(half); the A is blocked by the "
-                   "Cast in both directions", strict=False)
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_keras_half_precision_model_folds_every_batch_norm(framework, dtype):

@@ -574,11 +574,7 @@ def _fused(y, params, fmt="NHWC"):
 
 
 CONV_VARIANTS = ["strided_valid", "dilated", "explicit_padding",
-                 pytest.param("depthwise_dilated", marks=pytest.mark.xfail(
-                     reason="plan: tf.nn.depthwise_conv2d with dilations is SpaceToBatchND -> "
-                     "DepthwiseConv2dNative -> BatchToSpaceND, and BatchToSpaceND is not a "
-                     "pass-through op (a per-channel A commutes with it: it only moves and crops "
-                     "spatial cells)", strict=False))]
+                 "depthwise_dilated"]
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)

@@ -254,9 +254,6 @@ def test_fold_that_would_overflow_float16_is_refused(rng):
     assert_weight_untouched(folded, "Conv2D", np.full((1, 1, 3, 4), 1000.0, np.float16))
 
 
-@pytest.mark.xfail(reason="apply.as_multiply_add leaves Conv2D -> Mul(const) -> AddV2: Grappler's "
-                   "constant folding (FoldMultiplyIntoConv) folds the Mul into the float16 filter "
-                   "at run time, the very overflow graphfold refused", strict=False)
 def test_refused_float16_overflow_stays_finite_at_run_time(rng):
     fn = _overflow_fn(rng)
     folded = check_rewrite(fn, run=False)
