@@ -65,6 +65,7 @@ def application(name: str, legacy: bool = False, seed: int = 0):
     """A ``keras.applications`` model (``weights=None``, no softmax), randomised; returns
     ``(model, input_size, number of BN layers)``."""
     keras = keras_module(legacy)
+    keras.utils.set_random_seed(seed)        # kernels too: the same model on every run
     size = APPLICATIONS[name]
     kwargs = dict(weights=None, input_shape=(size, size, 3))
     model = getattr(keras.applications, name)(classifier_activation=None, **kwargs)
