@@ -64,39 +64,13 @@ def _bias_operand(graph: Graph, bias_node) -> int:
     raise ValueError(f"{bias_node.name} has no constant operand")
 
 
-def check(graph: Graph, plan: Plan) -> Blocked | None:
-    """Dry run of the numbers: a fold whose values overflow the weight's dtype is refused."""
+def compute(graph: Graph, plan: Plan) -> list[tuple] | Blocked:
+    """Every change ``plan`` makes, computed before any is made; or why it must not be made (a
+    value that overflows the weight's dtype, ...). Pass the result to ``fold``."""
     try:
-        writes = _compute(graph, plan)
+        return _compute(graph, plan)
     except Refused as err:
         return Blocked(plan.absorbed_by[0] if plan.absorbed_by else "?", str(err))
-    plan._checked = (writes, _read_state(graph, writes))   # ``fold`` reuses them (see _computed)
-    return None
-
-
-def _read_state(graph: Graph, writes: list[tuple]) -> list[tuple]:
-    """What computed writes depend on: each node (the object), which constant it reads, and that
-    constant's current array (the object: ``set_const`` replaces it)."""
-    state = []
-    for kind, node, index, const, _ in writes:
-        reads = weight_const(graph, node) if kind == "weight" else \
-            node.input[index] if kind == "bias" else None
-        state.append((graph.nodes.get(node.name), reads,
-                      graph._consts.get(const) if const is not None else None))
-    return state
-
-
-def _computed(graph: Graph, plan: Plan) -> list[tuple]:
-    """``_compute(graph, plan)``; the writes ``check`` computed for this plan when nothing they
-    read has changed since (the weights are large: computing them twice doubled the apply time)."""
-    cached = getattr(plan, "_checked", None)
-    plan._checked = None
-    if cached is not None:
-        writes, state = cached
-        now = _read_state(graph, writes)
-        if all(a[0] is b[0] and a[1] == b[1] and a[2] is b[2] for a, b in zip(state, now)):
-            return writes
-    return _compute(graph, plan)
 
 
 def _compute(graph: Graph, plan: Plan) -> list[tuple]:
@@ -164,9 +138,9 @@ def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,
     return values.reshape([-1] + [1] * (rank - 1 - axis))
 
 
-def fold(graph: Graph, affine: Affine, plan: Plan) -> None:
-    """Rewrites weights and biases by ``plan`` and bypasses ``affine``."""
-    for kind, node, index, const, value in _computed(graph, plan):
+def fold(graph: Graph, affine: Affine, writes: list[tuple]) -> None:
+    """Makes the changes ``compute`` returned for A's plan, and bypasses ``affine``."""
+    for kind, node, index, const, value in writes:
         if kind in ("weight", "bias"):
             _write_const(graph, node, index, const, value)
         elif kind == "new_bias":

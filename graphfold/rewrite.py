@@ -75,13 +75,13 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     for affine in affines:
         start = time.perf_counter()
         affine = refresh(graph, affine)
-        outcome, tried = _decide(graph, affine)
+        outcome, writes, tried = _decide(graph, affine)
         plan_time += time.perf_counter() - start
         if isinstance(outcome, Blocked):
             if affine.blocked is None:
                 apply_.as_multiply_add(graph, affine)
         else:
-            apply_.fold(graph, affine, outcome)
+            apply_.fold(graph, affine, writes)
         entries.extend(_entries(affine, outcome, tried))
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
@@ -91,19 +91,19 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
 
 
 def _decide(graph: Graph, affine: Affine):
-    """The plan to carry out, or the blocker; and what each direction met."""
+    """``(plan, its computed writes, what each direction met)``: forward first, then backward;
+    the plan is the first blocker when neither direction folds."""
     if affine.blocked:
-        return Blocked(affine.nodes[-1], affine.blocked), {}
+        return Blocked(affine.nodes[-1], affine.blocked), None, {}
     tried, first = {}, None
     for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
         plan = planner(graph, affine)
-        if not isinstance(plan, Blocked):
-            plan = apply_.check(graph, plan) or plan
-        if not isinstance(plan, Blocked):
-            return plan, tried
-        tried[direction] = str(plan)
-        first = first or plan
-    return first, tried
+        writes = plan if isinstance(plan, Blocked) else apply_.compute(graph, plan)
+        if not isinstance(writes, Blocked):
+            return plan, writes, tried
+        tried[direction] = str(writes)
+        first = first or writes
+    return first, None, tried
 
 
 def _entries(affine: Affine, outcome, tried) -> list[Entry]:
