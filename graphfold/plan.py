@@ -368,7 +368,33 @@ def plan_backward(graph: Graph, affine: Affine) -> Plan | Blocked:
     twice = [layer for layer in layers if layers.count(layer) > 1]
     if twice:   # y = A(x); L(y + P(y)): P would need W ⊙_in s and W ⊙_out 1/s at once
         return Blocked(twice[0], "the layer reads A's output and is also a leaf behind an Add")
-    return plan
+    return _pad_meets_conv(graph, affine, plan) or plan
+
+
+def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
+    """TensorFlow 2.21 with oneDNN fuses ``Pad → Conv2D`` and drops a padding of the batch or
+    channel axis (an error, or silently a smaller batch). Bypassing A must not make such a Pad
+    feed a Conv2D directly (through Identity, which Grappler removes)."""
+    def skip_identities(tensor):
+        while graph.producer(tensor).op in PASS_THROUGH:
+            tensor = graph.data_inputs(graph.producer(tensor))[0]
+        return tensor
+
+    pad = graph.producer(skip_identities(affine.input(graph)))
+    pads = graph.const(graph.data_inputs(pad)[1]) if pad.op in ("Pad", "PadV2") else None
+    if pads is None or pads.shape != (4, 2):
+        return None
+    y = canonical(affine.output)
+    for sink in plan.sinks:
+        layer = graph.nodes[sink.layer]
+        if layer.op != "Conv2D" or canonical(skip_identities(layer.input[0])) != y:
+            continue
+        spatial = (2, 3) if (layer.attr["data_format"].s or b"NHWC").startswith(b"NC") else (1, 2)
+        if any(np.any(pads[axis] != 0) for axis in range(4) if axis not in spatial):
+            return Blocked(layer.name, f"{pad.name} pads the batch or channel axis: without A "
+                                       "between them, TensorFlow's oneDNN Pad+Conv2D fusion drops "
+                                       "that padding")
+    return None
 
 
 def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
