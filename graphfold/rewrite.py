@@ -61,6 +61,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     work = type(graph_def)()
     work.CopyFrom(graph_def)
     graph = Graph(work, shapes, outputs)
+    graph.validate()
     ops_before = graph.op_counts()
     notes = _control_flow_notes(work)
     keep = [i.split(":")[0] for i in inputs]

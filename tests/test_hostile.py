@@ -303,3 +303,11 @@ def test_evaluators_are_pure_registered_ops():
         op_def = op_def_registry.get(op)
         assert op_def is not None, f"{op} is not a TensorFlow op"
         assert not op_def.is_stateful, f"{op} is stateful"
+
+
+def test_a_dangling_input_is_a_clear_error():
+    graph_def = graph_pb2.GraphDef()
+    node = graph_def.node.add(name="y", op="Identity", input=["missing"])
+    node.attr["T"].type = tf.float32.as_datatype_enum
+    with pytest.raises(ValueError, match="'y' reads 'missing'"):
+        graphfold.optimize_graph_def(graph_def, [], ["y"], {})
