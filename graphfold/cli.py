@@ -15,6 +15,8 @@ import sys
 import time
 import warnings
 
+from graphfold.report import format_table
+
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 
 
@@ -227,7 +229,7 @@ def render_verification(result, console: Console) -> None:
                          inputs))
     tolerance = next(iter(result.verification.values())).tolerance
     console.print(f"verification on random inputs (relative tolerance {tolerance:g}):")
-    console.print(_indent(_table(rows)))
+    console.print(_indent(format_table(rows)))
     for key, check in sorted(result.verification.items()):
         if check.status == "failed":
             console.print(f"  {key}: {check.reason}")
@@ -252,15 +254,6 @@ def totals(result) -> tuple[int, int, int, int]:
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line if line else line for line in text.splitlines())
 
-
-def _table(rows) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # ---- commands -------------------------------------------------------------------------------

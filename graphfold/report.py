@@ -84,7 +84,7 @@ class FoldReport:
             rows.append((op, str(self.ops_before.get(op, 0)), str(self.ops_after.get(op, 0))))
         rows.append(("total", str(sum(self.ops_before.values())),
                      str(sum(self.ops_after.values()))))
-        return _table(rows)
+        return format_table(rows)
 
     def entry_table(self) -> str:
         rows = [("layer", "form", "folded", "into / reason")]
@@ -99,7 +99,7 @@ class FoldReport:
                 rows.append((label, e.form, e.direction, into))
             else:
                 rows.append((label, e.form, "no", e.reason or ""))
-        return _table(rows)
+        return format_table(rows)
 
     def __str__(self) -> str:
         parts = [self.summary(), "", self.entry_table(), "", self.op_table()]
@@ -107,7 +107,8 @@ class FoldReport:
         return "\n".join(parts)
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text columns, the first row a header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):

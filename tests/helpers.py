@@ -28,6 +28,16 @@ BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
 TOLERANCE = {tf.float32: 1e-5, tf.float64: 1e-12, tf.float16: 1e-2, tf.bfloat16: 3e-2}
 
 
+# ---- batch norm ----------------------------------------------------------------------------------
+def fused_bn(y, params, data_format="NHWC", training=False, epsilon=1e-3):
+    """``FusedBatchNormV3(y)`` with ``params`` = (γ, β, μ, σ²), in inference mode unless
+    ``training``."""
+    gamma, beta, mean, var = params
+    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
+                                       epsilon=epsilon, data_format=data_format,
+                                       is_training=training)[0]
+
+
 # ---- random parameters ---------------------------------------------------------------------------
 def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False):
     """(γ, β, μ, σ²) for ``c`` channels: γ of magnitude in [0.5, 1.5] with random signs (unless

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+from helpers import fused_bn as bn
 
 RNG = np.random.default_rng(1234)
 
@@ -24,12 +25,6 @@ def bn_params(c, gamma=None):
     return [tf.constant(v.astype("float32")) for v in
             (gamma, RNG.normal(size=c), RNG.normal(size=c), RNG.uniform(0.5, 2.0, c))]
 
-
-def bn(x, params, data_format="NHWC"):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=1e-3, data_format=data_format,
-                                       is_training=False)[0]
 
 
 def keras_bn(x, params):

@@ -7,17 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import fused_bn as bn
 from helpers import (assert_close, bias, bn_params, check_rewrite, op_counts,
                      randomise_keras_model, weight)
 
 EPS = 1e-3
 SPEC = tf.TensorSpec([None, 6, 6, 4], tf.float32, name="x")
 
-
-def bn(y, params):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, is_training=False)[0]
 
 
 @pytest.fixture(scope="module")

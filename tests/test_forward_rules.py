@@ -16,6 +16,7 @@ import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
 
 import graphfold
+from helpers import fused_bn
 from helpers import (assert_no_batch_norm, bias, bn_params, check_rewrite,
                      folded_entries, freeze, frozen_graph_def, nhwc_twin, nodes_of, op_counts,
                      randomise_keras_model, rel_err, run_graph_def, run_nhwc_twin, weight,
@@ -567,10 +568,7 @@ def test_two_batch_norms_in_sequence_both_fold():
 
 
 # ---- more layer variants -------------------------------------------------------------------------
-def _fused(y, params, fmt="NHWC"):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, data_format=fmt, is_training=False)[0]
+_fused = fused_bn
 
 
 CONV_VARIANTS = ["strided_valid", "dilated", "explicit_padding",

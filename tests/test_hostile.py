@@ -11,16 +11,12 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 import graphfold
+from helpers import fused_bn as bn
 from helpers import (assert_close, bn_params, check_rewrite, freeze, nodes_of, op_counts, weight,
                      weight_of)
 
 EPS = 1e-3
 
-
-def bn(y, params):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, is_training=False)[0]
 
 
 def decomposed_bn(y, params):

@@ -13,17 +13,13 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+from helpers import fused_bn as bn
 from helpers import (assert_close, assert_no_batch_norm, bias, bn_params, check_rewrite, freeze,
                      nodes_of, op_counts, random_inputs, rel_err, run_graph_def, weight, weight_of)
 
 EPS = 1e-3
 SPEC = tf.TensorSpec([None, 6, 6, 3], tf.float32, name="x")
 
-
-def bn(y, params, training=False):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, is_training=training)[0]
 
 
 def conv(x, w, b):

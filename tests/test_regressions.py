@@ -14,17 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import fused_bn as bn
 from helpers import (assert_close, bias, bn_params, check_rewrite, nodes_of, op_counts,
                      random_inputs, weight, weight_of)
 
 EPS = 1e-3
 
-
-def bn(y, params, data_format="NHWC"):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, data_format=data_format,
-                                       is_training=False)[0]
 
 
 def decomposed_bn(y, params):

@@ -8,16 +8,12 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+from helpers import fused_bn as bn
 from helpers import (assert_close, assert_no_batch_norm, bias, bn_params, check_rewrite,
                      random_inputs, weight)
 
 EPS = 1e-3
 
-
-def bn(y, params):
-    gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, is_training=False)[0]
 
 
 @pytest.fixture(scope="module")
