@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from graphfold import examples
+
 INPUT_SHAPE = (64, 64, 3)
 BATCH = 8
 CALLS = 50
@@ -54,23 +56,8 @@ def build_model(seed: int = 0, input_shape: tuple = INPUT_SHAPE):
     x = layers.ReLU(name="fc1_relu")(x)
     outputs = layers.Dense(10, name="logits")(x)
     model = keras.Model(inputs, outputs, name="graphfold_demo")
-    randomize(model, seed)
+    examples.randomise(model, np.random.default_rng(seed))
     return model
-
-
-def randomize(model, seed: int = 0) -> None:
-    """Random batch-norm statistics (never γ=1, β=0, μ=0, σ²=1) and random biases."""
-    import keras
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            gamma, beta, mean, var = (w.shape for w in layer.get_weights())
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma), rng.normal(0, 0.2, beta),
-                               rng.normal(0, 0.2, mean), rng.uniform(0.5, 2.0, var)])
-        elif getattr(layer, "bias", None) is not None:
-            weights = layer.get_weights()
-            weights[-1] = rng.normal(0, 0.1, weights[-1].shape)
-            layer.set_weights(weights)
 
 
 def call_times_ms(fn, inputs: dict, calls: int, warmup: int = 3) -> list[float]:

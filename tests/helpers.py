@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 import graphfold  # noqa: E402
+from graphfold import examples  # noqa: E402
 from graphfold.freeze import freeze  # noqa: E402
 
 BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
@@ -65,49 +66,8 @@ def weight(shape, rng: np.random.Generator, dtype="float32") -> np.ndarray:
 
 
 def randomise_keras_model(model, rng: np.random.Generator) -> int:
-    """Random BN statistics and non-zero biases for every layer of a Keras 3 or tf-keras model
-    (kernels keep their random initialisation); returns the number of BN layers."""
-    count = 0
-    for layer in _all_layers(model):
-        cls = type(layer).__name__
-        weights = layer.get_weights()
-        if not weights:
-            continue
-        if "BatchNormalization" in cls:
-            count += 1
-            new = []
-            names = [w.name.split("/")[-1].split(":")[0] for w in layer.weights]
-            for name, w in zip(names, weights):
-                c = w.shape[0]
-                if "gamma" in name:
-                    new.append(rng.uniform(0.5, 1.5, c).astype(w.dtype)
-                               * np.where(rng.random(c) < 0.3, -1, 1).astype(w.dtype))
-                elif "beta" in name:
-                    new.append(rng.normal(0, 0.5, c).astype(w.dtype))
-                elif "mean" in name:
-                    new.append(rng.normal(0, 0.5, c).astype(w.dtype))
-                elif "variance" in name:
-                    new.append(rng.uniform(0.3, 2.0, c).astype(w.dtype))
-                else:
-                    raise AssertionError(f"unexpected BN weight {name}")
-            layer.set_weights(new)
-        else:
-            new = []
-            for w, var in zip(weights, layer.weights):
-                if "bias" in var.name:
-                    new.append(rng.normal(0, 0.5, w.shape).astype(w.dtype))
-                else:
-                    new.append(w)
-            layer.set_weights(new)
-    return count
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.layers:
-            yield from _all_layers(layer)
-        else:
-            yield layer
+    """Random BN statistics (30% of γ negative) and biases; returns the number of BN layers."""
+    return examples.randomise(model, rng, negative_gamma=0.3)
 
 
 # ---- inputs and comparison -----------------------------------------------------------------------
