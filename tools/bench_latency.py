@@ -17,18 +17,21 @@ For each keras.applications model (random BN statistics) and batch size, the med
      installed; its folded Keras model frozen and re-imported like c and d (served with its
      variables instead, it would pay what a pays over a frozen graph);
   f  for reference, the frozen graph re-imported without any folding (what freezing alone
-     gives: grappler then folds some constant multiplies into convolutions by itself).
+     gives).
 
-Every frozen variant (c, d, e, f) first loses the control edges from constants that a frozen
-ConcreteFunction keeps from every former variable read (graphfold drops them too): they keep
-every original constant alive and executed, and with them optimize_for_inference folds nothing.
+The frozen variants (c, d, e, f) differ from b by their folding alone: each first loses what
+freezing leaves behind and graphfold removes too (``benchlib.cleaned``: the control edges from
+constants that a frozen ConcreteFunction keeps from every former variable read, with which
+optimize_for_inference folds nothing, and the ``Identity`` reads of constants), and each is
+called the way graphfold's output is (``import_graph``, then ``with_signature``; the pruned
+import called directly costs about 1 ms more per call).
 
 Every variant is warmed up, then the runs are interleaved (one call of each per round, in a new
-random order each round) in this one process, so that load on the machine hits them alike. Prints a Markdown
-table: median milliseconds per call, the ratios b/a, b/c, d/c, e/c, f/c, b/d, b/e (each the
-median over the rounds of the two variants' times in the same round), how many batch norms b, d,
-e left, and their largest error relative to a. ``--from-json`` redoes the table and the plot from
-a ``--json`` file of an earlier run, without measuring.
+random order each round) in this one process, so that load on the machine hits them alike.
+Prints a Markdown table: median milliseconds per call, the ratios b/a, b/c, d/c, e/c, f/c, b/d,
+b/e (each the median over the rounds of the two variants' times in the same round), how many
+batch norms b, d, e left, and their largest error relative to a. ``--from-json`` redoes the
+table and the plot from a ``--json`` file of an earlier run, without measuring.
 """
 
 from __future__ import annotations
