@@ -41,9 +41,6 @@ class Affine:
     def is_batch_norm(self) -> bool:
         return bool(self.batch_norms)
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(np.all(self.s == 1) and np.all(self.t == 0))
 
     def input(self, graph: Graph) -> str:
         """The tensor A applies to: the first node's variable operand (``k * x`` reads it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 
 @dataclasses.dataclass
@@ -72,8 +71,6 @@ class FoldReport:
             "seconds": dict(self.seconds),
         }
 
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
 
     def op_table(self) -> str:
         """Before/after op counts, changed rows first, in the manner of onnxsim."""
