@@ -13,6 +13,9 @@ import savedmodel_fixtures as F
 from graphfold.cli import main
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+# TensorFlow's own command, from the environment the tests run in (a venv need not be activated).
+SAVED_MODEL_CLI = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or \
+    shutil.which("saved_model_cli") or "saved_model_cli"
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +195,7 @@ def test_python_dash_m_graphfold_subprocess(src, tmp_path):
 def test_saved_model_cli_show_and_run(src, tmp_path):
     source, dst = src("keras3"), tmp_path / "out"
     assert main(["optimize", source, str(dst), "--quiet"]) == 0
-    show = subprocess.run(["saved_model_cli", "show", "--all", "--dir", str(dst)],
+    show = subprocess.run([SAVED_MODEL_CLI, "show", "--all", "--dir", str(dst)],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert show.returncode == 0, show.stderr
     assert "signature_def['serving_default']" in show.stdout
@@ -201,7 +204,7 @@ def test_saved_model_cli_show_and_run(src, tmp_path):
 
     x = np.random.default_rng(11).standard_normal((2, 16, 16, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
-    run = subprocess.run(["saved_model_cli", "run", "--dir", str(dst), "--tag_set", "serve",
+    run = subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(dst), "--tag_set", "serve",
                           "--signature_def", "serving_default", "--inputs",
                           f"image={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "res")],
                          capture_output=True, text=True, env=ENV, timeout=300)
