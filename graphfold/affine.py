@@ -96,18 +96,28 @@ def _per_channel(k: np.ndarray, shape: tuple | None) -> tuple[np.ndarray, int | 
     return k.reshape(-1).astype(np.float64), axis
 
 
-def batch_norm_name(node_name: str) -> str | None:
-    """The layer name behind a decomposed batch-norm node (``model/conv1_bn/batchnorm/mul_1`` ->
-    ``conv1_bn``; a top-level ``batchnorm_2/mul_1`` -> ``batchnorm_2``), or None when the node
-    is not one (tf.nn.batch_normalization and Keras 3 name their ops under ``batchnorm``)."""
+def batch_norm_scope(node_name: str) -> str | None:
+    """The scope of the decomposed batch norm a node belongs to (``model/conv1_bn/batchnorm/mul_1``
+    -> ``model/conv1_bn/batchnorm``), or None when the node is not one (tf.nn.batch_normalization
+    and Keras 3 name their ops under ``batchnorm``)."""
     parts = node_name.split("/")
     for i in range(len(parts) - 2, -1, -1):
         if re.fullmatch(r"batchnorm(_\d+)?", parts[i]):
-            return parts[i - 1] if i > 0 else parts[i]
+            return "/".join(parts[:i + 1])
     return None
 
 
-def _fused_layer_name(node_name: str) -> str:
+def batch_norm_name(node_name: str) -> str | None:
+    """The layer name behind a decomposed batch-norm node (``model/conv1_bn/batchnorm/mul_1`` ->
+    ``conv1_bn``; a top-level ``batchnorm_2/mul_1`` -> ``batchnorm_2``), or None."""
+    scope = batch_norm_scope(node_name)
+    if scope is None:
+        return None
+    parts = scope.split("/")
+    return parts[-2] if len(parts) > 1 else parts[-1]
+
+
+def fused_layer_name(node_name: str) -> str:
     parts = node_name.split("/")
     if len(parts) >= 2 and parts[-1].startswith("FusedBatchNorm"):
         return parts[-2]
@@ -172,7 +182,7 @@ def _batch_norm(graph: Graph, node) -> Affine | None:
         if not node.attr["scale_after_normalization"].b and gamma is not None:
             gamma = np.ones_like(gamma)
         axis, blocked = rank - 1, None
-        name = _fused_layer_name(node.name)
+        name = fused_layer_name(node.name)
     else:
         gamma, beta, mean, var = (graph.const(t) for t in inputs[1:5])
         eps = node.attr["epsilon"].f
@@ -183,7 +193,7 @@ def _batch_norm(graph: Graph, node) -> Affine | None:
         elif any(graph.consumers(tensor_name(node.name, i)) or
                  graph.is_fetched(tensor_name(node.name, i)) for i in range(1, 6)):
             blocked = "outputs 1-5 (batch statistics) are used"
-        name = _fused_layer_name(node.name)
+        name = fused_layer_name(node.name)
     params = [gamma, beta, mean, var]
     if blocked or any(p is None for p in params):
         return Affine(nodes=[node.name], s=np.ones(1), t=np.zeros(1), axis=axis, rank=rank,

@@ -150,18 +150,15 @@ def fold(graph: Graph, affine: Affine, writes: list[tuple]) -> None:
     _bypass(graph, affine)
 
 
-def _add_bias_after(graph: Graph, layer, bias: np.ndarray) -> str:
-    """Inserts ``BiasAdd(layer, bias)`` after ``layer``; returns the new node's name."""
+def _add_bias_after(graph: Graph, layer, bias: np.ndarray) -> None:
+    """Inserts ``BiasAdd(layer, bias)`` after ``layer`` (a fetched ``layer`` name then names the
+    ``BiasAdd``: it still computes the layer's output as it was before the fold)."""
     dtype = graph.dtype(layer)
     const = graph.add_const(f"{layer.name}/folded_bias", bias, dtype)
     add = graph.add_op(f"{layer.name}/folded_bias_add", "BiasAdd", [layer.name, const], dtype,
                        data_format=bias_format(layer))
     graph.shapes[add] = graph.shapes.get(canonical(layer.name))
-    graph.replace_uses(layer.name, add, except_nodes=[add])
-    if graph.is_fetched(layer.name):
-        graph.outputs.discard(canonical(layer.name))
-        graph.outputs.add(add)
-    return add
+    graph.redirect(layer.name, add)
 
 
 def _add_to_bias(graph: Graph, layer, delta: np.ndarray) -> None:
@@ -182,11 +179,7 @@ def _add_to_bias(graph: Graph, layer, delta: np.ndarray) -> None:
 
 def _bypass(graph: Graph, affine: Affine) -> None:
     """Consumers of A's output read A's input instead (A's nodes become dead)."""
-    x, y = affine.input(graph), canonical(affine.output)
-    last = graph.nodes[affine.output]
-    graph.replace_uses(y, x)
-    if graph.is_fetched(y):
-        graph.become(last, "Identity", [x], affine.dtype)
+    graph.redirect(affine.output, affine.input(graph))
 
 
 def as_multiply_add(graph: Graph, affine: Affine) -> None:
@@ -210,7 +203,4 @@ def as_multiply_add(graph: Graph, affine: Affine) -> None:
         t = graph.add_const(f"{base}/graphfold_shift", affine.t.reshape(shape), dtype)
         y = graph.add_op(f"{base}/graphfold_add", "AddV2", [y, t], dtype)
         graph.shapes[y] = graph.shapes.get(canonical(affine.output))
-    out = canonical(affine.output)
-    graph.replace_uses(out, y, except_nodes=[y])
-    if graph.is_fetched(out):
-        graph.become(graph.nodes[affine.output], "Identity", [y], dtype)
+    graph.redirect(affine.output, y)

@@ -13,6 +13,7 @@ from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import convert_to_constants
 
 from graphfold.graph import canonical
+from graphfold.shapes import CALL_OPS, infer_shapes
 
 
 WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
@@ -91,4 +92,16 @@ def freeze(fn: tf.types.experimental.ConcreteFunction) -> Frozen:
             shapes[name] = _shape_of(out, original.get(name))
     inputs = [canonical(t.name) for t in frozen_fn.inputs]
     outputs = [canonical(t.name) for t in frozen_fn.outputs]
+    if any(node.op in CALL_OPS and shapes.get(node.name) is None for node in graph_def.node):
+        # A call left in place (an XLA-compiled function) whose output shapes neither graph
+        # knows (a loaded SavedModel): infer them from its body, and everything after them.
+        inferred = infer_shapes(graph_def, {t: shapes.get(t) for t in inputs})
+        shapes = {t: _better(shape, inferred.get(t)) for t, shape in shapes.items()}
     return Frozen(graph_def, inputs, outputs, shapes)
+
+
+def _better(a: tuple | None, b: tuple | None) -> tuple | None:
+    """The shape of the two that knows more dimensions."""
+    if a is None or b is None:
+        return a if b is None else b
+    return b if sum(d is not None for d in b) > sum(d is not None for d in a) else a

@@ -184,6 +184,53 @@ class Graph:
                 if not tensor.startswith("^") and canonical(tensor) == old:
                     self.set_input(consumer, i, new)
 
+    def redirect(self, old: str, new: str) -> None:
+        """Every data reader of tensor ``old`` reads ``new`` instead (``new``'s own node aside),
+        and a name the caller fetches keeps computing the value it stands for: if ``old`` is
+        fetched, its name is handed to ``new``'s value. When ``new`` is computed from ``old`` (a
+        node added after a layer), ``old``'s producer is renamed ``<name>/graphfold_inner`` and
+        ``new``'s node takes its name; otherwise ``old``'s producer becomes ``Identity(new)``.
+        The one mechanism by which a rewrite keeps the caller's fetches valid."""
+        old, new = canonical(old), canonical(new)
+        new_node = self.producer(new)
+        self.replace_uses(old, new, except_nodes=[new_node.name])
+        if not self.is_fetched(old):
+            return
+        old_name, index = split_tensor(old)
+        if old in (canonical(t) for t in self.data_inputs(new_node)):
+            if index != 0 or split_tensor(new)[1] != 0:
+                raise ValueError(f"cannot hand the fetched name {old} to {new}")
+            inner = self.unique_name(f"{old_name}/graphfold_inner")
+            self._rename(old_name, inner)           # the fetched name is free ...
+            self._rename(new_node.name, old_name)   # ... for the node that now computes it
+        else:
+            self.become(self.nodes[old_name], "Identity", [new], self.dtype(self.nodes[old_name]))
+
+    def _rename(self, old: str, new: str) -> None:
+        """Renames node ``old`` to ``new`` (unused), with every data and control reference to it,
+        its consumers, shapes and cached value."""
+        node = self.nodes.pop(old)
+        node.name = new
+        self.nodes[new] = node
+        for tensor in self.data_inputs(node):
+            users = self._consumers[canonical(tensor)]
+            users[users.index(old)] = new
+        for key in [k for k in list(self._consumers) if split_tensor(k)[0] == old]:
+            self._consumers[tensor_name(new, split_tensor(key)[1])] = self._consumers.pop(key)
+        for key in [k for k in list(self.shapes) if split_tensor(k)[0] == old]:
+            self.shapes[tensor_name(new, split_tensor(key)[1])] = self.shapes.pop(key)
+        if old in self._consts:
+            self._consts[new] = self._consts.pop(old)
+        prefix = old + ":"
+        for reader in self.graph_def.node:
+            for i, tensor in enumerate(reader.input):
+                control = tensor.startswith("^")
+                name = tensor.lstrip("^")
+                if name == old:
+                    reader.input[i] = ("^" if control else "") + new
+                elif name.startswith(prefix):
+                    reader.input[i] = new + name[len(old):]
+
     def become(self, node: node_def_pb2.NodeDef, op: str, inputs: list[str],
                dtype: tf.DType) -> None:
         """Turns ``node`` into ``op(*inputs)`` of type ``dtype``, keeping its name (so that a

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import collections
 import gc
 import time
 
+import tensorflow as tf
+
 from graphfold import apply as apply_
-from graphfold.affine import BATCH_NORM_OPS, Affine, batch_norm_name, find_affines, refresh
+from graphfold import census
+from graphfold.affine import BATCH_NORM_OPS, Affine, find_affines, refresh
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, import_graph, with_signature
-from graphfold.graph import Graph
+from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.plan import Blocked, plan_backward, plan_forward
 from graphfold.report import Entry, FoldReport
+from graphfold.shapes import PLACEHOLDERS, infer_shapes
 
 
 def rewrite(fn) -> FoldedFunction:
@@ -28,8 +31,8 @@ def rewrite(fn) -> FoldedFunction:
     frozen = freeze(concrete)
     seconds["freeze"] = time.perf_counter() - clock
 
-    graph_def, report = optimize_graph_def(frozen.graph_def, frozen.inputs, frozen.outputs,
-                                           frozen.shapes, seconds)
+    graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
+                                    frozen.outputs, frozen.shapes, seconds)
     clock = time.perf_counter()
     pruned = import_graph(graph_def, frozen.inputs, frozen.outputs)
     function = with_signature(pruned, concrete)
@@ -38,24 +41,47 @@ def rewrite(fn) -> FoldedFunction:
     return FoldedFunction(function, graph_def, report)
 
 
-def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
+def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
     """Folds a frozen GraphDef (a copy: ``graph_def`` is not modified).
 
-    Returns the optimized GraphDef and its ``FoldReport``.
+    ``inputs``: the placeholders fed (``"x"`` or ``"x:0"``); ``outputs``: the tensors fetched
+    (``"y"``, ``"split:1"``). Every fetched name computes what it computed before, whatever is
+    folded into or after it. ``shapes``: optional static shapes, ``{tensor: (None, 224, 224, 3)}``
+    (None for an unknown dimension), e.g. for a placeholder whose shape the graph leaves unknown;
+    every other shape is inferred the way TensorFlow's importer infers it (through calls that are
+    not inlined, too). Returns the optimized GraphDef and its ``FoldReport``.
     """
-    # Python's cyclic GC off meanwhile: the rewrite makes no cycles, but its many long-lived
-    # objects trigger full collections that walk TensorFlow's whole heap, which made the time per
-    # node grow with the graph (about 1.9x from 1k to 20k nodes).
+    Graph(graph_def, outputs=outputs).validate()
+    check_feeds(graph_def, inputs)
+    given = {canonical(k): v for k, v in (shapes or {}).items()}
+    try:
+        inferred, note = infer_shapes(graph_def, given), None
+    except (tf.errors.OpError, ValueError, TypeError) as err:   # an op TF does not know, ...
+        inferred = {}
+        note = (f"TensorFlow could not import the graph to infer its shapes "
+                f"({str(err).splitlines()[0]}): only the shapes given were used")
+    graph_def, report = _without_gc(_optimize_graph_def, graph_def, inputs, outputs,
+                                    {**inferred, **given}, seconds)
+    if note:
+        report.notes.append(note)
+    return graph_def, report
+
+
+def _without_gc(function, *args):
+    """``function(*args)`` with Python's cyclic GC off meanwhile: the rewrite makes no cycles,
+    but its many long-lived objects trigger full collections that walk TensorFlow's whole heap,
+    which made the time per node grow with the graph (about 1.9x from 1k to 20k nodes)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds)
+        return function(*args)
     finally:
         if enabled:
             gc.enable()
 
 
 def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
+    """The rewrite itself, with ``shapes`` known for every tensor."""
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
@@ -63,11 +89,11 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     graph = Graph(work, shapes, outputs)
     graph.validate()
     ops_before = graph.op_counts()
-    notes = _control_flow_notes(work)
     keep = [i.split(":")[0] for i in inputs]
     fold_constants(graph)
     graph.prune(keep=keep)
     affines = find_affines(graph)
+    missed = census.unrecognised(graph, affines) + census.in_function_bodies(work)
     seconds["normalize"] = time.perf_counter() - clock
 
     entries = []
@@ -87,8 +113,19 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
-    report = FoldReport(entries, ops_before, graph.op_counts(), notes)
+    report = FoldReport(entries + missed, ops_before, graph.op_counts())
     return work, report
+
+
+def check_feeds(graph_def, inputs) -> None:
+    """Raises ``ValueError`` naming an input that is not a placeholder of the graph."""
+    ops = {node.name: node.op for node in graph_def.node}
+    for tensor in inputs:
+        name = split_tensor(tensor)[0]
+        if name not in ops:
+            raise ValueError(f"input {tensor!r} is not a node of the graph")
+        if ops[name] not in PLACEHOLDERS:
+            raise ValueError(f"input {tensor!r} is a {ops[name]} node, not a placeholder")
 
 
 def _decide(graph: Graph, affine: Affine):
@@ -121,21 +158,3 @@ def _entries(affine: Affine, outcome, tried) -> list[Entry]:
         common.update(reason=reason, blocker=outcome.node)
     names = affine.batch_norms or [affine.nodes[-1]]
     return [Entry(name=name, is_batch_norm=affine.is_batch_norm, **common) for name in names]
-
-
-def _control_flow_notes(graph_def) -> list[str]:
-    """A note for batch norms inside control-flow bodies, which stay unfolded: one count per
-    batch-norm layer (a fused op, or the ``.../batchnorm`` scope of a decomposed one, whose
-    three Mul nodes are one layer; top-level ``batchnorm/mul`` included)."""
-    inside = collections.Counter()
-    for function in graph_def.library.function:
-        layers = set()
-        for node in function.node_def:
-            if node.op in BATCH_NORM_OPS:
-                layers.add(node.name)
-            elif node.op == "Mul" and batch_norm_name(node.name) is not None:
-                layers.add(node.name.rsplit("/", 1)[0])
-        if layers:
-            inside[function.signature.name] = len(layers)
-    return [f"{count} batch norm(s) inside control-flow function {name} were not folded "
-            f"(control-flow bodies are left as they are)" for name, count in sorted(inside.items())]

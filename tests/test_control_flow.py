@@ -1,5 +1,5 @@
 """tf.cond and tf.while_loop: the rewrite must run and stay exact; a batch norm inside a body may
-stay unfolded, and then the report's notes say so. Batch norms outside still fold."""
+stay unfolded, and the report lists each with that reason. Batch norms outside still fold."""
 
 from __future__ import annotations
 
@@ -52,9 +52,9 @@ def test_cond_with_batch_norm_in_a_branch(parts):
     # the batch norm outside the cond folds; the one in the true branch stays, and is noted
     assert len(report.folded) == 1 and report.folded[0].direction == "forward", str(report)
     assert "FusedBatchNormV3" in _library_ops(folded.graph_def)
-    assert any("cond_true" in note and "not folded" in note for note in report.notes), \
-        report.notes
-    assert "note:" in str(report)
+    (inside,) = report.not_folded
+    assert "cond_true" in inside.reason and "tf.cond branch" in inside.reason, str(report)
+    assert len(report.batch_norms) == 2
 
 
 def test_while_loop_with_batch_norm_in_the_body(parts):
@@ -78,11 +78,11 @@ def test_while_loop_with_batch_norm_in_the_body(parts):
     for steps in (0, 1, 3):
         assert_close(concrete, folded, ((x, tf.constant(steps)), {}))
     report = folded.report
-    # the batch norms before and after the loop fold into their convs; the body's is noted
-    assert len(report.folded) == 2 and not report.not_folded, str(report)
+    # the batch norms before and after the loop fold into their convs; the body's is listed
+    assert len(report.folded) == 2 and len(report.not_folded) == 1, str(report)
     assert "FusedBatchNormV3" in _library_ops(folded.graph_def)
-    assert any("while_body" in note and "not folded" in note for note in report.notes), \
-        report.notes
+    (inside,) = report.not_folded
+    assert "while_body" in inside.reason and "while_loop body" in inside.reason, str(report)
 
 
 def test_python_bool_cond_is_traced_away(parts):
@@ -100,8 +100,8 @@ def test_python_bool_cond_is_traced_away(parts):
 
 
 @pytest.mark.parametrize("form", ["tf.nn", "keras3"])
-def test_decomposed_batch_norm_in_a_branch_is_noted_once(parts, form):
-    """A decomposed batch norm is three Mul nodes but one layer: the note counts one."""
+def test_decomposed_batch_norm_in_a_branch_is_listed_once(parts, form):
+    """A decomposed batch norm is three Mul nodes but one layer: the report lists one."""
     rng = np.random.default_rng(45)
     part = parts[1]
     gamma, beta, mean, var = part["p"]
@@ -125,6 +125,7 @@ def test_decomposed_batch_norm_in_a_branch_is_noted_once(parts, form):
     x = tf.constant(rng.normal(size=(2, 6, 6, 4)), tf.float32)
     for flag in (True, False):
         assert_close(concrete, folded, ((x, tf.constant(flag)), {}))
-    notes = [n for n in folded.report.notes if "control-flow" in n]
-    assert len(notes) == 1, folded.report.notes
-    assert notes[0].startswith("1 batch norm"), notes
+    (entry,) = folded.report.batch_norms
+    assert not entry.folded and "tf.cond branch" in entry.reason, str(folded.report)
+    if form == "keras3":
+        assert entry.name.startswith("branch_bn")     # Keras 3 scopes may add a _1

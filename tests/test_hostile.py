@@ -103,9 +103,10 @@ def test_control_flow_next_to_batch_norms(rng):
     for flag in (True, False):
         assert_close(fn, folded, (x, tf.constant(flag)))
     report = folded.report
-    assert len(report.batch_norms) == 2 and len(report.folded) == 1   # p1 folds into w1
+    # p1 folds into w1; p2 is blocked by the While; p3, inside the cond branch, is listed
+    assert len(report.batch_norms) == 3 and len(report.folded) == 1, str(report)
     assert any("If" in e.reason or "While" in e.reason for e in report.not_folded)
-    assert report.notes        # the BN inside the cond branch is noted
+    assert any("tf.cond branch" in e.reason for e in report.not_folded), str(report)
 
 
 # ---- NaN, Inf, negative variance -----------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Every batch-norm layer of a frozen graph, whether it can be folded or not.
+
+A tool that says why the rest cannot be folded must never undercount. The affine recogniser
+finds the batch norms it can read as ``s ⊙ x + t``; this module counts them by op type and name,
+independent of shapes: each fused batch-norm op, and each ``.../batchnorm`` scope of the
+decomposed form (Keras 3, ``tf.nn.batch_normalization``), in the graph and in the bodies of the
+functions it calls. Each one the recogniser missed becomes a report entry with the reason.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from graphfold.affine import (BATCH_NORM_OPS, ELEMENTWISE, Affine, batch_norm_name,
+                              batch_norm_scope, fused_layer_name)
+from graphfold.graph import Graph
+from graphfold.report import Entry
+
+DECOMPOSED = "decomposed (x*inv+offset)"
+
+
+def batch_norm_layers(nodes) -> dict[str, list]:
+    """``{layer key: [nodes]}``: a fused op is its own layer; a decomposed one is its scope's
+    nodes other than constants (what computes on the input)."""
+    layers = collections.defaultdict(list)
+    for node in nodes:
+        if node.op in BATCH_NORM_OPS:
+            layers[node.name].append(node)
+        elif node.op != "Const":
+            scope = batch_norm_scope(node.name)
+            if scope is not None:
+                layers[scope].append(node)
+    return dict(layers)
+
+
+def _layer_key(node_name: str, op: str) -> str | None:
+    return node_name if op in BATCH_NORM_OPS else batch_norm_scope(node_name)
+
+
+def _display_name(key: str, nodes) -> str:
+    if any(n.op in BATCH_NORM_OPS for n in nodes):
+        return fused_layer_name(key)
+    return batch_norm_name(key + "/x") or key
+
+
+def unrecognised(graph: Graph, affines: list[Affine]) -> list[Entry]:
+    """An entry (not folded, with the reason) for each batch-norm layer of ``graph`` that none of
+    ``affines`` covers."""
+    covered = {_layer_key(name, graph.nodes[name].op if name in graph.nodes else "")
+               for affine in affines for name in affine.nodes}
+    entries = []
+    for key, nodes in batch_norm_layers(graph.graph_def.node).items():
+        if key in covered:
+            continue
+        blocker, reason = _why_unrecognised(graph, nodes)
+        entries.append(Entry(name=_display_name(key, nodes), form=DECOMPOSED,
+                             nodes=[n.name for n in nodes], folded=False, reason=reason,
+                             blocker=blocker))
+    return entries
+
+
+def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
+    for node in nodes:
+        if node.op not in ELEMENTWISE:
+            continue
+        inputs = graph.data_inputs(node)
+        variable = [t for t in inputs if graph.const(t) is None]
+        if len(variable) > 1:
+            return node.name, (f"{node.name}: {node.op} of two computed tensors: the batch "
+                               "norm's parameters are not constants (training mode, or "
+                               "statistics computed from the input)")
+        if variable and graph.shape(variable[0]) is None:
+            return node.name, (f"{node.name}: the shape of its input is unknown, so its channel "
+                               "axis cannot be told (TensorFlow could not infer it)")
+    node = nodes[-1]
+    return node.name, (f"{node.name}: not a per-channel affine map of constants (a constant "
+                       "broadcasts along a non-channel axis, or an op that is not a multiply or "
+                       "an add)")
+
+
+def in_function_bodies(graph_def) -> list[Entry]:
+    """An entry (not folded) for each batch-norm layer inside a function of the graph's library
+    (control-flow branches and loop bodies, calls that freezing does not inline)."""
+    callers = _callers(graph_def)
+    entries = []
+    for function in graph_def.library.function:
+        name = function.signature.name
+        how = callers.get(name, "a function call")
+        if "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b:
+            how = "an XLA-compiled function call (jit_compile=True) that freezing leaves in place"
+        for key, nodes in batch_norm_layers(function.node_def).items():
+            entries.append(Entry(
+                name=_display_name(key, nodes),
+                form=nodes[0].op if nodes[0].op in BATCH_NORM_OPS else DECOMPOSED,
+                nodes=[f"{name}/{n.name}" for n in nodes], folded=False, blocker=name,
+                reason=f"{name}: inside the body of {how}; graphfold does not rewrite function "
+                       "bodies"))
+    return entries
+
+
+def _callers(graph_def) -> dict[str, str]:
+    """``{function name: what calls it}`` in words (``an If branch``, ``a While loop body``)."""
+    found = {}
+    bodies = [graph_def.node] + [f.node_def for f in graph_def.library.function]
+    for nodes in bodies:
+        for node in nodes:
+            for key, value in node.attr.items():
+                functions = [value.func] if value.HasField("func") else list(value.list.func)
+                for function in functions:
+                    found.setdefault(function.name, _role(node.op, key))
+    return found
+
+
+def _role(op: str, attr: str) -> str:
+    if op in ("If", "StatelessIf"):
+        return f"a tf.cond branch ({op})"
+    if op in ("While", "StatelessWhile"):
+        return f"a tf.while_loop {'body' if attr == 'body' else 'condition'} ({op})"
+    if op == "Case" or op == "StatelessCase":
+        return f"a tf.switch_case branch ({op})"
+    return f"a function call ({op})"
