@@ -33,14 +33,24 @@ def batch_norm_layers(nodes) -> dict[str, list]:
     return dict(layers)
 
 
-def _layer_key(node_name: str, op: str) -> str | None:
-    return node_name if op in BATCH_NORM_OPS else batch_norm_scope(node_name)
+def layers_in_every_body(graph_def) -> list[tuple[str, list]]:
+    """``batch_norm_layers`` of the graph and of each function of its library, each on its own
+    (two functions may use the same scope names)."""
+    found = list(batch_norm_layers(graph_def.node).items())
+    for function in graph_def.library.function:
+        found += list(batch_norm_layers(function.node_def).items())
+    return found
 
 
-def _display_name(key: str, nodes) -> str:
+def display_name(key: str, nodes) -> str:
+    """The user-facing name of a batch-norm layer (``conv1_bn``)."""
     if any(n.op in BATCH_NORM_OPS for n in nodes):
         return fused_layer_name(key)
     return batch_norm_name(key + "/x") or key
+
+
+def _layer_key(node_name: str, op: str) -> str | None:
+    return node_name if op in BATCH_NORM_OPS else batch_norm_scope(node_name)
 
 
 def unrecognised(graph: Graph, affines: list[Affine]) -> list[Entry]:
@@ -53,7 +63,7 @@ def unrecognised(graph: Graph, affines: list[Affine]) -> list[Entry]:
         if key in covered:
             continue
         blocker, reason = _why_unrecognised(graph, nodes)
-        entries.append(Entry(name=_display_name(key, nodes), form=DECOMPOSED,
+        entries.append(Entry(name=display_name(key, nodes), form=DECOMPOSED,
                              nodes=[n.name for n in nodes], folded=False, reason=reason,
                              blocker=blocker))
     return entries
@@ -90,7 +100,7 @@ def in_function_bodies(graph_def) -> list[Entry]:
             how = "an XLA-compiled function call (jit_compile=True) that freezing leaves in place"
         for key, nodes in batch_norm_layers(function.node_def).items():
             entries.append(Entry(
-                name=_display_name(key, nodes),
+                name=display_name(key, nodes),
                 form=nodes[0].op if nodes[0].op in BATCH_NORM_OPS else DECOMPOSED,
                 nodes=[f"{name}/{n.name}" for n in nodes], folded=False, blocker=name,
                 reason=f"{name}: inside the body of {how}; graphfold does not rewrite function "

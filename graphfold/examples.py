@@ -24,25 +24,36 @@ def keras_module(legacy: bool):
     return keras
 
 
-def _layers(model):
-    for layer in model.layers:
-        inner = getattr(layer, "layers", None)
-        if inner:
-            yield from _layers(layer)
-        else:
-            yield layer
+def all_layers(model) -> list:
+    """Every layer inside ``model``, however deeply nested (the sublayers of custom layers, as
+    keras-hub and the TF Model Garden build them, not only ``model.layers``), each once."""
+    flatten = getattr(model, "_flatten_layers", None)     # Keras 3 and tf-keras alike
+    if flatten is not None:
+        return [layer for layer in flatten(include_self=False, recursive=True)]
+    found, stack = [], list(getattr(model, "layers", []))
+    while stack:
+        layer = stack.pop(0)
+        if any(layer is seen for seen in found):
+            continue
+        found.append(layer)
+        stack.extend(getattr(layer, "layers", []))
+    return found
 
 
-def randomise(model, rng: np.random.Generator, negative_gamma: float = 0.0) -> int:
+def randomise(model, rng: np.random.Generator, negative_gamma: float = 0.3) -> int:
     """Random BN statistics (γ in ±[0.5, 1.5] with a share ``negative_gamma`` of negatives,
-    β, μ normal, σ² in [0.3, 2]) and random biases; returns the number of BN layers."""
+    β, μ normal, σ² in [0.3, 2]) and random biases in every layer however deeply nested;
+    returns the number of BN layers."""
     count = 0
-    for layer in _layers(model):
+    for layer in all_layers(model):
         weights = layer.get_weights()
         if not weights:
             continue
         names = [v.name.split("/")[-1].split(":")[0] for v in layer.weights]
-        if "BatchNormalization" in type(layer).__name__:
+        # a container's weights include its sublayers' (visited on their own): only its own
+        inner = {id(v) for sub in all_layers(layer) for v in sub.weights}
+        names = [n if id(v) not in inner else "" for n, v in zip(names, layer.weights)]
+        if type(layer).__name__.endswith("BatchNormalization"):
             count += 1
             new = []
             for name, w in zip(names, weights):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 
@@ -9,7 +10,8 @@ import tensorflow as tf
 
 from graphfold import apply as apply_
 from graphfold import census
-from graphfold.affine import BATCH_NORM_OPS, Affine, find_affines, refresh
+from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_norm_scope,
+                              find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, import_graph, with_signature
@@ -113,7 +115,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
-    report = FoldReport(entries + missed, ops_before, graph.op_counts())
+    report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts())
     return work, report
 
 
@@ -158,3 +160,30 @@ def _entries(affine: Affine, outcome, tried) -> list[Entry]:
         common.update(reason=reason, blocker=outcome.node)
     names = affine.batch_norms or [affine.nodes[-1]]
     return [Entry(name=name, is_batch_norm=affine.is_batch_norm, **common) for name in names]
+
+
+def _merge_parts(entries: list[Entry]) -> list[Entry]:
+    """One entry per batch-norm layer: a decomposed batch norm with a fetched tensor inside it
+    (its multiply, say) is two A's, folded or not on their own; it folded if every part did."""
+    groups: dict[tuple, list[Entry]] = {}
+    for entry in entries:
+        scopes = [batch_norm_scope(n) for n in entry.nodes] if entry.is_batch_norm else []
+        scope = next((s for s in scopes if s and batch_norm_name(s + "/x") == entry.name), None)
+        groups.setdefault((entry.name, scope) if scope else (id(entry),), []).append(entry)
+    merged = []
+    for parts in groups.values():
+        first = parts[0]
+        if len(parts) > 1:
+            first = dataclasses.replace(
+                first, nodes=[n for p in parts for n in p.nodes],
+                folded=all(p.folded for p in parts),
+                absorbed_by=list(dict.fromkeys(n for p in parts for n in p.absorbed_by)),
+                leaves=list(dict.fromkeys(n for p in parts for n in p.leaves)))
+            if not first.folded:
+                blocked = [p for p in parts if not p.folded]
+                first.direction = None
+                first.blocker = blocked[0].blocker
+                first.reason = "a fetched tensor splits it in parts; " + "; ".join(
+                    f"part {p.nodes[0]}: {p.reason}" for p in blocked)
+        merged.append(first)
+    return merged

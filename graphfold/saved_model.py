@@ -26,6 +26,7 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from graphfold import census
 from graphfold.freeze import NotFreezable
 from graphfold.report import Entry, FoldReport
 from graphfold.verify import Verification, verify as verify_signature
@@ -231,9 +232,10 @@ def unrewritten_report(fn, reason: str) -> FoldReport:
     for function in graph_def.library.function:
         nodes.extend(function.node_def)
     ops = dict(sorted(collections.Counter(n.op for n in nodes).items()))
-    entries = [Entry(name=n.name, form=n.op, nodes=[n.name], folded=False,
-                     reason=f"signature copied through unchanged: {reason}")
-               for n in nodes if n.op in BATCH_NORM_OPS]
+    entries = [Entry(name=census.display_name(key, layer), form=layer[0].op if layer[0].op in
+                     BATCH_NORM_OPS else census.DECOMPOSED, nodes=[n.name for n in layer],
+                     folded=False, reason=f"signature copied through unchanged: {reason}")
+               for key, layer in census.layers_in_every_body(graph_def)]
     return FoldReport(entries, ops, dict(ops), [f"signature copied through unchanged: {reason}"])
 
 

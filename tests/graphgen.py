@@ -578,3 +578,69 @@ def _reference_outputs(case: Case, feeds) -> list[np.ndarray]:
     graph_def = twin(frozen.graph_def) if case.layout == "NCHW" else frozen.graph_def
     return run_graph_def(graph_def, frozen.inputs, frozen.outputs,
                          [f.astype(np.float64) for f in feeds])
+
+
+# ---- the same graph through optimize_graph_def, fetching layers, biases and batch norms ----------
+FETCHABLE = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "BiasAdd", "FusedBatchNormV3", "Add",
+             "AddV2", "Sub", "Mul", "RealDiv")
+
+
+def pick_fetches(graph_def, rng: np.random.Generator) -> list[str]:
+    """1-4 random layer, bias and batch-norm nodes (output 0) of a frozen graph."""
+    names = [n.name for n in graph_def.node if n.op in FETCHABLE]
+    if not names:
+        return []
+    k = min(len(names), int(rng.integers(1, 5)))
+    return sorted(str(n) for n in rng.choice(names, size=k, replace=False))
+
+
+def check_fetches(case: Case, input_seed: int = 0) -> tuple[list[str], float]:
+    """Calls ``optimize_graph_def`` on ``case``'s frozen graph directly, asking for 1-4 layer,
+    bias and batch-norm nodes besides (or instead of) the function's outputs, with the frozen
+    shapes or none (then inferred): every requested name must compute what it computed before
+    (same tolerance and float64 fallback as ``check``), and the report must list every batch
+    norm. Returns the fetched names and the worst relative error."""
+    rng = np.random.default_rng([case.seed, input_seed, 99])
+    frozen = freeze(case.fn)
+    fetches = pick_fetches(frozen.graph_def, rng)
+    outputs = fetches + (list(frozen.outputs) if rng.random() < 0.5 or not fetches else [])
+    shapes = frozen.shapes if rng.random() < 0.5 else None
+    optimized, report = graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, outputs,
+                                                     shapes)
+    names = [e.name for e in report.batch_norms]
+    needed = _ancestors(frozen.graph_def, outputs)
+    wanted = [b for b in case.batch_norms if any(n == b or n.startswith(b + "/") for n in needed)]
+    assert sorted(names) == sorted(wanted), \
+        f"report lists {sorted(names)}, the requested outputs need {sorted(wanted)}"
+    for entry in report.not_folded:
+        assert entry.reason, f"{entry.name} is not folded and has no reason"
+
+    feeds = _inputs(case, np.random.default_rng(input_seed))
+    prepare = twin if case.layout == "NCHW" else (lambda g: g)
+    want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
+    got = run_graph_def(prepare(optimized), frozen.inputs, outputs, feeds)
+    limit = TOLERANCE[case.dtype]
+    errors = [relative_error(a, g) for a, g in zip(want, got)]
+    if max(errors) > limit:
+        reference = freeze(build(case.seed, reference=True).fn)
+        exact = run_graph_def(prepare(reference.graph_def), reference.inputs, outputs,
+                              [f.astype(np.float64) for f in feeds])
+        floor = ACCURACY_FLOOR[case.dtype]
+        for name, r, a, g, err in zip(outputs, exact, want, got, errors):
+            original, rewritten = relative_error(r, a), relative_error(r, g)
+            assert rewritten <= 2 * original + floor, \
+                f"fetched {name}: relative error {rewritten:.3g} against the float64 " \
+                f"reference, the original's is {original:.3g} (and {err:.3g} between the two)"
+    return outputs, max(errors)
+
+
+def _ancestors(graph_def, outputs: list[str]) -> set[str]:
+    """The nodes that the tensors ``outputs`` depend on (themselves included)."""
+    inputs = {n.name: [t.lstrip("^").split(":")[0] for t in n.input] for n in graph_def.node}
+    seen, stack = set(), [t.split(":")[0] for t in outputs]
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(inputs.get(name, []))
+    return seen

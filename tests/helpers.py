@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -174,6 +175,26 @@ def assert_no_batch_norm(graph_def):
     """No BN op and no node of a decomposed batch norm (``.../batchnorm/...``) is left."""
     left = [n.name for n in graph_def.node if n.op in BN_OPS or "batchnorm/" in n.name]
     assert not left, f"batch-norm nodes left: {left[:5]}"
+
+
+def batch_norm_census(graph_def) -> int:
+    """Batch-norm layers in ``graph_def`` and its function library, counted independently of
+    graphfold: each ``FusedBatchNorm*``/``BatchNormWithGlobalNormalization`` op, and each
+    distinct ``.../batchnorm`` name scope (Keras 3 and ``tf.nn.batch_normalization`` name their
+    decomposed ops so) with a non-constant node in it, per graph body."""
+    bodies = [graph_def.node] + [f.node_def for f in graph_def.library.function]
+    count = 0
+    for nodes in bodies:
+        scopes = set()
+        for node in nodes:
+            if node.op in BN_OPS:
+                count += 1
+                continue
+            match = re.match(r"(.*?(?:^|/)batchnorm(?:_\d+)?)/", node.name)
+            if match and node.op != "Const":
+                scopes.add(match.group(1))
+        count += len(scopes)
+    return count
 
 
 def const_value(graph_def, name: str) -> np.ndarray:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import assert_close, assert_no_batch_norm, check_rewrite, randomise_keras_model
+from helpers import (assert_close, assert_no_batch_norm, batch_norm_census, check_rewrite, freeze,
+                     randomise_keras_model)
 
 APPLICATIONS = {
     # name: (input size, BN count, layer names the report must show)
@@ -72,3 +73,11 @@ def test_report_names_the_keras_layers(application):
     as_dict = json.loads(json.dumps(report.to_dict()))
     assert as_dict["summary"]["folded"] == application["n_bn"]
     assert len([e for e in as_dict["entries"] if e["is_batch_norm"]]) == application["n_bn"]
+
+
+def test_report_matches_an_independent_census(application):
+    """The report's count equals the batch-norm ops and scopes counted in the frozen graph (and
+    the Keras layers counted by ``randomise``)."""
+    report = application["folded"].report
+    census = batch_norm_census(freeze(application["fn"]).graph_def)
+    assert len(report.batch_norms) == census == application["n_bn"], report.summary()

@@ -2,7 +2,9 @@
 compared with the original (``graphgen.check``: exact within 1e-5 float32 / 2e-2 float16, the
 GraphDef imports, the report lists every inserted batch norm, with a reason when unfolded).
 
-Longer campaigns: ``python tools/fuzz.py --n 5000 --seed 10000``. A failing seed found there
+Also ``graphgen.check_fetches``: the same graphs through ``optimize_graph_def`` with layer, bias
+and batch-norm nodes as requested outputs. Longer campaigns (both checks per graph):
+``python tools/fuzz.py --n 5000 --seed 10000``. A failing seed found there
 becomes a named test in ``test_regressions.py``.
 """
 
@@ -34,6 +36,17 @@ def test_random_graph_rewrites_exactly(seed):
                   {f"folded {e.direction}" for e in report.folded} |
                   {"leaves" for e in report.folded if e.leaves} |
                   {"not folded" for _ in report.not_folded})
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_graph_with_layers_biases_and_batch_norms_fetched(seed):
+    """``optimize_graph_def`` called directly, fetching layer, bias and batch-norm nodes (no
+    ``Identity`` between them and the caller): each fetched name stays exact."""
+    case = graphgen.build(seed)
+    try:
+        graphgen.check_fetches(case)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{case.describe()}") from exc
 
 
 def test_the_budget_covers_what_it_claims():

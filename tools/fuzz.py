@@ -6,6 +6,8 @@ Seeds ``seed .. seed+n-1`` each give one graph (``tests/graphgen.py``). For each
 that the outputs match (relative error <= 1e-5 float32, 2e-2 float16), that the GraphDef imports,
 and that the report lists every inserted batch norm with a reason when unfolded (an output over
 that limit, a cancellation, is judged against the graph in float64: counted as ``by_reference``).
+Then the same frozen graph through ``optimize_graph_def`` with 1-4 layer, bias and batch-norm
+nodes among the requested outputs (``graphgen.check_fetches``): each must stay exact.
 Failures are printed with their seed and the graph; reproduce one with
 ``--seed S --n 1 --verbose``.
 
@@ -40,6 +42,7 @@ def _child(args) -> None:
         try:
             case = graphgen.build(seed)
             folded, err = graphgen.check(case)
+            fetched, fetch_err = graphgen.check_fetches(case)
         except Exception as exc:  # noqa: BLE001 (every failure is reported with its seed)
             text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             if case is not None:
@@ -52,7 +55,9 @@ def _child(args) -> None:
         stats = {"seed": seed, "layout": case.layout, "dtype": case.dtype.name,
                  "batch_norms": len(report.batch_norms), "forward": report.count("forward"),
                  "backward": report.count("backward"), "not_folded": len(report.not_folded),
-                 "err": err, "by_reference": err > graphgen.TOLERANCE[case.dtype]}
+                 "err": err, "by_reference": err > graphgen.TOLERANCE[case.dtype],
+                 "fetched": len(fetched), "fetch_err": fetch_err,
+                 "fetch_by_reference": fetch_err > graphgen.TOLERANCE[case.dtype]}
         if args.verbose:
             stats["text"] = case.describe() + "\n" + report.entry_table()
         print("OK " + json.dumps(stats), flush=True)
@@ -101,10 +106,13 @@ def main(argv=None) -> int:
                 stats["graphs"] += 1
                 for key in ("layout", "dtype"):
                     stats[record[key]] += 1
-                for key in ("batch_norms", "forward", "backward", "not_folded", "by_reference"):
+                for key in ("batch_norms", "forward", "backward", "not_folded", "by_reference",
+                            "fetched", "fetch_by_reference"):
                     stats[key] += record[key]
                 worst[record["dtype"]] = max(worst.get(record["dtype"], (0.0, -1)),
                                              (record["err"], record["seed"]))
+                key = record["dtype"] + " fetched"
+                worst[key] = max(worst.get(key, (0.0, -1)), (record["fetch_err"], record["seed"]))
                 if args.verbose:
                     print(record["text"] + f"\nmax relative error {record['err']:.3g}\n")
         stderr = proc.stderr.read()
