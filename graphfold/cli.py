@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         "optimize", help="fold a SavedModel's batch norms into a new SavedModel",
         description="Fold every requested signature of the SavedModel SRC into a new SavedModel "
                     "DST, verify it on random inputs, and write it with a rename.")
-    opt.add_argument("src", metavar="SRC", help="SavedModel directory to read (never written)")
-    opt.add_argument("dst", metavar="DST", help="SavedModel directory to create")
+    opt.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file "
+                                                "(.pb, .pbtxt), to read (never written)")
+    opt.add_argument("dst", metavar="DST", help="SavedModel directory (or GraphDef file) to "
+                                                "create")
     _common(opt)
     opt.add_argument("--no-verify", dest="verify", action="store_false",
                      help="do not compare the result with the original")
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = commands.add_parser(
         "inspect", help="list every batch norm: folded or not, which way, or why not",
         description="Report what `optimize` would fold in SRC, without writing anything.")
-    ins.add_argument("src", metavar="SRC", help="SavedModel directory")
+    ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _common(ins)
     _output(ins)
 
@@ -137,6 +139,17 @@ def _common(parser):
                         help="signature key to fold (repeatable; default all)")
     parser.add_argument("--tag-set", "--tag_set", default="serve", metavar="TAGS",
                         help="comma-separated tag set of the MetaGraph (default serve)")
+    parser.add_argument("--input-names", "--input_names", type=_names, metavar="A,B",
+                        help="GraphDef files: the placeholders fed (default: every placeholder)")
+    parser.add_argument("--output-names", "--output_names", type=_names, metavar="Y,Z",
+                        help="GraphDef files: the tensors fetched (default: nodes nobody reads)")
+
+
+def _names(text):
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated node names, got {text!r}")
+    return names
 
 
 def _output(parser):
@@ -259,6 +272,7 @@ def _indent(text: str, by: str = "  ") -> str:
 # ---- commands -------------------------------------------------------------------------------
 
 def cmd_optimize(args, console: Console) -> int:
+    from graphfold.graph_def_file import is_graph_def_file, optimize_graph_def_file
     from graphfold.saved_model import (BadInput, VerificationFailed, is_inside,
                                        optimize_saved_model)
     if args.report:
@@ -270,10 +284,16 @@ def cmd_optimize(args, console: Console) -> int:
                 raise BadInput(f"--report {args.report}: must not be inside {name}")
     failure = None
     try:
-        result = optimize_saved_model(
-            args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
-            verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-            batch=args.batch, progress=console.progress)
+        if is_graph_def_file(args.src):
+            result = optimize_graph_def_file(
+                args.src, args.dst, inputs=args.input_names, outputs=args.output_names,
+                verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
+                batch=args.batch, progress=console.progress)
+        else:
+            result = optimize_saved_model(
+                args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
+                verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
+                batch=args.batch, progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
@@ -303,9 +323,14 @@ def cmd_optimize(args, console: Console) -> int:
 
 
 def cmd_inspect(args, console: Console) -> int:
+    from graphfold.graph_def_file import inspect_graph_def_file, is_graph_def_file
     from graphfold.saved_model import inspect_saved_model
-    result = inspect_saved_model(args.src, signatures=args.signatures, tags=args.tag_set,
-                                 progress=console.progress)
+    if is_graph_def_file(args.src):
+        result = inspect_graph_def_file(args.src, inputs=args.input_names,
+                                        outputs=args.output_names, progress=console.progress)
+    else:
+        result = inspect_saved_model(args.src, signatures=args.signatures, tags=args.tag_set,
+                                     progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
     bns, folded, before, after = totals(result)

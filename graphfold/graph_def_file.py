@@ -1,0 +1,190 @@
+"""Frozen GraphDef files on the command line: ``graphfold optimize model.pb out.pb``.
+
+TF1 frozen graphs (``frozen_inference_graph.pb``, what ``optimize_for_inference`` takes), binary
+``.pb`` or text ``.pbtxt``, in and out. Inputs are the graph's placeholders and outputs the nodes
+nobody reads unless named (``--input-names``, ``--output-names``); the fold is
+``optimize_graph_def``; the result is verified on random inputs built from the placeholders'
+dtypes and shapes (an unknown batch dimension takes ``batch``), then written with a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import tensorflow as tf
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+from tensorflow.core.framework import graph_pb2
+
+from graphfold.graph import split_tensor
+from graphfold.rewrite import optimize_graph_def
+from graphfold.saved_model import BadInput, SavedModelResult, VerificationFailed
+from graphfold.shapes import PLACEHOLDERS
+from graphfold.verify import verify as verify_functions
+
+KEY = "graph"                     # the one "signature" of a GraphDef file, in the report
+EXTENSIONS = (".pb", ".pbtxt", ".graphdef")
+# Ops that produce nothing worth fetching: never inferred as outputs.
+_NOT_OUTPUTS = frozenset({"NoOp", "Const", "Placeholder", "PlaceholderWithDefault", "Assert",
+                          "SaveV2", "RestoreV2", "Print", "PrintV2", "VarHandleOp"})
+
+
+def is_graph_def_file(path: str) -> bool:
+    """Whether ``path`` names a GraphDef file (an existing file, or a known extension)."""
+    return os.path.isfile(path) or (not os.path.isdir(path) and path.endswith(EXTENSIONS))
+
+
+def read_graph_def(path: str) -> graph_pb2.GraphDef:
+    """The GraphDef in ``path`` (binary, or text for ``.pbtxt``); ``BadInput`` otherwise."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    graph_def = graph_pb2.GraphDef()
+    text = path.endswith(".pbtxt")
+    try:
+        if text:
+            text_format.Parse(data.decode("utf-8"), graph_def)
+        else:
+            graph_def.ParseFromString(data)
+    except (pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
+        kind = "text GraphDef" if text else "binary GraphDef"
+        raise BadInput(f"{path}: not a {kind} ({str(exc).splitlines()[0][:120]})") from None
+    if not graph_def.node:
+        raise BadInput(f"{path}: not a GraphDef (no nodes)")
+    return graph_def
+
+
+def io_names(graph_def, inputs: list[str] | None,
+             outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """``(inputs, outputs, notes)``: the names given, checked, or inferred (placeholders; nodes
+    whose outputs nobody reads), with a note saying what was inferred."""
+    nodes = {n.name: n for n in graph_def.node}
+    notes = []
+    if not inputs:
+        inputs = [n.name for n in graph_def.node if n.op in PLACEHOLDERS]
+        notes.append(f"inputs inferred (the placeholders): {', '.join(inputs) or 'none'}")
+    if not outputs:
+        read = {split_tensor(t.lstrip("^"))[0] for n in graph_def.node for t in n.input}
+        outputs = [n.name for n in graph_def.node
+                   if n.name not in read and n.op not in _NOT_OUTPUTS]
+        notes.append(f"outputs inferred (nodes nobody reads): {', '.join(outputs) or 'none'}")
+        if not outputs:
+            raise BadInput("no output could be inferred: name them with --output-names")
+    for tensor in inputs:
+        node = nodes.get(split_tensor(tensor)[0])
+        if node is None:
+            raise BadInput(f"input {tensor!r} is not a node of the graph")
+        if node.op not in PLACEHOLDERS:
+            raise BadInput(f"input {tensor!r} is a {node.op} node, not a placeholder")
+    for tensor in outputs:
+        if split_tensor(tensor)[0] not in nodes:
+            raise BadInput(f"output {tensor!r} is not a node of the graph")
+    return list(inputs), list(outputs), notes
+
+
+def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
+    """A ConcreteFunction taking the placeholders positionally and returning ``{output:
+    tensor}``, with TensorSpecs from the placeholders' dtypes and shapes (for verification)."""
+    from graphfold.function import import_graph
+    pruned = import_graph(graph_def, inputs, outputs)
+    nodes = {n.name: n for n in graph_def.node}
+    specs = []
+    for tensor in inputs:
+        node = nodes[split_tensor(tensor)[0]]
+        shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
+        specs.append(tf.TensorSpec(shape, tf.as_dtype(node.attr["dtype"].type),
+                                   name=node.name.replace("/", "_")))
+
+    def call(*args):
+        return dict(zip(outputs, pruned(*args)))
+
+    return tf.function(call, input_signature=specs, autograph=False).get_concrete_function()
+
+
+def write_graph_def(graph_def, path: str) -> None:
+    """Writes ``graph_def`` to ``path`` (text for ``.pbtxt``) through a temporary file and a
+    rename: a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.graphfold-tmp")
+    data = text_format.MessageToString(graph_def).encode() if path.endswith(".pbtxt") else \
+        graph_def.SerializeToString()
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    except OSError as exc:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise BadInput(f"{path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def _check_destination(src: str, dst: str, overwrite: bool) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise BadInput("DST must not be SRC")
+    if os.path.isdir(dst):
+        raise BadInput(f"{dst}: is a directory (a GraphDef file is written as a file)")
+    if os.path.exists(dst) and not overwrite:
+        raise BadInput(f"{dst}: exists (pass --overwrite to replace it)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
+        raise BadInput(f"{dst}: its directory does not exist")
+
+
+def _rewrite(src, inputs, outputs, progress, result):
+    clock = time.perf_counter()
+    progress(f"loading {src}")
+    graph_def = read_graph_def(src)
+    inputs, outputs, notes = io_names(graph_def, inputs, outputs)
+    for note in notes:
+        progress(note)
+    result.notes.extend(notes)
+    result.seconds["load"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    progress(f"folding {len(graph_def.node)} nodes")
+    try:
+        optimized, report = optimize_graph_def(graph_def, inputs, outputs)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    result.seconds["rewrite"] = time.perf_counter() - clock
+    result[KEY] = report
+    result.all_signatures = [KEY]
+    progress(f"  {report.summary()}")
+    return graph_def, optimized, inputs, outputs
+
+
+def inspect_graph_def_file(src, *, inputs=None, outputs=None, progress=None) -> SavedModelResult:
+    """The fold report of the GraphDef file ``src``; nothing is written."""
+    progress = progress or (lambda line: None)
+    result = SavedModelResult(os.fspath(src), None, ())
+    _rewrite(os.fspath(src), inputs, outputs, progress, result)
+    return result
+
+
+def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
+                            tolerance=1e-5, batch=1, overwrite=False,
+                            progress=None) -> SavedModelResult:
+    """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified on random inputs
+    first (``VerificationFailed``, nothing written, when an output differs by more than
+    ``tolerance``)."""
+    progress = progress or (lambda line: None)
+    src, dst = os.fspath(src), os.fspath(dst)
+    _check_destination(src, dst, overwrite)
+    result = SavedModelResult(src, dst, ())
+    original, optimized, inputs, outputs = _rewrite(src, inputs, outputs, progress, result)
+    if verify:
+        clock = time.perf_counter()
+        progress(f"verifying on random inputs (tolerance {tolerance:g})")
+        check = verify_functions(KEY, callable_graph(original, inputs, outputs),
+                                 callable_graph(optimized, inputs, outputs),
+                                 tolerance=tolerance, batch=batch)
+        result.verification[KEY] = check
+        result.seconds["verify"] = time.perf_counter() - clock
+        progress(f"  {check.line()}")
+        if not check.ok:
+            raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
+                                     f"written", result)
+    progress(f"writing {dst}")
+    write_graph_def(optimized, dst)
+    result.written = True
+    return result
