@@ -316,9 +316,10 @@ def cmd_optimize(args, console: Console) -> int:
     rewritten = len(result) - len(result.unchanged)
     copied = len(result.all_signatures) - rewritten
     status = "verified" if result.verification else "not verified"
-    console.print(f"wrote {args.dst}: {rewritten} signature(s) rewritten, {copied} copied "
-                  f"unchanged; {folded} of {bns} batch norms folded; ops {before} -> {after}; "
-                  f"{status}; {result.seconds['total']:.1f}s")
+    signatures = "" if is_graph_def_file(args.src) else \
+        f"{rewritten} signature(s) rewritten, {copied} copied unchanged; "
+    console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
+                  f"ops {before} -> {after}; {status}; {result.seconds['total']:.1f}s")
     return EXIT_OK
 
 
