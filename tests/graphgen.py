@@ -524,6 +524,16 @@ def relative_error(want: np.ndarray, got: np.ndarray) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
+def run_original(case: Case, input_seed: int = 0) -> list[np.ndarray]:
+    """The original's outputs on ``check``'s inputs (for NCHW through its NHWC twin): run first,
+    so that a TensorFlow abort on the generated graph itself is told from one on the rewrite."""
+    feeds = _inputs(case, np.random.default_rng(input_seed))
+    if case.layout == "NCHW":
+        frozen = freeze(case.fn)
+        return run_graph_def(twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
+    return [t.numpy() for t in tf.nest.flatten(case.fn(*feeds))]
+
+
 def check(case: Case, input_seed: int = 0):
     """Rewrites ``case.fn`` and asserts exactness, a valid GraphDef and a report that adds up.
     Returns ``(folded, worst relative error)``."""
