@@ -1,7 +1,8 @@
 """The ``graphfold`` command: ``optimize``, ``inspect`` and ``demo``.
 
 Progress goes to stderr, results to stdout (tables, or one JSON document with ``--json``).
-Exit codes: 0 ok, 1 verification failed (nothing written), 2 bad usage or bad input.
+Exit codes: 0 ok, 1 verification failed (nothing written), 2 bad usage or bad input, 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted run writes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import warnings
 from graphfold.report import format_table
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
 
 
 class Console:
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace DST if it is an existing SavedModel (or empty directory)")
     opt.add_argument("--verbose", "-v", action="store_true",
                      help="list every batch norm (by default only those not folded)")
+    opt.add_argument("--drop-other-tag-sets", action="store_true",
+                     help="SRC holds several MetaGraphs: write only the one of --tag-set "
+                          "(without this flag such a SavedModel is refused)")
     _output(opt)
 
     ins = commands.add_parser(
@@ -273,7 +278,8 @@ def cmd_optimize(args, console: Console) -> int:
         result = optimize_saved_model(
             args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
             verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-            batch=args.batch, progress=console.progress)
+            batch=args.batch, drop_other_tag_sets=args.drop_other_tag_sets,
+            progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
@@ -351,6 +357,29 @@ def _quiet_tensorflow():
                 logger.setLevel(level)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``, a container stop), raised like Ctrl-C's
+    KeyboardInterrupt so that the same clean-up runs: the staging directory is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -373,16 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     from graphfold.saved_model import GraphfoldError
     commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "demo": cmd_demo}
     try:
-        with _quiet_tensorflow():
+        with _quiet_tensorflow(), _sigterm_as_interrupt():
             return commands[args.command](args, console)
     except GraphfoldError as exc:
         console.error(str(exc))
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,
                       "error": str(exc)})
         return exc.exit_code
+    except Terminated:
+        console.error("terminated (nothing was written)")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         console.error("interrupted (nothing was written)")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

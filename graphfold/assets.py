@@ -1,0 +1,49 @@
+"""Everything in a SavedModel that graphfold does not rewrite reaches DST byte for byte.
+
+graphfold rewrites only the graph (``saved_model.pb``, or ``.pbtxt`` / chunked ``.cpb``), the
+weights (``variables/``) and ``fingerprint.pb``, which hashes those two. Every other file or folder
+of SRC (``assets/``, ``assets.extra/`` with TF Serving's warm-up requests, anything a pipeline
+put there) is copied into DST unchanged, overwriting what ``tf.saved_model.save`` wrote under the
+same name (``assets/`` files it copies are the same bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+REWRITTEN = ("saved_model.pb", "saved_model.pbtxt", "saved_model.cpb", "variables",
+             "fingerprint.pb")
+
+
+def untouched_paths(src: str) -> list[str]:
+    """Paths (relative to ``src``) of the files and empty folders graphfold copies as they are."""
+    paths = []
+    for directory, dirs, files in os.walk(src):
+        rel = os.path.relpath(directory, src)
+        if rel == ".":
+            dirs[:] = sorted(d for d in dirs if d not in REWRITTEN)
+            files = [f for f in files if f not in REWRITTEN]
+        else:
+            dirs.sort()
+            if not dirs and not files:
+                paths.append(rel)
+        paths.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files))
+    return paths
+
+
+def copy_untouched(src: str, dst: str) -> list[str]:
+    """Copies every untouched path of ``src`` into ``dst`` (contents and mode bits); returns the
+    copied paths. A symbolic link is copied as the file it points to."""
+    copied = []
+    for rel in untouched_paths(src):
+        source, target = os.path.join(src, rel), os.path.join(dst, rel)
+        if os.path.isdir(source):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            shutil.copy2(source, target)
+        copied.append(rel)
+    return copied

@@ -1,0 +1,132 @@
+"""Which inputs each signature is verified on, running the checks, and the warm-up records
+written from them.
+
+A signature is verified on, in this order of preference: the inputs the user gave (``--inputs``
+/ ``--input_exprs``, API ``inputs=``) when they address it; else SRC's TF Serving warm-up records
+that call it (the first ``WARMUP_VERIFIED`` of them); else random inputs (``verify.py``).
+A signature whose original fails on random inputs and that has no real inputs is NOT VERIFIED.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from graphfold import inputs as inputs_
+from graphfold import noise, warmup
+from graphfold.verify import Verification, input_specs, verify
+
+WARMUP_VERIFIED = 16          # warm-up records verified per signature
+FIX_HINT = "give real inputs with --inputs KEY=FILE.npy or --input_exprs 'KEY=[...]'"
+
+
+def _bad(message: str):
+    from graphfold.saved_model import BadInput
+    return BadInput(message)
+
+
+def given_feeds(loaded, keys: list[str], given: dict | None) -> dict[str, list[dict]]:
+    """key -> [checked inputs] for the signatures the given inputs address: every signature
+    among ``keys`` that has all the given keys (with one signature, that one)."""
+    if not given:
+        return {}
+    specs = {key: input_specs(loaded.signatures[key]) for key in keys}
+    addressed = [k for k in keys if set(given) <= set(specs[k])] if len(keys) > 1 else keys
+    if not addressed:
+        listing = "; ".join(f"{k}: {', '.join(sorted(specs[k]))}" for k in keys)
+        raise _bad(f"--inputs: no signature has input(s) {', '.join(map(repr, sorted(given)))}"
+                   f" (inputs of each: {listing})")
+    return {key: [inputs_.check(key, specs[key], given)] for key in addressed}
+
+
+def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
+    """signature -> [checked inputs] of SRC's warm-up records (at most ``WARMUP_VERIFIED`` each).
+    A record that calls a missing signature or feeds it the wrong inputs is ``BadInput``: TF
+    Serving would refuse to load SRC too."""
+    path = os.path.join(src, warmup.PATH)
+    if not os.path.isfile(path):
+        return {}
+    if not warmup.available():
+        notes.append(f"{warmup.PATH} not replayed in verification: it needs "
+                     f"tensorflow-serving-api (pip install 'graphfold[serving]')")
+        return {}
+    requests, others = warmup.read(path)
+    if others:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
+        notes.append(f"{warmup.PATH}: {kinds} record(s) kept but not replayed (only "
+                     f"predict_log records are)")
+    feeds: dict[str, list[dict]] = {}
+    for request in requests:
+        where = f"{path}: record {request.index}"
+        if request.signature not in loaded.signatures:
+            raise _bad(f"{where} calls signature '{request.signature}', which SRC does not "
+                       f"have (it has: {', '.join(sorted(loaded.signatures))})")
+        specs = input_specs(loaded.signatures[request.signature])
+        checked = inputs_.check(request.signature, specs, request.inputs, origin=where)
+        if len(feeds.setdefault(request.signature, [])) < WARMUP_VERIFIED:
+            feeds[request.signature].append(checked)
+    return feeds
+
+
+def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict]],
+               recorded: dict[str, list[dict]], *, tolerance: float, batch: int,
+               progress) -> dict[str, Verification]:
+    """key -> Verification of ``candidate.signatures[key]`` against ``reference``'s, on the
+    preferred inputs of each signature, with the noise floor measured on a failure."""
+    checks = {}
+    for key in keys:
+        original = reference.signatures[key]
+        if key in given:
+            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
+                           feeds=given[key], source="--inputs")
+        elif key in recorded:
+            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
+                           feeds=recorded[key],
+                           source=f"warm-up records ({len(recorded[key])})")
+        else:
+            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
+                           batch=batch)
+        if check.status == "skipped":
+            check.reason = f"{check.reason}; {FIX_HINT}"
+        noise.judge(check, original)
+        checks[key] = check
+        progress(f"  {check.line()}")
+    return checks
+
+
+def as_arrays(feed: dict) -> dict[str, np.ndarray]:
+    return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in feed.items()}
+
+
+def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], count: int,
+                   notes: list[str]) -> list[bytes] | None:
+    """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
+    ``keys``, built from its verification inputs (cycled). None: nothing to add."""
+    if not 1 <= count <= warmup.MAX_RECORDS:
+        raise _bad(f"--warmup {count}: must be between 1 and {warmup.MAX_RECORDS}")
+    path = os.path.join(src, warmup.PATH)
+    existing = warmup.read_raw(path) if os.path.isfile(path) else []
+    per_signature: dict[str, int] = {}
+    if existing:
+        for request in warmup.read(path)[0]:
+            per_signature[request.signature] = per_signature.get(request.signature, 0) + 1
+    added = []
+    for key in keys:
+        check = checks.get(key)
+        if check is None or check.status != "ok" or not check.fed:
+            notes.append(f"no warm-up records written for '{key}': it was not verified, so "
+                         f"there are no inputs known to run ({FIX_HINT})")
+            continue
+        missing = count - per_signature.get(key, 0)
+        feeds = [as_arrays(feed) for feed in check.fed]
+        added.extend(warmup.build(key, feeds[i % len(feeds)]) for i in range(max(missing, 0)))
+    if not added:
+        return None
+    total = len(existing) + len(added)
+    if total > warmup.MAX_RECORDS:
+        raise _bad(f"--warmup {count}: {total} records in all ({len(existing)} from SRC, "
+                   f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
+    notes.append(f"{warmup.PATH}: {len(added)} warm-up record(s) added to the "
+                 f"{len(existing)} of SRC")
+    return existing + added
