@@ -5,6 +5,10 @@ weights (``variables/``) and ``fingerprint.pb``, which hashes those two. Every o
 of SRC (``assets/``, ``assets.extra/`` with TF Serving's warm-up requests, anything a pipeline
 put there) is copied into DST unchanged, overwriting what ``tf.saved_model.save`` wrote under the
 same name (``assets/`` files it copies are the same bytes).
+
+One file is left out, with a note: tf-keras' ``keras_metadata.pb`` describes the Keras layers of
+SRC's object graph, which DST does not have; ``tf_keras.models.load_model`` fails on DST with it
+(IndexError) and loads DST without it. No server reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ import shutil
 
 REWRITTEN = ("saved_model.pb", "saved_model.pbtxt", "saved_model.cpb", "variables",
              "fingerprint.pb")
+DESCRIBES_SRC_GRAPH = {
+    "keras_metadata.pb": "it describes the Keras layers of SRC's object graph, which DST does "
+                         "not have (tf_keras.models.load_model would fail on DST with it)",
+}
 
 
 def untouched_paths(src: str) -> list[str]:
@@ -23,13 +31,19 @@ def untouched_paths(src: str) -> list[str]:
         rel = os.path.relpath(directory, src)
         if rel == ".":
             dirs[:] = sorted(d for d in dirs if d not in REWRITTEN)
-            files = [f for f in files if f not in REWRITTEN]
+            files = [f for f in files if f not in REWRITTEN and f not in DESCRIBES_SRC_GRAPH]
         else:
             dirs.sort()
             if not dirs and not files:
                 paths.append(rel)
         paths.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files))
     return paths
+
+
+def left_out(src: str) -> dict[str, str]:
+    """Top-level files of ``src`` that are not copied (``DESCRIBES_SRC_GRAPH``) -> why."""
+    return {name: why for name, why in DESCRIBES_SRC_GRAPH.items()
+            if os.path.isfile(os.path.join(src, name))}
 
 
 def copy_untouched(src: str, dst: str) -> list[str]:

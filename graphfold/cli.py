@@ -511,12 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,
                       "error": str(exc)})
         return exc.exit_code
-    except Terminated:
-        console.error("terminated (nothing was written)")
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        console.error("interrupted (nothing was written)")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        outcome = f"{args.dst} was written just before" if getattr(exc, "written", False) \
+            else "nothing was written"
+        console.error(f"{what} ({outcome})")
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,8 +5,10 @@ Some models amplify float rounding (random batch-norm statistics in a deep CSPDa
 change to the order of operations, folding or not, moves their outputs by a visible amount. When
 the folded model misses the tolerance, the same inputs are run through the frozen, unfolded graph
 (``freeze`` and re-import, exactly what the rewrite starts from); its relative error against the
-original is the noise floor. An error within ``NOISE_MULTIPLE`` times that floor is accepted, and
-the report says so: folding added no more error than freezing did.
+original is the noise floor. When the floor itself is over the tolerance (freezing alone fails
+the check), an error within ``NOISE_MULTIPLE`` times the floor is accepted, and the report says
+so: folding added no more error than freezing did. ``tolerance=0`` asks for bit-identical outputs:
+no allowance then.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def measure(reference, feeds: list[dict]) -> float:
 
 def judge(check: Verification, reference) -> None:
     """For a check that failed on relative error alone: measure the noise floor and accept the
-    error when it is within ``NOISE_MULTIPLE`` times that floor."""
+    error when the floor is over the tolerance and the error within ``NOISE_MULTIPLE`` times it."""
     if check.status != "failed" or not check.mismatch or not check.fed:
         return
     try:
@@ -52,7 +54,8 @@ def judge(check: Verification, reference) -> None:
     except Exception:  # noqa: BLE001 - no floor to compare with: the failure stands
         return
     check.noise_floor = floor
-    if floor > 0 and check.max_rel <= NOISE_MULTIPLE * floor:
+    if check.tolerance > 0 and floor > check.tolerance and \
+            check.max_rel <= NOISE_MULTIPLE * floor:
         check.status = "ok"
         check.reason = (f"accepted: relative error {check.max_rel:.3g} is within "
                         f"{NOISE_MULTIPLE:g}x the noise floor {floor:.3g} (freezing with "

@@ -26,10 +26,10 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from graphfold.assets import copy_untouched
+from graphfold.assets import copy_untouched, left_out
 from graphfold.freeze import NotFreezable
 from graphfold.report import Entry, FoldReport
-from graphfold.staging import prefix as staging_prefix, remove_stale
+from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
 from graphfold import checking, warmup as warmup_
 from graphfold.verify import Verification
 
@@ -514,6 +514,8 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             save(loaded, functions, staging, keep_original)
             restore_metadata(staging, meta)
             copy_untouched(src, staging)
+            for name, why in left_out(src).items():
+                result.notes.append(f"{name} of SRC not copied: {why}")
         except GraphfoldError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -551,14 +553,18 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
 
         clock = time.perf_counter()
         progress(f"moving it into place: {dst}")
-        try:
-            move_into_place(staging, target)
-        except OSError as exc:
-            raise BadInput(f"{dst}: cannot move the result into place "
-                           f"({exc.strerror or exc})") from None
-        result.written = True
+        with signals_deferred():   # Ctrl-C / SIGTERM wait: DST is never left half-replaced
+            try:
+                move_into_place(staging, target)
+            except OSError as exc:
+                raise BadInput(f"{dst}: cannot move the result into place "
+                               f"({exc.strerror or exc})") from None
+            result.written = True
         result.seconds["rename"] = time.perf_counter() - clock
         return result
+    except KeyboardInterrupt as exc:   # (SIGTERM too, from the CLI): say whether DST was written
+        exc.written = result.written
+        raise
     finally:
         if not result.written:
             shutil.rmtree(staging, ignore_errors=True)

@@ -73,6 +73,23 @@ def test_every_file_beside_the_graph_reaches_dst_byte_identical(src, tmp_path):
     assert not _leftovers(dst)
 
 
+def test_keras_metadata_of_src_left_out_with_a_note_and_dst_loads_in_tf_keras(src, tmp_path):
+    import tf_keras
+    source, dst = src("tf_keras"), str(tmp_path / "out")
+    assert os.path.isfile(os.path.join(source, "keras_metadata.pb"))
+    result = graphfold.optimize_saved_model(source, dst)
+    assert not os.path.exists(os.path.join(dst, "keras_metadata.pb"))
+    assert any(n.startswith("keras_metadata.pb of SRC not copied: it describes the Keras "
+                            "layers") for n in result.notes)
+    loaded = tf_keras.models.load_model(dst)
+    feeds = F.random_feeds(source, "serving_default", batch=2)
+    want = F.run_tf2(source, "serving_default", feeds)
+    got = {k: v.numpy() for k, v in loaded.signatures["serving_default"](
+        **{k: tf.constant(v) for k, v in feeds.items()}).items()}
+    for key in want:
+        assert F.rel_err(want[key], got[key]) <= 1e-5
+
+
 def test_several_meta_graphs_refused_naming_the_tag_sets_and_the_flag(src, tmp_path, capsys):
     source, dst = src("two_meta_graphs"), str(tmp_path / "out")
     before = F.tree_hash(source)
@@ -280,33 +297,48 @@ DRIVER = """
 import sys, time
 import graphfold.saved_model as sm
 from graphfold.cli import main
-real = sm.rewrite_signatures
+stage = sys.argv.pop(1)
+real = getattr(sm, stage)
 def slow(*args, **kwargs):
-    print("STAGING", flush=True)
-    time.sleep(120)
+    print("STAGE", flush=True)
+    time.sleep(120 if stage == "rewrite_signatures" else 2)
     return real(*args, **kwargs)
-sm.rewrite_signatures = slow
+setattr(sm, stage, slow)
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def _run_and_signal(src, tmp_path, stage, signum):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    dst = tmp_path / "out"
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    process = subprocess.Popen([sys.executable, str(driver), stage, "optimize", src("jpeg"),
+                                str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, text=True)
+    assert process.stdout.readline().strip() == "STAGE"
+    [name] = _leftovers(dst)                              # the staging dir, named after its owner
+    assert staging.owner(name, str(dst)) == (staging.host(), process.pid)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    return process.returncode, err, dst
 
 
 @pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"),
                                                 (signal.SIGINT, 130, "interrupted")])
 def test_signal_mid_run_exits_and_removes_the_staging_dir(src, tmp_path, signum, code, word):
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    dst = tmp_path / "out"
-    env = dict(ENV, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
-    process = subprocess.Popen([sys.executable, str(driver), "optimize", src("jpeg"), str(dst)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    assert process.stdout.readline().strip() == "STAGING"
-    [name] = _leftovers(dst)                              # the staging dir, named after its owner
-    assert staging.owner(name, str(dst)) == (staging.host(), process.pid)
-    process.send_signal(signum)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == code, err
+    returncode, err, dst = _run_and_signal(src, tmp_path, "rewrite_signatures", signum)
+    assert returncode == code, err
     assert f"{word} (nothing was written)" in err
     assert not dst.exists() and not _leftovers(dst)
+
+
+def test_a_signal_during_the_final_rename_waits_for_it(src, tmp_path):
+    returncode, err, dst = _run_and_signal(src, tmp_path, "move_into_place", signal.SIGTERM)
+    assert returncode == 143, err
+    assert f"terminated ({dst} was written just before)" in err
+    assert os.path.isfile(dst / "saved_model.pb") and not _leftovers(dst)
+    assert F.tree_hash(str(dst)) and os.path.isfile(dst / WARMUP)
 
 
 def test_stale_staging_dirs_of_dead_runs_are_removed(src, tmp_path):
