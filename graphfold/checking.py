@@ -87,6 +87,8 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
         else:
             check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
                            batch=batch)
+        if check.reference_failed:      # real inputs the original itself cannot run
+            raise _bad(f"signature '{key}': {check.reason}")
         if check.status == "skipped":
             check.reason = f"{check.reason}; {FIX_HINT}"
         noise.judge(check, original)

@@ -99,6 +99,7 @@ class SavedModelResult(dict):
             }
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
+                "not_verified": self.not_verified,
                 "signatures": signatures, "notes": list(self.notes),
                 "seconds": dict(self.seconds)}
 

@@ -44,6 +44,7 @@ class Verification:
     mismatch: bool = False               # failed only by relative errors over the tolerance
     noise_floor: float | None = None     # rel. error of the frozen, unfolded graph (see noise.py)
     fed: list = dataclasses.field(default_factory=list, repr=False)   # the inputs run
+    reference_failed: bool = False       # the original itself fails on the given inputs
 
     @property
     def ok(self) -> bool:
@@ -255,7 +256,7 @@ def _verify_feeds(result: Verification, reference, candidate, feeds: list[dict],
         try:
             want = reference(**kwargs)
         except Exception as exc:  # noqa: BLE001 - the given inputs do not fit the original
-            result.status = "failed"
+            result.status, result.reference_failed = "failed", True
             result.reason = f"the original fails on {source} #{i}: {_first_line(exc)}"
             break
         try:

@@ -378,6 +378,9 @@ def _bad_warmup(source, tmp_path, how) -> str:
         F.write_tfrecord(target, [good, b"not a prediction log"])
     elif how == "unknown_signature":
         F.write_tfrecord(target, [good, good, F.warmup_record("nope", {"x": np.zeros(1)})])
+    elif how == "original_fails":
+        F.write_tfrecord(target, [F.warmup_record("serving_default",
+                                                  {"image_bytes": np.array([b"not a jpeg"])})])
     elif how == "wrong_key":
         F.write_tfrecord(target, [F.warmup_record("serving_default", {"bytes": np.array([b""])})])
     return path
@@ -398,6 +401,8 @@ def _bad_warmup(source, tmp_path, how) -> str:
     ("warmup_not_prediction_log", "record 1 is not a PredictionLog"),
     ("warmup_unknown_signature", "record 2 calls signature 'nope'"),
     ("warmup_wrong_key", "record 0: 'bytes' is not an input of signature 'serving_default'"),
+    ("inputs_original_fails", "signature 'serving_default': the original fails on --inputs #0"),
+    ("warmup_original_fails", "the original fails on warm-up records (1) #0"),
     ("warmup_zero", "--warmup: must be between 1 and 1000"),
     ("warmup_over_1000", "--warmup: must be between 1 and 1000"),
     ("no_verify_with_inputs", "--no-verify cannot be combined"),
@@ -420,6 +425,7 @@ def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, mess
         "npz_ambiguous": one + ["--inputs", f"image_bytes={tmp_path / 'two.npz'}"],
         "expr_not_literal": one + ["--input_exprs", "image_bytes=open('x')"],
         "inputs_bad_syntax": one + ["--inputs", "image_bytes"],
+        "inputs_original_fails": one + ["--input_exprs", "image_bytes=[b'not a jpeg']"],
         "warmup_zero": ["--warmup", "0"],
         "warmup_over_1000": ["--warmup", "1001"],
         "no_verify_with_inputs": ["--no-verify", "--input_exprs", "image_bytes=[b'']"],
