@@ -101,10 +101,21 @@ def as_arrays(feed: dict) -> dict[str, np.ndarray]:
     return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in feed.items()}
 
 
+def single_examples(feed: dict[str, np.ndarray], specs: dict) -> list[dict[str, np.ndarray]]:
+    """``feed`` split into requests of one example each when every input has an unknown leading
+    (batch) dimension of the same size; else ``[feed]``."""
+    sizes = {value.shape[0] if value.ndim else None for value in feed.values()}
+    batched = all(spec.shape.rank and spec.shape[0] is None for spec in specs.values())
+    if not batched or len(sizes) != 1 or None in sizes:
+        return [feed]
+    return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(sizes.pop())]
+
+
 def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], count: int,
-                   notes: list[str]) -> list[bytes] | None:
+                   notes: list[str], loaded) -> list[bytes] | None:
     """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
-    ``keys``, built from its verification inputs (cycled). None: nothing to add."""
+    ``keys``: one example each, taken in turn from its verification inputs. None: nothing to
+    add."""
     if not 1 <= count <= warmup.MAX_RECORDS:
         raise _bad(f"--warmup {count}: must be between 1 and {warmup.MAX_RECORDS}")
     path = os.path.join(src, warmup.PATH)
@@ -121,7 +132,8 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
                          f"there are no inputs known to run ({FIX_HINT})")
             continue
         missing = count - per_signature.get(key, 0)
-        feeds = [as_arrays(feed) for feed in check.fed]
+        specs = input_specs(loaded.signatures[key])
+        feeds = [one for feed in check.fed for one in single_examples(as_arrays(feed), specs)]
         added.extend(warmup.build(key, feeds[i % len(feeds)]) for i in range(max(missing, 0)))
     if not added:
         return None
@@ -129,8 +141,8 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
     if total > warmup.MAX_RECORDS:
         raise _bad(f"--warmup {count}: {total} records in all ({len(existing)} from SRC, "
                    f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
-    notes.append(f"{warmup.PATH}: {len(added)} warm-up record(s) added to the "
-                 f"{len(existing)} of SRC")
+    notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
+                 if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
     return existing + added
 
 

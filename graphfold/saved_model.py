@@ -548,7 +548,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             if warmup:
                 rewritten = [k for k in keys if k not in result.unchanged]
                 records = checking.warmup_records(src, result.verification, rewritten, warmup,
-                                                  result.notes)
+                                                  result.notes, loaded)
                 if records is not None:
                     warmup_.write(os.path.join(staging, warmup_.PATH), records)
 

@@ -9,6 +9,7 @@ compared: max absolute error ``max|a-b|`` and relative error ``max|a-b| / max|a|
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -300,5 +301,15 @@ def _named(outputs) -> dict[str, tf.Tensor]:
 
 
 def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """``Type: first line``; for TensorFlow's "Graph execution error" the line that says what
+    went wrong, and the node."""
+    text = str(getattr(exc, "message", None) or exc).strip()
+    lines = text.splitlines()
+    first = lines[0] if lines else ""
+    if first.startswith("Graph execution error"):
+        said = [line for line in lines[1:] if line.strip() and not line[0].isspace() and
+                not line.startswith(("Detected at node", "<stack traces", "[["))]
+        node = re.search(r"Detected at node (\S+)", text)
+        if said:
+            first = said[0] + (f" (node {node.group(1)})" if node else "")
+    return f"{type(exc).__name__}: {first}".rstrip(": ")

@@ -53,9 +53,9 @@ def read_raw(path: str) -> list[bytes]:
     """The records of the TFRecord file ``path``; ``BadInput`` naming the first bad one."""
     records = []
     try:
-        for record in tf.compat.v1.io.tf_record_iterator(path):
-            records.append(record)
-    except (tf.errors.DataLossError, tf.errors.OpError) as exc:
+        for record in tf.data.TFRecordDataset(path):
+            records.append(record.numpy())
+    except tf.errors.OpError as exc:
         raise _bad(f"{path}: record {len(records)} is not a valid TFRecord "
                    f"({str(exc.message).splitlines()[0][:120]})") from None
     return records

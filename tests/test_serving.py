@@ -248,7 +248,11 @@ def test_warmup_records_written_kept_and_replayed_like_tf_serving(src, tmp_path)
     for request in requests:
         by_signature[request.signature] = by_signature.get(request.signature, 0) + 1
     assert by_signature == {"serving_default": 3, "pixels": 3}    # only the missing added
-    assert any("4 warm-up record(s) added to the 2 of SRC" in n for n in result.notes)
+    added = requests[2:]                         # one example each, from the verification inputs
+    assert all(len(v) == 1 for r in added for v in r.inputs.values())
+    [new_bytes] = [r for r in added if r.signature == "serving_default"]
+    assert new_bytes.inputs["image_bytes"][0] == F.jpeg_bytes(1)  # SRC's first warm-up image
+    assert any("SRC's 2 record(s) kept, 4 added" in n for n in result.notes)
     for request in requests:      # TF Serving: the TF1 loader, same signature, same input keys
         want = F.run_tf1(source, request.signature, request.inputs)
         got = F.run_tf1(dst, request.signature, request.inputs)
