@@ -37,6 +37,9 @@ def untouched_paths(src: str) -> list[str]:
             if not dirs and not files:
                 paths.append(rel)
         paths.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files))
+        # os.walk does not enter a symbolic link to a folder: it is copied whole, as a folder
+        paths.extend(os.path.normpath(os.path.join(rel, d)) for d in dirs
+                     if os.path.islink(os.path.join(directory, d)))
     return paths
 
 
@@ -48,11 +51,13 @@ def left_out(src: str) -> dict[str, str]:
 
 def copy_untouched(src: str, dst: str) -> list[str]:
     """Copies every untouched path of ``src`` into ``dst`` (contents and mode bits); returns the
-    copied paths. A symbolic link is copied as the file it points to."""
+    copied paths. A symbolic link is copied as the file or folder it points to."""
     copied = []
     for rel in untouched_paths(src):
         source, target = os.path.join(src, rel), os.path.join(dst, rel)
-        if os.path.isdir(source):
+        if os.path.islink(source) and os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        elif os.path.isdir(source):
             os.makedirs(target, exist_ok=True)
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)

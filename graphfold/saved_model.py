@@ -3,8 +3,10 @@
 ``optimize_saved_model(src, dst)`` loads ``src`` with ``tf.saved_model.load``, rewrites each
 requested signature with ``graphfold.rewrite``, saves a new SavedModel (same signature keys, input
 and output names, dtypes, shapes and method names; the assets) into a temporary directory beside
-``dst``, loads that back and compares it with the original on random inputs, and only then renames
-it into place. ``src`` is only ever read.
+``dst``, loads that back and compares it with the original (on the inputs given, SRC's TF Serving
+warm-up records, or random inputs: ``checking.py``), and only then renames it into place. Every
+file of ``src`` besides the graph and the weights is copied as it is (``assets.py``). ``src`` is
+only ever read.
 
 A signature that cannot be frozen (one that captures a lookup table, say) is copied through
 unchanged, with the reason in its report. Signatures that were not requested are copied through

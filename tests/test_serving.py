@@ -73,6 +73,20 @@ def test_every_file_beside_the_graph_reaches_dst_byte_identical(src, tmp_path):
     assert not _leftovers(dst)
 
 
+def test_a_symbolic_link_in_src_is_copied_as_what_it_points_to(src, tmp_path):
+    source = _copy(src("two_signatures"), tmp_path)
+    outside = tmp_path / "shared_labels"
+    outside.mkdir()
+    (outside / "labels.txt").write_text("a\nb\n")
+    os.symlink(outside, os.path.join(source, "labels"))
+    os.symlink(outside / "labels.txt", os.path.join(source, "labels.txt"))
+    dst = tmp_path / "out"
+    graphfold.optimize_saved_model(source, str(dst))
+    assert not os.path.islink(dst / "labels") and not os.path.islink(dst / "labels.txt")
+    assert (dst / "labels" / "labels.txt").read_text() == (dst / "labels.txt").read_text() == \
+        "a\nb\n"
+
+
 def test_keras_metadata_of_src_left_out_with_a_note_and_dst_loads_in_tf_keras(src, tmp_path):
     import tf_keras
     source, dst = src("tf_keras"), str(tmp_path / "out")
