@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt = commands.add_parser(
         "optimize", help="fold a SavedModel's batch norms into a new SavedModel",
         description="Fold every requested signature of the SavedModel SRC into a new SavedModel "
-                    "DST, verify it on random inputs, and write it with a rename.")
+                    "DST, verify it (on --inputs, else SRC's TF Serving warm-up records, else "
+                    "random inputs), and write it with a rename. Every file of SRC besides the "
+                    "graph and the weights is copied as it is.")
     opt.add_argument("src", metavar="SRC", help="SavedModel directory to read (never written)")
     opt.add_argument("dst", metavar="DST", help="SavedModel directory to create")
     _common(opt)
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
                      help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
     opt.add_argument("--batch", type=_positive, default=1, metavar="N",
-                     help="size of an unknown batch dimension in verification (default 1)")
+                     help="size of an unknown batch dimension of random inputs (default 1)")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
