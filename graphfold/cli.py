@@ -1,7 +1,8 @@
-"""The ``graphfold`` command: ``optimize``, ``inspect`` and ``demo``.
+"""The ``graphfold`` command: ``optimize``, ``verify``, ``inspect`` and ``demo``.
 
 Progress goes to stderr, results to stdout (tables, or one JSON document with ``--json``).
-Exit codes: 0 ok, 1 verification failed (nothing written), 2 bad usage or bad input.
+Exit codes: 0 ok, 1 verification failed (nothing written), 2 bad usage or bad input, 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted run writes nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import warnings
 from graphfold.report import format_table
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
 
 
 class Console:
@@ -97,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt = commands.add_parser(
         "optimize", help="fold a SavedModel's batch norms into a new SavedModel",
         description="Fold every requested signature of the SavedModel SRC into a new SavedModel "
-                    "DST, verify it on random inputs, and write it with a rename.")
+                    "DST, verify it (on --inputs, else SRC's TF Serving warm-up records, else "
+                    "random inputs), and write it with a rename. Every file of SRC besides the "
+                    "graph and the weights is copied as it is. SRC may also be a frozen GraphDef "
+                    "file (.pb, .pbtxt): then DST is one too.")
     opt.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file "
                                                 "(.pb, .pbtxt), to read (never written)")
     opt.add_argument("dst", metavar="DST", help="SavedModel directory (or GraphDef file) to "
@@ -108,13 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
                      help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
     opt.add_argument("--batch", type=_positive, default=1, metavar="N",
-                     help="size of an unknown batch dimension in verification (default 1)")
+                     help="size of an unknown batch dimension of random inputs (default 1)")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
     opt.add_argument("--verbose", "-v", action="store_true",
                      help="list every batch norm (by default only those not folded)")
+    opt.add_argument("--drop-other-tag-sets", action="store_true",
+                     help="SRC holds several MetaGraphs: write only the one of --tag-set "
+                          "(without this flag such a SavedModel is refused)")
+    _real_inputs(opt)
+    opt.add_argument("--require-verification", action="store_true",
+                     help="exit 1 and write nothing if a signature cannot be verified")
+    opt.add_argument("--warmup", type=_warmup_count, metavar="N",
+                     help="write N TF Serving warm-up requests per rewritten signature to "
+                          "DST/assets.extra/tf_serving_warmup_requests, from the verification "
+                          "inputs (SRC's records are kept; only the missing are added; "
+                          "at most 1000)")
     _output(opt)
+
+    ver = commands.add_parser(
+        "verify", help="compare two SavedModels signature by signature",
+        description="Run every signature of SRC and DST on the same inputs (given, SRC's "
+                    "warm-up records, or random) and compare their outputs; writes nothing. "
+                    "Exit 0 when they agree, 1 when not.")
+    ver.add_argument("src", metavar="SRC", help="the reference SavedModel")
+    ver.add_argument("dst", metavar="DST", help="the SavedModel to check against it")
+    _common(ver)
+    _real_inputs(ver)
+    ver.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
+                     help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
+    ver.add_argument("--batch", type=_positive, default=1, metavar="N",
+                     help="size of an unknown batch dimension of random inputs (default 1)")
+    ver.add_argument("--require-verification", action="store_true",
+                     help="exit 1 if a signature cannot be verified")
+    _output(ver)
 
     ins = commands.add_parser(
         "inspect", help="list every batch norm: folded or not, which way, or why not",
@@ -150,6 +183,26 @@ def _names(text):
     if not names:
         raise argparse.ArgumentTypeError(f"expected comma-separated node names, got {text!r}")
     return names
+
+
+def _real_inputs(parser):
+    parser.add_argument("--inputs", action="append", metavar="KEY=FILE",
+                        help="real inputs to verify on, as saved_model_cli run takes them: "
+                             "'KEY=file.npy;KEY2=file.npz[name]' (repeatable)")
+    parser.add_argument("--input_exprs", "--input-exprs", action="append", dest="input_exprs",
+                        metavar="KEY=EXPR",
+                        help="real inputs as Python literals: 'KEY=[[1.0, 2.0]]' (repeatable)")
+
+
+def _warmup_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000 (TF Serving reads at "
+                                         f"most 1000 records), got {value}")
+    return value
 
 
 def _output(parser):
@@ -228,23 +281,28 @@ def same_as(result) -> dict[str, str]:
 
 
 def render_verification(result, console: Console) -> None:
+    from graphfold.noise import NOISE_MULTIPLE
     for note in getattr(result, "notes", []):
         console.print(f"note: {note}")
     if not result.verification:
         return
-    rows = [("signature", "status", "max abs err", "max rel err", "inputs")]
+    rows = [("signature", "status", "max abs err", "max rel err", "noise floor", "inputs")]
     for key, check in sorted(result.verification.items()):
         inputs = ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
+        floor = "-" if check.noise_floor is None else f"{check.noise_floor:.3g}"
         if check.status == "skipped":
-            rows.append((key, "skipped", "-", "-", check.reason or ""))
+            rows.append((key, "NOT VERIFIED", "-", "-", "-", check.reason or ""))
         else:
-            rows.append((key, check.status, f"{check.max_abs:.3g}", f"{check.max_rel:.3g}",
-                         inputs))
+            status = "ok (noise)" if check.status == "ok" and check.noise_floor is not None \
+                else check.status
+            rows.append((key, status, f"{check.max_abs:.3g}", f"{check.max_rel:.3g}", floor,
+                         f"{check.source}: {inputs}"))
     tolerance = next(iter(result.verification.values())).tolerance
-    console.print(f"verification on random inputs (relative tolerance {tolerance:g}):")
+    console.print(f"verification (relative tolerance {tolerance:g}; an error within "
+                  f"{NOISE_MULTIPLE:g}x the noise floor is accepted):")
     console.print(_indent(format_table(rows)))
     for key, check in sorted(result.verification.items()):
-        if check.status == "failed":
+        if check.status == "failed" or (check.status == "ok" and check.reason):
             console.print(f"  {key}: {check.reason}")
     console.print()
 
@@ -282,18 +340,22 @@ def cmd_optimize(args, console: Console) -> int:
         for name, path in (("SRC", args.src), ("DST", args.dst)):
             if is_inside(report_path, os.path.realpath(path)):
                 raise BadInput(f"--report {args.report}: must not be inside {name}")
+    from graphfold.inputs import parse_inputs
+    feeds = parse_inputs(args.inputs, args.input_exprs)
     failure = None
     try:
         if is_graph_def_file(args.src):
             result = optimize_graph_def_file(
                 args.src, args.dst, inputs=args.input_names, outputs=args.output_names,
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                batch=args.batch, progress=console.progress)
+                batch=args.batch, feeds=feeds or None, progress=console.progress)
         else:
             result = optimize_saved_model(
                 args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                batch=args.batch, progress=console.progress)
+                batch=args.batch, drop_other_tag_sets=args.drop_other_tag_sets,
+                inputs=feeds or None, require_verification=args.require_verification,
+                warmup=args.warmup, progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
@@ -315,12 +377,60 @@ def cmd_optimize(args, console: Console) -> int:
     bns, folded, before, after = totals(result)
     rewritten = len(result) - len(result.unchanged)
     copied = len(result.all_signatures) - rewritten
-    status = "verified" if result.verification else "not verified"
+    status = verification_status(result)
     signatures = "" if is_graph_def_file(args.src) else \
         f"{rewritten} signature(s) rewritten, {copied} copied unchanged; "
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
                   f"ops {before} -> {after}; {status}; {result.seconds['total']:.1f}s")
     return EXIT_OK
+
+
+def verification_status(result) -> str:
+    """"verified", "verified (within noise: ...)", "not verified (--no-verify)", or
+    "NOT VERIFIED: key (reason)" for the final line."""
+    if not result.verification:
+        return "not verified (--no-verify)"
+    if result.not_verified:
+        return "NOT VERIFIED: " + "; ".join(f"{k} ({result.verification[k].reason})"
+                                            for k in result.not_verified)
+    noisy = sorted(k for k, v in result.verification.items() if v.noise_floor is not None)
+    if noisy:
+        return f"verified (within the noise floor: {', '.join(noisy)})"
+    return "verified"
+
+
+def cmd_verify(args, console: Console) -> int:
+    from graphfold.checking import verify_saved_models
+    from graphfold.inputs import parse_inputs
+    feeds = parse_inputs(args.inputs, args.input_exprs)
+    result = verify_saved_models(args.src, args.dst, signatures=args.signatures,
+                                 tags=args.tag_set, inputs=feeds or None,
+                                 tolerance=args.tolerance, batch=args.batch,
+                                 progress=console.progress)
+    result.seconds["total"] = console.elapsed()
+    render_verification(result, console)
+    failed = sorted(k for k, v in result.verification.items() if not v.ok)
+    unverified = result.not_verified
+    code = EXIT_VERIFY if failed or (unverified and args.require_verification) else EXIT_OK
+    document = {"command": "verify", "status": "ok" if code == EXIT_OK else
+                "verification_failed", "exit_code": code, "src": result.src,
+                "dst": result.dst, "tag_set": list(result.tags),
+                "signatures": {k: {"verification": v.to_dict()}
+                               for k, v in sorted(result.verification.items())},
+                "notes": list(result.notes), "seconds": dict(result.seconds)}
+    console.json(document)
+    if failed:
+        console.error(f"{args.dst} differs from {args.src} in signature(s) "
+                      f"{', '.join(failed)}: " + "; ".join(result.verification[k].reason or ""
+                                                           for k in failed))
+    elif code != EXIT_OK:
+        console.error(f"--require-verification: signature(s) {', '.join(unverified)} NOT "
+                      f"VERIFIED")
+    else:
+        console.print(f"{args.dst} matches {args.src}: {len(result.verification)} "
+                      f"signature(s); {verification_status(result)}; "
+                      f"{result.seconds['total']:.1f}s")
+    return code
 
 
 def cmd_inspect(args, console: Console) -> int:
@@ -377,6 +487,29 @@ def _quiet_tensorflow():
                 logger.setLevel(level)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``, a container stop), raised like Ctrl-C's
+    KeyboardInterrupt so that the same clean-up runs: the staging directory is removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -393,22 +526,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command is None:
         build_parser().print_usage(sys.stderr)
-        console.error("a command is required: optimize, inspect or demo")
+        console.error("a command is required: optimize, verify, inspect or demo")
         return EXIT_USAGE
 
     from graphfold.saved_model import GraphfoldError
-    commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "demo": cmd_demo}
+    commands = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect,
+                "demo": cmd_demo}
     try:
-        with _quiet_tensorflow():
+        with _quiet_tensorflow(), _sigterm_as_interrupt():
             return commands[args.command](args, console)
     except GraphfoldError as exc:
         console.error(str(exc))
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,
                       "error": str(exc)})
         return exc.exit_code
-    except KeyboardInterrupt:
-        console.error("interrupted (nothing was written)")
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        outcome = f"{args.dst} was written just before" if getattr(exc, "written", False) \
+            else "nothing was written"
+        console.error(f"{what} ({outcome})")
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

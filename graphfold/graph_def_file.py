@@ -9,7 +9,9 @@ dtypes and shapes (an unknown batch dimension takes ``batch``), then written wit
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import time
 
 import tensorflow as tf
@@ -18,6 +20,7 @@ from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
 from graphfold.graph import split_tensor
+from graphfold.inputs import check as check_feeds
 from graphfold.rewrite import optimize_graph_def
 from graphfold.saved_model import BadInput, SavedModelResult, VerificationFailed
 from graphfold.shapes import PLACEHOLDERS
@@ -84,23 +87,40 @@ def io_names(graph_def, inputs: list[str] | None,
     return list(inputs), list(outputs), notes
 
 
-def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
-    """A ConcreteFunction taking the placeholders positionally and returning ``{output:
-    tensor}``, with TensorSpecs from the placeholders' dtypes and shapes (for verification)."""
-    from graphfold.function import import_graph
-    pruned = import_graph(graph_def, inputs, outputs)
+def input_key(tensor: str) -> str:
+    """The keyword an input is fed by (``--inputs KEY=...``): the placeholder's name, with
+    every character that is not a letter, digit or ``_`` made ``_`` (``image/raw`` ->
+    ``image_raw``)."""
+    key = re.sub(r"\W", "_", split_tensor(tensor)[0])
+    return key if key[:1].isalpha() or key[:1] == "_" else f"_{key}"
+
+
+def input_specs(graph_def, inputs: list[str]) -> dict[str, tf.TensorSpec]:
+    """``{keyword: TensorSpec}`` from the placeholders' dtypes and shapes."""
     nodes = {n.name: n for n in graph_def.node}
-    specs = []
+    specs = {}
     for tensor in inputs:
         node = nodes[split_tensor(tensor)[0]]
         shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
-        specs.append(tf.TensorSpec(shape, tf.as_dtype(node.attr["dtype"].type),
-                                   name=node.name.replace("/", "_")))
+        specs[input_key(tensor)] = tf.TensorSpec(shape, tf.as_dtype(node.attr["dtype"].type),
+                                                 name=input_key(tensor))
+    return specs
+
+
+def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
+    """A ConcreteFunction taking the placeholders by keyword (``input_key``) and returning
+    ``{output: tensor}``, like a SavedModel signature (for verification)."""
+    from graphfold.function import import_graph
+    pruned = import_graph(graph_def, inputs, outputs)
+    specs = input_specs(graph_def, inputs)
 
     def call(*args):
         return dict(zip(outputs, pruned(*args)))
 
-    return tf.function(call, input_signature=specs, autograph=False).get_concrete_function()
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD) for key in specs])
+    return tf.function(call, input_signature=list(specs.values()),
+                       autograph=False).get_concrete_function()
 
 
 def write_graph_def(graph_def, path: str) -> None:
@@ -162,11 +182,12 @@ def inspect_graph_def_file(src, *, inputs=None, outputs=None, progress=None) -> 
 
 
 def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
-                            tolerance=1e-5, batch=1, overwrite=False,
+                            tolerance=1e-5, batch=1, overwrite=False, feeds=None,
                             progress=None) -> SavedModelResult:
-    """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified on random inputs
-    first (``VerificationFailed``, nothing written, when an output differs by more than
-    ``tolerance``)."""
+    """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified first
+    (``VerificationFailed``, nothing written, when an output differs by more than
+    ``tolerance``) on ``feeds`` (``{input_key: array}``, as ``--inputs`` gives them) or on
+    random inputs."""
     progress = progress or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
     _check_destination(src, dst, overwrite)
@@ -174,10 +195,15 @@ def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
     original, optimized, inputs, outputs = _rewrite(src, inputs, outputs, progress, result)
     if verify:
         clock = time.perf_counter()
-        progress(f"verifying on random inputs (tolerance {tolerance:g})")
+        given = None
+        if feeds:
+            given = [check_feeds(KEY, input_specs(original, inputs), feeds)]
+        progress(f"verifying on {'the given' if given else 'random'} inputs (tolerance "
+                 f"{tolerance:g})")
         check = verify_functions(KEY, callable_graph(original, inputs, outputs),
                                  callable_graph(optimized, inputs, outputs),
-                                 tolerance=tolerance, batch=batch)
+                                 tolerance=tolerance, batch=batch, feeds=given,
+                                 source="--inputs" if given else None)
         result.verification[KEY] = check
         result.seconds["verify"] = time.perf_counter() - clock
         progress(f"  {check.line()}")

@@ -3,8 +3,10 @@
 ``optimize_saved_model(src, dst)`` loads ``src`` with ``tf.saved_model.load``, rewrites each
 requested signature with ``graphfold.rewrite``, saves a new SavedModel (same signature keys, input
 and output names, dtypes, shapes and method names; the assets) into a temporary directory beside
-``dst``, loads that back and compares it with the original on random inputs, and only then renames
-it into place. ``src`` is only ever read.
+``dst``, loads that back and compares it with the original (on the inputs given, SRC's TF Serving
+warm-up records, or random inputs: ``checking.py``), and only then renames it into place. Every
+file of ``src`` besides the graph and the weights is copied as it is (``assets.py``). ``src`` is
+only ever read.
 
 A signature that cannot be frozen (one that captures a lookup table, say) is copied through
 unchanged, with the reason in its report. Signatures that were not requested are copied through
@@ -27,9 +29,12 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold import census
+from graphfold.assets import copy_untouched, left_out
 from graphfold.freeze import NotFreezable
 from graphfold.report import Entry, FoldReport
-from graphfold.verify import Verification, verify as verify_signature
+from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
+from graphfold import checking, warmup as warmup_
+from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
 BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
@@ -77,7 +82,13 @@ class SavedModelResult(dict):
 
     @property
     def verified(self) -> bool:
-        return bool(self.verification) and all(v.ok for v in self.verification.values())
+        return bool(self.verification) and all(v.status == "ok"
+                                               for v in self.verification.values())
+
+    @property
+    def not_verified(self) -> list[str]:
+        """Signatures that could not be checked (their original fails on random inputs)."""
+        return sorted(k for k, v in self.verification.items() if v.status == "skipped")
 
     def to_dict(self) -> dict:
         signatures = {}
@@ -91,6 +102,7 @@ class SavedModelResult(dict):
             }
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
+                "not_verified": self.not_verified,
                 "signatures": signatures, "notes": list(self.notes),
                 "seconds": dict(self.seconds)}
 
@@ -283,7 +295,7 @@ def make_staging_dir(dst: str) -> tuple[str, list[str]]:
         raise BadInput(f"{dst}: cannot write here ({ancestor} is not a directory)")
     try:
         os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.graphfold-", dir=parent)
+        staging = tempfile.mkdtemp(prefix=staging_prefix(dst), dir=parent)
     except OSError as exc:
         _remove_empty(created)
         raise BadInput(f"{dst}: cannot write here ({exc.strerror or exc})") from None
@@ -382,7 +394,7 @@ def move_into_place(staging: str, dst: str) -> None:
     """Renames ``staging`` to ``dst``; an existing ``dst`` is replaced only once that works."""
     backup = None
     if os.path.lexists(dst):
-        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.graphfold-old-",
+        backup = tempfile.mkdtemp(prefix=staging_prefix(dst, "old"),
                                   dir=os.path.dirname(dst) or ".")
         os.rmdir(backup)
         os.rename(dst, backup)
@@ -422,6 +434,8 @@ def inspect_saved_model(src, *, signatures=None, tags=("serve",),
 
 def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=True,
                          tolerance=1e-5, overwrite=False, batch: int = 1,
+                         drop_other_tag_sets: bool = False, inputs: dict | None = None,
+                         require_verification: bool = False, warmup: int | None = None,
                          progress: Progress | None = None) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
@@ -431,6 +445,14 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     written model with the original on random inputs (unknown batch dimension: ``batch``);
     a relative error over ``tolerance`` raises ``VerificationFailed`` and nothing is written.
     ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty directory).
+    ``drop_other_tag_sets``: write a SavedModel holding several MetaGraphs as the one of
+    ``tags`` alone (else that is refused with ``BadInput``). Every file of ``src`` besides the
+    graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte for byte.
+    ``inputs``: input key -> array, real inputs to verify on (for every signature that has
+    those keys); SRC's TF Serving warm-up records are replayed too (``checking.py``).
+    ``require_verification``: a signature that could not be verified (NOT VERIFIED) raises
+    ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
+    this many requests per rewritten signature (SRC's records kept, only the missing added).
     ``progress``: called with a line of text at the start of each stage.
 
     Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
@@ -444,6 +466,11 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         raise BadInput(f"batch must be at least 1, got {batch}")
     if not tolerance >= 0:
         raise BadInput(f"tolerance must be a non-negative number, got {tolerance}")
+    if warmup is not None and not 1 <= warmup <= warmup_.MAX_RECORDS:
+        raise BadInput(f"--warmup {warmup}: must be between 1 and {warmup_.MAX_RECORDS}")
+    if not verify and (inputs or require_verification or warmup):
+        raise BadInput("--no-verify cannot be combined with --inputs, --require-verification "
+                       "or --warmup (they need the verification)")
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
@@ -455,8 +482,15 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
+        if not drop_other_tag_sets:
+            raise BadInput(f"{src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
+                           f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
+                           f"only tag-set '{','.join(tags)}': pass --drop-other-tag-sets to "
+                           f"drop the others")
         result.notes.append(f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set "
-                            f"'{','.join(tags)}' is written to DST (not: {others})")
+                            f"'{','.join(tags)}' is written to DST (dropped, as asked: {others})")
+    for path in remove_stale(target):
+        result.notes.append(f"removed {path}, left behind by an interrupted graphfold run")
     staging, created = make_staging_dir(target)
     try:
         clock = time.perf_counter()
@@ -467,6 +501,9 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             raise BadInput(f"{src}: signature {', '.join(missing)} is in saved_model.pb but "
                            f"TensorFlow did not load it")
         result.seconds["load"] = time.perf_counter() - clock
+        if verify:
+            given = checking.given_feeds(loaded, keys, inputs)
+            recorded = checking.warmup_feeds(src, loaded, result.notes)
 
         clock = time.perf_counter()
         functions = rewrite_signatures(loaded, keys, result, progress)
@@ -481,6 +518,9 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         try:
             save(loaded, functions, staging, keep_original)
             restore_metadata(staging, meta)
+            copy_untouched(src, staging)
+            for name, why in left_out(src).items():
+                result.notes.append(f"{name} of SRC not copied: {why}")
         except GraphfoldError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -490,14 +530,11 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
 
         if verify:
             clock = time.perf_counter()
-            progress(f"verifying {len(keys)} signature(s) on random inputs "
-                     f"(tolerance {tolerance:g})")
+            progress(f"verifying {len(keys)} signature(s) (tolerance {tolerance:g})")
             written = load(staging, tags)
-            for key in keys:
-                check = verify_signature(key, loaded.signatures[key], written.signatures[key],
-                                         tolerance=tolerance, batch=batch)
-                result.verification[key] = check
-                progress(f"  {check.line()}")
+            result.verification.update(checking.run_checks(
+                loaded, written, keys, given, recorded, tolerance=tolerance, batch=batch,
+                progress=progress))
             result.seconds["verify"] = time.perf_counter() - clock
             failed = [k for k, v in result.verification.items() if not v.ok]
             if failed:
@@ -505,17 +542,34 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
                     "verification failed for signature(s) " + ", ".join(failed) + ": " +
                     "; ".join(result.verification[k].reason or "" for k in failed) +
                     f"; nothing was written to {dst}", result)
+            unverified = result.not_verified
+            if unverified and require_verification:
+                raise VerificationFailed(
+                    f"--require-verification: signature(s) {', '.join(unverified)} NOT "
+                    f"VERIFIED (" + "; ".join(result.verification[k].reason or ""
+                                               for k in unverified) +
+                    f"); nothing was written to {dst}", result)
+            if warmup:
+                rewritten = [k for k in keys if k not in result.unchanged]
+                records = checking.warmup_records(src, result.verification, rewritten, warmup,
+                                                  result.notes, loaded)
+                if records is not None:
+                    warmup_.write(os.path.join(staging, warmup_.PATH), records)
 
         clock = time.perf_counter()
         progress(f"moving it into place: {dst}")
-        try:
-            move_into_place(staging, target)
-        except OSError as exc:
-            raise BadInput(f"{dst}: cannot move the result into place "
-                           f"({exc.strerror or exc})") from None
-        result.written = True
+        with signals_deferred():   # Ctrl-C / SIGTERM wait: DST is never left half-replaced
+            try:
+                move_into_place(staging, target)
+            except OSError as exc:
+                raise BadInput(f"{dst}: cannot move the result into place "
+                               f"({exc.strerror or exc})") from None
+            result.written = True
         result.seconds["rename"] = time.perf_counter() - clock
         return result
+    except KeyboardInterrupt as exc:   # (SIGTERM too, from the CLI): say whether DST was written
+        exc.written = result.written
+        raise
     finally:
         if not result.written:
             shutil.rmtree(staging, ignore_errors=True)

@@ -9,6 +9,7 @@ compared: max absolute error ``max|a-b|`` and relative error ``max|a-b| / max|a|
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -40,6 +41,11 @@ class Verification:
     outputs: list[OutputError] = dataclasses.field(default_factory=list)
     reason: str | None = None            # why it failed or was skipped
     seconds: float = 0.0
+    source: str = "random inputs"        # or "--inputs", "warm-up records (n)"
+    mismatch: bool = False               # failed only by relative errors over the tolerance
+    noise_floor: float | None = None     # rel. error of the frozen, unfolded graph (see noise.py)
+    fed: list = dataclasses.field(default_factory=list, repr=False)   # the inputs run
+    reference_failed: bool = False       # the original itself fails on the given inputs
 
     @property
     def ok(self) -> bool:
@@ -55,12 +61,17 @@ class Verification:
 
     def line(self) -> str:
         if self.status == "skipped":
-            return f"{self.signature}: not verified ({self.reason})"
+            return f"{self.signature}: NOT VERIFIED ({self.reason})"
         shapes = ", ".join(f"{k}{list(v)}" for k, v in self.inputs.items())
         text = (f"{self.signature}: max abs error {self.max_abs:.3g}, max rel error "
-                f"{self.max_rel:.3g} over {len(self.outputs)} output(s), inputs {shapes}")
+                f"{self.max_rel:.3g} over {len(self.outputs)} output(s), {self.source} "
+                f"{shapes}")
+        if self.noise_floor is not None:
+            text += f", noise floor {self.noise_floor:.3g}"
         if self.status == "failed":
             text += f" -- FAILED: {self.reason}"
+        elif self.reason:
+            text += f" -- {self.reason}"
         return text
 
     def to_dict(self) -> dict:
@@ -68,6 +79,7 @@ class Verification:
                 "max_abs": self.max_abs, "max_rel": self.max_rel,
                 "inputs": {k: list(v) for k, v in self.inputs.items()},
                 "outputs": [o.to_dict() for o in self.outputs], "reason": self.reason,
+                "source": self.source, "noise_floor": self.noise_floor,
                 "seconds": self.seconds}
 
 
@@ -143,13 +155,18 @@ def compare(want, got) -> tuple[float, float]:
 
 
 def verify(name: str, reference, candidate, *, tolerance: float = 1e-5, batch: int = 1,
-           seed: int = 0) -> Verification:
+           seed: int = 0, feeds: list[dict] | None = None,
+           source: str | None = None) -> Verification:
     """Runs ``reference`` and ``candidate`` (ConcreteFunctions with the same inputs: a
     SavedModel's signature functions take keyword arguments) on the same random inputs and
-    compares every output."""
+    compares every output. ``feeds``: run these keyword-argument dicts instead (real inputs,
+    described by ``source``); the errors are the largest over all of them."""
     import time
     clock = time.perf_counter()
     result = Verification(name, "ok", tolerance)
+    if feeds is not None:
+        return _verify_feeds(result, reference, candidate, feeds, source or "given inputs",
+                             clock)
 
     def done(status=None, reason=None):
         if status:
@@ -181,16 +198,25 @@ def verify(name: str, reference, candidate, *, tolerance: float = 1e-5, batch: i
         return done("skipped", f"the original fails on random inputs: {_first_line(error)}")
 
     result.inputs = {label: tuple(t.shape.as_list()) for label, t in zip(labels, flat)}
+    if not args:
+        result.fed = [kwargs]
     try:
         got = candidate(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
         return done("failed", f"the optimized function fails: {_first_line(exc)}")
+    problem = _compare_outputs(result, want, got)
+    return done("failed", problem) if problem else done()
 
+
+def _compare_outputs(result: Verification, want, got) -> str | None:
+    """Adds (or widens) ``result.outputs`` with the errors of ``got`` against ``want``; returns
+    what is wrong, or None. Sets ``result.mismatch`` when only tolerances were exceeded."""
     want_flat, got_flat = _named(want), _named(got)
     if set(want_flat) != set(got_flat):
-        return done("failed", f"outputs {sorted(got_flat)} differ from the original's "
-                              f"{sorted(want_flat)}")
-    bad = []
+        result.mismatch = False
+        return f"outputs {sorted(got_flat)} differ from the original's {sorted(want_flat)}"
+    known = {o.name: o for o in result.outputs}
+    bad, numeric_only = [], True
     for key in sorted(want_flat):
         a, b = want_flat[key], got_flat[key]
         problem = None
@@ -201,13 +227,55 @@ def verify(name: str, reference, candidate, *, tolerance: float = 1e-5, batch: i
             problem = f"{key}: {exc}"
         if problem is None and a.dtype != b.dtype:
             problem = f"{key}: dtype {b.dtype.name} differs from the original's {a.dtype.name}"
-        if problem is None and not max_rel <= tolerance:
-            problem = f"{key}: relative error {max_rel:.3g} > tolerance {tolerance:g}"
-        result.outputs.append(OutputError(key, tuple(a.shape.as_list()), a.dtype.name,
-                                          max_abs, max_rel))
+        if problem is None and a.dtype == tf.string and max_abs > 0:
+            problem = f"{key}: strings differ from the original's"
+        numeric_only = numeric_only and problem is None
+        if problem is None and not max_rel <= result.tolerance:
+            problem = f"{key}: relative error {max_rel:.3g} > tolerance {result.tolerance:g}"
         if problem:
             bad.append(problem)
-    return done("failed", "; ".join(bad)) if bad else done()
+        if key in known:
+            known[key].max_abs = max(known[key].max_abs, max_abs)
+            known[key].max_rel = max(known[key].max_rel, max_rel)
+        else:
+            result.outputs.append(OutputError(key, tuple(a.shape.as_list()), a.dtype.name,
+                                              max_abs, max_rel))
+    result.mismatch = bool(bad) and numeric_only
+    return "; ".join(bad) if bad else None
+
+
+def _verify_feeds(result: Verification, reference, candidate, feeds: list[dict], source: str,
+                  clock: float) -> Verification:
+    import time
+    result.source = source
+    result.fed = list(feeds)
+    problems, numeric_only = [], True
+    for i, feed in enumerate(feeds):
+        kwargs = {k: tf.constant(v) for k, v in feed.items()}
+        if i == 0:
+            result.inputs = {k: tuple(t.shape.as_list()) for k, t in sorted(kwargs.items())}
+        try:
+            want = reference(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - the given inputs do not fit the original
+            result.status, result.reference_failed = "failed", True
+            result.reason = f"the original fails on {source} #{i}: {_first_line(exc)}"
+            break
+        try:
+            got = candidate(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            result.status, result.reason = "failed", \
+                f"the optimized function fails on {source} #{i}: {_first_line(exc)}"
+            break
+        problem = _compare_outputs(result, want, got)
+        if problem:
+            problems.append(problem)
+            numeric_only = numeric_only and result.mismatch
+    result.mismatch = bool(problems) and numeric_only and result.status == "ok"
+    if result.status == "ok" and problems:
+        result.status = "failed"
+        result.reason = f"on {source}: " + "; ".join(dict.fromkeys(problems))
+    result.seconds = time.perf_counter() - clock
+    return result
 
 
 def _labels(args_specs, kwargs_specs) -> list[str]:
@@ -233,5 +301,15 @@ def _named(outputs) -> dict[str, tf.Tensor]:
 
 
 def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    """``Type: first line``; for TensorFlow's "Graph execution error" the line that says what
+    went wrong, and the node."""
+    text = str(getattr(exc, "message", None) or exc).strip()
+    lines = text.splitlines()
+    first = lines[0] if lines else ""
+    if first.startswith("Graph execution error"):
+        said = [line for line in lines[1:] if line.strip() and not line[0].isspace() and
+                not line.startswith(("Detected at node", "<stack traces", "[["))]
+        node = re.search(r"Detected at node (\S+)", text)
+        if said:
+            first = said[0] + (f" (node {node.group(1)})" if node else "")
+    return f"{type(exc).__name__}: {first}".rstrip(": ")

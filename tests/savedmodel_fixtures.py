@@ -265,3 +265,121 @@ def build_tf1(path: str) -> None:
 
 
 BUILDERS["tf1"] = build_tf1
+
+
+# ---- serving pipelines: image bytes, warm-up records, extra files, several MetaGraphs --------
+
+EXTRA_FILES = {   # written beside the graph by "the pipeline": graphfold must keep them as they are
+    "assets.extra/notes.txt": b"exported by the test pipeline\n",
+    "model_card.md": b"# jpeg classifier\n",
+    "extra/nested/blob.bin": bytes(range(256)) * 3,
+}
+EMPTY_DIR = "extra/empty"
+
+
+def jpeg_bytes(seed: int, size=(12, 10)) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (*size, 3)).astype(np.uint8)
+    return tf.io.encode_jpeg(image, quality=95).numpy()
+
+
+def warmup_record(signature: str, inputs: dict) -> bytes:
+    """A serialized PredictionLog (predict_log) as TF Serving's warm-up file holds it."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "jpeg"
+    request.model_spec.signature_name = signature
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString()
+
+
+def write_tfrecord(path: str, records: list[bytes]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+
+
+class JpegClassifier(tf.Module):
+    """``serving_default``: encoded JPEG bytes, decoded and resized inside the signature, as
+    image services do; ``pixels``: the same network on float pixels."""
+
+    def __init__(self, labels_file: str):
+        super().__init__()
+        rng = np.random.default_rng(11)
+        self.w = tf.Variable(rng.normal(size=(3, 3, 3, 4)).astype("float32"))
+        self.b = tf.Variable(rng.normal(0, 0.2, 4).astype("float32"))
+        self.gamma, self.var = (tf.Variable(rng.uniform(0.5, 1.5, 4).astype("float32"))
+                                for _ in range(2))
+        self.beta, self.mean = (tf.Variable(rng.normal(0, 0.3, 4).astype("float32"))
+                                for _ in range(2))
+        self.dense = tf.Variable(rng.normal(size=(4, 3)).astype("float32"))
+        self.labels = tf.saved_model.Asset(labels_file)
+
+    def _scores(self, pixels):
+        y = tf.nn.bias_add(tf.nn.conv2d(pixels, self.w, 1, "SAME"), self.b)
+        y = tf.compat.v1.nn.fused_batch_norm(y, self.gamma, self.beta, self.mean, self.var,
+                                             is_training=False)[0]
+        return tf.matmul(tf.reduce_mean(tf.nn.relu(y), axis=[1, 2]), self.dense)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        def decode(data):
+            image = tf.cast(tf.io.decode_jpeg(data, channels=3), tf.float32) / 255.0
+            return tf.image.resize(image, [8, 8])
+        pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
+        return {"scores": self._scores(pixels)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="pixels")])
+    def serve_pixels(self, pixels):
+        return {"scores": self._scores(pixels)}
+
+
+def build_jpeg(path: str) -> None:
+    """The JPEG classifier with two warm-up records for ``serving_default``, an asset, files in
+    assets.extra/ and elsewhere, and an empty folder."""
+    labels = os.path.join(os.path.dirname(path), "labels.txt")
+    with open(labels, "w") as f:
+        f.write("cat\ndog\nbird\n")
+    module = JpegClassifier(labels)
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve_bytes,
+                                                  "pixels": module.serve_pixels})
+    os.remove(labels)
+    write_tfrecord(os.path.join(path, "assets.extra", "tf_serving_warmup_requests"), [
+        warmup_record("serving_default", {"image_bytes": np.array([jpeg_bytes(1),
+                                                                   jpeg_bytes(2)])}),
+        warmup_record("", {"image_bytes": np.array([jpeg_bytes(3)])}),   # "" = serving_default
+    ])
+    for rel, data in EXTRA_FILES.items():
+        os.makedirs(os.path.dirname(os.path.join(path, rel)), exist_ok=True)
+        with open(os.path.join(path, rel), "wb") as f:
+            f.write(data)
+    os.makedirs(os.path.join(path, EMPTY_DIR))
+
+
+def build_two_meta_graphs(path: str) -> None:
+    """A TF1 builder model with two MetaGraphs: tag-sets {serve} and {train}."""
+    rng = np.random.default_rng(12)
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 2], name="x")
+        w = tf.compat.v1.get_variable("w", initializer=rng.normal(size=(1, 1, 2, 3))
+                                      .astype("float32"))
+        scale, var = (tf.compat.v1.get_variable(n, initializer=rng.uniform(0.5, 1.5, 3)
+                                                .astype("float32")) for n in ("scale", "var"))
+        offset, mean = (tf.compat.v1.get_variable(n, initializer=rng.normal(0, 0.3, 3)
+                                                  .astype("float32")) for n in ("offset", "mean"))
+        y = tf.compat.v1.nn.fused_batch_norm(tf.nn.conv2d(x, w, 1, "SAME"), scale, offset, mean,
+                                             var, is_training=False)[0]
+        session.run(tf.compat.v1.global_variables_initializer())
+        signature = {"serving_default": tf.compat.v1.saved_model.predict_signature_def(
+            {"x": x}, {"y": y})}
+        builder = tf.compat.v1.saved_model.Builder(path)
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signature)
+        builder.add_meta_graph(["train"], signature_def_map=signature)
+        builder.save()
+
+
+BUILDERS["jpeg"] = build_jpeg
+BUILDERS["two_meta_graphs"] = build_two_meta_graphs

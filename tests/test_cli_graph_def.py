@@ -142,3 +142,18 @@ def test_a_wrong_rewrite_fails_verification_and_writes_nothing(frozen_pb, tmp_pa
     assert main(["optimize", frozen_pb, str(dst), "--output-names", "y"]) == 1
     assert "verification failed" in capsys.readouterr().err
     assert not dst.exists() and os.listdir(tmp_path) == []
+
+
+def test_verify_on_given_inputs_and_a_wrong_key(frozen_pb, tmp_path, capsys):
+    """``--inputs`` in ``saved_model_cli run``'s syntax, keyed by placeholder name."""
+    x = np.random.default_rng(3).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    dst = tmp_path / "out.pb"
+    assert main(["optimize", frozen_pb, str(dst), "--output-names", "y",
+                 "--inputs", f"image={tmp_path / 'x.npy'}", "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["signatures"]["graph"]["verification"]
+    assert check["status"] == "ok" and check["inputs"] == {"image": [3, 8, 8, 3]}
+    dst.unlink()
+    assert main(["optimize", frozen_pb, str(dst), "--inputs", f"pixels={tmp_path / 'x.npy'}"]) == 2
+    assert "'pixels' is not an input" in capsys.readouterr().err
+    assert not dst.exists()

@@ -1,0 +1,204 @@
+"""Which inputs each signature is verified on, running the checks, and the warm-up records
+written from them.
+
+A signature is verified on, in this order of preference: the inputs the user gave (``--inputs``
+/ ``--input_exprs``, API ``inputs=``) when they address it; else SRC's TF Serving warm-up records
+that call it (the first ``WARMUP_VERIFIED`` of them); else random inputs (``verify.py``).
+A signature whose original fails on random inputs and that has no real inputs is NOT VERIFIED.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from graphfold import inputs as inputs_
+from graphfold import noise, warmup
+from graphfold.verify import Verification, input_specs, verify
+
+WARMUP_VERIFIED = 16          # warm-up records verified per signature
+FIX_HINT = "give real inputs with --inputs KEY=FILE.npy or --input_exprs 'KEY=[...]'"
+
+
+def _bad(message: str):
+    from graphfold.saved_model import BadInput
+    return BadInput(message)
+
+
+def given_feeds(loaded, keys: list[str], given: dict | None) -> dict[str, list[dict]]:
+    """key -> [checked inputs] for the signatures the given inputs address: every signature
+    among ``keys`` that has all the given keys (with one signature, that one)."""
+    if not given:
+        return {}
+    specs = {key: input_specs(loaded.signatures[key]) for key in keys}
+    addressed = [k for k in keys if set(given) <= set(specs[k])] if len(keys) > 1 else keys
+    if not addressed:
+        listing = "; ".join(f"{k}: {', '.join(sorted(specs[k]))}" for k in keys)
+        raise _bad(f"--inputs: no signature has input(s) {', '.join(map(repr, sorted(given)))}"
+                   f" (inputs of each: {listing})")
+    return {key: [inputs_.check(key, specs[key], given)] for key in addressed}
+
+
+def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
+    """signature -> [checked inputs] of SRC's warm-up records (at most ``WARMUP_VERIFIED`` each).
+    A record that calls a missing signature or feeds it the wrong inputs is ``BadInput``: TF
+    Serving would refuse to load SRC too."""
+    path = os.path.join(src, warmup.PATH)
+    if not os.path.isfile(path):
+        return {}
+    if not warmup.available():
+        notes.append(f"{warmup.PATH} not replayed in verification: it needs "
+                     f"tensorflow-serving-api (pip install 'graphfold[serving]')")
+        return {}
+    requests, others = warmup.read(path)
+    if others:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
+        notes.append(f"{warmup.PATH}: {kinds} record(s) kept but not replayed (only "
+                     f"predict_log records are)")
+    feeds: dict[str, list[dict]] = {}
+    for request in requests:
+        where = f"{path}: record {request.index}"
+        if request.signature not in loaded.signatures:
+            raise _bad(f"{where} calls signature '{request.signature}', which SRC does not "
+                       f"have (it has: {', '.join(sorted(loaded.signatures))})")
+        specs = input_specs(loaded.signatures[request.signature])
+        checked = inputs_.check(request.signature, specs, request.inputs, origin=where)
+        if len(feeds.setdefault(request.signature, [])) < WARMUP_VERIFIED:
+            feeds[request.signature].append(checked)
+    return feeds
+
+
+def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict]],
+               recorded: dict[str, list[dict]], *, tolerance: float, batch: int,
+               progress) -> dict[str, Verification]:
+    """key -> Verification of ``candidate.signatures[key]`` against ``reference``'s, on the
+    preferred inputs of each signature, with the noise floor measured on a failure."""
+    checks = {}
+    for key in keys:
+        original = reference.signatures[key]
+        if key in given:
+            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
+                           feeds=given[key], source="--inputs")
+        elif key in recorded:
+            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
+                           feeds=recorded[key],
+                           source=f"warm-up records ({len(recorded[key])})")
+        else:
+            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
+                           batch=batch)
+        if check.reference_failed:      # real inputs the original itself cannot run
+            raise _bad(f"signature '{key}': {check.reason}")
+        if check.status == "skipped":
+            check.reason = f"{check.reason}; {FIX_HINT}"
+        noise.judge(check, original)
+        checks[key] = check
+        progress(f"  {check.line()}")
+    return checks
+
+
+def as_arrays(feed: dict) -> dict[str, np.ndarray]:
+    return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in feed.items()}
+
+
+def single_examples(feed: dict[str, np.ndarray], specs: dict) -> list[dict[str, np.ndarray]]:
+    """``feed`` split into requests of one example each when every input has an unknown leading
+    (batch) dimension of the same size; else ``[feed]``."""
+    sizes = {value.shape[0] if value.ndim else None for value in feed.values()}
+    batched = all(spec.shape.rank and spec.shape[0] is None for spec in specs.values())
+    if not batched or len(sizes) != 1 or None in sizes:
+        return [feed]
+    return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(sizes.pop())]
+
+
+def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], count: int,
+                   notes: list[str], loaded) -> list[bytes] | None:
+    """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
+    ``keys``: one example each, taken in turn from its verification inputs. None: nothing to
+    add."""
+    if not 1 <= count <= warmup.MAX_RECORDS:
+        raise _bad(f"--warmup {count}: must be between 1 and {warmup.MAX_RECORDS}")
+    path = os.path.join(src, warmup.PATH)
+    existing = warmup.read_raw(path) if os.path.isfile(path) else []
+    per_signature: dict[str, int] = {}
+    if existing:
+        for request in warmup.read(path)[0]:
+            per_signature[request.signature] = per_signature.get(request.signature, 0) + 1
+    added = []
+    for key in keys:
+        check = checks.get(key)
+        if check is None or check.status != "ok" or not check.fed:
+            notes.append(f"no warm-up records written for '{key}': it was not verified, so "
+                         f"there are no inputs known to run ({FIX_HINT})")
+            continue
+        missing = count - per_signature.get(key, 0)
+        specs = input_specs(loaded.signatures[key])
+        feeds = [one for feed in check.fed for one in single_examples(as_arrays(feed), specs)]
+        added.extend(warmup.build(key, feeds[i % len(feeds)]) for i in range(max(missing, 0)))
+    if not added:
+        return None
+    total = len(existing) + len(added)
+    if total > warmup.MAX_RECORDS:
+        raise _bad(f"--warmup {count}: {total} records in all ({len(existing)} from SRC, "
+                   f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
+    notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
+                 if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
+    return existing + added
+
+
+def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
+                        tolerance=1e-5, batch=1, progress=None):
+    """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
+    inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+
+    Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
+    signature of ``src`` (one missing from ``dst``, or with other input or output keys,
+    dtypes or method name, fails)."""
+    from graphfold.saved_model import (BadInput, SavedModelResult, _silent, _tags, load,
+                                       meta_graph_for, read_saved_model, select, signature_keys)
+    progress = progress or _silent
+    src, dst, tags = os.fspath(src), os.fspath(dst), _tags(tags)
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    metas = {}
+    for path in (src, dst):
+        metas[path] = meta_graph_for(read_saved_model(path), path, tags)
+    keys = select(signature_keys(metas[src]), signatures, src)
+    result = SavedModelResult(src, dst, tags)
+    result.all_signatures = sorted(signature_keys(metas[src]))
+    progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
+    reference, candidate = load(src, tags), load(dst, tags)
+    given = given_feeds(reference, keys, inputs)
+    recorded = warmup_feeds(src, reference, result.notes)
+    comparable = []
+    for key in keys:
+        problem = _signature_difference(metas[src].signature_def[key],
+                                        metas[dst].signature_def.get(key))
+        if problem is None and key not in candidate.signatures:
+            problem = "TensorFlow did not load it from DST"
+        if problem:
+            result.verification[key] = Verification(key, "failed", tolerance,
+                                                    reason=f"DST's signature: {problem}")
+            progress(f"  {result.verification[key].line()}")
+        else:
+            comparable.append(key)
+    progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
+    result.verification.update(run_checks(reference, candidate, comparable, given, recorded,
+                                          tolerance=tolerance, batch=batch, progress=progress))
+    return result
+
+
+def _signature_difference(want, got) -> str | None:
+    """What differs between two SignatureDefs (keys, dtypes, method name), or None."""
+    if got is None:
+        return "missing"
+    if want.method_name != got.method_name:
+        return f"method name {got.method_name!r}, not {want.method_name!r}"
+    for side in ("inputs", "outputs"):
+        a, b = getattr(want, side), getattr(got, side)
+        if sorted(a) != sorted(b):
+            return f"{side} {sorted(b)}, not {sorted(a)}"
+        for name in a:
+            if a[name].dtype != b[name].dtype:
+                return f"{side[:-1]} {name!r} has another dtype"
+    return None
