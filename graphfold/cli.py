@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
     opt.add_argument("--batch", type=_positive, default=1, metavar="N",
                      help="size of an unknown batch dimension in verification (default 1)")
+    opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
+                     help="where the folded weights go: constants in saved_model.pb, variables "
+                          "in variables/, or auto (default): constants up to 1 GiB, variables "
+                          "above")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
@@ -273,7 +277,7 @@ def cmd_optimize(args, console: Console) -> int:
         result = optimize_saved_model(
             args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
             verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-            batch=args.batch, progress=console.progress)
+            batch=args.batch, weights=args.weights, progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()

@@ -10,38 +10,55 @@ from graphfold import apply as apply_
 from graphfold.affine import BATCH_NORM_OPS, Affine, batch_norm_name, find_affines, refresh
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
-from graphfold.function import FoldedFunction, import_graph, with_signature
+from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph
 from graphfold.plan import Blocked, plan_backward, plan_forward
 from graphfold.report import Entry, FoldReport
+from graphfold.weights import Weights
 
 
-def rewrite(fn) -> FoldedFunction:
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
-    modified. Returns a ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``.
+    modified. ``weights``: "constants" (``Const`` nodes of the new function) or "variables"
+    (variables it captures: ``.variables``). Returns a ``FoldedFunction`` called like ``fn``,
+    with ``.graph_def`` and ``.report``; ``keep_graph_def=False`` lets the weights go once they
+    are bound (then ``.graph_def`` is not available).
+    """
+    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    clock = time.perf_counter()
+    pruned = import_graph(graph_def, inputs, outputs, held)
+    bound, variables = bind_weights(held, weights)
+    function = with_signature(pruned, concrete, bound)
+    report.seconds["import"] = time.perf_counter() - clock
+    if not keep_graph_def:
+        held.keep_only(())
+        graph_def = held = None
+    return FoldedFunction(function, graph_def, report, held, variables)
+
+
+def fold(fn):
+    """Freeze and fold ``fn``, keeping its weights out of the GraphDef: ``(concrete function,
+    optimized GraphDef with stub constants, their Weights, input and output tensors, report)``.
     """
     concrete = as_concrete_function(fn)
     seconds = {}
     clock = time.perf_counter()
-    frozen = freeze(concrete)
+    frozen = freeze(concrete, Weights())
     seconds["freeze"] = time.perf_counter() - clock
-
     graph_def, report = optimize_graph_def(frozen.graph_def, frozen.inputs, frozen.outputs,
-                                           frozen.shapes, seconds)
-    clock = time.perf_counter()
-    pruned = import_graph(graph_def, frozen.inputs, frozen.outputs)
-    function = with_signature(pruned, concrete)
-    seconds["import"] = time.perf_counter() - clock
+                                           frozen.shapes, seconds, weights=frozen.weights)
+    frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
-    return FoldedFunction(function, graph_def, report)
+    return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
 
 
-def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
+def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None):
     """Folds a frozen GraphDef (a copy: ``graph_def`` is not modified).
 
-    Returns the optimized GraphDef and its ``FoldReport``.
+    ``weights``: the ``graphfold.weights.Weights`` of its stub constants, if it has any; updated
+    to hold those of the result. Returns the optimized GraphDef and its ``FoldReport``.
     """
     # Python's cyclic GC off meanwhile: the rewrite makes no cycles, but its many long-lived
     # objects trigger full collections that walk TensorFlow's whole heap, which made the time per
@@ -49,18 +66,18 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds)
+        return _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds, weights)
     finally:
         if enabled:
             gc.enable()
 
 
-def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
+def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None):
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
     work.CopyFrom(graph_def)
-    graph = Graph(work, shapes, outputs)
+    graph = Graph(work, shapes, outputs, weights)
     graph.validate()
     ops_before = graph.op_counts()
     notes = _control_flow_notes(work)

@@ -153,8 +153,8 @@ def test_lookup_table_copied_through_with_assets_and_training_bn_reported(src, t
 def test_a_wrong_rewrite_is_caught_and_nothing_is_written(src, tmp_path, monkeypatch):
     real = graphfold.rewrite
 
-    def off_by_one_percent(fn):
-        folded = real(fn)
+    def off_by_one_percent(fn, **kwargs):
+        folded = real(fn, **kwargs)
         inner = folded.function
         _, specs = fn.structured_input_signature
 
