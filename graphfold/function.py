@@ -111,8 +111,9 @@ def bind_weights(weights, mode: str) -> tuple[Callable[[], list], list[tf.Variab
     one named after the node), returned so that a SavedModel can track them."""
     names = weights.names()
     if mode == "constants":
-        return (lambda: [tf.constant(weights.get(name), name=_op_name(name))
-                         for name in names]), []
+        with tf.init_scope():
+            tensors = [tf.constant(weights.get(name)) for name in names]
+        return (lambda: tensors), []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
     variables = [weights.variable(name) or

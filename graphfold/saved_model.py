@@ -410,6 +410,11 @@ def _empty_dir(path: str) -> None:
 def restore_metadata(path: str, original_meta_graph) -> None:
     """``tf.saved_model.save`` writes one MetaGraph tagged ``serve`` whose signatures are all
     Predict signatures: put back the original tag set and method names (Classify, Regress)."""
+    saved_tags, saved_method = {tf.saved_model.SERVING}, tf.saved_model.PREDICT_METHOD_NAME
+    if set(original_meta_graph.meta_info_def.tags) == saved_tags and all(
+            s.method_name in ("", saved_method)
+            for s in original_meta_graph.signature_def.values()):
+        return     # nothing to put back: do not parse (and hold) a saved_model.pb of weights
     proto = read_saved_model(path)
     meta = proto.meta_graphs[0]
     changed = False
