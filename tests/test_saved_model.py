@@ -73,8 +73,9 @@ def test_keras3_export_all_signatures_folded_and_exact(src, tmp_path):
     assert size(os.path.join(dst, "variables")) < size(os.path.join(source, "variables")) / 4
     # `serve` and `serving_default` are one function: its folded constants are saved once
     from graphfold.saved_model import read_saved_model
-    library = read_saved_model(dst).meta_graphs[0].graph_def.library
-    stem_kernels = [n for f in library.function for n in f.node_def if n.op == "Const" and
+    graph_def = read_saved_model(dst).meta_graphs[0].graph_def
+    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+    stem_kernels = [n for n in nodes if n.op == "Const" and
                     [d.size for d in n.attr["value"].tensor.tensor_shape.dim] == [3, 3, 3, 16]]
     assert len(stem_kernels) == 1
     # readable by others, like any directory the user creates
