@@ -111,8 +111,12 @@ def bind_weights(weights, mode: str) -> tuple[Callable[[], list], list[tf.Variab
     one named after the node), returned so that a SavedModel can track them."""
     names = weights.names()
     if mode == "constants":
+        # Eager tensors the function captures: a SavedModel writes them as Const nodes. Made
+        # through a variable's value, one copy of the array (tf.constant makes two), none for a
+        # value still the original variable's buffer.
         with tf.init_scope():
-            tensors = [tf.constant(weights.get(name)) for name in names]
+            tensors = [(weights.variable(name) or tf.Variable(weights.get(name))).value()
+                       for name in names]
         return (lambda: tensors), []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
