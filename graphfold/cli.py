@@ -21,30 +21,40 @@ EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 
 
 class Console:
-    """Progress lines on stderr with the elapsed time; results on stdout."""
+    """Progress lines on stderr with the elapsed time, and a heartbeat while a stage runs
+    (``graphfold.progress``); results on stdout."""
 
     def __init__(self, quiet: bool = False, json_mode: bool = False, out=None, err=None):
+        from graphfold.progress import Heartbeat
         self.quiet, self.json_mode = quiet, json_mode
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.start = time.perf_counter()
+        self.heartbeat = Heartbeat(self.err, lambda: f"[{self.elapsed():6.1f}s]")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def progress(self, line: str) -> None:
-        if not self.quiet:
-            print(f"[{self.elapsed():6.1f}s] {line}", file=self.err, flush=True)
+        if not self.quiet:   # an indented line is a stage's result, any other starts a stage
+            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {line}",
+                                stage=None if line.startswith(" ") else line)
+
+    def done(self) -> None:
+        self.heartbeat.stop()
 
     def print(self, text: str = "") -> None:
         """Human-readable results: not with --quiet or --json."""
+        self.heartbeat.stop()
         if not self.quiet and not self.json_mode:
             print(text, file=self.out, flush=True)
 
     def error(self, message: str) -> None:
+        self.heartbeat.stop()
         print(f"graphfold: error: {message}", file=self.err, flush=True)
 
     def json(self, document: dict) -> None:
+        self.heartbeat.stop()
         if self.json_mode:
             print(dumps(document), file=self.out, flush=True)
 
@@ -378,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "demo": cmd_demo}
     try:
         with _quiet_tensorflow():
-            return commands[args.command](args, console)
+            try:
+                return commands[args.command](args, console)
+            finally:
+                console.done()
     except GraphfoldError as exc:
         console.error(str(exc))
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,

@@ -115,15 +115,20 @@ def bind_weights(weights, mode: str) -> tuple[Callable[[], list], list[tf.Variab
         # through a variable's value, one copy of the array (tf.constant makes two), none for a
         # value still the original variable's buffer.
         with tf.init_scope():
-            tensors = [(weights.variable(name) or tf.Variable(weights.get(name))).value()
-                       for name in names]
+            tensors = [_variable(weights, name, tf.Variable).value() for name in names]
         return (lambda: tensors), []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
-    variables = [weights.variable(name) or
-                 tf.Variable(weights.get(name), trainable=False, name=_op_name(name))
+    variables = [_variable(weights, name, lambda a: tf.Variable(a, trainable=False,
+                                                                 name=_op_name(name)))
                  for name in names]
     return (lambda: [v.value() for v in variables]), variables
+
+
+def _variable(weights, name: str, new) -> tf.Variable:
+    """The original variable still holding the value of ``name``, else ``new(value)``."""
+    original = weights.variable(name)
+    return original if original is not None else new(weights.get(name))
 
 
 def _op_name(node: str) -> str:

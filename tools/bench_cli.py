@@ -170,9 +170,14 @@ def measure(path: str, workdir: str, commands: list[str], weights: str) -> dict:
             os.remove(marks)
         dst = os.path.join(workdir, "out")
         argv = [sys.executable, "-c", MARKED, marks, command, path]
+        report = os.path.join(workdir, "report.json")
         if command == "optimize":
-            argv += [dst, "--overwrite", "--weights", weights]
+            argv += [dst, "--overwrite", "--weights", weights, "--report", report]
         row[command] = run_child(argv, marks)
+        if command == "optimize" and os.path.exists(report):
+            with open(report) as f:
+                row["weights"] = json.load(f).get("weights")
+            os.remove(report)
         shutil.rmtree(dst, ignore_errors=True)
     return row
 
@@ -188,12 +193,12 @@ def stage_cell(run: dict) -> str:
 
 
 def markdown(rows: dict) -> str:
-    lines = ["| model | weights MB | reference s | reference peak GiB | optimize s | × ref | "
+    lines = ["| model | weights MB | written as | reference s | reference peak GiB | optimize s | × ref | "
              "optimize peak GiB | (peak − ref) / weights | inspect s | × ref |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         ref, opt, ins = r["reference"], r.get("optimize"), r.get("inspect")
-        cells = [name, f"{r['weight_mb']:.0f}", f"{ref['wall']:.1f}",
+        cells = [name, f"{r['weight_mb']:.0f}", r.get("weights") or "–", f"{ref['wall']:.1f}",
                  f"{ref['peak_mib'] / 1024:.2f}"]
         if opt:
             over = (opt["peak_mib"] - ref["peak_mib"]) * 2**20 / (r["weight_mb"] * 1e6)
@@ -267,8 +272,9 @@ def main(argv=None) -> int:
         os.makedirs(args.cache, exist_ok=True)
         for name in names:
             path = ensure_model(args.cache, name)
-            rows[name] = measure(path, args.cache, args.commands.split(","), args.weights)
-            print(markdown({name: rows[name]}).splitlines()[2], file=sys.stderr, flush=True)
+            key = name if args.weights == "auto" else f"{name} ({args.weights})"
+            rows[key] = measure(path, args.cache, args.commands.split(","), args.weights)
+            print(markdown({key: rows[key]}).splitlines()[2], file=sys.stderr, flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
