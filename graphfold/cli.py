@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="size of an unknown batch dimension in verification (default 1)")
     opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
                      help="where the folded weights go: constants in saved_model.pb, variables "
-                          "in variables/, or auto (default): constants up to 1 GiB, variables "
-                          "above")
+                          "in variables/, or auto (default): constants up to 512 MiB of weights, "
+                          "variables above")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")

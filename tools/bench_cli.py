@@ -182,6 +182,63 @@ def measure(path: str, workdir: str, commands: list[str], weights: str) -> dict:
     return row
 
 
+# ---- serving latency: weights as constants against weights as variables ---------------------------
+LATENCY = """
+import json, random, sys, time
+import numpy as np, tensorflow as tf
+paths, batch, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+fns = {k: tf.saved_model.load(p).signatures["serving_default"] for k, p in paths.items()}
+_, specs = next(iter(fns.values())).structured_input_signature
+x = {k: tf.constant(np.random.default_rng(0).standard_normal(
+         [batch] + s.shape.as_list()[1:]).astype(s.dtype.as_numpy_dtype)) for k, s in specs.items()}
+for fn in fns.values():
+    for _ in range(3):
+        fn(**x)
+times = {k: [] for k in fns}
+for _ in range(rounds):
+    order = list(fns)
+    random.shuffle(order)
+    for k in order:
+        start = time.perf_counter()
+        out = fns[k](**x)
+        [t.numpy() for t in out.values()]
+        times[k].append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+
+def latency(path: str, workdir: str, batch: int, rounds: int) -> dict:
+    """Median ms per call of ``serving_default`` of the original, of graphfold's output with
+    the weights as constants and as variables (each loaded with ``tf.saved_model.load``),
+    interleaved in one process; and each ratio as the median of the per-round ratios."""
+    import numpy as np
+    paths = {"original": path}
+    for mode in ("constants", "variables"):
+        paths[mode] = os.path.join(workdir, f"latency-{mode}")
+        subprocess.run([sys.executable, "-m", "graphfold", "optimize", path, paths[mode],
+                        "--overwrite", "--quiet", "--weights", mode], check=True, env=ENV)
+    done = subprocess.run([sys.executable, "-c", LATENCY, json.dumps(paths), str(batch),
+                           str(rounds)], check=True, env=ENV, capture_output=True, text=True)
+    times = {k: np.array(v) for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
+    for mode in ("constants", "variables"):
+        shutil.rmtree(paths[mode], ignore_errors=True)
+    result = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    result["constants/original"] = float(np.median(times["constants"] / times["original"]))
+    result["variables/constants"] = float(np.median(times["variables"] / times["constants"]))
+    result.update(batch=batch, rounds=rounds)
+    return result
+
+
+def latency_markdown(rows: dict) -> str:
+    lines = ["| model | batch | original ms | constants ms | variables ms | constants / original "
+             "| variables / constants |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['batch']} | {r['original']:.2f} | {r['constants']:.2f} | "
+                     f"{r['variables']:.2f} | {r['constants/original']:.3f} | "
+                     f"{r['variables/constants']:.3f} |")
+    return "\n".join(lines)
+
+
 # ---- reporting ------------------------------------------------------------------------------------
 def stage_cell(run: dict) -> str:
     stages, previous = run.get("stages") or [], 0.0
@@ -257,8 +314,27 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the measurements here (merged with its rows)")
     parser.add_argument("--from-json", help="print tables (and --plot) from saved measurements")
     parser.add_argument("--plot", help="PNG of the size sweep")
+    parser.add_argument("--latency", action="store_true",
+                        help="instead: serving latency, weights as constants vs variables")
+    parser.add_argument("--batch", type=int, default=1, help="--latency: batch size")
+    parser.add_argument("--rounds", type=int, default=30, help="--latency: calls of each")
     args = parser.parse_args(argv)
 
+    if args.latency:
+        rows = {}
+        if args.json and os.path.exists(args.json):
+            with open(args.json) as f:
+                rows = json.load(f)
+        for name in [m for m in args.models.split(",") if m] + \
+                [f"{s}MB" for s in args.sizes.split(",") if s]:
+            path = ensure_model(args.cache, name)
+            rows[f"{name} batch {args.batch}"] = latency(path, args.cache, args.batch,
+                                                         args.rounds)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+        print(latency_markdown(rows))
+        return 0
     if args.from_json:
         with open(args.from_json) as f:
             rows = json.load(f)
