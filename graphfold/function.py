@@ -104,31 +104,37 @@ def _python_signature(original, args, kwargs) -> inspect.Signature | None:
         return None
 
 
-def bind_weights(weights, mode: str) -> tuple[Callable[[], list], list[tf.Variable]]:
+def bind_weights(weights, mode: str,
+                 release: bool = False) -> tuple[Callable[[], list], list[tf.Variable]]:
     """``(extra, variables)`` for ``with_signature``: the stub constants' values as ``Const``
     nodes of the traced function (``mode`` "constants") or as variables it captures
     ("variables": the original variable where a value is still exactly its buffer, else a new
-    one named after the node), returned so that a SavedModel can track them."""
+    one named after the node), returned so that a SavedModel can track them. ``release``: drop
+    each array from ``weights`` once it is bound (at most one weight is held twice at a time)."""
     names = weights.names()
     if mode == "constants":
         # Eager tensors the function captures: a SavedModel writes them as Const nodes. Made
         # through a variable's value, one copy of the array (tf.constant makes two), none for a
         # value still the original variable's buffer.
         with tf.init_scope():
-            tensors = [_variable(weights, name, tf.Variable).value() for name in names]
+            tensors = [_variable(weights, name, tf.Variable, release).value()
+                       for name in names]
         return (lambda: tensors), []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
     variables = [_variable(weights, name, lambda a: tf.Variable(a, trainable=False,
-                                                                 name=_op_name(name)))
+                                                                 name=_op_name(name)), release)
                  for name in names]
     return (lambda: [v.value() for v in variables]), variables
 
 
-def _variable(weights, name: str, new) -> tf.Variable:
+def _variable(weights, name: str, new, release: bool) -> tf.Variable:
     """The original variable still holding the value of ``name``, else ``new(value)``."""
     original = weights.variable(name)
-    return original if original is not None else new(weights.get(name))
+    variable = original if original is not None else new(weights.get(name))
+    if release:
+        weights.discard(name)
+    return variable
 
 
 def _op_name(node: str) -> str:

@@ -21,15 +21,15 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
-    modified. ``weights``: "constants" (``Const`` nodes of the new function) or "variables"
-    (variables it captures: ``.variables``). Returns a ``FoldedFunction`` called like ``fn``,
+    modified. ``weights``: "constants" (tensors the new function captures, which a SavedModel
+    writes as ``Const`` nodes) or "variables" (variables it captures: ``.variables``). Returns a ``FoldedFunction`` called like ``fn``,
     with ``.graph_def`` and ``.report``; ``keep_graph_def=False`` lets the weights go once they
     are bound (then ``.graph_def`` is not available).
     """
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
     clock = time.perf_counter()
     pruned = import_graph(graph_def, inputs, outputs, held)
-    bound, variables = bind_weights(held, weights)
+    bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = with_signature(pruned, concrete, bound)
     report.seconds["import"] = time.perf_counter() - clock
     if not keep_graph_def:
