@@ -113,13 +113,17 @@ def bind_weights(weights, mode: str,
     each array from ``weights`` once it is bound (at most one weight is held twice at a time)."""
     names = weights.names()
     if mode == "constants":
-        # Eager tensors the function captures: a SavedModel writes them as Const nodes. Made
-        # through a variable's value, one copy of the array (tf.constant makes two), none for a
-        # value still the original variable's buffer.
-        with tf.init_scope():
-            tensors = [_variable(weights, name, tf.Variable, release).value()
-                       for name in names]
-        return (lambda: tensors), []
+        # ``Const`` nodes of the traced function itself: TensorFlow then sees the weights as
+        # constants (oneDNN caches its reordered filters), which serves ResNet50 about 1.5x
+        # faster than the same weights captured as inputs (docs/benchmarks.md).
+        def constants():
+            values = []
+            for name in names:
+                values.append(tf.constant(weights.get(name), name=_op_name(name)))
+                if release:
+                    weights.discard(name)
+            return values
+        return constants, []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
     variables = [_variable(weights, name, lambda a: tf.Variable(a, trainable=False,
