@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="size of an unknown batch dimension in verification (default 1)")
     opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
                      help="where the folded weights go: constants in saved_model.pb, variables "
-                          "in variables/, or auto (default): constants up to 512 MiB of weights, "
+                          "in variables/, or auto (default): constants up to 256 MiB of weights, "
                           "variables above")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",

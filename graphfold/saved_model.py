@@ -249,10 +249,10 @@ def _function_fingerprint(fn) -> str:
 WEIGHTS = ("auto", "constants", "variables")
 # ``weights="auto"`` writes constants while the weights of all distinct rewritten functions
 # together stay under this many bytes, variables above it: saved_model.pb must stay well under
-# protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and writing
-# constants costs about 6x their size in memory (TensorFlow's save serializes them through four
-# copies), variables about 2x (docs/benchmarks.md).
-AUTO_VARIABLES_ABOVE = 512 << 20
+# protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and constants cost
+# about 19x their size in peak memory to trace, save and verify (TensorFlow copies a function's
+# constants at each step), variables about 2x (docs/benchmarks.md).
+AUTO_VARIABLES_ABOVE = 256 << 20
 
 
 def weight_bytes(loaded, keys: list[str]) -> int:
