@@ -279,7 +279,8 @@ def plot(rows: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sweep = {k: r for k, r in rows.items() if k.endswith("MB") and r.get("optimize")}
+    sweep = dict(sorted(((k, r) for k, r in rows.items() if k.endswith("MB") and
+                         r.get("optimize")), key=lambda item: item[1]["weight_mb"]))
     if not sweep:
         return
     gb = [r["weight_mb"] / 1e3 for r in sweep.values()]
@@ -297,6 +298,11 @@ def plot(rows: dict, path: str) -> None:
     right.set_xlabel("weights (GB)")
     right.set_ylabel("peak RSS (GiB)")
     right.legend()
+    for axis, key in ((left, "wall"), (right, "peak_mib")):
+        scale = 1 if key == "wall" else 1 / 1024
+        for r, x in zip(sweep.values(), gb):
+            axis.annotate(r.get("weights") or "", (x, r["optimize"][key] * scale),
+                          textcoords="offset points", xytext=(4, -10), fontsize=7)
     fig.suptitle("graphfold optimize against loading the model (synthetic MatMul+BN stacks)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
