@@ -193,7 +193,8 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
             result[key] = result[first[key]]
             if first[key] in result.unchanged:
                 result.unchanged[key] = result.unchanged[first[key]]
-            functions[key] = functions[first[key]]
+            if first[key] in functions:      # not with bind=False: nothing was built
+                functions[key] = functions[first[key]]
             progress(f"  '{key}': the same function as '{first[key]}' (folded once)")
             continue
         progress(f"freezing and folding signature '{key}'")

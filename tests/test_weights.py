@@ -161,3 +161,14 @@ def test_rewrite_with_variables_matches_the_original():
     x = tf.constant(np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32))
     assert F.rel_err(fn(x), folded(x)) <= TOL
     assert len(folded.report.folded) == 1
+
+
+def test_inspect_reports_both_keys_of_one_function(src, capsys):
+    """inspect folds the shared function once and builds nothing: both keys are reported."""
+    from graphfold.saved_model import inspect_saved_model
+    result = inspect_saved_model(src("keras3"))
+    assert sorted(result) == ["serve", "serving_default"]
+    assert result["serve"] is result["serving_default"]
+    assert len(result["serve"].folded) == 7
+    assert main(["inspect", src("keras3")]) == 0
+    assert "same graph as 'serve'" in capsys.readouterr().out

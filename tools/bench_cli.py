@@ -264,8 +264,8 @@ def markdown(rows: dict) -> str:
                       f"{over:.1f}"]
         else:
             cells += ["–"] * 4
-        cells += ([f"{ins['wall']:.1f}", f"{ins['wall'] / ref['wall']:.2f}"] if ins
-                  else ["–", "–"])
+        cells += ([f"{ins['wall']:.1f}" + ("" if ins["exit"] == 0 else f" (exit {ins['exit']})"),
+                   f"{ins['wall'] / ref['wall']:.2f}"] if ins else ["–", "–"])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Stages of `graphfold optimize` (seconds / peak GiB within the stage):", "",
               "| model | stages |", "|---|---|"]
