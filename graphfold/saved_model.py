@@ -254,6 +254,7 @@ WEIGHTS = ("auto", "constants", "variables")
 # about 19x their size in peak memory to trace, save and verify (TensorFlow copies a function's
 # constants at each step), variables about 2x (docs/benchmarks.md).
 AUTO_VARIABLES_ABOVE = 256 << 20
+PROTOBUF_LIMIT = 2 << 30          # bytes: no protobuf message (saved_model.pb) can be larger
 
 
 def weight_bytes(loaded, keys: list[str]) -> int:
@@ -272,6 +273,9 @@ def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     """``(constants or variables, a note saying why when auto switched)``."""
     if mode not in WEIGHTS:
         raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {mode!r}")
+    if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
+        raise BadInput(f"{nbytes / 2**30:.2f} GiB of weights cannot be constants: saved_model.pb "
+                       f"would pass protobuf's 2 GiB limit (use --weights variables, or auto)")
     if mode != "auto":
         return mode, None
     if nbytes <= AUTO_VARIABLES_ABOVE:

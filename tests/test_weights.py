@@ -172,3 +172,10 @@ def test_inspect_reports_both_keys_of_one_function(src, capsys):
     assert len(result["serve"].folded) == 7
     assert main(["inspect", src("keras3")]) == 0
     assert "same graph as 'serve'" in capsys.readouterr().out
+
+
+def test_constants_past_the_protobuf_limit_are_refused(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(saved_model, "PROTOBUF_LIMIT", 1000)         # bytes: this model is over
+    with pytest.raises(BadInput, match="cannot be constants.*--weights variables"):
+        graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="constants")
+    assert not os.listdir(tmp_path)                                  # nothing written
