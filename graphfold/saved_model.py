@@ -177,10 +177,10 @@ def load(src: str, tags: Iterable[str]):
 def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
                        progress: Progress, weights: str = "constants",
                        bind: bool = True) -> tuple[dict, list]:
-    """``(key -> ConcreteFunction to save, for every signature in ``keys``; the variables those
-    functions capture, to save with them)``. ``weights``: how the
-    folded functions hold theirs ("constants" or "variables"). Signatures that are one function
-    (Keras' ``serve`` and ``serving_default``) are folded once and share the result.
+    """``(functions, variables)``: key -> ConcreteFunction to save, for every signature in
+    ``keys``, and the variables those functions capture (to save with them). ``weights``: how
+    the folded functions hold theirs ("constants" or "variables"). Signatures that are one
+    function (Keras' ``serve`` and ``serving_default``) are folded once and share the result.
     ``bind=False`` (inspect): fold and report only, no function is built."""
     import graphfold                        # late: graphfold/__init__ imports this module
     from graphfold.rewrite import fold
