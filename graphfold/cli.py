@@ -23,30 +23,40 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
 
 
 class Console:
-    """Progress lines on stderr with the elapsed time; results on stdout."""
+    """Progress lines on stderr with the elapsed time, and a heartbeat while a stage runs
+    (``graphfold.progress``); results on stdout."""
 
     def __init__(self, quiet: bool = False, json_mode: bool = False, out=None, err=None):
+        from graphfold.progress import Heartbeat
         self.quiet, self.json_mode = quiet, json_mode
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.start = time.perf_counter()
+        self.heartbeat = Heartbeat(self.err, lambda: f"[{self.elapsed():6.1f}s]")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def progress(self, line: str) -> None:
-        if not self.quiet:
-            print(f"[{self.elapsed():6.1f}s] {line}", file=self.err, flush=True)
+        if not self.quiet:   # an indented line is a stage's result, any other starts a stage
+            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {line}",
+                                stage=None if line.startswith(" ") else line)
+
+    def done(self) -> None:
+        self.heartbeat.stop()
 
     def print(self, text: str = "") -> None:
         """Human-readable results: not with --quiet or --json."""
+        self.heartbeat.stop()
         if not self.quiet and not self.json_mode:
             print(text, file=self.out, flush=True)
 
     def error(self, message: str) -> None:
+        self.heartbeat.stop()
         print(f"graphfold: error: {message}", file=self.err, flush=True)
 
     def json(self, document: dict) -> None:
+        self.heartbeat.stop()
         if self.json_mode:
             print(dumps(document), file=self.out, flush=True)
 
@@ -114,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
     opt.add_argument("--batch", type=_positive, default=1, metavar="N",
                      help="size of an unknown batch dimension of random inputs (default 1)")
+    opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
+                     help="where the folded weights go: constants in saved_model.pb, variables "
+                          "in variables/, or auto (default): constants up to 256 MiB of weights, "
+                          "variables above")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
@@ -355,7 +369,7 @@ def cmd_optimize(args, console: Console) -> int:
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
                 batch=args.batch, drop_other_tag_sets=args.drop_other_tag_sets,
                 inputs=feeds or None, require_verification=args.require_verification,
-                warmup=args.warmup, progress=console.progress)
+                warmup=args.warmup, weights=args.weights, progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
@@ -534,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
                 "demo": cmd_demo}
     try:
         with _quiet_tensorflow(), _sigterm_as_interrupt():
-            return commands[args.command](args, console)
+            try:
+                return commands[args.command](args, console)
+            finally:
+                console.done()
     except GraphfoldError as exc:
         console.error(str(exc))
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,

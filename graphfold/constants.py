@@ -52,7 +52,7 @@ def _div(node, x, y):
 def _same_type(fn):
     """Applies ``fn`` and keeps the dtype of the first argument (NumPy may promote)."""
     def evaluate(node, *args):
-        return np.asarray(fn(*args)).astype(args[0].dtype)
+        return np.asarray(fn(*args)).astype(args[0].dtype, copy=False)
     return evaluate
 
 
@@ -115,7 +115,7 @@ def _evaluate(node, values):
         return None
     if node.op not in ("Cast", "Shape", "Prod", "Fill", "Tile") and "T" in node.attr:
         expected = tf.as_dtype(node.attr["T"].type).as_numpy_dtype
-        result = result.astype(expected)
+        result = result.astype(expected, copy=False)   # no copy of a weight read through
     return result
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import convert_to_constants
 
 from graphfold.graph import canonical
 from graphfold.shapes import CALL_OPS, infer_shapes
+from graphfold.weights import Weights, stub
 
 
 WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
@@ -29,6 +31,7 @@ class Frozen:
     inputs: list[str]                 # placeholder tensors, in the flat order of the signature
     outputs: list[str]                # fetched tensors, in the flat order of the outputs
     shapes: dict[str, tuple | None]   # static shape of every tensor in the frozen graph
+    weights: Weights | None = None    # values of the stub constants (see graphfold.weights)
 
 
 def as_concrete_function(fn) -> tf.types.experimental.ConcreteFunction:
@@ -75,29 +78,46 @@ def check_freezable(fn: tf.types.experimental.ConcreteFunction) -> None:
                            "moving statistics, ...), which cannot be frozen into constants")
 
 
-def freeze(fn: tf.types.experimental.ConcreteFunction) -> Frozen:
-    """The frozen GraphDef of ``fn`` (``fn`` itself is left as it was)."""
+def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None = None) -> Frozen:
+    """The frozen GraphDef of ``fn`` (``fn`` itself is left as it was).
+
+    With ``weights``, no weight is copied into the GraphDef: each variable becomes a stub
+    ``Const`` whose value is a read-only view of the variable's buffer, held in ``weights``, and
+    so does every other constant of ``weights.threshold`` bytes or more.
+    """
     check_freezable(fn)
-    frozen_fn, graph_def = convert_to_constants.convert_variables_to_constants_v2_as_graph(
-        fn, lower_control_flow=False, aggressive_inlining=True)
+    if weights is None:
+        frozen_fn, graph_def = convert_to_constants.convert_variables_to_constants_v2_as_graph(
+            fn, lower_control_flow=False, aggressive_inlining=True)
+        frozen_graph = frozen_fn.graph
+    else:
+        graph_def = _freeze_without_weights(fn, weights)
+        frozen_graph = tf.Graph()
+        with frozen_graph.as_default():
+            tf.graph_util.import_graph_def(weights.as_placeholders(graph_def), name="")
     # Freezing changes the signature of a call that is not inlined (an XLA-compiled function,
     # e.g. Keras' grouped Conv2D on CPU): its outputs, and everything after them, lose their
     # static shapes in the frozen graph. Same node name, same tensor: take them from ``fn``.
     original = {canonical(f"{op.name}:{i}"): out.shape
                 for op in fn.graph.get_operations() for i, out in enumerate(op.outputs)}
     shapes = {}
-    for op in frozen_fn.graph.get_operations():
+    for op in frozen_graph.get_operations():
         for i, out in enumerate(op.outputs):
             name = canonical(f"{op.name}:{i}")
             shapes[name] = _shape_of(out, original.get(name))
-    inputs = [canonical(t.name) for t in frozen_fn.inputs]
-    outputs = [canonical(t.name) for t in frozen_fn.outputs]
+    if weights is None:
+        inputs = [canonical(t.name) for t in frozen_fn.inputs]
+        outputs = [canonical(t.name) for t in frozen_fn.outputs]
+    else:   # the names convert_variables_to_constants_v2 gives them: those of fn's own graph
+        captured = {id(t) for t in fn.graph.internal_captures}
+        inputs = [canonical(t.name) for t in fn.inputs if id(t) not in captured]
+        outputs = [canonical(t.name) for t in fn.outputs]
     if any(node.op in CALL_OPS and shapes.get(node.name) is None for node in graph_def.node):
         # A call left in place (an XLA-compiled function) whose output shapes neither graph
         # knows (a loaded SavedModel): infer them from its body, and everything after them.
         inferred = infer_shapes(graph_def, {t: shapes.get(t) for t in inputs})
         shapes = {t: _better(shape, inferred.get(t)) for t, shape in shapes.items()}
-    return Frozen(graph_def, inputs, outputs, shapes)
+    return Frozen(graph_def, inputs, outputs, shapes, weights)
 
 
 def _better(a: tuple | None, b: tuple | None) -> tuple | None:
@@ -105,3 +125,52 @@ def _better(a: tuple | None, b: tuple | None) -> tuple | None:
     if a is None or b is None:
         return a if b is None else b
     return b if sum(d is not None for d in b) > sum(d is not None for d in a) else a
+
+
+class _ShapeOnly(np.ndarray):
+    """A one-element stand-in for a variable's value that reports the variable's shape: TF's
+    converter writes it as a compact constant (one value and a shape), never the weights."""
+
+    def __array_finalize__(self, obj):
+        self._shape = getattr(obj, "_shape", None)
+
+    @property
+    def shape(self):
+        return self._shape
+
+
+class _Converter(convert_to_constants._FunctionConverterDataInEager):  # noqa: SLF001
+    """TF's freezing, reading no variable: each one is a ``_ShapeOnly`` stand-in."""
+
+    def __init__(self, **kwargs):
+        self.stand_ins = {}           # id(stand-in) -> the variable it stands for
+        super().__init__(**kwargs)
+
+    def _eval(self, tensor):
+        if isinstance(tensor, tf.Variable):
+            stand_in = np.zeros((), tensor.dtype.as_numpy_dtype).view(_ShapeOnly)
+            stand_in._shape = tuple(tensor.shape.as_list())
+            self.stand_ins[id(stand_in)] = tensor
+            return stand_in
+        return super()._eval(tensor)
+
+
+def _freeze_without_weights(fn, weights: Weights) -> graph_pb2.GraphDef:
+    data = _Converter(func=fn, lower_control_flow=False, aggressive_inlining=True)
+    variables = {name: data.stand_ins[id(t.numpy)] for name, t in data.tensor_data.items()
+                 if id(t.numpy) in data.stand_ins}
+    graph_def, _ = convert_to_constants._replace_variables_by_constants(data)  # noqa: SLF001
+    del data
+    for node in graph_def.node:
+        if node.op != "Const":
+            continue
+        value = node.attr["value"].tensor
+        if node.name in variables:
+            variable = variables[node.name]
+            array = weights.put_variable(node.name, variable)
+            stub(value, array, variable.dtype)
+        elif value.tensor_content and len(value.tensor_content) >= weights.threshold:
+            array = tf.make_ndarray(value)
+            weights.put(node.name, array)
+            stub(value, array, tf.as_dtype(value.dtype))
+    return graph_def

@@ -57,8 +57,11 @@ class Graph:
     """Nodes, consumers, constants and shapes of one GraphDef (which the Graph owns)."""
 
     def __init__(self, graph_def: graph_pb2.GraphDef, shapes: dict[str, tuple | None] | None = None,
-                 outputs: Iterable[str] = ()):
+                 outputs: Iterable[str] = (), weights=None):
         self.graph_def = graph_def
+        # ``graphfold.weights.Weights``: values of the stub constants kept out of the GraphDef;
+        # new constants that large are kept there too (None: every value is in the GraphDef).
+        self.weights = weights
         self.nodes: dict[str, node_def_pb2.NodeDef] = {n.name: n for n in graph_def.node}
         self.shapes: dict[str, tuple | None] = dict(shapes or {})
         self.outputs = {canonical(t) for t in outputs}   # tensors the caller fetches
@@ -107,7 +110,9 @@ class Graph:
         if node is None or node.op != "Const" or index != 0:
             return None
         if name not in self._consts:
-            self._consts[name] = tf.make_ndarray(node.attr["value"].tensor)
+            held = self.weights.get(name) if self.weights is not None else None
+            self._consts[name] = held if held is not None else \
+                tf.make_ndarray(node.attr["value"].tensor)
         return self._consts[name]
 
     def shape(self, tensor: str) -> tuple | None:
@@ -150,8 +155,8 @@ class Graph:
         """Adds a ``Const`` node holding ``value`` cast to ``dtype``; returns its name."""
         node = node_def_pb2.NodeDef(name=self.unique_name(base), op="Const")
         node.attr["dtype"].type = dtype.as_datatype_enum
-        array = np.asarray(value).astype(dtype.as_numpy_dtype)
-        fill_tensor(node.attr["value"].tensor, array, dtype)
+        array = np.asarray(value).astype(dtype.as_numpy_dtype, copy=False)
+        self._fill(node, array, dtype)
         self.add_node(node)
         self._consts[node.name] = array
         return node.name
@@ -247,13 +252,26 @@ class Graph:
             del node.attr[key]
         node.attr["T"].type = dtype.as_datatype_enum
         self._consts.pop(node.name, None)
+        if self.weights is not None:
+            self.weights.discard(node.name)
 
     def set_const(self, name: str, value: np.ndarray, dtype: tf.DType) -> None:
         """Overwrites the value of the ``Const`` node ``name``."""
         node = self.nodes[name]
-        array = np.asarray(value).astype(dtype.as_numpy_dtype)
-        fill_tensor(node.attr["value"].tensor, array, dtype)
+        array = np.asarray(value).astype(dtype.as_numpy_dtype, copy=False)
+        self._fill(node, array, dtype)
         self._consts[name] = array
+
+    def _fill(self, node: node_def_pb2.NodeDef, array: np.ndarray, dtype: tf.DType) -> None:
+        """Writes ``array`` into ``node``, or, when large, into ``weights`` (a stub in the node)."""
+        if self.weights is not None and self.weights.keeps(array):
+            from graphfold.weights import stub
+            stub(node.attr["value"].tensor, array, dtype)
+            self.weights.put(node.name, array)
+            return
+        if self.weights is not None:
+            self.weights.discard(node.name)
+        fill_tensor(node.attr["value"].tensor, array, dtype)
 
     def remove_nodes(self, names: Iterable[str]) -> None:
         doomed = set(names)
@@ -266,6 +284,8 @@ class Graph:
                     users.remove(name)
             del self.nodes[name]
             self._consts.pop(name, None)
+            if self.weights is not None:
+                self.weights.discard(name)
         # In place, without copying a NodeDef: a stable sort moves the doomed nodes to the end
         # (the kept ones keep their order and stay the same objects), then one truncation.
         nodes = self.graph_def.node

@@ -14,33 +14,50 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
-from graphfold.function import FoldedFunction, import_graph, with_signature
+from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.plan import Blocked, plan_backward, plan_forward
 from graphfold.report import Entry, FoldReport
 from graphfold.shapes import PLACEHOLDERS, infer_shapes
+from graphfold.weights import Weights
 
 
-def rewrite(fn) -> FoldedFunction:
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
-    modified. Returns a ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``.
+    modified. ``weights``: "constants" (tensors the new function captures, which a SavedModel
+    writes as ``Const`` nodes) or "variables" (variables it captures: ``.variables``). Returns a
+    ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``;
+    ``keep_graph_def=False`` lets the weights go once they are bound (then ``.graph_def`` is not
+    available).
+    """
+    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    clock = time.perf_counter()
+    pruned = import_graph(graph_def, inputs, outputs, held)
+    bound, variables = bind_weights(held, weights, release=not keep_graph_def)
+    function = with_signature(pruned, concrete, bound)
+    report.seconds["import"] = time.perf_counter() - clock
+    if not keep_graph_def:
+        held.keep_only(())
+        graph_def = held = None
+    return FoldedFunction(function, graph_def, report, held, variables)
+
+
+def fold(fn):
+    """Freeze and fold ``fn``, keeping its weights out of the GraphDef: ``(concrete function,
+    optimized GraphDef with stub constants, their Weights, input and output tensors, report)``.
     """
     concrete = as_concrete_function(fn)
     seconds = {}
     clock = time.perf_counter()
-    frozen = freeze(concrete)
+    frozen = freeze(concrete, Weights())
     seconds["freeze"] = time.perf_counter() - clock
-
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
-                                    frozen.outputs, frozen.shapes, seconds)
-    clock = time.perf_counter()
-    pruned = import_graph(graph_def, frozen.inputs, frozen.outputs)
-    function = with_signature(pruned, concrete)
-    seconds["import"] = time.perf_counter() - clock
+                                    frozen.outputs, frozen.shapes, seconds, frozen.weights)
+    frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
-    return FoldedFunction(function, graph_def, report)
+    return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
 
 
 def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
@@ -82,13 +99,15 @@ def _without_gc(function, *args):
             gc.enable()
 
 
-def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
-    """The rewrite itself, with ``shapes`` known for every tensor."""
+def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None):
+    """The rewrite itself, with ``shapes`` known for every tensor. ``weights``: the
+    ``graphfold.weights.Weights`` of its stub constants, if it has any; updated to hold those of
+    the result."""
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
     work.CopyFrom(graph_def)
-    graph = Graph(work, shapes, outputs)
+    graph = Graph(work, shapes, outputs, weights)
     graph.validate()
     ops_before = graph.op_counts()
     keep = [i.split(":")[0] for i in inputs]

@@ -16,6 +16,8 @@ too.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import gc
 import os
 import shutil
 import tempfile
@@ -78,6 +80,7 @@ class SavedModelResult(dict):
         self.verification: dict[str, Verification] = {}
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
+        self.weights: str | None = None       # "constants" or "variables", as written
         self.written = False
 
     @property
@@ -103,7 +106,7 @@ class SavedModelResult(dict):
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
                 "not_verified": self.not_verified,
-                "signatures": signatures, "notes": list(self.notes),
+                "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
                 "seconds": dict(self.seconds)}
 
 
@@ -185,17 +188,36 @@ def load(src: str, tags: Iterable[str]):
 # ---- rewriting ------------------------------------------------------------------------------
 
 def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
-                       progress: Progress) -> dict:
-    """key -> ConcreteFunction to save, for every signature of ``loaded``."""
-    import graphfold   # late: graphfold/__init__ imports this package's other modules
+                       progress: Progress, weights: str = "constants",
+                       bind: bool = True) -> tuple[dict, list]:
+    """``(functions, variables)``: key -> ConcreteFunction to save, for every signature in
+    ``keys``, and the variables those functions capture (to save with them). ``weights``: how
+    the folded functions hold theirs ("constants" or "variables"). Signatures that are one
+    function (Keras' ``serve`` and ``serving_default``) are folded once and share the result.
+    ``bind=False`` (inspect): fold and report only, no function is built."""
+    import graphfold                        # late: graphfold/__init__ imports this module
+    from graphfold.rewrite import fold
 
-    functions = {}
-    seen = {}    # graph fingerprint -> the folded function of the first signature with it
+    functions, variables = {}, []
+    first = same_functions(loaded, keys)
     for key in keys:
         fn = loaded.signatures[key]
+        if first[key] != key:
+            result[key] = result[first[key]]
+            if first[key] in result.unchanged:
+                result.unchanged[key] = result.unchanged[first[key]]
+            if first[key] in functions:      # not with bind=False: nothing was built
+                functions[key] = functions[first[key]]
+            progress(f"  '{key}': the same function as '{first[key]}' (folded once)")
+            continue
         progress(f"freezing and folding signature '{key}'")
         try:
-            folded = graphfold.rewrite(fn)
+            if bind:
+                folded = graphfold.rewrite(fn, weights=weights, keep_graph_def=False)
+                report, functions[key] = folded.report, folded.function
+                variables.extend(folded.variables)
+            else:
+                report = fold(fn)[-1]
         except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
             reason = _why_not_rewritten(exc)
             result.unchanged[key] = reason
@@ -203,32 +225,77 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
             functions[key] = fn
             progress(f"  '{key}' copied through unchanged: {reason}")
             continue
-        result[key] = folded.report
-        # Keras' export writes `serve` and `serving_default` as the same function: save the
-        # folded graph (whose weights are constants in saved_model.pb) once, not once per key.
-        fingerprint = _fingerprint(folded, fn)
-        functions[key] = seen.setdefault(fingerprint, folded.function)
-        s = folded.report.seconds
-        progress(f"  '{key}': {folded.report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
-                 f"fold {s.get('normalize', 0) + s.get('plan', 0) + s.get('apply', 0):.2f}s, "
-                 f"re-import {s.get('import', 0):.2f}s)")
-    return functions
+        result[key] = report
+        s = report.seconds
+        progress(f"  '{key}': {report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
+                 f"fold {s.get('normalize', 0) + s.get('plan', 0) + s.get('apply', 0):.2f}s"
+                 + (f", re-import {s.get('import', 0):.2f}s)" if bind else ")"))
+    return functions, variables
 
 
-def _fingerprint(folded, fn) -> str:
-    """Equal for two signatures whose folded graphs and input/output specs are the same."""
+def same_functions(loaded, keys: list[str]) -> dict[str, str]:
+    """key -> the first key (in ``keys`` order) whose signature is the same function: the same
+    graph (the calls it makes included), the same captured variables, the same inputs and
+    outputs. Read from the loaded functions, before anything is frozen."""
+    first, seen = {}, {}
+    for key in keys:
+        first[key] = seen.setdefault(_function_fingerprint(loaded.signatures[key]), key)
+    return first
+
+
+def _function_fingerprint(fn) -> str:
     import hashlib
-    graph_def = type(folded.graph_def)()
-    graph_def.CopyFrom(folded.graph_def)
-    for node in graph_def.node:
-        node.ClearField("experimental_debug_info")
+    graph_def = fn.graph.as_graph_def()
+    for node in graph_def.node:   # names of the trace, not of what it computes: a capture's
+        node.ClearField("experimental_debug_info")         # is a counter that differs per trace
+        if "_user_specified_name" in node.attr:
+            del node.attr["_user_specified_name"]
     digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True))
+    digest.update(repr([id(t) for t in fn.captured_inputs]).encode())
     digest.update(repr(fn.structured_input_signature).encode())
     digest.update(repr(tf.nest.map_structure(
         lambda t: (t.dtype.name, tuple(t.shape.as_list()) if t.shape.rank is not None else None,
                    getattr(t, "name", None)) if hasattr(t, "dtype") else repr(t),
         fn.structured_outputs)).encode())
     return digest.hexdigest()
+
+
+WEIGHTS = ("auto", "constants", "variables")
+# ``weights="auto"`` writes constants while the weights of all distinct rewritten functions
+# together stay under this many bytes, variables above it: saved_model.pb must stay well under
+# protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and constants cost
+# about 19x their size in peak memory to trace, save and verify (TensorFlow copies a function's
+# constants at each step), variables about 2x (docs/benchmarks.md).
+AUTO_VARIABLES_ABOVE = 256 << 20
+PROTOBUF_LIMIT = 2 << 30          # bytes: no protobuf message (saved_model.pb) can be larger
+
+
+def weight_bytes(loaded, keys: list[str]) -> int:
+    """Bytes of the variables the distinct functions among ``keys`` capture, each function
+    counted apart (as constants, each would hold its own copy)."""
+    first = same_functions(loaded, keys)
+    total = 0
+    for key in keys:
+        if first[key] == key:
+            total += sum(v.shape.num_elements() * v.dtype.size
+                         for v in loaded.signatures[key].variables)
+    return total
+
+
+def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
+    """``(constants or variables, a note saying why when auto switched)``."""
+    if mode not in WEIGHTS:
+        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {mode!r}")
+    if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
+        raise BadInput(f"{nbytes / 2**30:.2f} GiB of weights cannot be constants: saved_model.pb "
+                       f"would pass protobuf's 2 GiB limit (use --weights variables, or auto)")
+    if mode != "auto":
+        return mode, None
+    if nbytes <= AUTO_VARIABLES_ABOVE:
+        return "constants", None
+    return "variables", (f"weights of {nbytes / 2**20:.0f} MiB are over the "
+                         f"{AUTO_VARIABLES_ABOVE / 2**20:.0f} MiB that saved_model.pb may hold "
+                         f"as constants: written as variables (variables/)")
 
 
 def _why_not_rewritten(exc: Exception) -> str:
@@ -325,8 +392,9 @@ def find_assets(loaded) -> list:
     return [obj for obj in objects if isinstance(obj, tf.saved_model.Asset)]
 
 
-def save(loaded, functions: dict, path: str, keep_original: bool) -> None:
-    """Saves ``functions`` as the signatures of a new SavedModel at ``path``.
+def save(loaded, functions: dict, path: str, keep_original: bool, variables=()) -> None:
+    """Saves ``functions`` as the signatures of a new SavedModel at ``path``, with
+    ``variables`` (the folded weights, when they are variables) in its ``variables/``.
 
     The loaded original is attached when a signature still uses its variables or tables
     (``keep_original``); otherwise only its assets are, so the folded model does not carry
@@ -334,6 +402,7 @@ def save(loaded, functions: dict, path: str, keep_original: bool) -> None:
     """
     def attempt(attach: bool):
         module = tf.Module()
+        module.weights = list(variables)
         if attach:
             module.original = loaded
         else:
@@ -362,6 +431,11 @@ def _empty_dir(path: str) -> None:
 def restore_metadata(path: str, original_meta_graph) -> None:
     """``tf.saved_model.save`` writes one MetaGraph tagged ``serve`` whose signatures are all
     Predict signatures: put back the original tag set and method names (Classify, Regress)."""
+    saved_tags, saved_method = {tf.saved_model.SERVING}, tf.saved_model.PREDICT_METHOD_NAME
+    if set(original_meta_graph.meta_info_def.tags) == saved_tags and all(
+            s.method_name in ("", saved_method)
+            for s in original_meta_graph.signature_def.values()):
+        return     # nothing to put back: do not parse (and hold) a saved_model.pb of weights
     proto = read_saved_model(path)
     meta = proto.meta_graphs[0]
     changed = False
@@ -427,7 +501,7 @@ def inspect_saved_model(src, *, signatures=None, tags=("serve",),
     loaded = load(src, tags)
     result.seconds["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    rewrite_signatures(loaded, keys, result, progress)
+    rewrite_signatures(loaded, keys, result, progress, bind=False)
     result.seconds["rewrite"] = time.perf_counter() - clock
     return result
 
@@ -436,6 +510,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
                          tolerance=1e-5, overwrite=False, batch: int = 1,
                          drop_other_tag_sets: bool = False, inputs: dict | None = None,
                          require_verification: bool = False, warmup: int | None = None,
+                         weights: str = "auto",
                          progress: Progress | None = None) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
@@ -453,6 +528,9 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     ``require_verification``: a signature that could not be verified (NOT VERIFIED) raises
     ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
     this many requests per rewritten signature (SRC's records kept, only the missing added).
+    ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
+    alone in ``saved_model.pb``) or "auto": constants up to ``AUTO_VARIABLES_ABOVE`` bytes of
+    weights, variables above (with a note saying so).
     ``progress``: called with a line of text at the start of each stage.
 
     Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
@@ -471,6 +549,8 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     if not verify and (inputs or require_verification or warmup):
         raise BadInput("--no-verify cannot be combined with --inputs, --require-verification "
                        "or --warmup (they need the verification)")
+    if weights not in WEIGHTS:
+        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
@@ -506,7 +586,12 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             recorded = checking.warmup_feeds(src, loaded, result.notes)
 
         clock = time.perf_counter()
-        functions = rewrite_signatures(loaded, keys, result, progress)
+        mode, why = choose_weights(weights, weight_bytes(loaded, keys))
+        result.weights = mode
+        if why:
+            result.notes.append(why)
+            progress(why)
+        functions, variables = rewrite_signatures(loaded, keys, result, progress, mode)
         passthrough = [k for k in loaded.signatures if k not in functions]
         for key in passthrough:
             functions[key] = loaded.signatures[key]
@@ -516,7 +601,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         progress(f"writing a temporary SavedModel beside {dst}")
         keep_original = bool(passthrough or result.unchanged)
         try:
-            save(loaded, functions, staging, keep_original)
+            save(loaded, functions, staging, keep_original, variables)
             restore_metadata(staging, meta)
             copy_untouched(src, staging)
             for name, why in left_out(src).items():
@@ -526,15 +611,28 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         except Exception as exc:  # noqa: BLE001
             raise BadInput(f"{dst}: cannot write the optimized SavedModel: "
                            f"{_first_line(exc)}") from None
+        # The folded functions hold a copy of the weights (constants) or are their variables:
+        # let them go before the written model is loaded back to be verified.
+        del functions, variables
+        gc.collect()
         result.seconds["write"] = time.perf_counter() - clock
 
         if verify:
             clock = time.perf_counter()
-            progress(f"verifying {len(keys)} signature(s) (tolerance {tolerance:g})")
+            first = same_functions(loaded, keys)
+            # the same function under two keys is checked once, unless real inputs address both
+            distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
+            progress(f"verifying {len(distinct)} distinct signature(s) (tolerance "
+                     f"{tolerance:g})")
             written = load(staging, tags)
             result.verification.update(checking.run_checks(
-                loaded, written, keys, given, recorded, tolerance=tolerance, batch=batch,
+                loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
                 progress=progress))
+            for key in keys:
+                if key not in result.verification:
+                    result.verification[key] = dataclasses.replace(
+                        result.verification[first[key]], signature=key)
+            del written
             result.seconds["verify"] = time.perf_counter() - clock
             failed = [k for k, v in result.verification.items() if not v.ok]
             if failed:

@@ -109,3 +109,19 @@ def test_limit_graph_has_no_batch_norm():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_bench_cli_smoke(capsys, tmp_path):
+    """One synthetic layer: the reference, optimize (per stage) and inspect, all exit 0."""
+    bench = _load("bench_cli")
+    report = tmp_path / "cli.json"
+    assert bench.main(["--models", "", "--sizes", "1", "--cache", str(tmp_path),
+                       "--json", str(report)]) == 0
+    header, rows = _table(capsys.readouterr().out, "model")
+    assert header[:3] == ["model", "weights MB", "written as"] and len(rows) == 1
+    assert rows[0][0] == "1MB" and rows[0][2] == "constants"
+    import json
+    row = json.loads(report.read_text())["1MB"]
+    assert row["optimize"]["exit"] == 0 and row["inspect"]["exit"] == 0
+    stages = [s["stage"] for s in row["optimize"]["stages"]]
+    assert stages[:5] == ["start-up", "load", "fold", "write", "verify"]

@@ -1,0 +1,181 @@
+"""Weights kept out of the GraphDef while rewriting, written as constants or as variables
+(``weights=``), and signatures that are one function folded once."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphfold
+import savedmodel_fixtures as F
+from graphfold import saved_model
+from graphfold.cli import main
+from graphfold.freeze import freeze
+from graphfold.saved_model import BadInput, read_saved_model
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return lambda name: F.get(name, tmp_path_factory)
+
+
+def _largest_const(path: str) -> int:
+    """Bytes of the largest constant anywhere in saved_model.pb (graph and functions)."""
+    graph_def = read_saved_model(path).meta_graphs[0].graph_def
+    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+    return max((len(n.attr["value"].tensor.tensor_content) for n in nodes if n.op == "Const"),
+               default=0)
+
+
+def _variables_bytes(path: str) -> int:
+    folder = os.path.join(path, "variables")
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+def _assert_same_outputs(source, dst, key):
+    feeds = F.random_feeds(source, key, batch=3, seed=2)
+    want = F.run_tf2(source, key, feeds)
+    for got in (F.run_tf2(dst, key, feeds), F.run_tf1(dst, key, feeds)):
+        assert set(got) == set(want)
+        for name, value in want.items():
+            assert F.rel_err(value, got[name]) <= TOL, name
+
+
+def test_auto_switches_to_variables_above_the_threshold(src, tmp_path, monkeypatch):
+    source, dst = src("keras3"), str(tmp_path / "out")
+    monkeypatch.setattr(saved_model, "AUTO_VARIABLES_ABOVE", 1000)    # bytes: this model is over
+    result = graphfold.optimize_saved_model(source, dst)
+    assert result.weights == "variables"
+    assert any("written as variables" in note for note in result.notes), result.notes
+    assert result.written and all(v.status == "ok" for v in result.verification.values())
+    # saved_model.pb holds the graph only; the folded weights are in variables/
+    assert _largest_const(dst) < 1024
+    loaded = tf.saved_model.load(source)
+    kernels = sum(v.shape.num_elements() * 4 for v in
+                  loaded.signatures["serving_default"].variables if len(v.shape) == 4)
+    assert _variables_bytes(dst) > kernels
+    for key in ("serve", "serving_default"):
+        _assert_same_outputs(source, dst, key)
+
+
+def test_auto_keeps_constants_under_the_threshold(src, tmp_path):
+    source, dst = src("keras3"), str(tmp_path / "out")
+    result = graphfold.optimize_saved_model(source, dst)
+    assert result.weights == "constants" and not result.notes
+    assert _largest_const(dst) > 1024
+    assert _variables_bytes(dst) < _variables_bytes(source) / 4
+
+
+@pytest.mark.parametrize("name", ["tf_keras", "two_signatures", "table"])
+def test_variables_on_every_kind_of_source(src, tmp_path, name):
+    """FusedBatchNormV3, a copied-through signature beside a folded one, a lookup table."""
+    source, dst = src(name), str(tmp_path / "out")
+    result = graphfold.optimize_saved_model(source, dst, weights="variables")
+    assert result.weights == "variables" and result.written
+    assert all(v.status != "failed" for v in result.verification.values())
+    for key in result:
+        if key not in result.unchanged and result.verification[key].status == "ok":
+            _assert_same_outputs(source, dst, key)
+
+
+def test_a_bad_weights_value_is_refused(src, tmp_path, capsys):
+    with pytest.raises(BadInput, match="weights must be one of auto, constants, variables"):
+        graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="bytes")
+    assert main(["optimize", src("keras3"), str(tmp_path / "out"), "--weights", "bytes"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bytes'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_weights_variables_reports_it(src, tmp_path, capsys):
+    dst = tmp_path / "out"
+    assert main(["optimize", src("keras3"), str(dst), "--weights", "variables", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["weights"] == "variables"
+    assert _largest_const(str(dst)) < 1024
+
+
+def test_one_function_under_two_keys_is_folded_once(src, tmp_path, monkeypatch):
+    """Keras' export: ``serve`` and ``serving_default`` are one function, detected before
+    freezing; it is rewritten once and verified once, and both keys get the result."""
+    calls = []
+    real = graphfold.rewrite
+
+    def counting(fn, **kwargs):
+        calls.append(fn)
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(graphfold, "rewrite", counting)
+    source, dst = src("keras3"), str(tmp_path / "out")
+    loaded = tf.saved_model.load(source)
+    assert saved_model.same_functions(loaded, ["serve", "serving_default"]) == {
+        "serve": "serve", "serving_default": "serve"}
+    result = graphfold.optimize_saved_model(source, dst)
+    assert len(calls) == 1
+    assert result["serve"] is result["serving_default"]
+    assert result.verification["serving_default"].status == "ok"
+    _assert_same_outputs(source, dst, "serving_default")
+
+
+def test_different_functions_are_not_merged(src):
+    loaded = tf.saved_model.load(src("two_signatures"))
+    assert saved_model.same_functions(loaded, ["predict", "single"]) == {
+        "predict": "predict", "single": "single"}
+
+
+def test_freezing_copies_no_weight(src):
+    """The frozen GraphDef holds stubs; their values are the variables' own buffers."""
+    from graphfold.weights import Weights
+    loaded = tf.saved_model.load(src("keras3"))
+    fn = loaded.signatures["serving_default"]
+    weights = Weights()
+    frozen = freeze(fn, weights)
+    assert len(weights) == len(fn.variables)
+    assert max(len(n.attr["value"].tensor.tensor_content) for n in frozen.graph_def.node
+               if n.op == "Const") < weights.threshold
+    for name in weights.names():
+        variable = weights.variable(name)
+        assert variable is not None
+        assert np.shares_memory(weights.get(name), variable.value()._numpy())   # no copy
+        assert not weights.get(name).flags.writeable
+    full = freeze(fn)           # the plain frozen graph: the same nodes, values inlined
+    assert sorted(n.name for n in full.graph_def.node) == sorted(
+        n.name for n in frozen.graph_def.node)
+    assert weights.inline(frozen.graph_def) == full.graph_def
+
+
+def test_rewrite_with_variables_matches_the_original():
+    keras = graphfold.examples.keras_module(False)
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(32, 3),
+                              keras.layers.BatchNormalization(), keras.layers.ReLU()])
+    graphfold.examples.randomise(model, np.random.default_rng(5))
+    fn = graphfold.examples.concrete(model, (6, 6, 3))
+    folded = graphfold.rewrite(fn, weights="variables")
+    assert folded.variables and all(isinstance(v, tf.Variable) for v in folded.variables)
+    assert {id(v) for v in folded.function.variables} >= {id(v) for v in folded.variables}
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32))
+    assert F.rel_err(fn(x), folded(x)) <= TOL
+    assert len(folded.report.folded) == 1
+
+
+def test_inspect_reports_both_keys_of_one_function(src, capsys):
+    """inspect folds the shared function once and builds nothing: both keys are reported."""
+    from graphfold.saved_model import inspect_saved_model
+    result = inspect_saved_model(src("keras3"))
+    assert sorted(result) == ["serve", "serving_default"]
+    assert result["serve"] is result["serving_default"]
+    assert len(result["serve"].folded) == 7
+    assert main(["inspect", src("keras3")]) == 0
+    assert "same graph as 'serve'" in capsys.readouterr().out
+
+
+def test_constants_past_the_protobuf_limit_are_refused(src, tmp_path, monkeypatch):
+    monkeypatch.setattr(saved_model, "PROTOBUF_LIMIT", 1000)         # bytes: this model is over
+    with pytest.raises(BadInput, match="cannot be constants.*--weights variables"):
+        graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="constants")
+    assert not os.listdir(tmp_path)                                  # nothing written
