@@ -1,7 +1,10 @@
-"""Weight layouts of the linear layers L(x) = W ⊛ x + b (FOLDING.md §2), in one table.
+"""The linear layers L(x) = W ⊛ x + b (FOLDING.md §2), one table entry each.
 
-For each op: where its output channels are, how to scale W along out- or in-channels, and the
-constant response ``W ⊛ t`` of the layer to a per-in-channel shift t. All math is float64.
+An entry says which input is the data and which the weight, on which axes of the data and the
+output the channels are, how to scale W along its out- or in-channels, the constant response
+``W ⊛ t`` of the layer to a per-in-channel shift t, and whether that response is a per-channel
+bias at all (zero padding or a transposed convolution's uneven taps make it a spatial map). All
+math is float64. Adding a linear op is adding an entry here plus its weight math.
 """
 
 from __future__ import annotations
@@ -11,76 +14,143 @@ from typing import Callable
 
 import numpy as np
 
-from graphfold.affine import channel_axis_of
+from graphfold import formats
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    scale_out: Callable[[np.ndarray, np.ndarray, object], np.ndarray]   # (W, s, node) -> W ⊙_out s
-    scale_in: Callable[[np.ndarray, np.ndarray, object], np.ndarray]    # (W, s, node) -> W ⊙_in s
-    response: Callable[[np.ndarray, np.ndarray, object], np.ndarray]    # (W, t, node) -> W ⊛ t
-    in_channels: Callable[[np.ndarray, object], int]
-    out_channels: Callable[[np.ndarray, object], int]
+class Site:
+    """A linear layer as the fold sees it: the node, its weight, and the static shapes of its
+    data input and output (None where unknown)."""
+    node: object
+    w: np.ndarray
+    data_shape: tuple | None
+    out_shape: tuple | None
+
+    @property
+    def groups(self) -> int:
+        """Grouped convolution: data channels / filter in-channels (1 when unknown)."""
+        if self.node.op != "Conv2D" or self.data_shape is None:
+            return 1
+        c = self.data_shape[formats.channel_axis(formats.data_format(self.node),
+                                                 len(self.data_shape))]
+        n = self.w.shape[-2]
+        return c // n if c is not None and n and c % n == 0 else 1
 
 
-def _conv_scale_out(w, s, node):
-    return w * s                                                    # [..., C_in, C_out]
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    data: int                                       # index of the data input
+    weight: int                                     # index of the weight input
+    in_axis: Callable[[object, int], int]           # (node, rank) -> channel axis of the data
+    out_axis: Callable[[object, int], int]          # (node, rank) -> channel axis of the output
+    in_channels: Callable[[Site], int]
+    out_channels: Callable[[Site], int]
+    scale_out: Callable[[Site, np.ndarray], np.ndarray]     # W ⊙_out s
+    scale_in: Callable[[Site, np.ndarray], np.ndarray]      # W ⊙_in s
+    shift_response: Callable[[Site, np.ndarray], "np.ndarray | str"]
+    """W ⊛ t as a per-out-channel vector, or why it is not one (then the shift cannot fold)."""
+    refuse: Callable[[object], "str | None"] = lambda node: None
+    """Why the layer cannot take any fold (an attribute the math does not cover), or None."""
 
 
-def _conv_scale_in(w, s, node):
-    return w * s[:, None]
+def _fmt_axis(node, rank: int) -> int:
+    return formats.channel_axis(formats.data_format(node), rank)
 
 
-def _conv_response(w, t, node):
-    return np.einsum("kco,c->o", w.reshape(-1, *w.shape[-2:]), t)
+def _last(node, rank: int) -> int:
+    return rank - 1
 
 
-def _dw_scale_out(w, s, node):
-    kh, kw, c, m = w.shape
-    return w * s.reshape(c, m)                                      # o = c·M + m
+# ---- Conv2D / Conv3D: [..., C_in/g, C_out] ------------------------------------------------------
+def _group_index(site: Site) -> np.ndarray:
+    """``index[j, o]``: the data channel that filter in-index ``j`` of output ``o`` reads
+    (grouped: ``(o // (C_out/g)) · C_in/g + j``; ungrouped: ``j``)."""
+    n_in, n_out, g = site.w.shape[-2], site.w.shape[-1], site.groups
+    return (np.arange(n_out)[None, :] // (n_out // g)) * n_in + np.arange(n_in)[:, None]
 
 
-def _dw_response(w, t, node):
-    return np.einsum("hwcm,c->cm", w, t).reshape(-1)
+def _conv_scale_in(site: Site, s: np.ndarray) -> np.ndarray:
+    return site.w * s[_group_index(site)]
 
 
+def _conv_response(site: Site, t: np.ndarray) -> np.ndarray | str:
+    why = _padding_touches(site)
+    if why:
+        return why
+    w = site.w.reshape(-1, *site.w.shape[-2:])
+    return np.einsum("kjo,jo->o", w, t[_group_index(site)])
+
+
+def _padding_touches(site: Site) -> str | None:
+    """Why zero padding reaches the layer's input (SAME/EXPLICIT with pads > 0), or None."""
+    node = site.node
+    padding = node.attr["padding"].s
+    if padding == b"VALID":
+        return None
+    why = ("zero padding touches the input: the shift cannot fold (the border outputs would "
+           "change)")
+    if padding == b"EXPLICIT":
+        return why if np.any(np.asarray(node.attr["explicit_paddings"].list.i) != 0) else None
+    shape = site.data_shape
+    if shape is None:
+        return why
+    fmt = formats.data_format(node)
+    strides = list(node.attr["strides"].list.i) or [1] * len(shape)
+    dilations = list(node.attr["dilations"].list.i) or [1] * len(shape)
+    for k, axis in enumerate(formats.spatial_axes(fmt, len(shape))):
+        kernel, size = site.w.shape[k], shape[axis]
+        if kernel == 1:
+            continue
+        if size is None:
+            return why
+        out = -(-size // strides[axis])
+        if (out - 1) * strides[axis] + (kernel - 1) * dilations[axis] + 1 - size > 0:
+            return why
+    return None
+
+
+CONV = Linear(
+    data=0, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
+    in_channels=lambda site: site.w.shape[-2] * site.groups,
+    out_channels=lambda site: site.w.shape[-1],
+    scale_out=lambda site, s: site.w * s,
+    scale_in=_conv_scale_in,
+    shift_response=_conv_response)
+
+
+# ---- DepthwiseConv2dNative: [kh, kw, C_in, M], o = c·M + m ----------------------------------------
+def _dw_response(site: Site, t: np.ndarray) -> np.ndarray | str:
+    why = _padding_touches(site)
+    return why or np.einsum("hwcm,c->cm", site.w, t).reshape(-1)
+
+
+DEPTHWISE = Linear(
+    data=0, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
+    in_channels=lambda site: site.w.shape[2],
+    out_channels=lambda site: site.w.shape[2] * site.w.shape[3],
+    scale_out=lambda site, s: site.w * s.reshape(site.w.shape[2], site.w.shape[3]),
+    scale_in=lambda site, s: site.w * s[:, None],
+    shift_response=_dw_response)
+
+
+# ---- MatMul: [K, N] (transpose_b: [N, K]) ---------------------------------------------------------
 def _transposed(node) -> bool:
     return bool(node.attr["transpose_b"].b)
 
 
-def _mm_scale_out(w, s, node):
-    return w * s[:, None] if _transposed(node) else w * s[None, :]
+MATMUL = Linear(     # transpose_a: the data is [K, M], its channels (K) on axis 0
+    data=0, weight=1, out_axis=_last,
+    in_axis=lambda node, rank: 0 if node.attr["transpose_a"].b else rank - 1,
+    in_channels=lambda site: site.w.shape[1 if _transposed(site.node) else 0],
+    out_channels=lambda site: site.w.shape[0 if _transposed(site.node) else 1],
+    scale_out=lambda site, s: site.w * (s[:, None] if _transposed(site.node) else s[None, :]),
+    scale_in=lambda site, s: site.w * (s[None, :] if _transposed(site.node) else s[:, None]),
+    shift_response=lambda site, t: site.w @ t if _transposed(site.node) else t @ site.w)
 
 
-def _mm_scale_in(w, s, node):
-    return w * s[None, :] if _transposed(node) else w * s[:, None]
-
-
-def _mm_response(w, t, node):
-    return w @ t if _transposed(node) else t @ w
-
-
-LAYOUTS = {
-    "Conv2D": Layout(_conv_scale_out, _conv_scale_in, _conv_response,
-                     lambda w, n: w.shape[-2], lambda w, n: w.shape[-1]),
-    "Conv3D": Layout(_conv_scale_out, _conv_scale_in, _conv_response,
-                     lambda w, n: w.shape[-2], lambda w, n: w.shape[-1]),
-    "DepthwiseConv2dNative": Layout(_dw_scale_out, _conv_scale_in, _dw_response,
-                                    lambda w, n: w.shape[2], lambda w, n: w.shape[2] * w.shape[3]),
-    "MatMul": Layout(_mm_scale_out, _mm_scale_in, _mm_response,
-                     lambda w, n: w.shape[1 if _transposed(n) else 0],
-                     lambda w, n: w.shape[0 if _transposed(n) else 1]),
+LINEAR: dict[str, Linear] = {
+    "Conv2D": CONV,
+    "Conv3D": CONV,
+    "DepthwiseConv2dNative": DEPTHWISE,
+    "MatMul": MATMUL,
 }
-
-
-def channel_axis(node, rank: int) -> int:
-    """The channel axis of a linear layer's input and output tensors."""
-    if node.op == "MatMul":
-        return rank - 1
-    return channel_axis_of(node.attr["data_format"].s or b"NHWC", rank)
-
-
-def bias_format(node) -> bytes:
-    """``data_format`` for a ``BiasAdd`` placed after the layer."""
-    fmt = node.attr["data_format"].s if "data_format" in node.attr else b""
-    return b"NCHW" if fmt.startswith(b"NC") else b"NHWC"

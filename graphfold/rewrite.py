@@ -12,7 +12,8 @@ from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, import_graph, with_signature
 from graphfold.graph import Graph
-from graphfold.plan import Blocked, plan_backward, plan_forward
+from graphfold.errors import Blocked
+from graphfold.plan import plan_backward, plan_forward
 from graphfold.report import Entry, FoldReport
 
 
@@ -95,7 +96,7 @@ def _decide(graph: Graph, affine: Affine):
     """``(plan, its computed writes, what each direction met)``: forward first, then backward;
     the plan is the first blocker when neither direction folds."""
     if affine.blocked:
-        return Blocked(affine.nodes[-1], affine.blocked), None, {}
+        return affine.blocked, None, {}
     tried, first = {}, None
     for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
         plan = planner(graph, affine)

@@ -26,8 +26,9 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from graphfold.freeze import NotFreezable
+from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
 from graphfold.report import Entry, FoldReport
+from graphfold.rewrite import rewrite
 from graphfold.verify import Verification, verify as verify_signature
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -35,25 +36,6 @@ BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
                   "BatchNormWithGlobalNormalization")
 
 Progress = Callable[[str], None]
-
-
-class GraphfoldError(Exception):
-    """An error with a one-line message meant for the user; ``exit_code`` for the CLI."""
-    exit_code = 2
-
-
-class BadInput(GraphfoldError):
-    """Bad usage or bad input: a path, a SavedModel, a signature key, a tag set (exit 2)."""
-    exit_code = 2
-
-
-class VerificationFailed(GraphfoldError):
-    """An optimized signature disagrees with the original: nothing was written (exit 1)."""
-    exit_code = 1
-
-    def __init__(self, message: str, result: "SavedModelResult"):
-        super().__init__(message)
-        self.result = result
 
 
 class SavedModelResult(dict):
@@ -174,15 +156,13 @@ def load(src: str, tags: Iterable[str]):
 def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
                        progress: Progress) -> dict:
     """key -> ConcreteFunction to save, for every signature of ``loaded``."""
-    import graphfold   # late: graphfold/__init__ imports this package's other modules
-
     functions = {}
     seen = {}    # graph fingerprint -> the folded function of the first signature with it
     for key in keys:
         fn = loaded.signatures[key]
         progress(f"freezing and folding signature '{key}'")
         try:
-            folded = graphfold.rewrite(fn)
+            folded = rewrite(fn)
         except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
             reason = _why_not_rewritten(exc)
             result.unchanged[key] = reason
