@@ -148,9 +148,76 @@ MATMUL = Linear(     # transpose_a: the data is [K, M], its channels (K) on axis
     shift_response=lambda site, t: site.w @ t if _transposed(site.node) else t @ site.w)
 
 
+# ---- Conv2DBackpropInput / Conv3DBackpropInputV2: [..., C_out, C_in], data input 2 ----------------
+def _tap_coverage(site: Site) -> list[np.ndarray] | str:
+    """Per spatial axis, ``V[p, k]`` = 1 when output position p of the transposed convolution
+    receives kernel tap k from some input position (p = i·stride + k·dilation − pad_before for
+    an i in [0, n_in)), else 0: the adjoint of the forward convolution's index map."""
+    node, fmt = site.node, formats.data_format(site.node)
+    if site.data_shape is None or site.out_shape is None:
+        return "the layer's input or output size is unknown"
+    rank = len(site.out_shape)
+    strides = list(node.attr["strides"].list.i) or [1] * rank
+    dilations = list(node.attr["dilations"].list.i) or [1] * rank
+    padding = node.attr["padding"].s
+    explicit = list(node.attr["explicit_paddings"].list.i) if padding == b"EXPLICIT" else []
+    coverage = []
+    for k, axis in enumerate(formats.spatial_axes(fmt, rank)):
+        n_in, n_out = site.data_shape[axis], site.out_shape[axis]
+        if n_in is None or n_out is None:
+            return "the layer's input or output size is unknown"
+        kernel, stride, dilation = site.w.shape[k], strides[axis], dilations[axis]
+        if padding == b"SAME":
+            before = max((n_in - 1) * stride + (kernel - 1) * dilation + 1 - n_out, 0) // 2
+        else:
+            before = explicit[2 * axis] if explicit else 0
+        source = np.arange(n_out)[:, None] + before - np.arange(kernel)[None, :] * dilation
+        coverage.append(((source % stride == 0) & (source >= 0) &
+                         (source < n_in * stride)).astype(np.float64))
+    return coverage
+
+
+def transposed_shift_map(site: Site, t: np.ndarray) -> np.ndarray | str:
+    """What a constant input shift t adds to a transposed convolution's output, at every output
+    position: ``M[p, o] = Σ_{k reaching p} Σ_c W[k, o, c] t_c`` (docs/folding.md), in float64;
+    or why it cannot be computed."""
+    coverage = _tap_coverage(site)
+    if isinstance(coverage, str):
+        return coverage
+    taps = site.w @ t                                       # [..., C_out]: Σ_c W[k, o, c] t_c
+    n = len(coverage)
+    positions, kernel = "abc"[:n], "klm"[:n]
+    spec = ",".join(p + k for p, k in zip(positions, kernel)) + f",{kernel}o->{positions}o"
+    return np.einsum(spec, *coverage, taps)
+
+
+def _transposed_response(site: Site, t: np.ndarray) -> np.ndarray | str:
+    """The shift folds into the bias exactly when its map is the same at every position."""
+    shift_map = transposed_shift_map(site, t)
+    if isinstance(shift_map, str):
+        return shift_map
+    flat = shift_map.reshape(-1, shift_map.shape[-1])
+    if np.max(np.abs(flat - flat[0]), initial=0.0) > 1e-12 * max(np.max(np.abs(flat)), 1e-300):
+        return ("transposed convolution: its output positions receive different sets of kernel "
+                "taps (by phase modulo the stride, and at the borders), so the shift adds a "
+                "spatial map, not a per-channel bias")
+    return flat[0]
+
+
+TRANSPOSED_CONV = Linear(
+    data=2, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
+    in_channels=lambda site: site.w.shape[-1],
+    out_channels=lambda site: site.w.shape[-2],
+    scale_out=lambda site, s: site.w * s[:, None],
+    scale_in=lambda site, s: site.w * s,
+    shift_response=_transposed_response)
+
+
 LINEAR: dict[str, Linear] = {
     "Conv2D": CONV,
     "Conv3D": CONV,
     "DepthwiseConv2dNative": DEPTHWISE,
     "MatMul": MATMUL,
+    "Conv2DBackpropInput": TRANSPOSED_CONV,
+    "Conv3DBackpropInputV2": TRANSPOSED_CONV,
 }

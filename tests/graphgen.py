@@ -19,7 +19,7 @@ not, and every unfolded one has a reason).
 
 NCHW: CPU TensorFlow has no NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/``AvgPool``
 kernels, so for NCHW graphs both the frozen original and the folded GraphDef are executed through
-their NHWC twin (``twin``: each such op runs in NHWC between two transposes); the folded GraphDef
+their NHWC twin (``nhwc_twin``: each such op runs in NHWC between two transposes); the folded GraphDef
 itself keeps NCHW and is what ``rewrite`` imports.
 
 The generator avoids graphs whose original cannot run on CPU TensorFlow 2.21 (oneDNN): a
@@ -498,19 +498,6 @@ def _inputs(case: Case, rng: np.random.Generator, batch: int = 2) -> list[np.nda
             for s in case.fn.structured_input_signature[0]]
 
 
-def twin(graph_def):
-    """``helpers.nhwc_twin``, with ``explicit_paddings`` moved to NHWC order as well."""
-    out = nhwc_twin(graph_def)
-    for node in out.node:
-        pads = list(node.attr["explicit_paddings"].list.i) if node.name.endswith("/nhwc_twin") \
-            and "explicit_paddings" in node.attr else []
-        if len(pads) == 8:
-            n, c, h, w = (pads[i:i + 2] for i in range(0, 8, 2))
-            del node.attr["explicit_paddings"].list.i[:]
-            node.attr["explicit_paddings"].list.i.extend(n + h + w + c)
-    return out
-
-
 def relative_error(want: np.ndarray, got: np.ndarray) -> float:
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
     if want.shape != got.shape:
@@ -544,8 +531,8 @@ def check(case: Case, input_seed: int = 0):
     feeds = _inputs(case, np.random.default_rng(input_seed))
     if case.layout == "NCHW":
         frozen = freeze(case.fn)
-        want = run_graph_def(twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
-        got = run_graph_def(twin(folded.graph_def), frozen.inputs, frozen.outputs, feeds)
+        want = run_graph_def(nhwc_twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
+        got = run_graph_def(nhwc_twin(folded.graph_def), frozen.inputs, frozen.outputs, feeds)
     else:
         want = [t.numpy() for t in tf.nest.flatten(case.fn(*feeds))]
         got_tensors = tf.nest.flatten(folded(*feeds))
@@ -575,6 +562,6 @@ def _reference_outputs(case: Case, feeds) -> list[np.ndarray]:
     """The outputs of ``case``'s graph built in float64 from the same constants."""
     reference = build(case.seed, reference=True)
     frozen = freeze(reference.fn)
-    graph_def = twin(frozen.graph_def) if case.layout == "NCHW" else frozen.graph_def
+    graph_def = nhwc_twin(frozen.graph_def) if case.layout == "NCHW" else frozen.graph_def
     return run_graph_def(graph_def, frozen.inputs, frozen.outputs,
                          [f.astype(np.float64) for f in feeds])

@@ -215,13 +215,15 @@ def run_graph_def(graph_def, inputs: list[str], outputs: list[str],
     return [_to_numpy(r) for r in pruned(*[tf.constant(f) for f in feeds])]
 
 
-_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool")
+_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool", "Conv2DBackpropInput")
 
 
 def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
     """A copy of ``graph_def`` in which every NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/
-    ``AvgPool`` runs in NHWC between two transposes (same values, runs on any CPU build).
-    ``BiasAdd`` and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support it."""
+    ``AvgPool``/``Conv2DBackpropInput`` runs in NHWC between two transposes, with its
+    ``explicit_paddings`` in NHWC order (same values; runs on any CPU build). A transposed
+    convolution's data is input 2 and its output shape (input 0) is permuted too. ``BiasAdd``
+    and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support it."""
     out = graph_pb2.GraphDef()
     out.CopyFrom(graph_def)
     del out.node[:]
@@ -233,15 +235,28 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
             out.node.add().CopyFrom(node)
             continue
         dtype = node.attr["T"].type
+        data = 2 if node.op == "Conv2DBackpropInput" else 0
         pre = out.node.add(name=node.name + "/nhwc_twin_in", op="Transpose",
-                           input=[node.input[0], to_nhwc])
+                           input=[node.input[data], to_nhwc])
         pre.attr["T"].type = dtype
         pre.attr["Tperm"].type = tf.int32.as_datatype_enum
         inner = out.node.add()
         inner.CopyFrom(node)
         inner.name = node.name + "/nhwc_twin"
-        inner.input[0] = pre.name
+        inner.input[data] = pre.name
         inner.attr["data_format"].s = b"NHWC"
+        if node.op == "Conv2DBackpropInput":
+            sizes = out.node.add(name=node.name + "/nhwc_twin_sizes", op="GatherV2",
+                                 input=[node.input[0], _perm_const(out, node.name + "/nhwc_twin_i",
+                                                                   [0, 2, 3, 1]),
+                                        _perm_const(out, node.name + "/nhwc_twin_a", 0)])
+            for key in ("Tparams", "Tindices", "Taxis"):
+                sizes.attr[key].type = tf.int32.as_datatype_enum
+            inner.input[0] = sizes.name
+        if "explicit_paddings" in inner.attr and len(inner.attr["explicit_paddings"].list.i) == 8:
+            pads = list(inner.attr["explicit_paddings"].list.i)
+            del inner.attr["explicit_paddings"].list.i[:]
+            inner.attr["explicit_paddings"].list.i.extend(pads[0:2] + pads[4:8] + pads[2:4])
         for key in ("strides", "ksize", "dilations"):
             if key in inner.attr and len(inner.attr[key].list.i) == 4:
                 n, c, h, w = inner.attr[key].list.i
@@ -269,3 +284,47 @@ def run_nhwc_twin(fn, graph_def, feeds) -> list[np.ndarray]:
 def frozen_graph_def(fn) -> graph_pb2.GraphDef:
     return freeze(fn).graph_def
 
+
+
+# ---- what folded where ---------------------------------------------------------------------------
+def the_entry(report):
+    """The one batch-norm entry of ``report`` (the one affine entry when there is no batch norm)."""
+    entries = report.batch_norms or report.entries
+    assert len(entries) == 1, str(report)
+    return entries[0]
+
+
+def assert_absorbed(folded, direction: str, op: str, count: int = 1):
+    """The one batch norm folded ``direction`` into ``count`` layers, each an ``op`` node of the
+    rewritten graph, and no batch-norm node is left. Returns the entry."""
+    entry = the_entry(folded.report)
+    assert entry.folded and entry.direction == direction, str(folded.report)
+    nodes = {n.name: n for n in folded.graph_def.node}
+    assert len(entry.absorbed_by) == count, entry.absorbed_by
+    for name in entry.absorbed_by:
+        assert nodes[name].op == op, (name, nodes[name].op, op)
+    assert_no_batch_norm(folded.graph_def)
+    return entry
+
+
+def assert_not_folded(folded, *phrases):
+    """The one batch norm is not folded, and its reason contains every phrase."""
+    entry = the_entry(folded.report)
+    assert not entry.folded and entry.absorbed_by == [], str(folded.report)
+    for phrase in phrases:
+        assert phrase in entry.reason, (phrase, entry.reason)
+    return entry
+
+
+def bn_scale_shift(params, epsilon=1e-3):
+    """(s, t) of a batch norm with ``params`` = (γ, β, μ, σ²), in float64."""
+    gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
+    s = gamma / np.sqrt(var + epsilon)
+    return s, beta - mean * s
+
+
+def shift_free(params):
+    """``params`` with β = μ = 0, so that the batch norm's shift t is exactly 0 (a pure scale:
+    γ and σ² stay random)."""
+    gamma, beta, mean, var = params
+    return gamma, np.zeros_like(beta), np.zeros_like(mean), var
