@@ -12,6 +12,7 @@ from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, import_graph, with_signature
 from graphfold.graph import Graph
+from graphfold.inline import inline_calls
 from graphfold.errors import Blocked
 from graphfold.plan import plan_backward, plan_forward
 from graphfold.report import Entry, FoldReport
@@ -64,7 +65,9 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None):
     graph = Graph(work, shapes, outputs)
     graph.validate()
     ops_before = graph.op_counts()
-    notes = _control_flow_notes(work)
+    inlined, left = inline_calls(graph)
+    notes = _control_flow_notes(work, skip=inlined)
+    notes += [f"nested call {call} left as it is: {why}" for call, why in sorted(left.items())]
     keep = [i.split(":")[0] for i in inputs]
     fold_constants(graph)
     graph.prune(keep=keep)
@@ -124,12 +127,14 @@ def _entries(affine: Affine, outcome, tried) -> list[Entry]:
     return [Entry(name=name, is_batch_norm=affine.is_batch_norm, **common) for name in names]
 
 
-def _control_flow_notes(graph_def) -> list[str]:
+def _control_flow_notes(graph_def, skip=frozenset()) -> list[str]:
     """A note for batch norms inside control-flow bodies, which stay unfolded: one count per
     batch-norm layer (a fused op, or the ``.../batchnorm`` scope of a decomposed one, whose
     three Mul nodes are one layer; top-level ``batchnorm/mul`` included)."""
     inside = collections.Counter()
     for function in graph_def.library.function:
+        if function.signature.name in skip:
+            continue
         layers = set()
         for node in function.node_def:
             if node.op in BATCH_NORM_OPS:

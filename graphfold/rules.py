@@ -395,6 +395,13 @@ def _refuse(reason: str) -> Rule:
                 lambda graph, node, reads, d: Blocked(node.name, reason))
 
 
+def _call(node) -> Blocked:
+    return Blocked(node.name, f"a nested function call ({node.attr['f'].func.name}; Keras runs "
+                              "grouped convolutions and jit_compile layers this way) that "
+                              "graphfold could not inline, so the batch norm cannot reach the "
+                              "layer inside it (the report's notes say why)")
+
+
 _IDENTITY = Rule(_through, _through_down)
 _RESHAPE = Rule(_reshape_up, _reshape_down)
 _POOL = Rule(_checked(lambda g, n, d: _pool_check(n, d), True),
@@ -417,4 +424,6 @@ RULES: dict[str, Rule] = {
     "BiasAdd": Rule(_bias_up, None), "Sub": Rule(_bias_up, None),
     "ConcatV2": Rule(_concat_up, _concat_down),
     "Placeholder": _refuse("graph input"),
+    "StatefulPartitionedCall": Rule(lambda g, n, d: _call(n), lambda g, n, r, d: _call(n)),
+    "PartitionedCall": Rule(lambda g, n, d: _call(n), lambda g, n, r, d: _call(n)),
 }

@@ -17,7 +17,7 @@ from tensorflow.core.framework import node_def_pb2
 
 import graphfold
 from helpers import fused_bn
-from helpers import (assert_no_batch_norm, bias, bn_params, check_rewrite,
+from helpers import (assert_absorbed, assert_no_batch_norm, bias, bn_params, check_rewrite,
                      folded_entries, freeze, frozen_graph_def, nhwc_twin, nodes_of, op_counts,
                      randomise_keras_model, rel_err, run_graph_def, run_nhwc_twin, weight,
                      weight_of)
@@ -676,7 +676,7 @@ def test_weight_that_is_also_a_function_output_is_cloned():
 
 
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
-def test_keras_grouped_conv_is_reported(framework):
+def test_keras_grouped_conv_folds_forward(framework):
     K = pytest.importorskip(framework)
     inp = K.Input((6, 6, 4))
     model = K.Model(inp, K.layers.BatchNormalization(name="g_bn")(
@@ -685,10 +685,7 @@ def test_keras_grouped_conv_is_reported(framework):
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec([None, 6, 6, 4], tf.float32))
     folded = check_rewrite(fn, np.random.default_rng(0))
-    # On CPU Keras runs a grouped convolution as an XLA-compiled function call, which freezing
-    # does not inline: the batch norm cannot reach a Conv2D, but it must be reported, with why.
-    [entry] = folded.report.batch_norms
-    if entry.folded:
-        assert_no_batch_norm(folded.graph_def)
-    else:
-        assert "PartitionedCall" in entry.reason, entry.reason
+    # Keras 3 runs a grouped convolution as an XLA-compiled function call, which freezing does
+    # not inline: graphfold inlines it (tests/test_grouped.py), and the Conv2D inside absorbs A.
+    entry = assert_absorbed(folded, "forward", "Conv2D")
+    assert "/g" in entry.absorbed_by[0], entry
