@@ -49,8 +49,8 @@ class Linear:
     scale_in: Callable[[Site, np.ndarray], np.ndarray]      # W ⊙_in s
     shift_response: Callable[[Site, np.ndarray], "np.ndarray | str"]
     """W ⊛ t as a per-out-channel vector, or why it is not one (then the shift cannot fold)."""
-    refuse: Callable[[object], "str | None"] = lambda node: None
-    """Why the layer cannot take any fold (an attribute the math does not cover), or None."""
+    refuse: Callable[[Site], "str | None"] = lambda site: None
+    """Why the layer cannot take any fold (a form the math does not cover), or None."""
 
 
 def _fmt_axis(node, rank: int) -> int:
@@ -213,6 +213,60 @@ TRANSPOSED_CONV = Linear(
     shift_response=_transposed_response)
 
 
+# ---- BatchMatMulV2/V3 with a constant [K, N] weight (adj_y: [N, K]); Einsum as a dense layer ------
+def _dense(w_kn: Callable[[Site], bool]) -> dict:
+    """Weight math of ``x @ W`` on the last axis, W of shape [K, N] (``w_kn``) or [N, K]."""
+    return dict(
+        in_channels=lambda site: site.w.shape[0 if w_kn(site) else 1],
+        out_channels=lambda site: site.w.shape[1 if w_kn(site) else 0],
+        scale_out=lambda site, s: site.w * (s[None, :] if w_kn(site) else s[:, None]),
+        scale_in=lambda site, s: site.w * (s[:, None] if w_kn(site) else s[None, :]),
+        shift_response=lambda site, t: t @ site.w if w_kn(site) else site.w @ t)
+
+
+def _batch_matmul_refuse(site: Site) -> str | None:
+    if site.w.ndim != 2:
+        return f"{site.node.op}: the weight has batch dimensions (shape {list(site.w.shape)})"
+    if "Ta" in site.node.attr and site.node.attr["Ta"].type != site.node.attr["Tb"].type:
+        return f"{site.node.op} of two different dtypes"
+    return None
+
+
+BATCH_MATMUL = Linear(   # adj_x: the data is [..., K, M], its channels on axis -2
+    data=0, weight=1, out_axis=_last,
+    in_axis=lambda node, rank: rank - 2 if node.attr["adj_x"].b else rank - 1,
+    refuse=_batch_matmul_refuse, **_dense(lambda site: not site.node.attr["adj_y"].b))
+
+
+def dense_equation(node) -> tuple[str, str] | None:
+    """``(c, d)`` when ``Einsum``'s equation is a dense layer ``...c,cd->...d`` (or ``dc``): the
+    weight's two subscripts, the contracted one last in the data, the free one last in the
+    output, every other data subscript kept in order; else None."""
+    equation = node.attr["equation"].s.decode().replace(" ", "").replace("...", ".")
+    operands, _, out = equation.partition("->")
+    parts = operands.split(",")
+    if len(parts) != 2 or len(parts[1]) != 2 or not parts[0] or not out:
+        return None
+    x, w = parts
+    c, d = x[-1], out[-1]
+    if set(w) != {c, d} or c == d or x[:-1] != out[:-1] or c in out or d in x:
+        return None
+    return c, d
+
+
+def _einsum_refuse(site: Site) -> str | None:
+    if dense_equation(site.node) is None:
+        equation = site.node.attr["equation"].s.decode()
+        return f"Einsum {equation!r} is not a dense layer (...c,cd->...d)"
+    return None
+
+
+EINSUM = Linear(
+    data=0, weight=1, in_axis=_last, out_axis=_last, refuse=_einsum_refuse,
+    **_dense(lambda site: site.node.attr["equation"].s.decode().replace(" ", "")
+             .split(",")[1].split("->")[0] == "".join(dense_equation(site.node))))
+
+
 LINEAR: dict[str, Linear] = {
     "Conv2D": CONV,
     "Conv3D": CONV,
@@ -220,4 +274,7 @@ LINEAR: dict[str, Linear] = {
     "MatMul": MATMUL,
     "Conv2DBackpropInput": TRANSPOSED_CONV,
     "Conv3DBackpropInputV2": TRANSPOSED_CONV,
+    "BatchMatMulV2": BATCH_MATMUL,
+    "BatchMatMulV3": BATCH_MATMUL,
+    "Einsum": EINSUM,
 }

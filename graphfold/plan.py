@@ -83,14 +83,13 @@ def weight_const(graph: Graph, layer) -> str | None:
 def site(graph: Graph, layer) -> Site | Blocked:
     """The layer with its weight (float64) and shapes, or why it cannot take a fold at all."""
     linear = LINEAR[layer.op]
-    why = linear.refuse(layer)
-    if why:
-        return Blocked(layer.name, why)
     const = weight_const(graph, layer)
     if const is None:
         return Blocked(layer.name, "its weight is not a constant")
-    return Site(layer, graph.const(const).astype(np.float64),
-                graph.shape(graph.data_inputs(layer)[linear.data]), graph.shape(layer.name))
+    where = Site(layer, graph.const(const).astype(np.float64),
+                 graph.shape(graph.data_inputs(layer)[linear.data]), graph.shape(layer.name))
+    why = linear.refuse(where)
+    return Blocked(layer.name, why) if why else where
 
 
 def _fit(layer, demand: Demand, axis: int, n: int, side: str) -> Blocked | None:
