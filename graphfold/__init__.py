@@ -38,7 +38,7 @@ from graphfold.function import FoldedFunction
 from graphfold.report import Entry, FoldReport
 from graphfold.rewrite import optimize_graph_def, rewrite
 from graphfold.saved_model import optimize_saved_model
-from graphfold.version import __version__
+from graphfold.version import __version__  # noqa: F401
 
 __all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "FoldedFunction",
            "FoldReport", "Entry"]

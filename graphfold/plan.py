@@ -19,9 +19,7 @@ from graphfold.affine import Affine
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.layers import LINEAR, Site
-from graphfold.rules import RULES, Demand, Next
-
-PASS_THROUGH = ("Identity", "Snapshot", "StopGradient")
+from graphfold.rules import IDENTITIES, RULES, Demand, Next
 
 
 @dataclasses.dataclass
@@ -74,7 +72,7 @@ def weight_const(graph: Graph, layer) -> str | None:
         node = graph.producer(tensor)
         if node.op == "Const":
             return node.name
-        if node.op not in PASS_THROUGH:
+        if node.op not in IDENTITIES:
             return None
         tensor = graph.data_inputs(node)[0]
     return None
@@ -243,7 +241,7 @@ def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
     channel axis (an error, or silently a smaller batch). Bypassing A must not make such a Pad
     feed a Conv2D directly (through Identity, which Grappler removes)."""
     def skip_identities(tensor):
-        while graph.producer(tensor).op in PASS_THROUGH:
+        while graph.producer(tensor).op in IDENTITIES:
             tensor = graph.data_inputs(graph.producer(tensor))[0]
         return tensor
 

@@ -47,7 +47,7 @@ def entry_table(entries) -> str:
     return format_table(rows)
 
 
-def render_reports(result, console: Console, full: bool = True) -> None:
+def render_reports(result, console, full: bool = True) -> None:
     """Per signature: summary, per-layer table (``full``; else only the layers not folded), op
     table. Signatures with the same graph are shown once."""
     first = same_as(result)
@@ -91,7 +91,7 @@ def same_as(result) -> dict[str, str]:
     return first
 
 
-def render_verification(result, console: Console) -> None:
+def render_verification(result, console) -> None:
     for note in getattr(result, "notes", []):
         console.print(f"note: {note}")
     if not result.verification:

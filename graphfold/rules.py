@@ -409,8 +409,10 @@ _POOL = Rule(_checked(lambda g, n, d: _pool_check(n, d), True),
 _CAST = Rule(_checked(lambda g, n, d: _cast_check(n), True),
              _checked(lambda g, n, d: _cast_check(n), False))
 
+IDENTITIES = ("Identity", "Snapshot", "StopGradient")
+
 RULES: dict[str, Rule] = {
-    "Identity": _IDENTITY, "Snapshot": _IDENTITY, "StopGradient": _IDENTITY,
+    **{op: _IDENTITY for op in IDENTITIES},
     "Cast": _CAST,
     "BatchToSpaceND": _IDENTITY,
     "SpaceToBatchND": Rule(_space_to_batch_up, _space_to_batch_down),

@@ -25,7 +25,8 @@ itself keeps NCHW and is what ``rewrite`` imports.
 
 The generator avoids graphs whose original cannot run on CPU TensorFlow 2.21 (oneDNN): a
 ``BiasAdd``/``Add`` of a constant right after an EXPLICIT-padded depthwise aborts the process, a
-``Conv2D`` right after a channel ``Pad`` fails (a ``Relu`` is put between).
+``Conv2D`` right after a channel ``Pad`` fails (a ``Relu`` is put between), a ``Mul`` by a constant
+right after a grouped ``Conv2D`` aborts in Grappler (a bias is put between).
 """
 
 from __future__ import annotations
@@ -191,8 +192,13 @@ class _Builder:
             pads = self.spatial_pairs([list(rng.integers(0, 2, 2)) for _ in range(2)])
             attrs["explicit_paddings"] = [int(p) for pair in pads for p in pair]
         y = tf.raw_ops.Conv2D(input=x.value, filter=w, name=self.name("conv"), **attrs)
-        grouped = f"/groups{groups}" if groups > 1 else ""
-        return self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}{grouped}", x)
+        if groups == 1:
+            return self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}", x)
+        # A Mul by a constant right after a grouped Conv2D makes Grappler's MulConvPushDown
+        # abort the process (TF 2.21, a CHECK on the filter shape): a bias between them, as in
+        # Keras.
+        return self.bias(self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}/groups{groups}",
+                                   x))
 
     def conv_transpose(self, x: Tensor, cout: int | None = None) -> Tensor:
         """``Conv2DBackpropInput`` (Keras Conv2DTranspose): filter [k, k, cout, x.c], data input 2.

@@ -39,13 +39,31 @@ def fused_bn(y, params, data_format="NHWC", training=False, epsilon=1e-3):
                                        is_training=training)[0]
 
 
+def decomposed_bn(y, params, epsilon=1e-3):
+    """The decomposed form (Keras 3, ``tf.nn.batch_normalization``): ``y * inv + (β − μ·inv)``."""
+    gamma, beta, mean, var = params
+    return tf.nn.batch_normalization(y, mean, var, beta, gamma, epsilon)
+
+
+def make(body, *specs, dtype=tf.float32):
+    """The ConcreteFunction of ``body`` for inputs given as ``TensorSpec``s or as shapes without
+    the batch dimension (which is then unknown)."""
+    return tf.function(body).get_concrete_function(
+        *[s if isinstance(s, tf.TensorSpec) else tf.TensorSpec([None, *s], dtype) for s in specs])
+
+
 # ---- random parameters ---------------------------------------------------------------------------
-def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False):
+def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False,
+              gamma=None):
     """(γ, β, μ, σ²) for ``c`` channels: γ of magnitude in [0.5, 1.5] with random signs (unless
-    ``positive``), β and μ normal, σ² in [0.2, 2]. Never the identity statistics."""
+    ``positive``; or the given ``gamma``), β and μ normal, σ² in [0.2, 2]. Never the identity
+    statistics."""
+    given = gamma
     gamma = rng.uniform(0.5, 1.5, c)
     if not positive:
         gamma = gamma * np.where(rng.random(c) < 0.3, -1.0, 1.0)
+    if given is not None:
+        gamma = np.asarray(given, dtype=np.float64)
     beta = rng.normal(0.0, 1.0, c)
     mean = rng.normal(0.0, 1.0, c)
     var = rng.uniform(0.2, 2.0, c)
@@ -288,7 +306,9 @@ def frozen_graph_def(fn) -> graph_pb2.GraphDef:
 
 # ---- what folded where ---------------------------------------------------------------------------
 def the_entry(report):
-    """The one batch-norm entry of ``report`` (the one affine entry when there is no batch norm)."""
+    """The one batch-norm entry of ``report`` (or of a folded function's report; the one affine
+    entry when there is no batch norm)."""
+    report = getattr(report, "report", report)
     entries = report.batch_norms or report.entries
     assert len(entries) == 1, str(report)
     return entries[0]

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from graphfold.layers import Site, transposed_shift_map
+from helpers import make
 from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, bn_scale_shift,
                      check_rewrite, frozen_graph_def, fused_bn, nodes_of, rel_err,
                      run_nhwc_twin, shift_free, weight, weight_of)
@@ -28,11 +29,6 @@ def transpose2d(x, w, size, stride, padding, data_format="NHWC"):
     shape = [n, size, size, c] if data_format == "NHWC" else [n, c, size, size]
     return tf.nn.conv2d_transpose(x, w, tf.stack(shape), stride, padding,
                                   data_format=data_format)
-
-
-def make(body, shape):
-    return tf.function(body).get_concrete_function(tf.TensorSpec([None] + list(shape),
-                                                                 tf.float32))
 
 
 # ---- forward --------------------------------------------------------------------------------------
