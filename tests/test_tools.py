@@ -109,3 +109,13 @@ def test_limit_graph_has_no_batch_norm():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_bench_grouped_smoke(capsys):
+    tool = _load("bench_grouped")
+    assert tool.main(["--batch", "1", "--calls", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "7 folded" in out and "before/after: 2/0" in out
+    header, rows = _table(out, "round")
+    assert header == ["round", "original ms", "graphfold ms", "original / graphfold"]
+    assert len(rows) == 1
