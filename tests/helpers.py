@@ -233,15 +233,18 @@ def run_graph_def(graph_def, inputs: list[str], outputs: list[str],
     return [_to_numpy(r) for r in pruned(*[tf.constant(f) for f in feeds])]
 
 
-_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool", "Conv2DBackpropInput")
+_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool", "Conv2DBackpropInput",
+             "Conv3DBackpropInputV2")
+_TRANSPOSED = ("Conv2DBackpropInput", "Conv3DBackpropInputV2")
 
 
 def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
     """A copy of ``graph_def`` in which every NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/
-    ``AvgPool``/``Conv2DBackpropInput`` runs in NHWC between two transposes, with its
-    ``explicit_paddings`` in NHWC order (same values; runs on any CPU build). A transposed
-    convolution's data is input 2 and its output shape (input 0) is permuted too. ``BiasAdd``
-    and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support it."""
+    ``AvgPool``/``Conv2DBackpropInput`` (and every NCDHW ``Conv3DBackpropInputV2``) runs channels
+    last between two transposes, with its ``explicit_paddings`` in NHWC order (same values; runs
+    on any CPU build). A transposed convolution's data is input 2 and its output shape (input 0)
+    is permuted too. ``BiasAdd`` and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support
+    it."""
     out = graph_pb2.GraphDef()
     out.CopyFrom(graph_def)
     del out.node[:]
@@ -249,11 +252,16 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
     to_nchw = _perm_const(out, "nhwc_twin/to_nchw", [0, 3, 1, 2])
     for node in graph_def.node:
         fmt = node.attr["data_format"].s if "data_format" in node.attr else b""
-        if node.op not in _NCHW_OPS or fmt != b"NCHW":
+        if node.op not in _NCHW_OPS or fmt not in (b"NCHW", b"NCDHW"):
             out.node.add().CopyFrom(node)
             continue
         dtype = node.attr["T"].type
-        data = 2 if node.op == "Conv2DBackpropInput" else 0
+        data = 2 if node.op in _TRANSPOSED else 0
+        rank = 5 if fmt == b"NCDHW" else 4
+        last = [0, *range(2, rank), 1]
+        if rank == 5:
+            to_nhwc = _perm_const(out, node.name + "/nhwc_twin_to_last", last)
+            to_nchw = _perm_const(out, node.name + "/nhwc_twin_to_first", [0, 4, 1, 2, 3])
         pre = out.node.add(name=node.name + "/nhwc_twin_in", op="Transpose",
                            input=[node.input[data], to_nhwc])
         pre.attr["T"].type = dtype
@@ -262,13 +270,15 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
         inner.CopyFrom(node)
         inner.name = node.name + "/nhwc_twin"
         inner.input[data] = pre.name
-        inner.attr["data_format"].s = b"NHWC"
-        if node.op == "Conv2DBackpropInput":
+        inner.attr["data_format"].s = b"NHWC" if rank == 4 else b"NDHWC"
+        if node.op in _TRANSPOSED:
             sizes = out.node.add(name=node.name + "/nhwc_twin_sizes", op="GatherV2",
                                  input=[node.input[0], _perm_const(out, node.name + "/nhwc_twin_i",
-                                                                   [0, 2, 3, 1]),
+                                                                   last),
                                         _perm_const(out, node.name + "/nhwc_twin_a", 0)])
-            for key in ("Tparams", "Tindices", "Taxis"):
+            sizes.attr["Tparams"].type = node.attr["Tshape"].type if "Tshape" in node.attr \
+                else tf.int32.as_datatype_enum
+            for key in ("Tindices", "Taxis"):
                 sizes.attr[key].type = tf.int32.as_datatype_enum
             inner.input[0] = sizes.name
         if "explicit_paddings" in inner.attr and len(inner.attr["explicit_paddings"].list.i) == 8:
@@ -276,10 +286,10 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
             del inner.attr["explicit_paddings"].list.i[:]
             inner.attr["explicit_paddings"].list.i.extend(pads[0:2] + pads[4:8] + pads[2:4])
         for key in ("strides", "ksize", "dilations"):
-            if key in inner.attr and len(inner.attr[key].list.i) == 4:
-                n, c, h, w = inner.attr[key].list.i
+            if key in inner.attr and len(inner.attr[key].list.i) == rank:
+                values = list(inner.attr[key].list.i)
                 del inner.attr[key].list.i[:]
-                inner.attr[key].list.i.extend([n, h, w, c])
+                inner.attr[key].list.i.extend(values[i] for i in last)
         post = out.node.add(name=node.name, op="Transpose", input=[inner.name, to_nchw])
         post.attr["T"].type = dtype
         post.attr["Tperm"].type = tf.int32.as_datatype_enum

@@ -71,6 +71,35 @@ def test_forward_into_conv3d_transpose_without_bias():
     assert_absorbed(folded, "forward", T3)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_conv3d_transpose_ncdhw(direction):
+    """NCDHW (CPU TensorFlow runs it through the NDHWC twin): forward with a shift, backward with
+    the scale only."""
+    rng = np.random.default_rng(22)
+    w = weight((2, 3, 3, 4, 3), rng)
+    c = 4 if direction == "forward" else 3
+    p = bn_params(c, rng) if direction == "forward" else shift_free(bn_params(c, rng))
+    stats = [v.reshape(c, 1, 1, 1) for v in p]
+
+    def bn5(y):
+        gamma, beta, mean, var = stats
+        return tf.nn.batch_normalization(y, mean, var, beta, gamma, 1e-3)
+
+    def body(x):
+        shape = tf.stack([tf.shape(x)[0], 4, 8, 8, 8])
+        x = bn5(x) if direction == "backward" else x
+        y = tf.nn.conv3d_transpose(x, w, shape, [1, 1, 2, 2, 2], "SAME", data_format="NCDHW")
+        return bn5(y) if direction == "forward" else y
+
+    fn = make(body, [3, 4, 4, 4])
+    folded = check_rewrite(fn, rng, run=False)
+    assert_absorbed(folded, direction, T3)
+    feed = rng.normal(size=[2, 3, 4, 4, 4]).astype(np.float32)
+    [want] = run_nhwc_twin(fn, frozen_graph_def(fn), [feed])
+    [got] = run_nhwc_twin(fn, folded.graph_def, [feed])
+    assert rel_err(want, got) <= 1e-5
+
+
 # ---- backward: the scale always, the shift where it is a per-channel bias --------------------------
 def test_backward_scale_folds_whatever_the_stride_and_padding():
     rng = np.random.default_rng(14)
