@@ -112,3 +112,20 @@ def test_keras_einsum_dense_then_batch_norm(framework):
     entry = folded.report.batch_norms[0]
     assert entry.folded and entry.direction == "forward", str(folded.report)
     assert "ed" in entry.absorbed_by[0]
+
+
+@pytest.mark.parametrize("op,shape", [("BatchMatMul", [5]), ("BatchMatMulV2", [3, 5])])
+def test_both_batch_matmul_versions_fold_both_ways(op, shape):
+    """(BatchMatMul V1 does not broadcast: a constant 2-D weight means 2-D data.)"""
+    rng = np.random.default_rng(49)
+    w, p1, p2 = weight((5, 4), rng), bn_params(5, rng), bn_params(4, rng)
+
+    def matmul(x):
+        return getattr(tf.raw_ops, op)(x=x, y=tf.constant(w))
+
+    fn = make(lambda x: keras_bn(matmul(keras_bn(x, p1)), p2), shape)
+    folded = check_rewrite(fn, rng)
+    directions = sorted(e.direction for e in folded.report.batch_norms)
+    assert directions == ["backward", "forward"], str(folded.report)
+    [layer] = nodes_of(folded.graph_def, op)
+    assert all(e.absorbed_by == [layer.name] for e in folded.report.batch_norms)
