@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import decomposed_bn, make, the_entry
+from helpers import assert_absorbed, decomposed_bn, make, the_entry
 from helpers import fused_bn as bn
 from helpers import (assert_close, bias, bn_params, check_rewrite, nodes_of, op_counts,
                      random_inputs, weight, weight_of)
@@ -39,9 +39,7 @@ def test_fuzz_constant_first_operand_k_times_x(rng, where):
     else:
         body = (lambda x: k4 * tf.nn.conv2d(x, w, 1, "VALID"))
     folded = check_rewrite(make(body, [4, 4, 3]), rng)
-    entry = the_entry(folded.report)
-    assert entry.folded and entry.direction == ("backward" if where == "before_conv"
-                                                else "forward")
+    assert_absorbed(folded, "backward" if where == "before_conv" else "forward", "Conv2D")
     assert "Mul" not in op_counts(folded.graph_def)
 
 
@@ -66,8 +64,7 @@ def test_fuzz_sub_bias_on_the_forward_path(rng):
     w, b, p = weight((1, 1, 3, 4), rng), bias(4, rng), bn_params(4, rng)
     folded = check_rewrite(make(lambda x: bn(tf.nn.avg_pool2d(tf.nn.conv2d(x, w, 1, "VALID") - b,
                                                               2, 2, "VALID"), p), [4, 4, 3]), rng)
-    entry = the_entry(folded.report)
-    assert entry.folded and entry.direction == "forward"
+    assert_absorbed(folded, "forward", "Conv2D")
     assert "Sub" in op_counts(folded.graph_def)           # the bias stays a Sub, rewritten
 
 
@@ -86,8 +83,7 @@ def test_fuzz_bias_after_add_or_concat(rng, junction):
         return bn(tf.identity(tf.nn.bias_add(y, b)), p)
 
     folded = check_rewrite(make(body, [5, 5, 3]), rng)
-    entry = the_entry(folded.report)
-    assert entry.folded and entry.direction == "forward" and len(entry.absorbed_by) == 2
+    assert_absorbed(folded, "forward", "Conv2D", count=2)
 
 
 def test_bias_between_relu_and_bn_takes_the_shift(rng):
@@ -96,7 +92,7 @@ def test_bias_between_relu_and_bn_takes_the_shift(rng):
     w, b, p = weight((3, 3, 3, 4), rng), bias(4, rng), bn_params(4, rng, positive=True)
     folded = check_rewrite(make(lambda x: bn(tf.identity(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME"))
                                                          + b), p), [5, 5, 3]), rng)
-    assert the_entry(folded.report).folded
+    assert_absorbed(folded, "forward", "Conv2D")
 
 
 def test_fuzz_layer_both_sink_and_leaf(rng):
@@ -158,7 +154,7 @@ def test_no_batch_or_channel_pad_left_next_to_a_conv(rng, axis):
     (conv,) = nodes_of(folded.graph_def, "Conv2D")
     producer = {n.name: n.op for n in folded.graph_def.node}[conv.input[0].split(":")[0]]
     if axis == "spatial":
-        assert entry.folded and entry.direction == "backward"
+        assert entry.folded and entry.direction == "backward" and entry.absorbed_by == [conv.name]
     else:
         assert not entry.folded and "Pad+Conv2D" in entry.tried["backward"]
         assert producer != "Pad"
