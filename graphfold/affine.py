@@ -186,7 +186,8 @@ def _batch_norm(graph: Graph, node) -> Affine | None:
     if blocked or any(p is None for p in params):
         return Affine(nodes=[node.name], s=np.ones(1), t=np.zeros(1), axis=axis, rank=rank,
                       dtype=dtype, batch_norms=[name], form=node.op,
-                      blocked=blocked or Blocked(node.name, "batch-norm parameters are not constant"))
+                      blocked=blocked or Blocked(node.name,
+                                                 "batch-norm parameters are not constant"))
     gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
     with np.errstate(all="ignore"):
         s = gamma / np.sqrt(var + eps)

@@ -33,7 +33,8 @@ def why_not_inlined(graph: Graph, call) -> str | None:
         return f"its function {name} is not in the graph's library"
     unknown = sorted({n.op for n in function.node_def} - PURE)
     if unknown:
-        return f"its function {name} runs ops graphfold does not fold through ({', '.join(unknown)})"
+        return (f"its function {name} runs ops graphfold does not fold through "
+                f"({', '.join(unknown)})")
     if len(function.signature.output_arg) != len(function.ret):
         return f"its function {name} has outputs graphfold cannot map"
     if len(function.signature.output_arg) != 1 and (

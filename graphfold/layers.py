@@ -118,7 +118,7 @@ CONV = Linear(
     shift_response=_conv_response)
 
 
-# ---- DepthwiseConv2dNative: [kh, kw, C_in, M], o = c·M + m ----------------------------------------
+# ---- DepthwiseConv2dNative: [kh, kw, C_in, M], o = c·M + m ---------------------------------------
 def _dw_response(site: Site, t: np.ndarray) -> np.ndarray | str:
     why = _padding_touches(site)
     return why or np.einsum("hwcm,c->cm", site.w, t).reshape(-1)
@@ -133,7 +133,7 @@ DEPTHWISE = Linear(
     shift_response=_dw_response)
 
 
-# ---- MatMul: [K, N] (transpose_b: [N, K]) ---------------------------------------------------------
+# ---- MatMul: [K, N] (transpose_b: [N, K]) --------------------------------------------------------
 def _transposed(node) -> bool:
     return bool(node.attr["transpose_b"].b)
 
@@ -148,7 +148,7 @@ MATMUL = Linear(     # transpose_a: the data is [K, M], its channels (K) on axis
     shift_response=lambda site, t: site.w @ t if _transposed(site.node) else t @ site.w)
 
 
-# ---- Conv2DBackpropInput / Conv3DBackpropInputV2: [..., C_out, C_in], data input 2 ----------------
+# ---- Conv2DBackpropInput / Conv3DBackpropInputV2: [..., C_out, C_in], data input 2 ---------------
 def _tap_coverage(site: Site) -> list[np.ndarray] | str:
     """Per spatial axis, ``V[p, k]`` = 1 when output position p of the transposed convolution
     receives kernel tap k from some input position (p = i·stride + k·dilation − pad_before for

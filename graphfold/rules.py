@@ -78,7 +78,7 @@ class Rule:
     backward: Backward | None = None
 
 
-# ---- shared facts ---------------------------------------------------------------------------------
+# ---- shared facts --------------------------------------------------------------------------------
 def const_operand(graph: Graph, node) -> int | None:
     for i, tensor in enumerate(graph.data_inputs(node)):
         if graph.const(tensor) is not None:
@@ -195,7 +195,7 @@ def _pad_amounts(graph: Graph, node) -> np.ndarray | None:
     return pads
 
 
-# ---- rules ----------------------------------------------------------------------------------------
+# ---- rules ---------------------------------------------------------------------------------------
 def _through(graph, node, demand):
     return [Step(_x(graph, node), demand)]
 

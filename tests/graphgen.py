@@ -20,7 +20,8 @@ not, and every unfolded one has a reason).
 
 NCHW: CPU TensorFlow has no NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/``AvgPool``
 kernels, so for NCHW graphs both the frozen original and the folded GraphDef are executed through
-their NHWC twin (``nhwc_twin``: each such op runs in NHWC between two transposes); the folded GraphDef
+their NHWC twin (``nhwc_twin``: each such op runs in NHWC between two transposes); the folded
+GraphDef
 itself keeps NCHW and is what ``rewrite`` imports.
 
 The generator avoids graphs whose original cannot run on CPU TensorFlow 2.21 (oneDNN): a

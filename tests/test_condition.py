@@ -104,8 +104,8 @@ def test_bn_feeding_conv_and_relu_is_refused():
 
 def test_backward_through_maxpool_needs_positive_scale():
     p, w = stats(3, gamma=[1.0, -0.5, 2.0]), const(1, 1, 3, 4)
-    entry = the_entry(rewrite(lambda x: tf.nn.conv2d(tf.nn.max_pool2d(bn(x, p), 2, 2, "VALID"), w, 1,
-                                                "VALID"), [6, 6, 3]))
+    entry = the_entry(rewrite(lambda x: tf.nn.conv2d(tf.nn.max_pool2d(bn(x, p), 2, 2, "VALID"), w,
+                                                     1, "VALID"), [6, 6, 3]))
     assert not entry.folded and "MaxPool" in entry.reason
 
 
@@ -208,7 +208,8 @@ def test_forward_through_pools(pool):
 
 def test_forward_through_relu_with_shift_is_refused_forward():
     p, w = stats(3), const(3, 3, 2, 3)
-    entry = the_entry(rewrite(lambda x: bn(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME")), p), [6, 6, 2]))
+    entry = the_entry(rewrite(lambda x: bn(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME")), p),
+                              [6, 6, 2]))
     assert not entry.folded and "Relu" in entry.tried["forward"]
 
 

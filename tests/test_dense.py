@@ -20,11 +20,12 @@ def per_row(k: int, rng):
             rng.normal(size=(k, 1)).astype(np.float32))
 
 
-# ---- MatMul(transpose_a) ---------------------------------------------------------------------------
+# ---- MatMul(transpose_a) -------------------------------------------------------------------------
 def test_matmul_transpose_a_forward():
     rng = np.random.default_rng(41)
     w, b, p = weight((5, 4), rng), bias(4, rng), bn_params(4, rng)
-    fn = make(lambda x: keras_bn(tf.matmul(x, w, transpose_a=True) + b, p), tf.TensorSpec([5, None]))
+    fn = make(lambda x: keras_bn(tf.matmul(x, w, transpose_a=True) + b, p),
+              tf.TensorSpec([5, None]))
     assert_absorbed(check_rewrite(fn, rng), "forward", "MatMul")
 
 
@@ -38,7 +39,7 @@ def test_matmul_transpose_a_backward_reads_channels_on_axis_0():
     assert entry.absorbed_by == [n.name for n in nodes_of(folded.graph_def, "MatMul")]
 
 
-# ---- BatchMatMulV2 ----------------------------------------------------------------------------------
+# ---- BatchMatMulV2 -------------------------------------------------------------------------------
 @pytest.mark.parametrize("adj_y", [False, True])
 def test_batch_matmul_forward_and_backward(adj_y):
     rng = np.random.default_rng(43)
@@ -69,7 +70,7 @@ def test_batch_matmul_with_a_batched_weight_is_refused():
     assert_not_folded(check_rewrite(fn, rng), "batch dimensions")
 
 
-# ---- Einsum -----------------------------------------------------------------------------------------
+# ---- Einsum --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("equation,shape", [("abc,cd->abd", (5, 4)), ("abc,dc->abd", (4, 5)),
                                             ("...c,cd->...d", (5, 4))])
 def test_einsum_dense_forward_and_backward(equation, shape):
@@ -95,7 +96,7 @@ def test_einsum_that_is_not_a_dense_layer_is_refused():
     assert_not_folded(folded, "not a dense layer")
 
 
-# ---- Keras ------------------------------------------------------------------------------------------
+# ---- Keras ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
 def test_keras_einsum_dense_then_batch_norm(framework):
     K = pytest.importorskip(framework)

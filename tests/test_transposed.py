@@ -31,7 +31,7 @@ def transpose2d(x, w, size, stride, padding, data_format="NHWC"):
                                   data_format=data_format)
 
 
-# ---- forward --------------------------------------------------------------------------------------
+# ---- forward -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stride,padding,size", [(2, "SAME", 12), (2, "VALID", 13), (1, "SAME", 6)])
 def test_forward_into_conv2d_transpose(stride, padding, size):
     rng = np.random.default_rng(11)
@@ -100,7 +100,7 @@ def test_conv3d_transpose_ncdhw(direction):
     assert rel_err(want, got) <= 1e-5
 
 
-# ---- backward: the scale always, the shift where it is a per-channel bias --------------------------
+# ---- backward: the scale always, the shift where it is a per-channel bias ------------------------
 def test_backward_scale_folds_whatever_the_stride_and_padding():
     rng = np.random.default_rng(14)
     w, p = weight((3, 3, 4, 3), rng), shift_free(bn_params(3, rng))
