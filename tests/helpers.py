@@ -337,6 +337,18 @@ def assert_absorbed(folded, direction: str, op: str, count: int = 1):
     return entry
 
 
+def assert_folded_into_layers(folded, count: int, direction: str = "forward",
+                              ops=("Conv2D", "MatMul")):
+    """``count`` batch norms folded, each ``direction`` into nodes of the rewritten graph whose op
+    is one of ``ops``."""
+    report = folded.report
+    assert len(report.folded) == count, str(report)
+    graph_ops = {n.name: n.op for n in folded.graph_def.node}
+    for entry in report.folded:
+        assert entry.direction == direction and entry.absorbed_by, (entry, str(report))
+        assert all(graph_ops.get(node) in ops for node in entry.absorbed_by), (entry, ops)
+
+
 def assert_not_folded(folded, *phrases):
     """The one batch norm is not folded, and its reason contains every phrase."""
     entry = the_entry(folded.report)
