@@ -213,7 +213,7 @@ TRANSPOSED_CONV = Linear(
     shift_response=_transposed_response)
 
 
-# ---- BatchMatMul/V2 with a constant [K, N] weight (adj_y: [N, K]); Einsum as a dense layer ------
+# ---- BatchMatMul/V2/V3 with a constant [K, N] weight (adj_y: [N, K]); Einsum as a dense layer ------
 def _dense(w_kn: Callable[[Site], bool]) -> dict:
     """Weight math of ``x @ W`` on the last axis, W of shape [K, N] (``w_kn``) or [N, K]."""
     return dict(
@@ -227,6 +227,9 @@ def _dense(w_kn: Callable[[Site], bool]) -> dict:
 def _batch_matmul_refuse(site: Site) -> str | None:
     if site.w.ndim != 2:
         return f"{site.node.op}: the weight has batch dimensions (shape {list(site.w.shape)})"
+    attr = site.node.attr
+    if "Ta" in attr and len({attr[k].type for k in ("Ta", "Tb", "Tout")}) != 1:
+        return f"{site.node.op} mixes dtypes (Ta, Tb, Tout differ)"
     return None
 
 
@@ -274,5 +277,6 @@ LINEAR: dict[str, Linear] = {
     "Conv3DBackpropInputV2": TRANSPOSED_CONV,
     "BatchMatMul": BATCH_MATMUL,
     "BatchMatMulV2": BATCH_MATMUL,
+    "BatchMatMulV3": BATCH_MATMUL,
     "Einsum": EINSUM,
 }

@@ -115,14 +115,16 @@ def test_keras_einsum_dense_then_batch_norm(framework):
     assert "ed" in entry.absorbed_by[0]
 
 
-@pytest.mark.parametrize("op,shape", [("BatchMatMul", [5]), ("BatchMatMulV2", [3, 5])])
-def test_both_batch_matmul_versions_fold_both_ways(op, shape):
+@pytest.mark.parametrize("op,shape", [("BatchMatMul", [5]), ("BatchMatMulV2", [3, 5]),
+                                      ("BatchMatMulV3", [3, 5])])
+def test_every_batch_matmul_version_folds_both_ways(op, shape):
     """(BatchMatMul V1 does not broadcast: a constant 2-D weight means 2-D data.)"""
     rng = np.random.default_rng(49)
     w, p1, p2 = weight((5, 4), rng), bn_params(5, rng), bn_params(4, rng)
+    extra = {"Tout": tf.float32} if op == "BatchMatMulV3" else {}
 
     def matmul(x):
-        return getattr(tf.raw_ops, op)(x=x, y=tf.constant(w))
+        return getattr(tf.raw_ops, op)(x=x, y=tf.constant(w), **extra)
 
     fn = make(lambda x: keras_bn(matmul(keras_bn(x, p1)), p2), shape)
     folded = check_rewrite(fn, rng)
@@ -130,3 +132,17 @@ def test_both_batch_matmul_versions_fold_both_ways(op, shape):
     assert directions == ["backward", "forward"], str(folded.report)
     [layer] = nodes_of(folded.graph_def, op)
     assert all(e.absorbed_by == [layer.name] for e in folded.report.batch_norms)
+
+
+def test_batch_matmul_v3_of_mixed_dtypes_is_refused():
+    """(Checked on the table entry: CPU TensorFlow runs no mixed-dtype BatchMatMulV3.)"""
+    from tensorflow.core.framework import node_def_pb2
+
+    from graphfold.layers import LINEAR, Site
+    node = node_def_pb2.NodeDef(name="mm", op="BatchMatMulV3")
+    for key, dtype in (("Ta", tf.float16), ("Tb", tf.float16), ("Tout", tf.float32)):
+        node.attr[key].type = dtype.as_datatype_enum
+    site = Site(node, np.ones((5, 4)), (None, 3, 5), (None, 3, 4))
+    assert "mixes dtypes" in LINEAR["BatchMatMulV3"].refuse(site)
+    node.attr["Tout"].type = tf.float16.as_datatype_enum
+    assert LINEAR["BatchMatMulV3"].refuse(site) is None
