@@ -2,9 +2,9 @@
 
 Keras 3 runs a grouped ``Conv2D`` (and any layer built with ``jit_compile``) as a
 ``StatefulPartitionedCall`` of an XLA-compiled function, which freezing leaves as a call: to
-the planner it is an opaque op. A call is inlined when its function is in the graph's library
-and every op of its body is pure and known to graphfold (the linear layers, the ops of the rule
-table, constants, NoOp): its nodes are copied into the graph under the call's name, its
+the planner it is an opaque op. A call is inlined when its function is in the graph's library,
+every op of its body is pure and known to graphfold (the linear layers, the ops of the rule
+table, constants, NoOp), and none needs XLA to run on CPU (a 3-D or channels-first convolution): its nodes are copied into the graph under the call's name, its
 arguments read the call's inputs, and the call's consumers read the body's results. The body
 then runs as ordinary TensorFlow ops (on CPU, a grouped Conv2D has a native kernel).
 """
@@ -15,6 +15,7 @@ import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
 from tensorflow.python.framework import op_def_registry
 
+from graphfold import formats
 from graphfold.affine import BATCH_NORM_OPS, ELEMENTWISE
 from graphfold.graph import Graph, canonical, split_tensor, tensor_name
 from graphfold.layers import LINEAR
@@ -35,6 +36,11 @@ def why_not_inlined(graph: Graph, call) -> str | None:
     if unknown:
         return (f"its function {name} runs ops graphfold does not fold through "
                 f"({', '.join(unknown)})")
+    for node in function.node_def:
+        why = _needs_xla(node)
+        if why:
+            return f"its function {name} runs {why}, which TensorFlow's CPU kernels may not run " \
+                   "outside XLA"
     if len(function.signature.output_arg) != len(function.ret):
         return f"its function {name} has outputs graphfold cannot map"
     if len(function.signature.output_arg) != 1 and (
@@ -45,25 +51,62 @@ def why_not_inlined(graph: Graph, call) -> str | None:
     return None
 
 
+def _needs_xla(node) -> str | None:
+    """What in ``node`` only XLA may run on CPU (the call then stays): a 3-D convolution (Keras 3
+    runs a grouped Conv3D in such a call, and TensorFlow's CPU Conv3D has no groups), or a
+    channels-first 2-D op (TensorFlow's CPU kernels are channels-last). A grouped NHWC Conv2D runs
+    natively (any stride, dilation or padding)."""
+    if node.op in ("Conv3D", "Conv3DBackpropInputV2"):
+        return f"a {node.op}"
+    if "data_format" in node.attr and formats.channels_first(formats.data_format(node)):
+        return f"a {node.op} in {formats.data_format(node).decode()}"
+    return None
+
+
 def inline_calls(graph: Graph) -> tuple[set[str], dict[str, str]]:
     """Inlines every call it can (see the module docstring). Returns the functions inlined, and
     for each call left, why."""
-    inlined, left = set(), {}
+    inlined, left, added = set(), {}, []
     for call in [n for n in graph.graph_def.node if n.op in CALLS]:
         why = why_not_inlined(graph, call)
         if why is None:
             inlined.add(call.attr["f"].func.name)
-            _inline(graph, call, _library(graph)[call.attr["f"].func.name])
+            added += _inline(graph, call, _library(graph)[call.attr["f"].func.name])
         else:
             left[call.name] = why
+    if added:
+        _infer_shapes(graph, added)
     return inlined, left
+
+
+def _infer_shapes(graph: Graph, names: list[str]) -> None:
+    """Static shapes of the inlined nodes, from TensorFlow's shape inference on the graph (the
+    body's inner tensors, a Keras Conv1D's Squeeze say, have none of their own); a shape already
+    known (the call's result) is kept where inference knows less."""
+    imported = tf.Graph()
+    try:
+        with imported.as_default():
+            tf.graph_util.import_graph_def(graph.graph_def, name="")
+    except (ValueError, TypeError):         # a graph TensorFlow cannot import: keep what we have
+        return
+    for name in names:
+        for i, out in enumerate(imported.get_operation_by_name(name).outputs):
+            tensor = canonical(tensor_name(name, i))
+            shape = out.shape
+            if shape.rank is None:
+                continue
+            known = graph.shapes.get(tensor)
+            if known is not None and len(known) == shape.rank:
+                shape = shape.merge_with(tf.TensorShape(known))
+            graph.shapes[tensor] = tuple(shape.as_list())
 
 
 def _library(graph: Graph) -> dict:
     return {f.signature.name: f for f in graph.graph_def.library.function}
 
 
-def _inline(graph: Graph, call, function) -> None:
+def _inline(graph: Graph, call, function) -> list[str]:
+    """Copies ``function``'s body in place of ``call``; returns the names of the copied nodes."""
     prefix = call.name
     inputs = graph.data_inputs(call)
     args = {arg.name: inputs[i] for i, arg in enumerate(function.signature.input_arg)}
@@ -81,6 +124,7 @@ def _inline(graph: Graph, call, function) -> None:
         return tensor_name(f"{prefix}/{parts[0]}", index)
 
     body = {n.name: n for n in function.node_def}
+    copied = []
     for node in function.node_def:
         copy = node_def_pb2.NodeDef()
         copy.CopyFrom(node)
@@ -89,6 +133,7 @@ def _inline(graph: Graph, call, function) -> None:
         del copy.input[:]
         copy.input.extend(outer(t) for t in node.input)
         graph.add_node(copy)
+        copied.append(copy.name)
         if node.op == "Identity" and node.input and node.input[0] in args:
             graph.shapes[canonical(copy.name)] = graph.shape(args[node.input[0]])
     for i, arg in enumerate(function.signature.output_arg):
@@ -112,6 +157,7 @@ def _inline(graph: Graph, call, function) -> None:
         call.input.append("^" + split_tensor(result)[0])
     else:
         graph.remove_nodes([call.name])
+    return copied
 
 
 def _flat_index(node, out_arg: str, index: int) -> int:
