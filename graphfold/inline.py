@@ -4,9 +4,10 @@ Keras 3 runs a grouped ``Conv2D`` (and any layer built with ``jit_compile``) as 
 ``StatefulPartitionedCall`` of an XLA-compiled function, which freezing leaves as a call: to
 the planner it is an opaque op. A call is inlined when its function is in the graph's library,
 every op of its body is pure and known to graphfold (the linear layers, the ops of the rule
-table, constants, NoOp), and none needs XLA to run on CPU (a 3-D or channels-first convolution): its nodes are copied into the graph under the call's name, its
-arguments read the call's inputs, and the call's consumers read the body's results. The body
-then runs as ordinary TensorFlow ops (on CPU, a grouped Conv2D has a native kernel).
+table, constants, NoOp), and none needs XLA to run on CPU (a 3-D or channels-first
+convolution): its nodes are copied into the graph under the call's name, its arguments read the
+call's inputs, and the call's consumers read the body's results. The body then runs as ordinary
+TensorFlow ops (on CPU, a grouped NHWC Conv2D has a native kernel).
 """
 
 from __future__ import annotations

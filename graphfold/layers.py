@@ -213,7 +213,7 @@ TRANSPOSED_CONV = Linear(
     shift_response=_transposed_response)
 
 
-# ---- BatchMatMul/V2/V3 with a constant [K, N] weight (adj_y: [N, K]); Einsum as a dense layer ------
+# ---- BatchMatMul/V2/V3 with a constant [K, N] weight (adj_y: [N, K]); Einsum as a dense layer --
 def _dense(w_kn: Callable[[Site], bool]) -> dict:
     """Weight math of ``x @ W`` on the last axis, W of shape [K, N] (``w_kn``) or [N, K]."""
     return dict(
