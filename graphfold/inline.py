@@ -76,21 +76,22 @@ def inline_calls(graph: Graph) -> tuple[set[str], dict[str, str]]:
         else:
             left[call.name] = why
     if added:
-        _infer_shapes(graph, added)
+        _infer_shapes(graph)
     return inlined, left
 
 
-def _infer_shapes(graph: Graph, names: list[str]) -> None:
-    """Static shapes of the inlined nodes, from TensorFlow's shape inference on the graph (the
-    body's inner tensors, a Keras Conv1D's Squeeze say, have none of their own); a shape already
-    known (the call's result) is kept where inference knows less."""
+def _infer_shapes(graph: Graph) -> None:
+    """Static shapes after inlining, from TensorFlow's shape inference on the graph: the body's
+    inner tensors (a Keras Conv1D's Squeeze, say) had none, and the tensors after a call whose
+    shape TensorFlow could not see through (a SavedModel's signature) had none either. A shape
+    already known is kept where inference knows less."""
     imported = tf.Graph()
     try:
         with imported.as_default():
             tf.graph_util.import_graph_def(graph.graph_def, name="")
     except (ValueError, TypeError):         # a graph TensorFlow cannot import: keep what we have
         return
-    for name in names:
+    for name in list(graph.nodes):
         for i, out in enumerate(imported.get_operation_by_name(name).outputs):
             tensor = canonical(tensor_name(name, i))
             shape = out.shape
