@@ -262,10 +262,14 @@ def _einsum_refuse(site: Site) -> str | None:
     return None
 
 
+def _einsum_kn(site: Site) -> bool:
+    """Whether the dense Einsum's weight is [K, N] (subscripts ``cd``) rather than [N, K]."""
+    weight = site.node.attr["equation"].s.decode().replace(" ", "").split("->")[0].split(",")[1]
+    return weight == "".join(dense_equation(site.node))
+
+
 EINSUM = Linear(
-    data=0, weight=1, in_axis=_last, out_axis=_last, refuse=_einsum_refuse,
-    **_dense(lambda site: site.node.attr["equation"].s.decode().replace(" ", "")
-             .split(",")[1].split("->")[0] == "".join(dense_equation(site.node))))
+    data=0, weight=1, in_axis=_last, out_axis=_last, refuse=_einsum_refuse, **_dense(_einsum_kn))
 
 
 LINEAR: dict[str, Linear] = {
