@@ -39,7 +39,7 @@ from graphfold.report import Entry, FoldReport
 from graphfold.rewrite import optimize_graph_def, rewrite
 from graphfold.saved_model import optimize_saved_model
 from graphfold.checking import verify_saved_models
+from graphfold.version import __version__  # noqa: F401
 
 __all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "verify_saved_models",
            "FoldedFunction", "FoldReport", "Entry"]
-__version__ = "0.1.0"

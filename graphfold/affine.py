@@ -14,6 +14,8 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from graphfold import formats
+from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, tensor_name
 
 FUSED_BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
@@ -35,7 +37,7 @@ class Affine:
     dtype: tf.DType
     batch_norms: list[str]    # user-facing names of the batch-norm layers inside the chain
     form: str                 # "FusedBatchNormV3", "Keras 3 (Mul/Add)", "Mul", ...
-    blocked: str | None = None  # set when the group can never be folded (training mode, ...)
+    blocked: Blocked | None = None  # set when the group can never be folded (training mode, ...)
 
     @property
     def is_batch_norm(self) -> bool:
@@ -71,11 +73,6 @@ def _merge_forms(a: str, b: str) -> str:
     if kinds:
         return kinds[0]
     return f"{a}+{b}" if a != b else a
-
-
-def channel_axis_of(data_format: bytes | str, rank: int) -> int:
-    fmt = data_format.decode() if isinstance(data_format, bytes) else data_format
-    return 1 if fmt.startswith("NC") else rank - 1
 
 
 def _per_channel(k: np.ndarray, shape: tuple | None) -> tuple[np.ndarray, int | None] | None:
@@ -146,7 +143,7 @@ def recognise(graph: Graph, node) -> Affine | None:
     if node.op == "BiasAdd":
         if shape is None:
             return None
-        axis = channel_axis_of(node.attr["data_format"].s or b"NHWC", len(shape))
+        axis = formats.channel_axis(formats.data_format(node), len(shape))
         vec = k.reshape(-1).astype(np.float64)
         per_channel = (vec, axis)
     else:
@@ -186,25 +183,28 @@ def _batch_norm(graph: Graph, node) -> Affine | None:
     else:
         gamma, beta, mean, var = (graph.const(t) for t in inputs[1:5])
         eps = node.attr["epsilon"].f
-        axis = channel_axis_of(node.attr["data_format"].s or b"NHWC", rank)
+        axis = formats.channel_axis(formats.data_format(node), rank)
         blocked = None
         if node.attr["is_training"].b:
-            blocked = "training mode (is_training=true): it normalises with batch statistics"
+            blocked = Blocked(node.name, "training mode (is_training=true): it normalises with "
+                                         "batch statistics")
         elif any(graph.consumers(tensor_name(node.name, i)) or
                  graph.is_fetched(tensor_name(node.name, i)) for i in range(1, 6)):
-            blocked = "outputs 1-5 (batch statistics) are used"
+            blocked = Blocked(node.name, "outputs 1-5 (batch statistics) are used")
         name = fused_layer_name(node.name)
     params = [gamma, beta, mean, var]
     if blocked or any(p is None for p in params):
         return Affine(nodes=[node.name], s=np.ones(1), t=np.zeros(1), axis=axis, rank=rank,
                       dtype=dtype, batch_norms=[name], form=node.op,
-                      blocked=blocked or "batch-norm parameters are not constant")
+                      blocked=blocked or Blocked(node.name,
+                                                 "batch-norm parameters are not constant"))
     gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
     with np.errstate(all="ignore"):
         s = gamma / np.sqrt(var + eps)
         t = beta - mean * s
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
-        blocked = blocked or "non-finite scale or shift (NaN/Inf or negative variance)"
+        blocked = blocked or Blocked(node.name, "non-finite scale or shift (NaN/Inf or "
+                                                "negative variance)")
     return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=rank, dtype=dtype,
                   batch_norms=[name], form=node.op, blocked=blocked)
 

@@ -8,23 +8,47 @@ that anything else reads is cloned, never modified. A's nodes are bypassed and l
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 from graphfold.affine import BATCH_NORM_OPS, Affine
+from graphfold.errors import Blocked
+from graphfold.formats import bias_format
 from graphfold.graph import Graph, canonical
-from graphfold.layers import LAYOUTS, bias_format
-from graphfold.plan import Blocked, Plan, Root, weight_const
+from graphfold.layers import LINEAR
+from graphfold.plan import Plan, Root, site, weight_const
 
 _LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38}
 
 
-class Refused(Exception):
-    """A fold that must not be written; the message says why."""
+# ---- writes: what a fold changes, as values ------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SetConst:
+    """Input ``index`` of ``node`` becomes a constant holding ``value`` (the constant ``const`` is
+    overwritten when ``node`` is its only reader, else a clone is made)."""
+    node: object
+    index: int
+    const: str
+    value: np.ndarray
 
 
-class Overflow(Refused):
-    """A folded value does not fit the weight's dtype."""
+@dataclasses.dataclass(frozen=True)
+class AddToBias:
+    """``value`` is added to the layer's bias (its own ``BiasAdd``, or a new one)."""
+    layer: object
+    value: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class NewBias:
+    """``BiasAdd(layer, value)`` is inserted after the layer."""
+    layer: object
+    value: np.ndarray
+
+
+Write = SetConst | AddToBias | NewBias
 
 
 def _check_new_bias(layer) -> None:
@@ -32,16 +56,16 @@ def _check_new_bias(layer) -> None:
     tensor_format.h, from grappler's remapper) when a ``DepthwiseConv2dNative`` with
     ``padding=EXPLICIT`` feeds a ``BiasAdd`` or ``Add``: never add one after such a layer."""
     if layer.op == "DepthwiseConv2dNative" and layer.attr["padding"].s == b"EXPLICIT":
-        raise Refused(f"a bias after {layer.name} (DepthwiseConv2dNative with EXPLICIT padding) "
-                      "makes TensorFlow's oneDNN remapper abort the process")
+        raise Blocked(layer.name, "a bias after a DepthwiseConv2dNative with EXPLICIT padding "
+                                  "makes TensorFlow's oneDNN remapper abort the process")
 
 
-def _check_range(values: np.ndarray, dtype: tf.DType, what: str) -> None:
+def _check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> None:
     limit = _LIMITS.get(dtype)
     if limit is not None and np.any(np.abs(values) > limit):
-        raise Overflow(f"folded {what} overflows {dtype.name}")
+        raise Blocked(layer, f"folded {what} overflows {dtype.name}")
     if not np.all(np.isfinite(values)):
-        raise Overflow(f"folded {what} is not finite")
+        raise Blocked(layer, f"folded {what} is not finite")
 
 
 def _write_const(graph: Graph, node, index: int, const: str, value: np.ndarray) -> None:
@@ -64,57 +88,65 @@ def _bias_operand(graph: Graph, bias_node) -> int:
     raise ValueError(f"{bias_node.name} has no constant operand")
 
 
-def compute(graph: Graph, plan: Plan) -> list[tuple] | Blocked:
+def compute(graph: Graph, plan: Plan) -> list[Write] | Blocked:
     """Every change ``plan`` makes, computed before any is made; or why it must not be made (a
     value that overflows the weight's dtype, ...). Pass the result to ``fold``."""
     try:
-        return _compute(graph, plan)
-    except Refused as err:
-        return Blocked(plan.absorbed_by[0] if plan.absorbed_by else "?", str(err))
+        writes = []
+        for root in plan.roots + plan.leaves:
+            writes += _root_writes(graph, root)
+        for sink in plan.sinks:
+            writes += _sink_writes(graph, sink)
+        return writes
+    except Blocked as blocked:
+        return blocked
 
 
-def _compute(graph: Graph, plan: Plan) -> list[tuple]:
-    """Every change as ``(kind, node, input index, const, value)``, computed before any is made."""
-    writes = []
-    for root in plan.roots + plan.leaves:
-        writes += _root_writes(graph, root)
-    for sink in plan.sinks:
-        layer = graph.nodes[sink.layer]
-        const = weight_const(graph, layer)
-        w = graph.const(const).astype(np.float64)
-        dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
-        layout = LAYOUTS[layer.op]
-        new_w = layout.scale_in(w, sink.s, layer)
-        _check_range(new_w, dtype, f"weight of {layer.name}")
-        writes.append(("weight", layer, 1, const, new_w))
-        if np.any(sink.t != 0):
-            response = layout.response(w, sink.t, layer)
-            _check_range(response, dtype, f"bias of {layer.name}")
-            _check_new_bias(layer)
-            writes.append(("add_bias", layer, None, None, response))
+def _weight(graph: Graph, layer):
+    where = site(graph, layer)
+    if isinstance(where, Blocked):
+        raise where
+    const = weight_const(graph, layer)
+    return where, const, tf.as_dtype(graph.nodes[const].attr["dtype"].type)
+
+
+def _sink_writes(graph: Graph, sink) -> list[Write]:
+    """W ← W ⊙_in s; b ← b + W ⊛ t."""
+    layer = graph.nodes[sink.layer]
+    linear = LINEAR[layer.op]
+    where, const, dtype = _weight(graph, layer)
+    new_w = linear.scale_in(where, sink.s)
+    _check_range(new_w, dtype, layer.name, "weight")
+    writes: list[Write] = [SetConst(layer, linear.weight, const, new_w)]
+    if np.any(sink.t != 0):
+        response = linear.shift_response(where, sink.t)
+        if isinstance(response, str):
+            raise Blocked(layer.name, response)
+        _check_range(response, dtype, layer.name, "bias")
+        _check_new_bias(layer)
+        writes.append(AddToBias(layer, response))
     return writes
 
 
-def _root_writes(graph: Graph, root: Root) -> list[tuple]:
+def _root_writes(graph: Graph, root: Root) -> list[Write]:
     """W ← W ⊙_out s; each bias on the path b ← s ⊙ b + t (``x - b``: b ← s ⊙ b − t), with the
     s, t that reach it; a t that reaches the layer itself goes into a new bias."""
     layer = graph.nodes[root.layer]
-    const = weight_const(graph, layer)
-    w = graph.const(const).astype(np.float64)
-    new_w = LAYOUTS[layer.op].scale_out(w, root.s, layer)
-    dtype = tf.as_dtype(graph.nodes[const].attr["dtype"].type)
-    _check_range(new_w, dtype, f"weight of {layer.name}")
-    writes = [("weight", layer, 1, const, new_w)]
-    for name, axis, rank, s, t in root.biases:
-        bias_node, k, bias_const, b = _bias(graph, name)
+    linear = LINEAR[layer.op]
+    where, const, dtype = _weight(graph, layer)
+    new_w = linear.scale_out(where, root.s)
+    _check_range(new_w, dtype, layer.name, "weight")
+    writes: list[Write] = [SetConst(layer, linear.weight, const, new_w)]
+    for bias in root.biases:
+        bias_node, k, bias_const, b = _bias(graph, bias.node)
         sign = -1.0 if bias_node.op == "Sub" else 1.0      # Sub(y, b): s ⊙ (y − b) + t
-        new_b = _channel_values(b, s, sign * t, axis, rank)
-        _check_range(new_b, dtype, f"bias of {layer.name}")
-        writes.append(("bias", bias_node, k, bias_const, new_b))
+        new_b = _channel_values(b, bias.s, sign * bias.t, bias.axis, bias.rank)
+        _check_range(new_b, dtype, layer.name, "bias")
+        writes.append(SetConst(bias_node, k, bias_const, new_b))
     if np.any(root.t != 0):
-        _check_range(root.t, dtype, f"bias of {layer.name}")
+        _check_range(root.t, dtype, layer.name, "bias")
         _check_new_bias(layer)
-        writes.append(("new_bias", layer, None, None, root.t))
+        writes.append(NewBias(layer, root.t))
     return writes
 
 
@@ -138,15 +170,15 @@ def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,
     return values.reshape([-1] + [1] * (rank - 1 - axis))
 
 
-def fold(graph: Graph, affine: Affine, writes: list[tuple]) -> None:
+def fold(graph: Graph, affine: Affine, writes: list[Write]) -> None:
     """Makes the changes ``compute`` returned for A's plan, and bypasses ``affine``."""
-    for kind, node, index, const, value in writes:
-        if kind in ("weight", "bias"):
-            _write_const(graph, node, index, const, value)
-        elif kind == "new_bias":
-            _add_bias_after(graph, node, value)
-        elif kind == "add_bias":
-            _add_to_bias(graph, node, value)
+    for write in writes:
+        if isinstance(write, SetConst):
+            _write_const(graph, write.node, write.index, write.const, write.value)
+        elif isinstance(write, NewBias):
+            _add_bias_after(graph, write.layer, write.value)
+        else:
+            _add_to_bias(graph, write.layer, write.value)
     _bypass(graph, affine)
 
 

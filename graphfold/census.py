@@ -88,13 +88,16 @@ def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
                        "an add)")
 
 
-def in_function_bodies(graph_def) -> list[Entry]:
+def in_function_bodies(graph_def, skip=frozenset()) -> list[Entry]:
     """An entry (not folded) for each batch-norm layer inside a function of the graph's library
-    (control-flow branches and loop bodies, calls that freezing does not inline)."""
+    (control-flow branches and loop bodies, calls left in place), but those named in ``skip``
+    (inlined: their batch norms are in the graph now)."""
     callers = _callers(graph_def)
     entries = []
     for function in graph_def.library.function:
         name = function.signature.name
+        if name in skip:
+            continue
         how = callers.get(name, "a function call")
         if "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b:
             how = "an XLA-compiled function call (jit_compile=True) that freezing leaves in place"

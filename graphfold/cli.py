@@ -11,14 +11,14 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import time
 import warnings
 
-from graphfold.report import format_table
+from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
+from graphfold.render import render_reports, render_verification, totals
+from graphfold.version import __version__
 
-EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
 
 
@@ -99,7 +99,6 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from graphfold import __version__
     parser = _Parser(prog="graphfold",
                      description="Fold batch normalization into Conv2D/DepthwiseConv2D/MatMul "
                                  "weights of TensorFlow SavedModels, exactly.")
@@ -246,101 +245,6 @@ def _non_negative(text):
     return value
 
 
-# ---- rendering ------------------------------------------------------------------------------
-
-def render_reports(result, console: Console, full: bool = True) -> None:
-    """Per signature: summary, per-layer table (``full``; else only the layers not folded), op
-    table. Signatures with the same graph are shown once."""
-    from graphfold.report import FoldReport
-    first = same_as(result)
-    for key in sorted(result):
-        report = result[key]
-        console.print(f"== signature '{key}' ==")
-        if first[key] != key:
-            console.print(f"same graph as '{first[key]}': {report.summary()}")
-            console.print()
-            continue
-        if key in result.unchanged:
-            console.print(f"copied through unchanged: {result.unchanged[key]}")
-        console.print(report.summary())
-        shown_entries = report
-        if not full:
-            shown_entries = FoldReport([e for e in report.entries if not e.folded and
-                                        (e.is_batch_norm or e.reason)], {}, {})
-        if shown_entries.entries and (report.batch_norms or not full):
-            console.print()
-            console.print(_indent(shown_entries.entry_table()))
-        if not full and report.folded:
-            console.print("(where each one went: graphfold optimize --verbose, or "
-                          "graphfold inspect)")
-        console.print()
-        console.print(_indent(report.op_table()))
-        for note in report.notes:
-            if key in result.unchanged and note.startswith("signature copied through"):
-                continue
-            console.print(f"note: {note}")
-        console.print()
-
-
-def same_as(result) -> dict[str, str]:
-    """key -> the first key (in sorted order) whose report is the same (itself if none)."""
-    first, seen = {}, {}
-    for key in sorted(result):
-        fingerprint = json.dumps(
-            {k: v for k, v in result[key].to_dict().items() if k != "seconds"},
-            sort_keys=True, default=str) + str(result.unchanged.get(key))
-        fingerprint = re.sub(r" at 0x[0-9a-fA-F]+", "", fingerprint)   # object addresses
-        first[key] = seen.setdefault(fingerprint, key)
-    return first
-
-
-def render_verification(result, console: Console) -> None:
-    from graphfold.noise import NOISE_MULTIPLE
-    for note in getattr(result, "notes", []):
-        console.print(f"note: {note}")
-    if not result.verification:
-        return
-    rows = [("signature", "status", "max abs err", "max rel err", "noise floor", "inputs")]
-    for key, check in sorted(result.verification.items()):
-        inputs = ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
-        floor = "-" if check.noise_floor is None else f"{check.noise_floor:.3g}"
-        if check.status == "skipped":
-            rows.append((key, "NOT VERIFIED", "-", "-", "-", check.reason or ""))
-        else:
-            status = "ok (noise)" if check.status == "ok" and check.noise_floor is not None \
-                else check.status
-            rows.append((key, status, f"{check.max_abs:.3g}", f"{check.max_rel:.3g}", floor,
-                         f"{check.source}: {inputs}"))
-    tolerance = next(iter(result.verification.values())).tolerance
-    console.print(f"verification (relative tolerance {tolerance:g}; an error within "
-                  f"{NOISE_MULTIPLE:g}x the noise floor is accepted):")
-    console.print(_indent(format_table(rows)))
-    for key, check in sorted(result.verification.items()):
-        if check.status == "failed" or (check.status == "ok" and check.reason):
-            console.print(f"  {key}: {check.reason}")
-    console.print()
-
-
-def totals(result) -> tuple[int, int, int, int]:
-    """(batch norms, folded, ops before, ops after) over distinct signatures (Keras' `serve`
-    and `serving_default` count once)."""
-    bns = folded = before = after = 0
-    first = same_as(result)
-    for key, report in result.items():
-        if first[key] != key:
-            continue
-        bns += len(report.batch_norms)
-        folded += len(report.folded)
-        before += sum(report.ops_before.values())
-        after += sum(report.ops_after.values())
-    return bns, folded, before, after
-
-
-def _indent(text: str, by: str = "  ") -> str:
-    return "\n".join(by + line if line else line for line in text.splitlines())
-
-
-
 # ---- commands -------------------------------------------------------------------------------
 
 def cmd_optimize(args, console: Console) -> int:
@@ -472,7 +376,7 @@ def cmd_demo(args, console: Console) -> int:
 
 
 def _write_json(path: str, document: dict) -> None:
-    from graphfold.saved_model import BadInput
+    from graphfold.errors import BadInput
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.graphfold-tmp")
     try:
@@ -543,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         console.error("a command is required: optimize, verify, inspect or demo")
         return EXIT_USAGE
 
-    from graphfold.saved_model import GraphfoldError
+    from graphfold.errors import GraphfoldError
     commands = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect,
                 "demo": cmd_demo}
     try:

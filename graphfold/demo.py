@@ -16,6 +16,8 @@ import time
 import numpy as np
 
 from graphfold import examples
+from graphfold.errors import EXIT_OK, EXIT_VERIFY, BadInput, VerificationFailed
+from graphfold.render import render_reports, render_verification
 
 INPUT_SHAPE = (64, 64, 3)
 BATCH = 8
@@ -86,7 +88,6 @@ def compare_latency(before, after, inputs: dict, calls: int = CALLS, rounds: int
 
 
 def _prepare(out: str | None) -> str:
-    from graphfold.saved_model import BadInput
     if out is None:
         return tempfile.mkdtemp(prefix="graphfold-demo-")
     try:
@@ -106,8 +107,7 @@ def run_demo(out: str | None, console) -> int:
     """The ``graphfold demo`` command; returns the exit code."""
     import tensorflow as tf
 
-    from graphfold.cli import EXIT_OK, EXIT_VERIFY, render_reports, render_verification
-    from graphfold.saved_model import VerificationFailed, optimize_saved_model
+    from graphfold.saved_model import optimize_saved_model
 
     out = _prepare(out)
     original, optimized = os.path.join(out, "original"), os.path.join(out, "optimized")

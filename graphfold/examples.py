@@ -89,3 +89,64 @@ def concrete(model, shape, dtype="float32", name="x"):
     import tensorflow as tf
     fn = tf.function(lambda x: model(x, training=False))
     return fn.get_concrete_function(tf.TensorSpec([None, *shape], dtype, name=name))
+
+
+# ---- small models built on the layers keras.applications lacks ----------------------------------
+def _unet(K):
+    """A small U-Net: two encoder stages, Conv2DTranspose decoders with skip concatenations."""
+    L = K.layers
+
+    def block(x, filters):
+        return L.ReLU()(L.BatchNormalization()(L.Conv2D(filters, 3, padding="same")(x)))
+
+    inp = K.Input((32, 32, 3))
+    e1 = block(inp, 8)
+    e2 = block(L.MaxPooling2D()(e1), 16)
+    mid = block(L.MaxPooling2D()(e2), 32)
+    u2 = L.ReLU()(L.BatchNormalization()(L.Conv2DTranspose(16, 2, strides=2)(mid)))
+    d2 = block(L.Concatenate()([u2, e2]), 16)
+    u1 = L.ReLU()(L.BatchNormalization()(L.Conv2DTranspose(8, 3, strides=2, padding="same")(d2)))
+    d1 = block(L.Concatenate()([u1, e1]), 8)
+    return K.Model(inp, L.Conv2D(1, 1)(d1), name="unet")
+
+
+def _conv3d_net(K):
+    """A 3-D encoder-decoder: Conv3D, a strided Conv3D, a Conv3DTranspose, each with a BN."""
+    L = K.layers
+    inp = K.Input((8, 16, 16, 1))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv3D(8, 3, padding="same")(inp)))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv3D(16, 3, strides=2, padding="same")(x)))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv3DTranspose(8, 3, strides=2, padding="same")(x)))
+    x = L.BatchNormalization()(L.Conv3D(4, 1)(x))
+    return K.Model(inp, x, name="conv3d_net")
+
+
+def _grouped_net(K):
+    """ResNeXt-style blocks: 1x1 -> grouped 3x3 (4 groups) -> 1x1, each with a BN, residual."""
+    L = K.layers
+
+    def bn(x):
+        return L.BatchNormalization()(x)
+
+    inp = K.Input((32, 32, 3))
+    x = L.ReLU()(bn(L.Conv2D(16, 3, padding="same")(inp)))
+    for _ in range(2):
+        y = L.ReLU()(bn(L.Conv2D(16, 1)(x)))
+        y = L.ReLU()(bn(L.Conv2D(16, 3, padding="same", groups=4)(y)))
+        x = L.ReLU()(L.Add()([x, bn(L.Conv2D(16, 1)(y))]))
+    x = L.Dense(10)(L.GlobalAveragePooling2D()(x))
+    return K.Model(inp, x, name="grouped_net")
+
+
+SMALL_MODELS = {"UNet": (_unet, (32, 32, 3)), "Conv3DNet": (_conv3d_net, (8, 16, 16, 1)),
+                "GroupedNet": (_grouped_net, (32, 32, 3))}
+
+
+def small_model(name: str, legacy: bool = False, seed: int = 0):
+    """One of ``SMALL_MODELS``, randomised; returns ``(model, input shape, number of BN
+    layers)``."""
+    keras = keras_module(legacy)
+    keras.utils.set_random_seed(seed)
+    build, shape = SMALL_MODELS[name]
+    model = build(keras)
+    return model, shape, randomise(model, np.random.default_rng(seed))

@@ -13,16 +13,13 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import convert_to_constants
 
+from graphfold.errors import NotFreezable
 from graphfold.graph import canonical
 from graphfold.shapes import CALL_OPS, infer_shapes
 from graphfold.weights import Weights, stub
 
 
 WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
-
-
-class NotFreezable(ValueError):
-    """The function holds state that freezing cannot turn into constants."""
 
 
 @dataclasses.dataclass

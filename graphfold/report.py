@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from graphfold.render import entry_table, op_table
+
 
 @dataclasses.dataclass
 class Entry:
@@ -73,43 +75,12 @@ class FoldReport:
 
 
     def op_table(self) -> str:
-        """Before/after op counts, changed rows first, in the manner of onnxsim."""
-        ops = sorted(set(self.ops_before) | set(self.ops_after),
-                     key=lambda op: (self.ops_before.get(op, 0) == self.ops_after.get(op, 0), op))
-        rows = [("op", "before", "after")]
-        for op in ops:
-            rows.append((op, str(self.ops_before.get(op, 0)), str(self.ops_after.get(op, 0))))
-        rows.append(("total", str(sum(self.ops_before.values())),
-                     str(sum(self.ops_after.values()))))
-        return format_table(rows)
+        return op_table(self.ops_before, self.ops_after)
 
     def entry_table(self) -> str:
-        rows = [("layer", "form", "folded", "into / reason")]
-        for e in self.entries:
-            if not e.is_batch_norm and not e.folded and e.reason is None:
-                continue
-            label = e.name if e.is_batch_norm else f"{e.name} (affine)"
-            if e.folded:
-                into = ", ".join(e.absorbed_by)
-                if e.leaves:
-                    into += f" (leaves: {', '.join(e.leaves)})"
-                rows.append((label, e.form, e.direction, into))
-            else:
-                rows.append((label, e.form, "no", e.reason or ""))
-        return format_table(rows)
+        return entry_table(self.entries)
 
     def __str__(self) -> str:
         parts = [self.summary(), "", self.entry_table(), "", self.op_table()]
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """Rows of cells as aligned text columns, the first row a header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)

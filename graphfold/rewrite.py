@@ -14,9 +14,11 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
+from graphfold.errors import Blocked
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
-from graphfold.plan import Blocked, plan_backward, plan_forward
+from graphfold.inline import inline_calls
+from graphfold.plan import plan_backward, plan_forward
 from graphfold.report import Entry, FoldReport
 from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
@@ -110,11 +112,13 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph = Graph(work, shapes, outputs, weights)
     graph.validate()
     ops_before = graph.op_counts()
+    inlined, left = inline_calls(graph)
+    notes = [f"nested call {call} left as it is: {why}" for call, why in sorted(left.items())]
     keep = [i.split(":")[0] for i in inputs]
     fold_constants(graph)
     graph.prune(keep=keep)
     affines = find_affines(graph)
-    missed = census.unrecognised(graph, affines) + census.in_function_bodies(work)
+    missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
     seconds["normalize"] = time.perf_counter() - clock
 
     entries = []
@@ -134,7 +138,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
-    report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts())
+    report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts(), notes)
     return work, report
 
 
@@ -153,7 +157,7 @@ def _decide(graph: Graph, affine: Affine):
     """``(plan, its computed writes, what each direction met)``: forward first, then backward;
     the plan is the first blocker when neither direction folds."""
     if affine.blocked:
-        return Blocked(affine.nodes[-1], affine.blocked), None, {}
+        return affine.blocked, None, {}
     tried, first = {}, None
     for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
         plan = planner(graph, affine)

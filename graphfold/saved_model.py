@@ -31,11 +31,12 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold import census
-from graphfold.assets import copy_untouched, left_out
-from graphfold.freeze import NotFreezable
-from graphfold.report import Entry, FoldReport
-from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
 from graphfold import checking, warmup as warmup_
+from graphfold.assets import copy_untouched, left_out
+from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
+from graphfold.report import Entry, FoldReport
+from graphfold.rewrite import fold, rewrite
+from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
 from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -43,25 +44,6 @@ BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
                   "BatchNormWithGlobalNormalization")
 
 Progress = Callable[[str], None]
-
-
-class GraphfoldError(Exception):
-    """An error with a one-line message meant for the user; ``exit_code`` for the CLI."""
-    exit_code = 2
-
-
-class BadInput(GraphfoldError):
-    """Bad usage or bad input: a path, a SavedModel, a signature key, a tag set (exit 2)."""
-    exit_code = 2
-
-
-class VerificationFailed(GraphfoldError):
-    """An optimized signature disagrees with the original: nothing was written (exit 1)."""
-    exit_code = 1
-
-    def __init__(self, message: str, result: "SavedModelResult"):
-        super().__init__(message)
-        self.result = result
 
 
 class SavedModelResult(dict):
@@ -195,9 +177,6 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
     the folded functions hold theirs ("constants" or "variables"). Signatures that are one
     function (Keras' ``serve`` and ``serving_default``) are folded once and share the result.
     ``bind=False`` (inspect): fold and report only, no function is built."""
-    import graphfold                        # late: graphfold/__init__ imports this module
-    from graphfold.rewrite import fold
-
     functions, variables = {}, []
     first = same_functions(loaded, keys)
     for key in keys:
@@ -213,7 +192,7 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
         progress(f"freezing and folding signature '{key}'")
         try:
             if bind:
-                folded = graphfold.rewrite(fn, weights=weights, keep_graph_def=False)
+                folded = rewrite(fn, weights=weights, keep_graph_def=False)
                 report, functions[key] = folded.report, folded.function
                 variables.extend(folded.variables)
             else:

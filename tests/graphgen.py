@@ -1,7 +1,8 @@
 """Seeded random graphs and the differential check behind the fuzz tests and ``tools/fuzz.py``.
 
-``build(seed)`` draws a small DAG (6x6 spatial, 2-5 channels) of ``Conv2D``,
-``DepthwiseConv2dNative``, ``MatMul``, biases (``BiasAdd``, ``x + k``, ``k + x``, ``x - k``),
+``build(seed)`` draws a small DAG (6x6 spatial, 2-5 channels) of ``Conv2D`` (grouped too),
+``Conv2DBackpropInput`` (strides, SAME/VALID), ``DepthwiseConv2dNative``, ``MatMul``,
+``BatchMatMulV2``, ``Einsum`` (dense form), biases (``BiasAdd``, ``x + k``, ``k + x``, ``x - k``),
 batch norms (``FusedBatchNormV3`` and the decomposed ``tf.nn.batch_normalization`` form), ``Add``,
 ``ConcatV2`` (on the channel axis and on a spatial axis), ``Relu``, ``MaxPool``, ``AvgPool``,
 ``Pad``, ``Reshape`` (Flatten), ``Mean``, ``Transpose``, ``Identity``, per-channel ``Mul`` and
@@ -19,12 +20,14 @@ not, and every unfolded one has a reason).
 
 NCHW: CPU TensorFlow has no NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/``AvgPool``
 kernels, so for NCHW graphs both the frozen original and the folded GraphDef are executed through
-their NHWC twin (``twin``: each such op runs in NHWC between two transposes); the folded GraphDef
+their NHWC twin (``nhwc_twin``: each such op runs in NHWC between two transposes); the folded
+GraphDef
 itself keeps NCHW and is what ``rewrite`` imports.
 
 The generator avoids graphs whose original cannot run on CPU TensorFlow 2.21 (oneDNN): a
 ``BiasAdd``/``Add`` of a constant right after an EXPLICIT-padded depthwise aborts the process, a
-``Conv2D`` right after a channel ``Pad`` fails (a ``Relu`` is put between).
+``Conv2D`` right after a channel ``Pad`` fails (a ``Relu`` is put between), a ``Mul`` by a constant
+right after a grouped ``Conv2D`` aborts in Grappler (a bias is put between).
 """
 
 from __future__ import annotations
@@ -76,8 +79,12 @@ class Case:
 class _Builder:
     """Draws ops while ``tf.function`` traces (the trace runs once, so the draws are fixed)."""
 
-    def __init__(self, rng: np.random.Generator, layout: str, dtype: tf.DType, round_to=None):
+    def __init__(self, rng: np.random.Generator, layout: str, dtype: tf.DType, round_to=None,
+                 variants: np.random.Generator | None = None):
         self.rng, self.layout, self.dtype = rng, layout, dtype
+        # A second stream picks the layer variants (grouped, transposed, BatchMatMulV2, Einsum):
+        # the main stream's draws, and so the graphs of older seeds, keep their structure.
+        self.variants = variants or np.random.default_rng(0)
         self.np_dtype = dtype.as_numpy_dtype
         self.round_to = round_to       # the float64 reference of a graph: its constants, rounded
         self.pool: list[Tensor] = []
@@ -165,19 +172,54 @@ class _Builder:
         rng = self.rng
         if x.channel_padded:           # the original would fail to run (see Tensor)
             x = self.relu(x)
+        variant = self.variants.random()
+        if variant < 0.15 and not same and self.dtype != tf.float16:
+            return self.conv_transpose(x, cout)
+        groups = int(self.variants.choice([g for g in (2, 3) if x.c % g == 0] or [1]))
+        if variant > 0.75 and groups > 1 and self.dtype != tf.float16 and \
+                (cout is None or cout % groups == 0):
+            cout = groups * int(self.variants.integers(1, 3)) if cout is None else cout
+        else:
+            groups = 1
         k = int(rng.choice([1, 2, 3]))
         stride = 1 if same else int(rng.choice([1, 1, 2]))
         dilation = int(rng.choice([1, 2])) if stride == 1 and k > 1 and not same else 1
         cout = int(rng.integers(2, 6)) if cout is None else cout
         padding = "SAME" if same else self._window(x, (k - 1) * dilation + 1)
-        w = self.weight((k, k, x.c, cout), k * k * x.c)
+        w = self.weight((k, k, x.c // groups, cout), k * k * x.c // groups)
         attrs = dict(strides=self.strides4(stride), padding=padding, data_format=self.layout,
                      dilations=self.strides4(dilation))
         if padding == "EXPLICIT":
             pads = self.spatial_pairs([list(rng.integers(0, 2, 2)) for _ in range(2)])
             attrs["explicit_paddings"] = [int(p) for pair in pads for p in pair]
         y = tf.raw_ops.Conv2D(input=x.value, filter=w, name=self.name("conv"), **attrs)
-        return self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}", x)
+        if groups == 1:
+            return self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}", x)
+        # A Mul by a constant right after a grouped Conv2D makes Grappler's MulConvPushDown
+        # abort the process (TF 2.21, a CHECK on the filter shape): a bias between them, as in
+        # Keras.
+        return self.bias(self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}/groups{groups}",
+                                   x))
+
+    def conv_transpose(self, x: Tensor, cout: int | None = None) -> Tensor:
+        """``Conv2DBackpropInput`` (Keras Conv2DTranspose): filter [k, k, cout, x.c], data input 2.
+        (TensorFlow's CPU kernel has no dilation.)"""
+        v = self.variants
+        k = int(v.choice([1, 2, 3]))
+        stride = int(v.choice([1, 2]))
+        padding = str(v.choice(["SAME", "VALID"]))
+        size = (lambda n: n * stride if padding == "SAME" else (n - 1) * stride + k)
+        if max(size(x.h), size(x.w)) > MAX_SPATIAL:
+            stride, padding = 1, "SAME"
+        h, w_ = size(x.h), size(x.w)
+        cout = int(v.integers(2, 6)) if cout is None else cout
+        w = self.weight((k, k, cout, x.c), k * k * x.c)
+        n = tf.shape(x.value)[0]
+        shape = tf.stack([n, cout, h, w_] if self.layout == "NCHW" else [n, h, w_, cout])
+        y = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=shape, filter=w, out_backprop=x.value, strides=self.strides4(stride),
+            padding=padding, data_format=self.layout, name=self.name("conv_transpose"))
+        return self.wrap(y, f"conv_transpose{k}x{k}/s{stride}/{padding}", x)
 
     def depthwise(self, x: Tensor, same: bool = False) -> Tensor:
         rng = self.rng
@@ -203,6 +245,16 @@ class _Builder:
         transpose_b = bool(self.rng.random() < 0.4)
         shape = (cout, x.c) if transpose_b else (x.c, cout)
         w = self.weight(shape, x.c)
+        variant = self.variants.random()
+        if variant < 0.2:
+            y = tf.raw_ops.BatchMatMulV2(x=x.value, y=w, adj_y=transpose_b,
+                                         name=self.name("batch_matmul"))
+            return self.wrap(y, f"batch_matmul(adj_y={transpose_b})", x)
+        if variant < 0.4:
+            equation = "ab,cb->ac" if transpose_b else "ab,bc->ac"
+            y = tf.raw_ops.Einsum(inputs=[x.value, w], equation=equation,
+                                  name=self.name("einsum"))
+            return self.wrap(y, f"einsum({equation})", x)
         y = tf.matmul(x.value, w, transpose_b=transpose_b, name=self.name("matmul"))
         return self.wrap(y, f"matmul(transpose_b={transpose_b})", x)
 
@@ -458,7 +510,7 @@ def build(seed: int, reference: bool = False) -> Case:
         specs.append((h, w, int(rng.integers(2, 5))))
     flat_input = rng.random() < 0.15
     steps = int(rng.integers(2, 8))
-    b = _Builder(rng, layout, dtype, round_to)
+    b = _Builder(rng, layout, dtype, round_to, variants=np.random.default_rng([seed, 11]))
 
     def spec4(h, w, c):
         return [None, c, h, w] if layout == "NCHW" else [None, h, w, c]
@@ -496,19 +548,6 @@ def build(seed: int, reference: bool = False) -> Case:
 def _inputs(case: Case, rng: np.random.Generator, batch: int = 2) -> list[np.ndarray]:
     return [rng.normal(0.0, 1.0, [batch] + s.shape.as_list()[1:]).astype(s.dtype.as_numpy_dtype)
             for s in case.fn.structured_input_signature[0]]
-
-
-def twin(graph_def):
-    """``helpers.nhwc_twin``, with ``explicit_paddings`` moved to NHWC order as well."""
-    out = nhwc_twin(graph_def)
-    for node in out.node:
-        pads = list(node.attr["explicit_paddings"].list.i) if node.name.endswith("/nhwc_twin") \
-            and "explicit_paddings" in node.attr else []
-        if len(pads) == 8:
-            n, c, h, w = (pads[i:i + 2] for i in range(0, 8, 2))
-            del node.attr["explicit_paddings"].list.i[:]
-            node.attr["explicit_paddings"].list.i.extend(n + h + w + c)
-    return out
 
 
 def relative_error(want: np.ndarray, got: np.ndarray) -> float:
@@ -554,8 +593,8 @@ def check(case: Case, input_seed: int = 0):
     feeds = _inputs(case, np.random.default_rng(input_seed))
     if case.layout == "NCHW":
         frozen = freeze(case.fn)
-        want = run_graph_def(twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
-        got = run_graph_def(twin(folded.graph_def), frozen.inputs, frozen.outputs, feeds)
+        want = run_graph_def(nhwc_twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
+        got = run_graph_def(nhwc_twin(folded.graph_def), frozen.inputs, frozen.outputs, feeds)
     else:
         want = [t.numpy() for t in tf.nest.flatten(case.fn(*feeds))]
         got_tensors = tf.nest.flatten(folded(*feeds))
@@ -585,7 +624,7 @@ def _reference_outputs(case: Case, feeds) -> list[np.ndarray]:
     """The outputs of ``case``'s graph built in float64 from the same constants."""
     reference = build(case.seed, reference=True)
     frozen = freeze(reference.fn)
-    graph_def = twin(frozen.graph_def) if case.layout == "NCHW" else frozen.graph_def
+    graph_def = nhwc_twin(frozen.graph_def) if case.layout == "NCHW" else frozen.graph_def
     return run_graph_def(graph_def, frozen.inputs, frozen.outputs,
                          [f.astype(np.float64) for f in feeds])
 

@@ -40,13 +40,31 @@ def fused_bn(y, params, data_format="NHWC", training=False, epsilon=1e-3):
                                        is_training=training)[0]
 
 
+def decomposed_bn(y, params, epsilon=1e-3):
+    """The decomposed form (Keras 3, ``tf.nn.batch_normalization``): ``y * inv + (β − μ·inv)``."""
+    gamma, beta, mean, var = params
+    return tf.nn.batch_normalization(y, mean, var, beta, gamma, epsilon)
+
+
+def make(body, *specs, dtype=tf.float32):
+    """The ConcreteFunction of ``body`` for inputs given as ``TensorSpec``s or as shapes without
+    the batch dimension (which is then unknown)."""
+    return tf.function(body).get_concrete_function(
+        *[s if isinstance(s, tf.TensorSpec) else tf.TensorSpec([None, *s], dtype) for s in specs])
+
+
 # ---- random parameters ---------------------------------------------------------------------------
-def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False):
+def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False,
+              gamma=None):
     """(γ, β, μ, σ²) for ``c`` channels: γ of magnitude in [0.5, 1.5] with random signs (unless
-    ``positive``), β and μ normal, σ² in [0.2, 2]. Never the identity statistics."""
+    ``positive``; or the given ``gamma``), β and μ normal, σ² in [0.2, 2]. Never the identity
+    statistics."""
+    given = gamma
     gamma = rng.uniform(0.5, 1.5, c)
     if not positive:
         gamma = gamma * np.where(rng.random(c) < 0.3, -1.0, 1.0)
+    if given is not None:
+        gamma = np.asarray(given, dtype=np.float64)
     beta = rng.normal(0.0, 1.0, c)
     mean = rng.normal(0.0, 1.0, c)
     var = rng.uniform(0.2, 2.0, c)
@@ -236,13 +254,18 @@ def run_graph_def(graph_def, inputs: list[str], outputs: list[str],
     return [_to_numpy(r) for r in pruned(*[tf.constant(f) for f in feeds])]
 
 
-_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool")
+_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool", "Conv2DBackpropInput",
+             "Conv3DBackpropInputV2")
+_TRANSPOSED = ("Conv2DBackpropInput", "Conv3DBackpropInputV2")
 
 
 def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
     """A copy of ``graph_def`` in which every NCHW ``Conv2D``/``DepthwiseConv2dNative``/``MaxPool``/
-    ``AvgPool`` runs in NHWC between two transposes (same values, runs on any CPU build).
-    ``BiasAdd`` and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support it."""
+    ``AvgPool``/``Conv2DBackpropInput`` (and every NCDHW ``Conv3DBackpropInputV2``) runs channels
+    last between two transposes, with its ``explicit_paddings`` in NHWC order (same values; runs
+    on any CPU build). A transposed convolution's data is input 2 and its output shape (input 0)
+    is permuted too. ``BiasAdd`` and ``FusedBatchNorm*`` keep NCHW: their CPU kernels support
+    it."""
     out = graph_pb2.GraphDef()
     out.CopyFrom(graph_def)
     del out.node[:]
@@ -250,24 +273,44 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
     to_nchw = _perm_const(out, "nhwc_twin/to_nchw", [0, 3, 1, 2])
     for node in graph_def.node:
         fmt = node.attr["data_format"].s if "data_format" in node.attr else b""
-        if node.op not in _NCHW_OPS or fmt != b"NCHW":
+        if node.op not in _NCHW_OPS or fmt not in (b"NCHW", b"NCDHW"):
             out.node.add().CopyFrom(node)
             continue
         dtype = node.attr["T"].type
+        data = 2 if node.op in _TRANSPOSED else 0
+        rank = 5 if fmt == b"NCDHW" else 4
+        last = [0, *range(2, rank), 1]
+        if rank == 5:
+            to_nhwc = _perm_const(out, node.name + "/nhwc_twin_to_last", last)
+            to_nchw = _perm_const(out, node.name + "/nhwc_twin_to_first", [0, 4, 1, 2, 3])
         pre = out.node.add(name=node.name + "/nhwc_twin_in", op="Transpose",
-                           input=[node.input[0], to_nhwc])
+                           input=[node.input[data], to_nhwc])
         pre.attr["T"].type = dtype
         pre.attr["Tperm"].type = tf.int32.as_datatype_enum
         inner = out.node.add()
         inner.CopyFrom(node)
         inner.name = node.name + "/nhwc_twin"
-        inner.input[0] = pre.name
-        inner.attr["data_format"].s = b"NHWC"
+        inner.input[data] = pre.name
+        inner.attr["data_format"].s = b"NHWC" if rank == 4 else b"NDHWC"
+        if node.op in _TRANSPOSED:
+            sizes = out.node.add(name=node.name + "/nhwc_twin_sizes", op="GatherV2",
+                                 input=[node.input[0], _perm_const(out, node.name + "/nhwc_twin_i",
+                                                                   last),
+                                        _perm_const(out, node.name + "/nhwc_twin_a", 0)])
+            sizes.attr["Tparams"].type = node.attr["Tshape"].type if "Tshape" in node.attr \
+                else tf.int32.as_datatype_enum
+            for key in ("Tindices", "Taxis"):
+                sizes.attr[key].type = tf.int32.as_datatype_enum
+            inner.input[0] = sizes.name
+        if "explicit_paddings" in inner.attr and len(inner.attr["explicit_paddings"].list.i) == 8:
+            pads = list(inner.attr["explicit_paddings"].list.i)
+            del inner.attr["explicit_paddings"].list.i[:]
+            inner.attr["explicit_paddings"].list.i.extend(pads[0:2] + pads[4:8] + pads[2:4])
         for key in ("strides", "ksize", "dilations"):
-            if key in inner.attr and len(inner.attr[key].list.i) == 4:
-                n, c, h, w = inner.attr[key].list.i
+            if key in inner.attr and len(inner.attr[key].list.i) == rank:
+                values = list(inner.attr[key].list.i)
                 del inner.attr[key].list.i[:]
-                inner.attr[key].list.i.extend([n, h, w, c])
+                inner.attr[key].list.i.extend(values[i] for i in last)
         post = out.node.add(name=node.name, op="Transpose", input=[inner.name, to_nchw])
         post.attr["T"].type = dtype
         post.attr["Tperm"].type = tf.int32.as_datatype_enum
@@ -290,3 +333,61 @@ def run_nhwc_twin(fn, graph_def, feeds) -> list[np.ndarray]:
 def frozen_graph_def(fn) -> graph_pb2.GraphDef:
     return freeze(fn).graph_def
 
+
+
+# ---- what folded where ---------------------------------------------------------------------------
+def the_entry(report):
+    """The one batch-norm entry of ``report`` (or of a folded function's report; the one affine
+    entry when there is no batch norm)."""
+    report = getattr(report, "report", report)
+    entries = report.batch_norms or report.entries
+    assert len(entries) == 1, str(report)
+    return entries[0]
+
+
+def assert_absorbed(folded, direction: str, op: str, count: int = 1):
+    """The one batch norm folded ``direction`` into ``count`` layers, each an ``op`` node of the
+    rewritten graph, and no batch-norm node is left. Returns the entry."""
+    entry = the_entry(folded.report)
+    assert entry.folded and entry.direction == direction, str(folded.report)
+    nodes = {n.name: n for n in folded.graph_def.node}
+    assert len(entry.absorbed_by) == count, entry.absorbed_by
+    for name in entry.absorbed_by:
+        assert nodes[name].op == op, (name, nodes[name].op, op)
+    assert_no_batch_norm(folded.graph_def)
+    return entry
+
+
+def assert_folded_into_layers(folded, count: int, direction: str = "forward",
+                              ops=("Conv2D", "MatMul")):
+    """``count`` batch norms folded, each ``direction`` into nodes of the rewritten graph whose op
+    is one of ``ops``."""
+    report = folded.report
+    assert len(report.folded) == count, str(report)
+    graph_ops = {n.name: n.op for n in folded.graph_def.node}
+    for entry in report.folded:
+        assert entry.direction == direction and entry.absorbed_by, (entry, str(report))
+        assert all(graph_ops.get(node) in ops for node in entry.absorbed_by), (entry, ops)
+
+
+def assert_not_folded(folded, *phrases):
+    """The one batch norm is not folded, and its reason contains every phrase."""
+    entry = the_entry(folded.report)
+    assert not entry.folded and entry.absorbed_by == [], str(folded.report)
+    for phrase in phrases:
+        assert phrase in entry.reason, (phrase, entry.reason)
+    return entry
+
+
+def bn_scale_shift(params, epsilon=1e-3):
+    """(s, t) of a batch norm with ``params`` = (γ, β, μ, σ²), in float64."""
+    gamma, beta, mean, var = (np.asarray(p, np.float64) for p in params)
+    s = gamma / np.sqrt(var + epsilon)
+    return s, beta - mean * s
+
+
+def shift_free(params):
+    """``params`` with β = μ = 0, so that the batch norm's shift t is exactly 0 (a pure scale:
+    γ and σ² stay random)."""
+    gamma, beta, mean, var = params
+    return gamma, np.zeros_like(beta), np.zeros_like(mean), var

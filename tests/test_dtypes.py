@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (assert_close, assert_no_batch_norm, bias, bn_params, check_rewrite,
-                     nodes_of, random_inputs, randomise_keras_model, weight)
+from helpers import (assert_absorbed, assert_close, assert_no_batch_norm, bias, bn_params,
+                     check_rewrite, nodes_of, random_inputs, randomise_keras_model, weight)
 
 EPS = 1e-3
 DTYPES = {"float32": (tf.float32, 1e-5), "float64": (tf.float64, 1e-12),
@@ -53,8 +53,7 @@ def test_hand_built_model_in_every_dtype(name, kind):
     rng = np.random.default_rng(len(name) * 10 + len(kind))
     fn = _build(kind, dtype, rng)
     folded = check_rewrite(fn, rng, tol=tol)
-    assert len(folded.report.folded) == 1 and not folded.report.not_folded, str(folded.report)
-    assert_no_batch_norm(folded.graph_def)
+    assert_absorbed(folded, "forward", LAYER_OPS[kind])
     [layer] = nodes_of(folded.graph_def, LAYER_OPS[kind])
     assert layer.attr["T"].type == dtype.as_datatype_enum
     # every Const feeding the layer and its bias keeps the model's dtype
@@ -86,13 +85,24 @@ def _keras_fn(K, dtype: str, seed: int):
         tf.TensorSpec([None, 8, 8, 3], dtype))
 
 
+def assert_into_conv_and_dense(folded):
+    """conv_bn folded forward into the conv's Conv2D, dense_bn into the Dense's MatMul."""
+    report, ops = folded.report, {n.name: n.op for n in folded.graph_def.node}
+    assert len(report.batch_norms) == 2 and not report.not_folded, str(report)
+    for entry in report.batch_norms:
+        layer = "conv" if entry.name.startswith("conv_bn") else "dense"
+        assert entry.direction == "forward" and len(entry.absorbed_by) == 1, entry
+        assert f"{layer}" in entry.absorbed_by[0].split("/")[-2], entry
+        assert ops[entry.absorbed_by[0]] == ("Conv2D" if layer == "conv" else "MatMul"), entry
+    assert_no_batch_norm(folded.graph_def)
+
+
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
 def test_keras_float64_model(framework):
     K = pytest.importorskip(framework)
     fn = _keras_fn(K, "float64", 51)
     folded = check_rewrite(fn, np.random.default_rng(0), tol=1e-12)
-    assert len(folded.report.folded) == 2 and not folded.report.not_folded, str(folded.report)
-    assert_no_batch_norm(folded.graph_def)
+    assert_into_conv_and_dense(folded)
 
 
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
@@ -101,5 +111,4 @@ def test_keras_half_precision_model_folds_every_batch_norm(framework, dtype):
     K = pytest.importorskip(framework)
     fn = _keras_fn(K, dtype, 53)
     folded = check_rewrite(fn, np.random.default_rng(0), tol=DTYPES[dtype][1])
-    assert len(folded.report.folded) == 2, str(folded.report)
-    assert_no_batch_norm(folded.graph_def)
+    assert_into_conv_and_dense(folded)

@@ -17,7 +17,7 @@ from tensorflow.core.framework import node_def_pb2
 
 import graphfold
 from helpers import fused_bn
-from helpers import (assert_no_batch_norm, bias, bn_params, check_rewrite,
+from helpers import (assert_absorbed, assert_no_batch_norm, bias, bn_params, check_rewrite,
                      folded_entries, freeze, frozen_graph_def, nhwc_twin, nodes_of, op_counts,
                      randomise_keras_model, rel_err, run_graph_def, run_nhwc_twin, weight,
                      weight_of)
@@ -285,9 +285,7 @@ def test_tf_nn_batch_normalization_without_name_scope_is_a_batch_norm():
         return tf.nn.batch_normalization(layer.apply(x), mean, var, beta, gamma, EPS)
 
     folded = check_rewrite(fn.get_concrete_function(), rng)
-    assert len(folded.report.batch_norms) == 1, str(folded.report)
-    assert len(folded.report.folded) == 1
-    assert_no_batch_norm(folded.graph_def)
+    assert_absorbed(folded, "forward", "Conv2D")
 
 
 def test_chain_of_batch_norm_and_elementwise_ops_merges_into_one_affine():
@@ -563,7 +561,9 @@ def test_two_batch_norms_in_sequence_both_fold():
         return bn(l2.apply(y), p2)
 
     folded = check_rewrite(fn.get_concrete_function(), rng)
-    assert len(folded.report.folded) == 2 and not folded.report.not_folded
+    conv1, conv2 = (n.name for n in nodes_of(folded.graph_def, "Conv2D"))
+    assert [(e.direction, e.absorbed_by) for e in folded.report.batch_norms] == \
+        [("forward", [conv1]), ("forward", [conv2])], str(folded.report)
     assert_no_batch_norm(folded.graph_def)
 
 
@@ -595,8 +595,8 @@ def test_conv_attributes_do_not_matter(variant):
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 9, 9, 3], tf.float32))
     folded = check_rewrite(fn, rng)
-    assert len(folded.report.folded) == 1 and not folded.report.not_folded
-    assert_no_batch_norm(folded.graph_def)
+    assert_absorbed(folded, "forward", "DepthwiseConv2dNative" if variant == "depthwise_dilated"
+                    else "Conv2D")
 
 
 def test_conv3d_then_5d_fused_batch_norm():
@@ -612,7 +612,7 @@ def test_conv3d_then_5d_fused_batch_norm():
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 4, 5, 5, 3], tf.float32))
     folded = check_rewrite(fn, rng)
-    assert len(folded.report.folded) == 1, str(folded.report)
+    assert_absorbed(folded, "forward", "Conv3D")
     [conv] = nodes_of(folded.graph_def, "Conv3D")
     s = p[0].astype(np.float64) / np.sqrt(p[3].astype(np.float64) + EPS)
     np.testing.assert_allclose(weight_of(folded.graph_def, conv), w * s, rtol=1e-6, atol=1e-7)
@@ -629,7 +629,7 @@ def test_matmul_with_transpose_a():
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([5, None], tf.float32))
     folded = check_rewrite(fn, rng)
-    assert len(folded.report.folded) == 1 and not folded.report.not_folded, str(folded.report)
+    assert_absorbed(folded, "forward", "MatMul")
 
 
 def test_nchw_avg_pool_between_conv_and_batch_norm():
@@ -671,12 +671,12 @@ def test_weight_that_is_also_a_function_output_is_cloned():
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 6, 6, 3], tf.float32))
     folded = check_rewrite(fn, rng)
-    assert len(folded.report.folded) == 1
+    assert_absorbed(folded, "forward", "Conv2D")
     np.testing.assert_array_equal(folded(tf.zeros([1, 6, 6, 3]))[1].numpy(), w)
 
 
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
-def test_keras_grouped_conv_is_reported(framework):
+def test_keras_grouped_conv_folds_forward(framework):
     K = pytest.importorskip(framework)
     inp = K.Input((6, 6, 4))
     model = K.Model(inp, K.layers.BatchNormalization(name="g_bn")(
@@ -685,10 +685,7 @@ def test_keras_grouped_conv_is_reported(framework):
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec([None, 6, 6, 4], tf.float32))
     folded = check_rewrite(fn, np.random.default_rng(0))
-    # On CPU Keras runs a grouped convolution as an XLA-compiled function call, which freezing
-    # does not inline: the batch norm cannot reach a Conv2D, but it must be reported, with why.
-    [entry] = folded.report.batch_norms
-    if entry.folded:
-        assert_no_batch_norm(folded.graph_def)
-    else:
-        assert "PartitionedCall" in entry.reason, entry.reason
+    # Keras 3 runs a grouped convolution as an XLA-compiled function call, which freezing does
+    # not inline: graphfold inlines it (tests/test_grouped.py), and the Conv2D inside absorbs A.
+    entry = assert_absorbed(folded, "forward", "Conv2D")
+    assert "/g" in entry.absorbed_by[0], entry

@@ -20,7 +20,8 @@ SEEDS = [*range(400), 1711, 4507]   # 1711, 4507: cancellations (see graphgen.ch
 SEEN: dict[int, set[str]] = {}      # seed -> what its graph exercised (for the coverage test)
 KINDS = ("conv", "depthwise", "matmul", "concat", "add", "pool", "pad", "mean", "flatten",
          "transpose", "shared weight", "broadcast_mul", "EXPLICIT", "/d2/", "/s2/", "gamma=0",
-         "scale/rmul", "bias/sub", "depthwise3x3/m2", "intermediate tensor", "several consumers")
+         "scale/rmul", "bias/sub", "depthwise3x3/m2", "intermediate tensor", "several consumers",
+         "conv_transpose", "/groups", "batch_matmul", "einsum")
 
 
 @pytest.mark.parametrize("seed", SEEDS)

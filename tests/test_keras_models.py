@@ -70,6 +70,17 @@ def _build(framework: str, name: str, seed: int = 0):
     return model, fn, n_bn
 
 
+def assert_into_its_layer(entry, folded):
+    """The batch norm named ``<layer>_bn`` folded forward into one linear op of ``<layer>``."""
+    from graphfold.layers import LINEAR
+    layer = entry.name.split("_bn")[0]
+    ops = {n.name: n.op for n in folded.graph_def.node}
+    assert entry.direction == "forward" and len(entry.absorbed_by) == 1, entry
+    [node] = entry.absorbed_by
+    assert f"/{layer}/" in f"/{node}" or f"/{layer}_" in f"/{node}", (layer, node)
+    assert ops[node] in LINEAR, (node, ops[node])
+
+
 def _bn_layer_names(model):
     return [layer.name for layer in model.layers if "BatchNormalization" in type(layer).__name__]
 
@@ -81,6 +92,8 @@ def _check(framework, name):
     assert len(report.batch_norms) == n_bn, str(report)
     assert len(report.folded) == n_bn and not report.not_folded, str(report)
     assert_no_batch_norm(folded.graph_def)
+    for entry in report.batch_norms:    # "<layer>_bn" folded forward into <layer>'s linear op
+        assert_into_its_layer(entry, folded)
     assert report.ops_before.get("FusedBatchNormV3", 0) == (
         sum(1 for e in report.batch_norms if e.form == "FusedBatchNormV3"))
     assert not any(op.startswith("FusedBatchNorm") for op in report.ops_after)
@@ -130,5 +143,6 @@ def test_dense_on_higher_rank_input(framework, rank):
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec([None, *shape], tf.float32))
     folded = check_rewrite(fn, np.random.default_rng(0))
-    assert len(folded.report.folded) == 1, str(folded.report)
+    [entry] = folded.report.batch_norms
+    assert_into_its_layer(entry, folded)
     assert_no_batch_norm(folded.graph_def)

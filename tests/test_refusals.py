@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+from helpers import make, the_entry
 from helpers import fused_bn as bn
 from helpers import (assert_close, assert_no_batch_norm, bias, bn_params, check_rewrite, freeze,
                      nodes_of, op_counts, random_inputs, rel_err, run_graph_def, weight, weight_of)
@@ -24,16 +25,6 @@ SPEC = tf.TensorSpec([None, 6, 6, 3], tf.float32, name="x")
 
 def conv(x, w, b):
     return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
-
-
-def make(body, *specs):
-    return tf.function(body).get_concrete_function(*(specs or (SPEC,)))
-
-
-def the_entry(report):
-    entries = report.batch_norms or report.entries
-    assert len(entries) == 1, str(report)
-    return entries[0]
 
 
 def assert_refused(folded, *phrases, multiply_add=True):
@@ -76,7 +67,7 @@ def test_conv_output_with_a_second_consumer(parts, rng):
         y = tf.nn.conv2d(x, w, 1, "SAME")
         return {"bn": bn(y, p), "relu": tf.nn.relu(y)}
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     entry = assert_refused(folded, "also read by")
     assert "Relu" in entry.tried["forward"]
     assert entry.blocker is not None
@@ -90,7 +81,7 @@ def test_conv_output_also_a_function_output(parts, rng):
         y = conv(x, w, b)
         return bn(y, p), y
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     entry = assert_refused(folded)
     assert "output" in entry.tried["forward"] or "read by" in entry.tried["forward"]
     assert_weight_untouched(folded, "Conv2D", w)
@@ -98,7 +89,7 @@ def test_conv_output_also_a_function_output(parts, rng):
 
 def test_batch_norm_in_training_mode(parts, rng):
     w, b, p = parts
-    folded = check_rewrite(make(lambda x: bn(conv(x, w, b), p, training=True)), rng)
+    folded = check_rewrite(make(lambda x: bn(conv(x, w, b), p, training=True), SPEC), rng)
     entry = assert_refused(folded, "training", multiply_add=False)
     assert op_counts(folded.graph_def)["FusedBatchNormV3"] == 1
     [node] = nodes_of(folded.graph_def, "FusedBatchNormV3")
@@ -118,14 +109,14 @@ def test_batch_norm_statistics_used(parts, rng):
                                               is_training=False)[:3]
         return y, m, v
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     entry = assert_refused(folded, "outputs 1-5", multiply_add=False)
     assert entry.blocker
 
 
 def test_batch_norm_on_a_graph_input(rng):
     p = bn_params(3, rng)
-    folded = check_rewrite(make(lambda x: bn(x, p)), rng)
+    folded = check_rewrite(make(lambda x: bn(x, p), SPEC), rng)
     assert_refused(folded, "graph input")
 
 
@@ -136,7 +127,7 @@ def test_constant_that_broadcasts_along_another_axis(layout, rng):
     k = rng.uniform(0.5, 2.0, [6, 1, 1] if layout == "non_channel_axis" else [6, 6, 4])
     k = k.astype(np.float32)
     add = bias(4, rng)
-    folded = check_rewrite(make(lambda x: conv(x, w, b) * k + add), rng)
+    folded = check_rewrite(make(lambda x: conv(x, w, b) * k + add, SPEC), rng)
     assert not [e for e in folded.report.entries if e.folded], str(folded.report)
     assert_weight_untouched(folded, "Conv2D", w)
     assert op_counts(folded.graph_def)["Mul"] == 1
@@ -163,7 +154,8 @@ def test_reshape_that_moves_the_channel_axis(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     k1 = rng.uniform(0.5, 2.0, 24).astype(np.float32)
     k2 = bias(24, rng)
-    folded = check_rewrite(make(lambda x: tf.reshape(conv(x, w, b), [-1, 6, 24]) * k1 + k2), rng)
+    folded = check_rewrite(make(lambda x: tf.reshape(conv(x, w, b), [-1, 6, 24]) * k1 + k2, SPEC),
+                           rng)
     entry = assert_refused(folded, "channel axis")
     assert "Reshape" in entry.tried["forward"]
     assert_weight_untouched(folded, "Conv2D", w)
@@ -172,7 +164,7 @@ def test_reshape_that_moves_the_channel_axis(rng):
 def test_relu_with_a_negative_scale(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     k = np.array([1.5, -0.7, 2.0, 0.9], np.float32)
-    folded = check_rewrite(make(lambda x: tf.nn.relu(conv(x, w, b)) * k), rng)
+    folded = check_rewrite(make(lambda x: tf.nn.relu(conv(x, w, b)) * k, SPEC), rng)
     entry = assert_refused(folded, "Relu", multiply_add=False)
     assert "scale > 0" in entry.reason
     assert op_counts(folded.graph_def)["Mul"] == 1
@@ -182,7 +174,7 @@ def test_relu_with_a_negative_scale(rng):
 def test_relu_with_a_shift(parts, rng):
     w, b, _ = parts
     p = bn_params(4, rng, positive=True)
-    folded = check_rewrite(make(lambda x: bn(tf.nn.relu(conv(x, w, b)), p)), rng)
+    folded = check_rewrite(make(lambda x: bn(tf.nn.relu(conv(x, w, b)), p), SPEC), rng)
     entry = assert_refused(folded, "Relu")
     assert "shift" in entry.reason
     assert_weight_untouched(folded, "Conv2D", w)
@@ -193,7 +185,7 @@ def test_max_pool_with_a_negative_scale(rng):
     gamma, beta, mean, var = bn_params(4, rng, positive=True)
     gamma[2] = -gamma[2]
     folded = check_rewrite(make(lambda x: bn(tf.nn.max_pool2d(conv(x, w, b), 2, 2, "VALID"),
-                                             (gamma, beta, mean, var))), rng)
+                                             (gamma, beta, mean, var)), SPEC), rng)
     entry = assert_refused(folded, "MaxPool")
     assert "scale > 0" in entry.reason
     assert_weight_untouched(folded, "Conv2D", w)
@@ -202,7 +194,7 @@ def test_max_pool_with_a_negative_scale(rng):
 def test_zero_pad_with_a_shift(parts, rng):
     w, b, p = parts
     folded = check_rewrite(make(lambda x: bn(tf.pad(conv(x, w, b), [[0, 0], [1, 1], [1, 1],
-                                                                     [0, 0]]), p)), rng)
+                                                                     [0, 0]]), p), SPEC), rng)
     entry = assert_refused(folded, "shift")
     assert "Pad" in entry.tried["forward"] or "pad" in entry.tried["forward"]
     assert_weight_untouched(folded, "Conv2D", w)
@@ -212,7 +204,7 @@ def test_non_zero_pad_value(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     k = rng.uniform(0.5, 2.0, 4).astype(np.float32)
     folded = check_rewrite(make(lambda x: tf.pad(conv(x, w, b), [[0, 0], [1, 1], [1, 1], [0, 0]],
-                                                 constant_values=2.0) * k), rng)
+                                                 constant_values=2.0) * k, SPEC), rng)
     entry = assert_refused(folded, "pad", multiply_add=False)
     assert_weight_untouched(folded, "Conv2D", w)
     assert entry
@@ -220,7 +212,7 @@ def test_non_zero_pad_value(rng):
 
 def test_activation_between_layer_and_batch_norm(parts, rng):
     w, b, p = parts
-    folded = check_rewrite(make(lambda x: bn(tf.nn.tanh(conv(x, w, b)), p)), rng)
+    folded = check_rewrite(make(lambda x: bn(tf.nn.tanh(conv(x, w, b)), p), SPEC), rng)
     entry = assert_refused(folded, "Tanh")
     assert_weight_untouched(folded, "Conv2D", w)
     assert entry
@@ -267,7 +259,7 @@ def test_batch_norm_output_also_a_function_output_still_folds(parts, rng):
         y = bn(conv(x, w, b), p)
         return {"bn": y, "act": tf.nn.relu(y)}
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     [entry] = folded.report.batch_norms
     assert entry.folded and entry.direction == "forward"
     assert_no_batch_norm(folded.graph_def)
@@ -283,7 +275,7 @@ def test_weight_shared_by_two_layers_each_with_its_batch_norm(holder, rng):
     def body(x):
         return {"a": bn(conv(x, w, b1), p1), "b": bn(conv(tf.nn.relu(x), w, b2), p2)}
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     assert len(folded.report.folded) == 2, str(folded.report)
     assert_no_batch_norm(folded.graph_def)
     convs = nodes_of(folded.graph_def, "Conv2D")
@@ -304,7 +296,7 @@ def test_weight_shared_with_a_layer_without_batch_norm(rng):
     def body(x):
         return bn(conv(x, w, b1), p), conv(x, w, b2)
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     assert len(folded.report.folded) == 1
     weights = [weight_of(folded.graph_def, c) for c in nodes_of(folded.graph_def, "Conv2D")]
     assert sum(np.array_equal(x, w) for x in weights) == 1
@@ -320,7 +312,7 @@ def test_bias_shared_by_two_layers(rng):
     def body(x):
         return bn(conv(x, w1, b), p), conv(x, w2, b)
 
-    folded = check_rewrite(make(body), rng)
+    folded = check_rewrite(make(body, SPEC), rng)
     assert len(folded.report.folded) == 1
     [bias_unfolded] = [n for n in nodes_of(folded.graph_def, "BiasAdd")
                        if weight_of(folded.graph_def, _producer(folded.graph_def, n.input[0]))
@@ -337,7 +329,7 @@ def _producer(graph_def, tensor):
 def test_fn_is_not_modified_and_still_runs(parts, rng):
     """Explicit check of the promise: rewriting leaves ``fn`` (graph and outputs) untouched."""
     w, b, p = parts
-    fn = make(lambda x: bn(conv(x, w, b), p))
+    fn = make(lambda x: bn(conv(x, w, b), p), SPEC)
     before = fn.graph.as_graph_def()
     inputs = random_inputs(fn, rng)
     want = fn(*inputs[0]).numpy()
@@ -363,7 +355,7 @@ def test_optimize_graph_def_with_the_batch_norm_node_itself_fetched(form, also_f
             return bn(y, p)
         return tf.nn.batch_normalization(y, mean, var, beta, gamma, EPS)
 
-    frozen = freeze(make(body))
+    frozen = freeze(make(body, SPEC))
     [identity] = [n for n in frozen.graph_def.node if n.name == frozen.outputs[0]]
     outputs = [identity.input[0]] + ([also_fetched] if also_fetched else [])
     optimized, report = graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, outputs,

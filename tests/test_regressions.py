@@ -14,27 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import assert_absorbed, decomposed_bn, make, the_entry
 from helpers import fused_bn as bn
 from helpers import (assert_close, bias, bn_params, check_rewrite, nodes_of, op_counts,
                      random_inputs, weight, weight_of)
 
-EPS = 1e-3
 
-
-
-def decomposed_bn(y, params):
-    gamma, beta, mean, var = params
-    return tf.nn.batch_normalization(y, mean, var, beta, gamma, EPS)
-
-
-def make(body, *shapes, dtype=tf.float32):
-    return tf.function(body).get_concrete_function(
-        *[tf.TensorSpec([None, *s], dtype) for s in shapes])
-
-
-def only(report):
-    (entry,) = report.batch_norms or report.entries
-    return entry
 
 
 @pytest.fixture
@@ -54,9 +39,7 @@ def test_fuzz_constant_first_operand_k_times_x(rng, where):
     else:
         body = (lambda x: k4 * tf.nn.conv2d(x, w, 1, "VALID"))
     folded = check_rewrite(make(body, [4, 4, 3]), rng)
-    entry = only(folded.report)
-    assert entry.folded and entry.direction == ("backward" if where == "before_conv"
-                                                else "forward")
+    assert_absorbed(folded, "backward" if where == "before_conv" else "forward", "Conv2D")
     assert "Mul" not in op_counts(folded.graph_def)
 
 
@@ -72,7 +55,7 @@ def test_fuzz_constant_first_operand_silently_wrong(rng):
     the Add broadcast it back to [N, H, W, C]: no error, wrong values."""
     k, p = bias(3, rng), bn_params(3, rng)
     folded = check_rewrite(make(lambda x: decomposed_bn(k + x, p) + x, [4, 4, 3]), rng)
-    assert not only(folded.report).folded
+    assert not the_entry(folded.report).folded
 
 
 def test_fuzz_sub_bias_on_the_forward_path(rng):
@@ -81,8 +64,7 @@ def test_fuzz_sub_bias_on_the_forward_path(rng):
     w, b, p = weight((1, 1, 3, 4), rng), bias(4, rng), bn_params(4, rng)
     folded = check_rewrite(make(lambda x: bn(tf.nn.avg_pool2d(tf.nn.conv2d(x, w, 1, "VALID") - b,
                                                               2, 2, "VALID"), p), [4, 4, 3]), rng)
-    entry = only(folded.report)
-    assert entry.folded and entry.direction == "forward"
+    assert_absorbed(folded, "forward", "Conv2D")
     assert "Sub" in op_counts(folded.graph_def)           # the bias stays a Sub, rewritten
 
 
@@ -101,8 +83,7 @@ def test_fuzz_bias_after_add_or_concat(rng, junction):
         return bn(tf.identity(tf.nn.bias_add(y, b)), p)
 
     folded = check_rewrite(make(body, [5, 5, 3]), rng)
-    entry = only(folded.report)
-    assert entry.folded and entry.direction == "forward" and len(entry.absorbed_by) == 2
+    assert_absorbed(folded, "forward", "Conv2D", count=2)
 
 
 def test_bias_between_relu_and_bn_takes_the_shift(rng):
@@ -111,7 +92,7 @@ def test_bias_between_relu_and_bn_takes_the_shift(rng):
     w, b, p = weight((3, 3, 3, 4), rng), bias(4, rng), bn_params(4, rng, positive=True)
     folded = check_rewrite(make(lambda x: bn(tf.identity(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME"))
                                                          + b), p), [5, 5, 3]), rng)
-    assert only(folded.report).folded
+    assert_absorbed(folded, "forward", "Conv2D")
 
 
 def test_fuzz_layer_both_sink_and_leaf(rng):
@@ -125,7 +106,7 @@ def test_fuzz_layer_both_sink_and_leaf(rng):
         return tf.matmul(tf.matmul(y, wp) + y, wl)
 
     folded = check_rewrite(make(body, [5]), rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert not entry.folded
     assert "leaf" in entry.tried["backward"]
 
@@ -148,7 +129,7 @@ def test_fuzz_explicit_depthwise_gets_no_new_bias(rng, direction):
 
     fn = make(body, [6, 6, 3])
     folded = check_rewrite(fn, rng, run=False)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert not entry.folded and "EXPLICIT" in entry.reason
     (dw,) = nodes_of(folded.graph_def, "DepthwiseConv2dNative")
     readers = [n.op for n in folded.graph_def.node if dw.name in n.input]
@@ -169,11 +150,11 @@ def test_no_batch_or_channel_pad_left_next_to_a_conv(rng, axis):
     w, p = weight((1, 1, 3, 4), rng), bn_params(3, rng)
     fn = make(lambda x: tf.nn.conv2d(decomposed_bn(tf.pad(x, pads), p), w, 2, "VALID"), [4, 3, c])
     folded = check_rewrite(fn, rng, run=False)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     (conv,) = nodes_of(folded.graph_def, "Conv2D")
     producer = {n.name: n.op for n in folded.graph_def.node}[conv.input[0].split(":")[0]]
     if axis == "spatial":
-        assert entry.folded and entry.direction == "backward"
+        assert entry.folded and entry.direction == "backward" and entry.absorbed_by == [conv.name]
     else:
         assert not entry.folded and "Pad+Conv2D" in entry.tried["backward"]
         assert producer != "Pad"
@@ -191,7 +172,7 @@ def test_conv_also_used_elsewhere_is_not_folded(rng):
 
     fn = make(body, [5, 5, 3])
     folded = check_rewrite(fn, rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert not entry.folded and "also read by" in entry.tried["forward"]
     (conv,) = nodes_of(folded.graph_def, "Conv2D")
     np.testing.assert_array_equal(weight_of(folded.graph_def, conv), w)
@@ -206,7 +187,7 @@ def test_shared_weight_constant_is_cloned_not_modified(rng):
 
     fn = make(body, [5, 5, 3])
     folded = check_rewrite(fn, rng)
-    assert only(folded.report).folded
+    assert the_entry(folded.report).folded
     weights = [weight_of(folded.graph_def, n) for n in nodes_of(folded.graph_def, "Conv2D")]
     assert sum(np.array_equal(v, w.numpy()) for v in weights) == 1
 
@@ -226,7 +207,7 @@ def test_transpose_with_a_non_identity_perm_blocks(rng, direction):
             return tf.nn.conv2d(tf.transpose(bn(x, p3, "NCHW"), [0, 2, 3, 1]), w, 1, "VALID")
         shape = [3, 5, 5]
     folded = check_rewrite(make(body, shape), rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert not entry.folded and "Transpose" in entry.tried[direction]
 
 
@@ -234,7 +215,7 @@ def test_transpose_with_the_identity_perm_passes(rng):
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
     folded = check_rewrite(make(lambda x: bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"),
                                                           [0, 1, 2, 3]), p), [5, 5, 3]), rng)
-    assert only(folded.report).folded
+    assert the_entry(folded.report).folded
 
 
 def test_zero_gamma_forward_stays_exact(rng):
@@ -244,7 +225,7 @@ def test_zero_gamma_forward_stays_exact(rng):
     p = (np.asarray([1.2, 0.0, -0.7, 0.0], "float32"),) + p[1:]
     folded = check_rewrite(make(lambda x: bn(tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b), p),
                                 [5, 5, 3]), rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "forward"
     (conv,) = nodes_of(folded.graph_def, "Conv2D")
     folded_w = weight_of(folded.graph_def, conv)
@@ -255,7 +236,7 @@ def test_zero_gamma_backward_without_leaves_stays_exact(rng):
     w, p = weight((4, 3), rng), bn_params(4, rng)
     p = (np.asarray([0.0, 1.1, 0.0, -0.6], "float32"),) + p[1:]
     folded = check_rewrite(make(lambda x: tf.matmul(decomposed_bn(x, p), w), [4]), rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "backward"
 
 
@@ -281,7 +262,7 @@ def test_zero_or_tiny_gamma_with_a_leaf_is_refused(rng, gamma0):
         return tf.nn.conv2d(bn(x, p) + tf.nn.conv2d(z, w1, 1, "VALID"), w2, 1, "VALID")
 
     folded = check_rewrite(make(body, [4, 4, 4], [4, 4, 3]), rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert not entry.folded and "zero" in entry.tried["backward"]
 
 
@@ -296,7 +277,7 @@ def test_concat_on_a_spatial_axis_does_not_crash_and_blocks(rng, axis):
         return tf.nn.conv2d(bn(y, p), w2, 1, "SAME")
 
     folded = check_rewrite(make(body, [4, 4, 3]), rng)
-    entry = only(folded.report)
+    entry = the_entry(folded.report)
     assert not entry.folded
     assert "ConcatV2" in entry.tried["forward"] and "channel axis" in entry.tried["forward"]
 
@@ -312,7 +293,7 @@ def test_concat_on_an_unknown_axis_does_not_crash(rng):
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 4, 4, 3]),
                                                   tf.TensorSpec([], tf.int32))
     folded = check_rewrite(fn, rng, run=False)
-    assert not only(folded.report).folded
+    assert not the_entry(folded.report).folded
     x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
     assert_close(fn, folded, (x, tf.constant(2)))
 
@@ -325,7 +306,7 @@ def test_concat_of_one_tensor_twice_is_refused(rng):
         return bn(tf.concat([y, y], -1), p)
 
     folded = check_rewrite(make(body, [4, 4, 3]), rng)
-    assert not only(folded.report).folded
+    assert not the_entry(folded.report).folded
 
 
 @pytest.mark.parametrize("shape", ["H11", "HWC", "1H11", "C_on_W"])

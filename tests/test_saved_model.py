@@ -165,7 +165,7 @@ def test_a_wrong_rewrite_is_caught_and_nothing_is_written(src, tmp_path, monkeyp
         folded.function = tf.function(call).get_concrete_function(**specs)
         return folded
 
-    monkeypatch.setattr(graphfold, "rewrite", off_by_one_percent)
+    monkeypatch.setattr(graphfold.saved_model, "rewrite", off_by_one_percent)
     source, dst = src("two_signatures"), str(tmp_path / "out")
     before = F.tree_hash(source)
     with pytest.raises(VerificationFailed) as info:

@@ -125,3 +125,13 @@ def test_bench_cli_smoke(capsys, tmp_path):
     assert row["optimize"]["exit"] == 0 and row["inspect"]["exit"] == 0
     stages = [s["stage"] for s in row["optimize"]["stages"]]
     assert stages[:5] == ["start-up", "load", "fold", "write", "verify"]
+
+
+def test_bench_grouped_smoke(capsys):
+    tool = _load("bench_grouped")
+    assert tool.main(["--batch", "1", "--calls", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "7 folded" in out and "before/after: 2/0" in out
+    header, rows = _table(out, "round")
+    assert header == ["round", "original ms", "graphfold ms", "original / graphfold"]
+    assert len(rows) == 1

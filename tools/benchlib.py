@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import graphfold
-from graphfold import examples
+from graphfold import examples, formats
 from graphfold.function import import_graph, with_signature
 from graphfold.graph import canonical, split_tensor
 
@@ -157,8 +157,7 @@ def bypass_batch_norms(graph_def, outputs: list[str]):
         const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(values, dtype=dtype))
         add = work.node.add(name=f"{y}/limit_bias_add", op="BiasAdd", input=[x, const.name])
         add.attr["T"].type = dtype.as_datatype_enum
-        fmt = layer.attr["data_format"].s if "data_format" in layer.attr else b""
-        add.attr["data_format"].s = b"NCHW" if fmt.startswith(b"NC") else b"NHWC"
+        add.attr["data_format"].s = formats.bias_format(layer)
         alias[canonical(y)] = add.name
 
     def resolve(tensor):

@@ -1,6 +1,7 @@
 """Fold table: rewrite keras.applications models (random BN statistics) and tabulate the folds.
 
     python tools/fold_table.py [--models ResNet50,...] [--frameworks keras3,tf-keras] [--out F]
+    python tools/fold_table.py --models UNet,Conv3DNet,GroupedNet     (examples.SMALL_MODELS)
 
 Prints a Markdown table: model | BN layers | folded forward | folded backward | not folded |
 main blockers | max relative error | rewrite seconds.
@@ -38,12 +39,16 @@ def blocker_kind(reason: str) -> str:
 
 
 def row(name: str, legacy: bool, batch: int = 2, seed: int = 0) -> dict:
-    model, size, bn_layers = examples.application(name, legacy, seed)
-    fn = examples.concrete(model, (size, size, 3))
+    if name in examples.SMALL_MODELS:
+        model, shape, bn_layers = examples.small_model(name, legacy, seed)
+    else:
+        model, size, bn_layers = examples.application(name, legacy, seed)
+        shape = (size, size, 3)
+    fn = examples.concrete(model, shape)
     start = time.perf_counter()
     folded = graphfold.rewrite(fn)
     seconds = time.perf_counter() - start
-    x = np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype("float32")
+    x = np.random.default_rng(seed).normal(size=(batch, *shape)).astype("float32")
     want, got = fn(x).numpy(), folded(x).numpy()
     error = float(np.abs(want - got).max() / np.abs(want).max())
     report = folded.report

@@ -1,0 +1,56 @@
+"""Every "no" graphfold says, in one module.
+
+``Blocked`` is the one representation of "no, because ...": a node and the rule that failed. The
+planner returns it as a value; the weight computation raises it (a folded value that overflows
+its dtype); a batch norm that can never fold (training mode) carries it; freezing raises its
+subclass ``NotFreezable``. The ``GraphfoldError`` family are the errors a user of the SavedModel
+API and the CLI sees (each with its exit code).
+"""
+
+from __future__ import annotations
+
+EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2      # the CLI's exit codes
+
+
+class Blocked(Exception):
+    """Why something cannot fold: the first node that stopped it, and the rule that failed."""
+
+    def __init__(self, node: str, reason: str):
+        super().__init__(node, reason)
+        self.node = node
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}" if self.node else self.reason
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Blocked) and (self.node, self.reason) == (other.node, other.reason)
+
+    def __hash__(self) -> int:
+        return hash((self.node, self.reason))
+
+
+class NotFreezable(Blocked, ValueError):
+    """The function holds state that freezing cannot turn into constants."""
+
+    def __init__(self, reason: str):
+        super().__init__("", reason)
+
+
+class GraphfoldError(Exception):
+    """An error with a one-line message meant for the user; ``exit_code`` for the CLI."""
+    exit_code = EXIT_USAGE
+
+
+class BadInput(GraphfoldError):
+    """Bad usage or bad input: a path, a SavedModel, a signature key, a tag set (exit 2)."""
+    exit_code = EXIT_USAGE
+
+
+class VerificationFailed(GraphfoldError):
+    """An optimized signature disagrees with the original: nothing was written (exit 1)."""
+    exit_code = EXIT_VERIFY
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result

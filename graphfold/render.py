@@ -1,0 +1,139 @@
+"""Every table graphfold prints, in one place: the per-layer and op-count tables of a report,
+and the CLI's per-signature and verification sections. Plain text, aligned columns."""
+
+from __future__ import annotations
+
+import json
+import re
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells as aligned text columns, the first row a header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def op_table(ops_before: dict[str, int], ops_after: dict[str, int]) -> str:
+    """Before/after op counts, changed rows first, in the manner of onnxsim."""
+    ops = sorted(set(ops_before) | set(ops_after),
+                 key=lambda op: (ops_before.get(op, 0) == ops_after.get(op, 0), op))
+    rows = [("op", "before", "after")]
+    for op in ops:
+        rows.append((op, str(ops_before.get(op, 0)), str(ops_after.get(op, 0))))
+    rows.append(("total", str(sum(ops_before.values())), str(sum(ops_after.values()))))
+    return format_table(rows)
+
+
+def entry_table(entries) -> str:
+    """One row per batch norm (and per affine map left with a reason): folded which way into
+    which layers, or why not."""
+    rows = [("layer", "form", "folded", "into / reason")]
+    for e in entries:
+        if not e.is_batch_norm and not e.folded and e.reason is None:
+            continue
+        label = e.name if e.is_batch_norm else f"{e.name} (affine)"
+        if e.folded:
+            into = ", ".join(e.absorbed_by)
+            if e.leaves:
+                into += f" (leaves: {', '.join(e.leaves)})"
+            rows.append((label, e.form, e.direction, into))
+        else:
+            rows.append((label, e.form, "no", e.reason or ""))
+    return format_table(rows)
+
+
+def render_reports(result, console, full: bool = True) -> None:
+    """Per signature: summary, per-layer table (``full``; else only the layers not folded), op
+    table. Signatures with the same graph are shown once."""
+    from graphfold.report import FoldReport
+    first = same_as(result)
+    for key in sorted(result):
+        report = result[key]
+        console.print(f"== signature '{key}' ==")
+        if first[key] != key:
+            console.print(f"same graph as '{first[key]}': {report.summary()}")
+            console.print()
+            continue
+        if key in result.unchanged:
+            console.print(f"copied through unchanged: {result.unchanged[key]}")
+        console.print(report.summary())
+        shown_entries = report
+        if not full:
+            shown_entries = FoldReport([e for e in report.entries if not e.folded and
+                                        (e.is_batch_norm or e.reason)], {}, {})
+        if shown_entries.entries and (report.batch_norms or not full):
+            console.print()
+            console.print(_indent(shown_entries.entry_table()))
+        if not full and report.folded:
+            console.print("(where each one went: graphfold optimize --verbose, or "
+                          "graphfold inspect)")
+        console.print()
+        console.print(_indent(report.op_table()))
+        for note in report.notes:
+            if key in result.unchanged and note.startswith("signature copied through"):
+                continue
+            console.print(f"note: {note}")
+        console.print()
+
+
+def same_as(result) -> dict[str, str]:
+    """key -> the first key (in sorted order) whose report is the same (itself if none)."""
+    first, seen = {}, {}
+    for key in sorted(result):
+        fingerprint = json.dumps(
+            {k: v for k, v in result[key].to_dict().items() if k != "seconds"},
+            sort_keys=True, default=str) + str(result.unchanged.get(key))
+        fingerprint = re.sub(r" at 0x[0-9a-fA-F]+", "", fingerprint)   # object addresses
+        first[key] = seen.setdefault(fingerprint, key)
+    return first
+
+
+def render_verification(result, console) -> None:
+    from graphfold.noise import NOISE_MULTIPLE
+    for note in getattr(result, "notes", []):
+        console.print(f"note: {note}")
+    if not result.verification:
+        return
+    rows = [("signature", "status", "max abs err", "max rel err", "noise floor", "inputs")]
+    for key, check in sorted(result.verification.items()):
+        inputs = ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
+        floor = "-" if check.noise_floor is None else f"{check.noise_floor:.3g}"
+        if check.status == "skipped":
+            rows.append((key, "NOT VERIFIED", "-", "-", "-", check.reason or ""))
+        else:
+            status = "ok (noise)" if check.status == "ok" and check.noise_floor is not None \
+                else check.status
+            rows.append((key, status, f"{check.max_abs:.3g}", f"{check.max_rel:.3g}", floor,
+                         f"{check.source}: {inputs}"))
+    tolerance = next(iter(result.verification.values())).tolerance
+    console.print(f"verification (relative tolerance {tolerance:g}; an error within "
+                  f"{NOISE_MULTIPLE:g}x the noise floor is accepted):")
+    console.print(_indent(format_table(rows)))
+    for key, check in sorted(result.verification.items()):
+        if check.status == "failed" or (check.status == "ok" and check.reason):
+            console.print(f"  {key}: {check.reason}")
+    console.print()
+
+
+def totals(result) -> tuple[int, int, int, int]:
+    """(batch norms, folded, ops before, ops after) over distinct signatures (Keras' `serve`
+    and `serving_default` count once)."""
+    bns = folded = before = after = 0
+    first = same_as(result)
+    for key, report in result.items():
+        if first[key] != key:
+            continue
+        bns += len(report.batch_norms)
+        folded += len(report.folded)
+        before += sum(report.ops_before.values())
+        after += sum(report.ops_after.values())
+    return bns, folded, before, after
+
+
+def _indent(text: str, by: str = "  ") -> str:
+    return "\n".join(by + line if line else line for line in text.splitlines())

@@ -1,0 +1,431 @@
+"""How a per-channel A travels through each op: the rule table (FOLDING.md §3-4).
+
+One ``Rule`` per op, in the manner of TVM's FoldScaleAxis registry. ``forward(graph, node, d)``
+moves a demand ``d`` (A applied to the op's output) up to the op's inputs, as ``Step``s;
+``backward(graph, node, reads, d)`` moves A applied to input(s) ``reads`` down to the op's output,
+as one ``Next``. Either returns ``Blocked`` when the op does not commute with A. An op without an
+entry stops the walk. The linear layers that absorb A are in ``layers.LINEAR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from graphfold import formats
+from graphfold.affine import recognise
+from graphfold.errors import Blocked
+from graphfold.graph import Graph
+
+
+@dataclasses.dataclass
+class Demand:
+    """What a walk carries: the per-channel s and t as seen at the current tensor, on which
+    axis of a tensor of which rank (axis None: scalars, any axis)."""
+    s: np.ndarray
+    t: np.ndarray
+    axis: int | None
+    rank: int
+
+    def slice(self, start: int, stop: int) -> "Demand":
+        cut = (lambda v: v if v.size == 1 else v[start:stop])
+        return Demand(cut(self.s), cut(self.t), self.axis, self.rank)
+
+    def with_axis(self, axis: int | None, rank: int) -> "Demand":
+        return Demand(self.s, self.t, axis, rank)
+
+    def without_shift(self) -> "Demand":
+        return Demand(self.s, np.zeros_like(self.t), self.axis, self.rank)
+
+    @property
+    def has_shift(self) -> bool:
+        return bool(np.any(self.t != 0))
+
+    @property
+    def positive(self) -> bool:
+        return bool(np.all(self.s > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Forward: continue at ``tensor`` with ``demand``. ``bias``: the op is a constant bias on the
+    path, which takes the shift (s ⊙ (y + b) + t = s ⊙ y + (s ⊙ b + t)) with ``taken``'s s and t."""
+    tensor: str
+    demand: Demand
+    bias: str | None = None
+    taken: Demand | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Next:
+    """Backward: continue at the op's output with ``demand``; ``pads``: the op adds zero padding
+    (no shift may fold below it); ``leaves``: operands whose layers must absorb ``1/s`` first."""
+    demand: Demand
+    pads: bool = False
+    leaves: tuple[tuple[str, Demand], ...] = ()
+
+
+Forward = Callable[[Graph, object, Demand], "list[Step] | Blocked"]
+Backward = Callable[[Graph, object, list, Demand], "Next | Blocked"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    forward: Forward | None = None
+    backward: Backward | None = None
+
+
+# ---- shared facts --------------------------------------------------------------------------------
+def const_operand(graph: Graph, node) -> int | None:
+    for i, tensor in enumerate(graph.data_inputs(node)):
+        if graph.const(tensor) is not None:
+            return i
+    return None
+
+
+def _x(graph, node) -> str:
+    return graph.data_inputs(node)[0]
+
+
+def _only_data(node, reads) -> Blocked | None:
+    if reads != [0]:
+        return Blocked(node.name, f"A feeds the shape operand(s) of {node.op}")
+    return None
+
+
+def _pads(graph: Graph, node) -> bool:
+    """Whether ``SpaceToBatchND`` adds zero padding (a ``BatchToSpaceND`` only crops)."""
+    if node.op != "SpaceToBatchND":
+        return False
+    pads = graph.const(graph.data_inputs(node)[2])
+    return pads is None or bool(np.any(pads != 0))
+
+
+def axis_in_to_out(graph: Graph, node, axis: int | None) -> tuple[int | None, int] | None:
+    """Where channel ``axis`` of a reshaping op's input lands in its output, with the output rank;
+    None when the op does not keep the channel axis intact. A ``Reshape`` must keep the channel
+    axis last, with the same known size."""
+    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
+    if src is None or dst is None:
+        return None
+    if axis is None:
+        return None, len(dst)
+    if node.op == "Squeeze":
+        listed = list(node.attr["squeeze_dims"].list.i)
+        dims = [d % len(src) for d in listed] if listed else \
+            [i for i, d in enumerate(src) if d == 1]
+        if axis in dims:
+            return None
+        return axis - sum(d < axis for d in dims), len(dst)
+    if node.op == "ExpandDims":
+        where = graph.const(graph.data_inputs(node)[1])
+        if where is None:
+            return None
+        where = int(where) % len(dst)
+        return (axis + 1 if where <= axis else axis), len(dst)
+    if node.op == "Transpose":
+        perm = graph.const(graph.data_inputs(node)[1])
+        identity = perm is not None and list(perm) == list(range(len(perm)))
+        return (axis, len(dst)) if identity else None
+    if axis == len(src) - 1 and src[-1] is not None and dst[-1] == src[-1]:
+        return len(dst) - 1, len(dst)
+    return None
+
+
+def axis_out_to_in(graph: Graph, node, axis: int | None) -> tuple[int | None, int] | None:
+    """The inverse of ``axis_in_to_out``."""
+    src = graph.shape(graph.data_inputs(node)[0])
+    if src is None:
+        return None
+    if axis is None:
+        return (None, len(src)) if axis_in_to_out(graph, node, None) else None
+    for candidate in range(len(src)):
+        mapped = axis_in_to_out(graph, node, candidate)
+        if mapped is not None and mapped[0] == axis:
+            return candidate, len(src)
+    return None
+
+
+def flatten(graph: Graph, node, demand: Demand) -> Demand | None:
+    """A Flatten of ``[N, ..., C]`` to ``[N, K]``: s and t tiled over the spatial positions."""
+    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
+    if src is None or dst is None or len(dst) != 2 or demand.axis != len(src) - 1:
+        return None
+    if any(d is None for d in src[1:]) or dst[1] not in (None, int(np.prod(src[1:]))):
+        return None
+    repeats = int(np.prod(src[1:-1]))
+    tile = (lambda v: v if v.size == 1 else np.tile(v, repeats))
+    return Demand(tile(demand.s), tile(demand.t), 1, 2)
+
+
+def concat_slices(graph: Graph, node, axis: int | None, rank: int):
+    """``[(operand, start, stop)]`` when ``node`` concatenates on ``axis``, else a reason."""
+    inputs = graph.data_inputs(node)
+    concat_axis = graph.const(inputs[-1])
+    if concat_axis is None or axis is None:
+        return "concatenates on an unknown axis"
+    if int(concat_axis) % rank != axis:
+        return "does not concatenate on the channel axis"
+    slices, start = [], 0
+    for operand in inputs[:-1]:
+        shape = graph.shape(operand)
+        if shape is None or shape[axis] is None:
+            return "an operand has an unknown channel count"
+        slices.append((operand, start, start + shape[axis]))
+        start += shape[axis]
+    return slices
+
+
+def _reduced_axes(graph: Graph, node, rank: int) -> list[int] | None:
+    axes = graph.const(graph.data_inputs(node)[1])
+    if axes is None:
+        return None
+    return sorted({int(a) % rank for a in np.atleast_1d(axes)})
+
+
+def _pad_amounts(graph: Graph, node) -> np.ndarray | None:
+    pads = graph.const(graph.data_inputs(node)[1])
+    if node.op == "PadV2":
+        value = graph.const(graph.data_inputs(node)[2])
+        if value is None or np.any(value != 0):
+            return None
+    return pads
+
+
+# ---- rules ---------------------------------------------------------------------------------------
+def _through(graph, node, demand):
+    return [Step(_x(graph, node), demand)]
+
+
+def _through_down(graph, node, reads, demand):
+    return _only_data(node, reads) or Next(demand)
+
+
+def _cast_check(node) -> Blocked | None:
+    """A ``Cast`` between floating-point types (Keras mixed precision computes a half-precision
+    layer's batch norm in float32 between two of them): per-channel maps commute with it."""
+    if all(tf.as_dtype(node.attr[key].type).is_floating for key in ("SrcT", "DstT")):
+        return None
+    return Blocked(node.name, "Cast to or from a non-floating type")
+
+
+def _space_to_batch_up(graph, node, demand):
+    if demand.has_shift and _pads(graph, node):
+        return Blocked(node.name, "SpaceToBatchND pads with zeros: needs a zero shift")
+    return _through(graph, node, demand)
+
+
+def _space_to_batch_down(graph, node, reads, demand):
+    return _only_data(node, reads) or Next(demand, pads=_pads(graph, node))
+
+
+def _reshape_up(graph, node, demand):
+    mapped = axis_out_to_in(graph, node, demand.axis)
+    if mapped is None:
+        return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
+    return [Step(_x(graph, node), demand.with_axis(*mapped))]
+
+
+def _reshape_down(graph, node, reads, demand):
+    blocked = _only_data(node, reads)
+    if blocked:
+        return blocked
+    mapped = axis_in_to_out(graph, node, demand.axis)
+    if mapped is not None:
+        return Next(demand.with_axis(*mapped))
+    flat = flatten(graph, node, demand) if node.op == "Reshape" else None
+    if flat is None:
+        return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
+    return Next(flat)
+
+
+def _pool_check(node, demand) -> Blocked | None:
+    """Pools act per channel: they commute with A when A's axis is the channel axis, and max
+    commutes with a positive scale only."""
+    if demand.axis is not None and \
+            demand.axis != formats.channel_axis(formats.data_format(node), demand.rank):
+        return Blocked(node.name, "pools over the channel axis")
+    if node.op.startswith("MaxPool") and not demand.positive:
+        return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max)")
+    return None
+
+
+def _mean_up(graph, node, demand):
+    x = _x(graph, node)
+    in_rank = graph.rank(x)
+    axes = _reduced_axes(graph, node, in_rank or 0)
+    if axes is None or in_rank is None:
+        return Blocked(node.name, "Mean over unknown axes")
+    if demand.axis is None:
+        return [Step(x, demand.with_axis(None, in_rank))]
+    if node.attr["keep_dims"].b:
+        axis = demand.axis
+    else:
+        axis = [a for a in range(in_rank) if a not in axes][demand.axis]
+    if axis in axes:
+        return Blocked(node.name, "Mean reduces the channel axis")
+    return [Step(x, demand.with_axis(axis, in_rank))]
+
+
+def _mean_down(graph, node, reads, demand):
+    if reads != [0]:
+        return Blocked(node.name, "A feeds the reduction axes")
+    axes = _reduced_axes(graph, node, demand.rank)
+    if axes is None:
+        return Blocked(node.name, "Mean over unknown axes")
+    keep = node.attr["keep_dims"].b
+    if demand.axis is None:
+        return Next(demand.with_axis(None, demand.rank if keep else demand.rank - len(axes)))
+    if demand.axis in axes:
+        return Blocked(node.name, "Mean reduces the channel axis")
+    if keep:
+        return Next(demand)
+    return Next(demand.with_axis(demand.axis - sum(a < demand.axis for a in axes),
+                                 demand.rank - len(axes)))
+
+
+def _relu_up(graph, node, demand):
+    if not demand.positive:
+        return Blocked(node.name, "Relu needs every scale > 0")
+    if demand.has_shift:
+        return Blocked(node.name, "Relu needs a zero shift")
+    return _through(graph, node, demand)
+
+
+def _pad_check(graph, node, demand) -> Blocked | None:
+    pads = _pad_amounts(graph, node)
+    if pads is None:
+        return Blocked(node.name, "padding is not a constant zero")
+    if demand.has_shift:
+        return Blocked(node.name, "zero padding after A: the shift cannot fold")
+    if demand.axis is not None and np.any(pads[demand.axis] != 0):
+        return Blocked(node.name, "pads the channel axis")
+    return None
+
+
+def _pad_down(graph, node, reads, demand):
+    return _only_data(node, reads) or _pad_check(graph, node, demand) or Next(demand, pads=True)
+
+
+def _add_up(graph, node, demand):
+    """A bias (a constant operand) takes the shift; an Add of two tensors passes s to both
+    operands and t to the first."""
+    if const_operand(graph, node) is not None:
+        return _bias_up(graph, node, demand)
+    inputs = graph.data_inputs(node)
+    shapes = [graph.shape(t) for t in inputs]
+    if len(inputs) != 2 or shapes[0] is None or shapes[0] != shapes[1] or \
+            graph.shape(node.name) != shapes[0]:
+        return Blocked(node.name, "Add broadcasts its operands")
+    if inputs[0] == inputs[1]:
+        return Blocked(node.name, "Add of a tensor with itself")
+    return [Step(inputs[0], demand), Step(inputs[1], demand.without_shift())]
+
+
+def _bias_up(graph, node, demand):
+    shift = recognise(graph, node)
+    if shift is None or shift.blocked or not np.all(shift.s == 1) or not \
+            (shift.axis is None or demand.axis is None or shift.axis == demand.axis):
+        return Blocked(node.name, f"{node.op} is not a per-channel bias on A's axis")
+    inputs = graph.data_inputs(node)
+    x = inputs[0] if node.op == "BiasAdd" else inputs[1 - const_operand(graph, node)]
+    return [Step(x, demand.without_shift(), bias=node.name, taken=demand)]
+
+
+def _add_down(graph, node, reads, demand):
+    """``A(x) + z`` = ``s ⊙ (x + z/s) + t``: z's layers (leaves) absorb 1/s, then A continues
+    past the Add."""
+    inputs = graph.data_inputs(node)
+    if len(inputs) != 2 or const_operand(graph, node) is not None:
+        return Blocked(node.name, f"{node.op} of A's output and a constant")
+    if len(reads) != 1:
+        return Blocked(node.name, "Add of A's output with itself")
+    shapes = [graph.shape(t) for t in inputs]
+    if shapes[0] is None or shapes[0] != shapes[1]:
+        return Blocked(node.name, "Add broadcasts its operands")
+    magnitude = np.abs(demand.s)
+    if np.any(magnitude < LEAF_EPS * magnitude.max()) or not np.all(np.isfinite(1 / demand.s)):
+        return Blocked(node.name, "a scale is (near) zero: the other operand cannot be divided "
+                                  "by it")
+    inverse = Demand(1 / demand.s, np.zeros_like(demand.t), demand.axis, demand.rank)
+    return Next(demand, leaves=((inputs[1 - reads[0]], inverse),))
+
+
+LEAF_EPS = 1e-6  # refuse a leaf when some |s| < LEAF_EPS · max|s|
+
+
+def _concat_up(graph, node, demand):
+    slices = concat_slices(graph, node, demand.axis, demand.rank)
+    if isinstance(slices, str):
+        return Blocked(node.name, f"ConcatV2 {slices}")
+    operands = [operand for operand, _, _ in slices]
+    if len(set(operands)) != len(operands):
+        return Blocked(node.name, "ConcatV2 reads one tensor twice")
+    return [Step(operand, demand.slice(start, stop)) for operand, start, stop in slices]
+
+
+def _concat_down(graph, node, reads, demand):
+    """Past a Concat on the channel axis, A acts on its slice; the other slices see 1·x + 0."""
+    if len(reads) != 1:
+        return Blocked(node.name, "ConcatV2 reads A's output twice")
+    slices = concat_slices(graph, node, demand.axis, demand.rank)
+    if isinstance(slices, str):
+        return Blocked(node.name, f"ConcatV2 {slices}")
+    total = slices[-1][2]
+    s, t = np.ones(total), np.zeros(total)
+    _, start, stop = slices[reads[0]]
+    s[start:stop] = np.broadcast_to(demand.s, (stop - start,))
+    t[start:stop] = np.broadcast_to(demand.t, (stop - start,))
+    return Next(Demand(s, t, demand.axis, demand.rank))
+
+
+def _checked(check, forward: bool):
+    """A rule that passes A through unchanged once ``check(graph, node, demand)`` allows it."""
+    if forward:
+        return lambda graph, node, d: check(graph, node, d) or _through(graph, node, d)
+    return lambda graph, node, reads, d: (_only_data(node, reads) or check(graph, node, d)
+                                          or Next(d))
+
+
+def _refuse(reason: str) -> Rule:
+    return Rule(lambda graph, node, d: Blocked(node.name, reason),
+                lambda graph, node, reads, d: Blocked(node.name, reason))
+
+
+def _call(node) -> Blocked:
+    return Blocked(node.name, f"a nested function call ({node.attr['f'].func.name}; Keras runs "
+                              "grouped convolutions and jit_compile layers this way) that "
+                              "graphfold could not inline, so the batch norm cannot reach the "
+                              "layer inside it (the report's notes say why)")
+
+
+_IDENTITY = Rule(_through, _through_down)
+_RESHAPE = Rule(_reshape_up, _reshape_down)
+_POOL = Rule(_checked(lambda g, n, d: _pool_check(n, d), True),
+             _checked(lambda g, n, d: _pool_check(n, d), False))
+_CAST = Rule(_checked(lambda g, n, d: _cast_check(n), True),
+             _checked(lambda g, n, d: _cast_check(n), False))
+
+IDENTITIES = ("Identity", "Snapshot", "StopGradient")
+
+RULES: dict[str, Rule] = {
+    **{op: _IDENTITY for op in IDENTITIES},
+    "Cast": _CAST,
+    "BatchToSpaceND": _IDENTITY,
+    "SpaceToBatchND": Rule(_space_to_batch_up, _space_to_batch_down),
+    "Reshape": _RESHAPE, "Squeeze": _RESHAPE, "ExpandDims": _RESHAPE, "Transpose": _RESHAPE,
+    "AvgPool": _POOL, "AvgPool3D": _POOL, "MaxPool": _POOL, "MaxPool3D": _POOL,
+    "Mean": Rule(_mean_up, _mean_down),
+    "Relu": Rule(_relu_up, None),
+    "Pad": Rule(_checked(_pad_check, True), _pad_down),
+    "PadV2": Rule(_checked(_pad_check, True), _pad_down),
+    "Add": Rule(_add_up, _add_down), "AddV2": Rule(_add_up, _add_down),
+    "BiasAdd": Rule(_bias_up, None), "Sub": Rule(_bias_up, None),
+    "ConcatV2": Rule(_concat_up, _concat_down),
+    "Placeholder": _refuse("graph input"),
+    "StatefulPartitionedCall": Rule(lambda g, n, d: _call(n), lambda g, n, r, d: _call(n)),
+    "PartitionedCall": Rule(lambda g, n, d: _call(n), lambda g, n, r, d: _call(n)),
+}
