@@ -38,7 +38,8 @@ from graphfold.function import FoldedFunction
 from graphfold.report import Entry, FoldReport
 from graphfold.rewrite import optimize_graph_def, rewrite
 from graphfold.saved_model import optimize_saved_model
+from graphfold.repository import optimize_repository
 
-__all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "FoldedFunction",
-           "FoldReport", "Entry"]
+__all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "optimize_repository",
+           "FoldedFunction", "FoldReport", "Entry"]
 __version__ = "0.1.0"

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR",
                       help="directory for original/ and optimized/ (default: a new temp dir)")
     _output(demo)
+    from graphfold.repo_cli import add_parser as add_repo_parser
+    add_repo_parser(commands)
     return parser
 
 
@@ -371,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from graphfold.saved_model import GraphfoldError
-    commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "demo": cmd_demo}
+    from graphfold.repo_cli import cmd_optimize_repo
+    commands = {"optimize": cmd_optimize, "inspect": cmd_inspect, "demo": cmd_demo,
+                "optimize-repo": cmd_optimize_repo}
     try:
         with _quiet_tensorflow():
             return commands[args.command](args, console)
