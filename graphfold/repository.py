@@ -364,19 +364,22 @@ def default_jobs() -> int:
 
 
 def normalized_options(options: dict) -> tuple:
-    """``optimize_saved_model`` options as sorted, hashable (name, value) pairs."""
+    """``optimize_saved_model`` options, defaults filled in, as sorted hashable (name, value)
+    pairs: the same options spelled differently give the same key."""
+    import inspect
+    from graphfold.saved_model import optimize_saved_model
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown option(s) for optimize_saved_model: {', '.join(unknown)}")
-
-    def normalize(name, value):
-        if name == "signatures" and value is not None:
-            return tuple([value] if isinstance(value, str) else value)
-        if name == "tags":
-            return tuple(value.split(",") if isinstance(value, str) else value)
-        return value
-
-    return tuple(sorted((k, normalize(k, v)) for k, v in options.items()))
+    parameters = inspect.signature(optimize_saved_model).parameters
+    merged = {name: options.get(name, parameters[name].default) for name in OPTIONS}
+    if merged["signatures"] is not None:
+        signatures = merged["signatures"]
+        merged["signatures"] = tuple([signatures] if isinstance(signatures, str) else signatures)
+    tags = merged["tags"]
+    merged["tags"] = tuple(t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags))
+    merged["tolerance"] = float(merged["tolerance"])
+    return tuple(sorted(merged.items()))
 
 
 def _check_output_file(path: str, option: str, src_base: str) -> None:
