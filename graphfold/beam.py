@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -100,6 +101,10 @@ def run_pipeline(tasks: list[Task], pipeline_args: list[str], *,
         return []
     dst_base = os.path.dirname(os.path.dirname(tasks[0].dst))
     scratch = tempfile.mkdtemp(prefix=".graphfold-beam-", dir=dst_base)
+    beam_logger = logging.getLogger("apache_beam")
+    level = beam_logger.level
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        beam_logger.setLevel(logging.WARNING)     # Beam's INFO lines only when asked for
     try:
         with beam.Pipeline(options=PipelineOptions(pipeline_args)) as pipeline:
             _ = (pipeline
@@ -115,4 +120,5 @@ def run_pipeline(tasks: list[Task], pipeline_args: list[str], *,
                 records.extend(json.loads(line) for line in f if line.strip())
         return records
     finally:
+        beam_logger.setLevel(level)
         shutil.rmtree(scratch, ignore_errors=True)
