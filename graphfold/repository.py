@@ -313,33 +313,20 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
         if on_result is not None:
             on_result(record)
 
-    # Versions already done are found here, without starting a worker.
-    todo = []
-    for task in tasks:
-        try:
-            fingerprint = source_fingerprint(task.src)
-        except OSError as exc:
-            done(task, failed_record(task, f"{task.src}: cannot read it "
-                                           f"({exc.strerror or exc})"))
-            continue
-        task = dataclasses.replace(task, fingerprint=fingerprint)
-        if already_done(task, fingerprint) is not None:
-            done(task, run_task(task))
-        else:
-            todo.append(task)
-
     if jobs is None:
         jobs = default_jobs()
-    if todo and runner == "local":
-        from graphfold import pool
-        for task, record in pool.imap_unordered(run_task, todo, min(jobs, len(todo)),
-                                                tasks_per_worker=1 if isolate else None,
-                                                initializer=quiet_worker):
-            done(task, failed_record(task, str(record)) if isinstance(record, Exception)
-                 else record)
-    elif todo:
-        by_name = {task.name: task for task in todo}
-        for record in run_pipeline(todo, pipeline_args or [], isolate=isolate):
+    if runner == "local":
+        todo = _not_done(tasks, done)
+        if todo:
+            from graphfold import pool
+            for task, record in pool.imap_unordered(run_task, todo, min(jobs, len(todo)),
+                                                    tasks_per_worker=1 if isolate else None,
+                                                    initializer=quiet_worker):
+                done(task, failed_record(task, str(record)) if isinstance(record, Exception)
+                     else record)
+    else:       # the Beam workers hash the sources (in parallel, near the data), not we
+        by_name = {task.name: task for task in tasks}
+        for record in run_pipeline(tasks, pipeline_args or [], isolate=isolate):
             done(by_name[f"{record['model']}/{record['version']}"], record)
 
     for task in tasks:
@@ -354,6 +341,25 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     result.report_path = os.path.join(dst_base, REPORT)
     write_json(result.report_path, result.to_dict())
     return result
+
+
+def _not_done(tasks: list[Task], done: Callable[[Task, dict], None]) -> list[Task]:
+    """The tasks left to run, with their source fingerprints; reports the others to ``done``
+    (already done: skipped; unreadable: failed) without starting a worker."""
+    todo = []
+    for task in tasks:
+        try:
+            fingerprint = source_fingerprint(task.src)
+        except OSError as exc:
+            done(task, failed_record(task, f"{task.src}: cannot read it "
+                                           f"({exc.strerror or exc})"))
+            continue
+        task = dataclasses.replace(task, fingerprint=fingerprint)
+        if already_done(task, fingerprint) is not None:
+            done(task, run_task(task))
+        else:
+            todo.append(task)
+    return todo
 
 
 def default_jobs() -> int:
