@@ -151,7 +151,7 @@ def _progress(console: cli.Console):
             bar.start()
             state["bar"] = bar.add_task("", total=len(tasks))
         else:
-            console.progress(f"{len(tasks)} version(s) to optimize")
+            console.progress(f"{len(tasks)} version(s) found")
 
     def on_result(record: dict) -> None:
         state["done"] += 1

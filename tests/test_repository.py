@@ -20,7 +20,8 @@ import savedmodel_fixtures as F
 from graphfold import pool
 from graphfold.cli import main
 from graphfold.repository import (RECORD, REPORT, Task, already_done, find_versions,
-                                  normalized_options, optimize_repository, source_fingerprint)
+                                  model_config_text, normalized_options, optimize_repository,
+                                  source_fingerprint)
 from graphfold.saved_model import BadInput, optimize_saved_model
 
 ALL = ["alpha/1", "alpha/2", "broken/1", "table/7"]
@@ -76,6 +77,13 @@ def test_find_versions_follows_tf_serving_layout(repo):
         find_versions(repo, versions="newest")
     with pytest.raises(BadInput, match="no <model>/<version>/"):
         find_versions(os.path.join(repo, "alpha", "notes"))
+
+
+def test_model_config_follows_the_version_policy(tmp_path):
+    latest = model_config_text(str(tmp_path), ["a"])
+    assert 'name: "a"' in latest and "model_version_policy" not in latest   # TF Serving's default
+    assert "latest { num_versions: 3 }" in model_config_text(str(tmp_path), ["a"], 3)
+    assert 'name: "q\\"uote"' in model_config_text(str(tmp_path), ['q"uote'])
 
 
 def test_jobs_2_corrupt_version_fails_alone_and_rerun_skips(repo, tmp_path, capsys):
