@@ -50,7 +50,8 @@ def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
                    initializer: Callable | None = None) -> Iterator[tuple[Any, Any]]:
     """Yields ``(item, result)`` as each item finishes; ``result`` is ``function(item)``, or a
     ``WorkerDied`` / ``WorkerError`` instance. ``function`` and ``initializer`` must be
-    importable module-level functions (they are sent to the workers by name)."""
+    importable module-level functions, or partials of them (they are sent to the workers by
+    name)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     pending = list(items)[::-1]          # pop() takes the next item in order

@@ -11,6 +11,7 @@ when both still match, so a re-run after a failure does only what is left.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -221,10 +222,17 @@ def write_json(path: str, document) -> None:
     os.replace(temporary, path)
 
 
-def quiet_worker() -> None:
-    """In a worker process: TensorFlow's Python warnings and log lines off."""
+def quiet_worker(threads: int | None = None) -> None:
+    """In a worker process: TensorFlow's Python warnings and log lines off; ``threads``: the
+    size of TensorFlow's thread pools (N workers on C cores: C // N each, so that they do not
+    oversubscribe the cores). Set through TensorFlow's environment variables, read when its
+    runtime starts (after this): ``tf.config.threading`` would also write the thread counts
+    into every saved function's ``config_proto``, and so change the bytes of saved_model.pb."""
     import logging
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if threads is not None:
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
     warnings.simplefilter("ignore")
     for name in ("tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -319,9 +327,12 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
         todo = _not_done(tasks, done)
         if todo:
             from graphfold import pool
-            for task, record in pool.imap_unordered(run_task, todo, min(jobs, len(todo)),
+            workers = min(jobs, len(todo))
+            threads = max(1, default_jobs() // workers)
+            for task, record in pool.imap_unordered(run_task, todo, workers,
                                                     tasks_per_worker=1 if isolate else None,
-                                                    initializer=quiet_worker):
+                                                    initializer=functools.partial(
+                                                        quiet_worker, threads)):
                 done(task, failed_record(task, str(record)) if isinstance(record, Exception)
                      else record)
     else:       # the Beam workers hash the sources (in parallel, near the data), not we
