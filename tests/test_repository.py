@@ -261,3 +261,22 @@ def test_beam_transform_in_a_pipeline_is_byte_identical_to_local(repo, tmp_path)
     with open(os.path.join(local, "alpha", "2", "saved_model.pb"), "rb") as a, \
             open(os.path.join(on_beam, "alpha", "2", "saved_model.pb"), "rb") as b:
         assert a.read() == b.read()
+
+
+def test_bench_repo_smoke(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_repo.py"
+    spec = importlib.util.spec_from_file_location("graphfold_tools_bench_repo", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--models", "1", "--versions", "2", "--runs", "jobs1"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| run |"))
+    for column in ("wall s", "speed-up vs jobs1", "median s per version",
+                   "peak RSS per worker MB", "load avg before"):
+        assert column in header
+    row = next(line for line in out.splitlines() if line.startswith("| jobs1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "1.00x" and cells[-2:] == ["2", "0"] and float(cells[5]) > 100
+    assert "cores delivered to 1 / 2 spinners" in header
