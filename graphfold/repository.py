@@ -213,12 +213,13 @@ def _jsonable_options(options: tuple) -> dict:
 
 
 def write_json(path: str, document) -> None:
-    """Writes ``document`` as JSON through a temporary file and a rename."""
+    """Writes ``document`` as strict JSON (as ``--json`` prints it: an infinite or NaN error is
+    the string "inf" / "nan") through a temporary file and a rename."""
+    from graphfold.cli import dumps
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=2, default=str, allow_nan=False)
-        f.write("\n")
+        f.write(dumps(document) + "\n")
     os.replace(temporary, path)
 
 

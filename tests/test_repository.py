@@ -21,7 +21,7 @@ from graphfold import pool
 from graphfold.cli import main
 from graphfold.repository import (RECORD, REPORT, Task, already_done, find_versions,
                                   model_config_text, normalized_options, optimize_repository,
-                                  source_fingerprint)
+                                  source_fingerprint, write_json)
 from graphfold.saved_model import BadInput, optimize_saved_model
 
 ALL = ["alpha/1", "alpha/2", "broken/1", "table/7"]
@@ -84,6 +84,13 @@ def test_model_config_follows_the_version_policy(tmp_path):
     assert 'name: "a"' in latest and "model_version_policy" not in latest   # TF Serving's default
     assert "latest { num_versions: 3 }" in model_config_text(str(tmp_path), ["a"], 3)
     assert 'name: "q\\"uote"' in model_config_text(str(tmp_path), ['q"uote'])
+
+
+def test_report_is_strict_json(tmp_path):
+    path = str(tmp_path / "report.json")
+    write_json(path, {"max_rel": float("nan"), "max_abs": [float("inf")]})   # a failed check
+    assert json.loads(open(path).read(), parse_constant=pytest.fail) == \
+        {"max_rel": "nan", "max_abs": ["inf"]}
 
 
 def test_jobs_2_corrupt_version_fails_alone_and_rerun_skips(repo, tmp_path, capsys):
