@@ -280,7 +280,7 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     relative path under ``dst_base`` with ``optimize_saved_model(**options)``.
 
     ``models``: names to choose (default all). ``versions``: "latest", "all" or N (the N
-    highest). ``jobs``: worker processes (default: the cores this process may use).
+    highest). ``jobs``: local worker processes (default: the cores this process may use).
     ``force``: redo versions already done. ``isolate``: a fresh process per version (its
     saved_model.pb is then byte-identical to ``graphfold optimize``'s). ``runner``: "local" or
     "beam" (``pipeline_args``: Beam pipeline options). ``model_config``: write TF Serving's
@@ -298,6 +298,10 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
         raise BadInput(f"--jobs must be at least 1, got {jobs}")
     if pipeline_args and runner != "beam":
         raise BadInput("Beam pipeline options are only for --runner beam")
+    if jobs is not None and runner == "beam":
+        raise BadInput("--jobs is for the local runner; on Beam the pipeline options say how "
+                       "many workers (e.g. -- --direct_num_workers=2 "
+                       "--direct_running_mode=multi_processing)")
     check_bases(src_base, dst_base)
     if model_config is not None:
         _check_output_file(model_config, "--model-config", src_base)

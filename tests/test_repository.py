@@ -200,6 +200,7 @@ def test_usage_errors_exit_2(repo, tmp_path, capsys):
         (["--models", "alpha,gamma"], "no model 'gamma'"),
         (["--jobs", "0"], "expected a positive integer"),
         (["--", "--direct_num_workers=2"], "only for --runner beam"),
+        (["--runner", "beam", "--jobs", "2"], "--jobs is for the local runner"),
     ]
     for extra, message in cases:
         assert main(["optimize-repo", repo, str(tmp_path / "out"), *extra]) == 2, extra
