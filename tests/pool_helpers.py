@@ -14,11 +14,3 @@ def square_or_crash(item):
         raise ValueError("no square for you\nsecond line")
     return item ** 2, os.getpid()
 
-
-def spin(seconds):
-    """Busy for ``seconds`` of CPU time (a CPU-bound item for the scaling check)."""
-    import time
-    end = time.process_time() + seconds
-    while time.process_time() < end:
-        pass
-    return seconds
