@@ -39,7 +39,8 @@ from graphfold.report import Entry, FoldReport
 from graphfold.rewrite import optimize_graph_def, rewrite
 from graphfold.saved_model import optimize_saved_model
 from graphfold.checking import verify_saved_models
+from graphfold.repository import optimize_repository
 from graphfold.version import __version__  # noqa: F401
 
 __all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "verify_saved_models",
-           "FoldedFunction", "FoldReport", "Entry"]
+           "optimize_repository", "FoldedFunction", "FoldReport", "Entry"]

@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", metavar="DIR",
                       help="directory for original/ and optimized/ (default: a new temp dir)")
     _output(demo)
+    from graphfold.repo_cli import add_parser as add_repo_parser
+    add_repo_parser(commands)
     return parser
 
 
@@ -448,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from graphfold.errors import GraphfoldError
+    from graphfold.repo_cli import cmd_optimize_repo
     commands = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect,
-                "demo": cmd_demo}
+                "demo": cmd_demo, "optimize-repo": cmd_optimize_repo}
     try:
         with _quiet_tensorflow(), _sigterm_as_interrupt():
             try:

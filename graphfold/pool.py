@@ -1,0 +1,166 @@
+"""Worker processes that survive each other: run ``function(item)`` for many items in parallel.
+
+Each worker is a *spawned* Python process (never forked: forking a process that has imported
+TensorFlow is unsafe) that takes one item at a time over its own pipe. The parent knows which
+item every worker holds, so a worker that dies (a segfault, ``os._exit``, the out-of-memory
+killer) fails exactly that item, with its exit status, and is replaced; nothing else is lost or
+run twice. ``tasks_per_worker=1`` gives every item a fresh process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import signal
+import sys
+from multiprocessing import connection
+from typing import Any, Callable, Iterable, Iterator
+
+
+class WorkerDied(Exception):
+    """The worker process running an item exited before returning its result."""
+
+    def __init__(self, exitcode: int | None):
+        self.exitcode = exitcode
+        if exitcode is not None and exitcode < 0:
+            try:
+                how = f"killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-exitcode}"
+        else:
+            how = f"exit status {exitcode}"
+        super().__init__(f"the worker process died ({how})")
+
+
+class WorkerError(Exception):
+    """``function`` raised in the worker: the message is its type and first line."""
+
+
+@dataclasses.dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    item: Any = None
+    busy: bool = False
+    done: int = 0
+
+
+def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
+                   tasks_per_worker: int | None = None,
+                   initializer: Callable | None = None) -> Iterator[tuple[Any, Any]]:
+    """Yields ``(item, result)`` as each item finishes; ``result`` is ``function(item)``, or a
+    ``WorkerDied`` / ``WorkerError`` instance. ``function`` and ``initializer`` must be
+    importable module-level functions, or partials of them (they are sent to the workers by
+    name)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    pending = list(items)[::-1]          # pop() takes the next item in order
+    context = multiprocessing.get_context("spawn")
+    workers: list[_Worker] = []
+
+    def start() -> _Worker:
+        parent, child = context.Pipe()
+        process = context.Process(target=_serve, args=(child, function, initializer),
+                                  daemon=True, name="graphfold-worker")
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        workers.append(worker)
+        return worker
+
+    def feed(worker: _Worker) -> None:
+        """Gives ``worker`` the next item, or retires it (starting a fresh one if needed)."""
+        worn_out = tasks_per_worker is not None and worker.done >= tasks_per_worker
+        if pending and not worn_out:
+            worker.item, worker.busy = pending.pop(), True
+            worker.conn.send(worker.item)
+            return
+        retire(worker)
+        if pending:
+            feed(start())
+
+    def retire(worker: _Worker) -> None:
+        workers.remove(worker)
+        try:
+            worker.conn.send(None)
+        except OSError:
+            pass
+        worker.process.join(timeout=30)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+
+    try:
+        for _ in range(min(jobs, len(pending))):
+            feed(start())
+        while any(w.busy for w in workers):
+            busy = [w for w in workers if w.busy]
+            ready = set(connection.wait([w.conn for w in busy] +
+                                        [w.process.sentinel for w in busy]))
+            for worker in busy:
+                if worker.conn not in ready and worker.process.sentinel not in ready:
+                    continue
+                item, result = worker.item, _receive(worker)
+                worker.item, worker.busy = None, False
+                if isinstance(result, WorkerDied):
+                    workers.remove(worker)
+                    worker.conn.close()
+                    if pending:
+                        feed(start())
+                else:
+                    worker.done += 1
+                    feed(worker)
+                yield item, result
+    finally:
+        for worker in list(workers):
+            _stop(worker)
+
+
+def _receive(worker: _Worker):
+    """The worker's answer, or ``WorkerDied`` when it exited without one."""
+    try:
+        if worker.conn.poll():
+            ok, value = worker.conn.recv()
+            return value if ok else WorkerError(value)
+    except (EOFError, OSError):
+        pass
+    worker.process.join()
+    return WorkerDied(worker.process.exitcode)
+
+
+def _stop(worker: _Worker) -> None:
+    """Ends a worker now (SIGTERM: it exits through its ``finally`` blocks), then waits."""
+    if worker.process.is_alive():
+        worker.process.terminate()
+        worker.process.join(timeout=30)
+        if worker.process.is_alive():
+            worker.process.kill()
+    worker.process.join()
+    worker.conn.close()
+
+
+def _serve(conn, function: Callable, initializer: Callable | None) -> None:
+    """A worker's loop: an item in, ``(True, result)`` or ``(False, error)`` out; None ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)          # the parent handles Ctrl-C
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    if initializer is not None:
+        initializer()
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:
+            return
+        if item is None:
+            return
+        try:
+            answer = (True, function(item))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent as this item's error
+            lines = str(exc).strip().splitlines()
+            answer = (False, f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": "))
+        conn.send(answer)
+
+
+def _exit_cleanly(_signum, _frame) -> None:
+    """SIGTERM raises SystemExit, so that ``finally`` blocks (temporary directories) run."""
+    sys.exit(143)

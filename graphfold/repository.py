@@ -1,0 +1,451 @@
+"""A model repository in TF Serving's layout, ``<base>/<model>/<version>/``, optimized version by
+version into the same layout under another base.
+
+Each version is one ``optimize_saved_model`` call (report, verification, write by rename), run in
+worker processes on this machine (``graphfold.pool``) or as a Beam pipeline
+(``graphfold.beam``). A written version carries ``assets.extra/graphfold_source.json``: the
+sha256 of its source files and the options used. A later run finds it and skips that version
+when both still match, so a re-run after a failure does only what is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import resource
+import time
+import warnings
+from typing import Callable, Iterable
+
+from graphfold.saved_model import BadInput, GraphfoldError, is_inside
+
+RECORD = os.path.join("assets.extra", "graphfold_source.json")   # TF Serving ignores it
+REPORT = "graphfold_repository.json"                             # in DST_BASE
+VERSION_NAME = re.compile(r"^[0-9]+$")                           # what TF Serving loads
+OPTIONS = ("signatures", "tags", "verify", "tolerance", "batch", "weights",   # those of
+           "require_verification", "warmup", "drop_other_tag_sets")         # optimize_saved_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One version to optimize: ``src`` -> ``dst`` (``model``/``version`` name it)."""
+    model: str
+    version: str
+    src: str
+    dst: str
+    options: tuple = ()            # sorted (name, value) pairs for optimize_saved_model
+    force: bool = False
+    fingerprint: str | None = None  # the source's, when the planner already computed it
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.version}"
+
+
+# ---- finding the versions -----------------------------------------------------------------------
+
+def find_versions(src_base: str, models: Iterable[str] | None = None,
+                  versions: str | int = "latest") -> list[tuple[str, str]]:
+    """``(model, version)`` for every version to optimize under ``src_base``, sorted.
+
+    A model is a directory of ``src_base``; its versions are its subdirectories whose names are
+    numbers (as TF Serving reads them). ``versions``: "latest" (the highest number, TF Serving's
+    default policy), "all", or N (the N highest, like ``latest { num_versions: N }``).
+    """
+    if not os.path.isdir(src_base):
+        raise BadInput(f"{src_base}: not a directory (expected a model repository, "
+                       f"<base>/<model>/<version>/)")
+    keep = _version_policy(versions)
+    found = {}
+    for model in sorted(os.listdir(src_base)):
+        path = os.path.join(src_base, model)
+        if model.startswith(".") or not os.path.isdir(path):
+            continue
+        numbers = sorted((d for d in os.listdir(path) if VERSION_NAME.match(d)
+                          and os.path.isdir(os.path.join(path, d))), key=int)
+        if numbers:
+            found[model] = numbers
+    if models is not None:
+        models = list(dict.fromkeys(models))
+        unknown = [m for m in models if m not in found]
+        if unknown:
+            raise BadInput(f"{src_base}: no model {', '.join(map(repr, unknown))} with a "
+                           f"numeric version directory (models: "
+                           f"{', '.join(sorted(found)) or 'none'})")
+        found = {m: found[m] for m in models}
+    if not found:
+        raise BadInput(f"{src_base}: no <model>/<version>/ directories (a version is a "
+                       f"directory named by a number, as TF Serving expects)")
+    return [(model, version) for model in sorted(found)
+            for version in (found[model] if keep is None else found[model][-keep:])]
+
+
+def _version_policy(versions) -> int | None:
+    """How many of the highest versions to keep (None: all)."""
+    if versions == "all":
+        return None
+    if versions == "latest":
+        return 1
+    try:
+        count = int(versions)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1:
+        raise BadInput(f"--versions must be latest, all or a positive number, got {versions!r}")
+    return count
+
+
+def check_bases(src_base: str, dst_base: str) -> None:
+    real_src, real_dst = os.path.realpath(src_base), os.path.realpath(dst_base)
+    if real_src == real_dst:
+        raise BadInput(f"{dst_base}: DST_BASE is SRC_BASE; graphfold never writes over its input")
+    if is_inside(real_dst, real_src):
+        raise BadInput(f"{dst_base}: DST_BASE is inside SRC_BASE")
+    if is_inside(real_src, real_dst):
+        raise BadInput(f"{dst_base}: SRC_BASE is inside DST_BASE")
+    if os.path.exists(dst_base) and not os.path.isdir(dst_base):
+        raise BadInput(f"{dst_base}: exists and is not a directory")
+
+
+# ---- one version --------------------------------------------------------------------------------
+
+def source_fingerprint(src: str) -> str:
+    """sha256 over the relative name and bytes of every file under ``src``."""
+    digest = hashlib.sha256()
+    for directory, dirs, files in os.walk(src):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            digest.update(os.path.relpath(path, src).encode() + b"\0")
+            file_digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    file_digest.update(block)
+            digest.update(file_digest.digest())
+    return digest.hexdigest()
+
+
+def read_record(dst: str) -> dict | None:
+    """The record a previous run left in ``dst``, or None."""
+    try:
+        with open(os.path.join(dst, RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not os.path.isfile(os.path.join(dst, "saved_model.pb")):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def already_done(task: Task, fingerprint: str) -> dict | None:
+    """The previous record when ``task.dst`` holds this source optimized with these options."""
+    if task.force:
+        return None
+    record = read_record(task.dst)
+    if record and record.get("source_sha256") == fingerprint and \
+            record.get("options") == _jsonable_options(task.options):
+        return record
+    return None
+
+
+def run_task(task: Task) -> dict:
+    """Optimizes one version (unless already done); returns its result record (a plain dict).
+    Never raises for a bad model: the record's ``status`` is "ok", "skipped" or "failed"."""
+    from graphfold.saved_model import VerificationFailed, optimize_saved_model
+    clock = time.perf_counter()
+    record = failed_record(task, None)
+    try:
+        fingerprint = task.fingerprint or source_fingerprint(task.src)
+        previous = already_done(task, fingerprint)
+        if previous is not None:
+            record.update({k: previous.get(k) for k in SUMMARY_FIELDS})
+            record.update(status="skipped", seconds=time.perf_counter() - clock)
+            return record
+        try:
+            result = optimize_saved_model(task.src, task.dst, overwrite=True,
+                                          **dict(task.options))
+        except VerificationFailed as exc:
+            result = exc.result
+            record["error"] = str(exc)
+        record.update(summarise(result))
+        record["report"] = result.to_dict()
+        if record["error"] is None:
+            record["status"] = "ok"
+            write_record(task, fingerprint, record)
+    except GraphfoldError as exc:
+        record["error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others
+        lines = str(exc).strip().splitlines()
+        record["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    record["seconds"] = time.perf_counter() - clock
+    record["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return record
+
+
+def failed_record(task: Task, error: str | None) -> dict:
+    return {"model": task.model, "version": task.version, "src": task.src, "dst": task.dst,
+            "status": "failed", "error": error, "seconds": None}
+
+
+SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified")
+
+
+def summarise(result) -> dict:
+    from graphfold.cli import totals
+    batch_norms, folded, before, after = totals(result)
+    return {"batch_norms": batch_norms, "folded": folded, "ops_before": before,
+            "ops_after": after, "verified": result.verified if result.verification else None}
+
+
+def write_record(task: Task, fingerprint: str, record: dict) -> None:
+    from graphfold import __version__
+    document = {"source": task.src, "source_sha256": fingerprint,
+                "options": _jsonable_options(task.options), "graphfold": __version__,
+                **{k: record.get(k) for k in SUMMARY_FIELDS}}
+    write_json(os.path.join(task.dst, RECORD), document)
+
+
+def _jsonable_options(options: tuple) -> dict:
+    return json.loads(json.dumps(dict(options), default=list))
+
+
+def write_json(path: str, document) -> None:
+    """Writes ``document`` as strict JSON (as ``--json`` prints it: an infinite or NaN error is
+    the string "inf" / "nan") through a temporary file and a rename."""
+    from graphfold.cli import dumps
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(dumps(document) + "\n")
+    os.replace(temporary, path)
+
+
+def quiet_worker(threads: int | None = None) -> None:
+    """In a worker process: TensorFlow's Python warnings and log lines off; ``threads``: the
+    size of TensorFlow's thread pools (N workers on C cores: C // N each, so that they do not
+    oversubscribe the cores). Set through TensorFlow's environment variables, read when its
+    runtime starts (after this): ``tf.config.threading`` would also write the thread counts
+    into every saved function's ``config_proto``, and so change the bytes of saved_model.pb."""
+    import logging
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if threads is not None:
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
+    warnings.simplefilter("ignore")
+    for name in ("tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---- the repository -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RepositoryResult:
+    """Every version's record (sorted by model, then version number) and what was run."""
+    src_base: str
+    dst_base: str
+    records: list[dict]
+    runner: str
+    jobs: int | None
+    seconds: float = 0.0
+    report_path: str | None = None
+    model_config: str | None = None
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"] == "failed"]
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.records)
+
+    def to_dict(self) -> dict:
+        return {"src_base": self.src_base, "dst_base": self.dst_base, "runner": self.runner,
+                "jobs": self.jobs, "seconds": self.seconds,
+                "summary": {s: self.count(s) for s in ("ok", "skipped", "failed")},
+                "failed": [f"{r['model']}/{r['version']}" for r in self.failed],
+                "report": self.report_path, "model_config": self.model_config,
+                "versions": self.records}
+
+
+def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = None,
+                        versions: str | int = "latest", jobs: int | None = None,
+                        force: bool = False, isolate: bool = False, runner: str = "local",
+                        pipeline_args: list[str] | None = None, model_config: str | None = None,
+                        on_result: Callable[[dict], None] | None = None,
+                        on_plan: Callable[[list[Task]], None] | None = None,
+                        **options) -> RepositoryResult:
+    """Optimizes every chosen ``<model>/<version>/`` SavedModel under ``src_base`` into the same
+    relative path under ``dst_base`` with ``optimize_saved_model(**options)``.
+
+    ``models``: names to choose (default all). ``versions``: "latest", "all" or N (the N
+    highest). ``jobs``: local worker processes (default: the cores this process may use).
+    ``force``: redo versions already done. ``isolate``: a fresh process per version (its
+    saved_model.pb is then byte-identical to ``graphfold optimize``'s). ``runner``: "local" or
+    "beam" (``pipeline_args``: Beam pipeline options). ``model_config``: write TF Serving's
+    ``model_config_list`` file there. ``on_plan(tasks)`` and ``on_result(record)``: progress.
+
+    A failing version (bad SavedModel, failed verification, crashed worker) is recorded with its
+    error and does not stop the others. Writes ``<dst_base>/graphfold_repository.json``.
+    """
+    clock = time.perf_counter()
+    src_base, dst_base = os.fspath(src_base), os.fspath(dst_base)
+    normalized = normalized_options(options)
+    if runner not in ("local", "beam"):
+        raise BadInput(f"--runner must be local or beam, got {runner!r}")
+    if jobs is not None and jobs < 1:
+        raise BadInput(f"--jobs must be at least 1, got {jobs}")
+    if pipeline_args and runner != "beam":
+        raise BadInput("Beam pipeline options are only for --runner beam")
+    if jobs is not None and runner == "beam":
+        raise BadInput("--jobs is for the local runner; on Beam the pipeline options say how "
+                       "many workers (e.g. -- --direct_num_workers=2 "
+                       "--direct_running_mode=multi_processing)")
+    check_bases(src_base, dst_base)
+    if model_config is not None:
+        _check_output_file(model_config, "--model-config", src_base)
+    chosen = find_versions(src_base, models, versions)
+    tasks = [Task(model, version, os.path.join(src_base, model, version),
+                  os.path.join(dst_base, model, version), normalized, force)
+             for model, version in chosen]
+    if runner == "beam":
+        try:
+            from graphfold.beam import run_pipeline
+        except ImportError:
+            raise BadInput("--runner beam needs Apache Beam: pip install 'graphfold[beam]'") \
+                from None
+    os.makedirs(dst_base, exist_ok=True)
+    if on_plan is not None:
+        on_plan(tasks)
+
+    records: dict[str, dict] = {}
+
+    def done(task: Task, record: dict) -> None:
+        records[task.name] = record
+        if on_result is not None:
+            on_result(record)
+
+    if jobs is None:
+        jobs = default_jobs()
+    if runner == "local":
+        todo = _not_done(tasks, done)
+        if todo:
+            from graphfold import pool
+            workers = min(jobs, len(todo))
+            threads = max(1, default_jobs() // workers)
+            for task, record in pool.imap_unordered(run_task, todo, workers,
+                                                    tasks_per_worker=1 if isolate else None,
+                                                    initializer=functools.partial(
+                                                        quiet_worker, threads)):
+                done(task, failed_record(task, str(record)) if isinstance(record, Exception)
+                     else record)
+    else:       # the Beam workers hash the sources (in parallel, near the data), not we
+        by_name = {task.name: task for task in tasks}
+        for record in run_pipeline(tasks, pipeline_args or [], isolate=isolate):
+            done(by_name[f"{record['model']}/{record['version']}"], record)
+
+    for task in tasks:
+        if task.name not in records:
+            done(task, failed_record(task, "no result came back from the pipeline"))
+    result = RepositoryResult(src_base, dst_base, [records[t.name] for t in tasks],
+                              runner, jobs if runner == "local" else None)
+    result.seconds = time.perf_counter() - clock
+    if model_config is not None:
+        write_model_config(model_config, dst_base, result, versions)
+        result.model_config = model_config
+    result.report_path = os.path.join(dst_base, REPORT)
+    write_json(result.report_path, result.to_dict())
+    return result
+
+
+def _not_done(tasks: list[Task], done: Callable[[Task, dict], None]) -> list[Task]:
+    """The tasks left to run, with their source fingerprints; reports the others to ``done``
+    (already done: skipped; unreadable: failed) without starting a worker."""
+    todo = []
+    for task in tasks:
+        try:
+            fingerprint = source_fingerprint(task.src)
+        except OSError as exc:
+            done(task, failed_record(task, f"{task.src}: cannot read it "
+                                           f"({exc.strerror or exc})"))
+            continue
+        task = dataclasses.replace(task, fingerprint=fingerprint)
+        if already_done(task, fingerprint) is not None:
+            done(task, run_task(task))
+        else:
+            todo.append(task)
+    return todo
+
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:           # not Linux
+        return os.cpu_count() or 1
+
+
+def normalized_options(options: dict) -> tuple:
+    """``optimize_saved_model`` options, defaults filled in, as sorted hashable (name, value)
+    pairs: the same options spelled differently give the same key."""
+    import inspect
+    from graphfold.saved_model import optimize_saved_model
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) for optimize_saved_model: {', '.join(unknown)}")
+    parameters = inspect.signature(optimize_saved_model).parameters
+    merged = {name: options.get(name, parameters[name].default) for name in OPTIONS}
+    if merged["signatures"] is not None:
+        signatures = merged["signatures"]
+        merged["signatures"] = tuple([signatures] if isinstance(signatures, str) else signatures)
+    tags = merged["tags"]
+    merged["tags"] = tuple(t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags))
+    merged["tolerance"] = float(merged["tolerance"])
+    return tuple(sorted(merged.items()))
+
+
+def _check_output_file(path: str, option: str, src_base: str) -> None:
+    real = os.path.realpath(path)
+    if os.path.isdir(real):
+        raise BadInput(f"{option} {path}: is a directory")
+    if is_inside(real, os.path.realpath(src_base)):
+        raise BadInput(f"{option} {path}: must not be inside SRC_BASE")
+
+
+# ---- TF Serving's model config ------------------------------------------------------------------
+
+def model_config_text(dst_base: str, models: list[str], versions: str | int = "latest") -> str:
+    """TF Serving's ``model_config_list`` (text protobuf) serving ``models`` from ``dst_base``
+    with the version policy matching ``versions``."""
+    count = _version_policy(versions)
+    policy = ("" if count == 1 else "    model_version_policy { all {} }\n" if count is None
+              else f"    model_version_policy {{ latest {{ num_versions: {count} }} }}\n")
+    lines = ["model_config_list {"]
+    for model in models:
+        base = os.path.join(os.path.abspath(dst_base), model)
+        lines.append("  config {\n"
+                     f"    name: {_quote(model)}\n"
+                     f"    base_path: {_quote(base)}\n"
+                     '    model_platform: "tensorflow"\n' + policy + "  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_config(path: str, dst_base: str, result: RepositoryResult, versions) -> None:
+    """The config for every model with at least one version optimized (or already done)."""
+    served = sorted({r["model"] for r in result.records if r["status"] != "failed"})
+    left_out = sorted({r["model"] for r in result.records} - set(served))
+    text = model_config_text(dst_base, served, versions)
+    if left_out:
+        text = "".join(f"# left out (no version optimized): {m}\n" for m in left_out) + text
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
