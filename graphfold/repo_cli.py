@@ -10,7 +10,7 @@ import contextlib
 import sys
 
 from graphfold import cli
-from graphfold.report import format_table
+from graphfold.render import format_table
 
 EXIT_FAILED = 1
 

@@ -569,7 +569,7 @@ def run_original(case: Case, input_seed: int = 0) -> list[np.ndarray]:
     feeds = _inputs(case, np.random.default_rng(input_seed))
     if case.layout == "NCHW":
         frozen = freeze(case.fn)
-        return run_graph_def(twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
+        return run_graph_def(nhwc_twin(frozen.graph_def), frozen.inputs, frozen.outputs, feeds)
     return [t.numpy() for t in tf.nest.flatten(case.fn(*feeds))]
 
 
@@ -665,7 +665,7 @@ def check_fetches(case: Case, input_seed: int = 0) -> tuple[list[str], float]:
         assert entry.reason, f"{entry.name} is not folded and has no reason"
 
     feeds = _inputs(case, np.random.default_rng(input_seed))
-    prepare = twin if case.layout == "NCHW" else (lambda g: g)
+    prepare = nhwc_twin if case.layout == "NCHW" else (lambda g: g)
     want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
     got = run_graph_def(prepare(optimized), frozen.inputs, outputs, feeds)
     limit = TOLERANCE[case.dtype]

@@ -109,7 +109,7 @@ def test_one_function_under_two_keys_is_folded_once(src, tmp_path, monkeypatch):
         calls.append(fn)
         return real(fn, **kwargs)
 
-    monkeypatch.setattr(graphfold, "rewrite", counting)
+    monkeypatch.setattr(saved_model, "rewrite", counting)
     source, dst = src("keras3"), str(tmp_path / "out")
     loaded = tf.saved_model.load(source)
     assert saved_model.same_functions(loaded, ["serve", "serving_default"]) == {
