@@ -37,8 +37,7 @@ _quiet_import_for_the_command()
 from graphfold.function import FoldedFunction
 from graphfold.report import Entry, FoldReport
 from graphfold.rewrite import optimize_graph_def, rewrite
-from graphfold.saved_model import optimize_saved_model
-from graphfold.checking import verify_saved_models
+from graphfold.saved_model import optimize_saved_model, verify_saved_models
 from graphfold.repository import optimize_repository
 from graphfold.version import __version__  # noqa: F401
 

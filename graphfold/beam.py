@@ -2,7 +2,7 @@
 
 ``OptimizeSavedModels`` is a ``PTransform`` from source SavedModel paths to result records (the
 dicts ``graphfold optimize-repo --json`` lists under "versions"). Each element is optimized by
-the same function as on the local runner (``graphfold.repository.run_task``), so a version
+the same function as on the local runner (``graphfold.repo_task.run_task``), so a version
 already done (same source sha256, same options) is skipped and a failing model yields a
 "failed" record instead of failing the bundle.
 
@@ -25,8 +25,8 @@ except ImportError as exc:                       # pragma: no cover - depends on
     raise ImportError("graphfold.beam needs Apache Beam: pip install 'graphfold[beam]'") \
         from exc
 
-from graphfold.repository import (Task, failed_record, normalized_options, quiet_worker,
-                                  run_task)
+from graphfold.repo_task import (Task, failed_record, normalized_options, quiet_worker,
+                                 run_task)
 
 
 class OptimizeSavedModels(beam.PTransform):
@@ -34,7 +34,7 @@ class OptimizeSavedModels(beam.PTransform):
 
     An element is a source version directory ``<src_base>/<model>/<version>``, written to the
     same relative path under ``dst_base``; or a ``(src, dst)`` pair; or a
-    ``graphfold.repository.Task``. ``options`` go to ``optimize_saved_model`` (``signatures``,
+    ``graphfold.repo_task.Task``. ``options`` go to ``optimize_saved_model`` (``signatures``,
     ``tags``, ``verify``, ``tolerance``, ``batch``). ``force``: redo versions already done.
     ``isolate``: optimize each element in a fresh process (byte-identical output to
     ``graphfold optimize``; costs a TensorFlow start per element).

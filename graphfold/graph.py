@@ -12,7 +12,9 @@ from typing import Iterable
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import graph_pb2, node_def_pb2, tensor_pb2
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+from graphfold.weights import fill_tensor, stub
 
 
 def split_tensor(tensor: str) -> tuple[str, int]:
@@ -27,26 +29,6 @@ def tensor_name(node: str, index: int = 0) -> str:
 
 def canonical(tensor: str) -> str:
     return tensor_name(*split_tensor(tensor))
-
-
-# Dtypes that ``tf.make_tensor_proto`` writes as raw ``tensor_content`` (when there is more than
-# one element): ``fill_tensor`` writes those itself, byte for byte the same, without its ~20 µs of
-# checks per call (a fifth of the normalize stage on graphs of many small constants) and straight
-# into the node (no intermediate TensorProto to copy: a copy less of every weight).
-_RAW_DTYPES = frozenset({tf.float32, tf.float64, tf.int32, tf.int64})
-
-
-def fill_tensor(tensor: tensor_pb2.TensorProto, array: np.ndarray, dtype: tf.DType) -> None:
-    """Makes ``tensor`` what ``tf.make_tensor_proto(array, dtype=dtype)`` returns."""
-    if (dtype in _RAW_DTYPES and array.size > 1 and array.dtype == dtype.as_numpy_dtype
-            and array.dtype.isnative):
-        tensor.Clear()
-        tensor.dtype = dtype.as_datatype_enum
-        for size in array.shape:
-            tensor.tensor_shape.dim.add(size=size)
-        tensor.tensor_content = array.tobytes()
-    else:
-        tensor.CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
 
 
 # Consumers that read only a tensor's shape: they never see its values.
@@ -265,7 +247,6 @@ class Graph:
     def _fill(self, node: node_def_pb2.NodeDef, array: np.ndarray, dtype: tf.DType) -> None:
         """Writes ``array`` into ``node``, or, when large, into ``weights`` (a stub in the node)."""
         if self.weights is not None and self.weights.keeps(array):
-            from graphfold.weights import stub
             stub(node.attr["value"].tensor, array, dtype)
             self.weights.put(node.name, array)
             return

@@ -20,12 +20,13 @@ from typing import Iterable
 import numpy as np
 import tensorflow as tf
 
+from graphfold.errors import BadInput
+
 _FILE_WITH_NAME = re.compile(r"([^=]+)=([^\[\]]+)\[([^\[\]]+)\]$")
 _FILE = re.compile(r"([^=]+)=([^\[\]]+)$")
 
 
 def _bad(message: str):
-    from graphfold.saved_model import BadInput
     return BadInput(message)
 
 

@@ -50,7 +50,6 @@ def entry_table(entries) -> str:
 def render_reports(result, console, full: bool = True) -> None:
     """Per signature: summary, per-layer table (``full``; else only the layers not folded), op
     table. Signatures with the same graph are shown once."""
-    from graphfold.report import FoldReport
     first = same_as(result)
     for key in sorted(result):
         report = result[key]
@@ -62,13 +61,12 @@ def render_reports(result, console, full: bool = True) -> None:
         if key in result.unchanged:
             console.print(f"copied through unchanged: {result.unchanged[key]}")
         console.print(report.summary())
-        shown_entries = report
+        shown = report.entries
         if not full:
-            shown_entries = FoldReport([e for e in report.entries if not e.folded and
-                                        (e.is_batch_norm or e.reason)], {}, {})
-        if shown_entries.entries and (report.batch_norms or not full):
+            shown = [e for e in report.entries if not e.folded and (e.is_batch_norm or e.reason)]
+        if shown and (report.batch_norms or not full):
             console.print()
-            console.print(_indent(shown_entries.entry_table()))
+            console.print(_indent(entry_table(shown)))
         if not full and report.folded:
             console.print("(where each one went: graphfold optimize --verbose, or "
                           "graphfold inspect)")
@@ -137,3 +135,29 @@ def totals(result) -> tuple[int, int, int, int]:
 
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line if line else line for line in text.splitlines())
+
+
+def dumps(document: dict) -> str:
+    """Strict JSON: an infinite or NaN error is written as the string "inf" / "nan"."""
+    return json.dumps(_strict(json.loads(json.dumps(document, default=_jsonable))), indent=2,
+                      allow_nan=False)
+
+
+def _strict(value):
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _jsonable(value):
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)

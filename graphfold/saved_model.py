@@ -672,3 +672,61 @@ def _first_line(exc) -> str:
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---- comparing two SavedModels -----------------------------------------------------------------
+
+def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
+                        tolerance=1e-5, batch=1, progress=None):
+    """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
+    inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+
+    Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
+    signature of ``src`` (one missing from ``dst``, or with other input or output keys,
+    dtypes or method name, fails)."""
+    progress = progress or _silent
+    src, dst, tags = os.fspath(src), os.fspath(dst), _tags(tags)
+    if batch < 1:
+        raise BadInput(f"batch must be at least 1, got {batch}")
+    metas = {}
+    for path in (src, dst):
+        metas[path] = meta_graph_for(read_saved_model(path), path, tags)
+    keys = select(signature_keys(metas[src]), signatures, src)
+    result = SavedModelResult(src, dst, tags)
+    result.all_signatures = sorted(signature_keys(metas[src]))
+    progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
+    reference, candidate = load(src, tags), load(dst, tags)
+    given = checking.given_feeds(reference, keys, inputs)
+    recorded = checking.warmup_feeds(src, reference, result.notes)
+    comparable = []
+    for key in keys:
+        problem = _signature_difference(metas[src].signature_def[key],
+                                        metas[dst].signature_def.get(key))
+        if problem is None and key not in candidate.signatures:
+            problem = "TensorFlow did not load it from DST"
+        if problem:
+            result.verification[key] = Verification(key, "failed", tolerance,
+                                                    reason=f"DST's signature: {problem}")
+            progress(f"  {result.verification[key].line()}")
+        else:
+            comparable.append(key)
+    progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
+    result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
+                                          tolerance=tolerance, batch=batch, progress=progress))
+    return result
+
+
+def _signature_difference(want, got) -> str | None:
+    """What differs between two SignatureDefs (keys, dtypes, method name), or None."""
+    if got is None:
+        return "missing"
+    if want.method_name != got.method_name:
+        return f"method name {got.method_name!r}, not {want.method_name!r}"
+    for side in ("inputs", "outputs"):
+        a, b = getattr(want, side), getattr(got, side)
+        if sorted(a) != sorted(b):
+            return f"{side} {sorted(b)}, not {sorted(a)}"
+        for name in a:
+            if a[name].dtype != b[name].dtype:
+                return f"{side[:-1]} {name!r} has another dtype"
+    return None

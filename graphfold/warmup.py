@@ -14,6 +14,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from graphfold.errors import BadInput
+
 PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_RECORDS = 1000          # TF Serving's limit on the records it replays
 DEFAULT_SIGNATURE = "serving_default"
@@ -28,7 +30,6 @@ class Request:
 
 
 def _bad(message: str):
-    from graphfold.saved_model import BadInput
     return BadInput(message)
 
 

@@ -18,6 +18,26 @@ from tensorflow.core.framework import graph_pb2, tensor_pb2
 THRESHOLD = 1024      # bytes: smaller constants (shapes, axes, scalars) stay in the GraphDef
 
 
+# Dtypes that ``tf.make_tensor_proto`` writes as raw ``tensor_content`` (when there is more than
+# one element): ``fill_tensor`` writes those itself, byte for byte the same, without its ~20 µs of
+# checks per call (a fifth of the normalize stage on graphs of many small constants) and straight
+# into the node (no intermediate TensorProto to copy: a copy less of every weight).
+_RAW_DTYPES = frozenset({tf.float32, tf.float64, tf.int32, tf.int64})
+
+
+def fill_tensor(tensor: tensor_pb2.TensorProto, array: np.ndarray, dtype: tf.DType) -> None:
+    """Makes ``tensor`` what ``tf.make_tensor_proto(array, dtype=dtype)`` returns."""
+    if (dtype in _RAW_DTYPES and array.size > 1 and array.dtype == dtype.as_numpy_dtype
+            and array.dtype.isnative):
+        tensor.Clear()
+        tensor.dtype = dtype.as_datatype_enum
+        for size in array.shape:
+            tensor.tensor_shape.dim.add(size=size)
+        tensor.tensor_content = array.tobytes()
+    else:
+        tensor.CopyFrom(tf.make_tensor_proto(array, dtype=dtype))
+
+
 def stub(tensor: tensor_pb2.TensorProto, array: np.ndarray, dtype: tf.DType) -> None:
     """Makes ``tensor`` describe ``array`` (dtype and shape) without its values."""
     tensor.Clear()
@@ -88,7 +108,6 @@ class Weights:
 
     def inline(self, graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
         """A copy of ``graph_def`` whose stub constants hold their values again."""
-        from graphfold.graph import fill_tensor
         full = graph_pb2.GraphDef()
         full.CopyFrom(graph_def)
         for node in full.node:
