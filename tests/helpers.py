@@ -391,3 +391,10 @@ def shift_free(params):
     γ and σ² stay random)."""
     gamma, beta, mean, var = params
     return gamma, np.zeros_like(beta), np.zeros_like(mean), var
+
+
+def error_line(err: str) -> str:
+    """The one ``graphfold: error: ...`` line of a command's stderr."""
+    lines = [line for line in err.splitlines() if line.startswith("graphfold: error:")]
+    assert len(lines) == 1, err
+    return lines[0]

@@ -10,23 +10,13 @@ import numpy as np
 import pytest
 
 import savedmodel_fixtures as F
+from helpers import error_line
 from graphfold.cli import main
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # TensorFlow's own command, from the environment the tests run in (a venv need not be activated).
 SAVED_MODEL_CLI = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or \
     shutil.which("saved_model_cli") or "saved_model_cli"
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return lambda name: F.get(name, tmp_path_factory)
-
-
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("graphfold: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_optimize_prints_tables_progress_and_writes_report(src, tmp_path, capsys):
@@ -109,7 +99,7 @@ def test_verification_failure_exits_1_and_writes_nothing(src, tmp_path, capsys):
                  str(report)])
     out, err = capsys.readouterr()
     assert code == 1
-    assert "verification failed" in _error_line(err) and "nothing was written" in err
+    assert "verification failed" in error_line(err) and "nothing was written" in err
     assert "failed" in out
     assert not dst.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
     document = json.loads(report.read_text())
@@ -170,7 +160,7 @@ def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, mess
     before = F.tree_hash(source)
     assert main(argv) == 2
     captured = capsys.readouterr()
-    assert message in _error_line(captured.err)
+    assert message in error_line(captured.err)
     assert "Traceback" not in captured.err
     assert not os.path.exists(out)
     assert F.tree_hash(source) == before

@@ -17,11 +17,6 @@ BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
           "BatchNormWithGlobalNormalization")
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return lambda name: F.get(name, tmp_path_factory)
-
-
 def _optimize(source, dst, **kwargs):
     before = F.tree_hash(source)
     result = graphfold.optimize_saved_model(source, dst, **kwargs)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import graphfold
 import savedmodel_fixtures as F
+from helpers import error_line
 from graphfold import staging, warmup
 from graphfold.assets import untouched_paths
 from graphfold.cli import main
@@ -22,17 +23,6 @@ from graphfold.saved_model import BadInput, VerificationFailed, read_saved_model
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return lambda name: F.get(name, tmp_path_factory)
-
-
-def _error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("graphfold: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _leftovers(dst) -> list[str]:
@@ -108,7 +98,7 @@ def test_several_meta_graphs_refused_naming_the_tag_sets_and_the_flag(src, tmp_p
     source, dst = src("two_meta_graphs"), str(tmp_path / "out")
     before = F.tree_hash(source)
     assert main(["optimize", source, dst]) == 2
-    line = _error_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "2 MetaGraphs" in line and "serve; train" in line
     assert "--drop-other-tag-sets" in line
     assert not os.path.exists(dst) and not _leftovers(dst)
@@ -147,7 +137,7 @@ def test_image_bytes_without_real_inputs_is_not_verified(src, tmp_path, capsys):
     assert main(["optimize", source, dst, "--require-verification"]) == 1
     err = capsys.readouterr().err
     assert "--require-verification: signature(s) serving_default NOT VERIFIED" in \
-        _error_line(err)
+        error_line(err)
     assert not os.path.exists(dst) and not _leftovers(dst)
 
     # real inputs in saved_model_cli's syntax fix it
@@ -297,7 +287,7 @@ def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeyp
     other = str(tmp_path / "other")                      # another model: signatures differ
     graphfold.optimize_saved_model(src("two_signatures"), other)
     assert main(["verify", source, other]) == 1
-    assert "differs from" in _error_line(capsys.readouterr().err)
+    assert "differs from" in error_line(capsys.readouterr().err)
 
     broken = str(tmp_path / "broken")     # same signatures, outputs 1% off: written unchecked
     monkeypatch.setattr(graphfold.saved_model, "rewrite",
@@ -306,7 +296,7 @@ def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeyp
     assert main(["verify", source, broken, "--input_exprs", "pixels=" + str(
         np.full((1, 8, 8, 3), 0.5).tolist())]) == 1
     captured = capsys.readouterr()
-    line = _error_line(captured.err)
+    line = error_line(captured.err)
     assert f"{broken} differs from {source}" in line and "relative error 0.01" in line
     assert "--inputs" in captured.out and "warm-up records (2)" in captured.out
 
@@ -455,10 +445,10 @@ def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, mess
     before = F.tree_hash(source)
     assert main(["optimize", source, out] + argv) == 2
     captured = capsys.readouterr()
-    assert message in _error_line(captured.err)
+    assert message in error_line(captured.err)
     assert "Traceback" not in captured.err
     assert not os.path.exists(out) and not _leftovers(out)
     assert F.tree_hash(source) == before
     if case.startswith(("inputs_", "npz_", "expr_")):          # `verify` takes them alike
         assert main(["verify", source, source] + argv) == 2
-        assert message in _error_line(capsys.readouterr().err)
+        assert message in error_line(capsys.readouterr().err)

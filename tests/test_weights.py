@@ -18,11 +18,6 @@ from graphfold.saved_model import BadInput, read_saved_model
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def src(tmp_path_factory):
-    return lambda name: F.get(name, tmp_path_factory)
-
-
 def _largest_const(path: str) -> int:
     """Bytes of the largest constant anywhere in saved_model.pb (graph and functions)."""
     graph_def = read_saved_model(path).meta_graphs[0].graph_def
