@@ -184,16 +184,64 @@ def test_jobs_1_skips_what_is_done_and_redoes_what_changed(repo, tmp_path):
     assert "verify" not in other.records[0]["report"]["seconds"]
 
 
+def _python(*args, check=True, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, *args], check=check, env=env, capture_output=True,
+                          text=True, **kwargs)
+
+
 def test_isolate_is_byte_identical_to_graphfold_optimize(repo, tmp_path):
-    dst, single = str(tmp_path / "serving"), str(tmp_path / "single")
-    result = optimize_repository(repo, dst, models=["alpha"], jobs=1, isolate=True)
+    """Forked workers (the command: its process has run no TensorFlow operation) and spawned
+    ones (this test process has): each version in a fresh process writes what `graphfold
+    optimize` writes, byte for byte."""
+    assert pool.start_method() == "spawn"          # TensorFlow's runtime runs here
+    spawned, forked = str(tmp_path / "spawned"), str(tmp_path / "forked")
+    single = str(tmp_path / "single")
+    result = optimize_repository(repo, spawned, models=["alpha"], jobs=1, isolate=True)
     assert _status(result.records) == {"alpha/2": "ok"}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    subprocess.run([sys.executable, "-m", "graphfold", "optimize", "-q",
-                    os.path.join(repo, "alpha", "2"), single], check=True, env=env)
-    with open(os.path.join(single, "saved_model.pb"), "rb") as a, \
-            open(os.path.join(dst, "alpha", "2", "saved_model.pb"), "rb") as b:
-        assert a.read() == b.read()
+    _python("-m", "graphfold", "optimize-repo", "-q", repo, forked, "--models", "alpha",
+            "--versions", "all", "--jobs", "2", "--isolate")
+    _python("-m", "graphfold", "optimize", "-q", os.path.join(repo, "alpha", "2"), single)
+    with open(os.path.join(single, "saved_model.pb"), "rb") as f:
+        expected = f.read()
+    for dst in (spawned, forked):
+        with open(os.path.join(dst, "alpha", "2", "saved_model.pb"), "rb") as f:
+            assert f.read() == expected, dst
+    for name in ("alpha/1", "alpha/2"):
+        _check_outputs(repo, forked, name)
+
+
+def test_workers_are_forked_only_while_that_is_safe():
+    """Forked while TensorFlow's runtime has not started and no other thread runs; then a
+    dying forked worker fails its item alone, as a spawned one does."""
+    script = """if True:
+        import json, threading
+        import tensorflow as tf
+        from graphfold import pool
+        import pool_helpers
+        before = pool.start_method()
+        results = dict(pool.imap_unordered(pool_helpers.square_or_crash,
+                                           ["segv", 1, "raise", 2, "exit"], 2))
+        out = {"before": before, "pids": [v[1] for v in results.values()
+                                           if isinstance(v, tuple)],
+               "crashes": {k: str(v) for k, v in results.items() if not isinstance(v, tuple)}}
+        release = threading.Event()
+        thread = threading.Thread(target=release.wait, daemon=True)
+        thread.start()
+        out["with_a_thread"] = pool.start_method()
+        release.set()
+        thread.join()
+        tf.constant(1.0) + 1.0                       # TensorFlow's runtime starts
+        out["after_an_op"] = pool.start_method()
+        print(json.dumps(out))
+    """
+    out = json.loads(_python("-c", script).stdout.strip().splitlines()[-1])
+    assert (out["before"], out["with_a_thread"], out["after_an_op"]) == \
+        ("fork", "spawn", "spawn")
+    assert out["crashes"] == {"segv": "the worker process died (killed by SIGSEGV)",
+                              "raise": "ValueError: no square for you",
+                              "exit": "the worker process died (exit status 3)"}
+    assert len(out["pids"]) == 2
 
 
 def test_usage_errors_exit_2(repo, tmp_path, capsys):

@@ -14,7 +14,10 @@ versions copies of it), then optimizes all of it, into a fresh destination, once
   beam2   optimize_repository(runner="beam"), DirectRunner, --direct_num_workers=2
           --direct_running_mode=multi_processing (needs graphfold[beam]; else skipped)
 
-Wall time includes starting the workers (each imports TensorFlow). Per version: the seconds
+Wall time includes starting the workers: forked from this process, which has imported graphfold
+(and TensorFlow) as the ``graphfold optimize-repository`` command has, and run no TensorFlow
+operation (the repository is built in a child process), so they start with TensorFlow imported;
+"worker start" says how they were started (``graphfold.pool.start_method``). Per version: the seconds
 the worker spent on it. Peak memory: the largest ``ru_maxrss`` a worker reported (for Beam, the
 SDK harness process, Beam included). Before each run, the load average and how many cores the
 machine actually gave 1 and then 2 pure-Python busy loops (1 s of CPU each; 1.0 and 2.0 on 2 idle
@@ -74,7 +77,9 @@ def cores_delivered(processes: int, cpu_seconds: float = 1.0) -> float:
 
 def run_once(name: str, src: str, dst: str) -> dict:
     from graphfold.repository import optimize_repository
+    from graphfold import pool
     load = os.getloadavg()[0]
+    method = pool.start_method()
     capacity = (cores_delivered(1), cores_delivered(2))
     start = time.perf_counter()
     result = optimize_repository(src, dst, versions="all", **RUNS[name])
@@ -86,7 +91,8 @@ def run_once(name: str, src: str, dst: str) -> dict:
                                                  for r in result.failed],
             "per_version_s": statistics.median(seconds) if seconds else None,
             "sum_version_s": sum(seconds), "peak_rss_mb": max(rss) if rss else None,
-            "load_before": load, "cores_delivered_1_2": capacity}
+            "load_before": load, "cores_delivered_1_2": capacity,
+            "start_method": None if name.startswith("beam") else method}
 
 
 def main(argv=None) -> int:
@@ -97,7 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="jobs1,jobs2,beam2")
     parser.add_argument("--keep", metavar="DIR", help="build (or reuse) the repository here")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--build", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.build:           # the child process that builds the repository
+        build_repository(args.build, args.models, args.versions, args.model)
+        return 0
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
@@ -110,7 +120,11 @@ def main(argv=None) -> int:
         src = args.keep or os.path.join(work, "models")
         if not os.path.isdir(src):
             clock = time.perf_counter()
-            build_repository(src, args.models, args.versions, args.model)
+            # in a child process: this one stays as a user's process that has imported
+            # graphfold and run no TensorFlow operation (so its workers can be forked)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--build", src,
+                            "--models", str(args.models), "--versions", str(args.versions),
+                            "--model", args.model], check=True)
             print(f"built {args.models} x {args.versions} {args.model} versions in {src} "
                   f"({time.perf_counter() - clock:.0f}s)", file=sys.stderr)
         results = []
@@ -132,15 +146,16 @@ def main(argv=None) -> int:
     base = next((r["wall_s"] for r in results if r["run"] == "jobs1"), None)
     print("| run | wall s | speed-up vs jobs1 | median s per version (in worker) | "
           "sum s over versions | peak RSS per worker MB | load avg before | "
-          "cores delivered to 1 / 2 spinners | ok | failed |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "cores delivered to 1 / 2 spinners | worker start | ok | failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         speedup = f"{base / r['wall_s']:.2f}x" if base else "-"
         per = "-" if r["per_version_s"] is None else f"{r['per_version_s']:.2f}"
         rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         one, two = r["cores_delivered_1_2"]
         print(f"| {r['run']} | {r['wall_s']:.1f} | {speedup} | {per} | {r['sum_version_s']:.1f} "
-              f"| {rss} | {r['load_before']:.2f} | {one:.2f} / {two:.2f} | {r['ok']} "
+              f"| {rss} | {r['load_before']:.2f} | {one:.2f} / {two:.2f} "
+              f"| {r.get('start_method') or 'beam'} | {r['ok']} "
               f"| {len(r['failed'])} |")
     for r in results:
         for failure in r["failed"]:
