@@ -119,7 +119,7 @@ def bind_weights(weights, mode: str,
         def constants():
             values = []
             for name in names:
-                values.append(tf.constant(weights.get(name), name=_op_name(name)))
+                values.append(tf.constant(weights.get(name), name=op_name(name)))
                 if release:
                     weights.discard(name)
             return values
@@ -127,7 +127,7 @@ def bind_weights(weights, mode: str,
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
     variables = [_variable(weights, name, lambda a: tf.Variable(a, trainable=False,
-                                                                 name=_op_name(name)), release)
+                                                                 name=op_name(name)), release)
                  for name in names]
     return (lambda: [v.value() for v in variables]), variables
 
@@ -141,7 +141,7 @@ def _variable(weights, name: str, new, release: bool) -> tf.Variable:
     return variable
 
 
-def _op_name(node: str) -> str:
+def op_name(node: str) -> str:
     return "".join(c if c.isalnum() or c in "._-/" else "_" for c in node).lstrip("_./-") or "w"
 
 
@@ -151,13 +151,15 @@ class FoldedFunction:
     ``graph_def`` is the optimized GraphDef (with its weights), ``report`` the ``FoldReport``,
     ``function`` the ConcreteFunction (save it with ``tf.saved_model.save(module, path,
     signatures=...)``; track ``variables`` with it when the weights are variables).
+    ``marked``: the values of marked constants not yet written (``saved_weights``), if any.
     """
 
-    def __init__(self, function, graph_def: graph_pb2.GraphDef, report, weights=None,
-                 variables=()):
+    def __init__(self, function, graph_def: graph_pb2.GraphDef | None, report, weights=None,
+                 variables=(), marked=None):
         self.function = function
         self.report = report
         self.variables = list(variables)
+        self.marked = marked
         self._graph_def, self._weights = graph_def, weights
 
     @property

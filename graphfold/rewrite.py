@@ -35,15 +35,22 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     available).
     """
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
-    clock = time.perf_counter()
-    pruned = import_graph(graph_def, inputs, outputs, held)
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
-    function = with_signature(pruned, concrete, bound)
-    report.seconds["import"] = time.perf_counter() - clock
+    function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
     if not keep_graph_def:
         held.keep_only(())
         graph_def = held = None
     return FoldedFunction(function, graph_def, report, held, variables)
+
+
+def reimport(concrete, graph_def, held, inputs, outputs, report, extra):
+    """``fold``'s result as a ConcreteFunction called like ``concrete``; ``extra`` makes the
+    tensors of the stub constants' values when it is traced (``function.with_signature``)."""
+    clock = time.perf_counter()
+    pruned = import_graph(graph_def, inputs, outputs, held)
+    function = with_signature(pruned, concrete, extra)
+    report.seconds["import"] = time.perf_counter() - clock
+    return function
 
 
 def fold(fn):

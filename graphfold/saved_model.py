@@ -35,7 +35,9 @@ from graphfold import checking, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
 from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
 from graphfold.report import Entry, FoldReport
-from graphfold.rewrite import fold, rewrite
+from graphfold import saved_weights
+from graphfold.function import FoldedFunction, op_name
+from graphfold.rewrite import fold, reimport, rewrite
 from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
 from graphfold.verify import Verification
 
@@ -171,13 +173,15 @@ def load(src: str, tags: Iterable[str]):
 
 def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
                        progress: Progress, weights: str = "constants",
-                       bind: bool = True) -> tuple[dict, list]:
-    """``(functions, variables)``: key -> ConcreteFunction to save, for every signature in
-    ``keys``, and the variables those functions capture (to save with them). ``weights``: how
-    the folded functions hold theirs ("constants" or "variables"). Signatures that are one
-    function (Keras' ``serve`` and ``serving_default``) are folded once and share the result.
-    ``bind=False`` (inspect): fold and report only, no function is built."""
-    functions, variables = {}, []
+                       bind: bool = True) -> tuple[dict, list, dict]:
+    """``(functions, variables, deferred)``: key -> ConcreteFunction to save, for every signature
+    in ``keys``; the variables those functions capture (to save with them); key -> the
+    ``Weights`` of its marked constants, to write into the saved model with
+    ``saved_weights.fill``. ``weights``: how the folded functions hold theirs ("constants":
+    marked constants, filled once saved; "variables"). Signatures that are one function (Keras'
+    ``serve`` and ``serving_default``) are folded once and share the result. ``bind=False``
+    (inspect): fold and report only, no function is built."""
+    functions, variables, deferred = {}, [], {}
     first = same_functions(loaded, keys)
     for key in keys:
         fn = loaded.signatures[key]
@@ -192,9 +196,11 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
         progress(f"freezing and folding signature '{key}'")
         try:
             if bind:
-                folded = rewrite(fn, weights=weights, keep_graph_def=False)
+                folded = fold_signature(fn, key, weights)
                 report, functions[key] = folded.report, folded.function
                 variables.extend(folded.variables)
+                if folded.marked is not None:
+                    deferred[key] = folded.marked
             else:
                 report = fold(fn)[-1]
         except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
@@ -209,7 +215,19 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
         progress(f"  '{key}': {report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
                  f"fold {s.get('normalize', 0) + s.get('plan', 0) + s.get('apply', 0):.2f}s"
                  + (f", re-import {s.get('import', 0):.2f}s)" if bind else ")"))
-    return functions, variables
+    return functions, variables, deferred
+
+
+def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
+    """``rewrite(fn)`` to be saved under ``key``. With ``weights="constants"``, the function
+    holds marked constants and ``.marked`` their values, which ``saved_weights.fill`` writes
+    into the saved model (called before that, the function computes with zeros)."""
+    if weights != "constants":
+        return rewrite(fn, weights=weights, keep_graph_def=False)
+    folded = fold(fn)
+    held = folded[2]
+    function = reimport(*folded, saved_weights.marked_constants(held, key, op_name))
+    return FoldedFunction(function, None, folded[-1], marked=held)
 
 
 def same_functions(loaded, keys: list[str]) -> dict[str, str]:
@@ -430,17 +448,7 @@ def restore_metadata(path: str, original_meta_graph) -> None:
             changed = True
     if not changed:
         return
-    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
-        f.write(proto.SerializeToString(deterministic=True))
-    try:   # keep fingerprint.pb consistent with the new saved_model.pb
-        from tensorflow.python.saved_model import pywrap_saved_model
-        fingerprint = pywrap_saved_model.fingerprinting.CreateFingerprintDef(path)
-        with open(os.path.join(path, "fingerprint.pb"), "wb") as f:
-            f.write(fingerprint)
-    except Exception:  # noqa: BLE001 - the fingerprint is optional metadata
-        fp = os.path.join(path, "fingerprint.pb")
-        if os.path.exists(fp):
-            os.remove(fp)
+    saved_weights.write(path, proto.SerializeToString(deterministic=True))
 
 
 def move_into_place(staging: str, dst: str) -> None:
@@ -570,7 +578,8 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         if why:
             result.notes.append(why)
             progress(why)
-        functions, variables = rewrite_signatures(loaded, keys, result, progress, mode)
+        functions, variables, deferred = rewrite_signatures(loaded, keys, result, progress,
+                                                            mode)
         passthrough = [k for k in loaded.signatures if k not in functions]
         for key in passthrough:
             functions[key] = loaded.signatures[key]
@@ -581,6 +590,8 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         keep_original = bool(passthrough or result.unchanged)
         try:
             save(loaded, functions, staging, keep_original, variables)
+            del functions, variables
+            saved_weights.fill(staging, deferred)
             restore_metadata(staging, meta)
             copy_untouched(src, staging)
             for name, why in left_out(src).items():
@@ -590,9 +601,9 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         except Exception as exc:  # noqa: BLE001
             raise BadInput(f"{dst}: cannot write the optimized SavedModel: "
                            f"{_first_line(exc)}") from None
-        # The folded functions hold a copy of the weights (constants) or are their variables:
-        # let them go before the written model is loaded back to be verified.
-        del functions, variables
+        # The folded weights (variables, or arrays written into saved_model.pb): let them go
+        # before the written model is loaded back to be verified.
+        del deferred
         gc.collect()
         result.seconds["write"] = time.perf_counter() - clock
 

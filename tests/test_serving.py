@@ -170,9 +170,9 @@ def test_inputs_npz_name_and_input_exprs_in_the_api_and_cli(src, tmp_path, capsy
 
 
 def _off_by_one_percent(real):
-    """A broken ``graphfold.rewrite``: every output 1% too large."""
-    def rewrite(fn, **kwargs):
-        folded = real(fn, **kwargs)
+    """A broken ``fold_signature``: every output 1% too large."""
+    def rewrite(fn, *args):
+        folded = real(fn, *args)
         inner, (_, specs) = folded.function, fn.structured_input_signature
         folded.function = tf.function(
             lambda **kw: {k: v * 1.01 for k, v in inner(**kw).items()}
@@ -183,8 +183,8 @@ def _off_by_one_percent(real):
 
 def test_a_wrong_fold_is_caught_on_real_inputs_and_noise_does_not_excuse_it(src, tmp_path,
                                                                              monkeypatch):
-    monkeypatch.setattr(graphfold.saved_model, "rewrite",
-                        _off_by_one_percent(graphfold.saved_model.rewrite))
+    monkeypatch.setattr(graphfold.saved_model, "fold_signature",
+                        _off_by_one_percent(graphfold.saved_model.fold_signature))
     dst = str(tmp_path / "out")
     with pytest.raises(VerificationFailed) as info:
         graphfold.optimize_saved_model(src("jpeg"), dst, signatures=["serving_default"])
@@ -290,8 +290,8 @@ def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeyp
     assert "differs from" in error_line(capsys.readouterr().err)
 
     broken = str(tmp_path / "broken")     # same signatures, outputs 1% off: written unchecked
-    monkeypatch.setattr(graphfold.saved_model, "rewrite",
-                        _off_by_one_percent(graphfold.saved_model.rewrite))
+    monkeypatch.setattr(graphfold.saved_model, "fold_signature",
+                        _off_by_one_percent(graphfold.saved_model.fold_signature))
     graphfold.optimize_saved_model(source, broken, verify=False)
     assert main(["verify", source, broken, "--input_exprs", "pixels=" + str(
         np.full((1, 8, 8, 3), 0.5).tolist())]) == 1

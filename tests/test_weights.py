@@ -10,7 +10,7 @@ import tensorflow as tf
 
 import graphfold
 import savedmodel_fixtures as F
-from graphfold import saved_model
+from graphfold import saved_model, saved_weights
 from graphfold.cli import main
 from graphfold.freeze import freeze
 from graphfold.saved_model import BadInput, read_saved_model
@@ -98,13 +98,13 @@ def test_one_function_under_two_keys_is_folded_once(src, tmp_path, monkeypatch):
     """Keras' export: ``serve`` and ``serving_default`` are one function, detected before
     freezing; it is rewritten once and verified once, and both keys get the result."""
     calls = []
-    real = graphfold.rewrite
+    real = saved_model.fold_signature
 
-    def counting(fn, **kwargs):
+    def counting(fn, *args):
         calls.append(fn)
-        return real(fn, **kwargs)
+        return real(fn, *args)
 
-    monkeypatch.setattr(saved_model, "rewrite", counting)
+    monkeypatch.setattr(saved_model, "fold_signature", counting)
     source, dst = src("keras3"), str(tmp_path / "out")
     loaded = tf.saved_model.load(source)
     assert saved_model.same_functions(loaded, ["serve", "serving_default"]) == {
@@ -174,3 +174,56 @@ def test_constants_past_the_protobuf_limit_are_refused(src, tmp_path, monkeypatc
     with pytest.raises(BadInput, match="cannot be constants.*--weights variables"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="constants")
     assert not os.listdir(tmp_path)                                  # nothing written
+
+
+@pytest.mark.parametrize("name", ["keras3", "two_signatures", "table"])
+def test_constants_are_written_into_saved_model_pb_after_saving(src, tmp_path, name):
+    """Marked constants (saved empty, filled into saved_model.pb): none is left marked or
+    empty, every weight is a constant of its own value, on one function under two keys, two
+    functions with weights of the same names, and beside a copied-through signature."""
+    source, dst = src(name), str(tmp_path / "out")
+    result = graphfold.optimize_saved_model(source, dst, weights="constants")
+    assert result.weights == "constants" and result.written
+    graph_def = read_saved_model(dst).meta_graphs[0].graph_def
+    nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+    assert not [n.name for n in nodes if saved_weights.MARK in n.attr]
+    for node in nodes:
+        if node.op == "Const":
+            value = tf.make_ndarray(node.attr["value"].tensor)     # full, not a bare shape
+            tensor = node.attr["value"].tensor
+            if value.size > 1 and tensor.dtype == tf.float32.as_datatype_enum:
+                assert len(tensor.tensor_content) == value.nbytes, node.name
+    for key in result:
+        if key not in result.unchanged and result.verification[key].status == "ok":
+            _assert_same_outputs(source, dst, key)
+
+
+def test_filling_refuses_marks_and_weights_that_do_not_match(tmp_path):
+    """A marked constant with no value, or a value with no marked constant, is an error: never
+    a model that computes with zeros."""
+    from graphfold.function import op_name
+    from graphfold.weights import Weights
+    held = Weights()
+    held.put("w", np.arange(600, dtype=np.float32).reshape(20, 30))
+    marked = saved_weights.marked_constants(held, "serve", op_name)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 20], tf.float32, name="x")])
+    def serve(x):
+        return {"y": tf.matmul(x, marked()[0])}
+
+    module = tf.Module()
+    path = str(tmp_path / "m")
+    tf.saved_model.save(module, path, signatures={"serving_default": serve})
+    saved = open(os.path.join(path, "saved_model.pb"), "rb").read()
+    other = Weights()
+    other.put("v", np.ones(600, np.float32))
+    with pytest.raises(RuntimeError, match=r"no node for \['serve: v'\].*no value for "
+                                           r"\['serve: w'\]"):
+        saved_weights.fill(path, {"serve": other})
+    assert open(os.path.join(path, "saved_model.pb"), "rb").read() == saved
+    saved_weights.fill(path, {"serve": held})
+    assert len(held) == 0                        # each array let go once written
+    x = np.random.default_rng(0).standard_normal((3, 20)).astype(np.float32)
+    got = tf.saved_model.load(path).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
+    np.testing.assert_allclose(got, x @ np.arange(600, dtype=np.float32).reshape(20, 30),
+                               rtol=1e-5)
