@@ -20,7 +20,10 @@ from graphfold.graph import Graph, canonical
 from graphfold.layers import LINEAR
 from graphfold.plan import Plan, Root, site, weight_const
 
-_LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38}
+# The largest magnitude each dtype holds: a folded value (computed in float64) past it would be
+# cast to inf.
+_LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38,
+           tf.float32: float(np.finfo(np.float32).max)}
 
 
 # ---- writes: what a fold changes, as values ------------------------------------------------------
@@ -61,11 +64,19 @@ def _check_new_bias(layer) -> None:
 
 
 def _check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> None:
+    if not np.all(np.isfinite(values)):
+        raise Blocked(layer, f"folded {what} is not finite")
     limit = _LIMITS.get(dtype)
     if limit is not None and np.any(np.abs(values) > limit):
         raise Blocked(layer, f"folded {what} overflows {dtype.name}")
-    if not np.all(np.isfinite(values)):
-        raise Blocked(layer, f"folded {what} is not finite")
+
+
+def _in_range(values: np.ndarray, dtype: tf.DType) -> bool:
+    try:
+        _check_range(values, dtype, "", "")
+    except Blocked:
+        return False
+    return True
 
 
 def _write_const(graph: Graph, node, index: int, const: str, value: np.ndarray) -> None:
@@ -203,8 +214,10 @@ def _add_to_bias(graph: Graph, layer, delta: np.ndarray) -> None:
         if k == 1:
             bias_const = graph.producer(bias_node.input[1]).name
             b = graph.const(bias_const).astype(np.float64)
-            if b.size == delta.size:
-                _write_const(graph, bias_node, 1, bias_const, b.reshape(-1) + delta)
+            total = b.reshape(-1) + delta if b.size == delta.size else None
+            dtype = tf.as_dtype(graph.nodes[bias_const].attr["dtype"].type)
+            if total is not None and _in_range(total, dtype):     # else: a BiasAdd of its own
+                _write_const(graph, bias_node, 1, bias_const, total)
                 return
     _add_bias_after(graph, layer, delta)
 

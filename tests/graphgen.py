@@ -27,7 +27,9 @@ itself keeps NCHW and is what ``rewrite`` imports.
 The generator avoids graphs whose original cannot run on CPU TensorFlow 2.21 (oneDNN): a
 ``BiasAdd``/``Add`` of a constant right after an EXPLICIT-padded depthwise aborts the process, a
 ``Conv2D`` right after a channel ``Pad`` fails (a ``Relu`` is put between), a ``Mul`` by a constant
-right after a grouped ``Conv2D`` aborts in Grappler (a bias is put between).
+right after a grouped ``Conv2D`` aborts in Grappler (a bias is put between), and a float16
+``DepthwiseConv2dNative`` is never dilated (oneDNN runs it only on CPUs with AVX512-FP16; the other
+CPU kernel has no dilation: "Current kernel implementation does not support dilations").
 """
 
 from __future__ import annotations
@@ -226,6 +228,8 @@ class _Builder:
         k = int(rng.choice([1, 2, 3]))
         stride = 1 if same else int(rng.choice([1, 1, 2]))
         dilation = int(rng.choice([1, 2])) if stride == 1 and k > 1 and not same else 1
+        if self.dtype == tf.float16:      # no kernel for it on CPUs without AVX512-FP16
+            dilation = 1
         m = 1 if same else int(rng.choice([1, 1, 2]))
         padding = "SAME" if same else self._window(x, (k - 1) * dilation + 1)
         w = self.weight((k, k, x.c, m), k * k)

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import graphfold
+
 from helpers import assert_absorbed, decomposed_bn, make, the_entry
 from helpers import fused_bn as bn
 from helpers import (assert_close, bias, bn_params, check_rewrite, nodes_of, op_counts,
@@ -340,3 +342,34 @@ def test_per_channel_constant_of_rank_4_folds(rng):
     folded = check_rewrite(make(lambda x: tf.nn.conv2d(x, w, 1, "VALID") * k, [4, 4, 3]), rng)
     (entry,) = folded.report.entries
     assert entry.folded
+
+
+# ---- float32 range -----------------------------------------------------------------------------
+def test_a_folded_float32_weight_past_its_range_is_refused():
+    """A weight times a BN scale computed in float64 and cast back: past float32's largest value
+    it was cast to inf, and the output became NaN where the original's was finite."""
+    w = np.full((3, 2), 1e37, np.float32)
+    w[0, 0] = 3e38
+    scale, shift = np.array([100.0, 1.5], np.float32), np.array([1.0, -2.0], np.float32)
+    fn = make(lambda x: tf.matmul(x, w) * scale + shift, [3])
+    x = tf.constant([[1e-3, -2e-3, 5e-4], [-1e-3, 1e-3, 2e-3]], tf.float32)
+    folded = graphfold.rewrite(fn)
+    entry = folded.report.entries[0]
+    assert not entry.folded and "folded weight overflows float32" in entry.reason
+    want, got = fn(x).numpy(), folded(x).numpy()
+    assert np.all(np.isfinite(got)) and np.array_equal(want, got)
+
+
+def test_a_bias_sum_past_float32_range_gets_a_bias_of_its_own():
+    """Backward into a MatMul whose bias is near float32's largest value: b + W t would be inf,
+    so W t goes into a BiasAdd of its own, and (W s x + W t) + b stays finite as the original."""
+    w, b = np.array([[1e38]], np.float32), np.array([3e38], np.float32)
+    fn = make(lambda x: tf.nn.bias_add(tf.matmul(x * 2.0 + 1.0, w), b), [1])
+    folded = graphfold.rewrite(fn)
+    entry = folded.report.entries[0]
+    assert entry.folded and entry.direction == "backward"
+    x = tf.constant([[-1.5], [-1.2]], tf.float32)
+    want, got = fn(x).numpy(), folded(x).numpy()
+    assert np.all(np.isfinite(want)) and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert op_counts(folded.graph_def).get("BiasAdd") == 2
