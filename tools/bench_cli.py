@@ -3,6 +3,9 @@ model: each run is a fresh process, timed from its start to its exit, its peak r
 from the operating system (``wait4``); the reference is ``tf.saved_model.load`` and one call of
 ``serving_default`` in a fresh process of the same run.
 
+"output": the same load and call of what ``graphfold optimize`` wrote, in a fresh process: what
+serving the result costs, and a floor for ``optimize``, which loads and calls it to verify it.
+
 Per stage (start-up, load, fold, write, verify, ...), the child process marks each progress line
 with the time and the peak RSS since the previous mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``).
@@ -178,6 +181,8 @@ def measure(path: str, workdir: str, commands: list[str], weights: str) -> dict:
             with open(report) as f:
                 row["weights"] = json.load(f).get("weights")
             os.remove(report)
+            # what serving the result costs: the same load and call, of graphfold's output
+            row["output"] = run_child([sys.executable, "-c", REFERENCE, dst])
         shutil.rmtree(dst, ignore_errors=True)
     return row
 
@@ -251,8 +256,9 @@ def stage_cell(run: dict) -> str:
 
 def markdown(rows: dict) -> str:
     lines = ["| model | weights MB | written as | reference s | reference peak GiB | optimize s | × ref | "
-             "optimize peak GiB | (peak − ref) / weights | inspect s | × ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "optimize peak GiB | (peak − ref) / weights | output: load + call peak GiB | "
+             "(output − ref) / weights | inspect s | × ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         ref, opt, ins = r["reference"], r.get("optimize"), r.get("inspect")
         cells = [name, f"{r['weight_mb']:.0f}", r.get("weights") or "–", f"{ref['wall']:.1f}",
@@ -264,6 +270,12 @@ def markdown(rows: dict) -> str:
                       f"{over:.1f}"]
         else:
             cells += ["–"] * 4
+        out = r.get("output")
+        if out and out["exit"] == 0:
+            over = (out["peak_mib"] - ref["peak_mib"]) * 2**20 / (r["weight_mb"] * 1e6)
+            cells += [f"{out['peak_mib'] / 1024:.2f}", f"{over:.1f}"]
+        else:
+            cells += ["–", "–"]
         cells += ([f"{ins['wall']:.1f}" + ("" if ins["exit"] == 0 else f" (exit {ins['exit']})"),
                    f"{ins['wall'] / ref['wall']:.2f}"] if ins else ["–", "–"])
         lines.append("| " + " | ".join(cells) + " |")
