@@ -19,8 +19,9 @@ from graphfold import formats
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """A linear layer as the fold sees it: the node, its weight, and the static shapes of its
-    data input and output (None where unknown)."""
+    """A linear layer as the fold sees it: the node, its weight (float32 or float64 as the graph
+    holds it, other dtypes as float64), and the static shapes of its data input and output
+    (None where unknown)."""
     node: object
     w: np.ndarray
     data_shape: tuple | None
@@ -61,6 +62,12 @@ def _last(node, rank: int) -> int:
     return rank - 1
 
 
+def _w64(site: Site) -> np.ndarray:
+    """The weight in float64, for sums of products (a product with the float64 s promotes it
+    by itself, exactly)."""
+    return site.w.astype(np.float64, copy=False)
+
+
 # ---- Conv2D / Conv3D: [..., C_in/g, C_out] ------------------------------------------------------
 def _group_index(site: Site) -> np.ndarray:
     """``index[j, o]``: the data channel that filter in-index ``j`` of output ``o`` reads
@@ -77,7 +84,7 @@ def _conv_response(site: Site, t: np.ndarray) -> np.ndarray | str:
     why = _padding_touches(site)
     if why:
         return why
-    w = site.w.reshape(-1, *site.w.shape[-2:])
+    w = _w64(site).reshape(-1, *site.w.shape[-2:])
     return np.einsum("kjo,jo->o", w, t[_group_index(site)])
 
 
@@ -121,7 +128,7 @@ CONV = Linear(
 # ---- DepthwiseConv2dNative: [kh, kw, C_in, M], o = c·M + m ---------------------------------------
 def _dw_response(site: Site, t: np.ndarray) -> np.ndarray | str:
     why = _padding_touches(site)
-    return why or np.einsum("hwcm,c->cm", site.w, t).reshape(-1)
+    return why or np.einsum("hwcm,c->cm", _w64(site), t).reshape(-1)
 
 
 DEPTHWISE = Linear(
@@ -145,7 +152,7 @@ MATMUL = Linear(     # transpose_a: the data is [K, M], its channels (K) on axis
     out_channels=lambda site: site.w.shape[0 if _transposed(site.node) else 1],
     scale_out=lambda site, s: site.w * (s[:, None] if _transposed(site.node) else s[None, :]),
     scale_in=lambda site, s: site.w * (s[None, :] if _transposed(site.node) else s[:, None]),
-    shift_response=lambda site, t: site.w @ t if _transposed(site.node) else t @ site.w)
+    shift_response=lambda site, t: _w64(site) @ t if _transposed(site.node) else t @ _w64(site))
 
 
 # ---- Conv2DBackpropInput / Conv3DBackpropInputV2: [..., C_out, C_in], data input 2 ---------------
@@ -184,7 +191,7 @@ def transposed_shift_map(site: Site, t: np.ndarray) -> np.ndarray | str:
     coverage = _tap_coverage(site)
     if isinstance(coverage, str):
         return coverage
-    taps = site.w @ t                                       # [..., C_out]: Σ_c W[k, o, c] t_c
+    taps = _w64(site) @ t                                   # [..., C_out]: Σ_c W[k, o, c] t_c
     n = len(coverage)
     positions, kernel = "abc"[:n], "klm"[:n]
     spec = ",".join(p + k for p, k in zip(positions, kernel)) + f",{kernel}o->{positions}o"
@@ -221,7 +228,7 @@ def _dense(w_kn: Callable[[Site], bool]) -> dict:
         out_channels=lambda site: site.w.shape[1 if w_kn(site) else 0],
         scale_out=lambda site, s: site.w * (s[None, :] if w_kn(site) else s[:, None]),
         scale_in=lambda site, s: site.w * (s[:, None] if w_kn(site) else s[None, :]),
-        shift_response=lambda site, t: t @ site.w if w_kn(site) else site.w @ t)
+        shift_response=lambda site, t: t @ _w64(site) if w_kn(site) else _w64(site) @ t)
 
 
 def _batch_matmul_refuse(site: Site) -> str | None:

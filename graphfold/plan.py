@@ -79,12 +79,17 @@ def weight_const(graph: Graph, layer) -> str | None:
 
 
 def site(graph: Graph, layer) -> Site | Blocked:
-    """The layer with its weight (float64) and shapes, or why it cannot take a fold at all."""
+    """The layer with its weight and shapes, or why it cannot take a fold at all. A float32 or
+    float64 weight is kept as it is (no float64 copy): the fold's arithmetic with the float64
+    s and t promotes it exactly; other dtypes are converted to float64."""
     linear = LINEAR[layer.op]
     const = weight_const(graph, layer)
     if const is None:
         return Blocked(layer.name, "its weight is not a constant")
-    where = Site(layer, graph.const(const).astype(np.float64),
+    weight = graph.const(const)
+    if weight.dtype not in (np.float32, np.float64):
+        weight = weight.astype(np.float64)
+    where = Site(layer, weight,
                  graph.shape(graph.data_inputs(layer)[linear.data]), graph.shape(layer.name))
     why = linear.refuse(where)
     return Blocked(layer.name, why) if why else where
