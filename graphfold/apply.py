@@ -77,6 +77,22 @@ def _check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> 
         raise Blocked(layer, f"folded {what} overflows {dtype.name}")
 
 
+def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType, layer: str) -> np.ndarray:
+    """``W · F`` (F broadcast), each product in float64, as ``dtype``; Blocked if one is not
+    finite or past ``dtype``'s range. A float32 or float64 W is multiplied straight into a new
+    array of its dtype (NumPy's float64 loop, cast on output: the same values, no float64 copy
+    of the weight)."""
+    if dtype in (tf.float32, tf.float64) and w.dtype == dtype.as_numpy_dtype:
+        out = np.empty(w.shape, w.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(w, factor, out=out, casting="unsafe")
+        if out.size == 0 or math.isfinite(max(float(np.max(out)), -float(np.min(out)))):
+            return out
+    values = w * factor                            # float64: says what is wrong, or is right
+    _check_range(values, dtype, layer, "weight")
+    return values
+
+
 def _in_range(values: np.ndarray, dtype: tf.DType) -> bool:
     try:
         _check_range(values, dtype, "", "")
@@ -132,8 +148,7 @@ def _sink_writes(graph: Graph, sink) -> list[Write]:
     layer = graph.nodes[sink.layer]
     linear = LINEAR[layer.op]
     where, const, dtype = _weight(graph, layer)
-    new_w = linear.scale_in(where, sink.s)
-    _check_range(new_w, dtype, layer.name, "weight")
+    new_w = _scaled(where.w, linear.in_factor(where, sink.s), dtype, layer.name)
     writes: list[Write] = [SetConst(layer, linear.weight, const, new_w)]
     if np.any(sink.t != 0):
         response = linear.shift_response(where, sink.t)
@@ -151,8 +166,7 @@ def _root_writes(graph: Graph, root: Root) -> list[Write]:
     layer = graph.nodes[root.layer]
     linear = LINEAR[layer.op]
     where, const, dtype = _weight(graph, layer)
-    new_w = linear.scale_out(where, root.s)
-    _check_range(new_w, dtype, layer.name, "weight")
+    new_w = _scaled(where.w, linear.out_factor(where, root.s), dtype, layer.name)
     writes: list[Write] = [SetConst(layer, linear.weight, const, new_w)]
     for bias in root.biases:
         bias_node, k, bias_const, b = _bias(graph, bias.node)

@@ -1,7 +1,7 @@
 """The linear layers L(x) = W ⊛ x + b (FOLDING.md §2), one table entry each.
 
 An entry says which input is the data and which the weight, on which axes of the data and the
-output the channels are, how to scale W along its out- or in-channels, the constant response
+output the channels are, the factor that scales W along its out- or in-channels, the constant response
 ``W ⊛ t`` of the layer to a per-in-channel shift t, and whether that response is a per-channel
 bias at all (zero padding or a transposed convolution's uneven taps make it a spatial map). All
 math is float64. Adding a linear op is adding an entry here plus its weight math.
@@ -46,8 +46,8 @@ class Linear:
     out_axis: Callable[[object, int], int]          # (node, rank) -> channel axis of the output
     in_channels: Callable[[Site], int]
     out_channels: Callable[[Site], int]
-    scale_out: Callable[[Site, np.ndarray], np.ndarray]     # W ⊙_out s
-    scale_in: Callable[[Site, np.ndarray], np.ndarray]      # W ⊙_in s
+    out_factor: Callable[[Site, np.ndarray], np.ndarray]    # F, W ⊙_out s = W · F (broadcast)
+    in_factor: Callable[[Site, np.ndarray], np.ndarray]     # F, W ⊙_in s = W · F (broadcast)
     shift_response: Callable[[Site, np.ndarray], "np.ndarray | str"]
     """W ⊛ t as a per-out-channel vector, or why it is not one (then the shift cannot fold)."""
     refuse: Callable[[Site], "str | None"] = lambda site: None
@@ -76,8 +76,8 @@ def _group_index(site: Site) -> np.ndarray:
     return (np.arange(n_out)[None, :] // (n_out // g)) * n_in + np.arange(n_in)[:, None]
 
 
-def _conv_scale_in(site: Site, s: np.ndarray) -> np.ndarray:
-    return site.w * s[_group_index(site)]
+def _conv_in_factor(site: Site, s: np.ndarray) -> np.ndarray:
+    return s[_group_index(site)]
 
 
 def _conv_response(site: Site, t: np.ndarray) -> np.ndarray | str:
@@ -120,8 +120,8 @@ CONV = Linear(
     data=0, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
     in_channels=lambda site: site.w.shape[-2] * site.groups,
     out_channels=lambda site: site.w.shape[-1],
-    scale_out=lambda site, s: site.w * s,
-    scale_in=_conv_scale_in,
+    out_factor=lambda site, s: s,
+    in_factor=_conv_in_factor,
     shift_response=_conv_response)
 
 
@@ -135,8 +135,8 @@ DEPTHWISE = Linear(
     data=0, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
     in_channels=lambda site: site.w.shape[2],
     out_channels=lambda site: site.w.shape[2] * site.w.shape[3],
-    scale_out=lambda site, s: site.w * s.reshape(site.w.shape[2], site.w.shape[3]),
-    scale_in=lambda site, s: site.w * s[:, None],
+    out_factor=lambda site, s: s.reshape(site.w.shape[2], site.w.shape[3]),
+    in_factor=lambda site, s: s[:, None],
     shift_response=_dw_response)
 
 
@@ -150,8 +150,8 @@ MATMUL = Linear(     # transpose_a: the data is [K, M], its channels (K) on axis
     in_axis=lambda node, rank: 0 if node.attr["transpose_a"].b else rank - 1,
     in_channels=lambda site: site.w.shape[1 if _transposed(site.node) else 0],
     out_channels=lambda site: site.w.shape[0 if _transposed(site.node) else 1],
-    scale_out=lambda site, s: site.w * (s[:, None] if _transposed(site.node) else s[None, :]),
-    scale_in=lambda site, s: site.w * (s[None, :] if _transposed(site.node) else s[:, None]),
+    out_factor=lambda site, s: s[:, None] if _transposed(site.node) else s[None, :],
+    in_factor=lambda site, s: s[None, :] if _transposed(site.node) else s[:, None],
     shift_response=lambda site, t: _w64(site) @ t if _transposed(site.node) else t @ _w64(site))
 
 
@@ -215,8 +215,8 @@ TRANSPOSED_CONV = Linear(
     data=2, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
     in_channels=lambda site: site.w.shape[-1],
     out_channels=lambda site: site.w.shape[-2],
-    scale_out=lambda site, s: site.w * s[:, None],
-    scale_in=lambda site, s: site.w * s,
+    out_factor=lambda site, s: s[:, None],
+    in_factor=lambda site, s: s,
     shift_response=_transposed_response)
 
 
@@ -226,8 +226,8 @@ def _dense(w_kn: Callable[[Site], bool]) -> dict:
     return dict(
         in_channels=lambda site: site.w.shape[0 if w_kn(site) else 1],
         out_channels=lambda site: site.w.shape[1 if w_kn(site) else 0],
-        scale_out=lambda site, s: site.w * (s[None, :] if w_kn(site) else s[:, None]),
-        scale_in=lambda site, s: site.w * (s[:, None] if w_kn(site) else s[None, :]),
+        out_factor=lambda site, s: s[None, :] if w_kn(site) else s[:, None],
+        in_factor=lambda site, s: s[:, None] if w_kn(site) else s[None, :],
         shift_response=lambda site, t: t @ _w64(site) if w_kn(site) else _w64(site) @ t)
 
 
