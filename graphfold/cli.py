@@ -41,6 +41,11 @@ class Console:
             self.heartbeat.show(f"[{self.elapsed():6.1f}s] {line}",
                                 stage=None if line.startswith(" ") else line)
 
+    def line(self, line: str) -> None:
+        """A progress line that starts no stage (no heartbeat thread)."""
+        if not self.quiet:
+            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {line}")
+
     def done(self) -> None:
         self.heartbeat.stop()
 
@@ -468,12 +473,12 @@ def add_repo_parser(commands) -> None:
 
 def cmd_optimize_repo(args, console: Console) -> int:
     from graphfold.repository import optimize_repository
-    with _progress(console) as (on_plan, on_result):
+    with _progress(console) as (on_plan, on_result, on_tick):
         result = optimize_repository(
             args.src, args.dst, models=args.models, versions=args.versions, jobs=args.jobs,
             force=args.force, isolate=args.isolate, runner=args.runner,
             pipeline_args=args.beam_args, model_config=args.model_config,
-            on_plan=on_plan, on_result=on_result, signatures=args.signatures,
+            on_plan=on_plan, on_result=on_result, on_tick=on_tick, signatures=args.signatures,
             tags=args.tag_set, verify=args.verify, tolerance=args.tolerance, batch=args.batch,
             weights=args.weights, require_verification=args.require_verification,
             warmup=args.warmup, drop_other_tag_sets=args.drop_other_tag_sets)
@@ -486,7 +491,9 @@ def cmd_optimize_repo(args, console: Console) -> int:
     console.print(f"{args.dst}: {result.count('ok')} optimized, {result.count('skipped')} "
                   f"already done, {len(failed)} failed, of {len(result.records)} version(s) "
                   f"in {result.seconds:.1f}s ({args.runner}"
-                  f"{f', {result.jobs} jobs' if result.jobs else ''}); report "
+                  f"{f', {result.jobs} jobs' if result.jobs else ''}"
+                  f"{f', {result.worker_start}ed workers' if result.worker_start else ''}); "
+                  f"report "
                   f"{result.report_path}")
     if result.model_config:
         console.progress(f"TF Serving model config written to {result.model_config}")
@@ -524,10 +531,12 @@ def line(record: dict) -> str:
 
 
 @contextlib.contextmanager
-def _progress(console: Console):
-    """``(on_plan, on_result)``: a rich progress bar over versions when stderr is a terminal,
-    else one plain line per finished version (none with --quiet)."""
-    state = {"done": 0, "total": 0, "bar": None}
+def _progress(console: Console, every: float = 10.0):
+    """``(on_plan, on_result, on_tick)``: a rich progress bar over versions when stderr is a
+    terminal, else one plain line per finished version and, while versions run, a line every
+    ``every`` seconds (none with --quiet). Drawn from the calling thread (``on_tick``), never
+    from a thread of its own: the workers are then forked, not spawned (``graphfold.pool``)."""
+    state = {"done": 0, "total": 0, "bar": None, "last": time.perf_counter()}
     bar = None
     if not console.quiet and console.err.isatty():
         try:
@@ -536,7 +545,8 @@ def _progress(console: Console):
                                        TimeElapsedColumn)
             bar = Progress(TextColumn("optimizing"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), TextColumn("{task.description}"),
-                           console=RichConsole(file=console.err), transient=False)
+                           console=RichConsole(file=console.err), transient=False,
+                           auto_refresh=False)
         except ImportError:
             bar = None
 
@@ -545,8 +555,10 @@ def _progress(console: Console):
         if bar is not None:
             bar.start()
             state["bar"] = bar.add_task("", total=len(tasks))
+            bar.refresh()
         else:
-            console.progress(f"{len(tasks)} version(s) found")
+            console.line(f"{len(tasks)} version(s) found")
+        state["last"] = time.perf_counter()
 
     def on_result(record: dict) -> None:
         state["done"] += 1
@@ -556,11 +568,21 @@ def _progress(console: Console):
             if record["status"] == "failed":
                 from rich.text import Text
                 bar.console.print(Text(line(record), style="red"))
+            bar.refresh()
         else:
-            console.progress(f"[{state['done']}/{state['total']}] {line(record)}")
+            console.line(f"[{state['done']}/{state['total']}] {line(record)}")
+        state["last"] = time.perf_counter()
+
+    def on_tick() -> None:
+        if bar is not None:
+            bar.refresh()
+        elif time.perf_counter() - state["last"] >= every:
+            console.line(f"  ... still optimizing: {state['done']} of {state['total']} "
+                         f"version(s) done")
+            state["last"] = time.perf_counter()
 
     try:
-        yield on_plan, on_result
+        yield on_plan, on_result, on_tick
     finally:
         if bar is not None:
             bar.stop()

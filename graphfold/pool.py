@@ -51,12 +51,15 @@ class _Worker:
 
 
 def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
-                   tasks_per_worker: int | None = None,
-                   initializer: Callable | None = None) -> Iterator[tuple[Any, Any]]:
+                   tasks_per_worker: int | None = None, initializer: Callable | None = None,
+                   tick: Callable[[], None] | None = None,
+                   every: float = 1.0) -> Iterator[tuple[Any, Any]]:
     """Yields ``(item, result)`` as each item finishes; ``result`` is ``function(item)``, or a
     ``WorkerDied`` / ``WorkerError`` instance. ``function`` and ``initializer`` must be
     importable module-level functions, or partials of them (they are sent to the workers by
-    name)."""
+    name). ``tick()`` is called from this thread about every ``every`` seconds while it waits:
+    progress shown without a thread of its own (another thread would make the workers
+    spawned, see ``start_method``)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     pending = list(items)[::-1]          # pop() takes the next item in order
@@ -102,7 +105,10 @@ def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
         while any(w.busy for w in workers):
             busy = [w for w in workers if w.busy]
             ready = set(connection.wait([w.conn for w in busy] +
-                                        [w.process.sentinel for w in busy]))
+                                        [w.process.sentinel for w in busy],
+                                        timeout=every if tick is not None else None))
+            if tick is not None:
+                tick()
             for worker in busy:
                 if worker.conn not in ready and worker.process.sentinel not in ready:
                     continue

@@ -109,6 +109,7 @@ class RepositoryResult:
     seconds: float = 0.0
     report_path: str | None = None
     model_config: str | None = None
+    worker_start: str | None = None          # local runner: "fork" or "spawn" (pool.start_method)
 
     @property
     def failed(self) -> list[dict]:
@@ -119,7 +120,7 @@ class RepositoryResult:
 
     def to_dict(self) -> dict:
         return {"src_base": self.src_base, "dst_base": self.dst_base, "runner": self.runner,
-                "jobs": self.jobs, "seconds": self.seconds,
+                "jobs": self.jobs, "worker_start": self.worker_start, "seconds": self.seconds,
                 "summary": {s: self.count(s) for s in ("ok", "skipped", "failed")},
                 "failed": [f"{r['model']}/{r['version']}" for r in self.failed],
                 "report": self.report_path, "model_config": self.model_config,
@@ -132,6 +133,7 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
                         pipeline_args: list[str] | None = None, model_config: str | None = None,
                         on_result: Callable[[dict], None] | None = None,
                         on_plan: Callable[[list[Task]], None] | None = None,
+                        on_tick: Callable[[], None] | None = None,
                         **options) -> RepositoryResult:
     """Optimizes every chosen ``<model>/<version>/`` SavedModel under ``src_base`` into the same
     relative path under ``dst_base`` with ``optimize_saved_model(**options)``.
@@ -177,6 +179,7 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
         on_plan(tasks)
 
     records: dict[str, dict] = {}
+    worker_start = None
 
     def done(task: Task, record: dict) -> None:
         records[task.name] = record
@@ -191,10 +194,12 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
             from graphfold import pool
             workers = min(jobs, len(todo))
             threads = max(1, default_jobs() // workers)
+            worker_start = pool.start_method()
             for task, record in pool.imap_unordered(run_task, todo, workers,
                                                     tasks_per_worker=1 if isolate else None,
                                                     initializer=functools.partial(
-                                                        quiet_worker, threads)):
+                                                        quiet_worker, threads),
+                                                    tick=on_tick):
                 done(task, failed_record(task, str(record)) if isinstance(record, Exception)
                      else record)
     else:       # the Beam workers hash the sources (in parallel, near the data), not we
@@ -206,7 +211,8 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
         if task.name not in records:
             done(task, failed_record(task, "no result came back from the pipeline"))
     result = RepositoryResult(src_base, dst_base, [records[t.name] for t in tasks],
-                              runner, jobs if runner == "local" else None)
+                              runner, jobs if runner == "local" else None,
+                              worker_start=worker_start)
     result.seconds = time.perf_counter() - clock
     if model_config is not None:
         write_model_config(model_config, dst_base, result, versions)

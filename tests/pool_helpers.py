@@ -14,3 +14,10 @@ def square_or_crash(item):
         raise ValueError("no square for you\nsecond line")
     return item ** 2, os.getpid()
 
+
+
+def slow_square(item):
+    """``item ** 2`` after 0.3 s."""
+    import time
+    time.sleep(0.3)
+    return item ** 2

@@ -198,9 +198,12 @@ def test_isolate_is_byte_identical_to_graphfold_optimize(repo, tmp_path):
     spawned, forked = str(tmp_path / "spawned"), str(tmp_path / "forked")
     single = str(tmp_path / "single")
     result = optimize_repository(repo, spawned, models=["alpha"], jobs=1, isolate=True)
-    assert _status(result.records) == {"alpha/2": "ok"}
-    _python("-m", "graphfold", "optimize-repo", "-q", repo, forked, "--models", "alpha",
-            "--versions", "all", "--jobs", "2", "--isolate")
+    assert _status(result.records) == {"alpha/2": "ok"} and result.worker_start == "spawn"
+    # the command, with its progress lines (drawn without a thread: the workers are forked)
+    done = _python("-m", "graphfold", "optimize-repo", repo, forked, "--models", "alpha",
+                   "--versions", "all", "--jobs", "2", "--isolate", "--json")
+    assert json.loads(done.stdout)["worker_start"] == "fork"
+    assert "[2/2] alpha/" in done.stderr
     _python("-m", "graphfold", "optimize", "-q", os.path.join(repo, "alpha", "2"), single)
     with open(os.path.join(single, "saved_model.pb"), "rb") as f:
         expected = f.read()
@@ -209,6 +212,31 @@ def test_isolate_is_byte_identical_to_graphfold_optimize(repo, tmp_path):
             assert f.read() == expected, dst
     for name in ("alpha/1", "alpha/2"):
         _check_outputs(repo, forked, name)
+
+
+def test_the_pool_ticks_while_it_waits():
+    import pool_helpers
+    ticks = []
+    results = dict(pool.imap_unordered(pool_helpers.slow_square, [2, 3], 2,
+                                       tick=lambda: ticks.append(1), every=0.05))
+    assert results == {2: 4, 3: 9} and len(ticks) >= 3
+
+
+def test_progress_lines_come_from_the_calling_thread(capsys):
+    """Optimize-repo's progress (plain lines off a terminal) starts no thread, and says it is
+    alive while versions run."""
+    import threading
+    from graphfold.cli import Console, _progress
+    console = Console()
+    before = threading.active_count()
+    with _progress(console, every=0.0) as (on_plan, on_result, on_tick):
+        on_plan(["a/1", "b/1"])
+        on_tick()
+        on_result({"model": "a", "version": "1", "status": "failed", "error": "broken"})
+        assert threading.active_count() == before
+    err = capsys.readouterr().err
+    assert "2 version(s) found" in err and "still optimizing: 0 of 2 version(s) done" in err
+    assert "[1/2] a/1: failed: broken" in err
 
 
 def test_workers_are_forked_only_while_that_is_safe():
