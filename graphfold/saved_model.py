@@ -261,8 +261,9 @@ WEIGHTS = ("auto", "constants", "variables")
 # ``weights="auto"`` writes constants while the weights of all distinct rewritten functions
 # together stay under this many bytes, variables above it: saved_model.pb must stay well under
 # protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and constants cost
-# about 19x their size in peak memory to trace, save and verify (TensorFlow copies a function's
-# constants at each step), variables about 2x (docs/benchmarks.md).
+# about 18x their size in peak memory to optimize, most of it TensorFlow loading and calling the
+# written model to verify it (serving it costs about 15x: TensorFlow holds a function's constants
+# several times over), variables about 1x (docs/benchmarks.md).
 AUTO_VARIABLES_ABOVE = 256 << 20
 PROTOBUF_LIMIT = 2 << 30          # bytes: no protobuf message (saved_model.pb) can be larger
 
