@@ -1,10 +1,10 @@
 """The linear layers L(x) = W ⊛ x + b (FOLDING.md §2), one table entry each.
 
 An entry says which input is the data and which the weight, on which axes of the data and the
-output the channels are, the factor that scales W along its out- or in-channels, the constant response
-``W ⊛ t`` of the layer to a per-in-channel shift t, and whether that response is a per-channel
-bias at all (zero padding or a transposed convolution's uneven taps make it a spatial map). All
-math is float64. Adding a linear op is adding an entry here plus its weight math.
+output the channels are, the factor that scales W along its out- or in-channels, the constant
+response ``W ⊛ t`` of the layer to a per-in-channel shift t, and whether that response is a
+per-channel bias at all (zero padding or a transposed convolution's uneven taps make it a spatial
+map). All math is float64. Adding a linear op is adding an entry here plus its weight math.
 """
 
 from __future__ import annotations
