@@ -64,17 +64,24 @@ def _check_new_bias(layer) -> None:
                                   "makes TensorFlow's oneDNN remapper abort the process")
 
 
+def _largest(values: np.ndarray) -> float:
+    """max |value| in two reductions and no temporary array; NaN (or inf) if a value is not
+    finite (NaN propagates through max and min). It runs on every folded weight."""
+    return max(float(np.max(values)), -float(np.min(values))) if values.size else 0.0
+
+
+def _in_range(values: np.ndarray, dtype: tf.DType) -> bool:
+    top, limit = _largest(values), _LIMITS.get(dtype)
+    return math.isfinite(top) and (limit is None or top <= limit)
+
+
 def _check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> None:
-    """Blocked if a value is not finite, or past the largest ``dtype`` holds. Two reductions and
-    no temporary array (NaN propagates through max and min): these run on every folded weight."""
-    if values.size == 0:
+    """Blocked if a value is not finite, or past the largest ``dtype`` holds."""
+    if _in_range(values, dtype):
         return
-    top = max(float(np.max(values)), -float(np.min(values)))
-    if not math.isfinite(top):
+    if not math.isfinite(_largest(values)):
         raise Blocked(layer, f"folded {what} is not finite")
-    limit = _LIMITS.get(dtype)
-    if limit is not None and top > limit:
-        raise Blocked(layer, f"folded {what} overflows {dtype.name}")
+    raise Blocked(layer, f"folded {what} overflows {dtype.name}")
 
 
 def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType, layer: str) -> np.ndarray:
@@ -86,19 +93,11 @@ def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType, layer: str) -> n
         out = np.empty(w.shape, w.dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(w, factor, out=out, casting="unsafe")
-        if out.size == 0 or math.isfinite(max(float(np.max(out)), -float(np.min(out)))):
+        if math.isfinite(_largest(out)):
             return out
     values = w * factor                            # float64: says what is wrong, or is right
     _check_range(values, dtype, layer, "weight")
     return values
-
-
-def _in_range(values: np.ndarray, dtype: tf.DType) -> bool:
-    try:
-        _check_range(values, dtype, "", "")
-    except Blocked:
-        return False
-    return True
 
 
 def _write_const(graph: Graph, node, index: int, const: str, value: np.ndarray) -> None:

@@ -224,10 +224,10 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
         return rewrite(fn, weights=weights, keep_graph_def=False)
-    folded = fold(fn)
-    held = folded[2]
-    function = reimport(*folded, saved_weights.marked_constants(held, key, op_name))
-    return FoldedFunction(function, None, folded[-1], marked=held)
+    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    function = reimport(concrete, graph_def, held, inputs, outputs, report,
+                        saved_weights.marked_constants(held, key, op_name))
+    return FoldedFunction(function, None, report, marked=held)
 
 
 def same_functions(loaded, keys: list[str]) -> dict[str, str]:
