@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report what `optimize` would fold in SRC, without writing anything.")
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _common(ins)
+    ins.add_argument("--verbose", "-v", action="store_true",
+                     help="show the traceback of a failure")
     _output(ins)
 
     demo = commands.add_parser(
@@ -272,25 +274,40 @@ def cmd_optimize(args, console: Console) -> int:
         console.error(str(failure))
         return EXIT_VERIFY
     bns, folded, before, after = totals(result)
-    rewritten = len(result) - len(result.unchanged)
-    copied = len(result.all_signatures) - rewritten
-    status = verification_status(result)
-    signatures = "" if is_graph_def_file(args.src) else \
-        f"{rewritten} signature(s) rewritten, {copied} copied unchanged; "
+    signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
-                  f"ops {before} -> {after}; {status}; {result.seconds['total']:.1f}s")
+                  f"ops {before} -> {after}; {verification_status(result)}; "
+                  f"{result.seconds['total']:.1f}s")
     return EXIT_OK
+
+
+def signature_counts(result) -> str:
+    """"2 signature(s) rewritten, 1 NOT OPTIMIZED (key: why), 0 copied unchanged": requested
+    signatures rewritten or not, and those not requested (copied as they were)."""
+    rewritten = len(result.rewritten)
+    copied = len(result.all_signatures) - len(result)
+    text = f"{rewritten} signature(s) rewritten"
+    if result.unchanged:
+        text += f", {len(result.unchanged)} NOT OPTIMIZED (" + "; ".join(
+            f"{k}: {why}" for k, why in sorted(result.unchanged.items())) + ")"
+    return text + f", {copied} copied unchanged"
 
 
 def verification_status(result) -> str:
     """"verified", "verified (within noise: ...)", "not verified (--no-verify)", or
-    "NOT VERIFIED: key (reason)" for the final line."""
+    "NOT VERIFIED: key (reason)" for the final line: about the rewritten signatures only (a
+    signature copied through was not optimized, whatever its check says)."""
+    rewritten = result.rewritten
+    if not rewritten:
+        return "nothing rewritten, nothing to verify"
     if not result.verification:
         return "not verified (--no-verify)"
-    if result.not_verified:
-        return "NOT VERIFIED: " + "; ".join(f"{k} ({result.verification[k].reason})"
-                                            for k in result.not_verified)
-    noisy = sorted(k for k, v in result.verification.items() if v.noise_floor is not None)
+    checks = {k: result.verification[k] for k in rewritten if k in result.verification}
+    unverified = sorted(k for k in rewritten if k not in checks or checks[k].status != "ok")
+    if unverified:
+        return "NOT VERIFIED: " + "; ".join(
+            f"{k} ({checks[k].reason if k in checks else 'not checked'})" for k in unverified)
+    noisy = sorted(k for k, v in checks.items() if v.noise_floor is not None)
     if noisy:
         return f"verified (within the noise floor: {', '.join(noisy)})"
     return "verified"
@@ -509,6 +526,8 @@ def summary_table(records: list[dict]) -> str:
         folded = "-" if r.get("batch_norms") is None else f"{r['folded']}/{r['batch_norms']}"
         ops = "-" if r.get("ops_before") is None else f"{r['ops_before']} -> {r['ops_after']}"
         verified = {True: "yes", False: "no", None: "-"}[r.get("verified")]
+        if r.get("not_optimized"):
+            verified += f" ({len(r['not_optimized'])} signature(s) NOT OPTIMIZED)"
         last = r["error"] if r["status"] == "failed" else \
             ("-" if r.get("seconds") is None else f"{r['seconds']:.1f}")
         rows.append((r["model"], r["version"], r["status"], folded, ops, verified, last))
@@ -524,6 +543,9 @@ def line(record: dict) -> str:
     if record.get("batch_norms") is not None:
         text += (f", {record['folded']} of {record['batch_norms']} batch norms folded, ops "
                  f"{record['ops_before']} -> {record['ops_after']}")
+    if record.get("not_optimized"):
+        text += ", NOT OPTIMIZED: " + "; ".join(f"{k} ({why})" for k, why in
+                                               record["not_optimized"].items())
     if record["status"] == "ok":
         text += f", {'verified' if record.get('verified') else 'not verified'}, " \
                 f"{record['seconds']:.1f}s"
@@ -618,6 +640,11 @@ def main(argv: list[str] | None = None) -> int:
                 console.done()
     except GraphfoldError as exc:
         console.error(str(exc))
+        if exc.__cause__ is not None and getattr(args, "verbose", False):
+            import traceback
+            traceback.print_exception(exc.__cause__, file=console.err)
+        elif exc.__cause__ is not None and hasattr(args, "verbose"):
+            print("(its traceback: run again with --verbose)", file=console.err, flush=True)
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,
                       "error": str(exc)})
         return exc.exit_code

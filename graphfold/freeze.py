@@ -16,7 +16,7 @@ from tensorflow.python.framework import convert_to_constants
 from graphfold.errors import NotFreezable
 from graphfold.graph import canonical
 from graphfold.shapes import CALL_OPS, infer_shapes
-from graphfold.weights import Weights, stub
+from graphfold.weights import Weights, as_placeholders, stub
 
 
 WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
@@ -91,7 +91,7 @@ def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None =
         graph_def = _freeze_without_weights(fn, weights)
         frozen_graph = tf.Graph()
         with frozen_graph.as_default():
-            tf.graph_util.import_graph_def(weights.as_placeholders(graph_def), name="")
+            tf.graph_util.import_graph_def(as_placeholders(graph_def, weights.names()), name="")
     # Freezing changes the signature of a call that is not inlined (an XLA-compiled function,
     # e.g. Keras' grouped Conv2D on CPU): its outputs, and everything after them, lose their
     # static shapes in the frozen graph. Same node name, same tensor: take them from ``fn``.

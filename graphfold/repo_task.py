@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import time
+import traceback
 import warnings
 
 from graphfold.errors import GraphfoldError
@@ -103,9 +104,12 @@ def run_task(task: Task) -> dict:
             write_record(task, fingerprint, record)
     except GraphfoldError as exc:
         record["error"] = str(exc)
+        if exc.__cause__ is not None:
+            record["traceback"] = "".join(traceback.format_exception(exc.__cause__))
     except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others
         lines = str(exc).strip().splitlines()
         record["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        record["traceback"] = "".join(traceback.format_exception(exc))
     record["seconds"] = time.perf_counter() - clock
     record["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return record
@@ -116,14 +120,17 @@ def failed_record(task: Task, error: str | None) -> dict:
             "status": "failed", "error": error, "seconds": None}
 
 
-SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified")
+SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified",
+                  "not_optimized")
 
 
 def summarise(result) -> dict:
     from graphfold.render import totals
     batch_norms, folded, before, after = totals(result)
+    checked = result.verification and result.rewritten
     return {"batch_norms": batch_norms, "folded": folded, "ops_before": before,
-            "ops_after": after, "verified": result.verified if result.verification else None}
+            "ops_after": after, "verified": result.verified if checked else None,
+            "not_optimized": dict(sorted(result.unchanged.items()))}
 
 
 def write_record(task: Task, fingerprint: str, record: dict) -> None:

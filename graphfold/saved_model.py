@@ -33,7 +33,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 from graphfold import census
 from graphfold import checking, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
-from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
+from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
+                              VerificationFailed)
 from graphfold.report import Entry, FoldReport
 from graphfold import saved_weights
 from graphfold.function import FoldedFunction, op_name
@@ -68,9 +69,15 @@ class SavedModelResult(dict):
         self.written = False
 
     @property
+    def rewritten(self) -> list[str]:
+        """The requested signatures that were rewritten (not copied through)."""
+        return sorted(k for k in self if k not in self.unchanged)
+
+    @property
     def verified(self) -> bool:
-        return bool(self.verification) and all(v.status == "ok"
-                                               for v in self.verification.values())
+        """Whether something was rewritten and every rewritten signature verified "ok"."""
+        checks = [self.verification.get(k) for k in self.rewritten]
+        return bool(checks) and all(c is not None and c.status == "ok" for c in checks)
 
     @property
     def not_verified(self) -> list[str]:
@@ -203,13 +210,16 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
                     deferred[key] = folded.marked
             else:
                 report = fold(fn)[-1]
-        except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
-            reason = _why_not_rewritten(exc)
-            result.unchanged[key] = reason
-            result[key] = unrewritten_report(fn, reason)
+        except NotFreezable as exc:     # an expected reason: the signature is copied through
+            result.unchanged[key] = str(exc)
+            result[key] = unrewritten_report(fn, str(exc))
             functions[key] = fn
-            progress(f"  '{key}' copied through unchanged: {reason}")
+            progress(f"  '{key}' NOT OPTIMIZED (copied through unchanged): {exc}")
             continue
+        except GraphfoldError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - graphfold's own failure: nothing is written
+            raise RewriteFailed(key, exc) from exc
         result[key] = report
         s = report.seconds
         progress(f"  '{key}': {report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
@@ -225,7 +235,7 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
     if weights != "constants":
         return rewrite(fn, weights=weights, keep_graph_def=False)
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
-    function = reimport(concrete, graph_def, held, inputs, outputs, report,
+    function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
     return FoldedFunction(function, None, report, marked=held)
 
@@ -294,12 +304,6 @@ def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     return "variables", (f"weights of {nbytes / 2**20:.0f} MiB are over the "
                          f"{AUTO_VARIABLES_ABOVE / 2**20:.0f} MiB that saved_model.pb may hold "
                          f"as constants: written as variables (variables/)")
-
-
-def _why_not_rewritten(exc: Exception) -> str:
-    if isinstance(exc, NotFreezable):
-        return str(exc)
-    return f"it cannot be frozen and rewritten: {_first_line(exc)}"
 
 
 def unrewritten_report(fn, reason: str) -> FoldReport:

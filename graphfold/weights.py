@@ -47,7 +47,9 @@ def stub(tensor: tensor_pb2.TensorProto, array: np.ndarray, dtype: tf.DType) -> 
 
 
 def read_only(array: np.ndarray) -> np.ndarray:
-    view = array.view()
+    """A read-only view of ``array`` (a NumPy scalar, as a scalar variable reads, becomes a 0-d
+    array: a scalar has no flags to set)."""
+    view = np.asarray(array).view()
     view.flags.writeable = False
     return view
 
@@ -117,19 +119,22 @@ class Weights:
                             tf.as_dtype(array.dtype))
         return full
 
-    def as_placeholders(self, graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-        """A copy of ``graph_def`` in which every stub constant is a ``Placeholder`` of its dtype
-        and shape (to be fed): importable, and TensorFlow infers the same static shapes."""
-        light = graph_pb2.GraphDef()
-        light.CopyFrom(graph_def)
-        for node in light.node:
-            if node.name in self._arrays and node.op == "Const":
-                value = node.attr["value"].tensor
-                dtype, shape = value.dtype, tf.TensorShape(value.tensor_shape)
-                name, controls = node.name, [t for t in node.input if t.startswith("^")]
-                node.Clear()
-                node.name, node.op = name, "Placeholder"
-                node.input.extend(controls)
-                node.attr["dtype"].type = dtype
-                node.attr["shape"].shape.CopyFrom(shape.as_proto())
-        return light
+
+def as_placeholders(graph_def: graph_pb2.GraphDef, names) -> graph_pb2.GraphDef:
+    """A copy of ``graph_def`` in which every stub constant named in ``names`` is a
+    ``Placeholder`` of its dtype and shape (to be fed): importable, and TensorFlow infers the
+    same static shapes."""
+    names = set(names)
+    light = graph_pb2.GraphDef()
+    light.CopyFrom(graph_def)
+    for node in light.node:
+        if node.name in names and node.op == "Const":
+            value = node.attr["value"].tensor
+            dtype, shape = value.dtype, tf.TensorShape(value.tensor_shape)
+            name, controls = node.name, [t for t in node.input if t.startswith("^")]
+            node.Clear()
+            node.name, node.op = name, "Placeholder"
+            node.input.extend(controls)
+            node.attr["dtype"].type = dtype
+            node.attr["shape"].shape.CopyFrom(shape.as_proto())
+    return light
