@@ -61,7 +61,7 @@ def freeze_only(fn) -> FoldedFunction:
     freezing alone gives, so that a speed-up can be told apart from folding's."""
     concrete, graph_def, held, inputs, outputs, report = fold(fn, folding=False)
     bound, _ = bind_weights(held, "constants")
-    function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
+    function = reimport(concrete, graph_def, held.names(), inputs, outputs, report, bound)
     return FoldedFunction(function, graph_def, report, held)
 
 

@@ -140,7 +140,7 @@ def _write_freeze_only(export: str, dst: str) -> None:
             continue
         concrete, graph_def, weights, inputs, outputs, report = fold(loaded.signatures[key],
                                                                      folding=False)
-        functions[key] = reimport(concrete, graph_def, weights, inputs, outputs, report,
+        functions[key] = reimport(concrete, graph_def, weights.names(), inputs, outputs, report,
                                   saved_weights.marked_constants(weights, key, op_name))
         held[key] = weights
     save(loaded, functions, dst, keep_original=False)
