@@ -102,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch", type=_positive, default=1, metavar="N",
                      help="size of an unknown batch dimension of random inputs (default 1)")
     opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
-                     help="where the folded weights go: constants in saved_model.pb, variables "
-                          "in variables/, or auto (default): constants up to 256 MiB of weights, "
-                          "variables above")
+                     help="where the folded weights go: variables in variables/ (no slower and "
+                          "no more memory to serve than an original that reads variables), "
+                          "constants in saved_model.pb (faster at small batches on CPU, but TF "
+                          "Serving peaks at about +8x the weights), or auto (default): as the "
+                          "original holds its own (variables, or constants when it reads none)")
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
@@ -231,7 +233,7 @@ def _non_negative(text):
 def cmd_optimize(args, console: Console) -> int:
     from graphfold.graph_def_file import is_graph_def_file, optimize_graph_def_file
     from graphfold.saved_model import (BadInput, VerificationFailed, is_inside,
-                                       optimize_saved_model)
+                                       optimize_saved_model, weights_tradeoff)
     if args.report:
         report_path = os.path.realpath(args.report)
         if os.path.isdir(report_path):
@@ -275,6 +277,8 @@ def cmd_optimize(args, console: Console) -> int:
         return EXIT_VERIFY
     bns, folded, before, after = totals(result)
     signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
+    if getattr(result, "weights", None):     # a SavedModel: the trade-off of its weights' mode
+        console.print(weights_tradeoff(result.weights, chosen=args.weights == "auto"))
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
                   f"ops {before} -> {after}; {verification_status(result)}; "
                   f"{result.seconds['total']:.1f}s")

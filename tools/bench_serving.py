@@ -15,8 +15,9 @@ process) the variants
              freezing alone gives;
   constants  ``graphfold optimize --weights constants`` (functions holding ``Const`` nodes);
   variables  ``graphfold optimize --weights variables`` (the folded weights in ``variables/``);
-  graph      ``graphfold optimize --weights graph``: the folded graph's constants in the main
-             graph of a TF1-style MetaGraph, no function library;
+  graph      the folded graph with its constants in the main graph of a TF1-style MetaGraph, no
+             function library (written by this tool, ``_write_graph_constants``: the layout
+             issue 20 suggested TensorFlow might hold fewer times; measured, not adopted);
 
 each checked before it is measured: a written variant whose graph still holds a batch norm
 (a ``FusedBatchNorm*`` or the ``Rsqrt`` of a decomposed one) is refused, never measured (an
@@ -48,9 +49,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-import bench_cli  # noqa: E402  (no TensorFlow in this process: the children measure)
+import bench_cli  # noqa: E402  (the children load and measure; this process only reads protos)
 
 ENV = bench_cli.ENV
 MODELS = "ResNet50,MobileNetV2,DenseNet121"
@@ -65,6 +66,7 @@ CONFIGS = {
     "grappler-limited": ('graph_options { rewrite_options { optimizers: "pruning" '
                          'optimizers: "remap" } }', {}),
     "mmap": ("", {"MALLOC_MMAP_THRESHOLD_": "131072"}),
+    "frozen-weights": ("", {"TF_ONEDNN_ASSUME_FROZEN_WEIGHTS": "1"}),
 }
 HARNESS = os.path.join(HERE, "serving_harness.cc")
 BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "Rsqrt",
@@ -112,12 +114,11 @@ def config_file(workdir: str, name: str) -> str | None:
     text = CONFIGS[name][0]
     if not text:
         return None
+    from google.protobuf import text_format
+    from tensorflow.core.protobuf import config_pb2
     path = os.path.join(workdir, f"config-{name}.pb")
-    code = ("import sys; from google.protobuf import text_format; "
-            "from tensorflow.core.protobuf import config_pb2; "
-            "open(sys.argv[2], 'wb').write(text_format.Parse(sys.argv[1], "
-            "config_pb2.ConfigProto()).SerializeToString())")
-    subprocess.run([sys.executable, "-c", code, text, path], env=ENV, check=True)
+    with open(path, "wb") as f:
+        f.write(text_format.Parse(text, config_pb2.ConfigProto()).SerializeToString())
     return path
 
 
@@ -191,15 +192,14 @@ def signature_keys_of(export: str, signature_keys) -> list[str]:
 
 def census(path: str) -> dict:
     """Ops of the written graph (main graph and function library): batch-norm ops left, nodes."""
-    code = ("import json, sys; from tensorflow.core.protobuf import saved_model_pb2; "
-            "p = saved_model_pb2.SavedModel(); p.ParseFromString(open(sys.argv[1], 'rb').read()); "
-            "g = p.meta_graphs[0].graph_def; "
-            "ops = [n.op for n in g.node] + [n.op for f in g.library.function for n in f.node_def]; "
-            "print(json.dumps(dict(nodes=len(ops), functions=len(g.library.function), "
-            f"batch_norm_ops=sum(o in {BATCH_NORM_OPS!r} for o in ops))))")
-    done = subprocess.run([sys.executable, "-c", code, os.path.join(path, "saved_model.pb")],
-                          env=ENV, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.splitlines()[-1])
+    from tensorflow.core.protobuf import saved_model_pb2
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    graph = proto.meta_graphs[0].graph_def
+    ops = [n.op for n in graph.node] + [n.op for f in graph.library.function for n in f.node_def]
+    return dict(nodes=len(ops), functions=len(graph.library.function),
+                batch_norm_ops=sum(op in BATCH_NORM_OPS for op in ops))
 
 
 def build_variant(export: str, variant: str, dst: str, reuse: bool = False) -> dict:
@@ -514,9 +514,8 @@ def plot(rows: dict, path: str) -> None:
 
 
 def machine() -> str:
-    code = "import sys; sys.path.insert(0, sys.argv[1]); import benchlib; print(benchlib.machine())"
-    return subprocess.run([sys.executable, "-c", code, HERE], env=ENV, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    import benchlib
+    return benchlib.machine()
 
 
 def main(argv=None) -> int:
