@@ -35,6 +35,7 @@ def _quiet_import_for_the_command() -> None:
 _quiet_import_for_the_command()
 
 from graphfold.function import FoldedFunction
+from graphfold.options import Options
 from graphfold.report import Entry, FoldReport
 from graphfold.rewrite import optimize_graph_def, rewrite
 from graphfold.saved_model import optimize_saved_model, verify_saved_models
@@ -42,4 +43,4 @@ from graphfold.repository import optimize_repository
 from graphfold.version import __version__  # noqa: F401
 
 __all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "verify_saved_models",
-           "optimize_repository", "FoldedFunction", "FoldReport", "Entry"]
+           "optimize_repository", "Options", "FoldedFunction", "FoldReport", "Entry"]
