@@ -390,6 +390,31 @@ def _write_json(path: str, document: dict) -> None:
         raise BadInput(f"--report {path}: cannot write it ({exc.strerror or exc})") from None
 
 
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow, keeping its C++ log lines out of the tables unless the user asked for
+    them (``TF_CPP_MIN_LOG_LEVEL`` set below 2): the log level raised, and what TensorFlow
+    prints on stderr while it is imported dropped."""
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] < "2":
+        return
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        pass            # reported, with stderr back, where a command imports it
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 @contextlib.contextmanager
 def _quiet_tensorflow():
     """TensorFlow's Python-side warnings would drown the tables: silence them while we run."""
@@ -621,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from graphfold.errors import GraphfoldError
+    _import_tensorflow_quietly()
     commands = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect,
                 "demo": cmd_demo, "optimize-repo": cmd_optimize_repo}
     try:
