@@ -243,3 +243,39 @@ def _one_version_repo(src, tmp_path) -> str:
     version = tmp_path / "repo" / "m" / "1"
     shutil.copytree(src("keras3"), version)
     return str(version)
+
+
+# ---- verification that cannot pass without checking (issue 17, items 5 and 6) ---------------------
+
+@pytest.mark.parametrize("max_rel, accepted", [(5e-5, True), (1e-2, False)])
+def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, max_rel,
+                                                                   accepted):
+    """A floor over the tolerance accepts an error within NOISE_MULTIPLE times it, never more."""
+    from graphfold import noise
+    from graphfold.verify import OutputError, Verification
+    monkeypatch.setattr(noise, "measure", lambda reference, feeds: 2e-5)
+    check = Verification("serving_default", "failed", 1e-5, reason="y: too far", mismatch=True,
+                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel)],
+                         fed=[{"x": np.zeros((1, 4), np.float32)}])
+    noise.judge(check, reference=None)
+    assert check.noise_floor == 2e-5
+    assert (check.status == "ok") is accepted, check.reason
+
+
+def test_verify_acts_on_require_verification(src, tmp_path, capsys):
+    """``graphfold verify`` (and ``verify_saved_models``) of JPEG-bytes signatures without real
+    inputs nor warm-up records: NOT VERIFIED; exit 1 with --require-verification."""
+    import shutil
+    from graphfold.errors import VerificationFailed
+    source = str(tmp_path / "jpeg")
+    shutil.copytree(src("jpeg"), source)
+    shutil.rmtree(os.path.join(source, "assets.extra"))
+    args = ["verify", source, source, "-s", "serving_default"]
+    assert main(args) == 0
+    assert "NOT VERIFIED" in capsys.readouterr().out
+    assert main([*args, "--require-verification"]) == 1
+    assert "--require-verification: signature(s) serving_default NOT VERIFIED" in error_line(
+        capsys.readouterr().err)
+    with pytest.raises(VerificationFailed, match="^require_verification: signature"):
+        graphfold.verify_saved_models(source, source, signatures=["serving_default"],
+                                      require_verification=True)
