@@ -40,6 +40,8 @@ from graphfold import saved_weights
 from graphfold.function import FoldedFunction, op_name
 from graphfold.rewrite import fold, reimport, rewrite
 from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
+from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
+                               Options, spelled)
 from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -267,7 +269,6 @@ def _function_fingerprint(fn) -> str:
     return digest.hexdigest()
 
 
-WEIGHTS = ("auto", "constants", "variables")
 # ``weights="auto"`` (the default) writes the folded weights the way the original holds its own:
 # as variables when its signatures read variables, as constants when they read none (a frozen
 # graph saved as a SavedModel). The result then serves no slower than the original and loads in
@@ -294,11 +295,10 @@ def weight_bytes(loaded, keys: list[str]) -> int:
 def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     """``(constants or variables, a note saying why when auto chose constants)``; ``nbytes``:
     the bytes of the variables the rewritten functions read (``weight_bytes``)."""
-    if mode not in WEIGHTS:
-        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {mode!r}")
     if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
-        raise BadInput(f"{nbytes / 2**30:.2f} GiB of weights cannot be constants: saved_model.pb "
-                       f"would pass protobuf's 2 GiB limit (use --weights variables, or auto)")
+        raise BadOption("weights", mode, f"{nbytes / 2**30:.2f} GiB of weights cannot be "
+                        f"constants: saved_model.pb would pass protobuf's 2 GiB limit (use "
+                        f"variables, or auto)")
     if mode != "auto":
         return mode, None
     if nbytes:
@@ -356,7 +356,7 @@ def check_destination(src: str, dst: str, overwrite: bool) -> str:
         raise BadInput(f"{dst}: SRC is inside DST; replacing DST would delete SRC")
     if os.path.lexists(dst) or os.path.lexists(real_dst):
         if not overwrite:
-            raise BadInput(f"{dst}: already exists (pass --overwrite to replace it)")
+            raise BadInput(f"{dst}: already exists (pass {spelled('overwrite')} to replace it)")
         if not os.path.isdir(real_dst):
             raise BadInput(f"{dst}: exists and is not a directory; refusing to replace it")
         if os.listdir(real_dst) and not _looks_like_saved_model(real_dst):
@@ -495,16 +495,19 @@ def move_into_place(staging: str, dst: str) -> None:
 
 # ---- the entry points -----------------------------------------------------------------------
 
-def inspect_saved_model(src, *, signatures=None, tags=("serve",),
-                        progress: Progress | None = None) -> SavedModelResult:
-    """The fold report of every requested signature of ``src``; nothing is written."""
+def inspect_saved_model(src, *, options: Options | None = None,
+                        progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
+    """The fold report of every requested signature of ``src``; nothing is written.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``."""
     progress = progress or _silent
     src = os.fspath(src)
-    tags = _tags(tags)
+    options = Options.of(options, **option_kwargs)
+    INSPECT_SAVED_MODEL.refuse_unsupported(options.given())
+    tags = options.tags
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
-    keys = select(available, signatures, src)
+    keys = select(available, options.signatures, src)
     result = SavedModelResult(src, None, tags)
     result.all_signatures = sorted(available)
     clock = time.perf_counter()
@@ -517,51 +520,40 @@ def inspect_saved_model(src, *, signatures=None, tags=("serve",),
     return result
 
 
-def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=True,
-                         tolerance=1e-5, overwrite=False, batch: int = 1,
-                         drop_other_tag_sets: bool = False, inputs: dict | None = None,
-                         require_verification: bool = False, warmup: int | None = None,
-                         weights: str = "auto",
-                         progress: Progress | None = None) -> SavedModelResult:
+def optimize_saved_model(src, dst, *, options: Options | None = None,
+                         inputs: dict | None = None, overwrite: bool = False,
+                         progress: Progress | None = None,
+                         **option_kwargs) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
 
-    ``signatures``: keys to rewrite (default all); the others are copied through unchanged.
-    ``tags``: the MetaGraph's tag set. ``verify``: compare every rewritten signature of the
-    written model with the original on random inputs (unknown batch dimension: ``batch``);
-    a relative error over ``tolerance`` raises ``VerificationFailed`` and nothing is written.
-    ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty directory).
-    ``drop_other_tag_sets``: write a SavedModel holding several MetaGraphs as the one of
-    ``tags`` alone (else that is refused with ``BadInput``). Every file of ``src`` besides the
-    graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte for byte.
-    ``inputs``: input key -> array, real inputs to verify on (for every signature that has
-    those keys); SRC's TF Serving warm-up records are replayed too (``checking.py``).
-    ``require_verification``: a signature that could not be verified (NOT VERIFIED) raises
-    ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
-    this many requests per rewritten signature (SRC's records kept, only the missing added).
-    ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
-    alone in ``saved_model.pb``) or "auto": as the original holds its weights (variables when
-    its signatures read variables, else constants; ``choose_weights``).
-    ``progress``: called with a line of text at the start of each stage.
+    ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
+    ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
+    ``warmup``, ``drop_other_tag_sets``; ``Options`` says what each does). Signatures not
+    requested are copied through unchanged; so is a requested one that cannot be frozen
+    (``NotFreezable``: a lookup table, ...), with the reason. Any other failure raises
+    ``RewriteFailed``, and nothing is written. The written model is loaded back and compared
+    with the original on ``inputs`` (input key -> array, for every signature that has those
+    keys), SRC's TF Serving warm-up records, or random inputs (``checking.py``); a relative
+    error over the tolerance raises ``VerificationFailed`` and nothing is written. Every file of
+    ``src`` besides the graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte
+    for byte. ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty
+    directory). ``progress``: called with a line of text at the start of each stage.
 
     Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
-    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths and SavedModels. ``src``
-    is only read; ``dst`` appears (by a rename) only when everything succeeded.
+    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths, SavedModels and options.
+    ``src`` is only read; ``dst`` appears (by a rename) only when everything succeeded.
     """
     progress = progress or _silent
     src, dst = os.fspath(src), os.fspath(dst)
-    tags = _tags(tags)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
-    if not tolerance >= 0:
-        raise BadInput(f"tolerance must be a non-negative number, got {tolerance}")
-    if warmup is not None and not 1 <= warmup <= warmup_.MAX_RECORDS:
-        raise BadInput(f"--warmup {warmup}: must be between 1 and {warmup_.MAX_RECORDS}")
-    if not verify and (inputs or require_verification or warmup):
-        raise BadInput("--no-verify cannot be combined with --inputs, --require-verification "
-                       "or --warmup (they need the verification)")
-    if weights not in WEIGHTS:
-        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    options = Options.of(options, **option_kwargs)
+    SAVED_MODEL.refuse_unsupported(options.given())
+    if inputs and not options.verify:
+        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
+                        "verification)")
+    tags, signatures, verify = options.tags, options.signatures, options.verify
+    tolerance, batch, warmup = options.tolerance, options.batch, options.warmup
+    require_verification = options.require_verification
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
@@ -573,11 +565,11 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
-        if not drop_other_tag_sets:
+        if not options.drop_other_tag_sets:
             raise BadInput(f"{src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
                            f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
-                           f"only tag-set '{','.join(tags)}': pass --drop-other-tag-sets to "
-                           f"drop the others")
+                           f"only tag-set '{','.join(tags)}': drop the others with "
+                           f"{spelled('drop_other_tag_sets')}")
         result.notes.append(f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set "
                             f"'{','.join(tags)}' is written to DST (dropped, as asked: {others})")
     for path in remove_stale(target):
@@ -597,7 +589,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             recorded = checking.warmup_feeds(src, loaded, result.notes)
 
         clock = time.perf_counter()
-        mode, why = choose_weights(weights, weight_bytes(loaded, keys))
+        mode, why = choose_weights(options.weights, weight_bytes(loaded, keys))
         result.weights = mode
         if why:
             result.notes.append(why)
@@ -657,7 +649,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             unverified = result.not_verified
             if unverified and require_verification:
                 raise VerificationFailed(
-                    f"--require-verification: signature(s) {', '.join(unverified)} NOT "
+                    f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
                     f"VERIFIED (" + "; ".join(result.verification[k].reason or ""
                                                for k in unverified) +
                     f"); nothing was written to {dst}", result)
@@ -688,15 +680,6 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             _remove_empty(created)
 
 
-def _tags(tags) -> tuple[str, ...]:
-    if isinstance(tags, str):
-        tags = tags.split(",")
-    tags = tuple(t.strip() for t in tags if t.strip())
-    if not tags:
-        raise BadInput("the tag set is empty")
-    return tags
-
-
 def _silent(_line: str) -> None:
     pass
 
@@ -711,18 +694,23 @@ def _first_line(exc) -> str:
 
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
-def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
-                        tolerance=1e-5, batch=1, progress=None):
+def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None,
+                        progress=None, **option_kwargs):
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
+    ``batch``, ``require_verification`` (a signature left NOT VERIFIED raises
+    ``VerificationFailed``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
     dtypes or method name, fails)."""
     progress = progress or _silent
-    src, dst, tags = os.fspath(src), os.fspath(dst), _tags(tags)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
+    src, dst = os.fspath(src), os.fspath(dst)
+    options = Options.of(options, **option_kwargs)
+    COMPARISON.refuse_unsupported(options.given())
+    tags, signatures, tolerance, batch = options.tags, options.signatures, options.tolerance, \
+        options.batch
     metas = {}
     for path in (src, dst):
         metas[path] = meta_graph_for(read_saved_model(path), path, tags)
@@ -748,6 +736,9 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
     progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
     result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
                                           tolerance=tolerance, batch=batch, progress=progress))
+    if options.require_verification and result.not_verified:
+        raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
+                                 f"{', '.join(result.not_verified)} NOT VERIFIED", result)
     return result
 
 

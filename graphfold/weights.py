@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, tensor_pb2
 
+from graphfold.tf_private import variable_buffer
+
 THRESHOLD = 1024      # bytes: smaller constants (shapes, axes, scalars) stay in the GraphDef
 
 
@@ -88,7 +90,7 @@ class Weights:
 
     def put_variable(self, name: str, variable: tf.Variable) -> np.ndarray:
         """Holds the value of ``variable`` (a read-only view of its buffer: no copy)."""
-        array = read_only(variable.value()._numpy())      # pylint: disable=protected-access
+        array = read_only(variable_buffer(variable))
         self._arrays[name] = array
         self._origin[id(array)] = (array, variable)
         return array

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+import graphfold.options
 import savedmodel_fixtures as F
 from graphfold import repo_task, saved_model
 from graphfold.cli import main
@@ -119,7 +120,7 @@ def test_a_crash_fails_its_version_in_a_repository(src, tmp_path, monkeypatch):
     with the error and its traceback in the record; nothing is written."""
     monkeypatch.setattr(saved_model, "fold_signature", _crash)
     task = repo_task.Task("m", "1", src("keras3"), str(tmp_path / "m" / "1"),
-                          repo_task.normalized_options({}))
+                          repo_task.normalized_options())
     record = repo_task.run_task(task)
     assert record["status"] == "failed"
     assert "graphfold failed to rewrite it (RuntimeError: boom" in record["error"]
@@ -145,3 +146,136 @@ def test_a_signature_copied_through_is_not_optimized(src, tmp_path, capsys):
     final = capsys.readouterr().out.strip().splitlines()[-1]
     assert "0 signature(s) rewritten, 1 NOT OPTIMIZED" in final
     assert "nothing rewritten, nothing to verify" in final and "; verified" not in final
+
+
+# ---- options act or are refused (issue 17, item 4) -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def jpeg_pb(tmp_path_factory):
+    """A frozen graph fed JPEG bytes (decoded, then conv -> BN): random strings are not JPEGs,
+    so it cannot be verified without real inputs."""
+    rng = np.random.default_rng(9)
+    with tf.Graph().as_default() as graph:
+        data = tf.compat.v1.placeholder(tf.string, [], name="image_bytes")
+        x = tf.cast(tf.io.decode_jpeg(data, channels=3), tf.float32)[None]
+        y = tf.nn.conv2d(x, rng.normal(size=(3, 3, 3, 4)).astype(np.float32), 1, "SAME")
+        scale, offset = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(
+            np.float32)
+        tf.identity(y * scale + offset, name="y")
+    path = tmp_path_factory.mktemp("jpeg_pb") / "frozen.pb"
+    path.write_bytes(graph.as_graph_def().SerializeToString())
+    return str(path)
+
+
+def test_require_verification_acts_on_a_graph_def_file(jpeg_pb, tmp_path, capsys):
+    """It was dropped: the .pb was written, NOT VERIFIED, exit 0."""
+    dst = tmp_path / "out.pb"
+    assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y",
+                 "--require-verification"]) == 1
+    err = capsys.readouterr().err
+    assert "--require-verification: the graph is NOT VERIFIED" in error_line(err)
+    assert not dst.exists() and os.listdir(tmp_path) == []
+    assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y"]) == 0    # without it
+    assert "NOT VERIFIED" in capsys.readouterr().out and dst.exists()
+
+
+@pytest.mark.parametrize("flags", [["--warmup", "2"], ["--weights", "variables"],
+                                   ["--signature", "serving_default"], ["--tag-set", "serve"],
+                                   ["--drop-other-tag-sets"]])
+def test_a_graph_def_file_refuses_the_options_it_cannot_honour(jpeg_pb, tmp_path, capsys, flags):
+    dst = tmp_path / "out.pb"
+    assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y", *flags]) == 2
+    assert f"{flags[0]}: not supported for a GraphDef file" in error_line(
+        capsys.readouterr().err)
+    assert not dst.exists()
+
+
+def test_a_saved_model_refuses_graph_def_names(src, tmp_path, capsys):
+    for command in (["optimize", src("keras3"), str(tmp_path / "out")],
+                    ["inspect", src("keras3")]):
+        assert main([*command, "--input-names", "x"]) == 2
+        assert "--input-names: not supported for" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["verify", "optimize-repo"])
+def test_names_of_graph_def_files_are_not_offered_where_nothing_reads_them(src, tmp_path,
+                                                                          capsys, command):
+    assert main([command, src("keras3"), str(tmp_path / "out"), "--output-names", "y"]) == 2
+    assert "unrecognized arguments: --output-names y" in error_line(capsys.readouterr().err)
+
+
+def test_the_api_refuses_options_in_its_own_words(src, jpeg_pb, tmp_path):
+    from graphfold.graph_def_file import optimize_graph_def_file
+    with pytest.raises(graphfold.options.BadOption, match=r"^warmup: not supported for a "
+                                                          r"GraphDef file$"):
+        optimize_graph_def_file(jpeg_pb, str(tmp_path / "o.pb"), warmup=2)
+    with pytest.raises(graphfold.options.BadOption, match=r"^input_names: not supported"):
+        graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), input_names=["x"])
+    with pytest.raises(graphfold.options.BadOption, match=r"^warmup=0: must be a whole number"):
+        graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), warmup=0)
+    with pytest.raises(graphfold.options.BadOption, match=r"^verify=False: cannot be combined "
+                                                          r"with require_verification"):
+        graphfold.Options(verify=False, require_verification=True)
+    with pytest.raises(graphfold.options.BadOption, match=r"^weights: not supported for "
+                                                          r"comparing two SavedModels"):
+        graphfold.verify_saved_models(src("keras3"), src("keras3"), weights="variables")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerence'"):
+        graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), tolerence=1e-3)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("o")]
+
+
+def test_options_are_one_value_the_repository_keys_on(src, tmp_path):
+    """The same options spelled differently are one key; the record keeps every field."""
+    assert repo_task.normalized_options(tags="serve", signatures="serving_default") == \
+        graphfold.Options(tags=("serve",), signatures=["serving_default"])
+    options = graphfold.Options(tolerance=1e-4, warmup=None)
+    result = graphfold.optimize_repository(
+        os.path.dirname(os.path.dirname(_one_version_repo(src, tmp_path))), tmp_path / "dst",
+        options=options)
+    assert result.count("ok") == 1
+    record = json.load(open(tmp_path / "dst" / "m" / "1" / repo_task.RECORD))
+    assert record["options"] == options.to_dict() and record["options"]["tolerance"] == 1e-4
+
+
+def _one_version_repo(src, tmp_path) -> str:
+    import shutil
+    version = tmp_path / "repo" / "m" / "1"
+    shutil.copytree(src("keras3"), version)
+    return str(version)
+
+
+# ---- verification that cannot pass without checking (issue 17, items 5 and 6) ---------------------
+
+@pytest.mark.parametrize("max_rel, accepted", [(5e-5, True), (1e-2, False)])
+def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, max_rel,
+                                                                   accepted):
+    """A floor over the tolerance accepts an error within NOISE_MULTIPLE times it, never more."""
+    from graphfold import noise
+    from graphfold.verify import OutputError, Verification
+    monkeypatch.setattr(noise, "measure", lambda reference, feeds: 2e-5)
+    check = Verification("serving_default", "failed", 1e-5, reason="y: too far", mismatch=True,
+                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel)],
+                         fed=[{"x": np.zeros((1, 4), np.float32)}])
+    noise.judge(check, reference=None)
+    assert check.noise_floor == 2e-5
+    assert (check.status == "ok") is accepted, check.reason
+
+
+def test_verify_acts_on_require_verification(src, tmp_path, capsys):
+    """``graphfold verify`` (and ``verify_saved_models``) of JPEG-bytes signatures without real
+    inputs nor warm-up records: NOT VERIFIED; exit 1 with --require-verification."""
+    import shutil
+    from graphfold.errors import VerificationFailed
+    source = str(tmp_path / "jpeg")
+    shutil.copytree(src("jpeg"), source)
+    shutil.rmtree(os.path.join(source, "assets.extra"))
+    args = ["verify", source, source, "-s", "serving_default"]
+    assert main(args) == 0
+    assert "NOT VERIFIED" in capsys.readouterr().out
+    assert main([*args, "--require-verification"]) == 1
+    assert "--require-verification: signature(s) serving_default NOT VERIFIED" in error_line(
+        capsys.readouterr().err)
+    with pytest.raises(VerificationFailed, match="^require_verification: signature"):
+        graphfold.verify_saved_models(source, source, signatures=["serving_default"],
+                                      require_verification=True)

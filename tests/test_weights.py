@@ -130,7 +130,7 @@ def test_variables_on_every_kind_of_source(src, tmp_path, name):
 
 
 def test_a_bad_weights_value_is_refused(src, tmp_path, capsys):
-    with pytest.raises(BadInput, match="weights must be one of auto, constants, variables"):
+    with pytest.raises(BadInput, match="weights='bytes': must be one of auto, constants, variables"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="bytes")
     assert main(["optimize", src("keras3"), str(tmp_path / "out"), "--weights", "bytes"]) == 2
     err = capsys.readouterr().err
@@ -225,7 +225,7 @@ def test_inspect_reports_both_keys_of_one_function(src, capsys):
 
 def test_constants_past_the_protobuf_limit_are_refused(src, tmp_path, monkeypatch):
     monkeypatch.setattr(saved_model, "PROTOBUF_LIMIT", 1000)         # bytes: this model is over
-    with pytest.raises(BadInput, match="cannot be constants.*--weights variables"):
+    with pytest.raises(BadInput, match="weights='constants': .*cannot be constants.*use variables"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="constants")
     assert not os.listdir(tmp_path)                                  # nothing written
 

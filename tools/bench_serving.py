@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
@@ -371,7 +372,7 @@ def measure_model(name: str, args, binary: str | None) -> dict:
                 for v in args.variants}
     check_folded(name, variants)
     row = {"weight_mb": weight_mb(export), "variants": variants, "memory": {}, "latency": {},
-           "configs": {}}
+           "configs": {}, "load_average": {"start": os.getloadavg()}}
     loaders = [l for l in args.loaders if l == "python" or binary]
     for loader in loaders:
         row["memory"][loader] = {v: memory(binary, loader, info["path"], args.memory_batch)
@@ -394,6 +395,7 @@ def measure_model(name: str, args, binary: str | None) -> dict:
                 "latency": latency(binary, "serving", {v: variants[v]["path"] for v in variants},
                                    args.batches[:1], args.rounds, args.warmup, proto, env)}
             print(f"# {name} config {config} done", file=sys.stderr, flush=True)
+    row["load_average"]["end"] = os.getloadavg()
     return row
 
 
@@ -467,7 +469,11 @@ def configs_table(rows: dict) -> str:
 
 def report(document: dict) -> str:
     rows = document["rows"]
-    parts = [f"# {document['machine']}", f"# {document.get('command', '')}", "",
+    loads = "; ".join(f"{name} {r['load_average']['start'][0]:.1f} -> "
+                      f"{r['load_average'].get('end', [float('nan')])[0]:.1f}"
+                      for name, r in rows.items() if "load_average" in r)
+    parts = [f"# {document['machine']}", f"# {document.get('command', '')}",
+             f"# {document.get('date', '')}; load average (1 min) at start -> end: {loads}", "",
              memory_table(rows), "", latency_table(rows)]
     if any(r["configs"] for r in rows.values()):
         parts += ["", configs_table(rows)]
@@ -554,6 +560,7 @@ def main(argv=None) -> int:
         print(f"# serving harness: {how}", file=sys.stderr, flush=True)
         document = {"machine": machine(), "command": "python tools/bench_serving.py " +
                     " ".join(argv if argv is not None else sys.argv[1:]),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                     "harness": how, "rows": {}}
         for name in [m for m in args.models.split(",") if m]:
             document["rows"][name] = measure_model(name, args, binary)
