@@ -178,6 +178,28 @@ def load(src: str, tags: Iterable[str]):
             from None
 
 
+def release_unread_variables(loaded) -> list[str]:
+    """Lets go of the loaded original's lists of variables that none of its functions reads:
+    a Keras 3 export tracks a second copy of every weight (``_all_variables``), which loading
+    restores like the first, 1x the weights held for nothing while graphfold folds, writes and
+    verifies. Only our in-memory object changes (a model saved with it attached no longer
+    carries the copy). Returns the names of the attributes dropped."""
+    functions = list(loaded.signatures.values())
+    for value in vars(loaded).values():
+        if isinstance(value, tf.types.experimental.PolymorphicFunction):
+            if not hasattr(value, "concrete_functions"):    # what it reads is unknown
+                return []
+            functions.extend(value.concrete_functions)
+    read = {id(v) for fn in functions for v in fn.variables}
+    dropped = []
+    for name, value in list(vars(loaded).items()):
+        if isinstance(value, (list, tuple)) and value and \
+                all(isinstance(v, tf.Variable) and id(v) not in read for v in value):
+            delattr(loaded, name)
+            dropped.append(name)
+    return dropped
+
+
 # ---- rewriting ------------------------------------------------------------------------------
 
 def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
@@ -583,6 +605,7 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
         if missing:
             raise BadInput(f"{src}: signature {', '.join(missing)} is in saved_model.pb but "
                            f"TensorFlow did not load it")
+        release_unread_variables(loaded)
         result.seconds["load"] = time.perf_counter() - clock
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)

@@ -281,3 +281,29 @@ def test_filling_refuses_marks_and_weights_that_do_not_match(tmp_path):
     got = tf.saved_model.load(path).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
     np.testing.assert_allclose(got, x @ np.arange(600, dtype=np.float32).reshape(20, 30),
                                rtol=1e-5)
+
+
+def test_the_original_s_unread_copy_of_the_weights_is_let_go(src, tmp_path):
+    """A Keras 3 export tracks every weight twice (``variables`` and ``_all_variables``, both
+    restored); optimize drops the copy no function reads (1x the weights, issue 20), and never
+    a variable that a signature or another function of the model reads."""
+    loaded = tf.saved_model.load(src("keras3"))
+    read = {id(v) for v in loaded.signatures["serving_default"].variables}
+    assert loaded._all_variables and not {id(v) for v in loaded._all_variables} & read
+    assert saved_model.release_unread_variables(loaded) == ["_all_variables"]
+    assert not hasattr(loaded, "_all_variables")
+    assert {id(v) for v in loaded.variables} == read
+
+    module = tf.Module()
+    module.signed = [tf.Variable(np.ones(3, np.float32))]
+    module.helper_only = [tf.Variable(np.full(3, 2.0, np.float32))]
+    module.unread = [tf.Variable(np.zeros(3, np.float32))]
+    module.helper = tf.function(lambda x: x * module.helper_only[0],
+                                input_signature=[tf.TensorSpec([3], tf.float32)])
+    serve = tf.function(lambda x: {"y": x * module.signed[0]},
+                        input_signature=[tf.TensorSpec([3], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": serve})
+    loaded = tf.saved_model.load(str(tmp_path / "m"))
+    assert saved_model.release_unread_variables(loaded) == ["unread"]
+    assert loaded.signed and loaded.helper_only
+    assert loaded.helper(tf.ones(3)).numpy().tolist() == [2.0, 2.0, 2.0]
