@@ -181,12 +181,13 @@ def test_bench_serving_smoke(capsys, tmp_path):
     for loader in loaders.split(","):
         for variant, m in row["memory"][loader].items():
             assert m["first_call"]["hwm_mib"] >= m["load"]["hwm_mib"] > 0, (loader, variant)
-        for batch in ("1", "2"):
-            times = row["latency"][loader][batch]
+        for key in ("1", "2", "cpu 1", "cpu 2"):         # wall and CPU time per call
+            times = row["latency"][loader][key]
             assert set(times) == set(variants) | {bench.AA}
-            assert all(len(t) == 2 for t in times.values())
+            assert all(len(t) == 2 and min(t) > 0 for t in times.values())
     header, rows = _table(out[out.index("| model | loader | batch |"):], "model")
-    assert "original (A/A) / original" in header and len(rows) == 2 * len(loaders.split(","))
+    assert "original (A/A) / original" in header and len(rows) == 4 * len(loaders.split(","))
+    assert {r[3] for r in rows} == {"wall", "CPU"}
     if "serving" in loaders:
         assert set(row["configs"]["no-mem-opt"]["memory"]) == set(variants)
         assert "| model | configuration |" in out

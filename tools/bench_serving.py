@@ -301,13 +301,14 @@ for batch in batches:
                                    .astype(s.dtype.as_numpy_dtype)) for n, s in specs.items()}
         for _ in range(warmup):
             fn(**feeds[k])
-    times = {k: [] for k in fns}
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
     for _ in range(rounds):
         for k in rng.permutation(list(fns)):
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             [t.numpy() for t in fns[k](**feeds[k]).values()]
-            times[k].append(time.perf_counter() - start)
-    result[str(batch)] = times
+            wall[k].append(time.perf_counter() - start)
+            cpu[k].append(time.process_time() - cpu_start)
+    result[str(batch)], result[f"cpu {batch}"] = wall, cpu
 print(json.dumps(result))
 """
 
@@ -426,18 +427,27 @@ def memory_table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _batch_and_clock(key: str) -> tuple[str, str]:
+    """A latency key ("16", "cpu 16") as (batch, "wall" or "CPU")."""
+    return (key[4:], "CPU") if key.startswith("cpu ") else (key, "wall")
+
+
 def latency_table(rows: dict) -> str:
+    """Per model, loader, batch and clock (wall time; the process' CPU time, steadier on a
+    shared machine): median ms of each variant and the median of its per-round ratios."""
     variants = [v for v in (*VARIANTS, AA) if any(v in t for r in rows.values()
                                                  for by_batch in r["latency"].values()
                                                  for t in by_batch.values())]
-    lines = ["| model | loader | batch | " + " | ".join(f"{v} ms" for v in variants) + " | " +
-             " | ".join(f"{v} / original" for v in variants if v != "original") + " |",
-             "|---|---|---|" + "---|" * (2 * len(variants) - 1)]
+    lines = ["| model | loader | batch | time | " + " | ".join(f"{v} ms" for v in variants) +
+             " | " + " | ".join(f"{v} / original" for v in variants if v != "original") + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(variants) - 1)]
     for name, row in rows.items():
         for loader, by_batch in row["latency"].items():
-            for batch, times in by_batch.items():
-                ratio = ratios(times)
-                cells = [name, loader, batch]
+            keys = sorted(by_batch, key=lambda k: (int(_batch_and_clock(k)[0]),
+                                                   _batch_and_clock(k)[1] != "wall"))
+            for key in keys:
+                times, ratio = by_batch[key], ratios(by_batch[key])
+                cells = [name, loader, *_batch_and_clock(key)]
                 cells += [f"{median(times[v]) * 1e3:.1f}" if v in times else "–"
                           for v in variants]
                 cells += [f"{ratio[v]:.3f}" if v in ratio else "–"
@@ -448,8 +458,8 @@ def latency_table(rows: dict) -> str:
 
 def configs_table(rows: dict) -> str:
     lines = ["| model | configuration | variant | peak MiB (serving) | (peak − original, default) "
-             "/ weights | settled RSS MiB | latency / original, same configuration, batch 1 |",
-             "|---|---|---|---|---|---|---|"]
+             "/ weights | settled RSS MiB | latency / original, same configuration, batch 1: "
+             "wall | CPU | median ms, wall |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         if "serving" not in row["memory"] or not row["configs"]:
             continue
@@ -457,13 +467,16 @@ def configs_table(rows: dict) -> str:
         every = {"default": {"memory": row["memory"]["serving"],
                              "latency": row["latency"].get("serving", {})}, **row["configs"]}
         for config, result in every.items():
-            times = next(iter(result["latency"].values()), {})
-            ratio = ratios(times) if times else {}
+            wall = next((t for k, t in result["latency"].items() if not k.startswith("cpu")), {})
+            cpu = next((t for k, t in result["latency"].items() if k.startswith("cpu")), {})
+            by_wall, by_cpu = (ratios(wall) if wall else {}), (ratios(cpu) if cpu else {})
             for variant, m in result["memory"].items():
                 lines.append("| " + " | ".join([
                     name, config, variant, f"{peak(m):.0f}",
                     _over(peak(m), reference, row["weight_mb"]), f"{m['settled']['rss_mib']:.0f}",
-                    f"{ratio[variant]:.3f}" if variant in ratio else "–"]) + " |")
+                    f"{by_wall[variant]:.3f}" if variant in by_wall else "–",
+                    f"{by_cpu[variant]:.3f}" if variant in by_cpu else "–",
+                    f"{median(wall[variant]) * 1e3:.1f}" if variant in wall else "–"]) + " |")
     return "\n".join(lines)
 
 
@@ -487,7 +500,8 @@ def plot(rows: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     names = list(rows)
     variants = [v for v in VARIANTS if any(v in r["variants"] for r in rows.values())]
-    batches = sorted({b for r in rows.values() for t in r["latency"].values() for b in t}, key=int)
+    batches = sorted({b for r in rows.values() for t in r["latency"].values() for b in t
+                      if not b.startswith("cpu ")}, key=int)
     fig, axes = plt.subplots(1, 1 + len(batches), figsize=(5 * (1 + len(batches)), 4))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
@@ -498,8 +512,9 @@ def plot(rows: dict, path: str) -> None:
                 for r in rows.values()]
         axes[0].bar(xs, over, width, label=variant)
         for ax, batch in zip(axes[1:], batches):
-            def ratio(r):
-                times = (r["latency"].get("serving") or next(iter(r["latency"].values())))[batch]
+            def ratio(r):       # CPU time where measured: steadier than wall time
+                by_batch = r["latency"].get("serving") or next(iter(r["latency"].values()))
+                times = by_batch.get(f"cpu {batch}", by_batch[batch])
                 return ratios(times).get(variant, float("nan"))
             ax.bar(xs, [ratio(r) for r in rows.values()], width, label=variant)
     axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1)
@@ -507,8 +522,8 @@ def plot(rows: dict, path: str) -> None:
     axes[0].set_title("peak RSS, load + first call (TF Serving's path)")
     for ax, batch in zip(axes[1:], batches):
         ax.axhline(1.0, color="k", linestyle="--", linewidth=1)
-        ax.set_ylabel("latency / original (median of per-round ratios)")
-        ax.set_title(f"latency, batch {batch}")
+        ax.set_ylabel("time / original's (median of per-round ratios)")
+        ax.set_title(f"CPU time per call, batch {batch} (TF Serving's path)")
     for ax in axes:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)

@@ -10,11 +10,14 @@
 //   serving_harness latency NAME=DIR... [--batches=1,16] [--rounds=N] [--warmup=N] [--seed=S]
 //       [--config=F] [--signature=K]
 //     every model loaded in this one process; per batch, warm-up calls, then rounds of one call
-//     of each model in a new random order each round; one JSON line: batch -> name -> seconds.
+//     of each model in a new random order each round; one JSON line: "BATCH" -> name -> wall
+//     seconds per call, and "cpu BATCH" -> name -> CPU seconds of the process per call.
 //
 // --config: a serialized tensorflow.ConfigProto, the session config of every model loaded.
 // Inputs: random values of each input's dtype and shape, an unknown first dimension set to the
 // batch (any other unknown dimension is an error).
+
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -182,6 +185,14 @@ double Since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// CPU seconds of this process (every thread), for the CPU time of a call: on a machine that
+// others share, the work a call does wanders less than its wall time.
+double CpuSeconds() {
+  timespec now;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  return now.tv_sec + now.tv_nsec * 1e-9;
+}
+
 std::string Point(const char* name, double seconds) {
   auto [hwm, rss] = Memory();
   std::ostringstream out;
@@ -223,24 +234,32 @@ int LatencyMode(const Options& o) {
     for (const auto& m : models) feeds.push_back(Feeds(*m, o.batches[b], rng));
     for (size_t i = 0; i < models.size(); ++i)
       for (int w = 0; w < o.warmup; ++w) Run(*models[i], feeds[i]);
-    std::vector<std::vector<double>> times(models.size());
+    std::vector<std::vector<double>> wall(models.size()), cpu(models.size());
     std::vector<size_t> order(models.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = i;
     for (int r = 0; r < o.rounds; ++r) {
       std::shuffle(order.begin(), order.end(), rng);
       for (size_t i : order) {
+        double cpu_start = CpuSeconds();
         auto start = Clock::now();
         Run(*models[i], feeds[i]);
-        times[i].push_back(Since(start));
+        wall[i].push_back(Since(start));
+        cpu[i].push_back(CpuSeconds() - cpu_start);
       }
     }
-    out << (b ? ", " : "") << "\"" << o.batches[b] << "\": {";
-    for (size_t i = 0; i < models.size(); ++i) {
-      out << (i ? ", " : "") << "\"" << names[i] << "\": [";
-      for (size_t r = 0; r < times[i].size(); ++r) out << (r ? ", " : "") << times[i][r];
-      out << "]";
-    }
-    out << "}";
+    auto series = [&](const char* key, const std::vector<std::vector<double>>& times) {
+      out << "\"" << key << o.batches[b] << "\": {";
+      for (size_t i = 0; i < models.size(); ++i) {
+        out << (i ? ", " : "") << "\"" << names[i] << "\": [";
+        for (size_t r = 0; r < times[i].size(); ++r) out << (r ? ", " : "") << times[i][r];
+        out << "]";
+      }
+      out << "}";
+    };
+    out << (b ? ", " : "");
+    series("", wall);
+    out << ", ";
+    series("cpu ", cpu);
   }
   out << "}";
   std::cout << out.str() << std::endl;
