@@ -45,8 +45,8 @@ def test_bench_latency_smoke(capsys, tmp_path):
                       "--repeats", "2", "--warmup", "1", "--size", "32",
                       "--json", str(tmp_path / "latency.json"), "--plot", str(plot)]) == 0
     header, rows = _table(capsys.readouterr().out, "model")
-    for column in ("a ms", "b ms", "c ms", "d ms", "e ms", "b/a", "b/c", "d/c", "e/c",
-                   "BN left b/d/e"):
+    for column in ("a ms", "b ms", "c ms", "d ms", "e ms", "b/a", "f/a", "b/f", "b/c", "d/c",
+                   "e/c", "BN left b/d/e"):
         assert column in header
     assert len(rows) == 1
     row = dict(zip(header, rows[0]))
