@@ -181,10 +181,12 @@ def test_bench_serving_smoke(capsys, tmp_path):
     for loader in loaders.split(","):
         for variant, m in row["memory"][loader].items():
             assert m["first_call"]["hwm_mib"] >= m["load"]["hwm_mib"] > 0, (loader, variant)
-        for key in ("1", "2", "cpu 1", "cpu 2"):         # wall and CPU time per call
-            times = row["latency"][loader][key]
-            assert set(times) == set(variants) | {bench.AA}
-            assert all(len(t) == 2 and min(t) > 0 for t in times.values())
+        pairs = row["latency"][loader]       # each variant beside the original, A/A too
+        assert set(pairs) == set(variants) - {"original"} | {bench.AA}
+        for name, by_key in pairs.items():
+            for key in ("1", "2", "cpu 1", "cpu 2"):         # wall and CPU time per call
+                assert set(by_key[key]) == {"original", name}
+                assert all(len(t) == 2 and min(t) > 0 for t in by_key[key].values())
     header, rows = _table(out[out.index("| model | loader | batch |"):], "model")
     assert "original (A/A) / original" in header and len(rows) == 4 * len(loaders.split(","))
     assert {r[3] for r in rows} == {"wall", "CPU"}

@@ -31,10 +31,13 @@ with g++ against the installed wheel, into ``--cache``); ``python``, ``tf.saved_
 a call of ``serving_default``. ``--configs``: the serving path again under other session
 configurations (``CONFIGS``), for the advice in docs/benchmarks.md.
 
-Latency, per loader: every variant (and the original a second time: the A/A control) loaded in
-one process, warmed up, then ``--rounds`` rounds of one call of each in a new random order each
-round, at each batch size; per variant the median milliseconds and the median over the rounds of
-its time over the original's in the same round.
+Latency, per loader: each variant loaded in a process of its own beside the original (the A/A
+control: the original beside itself), both warmed up, then ``--rounds`` rounds of one call of
+each in a random order each round, at each batch size; per variant the median milliseconds
+(wall time, and the process' CPU time, steadier on a shared machine) and the median over the
+rounds of its time over the original's in the same round. (All variants in one process, tried
+first, slowed the variables model by 5 to 10 % against the original: their caches interfere.)
+The ``--configs`` runs keep all variants in one process per configuration, batch 1.
 """
 
 from __future__ import annotations
@@ -343,6 +346,21 @@ def latency(binary: str | None, loader: str, paths: dict, batches: list[int], ro
     return _json_child(argv + ([f"--config={config}"] if config else []), env)
 
 
+def latency_pairs(binary: str | None, loader: str, variants: dict, batches: list[int],
+                  rounds: int, warmup: int) -> dict:
+    """variant -> batch key -> {"original": seconds, variant: seconds}: each variant against
+    the original in a process of its own, the two alone (as when one replaces the other: with
+    more models in one process their caches interfere, and that slowed a variables model by
+    5 to 10 % against the original); the A/A control is the original against itself."""
+    original = variants["original"]["path"]
+    pairs = {}
+    for variant, info in variants.items():
+        name = AA if variant == "original" else variant
+        pairs[name] = latency(binary, loader, {"original": original, name: info["path"]},
+                              batches, rounds, warmup)
+    return pairs
+
+
 def median(values) -> float:
     values = sorted(values)
     n = len(values)
@@ -380,10 +398,8 @@ def measure_model(name: str, args, binary: str | None) -> dict:
                                  for v, info in variants.items()}
         print(f"# {name} {loader} memory done", file=sys.stderr, flush=True)
     for loader in loaders:
-        paths = {v: info["path"] for v, info in variants.items()}
-        paths[AA] = variants["original"]["path"]
-        row["latency"][loader] = latency(binary, loader, paths, args.batches, args.rounds,
-                                         args.warmup)
+        row["latency"][loader] = latency_pairs(binary, loader, variants, args.batches,
+                                               args.rounds, args.warmup)
         print(f"# {name} {loader} latency done", file=sys.stderr, flush=True)
     if binary:
         for config in [c for c in args.configs if c != "default"]:
@@ -434,24 +450,27 @@ def _batch_and_clock(key: str) -> tuple[str, str]:
 
 def latency_table(rows: dict) -> str:
     """Per model, loader, batch and clock (wall time; the process' CPU time, steadier on a
-    shared machine): median ms of each variant and the median of its per-round ratios."""
-    variants = [v for v in (*VARIANTS, AA) if any(v in t for r in rows.values()
-                                                 for by_batch in r["latency"].values()
-                                                 for t in by_batch.values())]
-    lines = ["| model | loader | batch | time | " + " | ".join(f"{v} ms" for v in variants) +
-             " | " + " | ".join(f"{v} / original" for v in variants if v != "original") + " |",
-             "|---|---|---|---|" + "---|" * (2 * len(variants) - 1)]
+    shared machine): each variant's median ms and the median of its per-round ratios to the
+    original, measured in the variant's own process with the original (``latency_pairs``);
+    the original's ms from the A/A process."""
+    variants = [v for v in (*VARIANTS, AA) if v != "original" and any(
+        v in by_loader for r in rows.values() for by_loader in r["latency"].values())]
+    lines = ["| model | loader | batch | time | original ms | " +
+             " | ".join(f"{v} ms" for v in variants) + " | " +
+             " | ".join(f"{v} / original" for v in variants) + " |",
+             "|---|---|---|---|---|" + "---|" * (2 * len(variants))]
     for name, row in rows.items():
-        for loader, by_batch in row["latency"].items():
-            keys = sorted(by_batch, key=lambda k: (int(_batch_and_clock(k)[0]),
-                                                   _batch_and_clock(k)[1] != "wall"))
+        for loader, pairs in row["latency"].items():
+            keys = sorted(next(iter(pairs.values())),
+                          key=lambda k: (int(_batch_and_clock(k)[0]), _batch_and_clock(k)[1]
+                                         != "wall"))
             for key in keys:
-                times, ratio = by_batch[key], ratios(by_batch[key])
-                cells = [name, loader, *_batch_and_clock(key)]
-                cells += [f"{median(times[v]) * 1e3:.1f}" if v in times else "–"
+                reference = pairs.get(AA, next(iter(pairs.values())))[key]["original"]
+                cells = [name, loader, *_batch_and_clock(key), f"{median(reference) * 1e3:.1f}"]
+                cells += [f"{median(pairs[v][key][v]) * 1e3:.1f}" if v in pairs else "–"
                           for v in variants]
-                cells += [f"{ratio[v]:.3f}" if v in ratio else "–"
-                          for v in variants if v != "original"]
+                cells += [f"{ratios(pairs[v][key])[v]:.3f}" if v in pairs else "–"
+                          for v in variants]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -464,8 +483,15 @@ def configs_table(rows: dict) -> str:
         if "serving" not in row["memory"] or not row["configs"]:
             continue
         reference = peak(row["memory"]["serving"]["original"])
-        every = {"default": {"memory": row["memory"]["serving"],
-                             "latency": row["latency"].get("serving", {})}, **row["configs"]}
+        pairs = row["latency"].get("serving", {})        # the default: pairs, batch 1
+        default = {}
+        for variant, by_key in pairs.items():
+            for key, times in by_key.items():
+                if _batch_and_clock(key)[0] == "1":
+                    default.setdefault(key, {}).update(
+                        {("original" if variant == AA else variant): times[variant]})
+        every = {"default": {"memory": row["memory"]["serving"], "latency": default},
+                 **row["configs"]}
         for config, result in every.items():
             wall = next((t for k, t in result["latency"].items() if not k.startswith("cpu")), {})
             cpu = next((t for k, t in result["latency"].items() if k.startswith("cpu")), {})
@@ -501,8 +527,9 @@ def plot(rows: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     names = list(rows)
     variants = [v for v in VARIANTS if any(v in r["variants"] for r in rows.values())]
-    batches = sorted({b for r in rows.values() for t in r["latency"].values() for b in t
-                      if not b.startswith("cpu ")}, key=int)
+    batches = sorted({b for r in rows.values() for pairs in r["latency"].values()
+                      for by_key in pairs.values() for b in by_key if not b.startswith("cpu ")},
+                     key=int)
     fig, axes = plt.subplots(1, 1 + len(batches), figsize=(5 * (1 + len(batches)), 4))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
@@ -514,9 +541,12 @@ def plot(rows: dict, path: str) -> None:
         axes[0].bar(xs, over, width, label=variant)
         for ax, batch in zip(axes[1:], batches):
             def ratio(r):       # CPU time where measured: steadier than wall time
-                by_batch = r["latency"].get("serving") or next(iter(r["latency"].values()))
-                times = by_batch.get(f"cpu {batch}", by_batch[batch])
-                return ratios(times).get(variant, float("nan"))
+                pairs = r["latency"].get("serving") or next(iter(r["latency"].values()))
+                if variant not in pairs and variant != "original":
+                    return float("nan")
+                by_key = pairs[variant if variant != "original" else AA]
+                times = by_key.get(f"cpu {batch}", by_key[batch])
+                return ratios(times)[variant if variant != "original" else AA]
             ax.bar(xs, [ratio(r) for r in rows.values()], width, label=variant)
     axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1)
     axes[0].set_ylabel("(peak − original's peak) / weights")
