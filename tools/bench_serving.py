@@ -450,25 +450,25 @@ def _batch_and_clock(key: str) -> tuple[str, str]:
 
 def latency_table(rows: dict) -> str:
     """Per model, loader, batch and clock (wall time; the process' CPU time, steadier on a
-    shared machine): each variant's median ms and the median of its per-round ratios to the
-    original, measured in the variant's own process with the original (``latency_pairs``);
-    the original's ms from the A/A process."""
+    shared machine): each variant's median ms, the original's in the same process (each pair
+    ran at its own time: compare within a cell, not across), and the median of the variant's
+    per-round ratios to the original (``latency_pairs``)."""
     variants = [v for v in (*VARIANTS, AA) if v != "original" and any(
         v in by_loader for r in rows.values() for by_loader in r["latency"].values())]
-    lines = ["| model | loader | batch | time | original ms | " +
-             " | ".join(f"{v} ms" for v in variants) + " | " +
+    lines = ["| model | loader | batch | time | " +
+             " | ".join(f"{v} ms (original's)" for v in variants) + " | " +
              " | ".join(f"{v} / original" for v in variants) + " |",
-             "|---|---|---|---|---|" + "---|" * (2 * len(variants))]
+             "|---|---|---|---|" + "---|" * (2 * len(variants))]
     for name, row in rows.items():
         for loader, pairs in row["latency"].items():
             keys = sorted(next(iter(pairs.values())),
                           key=lambda k: (int(_batch_and_clock(k)[0]), _batch_and_clock(k)[1]
                                          != "wall"))
             for key in keys:
-                reference = pairs.get(AA, next(iter(pairs.values())))[key]["original"]
-                cells = [name, loader, *_batch_and_clock(key), f"{median(reference) * 1e3:.1f}"]
-                cells += [f"{median(pairs[v][key][v]) * 1e3:.1f}" if v in pairs else "–"
-                          for v in variants]
+                cells = [name, loader, *_batch_and_clock(key)]
+                cells += [f"{median(pairs[v][key][v]) * 1e3:.1f} "
+                          f"({median(pairs[v][key]['original']) * 1e3:.1f})" if v in pairs
+                          else "–" for v in variants]
                 cells += [f"{ratios(pairs[v][key])[v]:.3f}" if v in pairs else "–"
                           for v in variants]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -476,6 +476,10 @@ def latency_table(rows: dict) -> str:
 
 
 def configs_table(rows: dict) -> str:
+    """Per model, session configuration and variant: TF Serving's peak and settled memory, and
+    the batch-1 latency over the original's in the same process (the default configuration:
+    ``latency_pairs``, each variant beside the original; the others: every variant in one
+    process)."""
     lines = ["| model | configuration | variant | peak MiB (serving) | (peak − original, default) "
              "/ weights | settled RSS MiB | latency / original, same configuration, batch 1: "
              "wall | CPU | median ms: wall | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -483,28 +487,35 @@ def configs_table(rows: dict) -> str:
         if "serving" not in row["memory"] or not row["configs"]:
             continue
         reference = peak(row["memory"]["serving"]["original"])
-        pairs = row["latency"].get("serving", {})        # the default: pairs, batch 1
-        default = {}
-        for variant, by_key in pairs.items():
-            for key, times in by_key.items():
-                if _batch_and_clock(key)[0] == "1":
-                    default.setdefault(key, {}).update(
-                        {("original" if variant == AA else variant): times[variant]})
-        every = {"default": {"memory": row["memory"]["serving"], "latency": default},
-                 **row["configs"]}
-        for config, result in every.items():
-            wall = next((t for k, t in result["latency"].items() if not k.startswith("cpu")), {})
-            cpu = next((t for k, t in result["latency"].items() if k.startswith("cpu")), {})
-            by_wall, by_cpu = (ratios(wall) if wall else {}), (ratios(cpu) if cpu else {})
-            for variant, m in result["memory"].items():
+        every = {"default": (row["memory"]["serving"], _pair_cells(row["latency"]["serving"]))}
+        for config, result in row["configs"].items():
+            every[config] = (result["memory"], _process_cells(result["latency"]))
+        for config, (memories, cells) in every.items():
+            for variant, m in memories.items():
                 lines.append("| " + " | ".join([
                     name, config, variant, f"{peak(m):.0f}",
                     _over(peak(m), reference, row["weight_mb"]), f"{m['settled']['rss_mib']:.0f}",
-                    f"{by_wall[variant]:.3f}" if variant in by_wall else "–",
-                    f"{by_cpu[variant]:.3f}" if variant in by_cpu else "–",
-                    f"{median(wall[variant]) * 1e3:.1f}" if variant in wall else "–",
-                    f"{median(cpu[variant]) * 1e3:.1f}" if variant in cpu else "–"]) + " |")
+                    *cells.get(variant, ["–"] * 4)]) + " |")
     return "\n".join(lines)
+
+
+def _pair_cells(pairs: dict) -> dict:
+    """variant -> [wall ratio, CPU ratio, wall ms, CPU ms] at batch 1, from its own pair."""
+    cells = {}
+    for name, by_key in pairs.items():
+        variant = "original" if name == AA else name
+        wall, cpu = by_key["1"], by_key["cpu 1"]
+        cells[variant] = [f"{ratios(wall)[name]:.3f}", f"{ratios(cpu)[name]:.3f}",
+                          f"{median(wall[name]) * 1e3:.1f}", f"{median(cpu[name]) * 1e3:.1f}"]
+    return cells
+
+
+def _process_cells(by_key: dict) -> dict:
+    """The same, every variant from one process."""
+    wall, cpu = by_key["1"], by_key["cpu 1"]
+    by_wall, by_cpu = ratios(wall), ratios(cpu)
+    return {v: [f"{by_wall[v]:.3f}", f"{by_cpu[v]:.3f}", f"{median(wall[v]) * 1e3:.1f}",
+                f"{median(cpu[v]) * 1e3:.1f}"] for v in wall}
 
 
 def report(document: dict) -> str:
