@@ -541,7 +541,7 @@ def plot(rows: dict, path: str) -> None:
     batches = sorted({b for r in rows.values() for pairs in r["latency"].values()
                       for by_key in pairs.values() for b in by_key if not b.startswith("cpu ")},
                      key=int)
-    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(5 * (1 + len(batches)), 4))
+    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(5 * (1 + len(batches)), 4.5))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
         xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(names))]
@@ -549,7 +549,9 @@ def plot(rows: dict, path: str) -> None:
         over = [(peak(loader(r)[variant]) - peak(loader(r)["original"])) * 2**20
                 / (r["weight_mb"] * 1e6) if variant in loader(r) else float("nan")
                 for r in rows.values()]
-        axes[0].bar(xs, over, width, label=variant)
+        axes[0].bar(xs, over, width,
+                    label="original (latency: its A/A control)" if variant == "original"
+                    else variant)
         for ax, batch in zip(axes[1:], batches):
             def ratio(r):       # CPU time where measured: steadier than wall time
                 pairs = r["latency"].get("serving") or next(iter(r["latency"].values()))
@@ -559,7 +561,8 @@ def plot(rows: dict, path: str) -> None:
                 times = by_key.get(f"cpu {batch}", by_key[batch])
                 return ratios(times)[variant if variant != "original" else AA]
             ax.bar(xs, [ratio(r) for r in rows.values()], width, label=variant)
-    axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1)
+    axes[0].axhline(1.0, color="k", linestyle="--", linewidth=1,
+                    label="the default's limit: original + 1x the weights")
     axes[0].set_ylabel("(peak − original's peak) / weights")
     axes[0].set_title("peak RSS, load + first call (TF Serving's path)")
     for ax, batch in zip(axes[1:], batches):
@@ -570,8 +573,9 @@ def plot(rows: dict, path: str) -> None:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
