@@ -193,9 +193,9 @@ def _writing(parser) -> None:
                         help="where the folded weights go: variables in variables/ (no slower "
                              "and no more memory to serve than an original that reads "
                              "variables), constants in saved_model.pb (faster at small batches "
-                             "on CPU, but TF Serving peaks at about +8x the weights), or auto "
-                             "(default): as the original holds its own (variables, or constants "
-                             "when it reads none)")
+                             "on CPU, but TF Serving peaks at up to about +8x the weights), or "
+                             "auto (default): as the original holds its own (variables, or "
+                             "constants when it reads none)")
     parser.add_argument("--drop-other-tag-sets", action="store_true", default=_GIVEN,
                         help="SRC holds several MetaGraphs: write only the one of --tag-set "
                              "(without this flag such a SavedModel is refused)")

@@ -295,7 +295,7 @@ def _function_fingerprint(fn) -> str:
 # as variables when its signatures read variables, as constants when they read none (a frozen
 # graph saved as a SavedModel). The result then serves no slower than the original and loads in
 # no more memory. Measured through TF Serving's loading path (tools/bench_serving.py,
-# docs/benchmarks.md): constants peak at the original's + about 8x the weights on the first
+# docs/benchmarks.md): constants peak at the original's + 5x to 8x the weights on the first
 # call (Grappler and the session hold several copies of every constant; written TF1-style, in
 # the main graph, the same), variables at or below the original's; constants serve faster at
 # small batches on CPU (oneDNN keeps a constant filter's reordering).
@@ -332,7 +332,8 @@ def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
 def weights_tradeoff(mode: str, chosen: bool) -> str:
     """One line for the command's summary: how the weights were written (``chosen``: by auto)
     and what the other mode would give (figures: docs/benchmarks.md)."""
-    constants_cost = "TF Serving peaks at about +8x the weights on the first call with constants"
+    constants_cost = ("TF Serving peaks at up to about +8x the weights on the first call with "
+                      "constants")
     if mode == "variables":
         how = "as the original reads them (auto)" if chosen else "as asked"
         return (f"weights: variables, {how}: serves no slower than the original and loads in no "
