@@ -18,18 +18,20 @@ from graphfold import formats
 from graphfold.affine import Affine
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor
-from graphfold.layers import LINEAR, Site
+from graphfold.layers import LINEAR, PADDING_TOUCHES, Site
 from graphfold.rules import IDENTITIES, RULES, Demand, Next
 
 
 @dataclasses.dataclass
 class BiasOnPath:
-    """A constant bias between a root and A: it becomes s ⊙ b + t with the s, t seen there."""
+    """A constant bias between a root and A: it becomes s ⊙ b + sign · t with the s, t seen there
+    (``sign`` −1 for ``y − b``)."""
     node: str
     axis: int | None
     rank: int
     s: np.ndarray
     t: np.ndarray
+    sign: float = 1.0
 
 
 @dataclasses.dataclass
@@ -42,14 +44,18 @@ class Root:
     s: np.ndarray
     t: np.ndarray
     biases: list[BiasOnPath]
+    site: Site | None = None
 
 
 @dataclasses.dataclass
 class Sink:
-    """A layer absorbing A backward: W ⊙_in s, and ``W ⊛ t`` added to its bias."""
+    """A layer absorbing A backward: W ⊙_in s, and ``response`` = ``W ⊛ t`` added to its bias
+    (None when t = 0)."""
     layer: str
     s: np.ndarray
     t: np.ndarray
+    site: Site | None = None
+    response: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -65,17 +71,17 @@ class Plan:
 
 
 # ---- linear layers ------------------------------------------------------------------------------
-def weight_const(graph: Graph, layer) -> str | None:
-    """The ``Const`` node behind a layer's weight input (through Identity), or None."""
+def weight_const(graph: Graph, layer) -> str | Blocked:
+    """The ``Const`` node behind a layer's weight input (through Identity)."""
     tensor = graph.data_inputs(layer)[LINEAR[layer.op].weight]
     for _ in range(16):
         node = graph.producer(tensor)
-        if node.op == "Const":
+        if graph.const(node.name) is not None:
             return node.name
         if node.op not in IDENTITIES:
-            return None
+            break
         tensor = graph.data_inputs(node)[0]
-    return None
+    return Blocked(layer.name, "its weight is not a constant")
 
 
 def site(graph: Graph, layer) -> Site | Blocked:
@@ -84,15 +90,14 @@ def site(graph: Graph, layer) -> Site | Blocked:
     s and t promotes it exactly; other dtypes are converted to float64."""
     linear = LINEAR[layer.op]
     const = weight_const(graph, layer)
-    if const is None:
-        return Blocked(layer.name, "its weight is not a constant")
+    if isinstance(const, Blocked):
+        return const
     weight = graph.const(const)
     if weight.dtype not in (np.float32, np.float64):
         weight = weight.astype(np.float64)
     where = Site(layer, weight,
                  graph.shape(graph.data_inputs(layer)[linear.data]), graph.shape(layer.name))
-    why = linear.refuse(where)
-    return Blocked(layer.name, why) if why else where
+    return linear.refuse(where) or where
 
 
 def _fit(layer, demand: Demand, axis: int, n: int, side: str) -> Blocked | None:
@@ -115,7 +120,7 @@ def _root(graph: Graph, layer, demand: Demand) -> list[Root] | Blocked:
     linear = LINEAR[layer.op]
     n = linear.out_channels(where)
     blocked = _fit(layer, demand, linear.out_axis(layer, demand.rank), n, "out")
-    return blocked or [Root(layer.name, *_vectors(demand, n), [])]
+    return blocked or [Root(layer.name, *_vectors(demand, n), [], where)]
 
 
 def _sink(graph: Graph, layer, tensor: str, demand: Demand, padded: bool) -> Sink | Blocked:
@@ -131,14 +136,14 @@ def _sink(graph: Graph, layer, tensor: str, demand: Demand, padded: bool) -> Sin
     if blocked:
         return blocked
     s, t = _vectors(demand, n)
+    response = None
     if demand.has_shift:
         if padded:
-            return Blocked(layer.name, "zero padding touches the input: the shift cannot fold "
-                                       "(the border outputs would change)")
+            return Blocked(layer.name, PADDING_TOUCHES)
         response = linear.shift_response(where, t)
-        if isinstance(response, str):
-            return Blocked(layer.name, response)
-    return Sink(layer.name, s, t)
+        if isinstance(response, Blocked):
+            return response
+    return Sink(layer.name, s, t, where, response)
 
 
 def _stop(node) -> Blocked:
@@ -177,7 +182,8 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
             return roots
         if step.bias:    # recorded once, with the s and t seen here (roots below share it)
             taken = step.taken
-            roots[0].biases.append(BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t))
+            roots[0].biases.append(BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t,
+                                              step.bias_sign))
         found.extend(roots)
     return found
 
@@ -244,20 +250,22 @@ def _leaves(graph: Graph, node, after: Next, plan: Plan) -> Blocked | None:
 def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
     """TensorFlow 2.21 with oneDNN fuses ``Pad → Conv2D`` and drops a padding of the batch or
     channel axis (an error, or silently a smaller batch). Bypassing A must not make such a Pad
-    feed a Conv2D directly (through Identity, which Grappler removes)."""
+    feed such a layer (``Linear.fuses_pad``) directly (through Identity, which Grappler
+    removes)."""
     def skip_identities(tensor):
         while graph.producer(tensor).op in IDENTITIES:
             tensor = graph.data_inputs(graph.producer(tensor))[0]
         return tensor
 
     pad = graph.producer(skip_identities(affine.input(graph)))
-    pads = graph.const(graph.data_inputs(pad)[1]) if pad.op in ("Pad", "PadV2") else None
+    rule = RULES.get(pad.op)
+    pads = rule.pad_amounts(graph, pad) if rule is not None and rule.pad_amounts else None
     if pads is None or pads.shape != (4, 2):
         return None
     y = canonical(affine.output)
     for sink in plan.sinks:
         layer = graph.nodes[sink.layer]
-        if layer.op != "Conv2D" or canonical(skip_identities(layer.input[0])) != y:
+        if not LINEAR[layer.op].fuses_pad or canonical(skip_identities(layer.input[0])) != y:
             continue
         spatial = formats.spatial_axes(formats.data_format(layer), 4)
         if any(np.any(pads[axis] != 0) for axis in range(4) if axis not in spatial):

@@ -18,7 +18,7 @@ from graphfold.errors import Blocked
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.inline import inline_calls
-from graphfold.plan import plan_backward, plan_forward
+from graphfold.decide import decide
 from graphfold.report import Entry, FoldReport
 from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
@@ -134,14 +134,14 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     for affine in affines:
         start = time.perf_counter()
         affine = refresh(graph, affine)
-        outcome, writes, tried = _decide(graph, affine)
+        decision = decide(graph, affine)
         plan_time += time.perf_counter() - start
-        if isinstance(outcome, Blocked):
+        if not decision.folded:
             if affine.blocked is None:
                 apply_.as_multiply_add(graph, affine)
         else:
-            apply_.fold(graph, affine, writes)
-        entries.extend(_entries(affine, outcome, tried))
+            apply_.fold(graph, affine, decision.writes)
+        entries.extend(_entries(affine, decision.plan, decision.tried))
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
@@ -158,22 +158,6 @@ def check_feeds(graph_def, inputs) -> None:
             raise ValueError(f"input {tensor!r} is not a node of the graph")
         if ops[name] not in PLACEHOLDERS:
             raise ValueError(f"input {tensor!r} is a {ops[name]} node, not a placeholder")
-
-
-def _decide(graph: Graph, affine: Affine):
-    """``(plan, its computed writes, what each direction met)``: forward first, then backward;
-    the plan is the first blocker when neither direction folds."""
-    if affine.blocked:
-        return affine.blocked, None, {}
-    tried, first = {}, None
-    for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
-        plan = planner(graph, affine)
-        writes = plan if isinstance(plan, Blocked) else apply_.compute(graph, plan)
-        if not isinstance(writes, Blocked):
-            return plan, writes, tried
-        tried[direction] = str(writes)
-        first = first or writes
-    return first, None, tried
 
 
 def _entries(affine: Affine, outcome, tried) -> list[Entry]:

@@ -52,11 +52,13 @@ class Demand:
 @dataclasses.dataclass(frozen=True)
 class Step:
     """Forward: continue at ``tensor`` with ``demand``. ``bias``: the op is a constant bias on the
-    path, which takes the shift (s ⊙ (y + b) + t = s ⊙ y + (s ⊙ b + t)) with ``taken``'s s and t."""
+    path, which takes the shift (s ⊙ (y + b) + t = s ⊙ y + (s ⊙ b + t)) with ``taken``'s s and t;
+    ``bias_sign`` −1 for ``y − b`` (then b ← s ⊙ b − t)."""
     tensor: str
     demand: Demand
     bias: str | None = None
     taken: Demand | None = None
+    bias_sign: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +78,13 @@ Backward = Callable[[Graph, object, list, Demand], "Next | Blocked"]
 class Rule:
     forward: Forward | None = None
     backward: Backward | None = None
+    pad_amounts: Callable[[Graph, object], "np.ndarray | None"] | None = None
+    """A ``Pad``: its constant pad amounts (None when not constant)."""
 
 
 # ---- shared facts --------------------------------------------------------------------------------
 def const_operand(graph: Graph, node) -> int | None:
+    """The index of the first constant operand of ``node`` (None when it has none)."""
     for i, tensor in enumerate(graph.data_inputs(node)):
         if graph.const(tensor) is not None:
             return i
@@ -97,102 +102,123 @@ def _only_data(node, reads) -> Blocked | None:
 
 
 def _pads(graph: Graph, node) -> bool:
-    """Whether ``SpaceToBatchND`` adds zero padding (a ``BatchToSpaceND`` only crops)."""
-    if node.op != "SpaceToBatchND":
-        return False
+    """Whether a ``SpaceToBatchND`` adds zero padding."""
     pads = graph.const(graph.data_inputs(node)[2])
     return pads is None or bool(np.any(pads != 0))
 
 
-def axis_in_to_out(graph: Graph, node, axis: int | None) -> tuple[int | None, int] | None:
-    """Where channel ``axis`` of a reshaping op's input lands in its output, with the output rank;
-    None when the op does not keep the channel axis intact. A ``Reshape`` must keep the channel
-    axis last, with the same known size."""
-    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
-    if src is None or dst is None:
+# ---- where the channel axis goes through an op that moves axes ----------------------------------
+# An axis map ``(graph, node, axis, src, dst) -> int | None`` gives where channel ``axis`` of the
+# op's input (shape ``src``) lands in its output (shape ``dst``), or None when the op does not keep
+# the channel axis intact.
+def _squeeze_axis(graph, node, axis, src, dst):
+    listed = list(node.attr["squeeze_dims"].list.i)
+    dims = [d % len(src) for d in listed] if listed else [i for i, d in enumerate(src) if d == 1]
+    if axis in dims:
         return None
-    if axis is None:
-        return None, len(dst)
-    if node.op == "Squeeze":
-        listed = list(node.attr["squeeze_dims"].list.i)
-        dims = [d % len(src) for d in listed] if listed else \
-            [i for i, d in enumerate(src) if d == 1]
-        if axis in dims:
-            return None
-        return axis - sum(d < axis for d in dims), len(dst)
-    if node.op == "ExpandDims":
-        where = graph.const(graph.data_inputs(node)[1])
-        if where is None:
-            return None
-        where = int(where) % len(dst)
-        return (axis + 1 if where <= axis else axis), len(dst)
-    if node.op == "Transpose":
-        perm = graph.const(graph.data_inputs(node)[1])
-        identity = perm is not None and list(perm) == list(range(len(perm)))
-        return (axis, len(dst)) if identity else None
+    return axis - sum(d < axis for d in dims)
+
+
+def _expand_axis(graph, node, axis, src, dst):
+    where = graph.const(graph.data_inputs(node)[1])
+    if where is None:
+        return None
+    where = int(where) % len(dst)
+    return axis + 1 if where <= axis else axis
+
+
+def _transpose_axis(graph, node, axis, src, dst):
+    perm = graph.const(graph.data_inputs(node)[1])
+    identity = perm is not None and list(perm) == list(range(len(perm)))
+    return axis if identity else None
+
+
+def _reshape_axis(graph, node, axis, src, dst):
+    """A ``Reshape`` must keep the channel axis last, with the same known size."""
     if axis == len(src) - 1 and src[-1] is not None and dst[-1] == src[-1]:
-        return len(dst) - 1, len(dst)
+        return len(dst) - 1
     return None
 
 
-def axis_out_to_in(graph: Graph, node, axis: int | None) -> tuple[int | None, int] | None:
+def axis_in_to_out(graph: Graph, node, axis: int | None,
+                   axis_map) -> tuple[int | None, int] | Blocked:
+    """Where channel ``axis`` of the op's input lands in its output, with the output rank; or
+    Blocked when the op does not keep the channel axis intact."""
+    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
+    if src is not None and dst is not None:
+        if axis is None:
+            return None, len(dst)
+        mapped = axis_map(graph, node, axis, src, dst)
+        if mapped is not None:
+            return mapped, len(dst)
+    return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
+
+
+def axis_out_to_in(graph: Graph, node, axis: int | None,
+                   axis_map) -> tuple[int | None, int] | Blocked:
     """The inverse of ``axis_in_to_out``."""
     src = graph.shape(graph.data_inputs(node)[0])
-    if src is None:
-        return None
-    if axis is None:
-        return (None, len(src)) if axis_in_to_out(graph, node, None) else None
-    for candidate in range(len(src)):
-        mapped = axis_in_to_out(graph, node, candidate)
-        if mapped is not None and mapped[0] == axis:
-            return candidate, len(src)
-    return None
+    if src is not None:
+        if axis is None:
+            mapped = axis_in_to_out(graph, node, None, axis_map)
+            return mapped if isinstance(mapped, Blocked) else (None, len(src))
+        for candidate in range(len(src)):
+            mapped = axis_in_to_out(graph, node, candidate, axis_map)
+            if not isinstance(mapped, Blocked) and mapped[0] == axis:
+                return candidate, len(src)
+    return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
 
 
-def flatten(graph: Graph, node, demand: Demand) -> Demand | None:
+def flatten(graph: Graph, node, demand: Demand) -> Demand | Blocked:
     """A Flatten of ``[N, ..., C]`` to ``[N, K]``: s and t tiled over the spatial positions."""
     src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
+    no = Blocked(node.name, f"{node.op} does not keep the channel axis intact")
     if src is None or dst is None or len(dst) != 2 or demand.axis != len(src) - 1:
-        return None
+        return no
     if any(d is None for d in src[1:]) or dst[1] not in (None, int(np.prod(src[1:]))):
-        return None
+        return no
     repeats = int(np.prod(src[1:-1]))
     tile = (lambda v: v if v.size == 1 else np.tile(v, repeats))
     return Demand(tile(demand.s), tile(demand.t), 1, 2)
 
 
-def concat_slices(graph: Graph, node, axis: int | None, rank: int):
-    """``[(operand, start, stop)]`` when ``node`` concatenates on ``axis``, else a reason."""
+def concat_slices(graph: Graph, node, axis: int | None,
+                  rank: int) -> list[tuple[str, int, int]] | Blocked:
+    """``[(operand, start, stop)]`` when ``node`` concatenates on ``axis``, else why not."""
     inputs = graph.data_inputs(node)
     concat_axis = graph.const(inputs[-1])
     if concat_axis is None or axis is None:
-        return "concatenates on an unknown axis"
+        return Blocked(node.name, f"{node.op} concatenates on an unknown axis")
     if int(concat_axis) % rank != axis:
-        return "does not concatenate on the channel axis"
+        return Blocked(node.name, f"{node.op} does not concatenate on the channel axis")
     slices, start = [], 0
     for operand in inputs[:-1]:
         shape = graph.shape(operand)
         if shape is None or shape[axis] is None:
-            return "an operand has an unknown channel count"
+            return Blocked(node.name, f"{node.op} an operand has an unknown channel count")
         slices.append((operand, start, start + shape[axis]))
         start += shape[axis]
     return slices
 
 
-def _reduced_axes(graph: Graph, node, rank: int) -> list[int] | None:
+def _reduced_axes(graph: Graph, node, rank: int) -> list[int] | Blocked:
     axes = graph.const(graph.data_inputs(node)[1])
     if axes is None:
-        return None
+        return Blocked(node.name, "Mean over unknown axes")
     return sorted({int(a) % rank for a in np.atleast_1d(axes)})
 
 
-def _pad_amounts(graph: Graph, node) -> np.ndarray | None:
-    pads = graph.const(graph.data_inputs(node)[1])
-    if node.op == "PadV2":
-        value = graph.const(graph.data_inputs(node)[2])
-        if value is None or np.any(value != 0):
-            return None
-    return pads
+def pad_amounts(graph: Graph, node) -> np.ndarray | None:
+    """A ``Pad``'s constant amounts (None when they are not constant)."""
+    return graph.const(graph.data_inputs(node)[1])
+
+
+def _zero_pad_v2(graph: Graph, node) -> Blocked | None:
+    """A ``PadV2`` pads with its constant value: it must be zero."""
+    value = graph.const(graph.data_inputs(node)[2])
+    if value is None or np.any(value != 0):
+        return Blocked(node.name, "padding is not a constant zero")
+    return None
 
 
 # ---- rules ---------------------------------------------------------------------------------------
@@ -222,42 +248,47 @@ def _space_to_batch_down(graph, node, reads, demand):
     return _only_data(node, reads) or Next(demand, pads=_pads(graph, node))
 
 
-def _reshape_up(graph, node, demand):
-    mapped = axis_out_to_in(graph, node, demand.axis)
-    if mapped is None:
-        return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
-    return [Step(_x(graph, node), demand.with_axis(*mapped))]
+def _reshaping(axis_map, flattens: bool = False) -> Rule:
+    """The rule of an op that moves axes as ``axis_map`` says; ``flattens``: backward, it may
+    also be a Flatten (s and t tiled over the positions)."""
+    def up(graph, node, demand):
+        mapped = axis_out_to_in(graph, node, demand.axis, axis_map)
+        if isinstance(mapped, Blocked):
+            return mapped
+        return [Step(_x(graph, node), demand.with_axis(*mapped))]
+
+    def down(graph, node, reads, demand):
+        blocked = _only_data(node, reads)
+        if blocked:
+            return blocked
+        mapped = axis_in_to_out(graph, node, demand.axis, axis_map)
+        if not isinstance(mapped, Blocked):
+            return Next(demand.with_axis(*mapped))
+        flat = flatten(graph, node, demand) if flattens else mapped
+        return flat if isinstance(flat, Blocked) else Next(flat)
+
+    return Rule(up, down)
 
 
-def _reshape_down(graph, node, reads, demand):
-    blocked = _only_data(node, reads)
-    if blocked:
-        return blocked
-    mapped = axis_in_to_out(graph, node, demand.axis)
-    if mapped is not None:
-        return Next(demand.with_axis(*mapped))
-    flat = flatten(graph, node, demand) if node.op == "Reshape" else None
-    if flat is None:
-        return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
-    return Next(flat)
+def _pooling(positive: bool) -> Rule:
+    """Pools act per channel: they commute with A when A's axis is the channel axis; a max
+    (``positive``) commutes with a positive scale only."""
+    def check(graph, node, demand) -> Blocked | None:
+        if demand.axis is not None and \
+                demand.axis != formats.channel_axis(formats.data_format(node), demand.rank):
+            return Blocked(node.name, "pools over the channel axis")
+        if positive and not demand.positive:
+            return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max)")
+        return None
 
-
-def _pool_check(node, demand) -> Blocked | None:
-    """Pools act per channel: they commute with A when A's axis is the channel axis, and max
-    commutes with a positive scale only."""
-    if demand.axis is not None and \
-            demand.axis != formats.channel_axis(formats.data_format(node), demand.rank):
-        return Blocked(node.name, "pools over the channel axis")
-    if node.op.startswith("MaxPool") and not demand.positive:
-        return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max)")
-    return None
+    return Rule(_checked(check, True), _checked(check, False))
 
 
 def _mean_up(graph, node, demand):
     x = _x(graph, node)
     in_rank = graph.rank(x)
     axes = _reduced_axes(graph, node, in_rank or 0)
-    if axes is None or in_rank is None:
+    if isinstance(axes, Blocked) or in_rank is None:
         return Blocked(node.name, "Mean over unknown axes")
     if demand.axis is None:
         return [Step(x, demand.with_axis(None, in_rank))]
@@ -274,8 +305,8 @@ def _mean_down(graph, node, reads, demand):
     if reads != [0]:
         return Blocked(node.name, "A feeds the reduction axes")
     axes = _reduced_axes(graph, node, demand.rank)
-    if axes is None:
-        return Blocked(node.name, "Mean over unknown axes")
+    if isinstance(axes, Blocked):
+        return axes
     keep = node.attr["keep_dims"].b
     if demand.axis is None:
         return Next(demand.with_axis(None, demand.rank if keep else demand.rank - len(axes)))
@@ -295,9 +326,10 @@ def _relu_up(graph, node, demand):
     return _through(graph, node, demand)
 
 
-def _pad_check(graph, node, demand) -> Blocked | None:
-    pads = _pad_amounts(graph, node)
-    if pads is None:
+def _pad_check(graph, node, demand, value_check=lambda graph, node: None) -> Blocked | None:
+    pads = pad_amounts(graph, node)
+    blocked = value_check(graph, node)
+    if pads is None or blocked:
         return Blocked(node.name, "padding is not a constant zero")
     if demand.has_shift:
         return Blocked(node.name, "zero padding after A: the shift cannot fold")
@@ -306,15 +338,22 @@ def _pad_check(graph, node, demand) -> Blocked | None:
     return None
 
 
-def _pad_down(graph, node, reads, demand):
-    return _only_data(node, reads) or _pad_check(graph, node, demand) or Next(demand, pads=True)
+def _padding(value_check=lambda graph, node: None) -> Rule:
+    """A zero ``Pad``: A passes when its shift is zero and the channel axis is not padded."""
+    def check(graph, node, demand):
+        return _pad_check(graph, node, demand, value_check)
+
+    def down(graph, node, reads, demand):
+        return _only_data(node, reads) or check(graph, node, demand) or Next(demand, pads=True)
+
+    return Rule(_checked(check, True), down, pad_amounts=pad_amounts)
 
 
 def _add_up(graph, node, demand):
     """A bias (a constant operand) takes the shift; an Add of two tensors passes s to both
     operands and t to the first."""
     if const_operand(graph, node) is not None:
-        return _bias_up(graph, node, demand)
+        return _bias_up(graph, node, demand, 1.0)
     inputs = graph.data_inputs(node)
     shapes = [graph.shape(t) for t in inputs]
     if len(inputs) != 2 or shapes[0] is None or shapes[0] != shapes[1] or \
@@ -325,14 +364,18 @@ def _add_up(graph, node, demand):
     return [Step(inputs[0], demand), Step(inputs[1], demand.without_shift())]
 
 
-def _bias_up(graph, node, demand):
+def _bias_up(graph, node, demand, sign: float):
+    """``x ± b`` (``sign``) with b a per-channel constant: it takes the shift."""
     shift = recognise(graph, node)
     if shift is None or shift.blocked or not np.all(shift.s == 1) or not \
             (shift.axis is None or demand.axis is None or shift.axis == demand.axis):
         return Blocked(node.name, f"{node.op} is not a per-channel bias on A's axis")
-    inputs = graph.data_inputs(node)
-    x = inputs[0] if node.op == "BiasAdd" else inputs[1 - const_operand(graph, node)]
-    return [Step(x, demand.without_shift(), bias=node.name, taken=demand)]
+    x = graph.data_inputs(node)[1 - const_operand(graph, node)]
+    return [Step(x, demand.without_shift(), bias=node.name, taken=demand, bias_sign=sign)]
+
+
+def _bias(sign: float) -> Rule:
+    return Rule(lambda graph, node, demand: _bias_up(graph, node, demand, sign), None)
 
 
 def _add_down(graph, node, reads, demand):
@@ -359,8 +402,8 @@ LEAF_EPS = 1e-6  # refuse a leaf when some |s| < LEAF_EPS · max|s|
 
 def _concat_up(graph, node, demand):
     slices = concat_slices(graph, node, demand.axis, demand.rank)
-    if isinstance(slices, str):
-        return Blocked(node.name, f"ConcatV2 {slices}")
+    if isinstance(slices, Blocked):
+        return slices
     operands = [operand for operand, _, _ in slices]
     if len(set(operands)) != len(operands):
         return Blocked(node.name, "ConcatV2 reads one tensor twice")
@@ -372,8 +415,8 @@ def _concat_down(graph, node, reads, demand):
     if len(reads) != 1:
         return Blocked(node.name, "ConcatV2 reads A's output twice")
     slices = concat_slices(graph, node, demand.axis, demand.rank)
-    if isinstance(slices, str):
-        return Blocked(node.name, f"ConcatV2 {slices}")
+    if isinstance(slices, Blocked):
+        return slices
     total = slices[-1][2]
     s, t = np.ones(total), np.zeros(total)
     _, start, stop = slices[reads[0]]
@@ -403,27 +446,29 @@ def _call(node) -> Blocked:
 
 
 _IDENTITY = Rule(_through, _through_down)
-_RESHAPE = Rule(_reshape_up, _reshape_down)
-_POOL = Rule(_checked(lambda g, n, d: _pool_check(n, d), True),
-             _checked(lambda g, n, d: _pool_check(n, d), False))
 _CAST = Rule(_checked(lambda g, n, d: _cast_check(n), True),
              _checked(lambda g, n, d: _cast_check(n), False))
 
 IDENTITIES = ("Identity", "Snapshot", "StopGradient")
+LAYER_BIAS_OPS = ("BiasAdd",)     # a layer's own bias, to which a shift folded backward is added
 
 RULES: dict[str, Rule] = {
     **{op: _IDENTITY for op in IDENTITIES},
     "Cast": _CAST,
     "BatchToSpaceND": _IDENTITY,
     "SpaceToBatchND": Rule(_space_to_batch_up, _space_to_batch_down),
-    "Reshape": _RESHAPE, "Squeeze": _RESHAPE, "ExpandDims": _RESHAPE, "Transpose": _RESHAPE,
-    "AvgPool": _POOL, "AvgPool3D": _POOL, "MaxPool": _POOL, "MaxPool3D": _POOL,
+    "Reshape": _reshaping(_reshape_axis, flattens=True),
+    "Squeeze": _reshaping(_squeeze_axis),
+    "ExpandDims": _reshaping(_expand_axis),
+    "Transpose": _reshaping(_transpose_axis),
+    "AvgPool": _pooling(positive=False), "AvgPool3D": _pooling(positive=False),
+    "MaxPool": _pooling(positive=True), "MaxPool3D": _pooling(positive=True),
     "Mean": Rule(_mean_up, _mean_down),
     "Relu": Rule(_relu_up, None),
-    "Pad": Rule(_checked(_pad_check, True), _pad_down),
-    "PadV2": Rule(_checked(_pad_check, True), _pad_down),
+    "Pad": _padding(),
+    "PadV2": _padding(_zero_pad_v2),
     "Add": Rule(_add_up, _add_down), "AddV2": Rule(_add_up, _add_down),
-    "BiasAdd": Rule(_bias_up, None), "Sub": Rule(_bias_up, None),
+    "BiasAdd": _bias(1.0), "Sub": _bias(-1.0),
     "ConcatV2": Rule(_concat_up, _concat_down),
     "Placeholder": _refuse("graph input"),
     "StatefulPartitionedCall": Rule(lambda g, n, d: _call(n), lambda g, n, r, d: _call(n)),
