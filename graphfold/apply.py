@@ -35,20 +35,22 @@ def fold(graph: Graph, affine: Affine, writes: list[Write]) -> None:
         if isinstance(write, SetConst):
             _write_const(graph, write.node, write.index, write.const, write.value)
         elif isinstance(write, NewBias):
-            add_bias_after(graph, write.layer, write.value)
+            add_bias_after(graph, write.site.layer, write.value, like=write.site.node)
         else:
             raise TypeError(f"unknown write {write!r}")
     _bypass(graph, affine)
 
 
-def add_bias_after(graph: Graph, layer, bias: np.ndarray) -> None:
+def add_bias_after(graph: Graph, layer, bias: np.ndarray, like=None) -> None:
     """Inserts ``BiasAdd(layer, bias)`` after ``layer`` (a fetched ``layer`` name then names the
-    ``BiasAdd``: it still computes the layer's output as it was before the fold). The one place
-    a fold emits a bias."""
-    dtype = graph.dtype(layer)
+    ``BiasAdd``: it still computes the layer's output as it was before the fold), of the dtype
+    and data format of ``like`` (the layer inside a call; default ``layer``). The one place a
+    fold emits a bias."""
+    like = layer if like is None else like
+    dtype = graph.dtype(like)
     const = graph.add_const(f"{layer.name}/folded_bias", bias, dtype)
     add = graph.add_op(f"{layer.name}/folded_bias_add", "BiasAdd", [layer.name, const], dtype,
-                       data_format=bias_format(layer))
+                       data_format=bias_format(like))
     graph.shapes[add] = graph.shapes.get(canonical(layer.name))
     graph.redirect(layer.name, add)
 

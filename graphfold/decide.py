@@ -21,6 +21,7 @@ import tensorflow as tf
 from graphfold.affine import Affine
 from graphfold.errors import Blocked
 from graphfold.graph import Graph
+from graphfold.layers import Site
 from graphfold.plan import Plan, Root, Sink, plan_backward, plan_forward, weight_const
 from graphfold.rules import LAYER_BIAS_OPS, const_operand
 
@@ -43,8 +44,9 @@ class SetConst:
 
 @dataclasses.dataclass(frozen=True)
 class NewBias:
-    """A bias holding ``value`` is inserted after the layer."""
-    layer: object
+    """A bias holding ``value`` is inserted after the layer ``site.layer`` (of ``site.node``'s
+    dtype and data format)."""
+    site: Site
     value: np.ndarray
 
 
@@ -142,19 +144,19 @@ def _weight_dtype(graph: Graph, const: str) -> tf.DType:
 def _sink_writes(graph: Graph, sink: Sink) -> list[Write] | Blocked:
     """W ← W ⊙_in s; b ← b + W ⊛ t."""
     where = sink.site
-    layer, linear = where.node, where.linear
-    const = weight_const(graph, layer)
+    layer, linear = where.layer, where.linear
+    const = weight_const(graph, layer, where.weight_index)
     dtype = _weight_dtype(graph, const)
     new_w = _scaled(where.w, linear.in_factor(where, sink.s), dtype, layer.name)
     if isinstance(new_w, Blocked):
         return new_w
-    writes: list[Write] = [SetConst(layer, linear.weight, const, new_w)]
+    writes: list[Write] = [SetConst(layer, where.weight_index, const, new_w)]
     if sink.response is not None:
         blocked = _check_range(sink.response, dtype, layer.name, "bias") or \
-            linear.refuse_bias(layer)
+            linear.refuse_bias(where.node)
         if blocked:
             return blocked
-        writes.append(_into_bias(graph, layer, sink.response))
+        writes.append(_into_bias(graph, where, sink.response))
     return writes
 
 
@@ -162,13 +164,13 @@ def _root_writes(graph: Graph, root: Root) -> list[Write] | Blocked:
     """W ← W ⊙_out s; each bias on the path b ← s ⊙ b + t (``x - b``: b ← s ⊙ b − t), with the
     s, t that reach it; a t that reaches the layer itself goes into a new bias."""
     where = root.site
-    layer, linear = where.node, where.linear
-    const = weight_const(graph, layer)
+    layer, linear = where.layer, where.linear
+    const = weight_const(graph, layer, where.weight_index)
     dtype = _weight_dtype(graph, const)
     new_w = _scaled(where.w, linear.out_factor(where, root.s), dtype, layer.name)
     if isinstance(new_w, Blocked):
         return new_w
-    writes: list[Write] = [SetConst(layer, linear.weight, const, new_w)]
+    writes: list[Write] = [SetConst(layer, where.weight_index, const, new_w)]
     for bias in root.biases:
         bias_node, k, bias_const, b = _bias(graph, bias.node)
         new_b = _channel_values(b, bias.s, bias.sign * bias.t, bias.axis, bias.rank)
@@ -177,10 +179,11 @@ def _root_writes(graph: Graph, root: Root) -> list[Write] | Blocked:
             return blocked
         writes.append(SetConst(bias_node, k, bias_const, new_b))
     if np.any(root.t != 0):
-        blocked = _check_range(root.t, dtype, layer.name, "bias") or linear.refuse_bias(layer)
+        blocked = _check_range(root.t, dtype, layer.name, "bias") or \
+            linear.refuse_bias(where.node)
         if blocked:
             return blocked
-        writes.append(NewBias(layer, root.t))
+        writes.append(NewBias(where, root.t))
     return writes
 
 
@@ -204,9 +207,10 @@ def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,
     return values.reshape([-1] + [1] * (rank - 1 - axis))
 
 
-def _into_bias(graph: Graph, layer, delta: np.ndarray) -> Write:
+def _into_bias(graph: Graph, where: Site, delta: np.ndarray) -> Write:
     """``delta`` added to the layer's bias: its own bias op if it feeds one alone (and the sum
     stays in range), else a new one."""
+    layer = where.layer
     users = graph.value_consumers(layer.name)
     if len(users) == 1 and users[0].op in LAYER_BIAS_OPS and not graph.is_fetched(layer.name):
         bias_node = users[0]
@@ -217,4 +221,4 @@ def _into_bias(graph: Graph, layer, delta: np.ndarray) -> Write:
                 total = b.reshape(-1) + delta
                 if _in_range(total, _weight_dtype(graph, bias_const)):
                     return SetConst(bias_node, 1, bias_const, total)
-    return NewBias(layer, delta)
+    return NewBias(where, delta)

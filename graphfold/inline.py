@@ -108,6 +108,43 @@ def _infer_shapes(graph: Graph) -> None:
         graph.shapes[tensor] = shape
 
 
+def linear_body(graph: Graph, call) -> tuple[object, int, int] | None:
+    """``(layer, data, weight)`` when the call's function computes one linear layer of two of its
+    arguments and nothing else (Identity and NoOp aside): the layer's NodeDef in the body, and
+    the call's inputs that are its data and its weight. Keras 3 runs a grouped Conv3D so, in an
+    XLA call that stays (TensorFlow's CPU Conv3D has no groups): a fold scales the call's weight
+    argument and adds its bias after the call, leaving the body as it is."""
+    function = _library(graph).get(call.attr["f"].func.name)
+    if function is None or len(function.signature.output_arg) != 1 or len(function.ret) != 1:
+        return None
+    body = {n.name: n for n in function.node_def}
+    layers = [n for n in function.node_def if n.op in LINEAR]
+    if len(layers) != 1 or any(n.op not in IDENTITIES and n.op != "NoOp"
+                               for n in function.node_def if n is not layers[0]):
+        return None
+    layer = layers[0]
+    args = [arg.name for arg in function.signature.input_arg]
+
+    def source(tensor: str) -> str:
+        """The body tensor behind Identities: an argument name, or ``node`` for output 0."""
+        for _ in range(len(body) + 1):
+            name, *rest = tensor.split(":")
+            if name in args or name not in body:
+                return name
+            if body[name].op not in IDENTITIES:
+                return name if not rest or rest[-1] == "0" else ""     # layers: one output
+            tensor = [t for t in body[name].input if not t.startswith("^")][0]
+        return ""
+
+    linear = LINEAR[layer.op]
+    inputs = [t for t in layer.input if not t.startswith("^")]
+    data, weight = source(inputs[linear.data]), source(inputs[linear.weight])
+    if source(next(iter(function.ret.values()))) != layer.name or data not in args or \
+            weight not in args or data == weight or len(args) != len(graph.data_inputs(call)):
+        return None
+    return layer, args.index(data), args.index(weight)
+
+
 def _library(graph: Graph) -> dict:
     return {f.signature.name: f for f in graph.graph_def.library.function}
 

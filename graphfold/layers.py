@@ -24,11 +24,24 @@ from graphfold.errors import Blocked
 class Site:
     """A linear layer as the fold sees it: the node, its weight (float32 or float64 as the graph
     holds it, other dtypes as float64), and the static shapes of its data input and output
-    (None where unknown)."""
+    (None where unknown). ``host``: the graph node that runs ``node``, when it is a call whose
+    function body holds ``node`` (None: ``node`` itself), its input ``weight_input`` the weight."""
     node: object
     w: np.ndarray
     data_shape: tuple | None
     out_shape: tuple | None
+    host: object = None
+    weight_input: int | None = None
+
+    @property
+    def layer(self):
+        """The graph node a fold rewires: the layer itself, or the call that runs it."""
+        return self.host if self.host is not None else self.node
+
+    @property
+    def weight_index(self) -> int:
+        """The input of ``layer`` that holds the weight."""
+        return self.linear.weight if self.weight_input is None else self.weight_input
 
     @property
     def linear(self) -> "Linear":

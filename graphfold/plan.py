@@ -18,6 +18,7 @@ from graphfold import formats
 from graphfold.affine import Affine
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor
+from graphfold.inline import CALLS, linear_body
 from graphfold.layers import LINEAR, PADDING_TOUCHES, Site
 from graphfold.rules import IDENTITIES, RULES, Demand, Next
 
@@ -71,9 +72,18 @@ class Plan:
 
 
 # ---- linear layers ------------------------------------------------------------------------------
-def weight_const(graph: Graph, layer) -> str | Blocked:
-    """The ``Const`` node behind a layer's weight input (through Identity)."""
-    tensor = graph.data_inputs(layer)[LINEAR[layer.op].weight]
+def layer_of(graph: Graph, node) -> tuple[object, int, int] | None:
+    """``(layer, data, weight)`` when ``node`` is a linear layer (``layers.LINEAR``), or a call
+    that runs one (``inline.linear_body``): the layer's NodeDef, and the inputs of ``node`` that
+    are its data and its weight; None otherwise."""
+    if node.op in LINEAR:
+        return node, LINEAR[node.op].data, LINEAR[node.op].weight
+    return linear_body(graph, node) if node.op in CALLS else None
+
+
+def weight_const(graph: Graph, layer, index: int) -> str | Blocked:
+    """The ``Const`` node behind input ``index`` (a weight) of ``layer`` (through Identity)."""
+    tensor = graph.data_inputs(layer)[index]
     for _ in range(16):
         node = graph.producer(tensor)
         if graph.const(node.name) is not None:
@@ -85,19 +95,20 @@ def weight_const(graph: Graph, layer) -> str | Blocked:
 
 
 def site(graph: Graph, layer) -> Site | Blocked:
-    """The layer with its weight and shapes, or why it cannot take a fold at all. A float32 or
-    float64 weight is kept as it is (no float64 copy): the fold's arithmetic with the float64
-    s and t promotes it exactly; other dtypes are converted to float64."""
-    linear = LINEAR[layer.op]
-    const = weight_const(graph, layer)
+    """The layer (a ``layer_of``) with its weight and shapes, or why it cannot take a fold at
+    all. A float32 or float64 weight is kept as it is (no float64 copy): the fold's arithmetic
+    with the float64 s and t promotes it exactly; other dtypes are converted to float64."""
+    inner, data, weight_input = layer_of(graph, layer)
+    const = weight_const(graph, layer, weight_input)
     if isinstance(const, Blocked):
         return const
     weight = graph.const(const)
     if weight.dtype not in (np.float32, np.float64):
         weight = weight.astype(np.float64)
-    where = Site(layer, weight,
-                 graph.shape(graph.data_inputs(layer)[linear.data]), graph.shape(layer.name))
-    return linear.refuse(where) or where
+    host = None if inner is layer else layer
+    where = Site(inner, weight, graph.shape(graph.data_inputs(layer)[data]),
+                 graph.shape(layer.name), host, None if host is None else weight_input)
+    return where.linear.refuse(where) or where
 
 
 def _fit(layer, demand: Demand, axis: int, n: int, side: str) -> Blocked | None:
@@ -117,9 +128,9 @@ def _root(graph: Graph, layer, demand: Demand) -> list[Root] | Blocked:
     where = site(graph, layer)
     if isinstance(where, Blocked):
         return where
-    linear = LINEAR[layer.op]
+    linear = where.linear
     n = linear.out_channels(where)
-    blocked = _fit(layer, demand, linear.out_axis(layer, demand.rank), n, "out")
+    blocked = _fit(layer, demand, linear.out_axis(where.node, demand.rank), n, "out")
     return blocked or [Root(layer.name, *_vectors(demand, n), [], where)]
 
 
@@ -127,12 +138,12 @@ def _sink(graph: Graph, layer, tensor: str, demand: Demand, padded: bool) -> Sin
     where = site(graph, layer)
     if isinstance(where, Blocked):
         return where
-    linear = LINEAR[layer.op]
+    linear = where.linear
     n = linear.in_channels(where)
     shape = graph.shape(tensor)
     if shape is None or (demand.axis is not None and shape[demand.axis] not in (None, n)):
         return Blocked(layer.name, "unknown input channels")
-    blocked = _fit(layer, demand, linear.in_axis(layer, demand.rank), n, "in")
+    blocked = _fit(layer, demand, linear.in_axis(where.node, demand.rank), n, "in")
     if blocked:
         return blocked
     s, t = _vectors(demand, n)
@@ -169,7 +180,7 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
     if node.name in seen:
         return Blocked(node.name, "reached twice on the way to the layers")
     seen.add(node.name)
-    if node.op in LINEAR and split_tensor(tensor)[1] == 0:
+    if split_tensor(tensor)[1] == 0 and layer_of(graph, node) is not None:
         return _root(graph, node, demand)
     rule = RULES.get(node.op)
     steps = rule.forward(graph, node, demand) if rule and rule.forward else _stop(node)
@@ -218,8 +229,9 @@ def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
         seen.add(node.name)
         reads = [i for i, t in enumerate(graph.data_inputs(node))
                  if canonical(t) == canonical(tensor)]
-        if node.op in LINEAR:
-            if reads != [LINEAR[node.op].data]:
+        layer = layer_of(graph, node)
+        if layer is not None:
+            if reads != [layer[1]]:
                 return Blocked(node.name, "A feeds the layer's weight or shape")
             sink = _sink(graph, node, tensor, demand, padded)
             if isinstance(sink, Blocked):
@@ -264,10 +276,10 @@ def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
         return None
     y = canonical(affine.output)
     for sink in plan.sinks:
-        layer = graph.nodes[sink.layer]
-        if not LINEAR[layer.op].fuses_pad or canonical(skip_identities(layer.input[0])) != y:
+        layer = sink.site.layer
+        if not sink.site.linear.fuses_pad or canonical(skip_identities(layer.input[0])) != y:
             continue
-        spatial = formats.spatial_axes(formats.data_format(layer), 4)
+        spatial = formats.spatial_axes(formats.data_format(sink.site.node), 4)
         if any(np.any(pads[axis] != 0) for axis in range(4) if axis not in spatial):
             return Blocked(layer.name, f"{pad.name} pads the batch or channel axis: without A "
                                        "between them, TensorFlow's oneDNN Pad+Conv2D fusion drops "

@@ -19,6 +19,8 @@ from graphfold import formats
 from graphfold.affine import recognise
 from graphfold.errors import Blocked
 from graphfold.graph import Graph
+from graphfold.layers import LINEAR
+from graphfold.shape_values import shape_value
 
 
 @dataclasses.dataclass
@@ -80,6 +82,8 @@ class Rule:
     backward: Backward | None = None
     pad_amounts: Callable[[Graph, object], "np.ndarray | None"] | None = None
     """A ``Pad``: its constant pad amounts (None when not constant)."""
+    crops: Callable[[Graph, object], "np.ndarray | None"] | None = None
+    """A ``BatchToSpaceND``: its constant crops (None when not constant)."""
 
 
 # ---- shared facts --------------------------------------------------------------------------------
@@ -128,16 +132,12 @@ def _expand_axis(graph, node, axis, src, dst):
 
 
 def _transpose_axis(graph, node, axis, src, dst):
+    """A ``Transpose`` moves the channel axis to where its permutation says (output axis j is
+    input axis ``perm[j]``)."""
     perm = graph.const(graph.data_inputs(node)[1])
-    identity = perm is not None and list(perm) == list(range(len(perm)))
-    return axis if identity else None
-
-
-def _reshape_axis(graph, node, axis, src, dst):
-    """A ``Reshape`` must keep the channel axis last, with the same known size."""
-    if axis == len(src) - 1 and src[-1] is not None and dst[-1] == src[-1]:
-        return len(dst) - 1
-    return None
+    if perm is None or len(perm) != len(src):
+        return None
+    return [int(p) % len(src) for p in perm].index(axis)
 
 
 def axis_in_to_out(graph: Graph, node, axis: int | None,
@@ -169,17 +169,75 @@ def axis_out_to_in(graph: Graph, node, axis: int | None,
     return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
 
 
-def flatten(graph: Graph, node, demand: Demand) -> Demand | Blocked:
-    """A Flatten of ``[N, ..., C]`` to ``[N, K]``: s and t tiled over the spatial positions."""
-    src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
-    no = Blocked(node.name, f"{node.op} does not keep the channel axis intact")
-    if src is None or dst is None or len(dst) != 2 or demand.axis != len(src) - 1:
-        return no
-    if any(d is None for d in src[1:]) or dst[1] not in (None, int(np.prod(src[1:]))):
-        return no
-    repeats = int(np.prod(src[1:-1]))
-    tile = (lambda v: v if v.size == 1 else np.tile(v, repeats))
-    return Demand(tile(demand.s), tile(demand.t), 1, 2)
+# ---- Reshape: the channel axis last on both sides, positions merged into it or split from it ---
+def reshape_target(graph: Graph, node) -> tuple | None:
+    """A ``Reshape``'s output shape: the inferred one, each unknown dimension completed from the
+    static value of the shape operand (``shape_values``: a ``Tensordot``'s ``[-1, C]``)."""
+    dst = graph.shape(node.name)
+    value = shape_value(graph, graph.data_inputs(node)[1])
+    if not isinstance(value, list) or (dst is not None and len(dst) != len(value)):
+        return dst
+    value = [None if v is None or v < 0 else v for v in value]
+    return tuple(value) if dst is None else \
+        tuple(d if d is not None else v for d, v in zip(dst, value))
+
+
+def _last_axis_repeats(node, c: int | None, d: int | None, forward: bool) -> int | Blocked:
+    """A row-major reshape between a last axis of A's ``c`` channels and a last axis of ``d`` on
+    the layer's side: when d is a multiple of c, element j of the d-axis is channel j mod c (s
+    tiled d/c times)."""
+    if c is not None and d is not None and d % c == 0:
+        return d // c
+    if c is not None and d is not None and c % d == 0:
+        why = (f"merges positions into A's channel axis (rows of {d} into {c} channels): A's "
+               "scale would differ within one channel of the layer") if forward else \
+            (f"splits the channel axis ({c} channels into rows of {d}): one channel's scale "
+             "would apply to several")
+        return Blocked(node.name, f"{node.op} {why}")
+    return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
+
+
+def _tiled(demand: Demand, repeats: int, axis: int, rank: int) -> Demand:
+    tile = (lambda v: v if v.size == 1 or repeats == 1 else np.tile(v, repeats))
+    return Demand(tile(demand.s), tile(demand.t), axis, rank)
+
+
+def _channels(shape: tuple, demand: Demand) -> int | None:
+    last = shape[-1]
+    return last if last is not None else (demand.s.size if demand.s.size > 1 else None)
+
+
+def _reshape_up(graph, node, demand):
+    x = _x(graph, node)
+    src, dst = graph.shape(x), reshape_target(graph, node)
+    if src is None or dst is None or (demand.axis is not None and demand.axis != len(dst) - 1):
+        return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
+    if demand.axis is None:
+        return [Step(x, demand.with_axis(None, len(src)))]
+    repeats = _last_axis_repeats(node, _channels(dst, demand), src[-1], forward=True)
+    if isinstance(repeats, Blocked):
+        return repeats
+    return [Step(x, _tiled(demand, repeats, len(src) - 1, len(src)))]
+
+
+def _reshape_down(graph, node, reads, demand):
+    """Backward: the channel axis stays last; a Flatten ``[N, ..., C] → [N, K]`` whose K is not
+    known statically is taken as ``K = prod(...)·C`` (the layer below checks K)."""
+    blocked = _only_data(node, reads)
+    if blocked:
+        return blocked
+    src, dst = graph.shape(_x(graph, node)), reshape_target(graph, node)
+    if src is None or dst is None or (demand.axis is not None and demand.axis != len(src) - 1):
+        return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
+    if demand.axis is None:
+        return Next(demand.with_axis(None, len(dst)))
+    d = dst[-1]
+    if d is None and len(dst) == 2 and all(n is not None for n in src[1:]):
+        d = int(np.prod(src[1:]))
+    repeats = _last_axis_repeats(node, _channels(src, demand), d, forward=False)
+    if isinstance(repeats, Blocked):
+        return repeats
+    return Next(_tiled(demand, repeats, len(dst) - 1, len(dst)))
 
 
 def concat_slices(graph: Graph, node, axis: int | None,
@@ -245,12 +303,54 @@ def _space_to_batch_up(graph, node, demand):
 
 
 def _space_to_batch_down(graph, node, reads, demand):
-    return _only_data(node, reads) or Next(demand, pads=_pads(graph, node))
+    pads = _pads(graph, node) and not _alignment_only(graph, node)
+    return _only_data(node, reads) or Next(demand, pads=pads)
 
 
-def _reshaping(axis_map, flattens: bool = False) -> Rule:
-    """The rule of an op that moves axes as ``axis_map`` says; ``flattens``: backward, it may
-    also be a Flatten (s and t tiled over the positions)."""
+def _alignment_only(graph: Graph, node) -> bool:
+    """Whether ``SpaceToBatchND → layer → BatchToSpaceND`` (a dilated convolution) pads only at
+    the end, to align the size to the rate, and the crop removes every output that read a padded
+    zero: the layer has stride 1, ``BatchToSpaceND`` has the same block shape, crops nothing at
+    the start and at least the padding at the end (an output q reads up to q + r(k−1) of the
+    padded input, whose last kept output reads up to n + pad − 1 − crop)."""
+    inputs = graph.data_inputs(node)
+    block, pads = graph.const(inputs[1]), graph.const(inputs[2])
+    users = graph.value_consumers(node.name)
+    if block is None or pads is None or np.any(pads[:, 0] != 0) or len(users) != 1 or \
+            users[0].op not in LINEAR or any(s != 1 for s in users[0].attr["strides"].list.i):
+        return False
+    after = graph.value_consumers(users[0].name)
+    rule = RULES.get(after[0].op) if len(after) == 1 else None
+    crops = rule.crops(graph, after[0]) if rule is not None and rule.crops else None
+    return crops is not None and np.array_equal(graph.const(after[0].input[1]), block) and \
+        crops.shape == pads.shape and not np.any(crops[:, 0]) and np.all(crops[:, 1] >= pads[:, 1])
+
+
+def _crops(graph: Graph, node) -> np.ndarray | None:
+    """A ``BatchToSpaceND``'s constant crops (None when not constant)."""
+    return graph.const(graph.data_inputs(node)[2])
+
+
+def _tile_check(graph, node, demand) -> Blocked | None:
+    """``Tile`` copies: it commutes with A unless it repeats the channel axis."""
+    multiples = graph.const(graph.data_inputs(node)[1])
+    if multiples is None:
+        return Blocked(node.name, "Tile by multiples that are not constant")
+    if demand.axis is not None and int(multiples[demand.axis]) != 1:
+        return Blocked(node.name, "Tile repeats the channel axis")
+    return None
+
+
+def _resize_check(graph, node, demand) -> Blocked | None:
+    """An image resize (channels last) makes each output a copy or an affine combination
+    (weights summing to 1) of same-channel inputs: it commutes with any per-channel A."""
+    if demand.axis is not None and demand.axis != demand.rank - 1:
+        return Blocked(node.name, "resizes along A's channel axis")
+    return None
+
+
+def _reshaping(axis_map) -> Rule:
+    """The rule of an op that moves axes as ``axis_map`` says."""
     def up(graph, node, demand):
         mapped = axis_out_to_in(graph, node, demand.axis, axis_map)
         if isinstance(mapped, Blocked):
@@ -262,10 +362,7 @@ def _reshaping(axis_map, flattens: bool = False) -> Rule:
         if blocked:
             return blocked
         mapped = axis_in_to_out(graph, node, demand.axis, axis_map)
-        if not isinstance(mapped, Blocked):
-            return Next(demand.with_axis(*mapped))
-        flat = flatten(graph, node, demand) if flattens else mapped
-        return flat if isinstance(flat, Blocked) else Next(flat)
+        return mapped if isinstance(mapped, Blocked) else Next(demand.with_axis(*mapped))
 
     return Rule(up, down)
 
@@ -455,9 +552,12 @@ LAYER_BIAS_OPS = ("BiasAdd",)     # a layer's own bias, to which a shift folded 
 RULES: dict[str, Rule] = {
     **{op: _IDENTITY for op in IDENTITIES},
     "Cast": _CAST,
-    "BatchToSpaceND": _IDENTITY,
+    "BatchToSpaceND": dataclasses.replace(_IDENTITY, crops=_crops),
     "SpaceToBatchND": Rule(_space_to_batch_up, _space_to_batch_down),
-    "Reshape": _reshaping(_reshape_axis, flattens=True),
+    "Reshape": Rule(_reshape_up, _reshape_down),
+    "Tile": Rule(_checked(_tile_check, True), _checked(_tile_check, False)),
+    "ResizeNearestNeighbor": Rule(_checked(_resize_check, True), _checked(_resize_check, False)),
+    "ResizeBilinear": Rule(_checked(_resize_check, True), _checked(_resize_check, False)),
     "Squeeze": _reshaping(_squeeze_axis),
     "ExpandDims": _reshaping(_expand_axis),
     "Transpose": _reshaping(_transpose_axis),

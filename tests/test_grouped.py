@@ -128,25 +128,6 @@ def test_a_nested_call_that_cannot_be_inlined_is_named_in_words():
     assert any("Sin" in note for note in folded.report.notes), folded.report.notes
 
 
-def test_keras_grouped_conv3d_stays_a_call_and_still_runs():
-    """Keras 3 runs a grouped Conv3D in an XLA call too, but TensorFlow's CPU Conv3D has no
-    groups: inlining it would make a model that runs fail. The call stays, and the report says
-    why."""
-    K = pytest.importorskip("keras")
-    inp = K.Input((4, 6, 6, 4))
-    model = K.Model(inp, K.layers.BatchNormalization(name="g3_bn")(
-        K.layers.Conv3D(4, 3, groups=2, name="g3")(inp)))
-    randomise_keras_model(model, np.random.default_rng(37))
-    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 4, 6, 6, 4], tf.float32))
-    folded = check_rewrite(fn, np.random.default_rng(0))      # runs, and equals the original
-    if "StatefulPartitionedCall" not in folded.report.ops_before:
-        pytest.skip("this Keras version runs grouped Conv3D without a nested call")
-    assert_not_folded(folded, "nested function call")
-    assert any("Conv3D" in note and "XLA" in note for note in folded.report.notes), \
-        folded.report.notes
-
-
 @pytest.mark.parametrize("framework", ["keras", "tf_keras"])
 def test_keras_grouped_conv1d_folds(framework):
     """Keras 3's grouped Conv1D is ExpandDims → grouped Conv2D → Squeeze inside the XLA call: once
