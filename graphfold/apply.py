@@ -26,6 +26,7 @@ def _write_const(graph: Graph, node, index: int, const: str, value: np.ndarray) 
         graph.set_const(const, value, dtype)
     else:
         clone = graph.add_const(f"{node.name}/folded_{index}", value, dtype)
+        graph.created[clone] = const
         graph.set_input(node, index, clone)
 
 
@@ -52,6 +53,7 @@ def add_bias_after(graph: Graph, layer, bias: np.ndarray, like=None) -> None:
     add = graph.add_op(f"{layer.name}/folded_bias_add", "BiasAdd", [layer.name, const], dtype,
                        data_format=bias_format(like))
     graph.shapes[add] = graph.shapes.get(canonical(layer.name))
+    graph.created.update({const: layer.name, add: layer.name})
     graph.redirect(layer.name, add)
 
 
@@ -77,8 +79,10 @@ def as_multiply_add(graph: Graph, affine: Affine) -> None:
         s = graph.add_const(f"{base}/graphfold_scale", affine.s.reshape(shape), dtype)
         y = graph.add_op(f"{base}/graphfold_mul", "Mul", [y, s], dtype)
         graph.shapes[y] = graph.shapes.get(canonical(affine.output))
+        graph.created.update({s: base, y: base})
     if not np.all(affine.t == 0):
         t = graph.add_const(f"{base}/graphfold_shift", affine.t.reshape(shape), dtype)
         y = graph.add_op(f"{base}/graphfold_add", "AddV2", [y, t], dtype)
         graph.shapes[y] = graph.shapes.get(canonical(affine.output))
+        graph.created.update({t: base, y: base})
     graph.redirect(affine.output, y)

@@ -18,12 +18,12 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from graphfold.affine import Affine
+from graphfold.affine import Affine, recognise
 from graphfold.errors import Blocked
-from graphfold.graph import Graph
+from graphfold.graph import Graph, canonical
 from graphfold.layers import Site
 from graphfold.plan import Plan, Root, Sink, plan_backward, plan_forward, weight_const
-from graphfold.rules import LAYER_BIAS_OPS, const_operand
+from graphfold.rules import LAYER_BIAS_OPS, RULES, Demand, const_operand
 
 # The largest magnitude each dtype holds: a folded value (computed in float64) past it would be
 # cast to inf.
@@ -208,17 +208,51 @@ def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,
 
 
 def _into_bias(graph: Graph, where: Site, delta: np.ndarray) -> Write:
-    """``delta`` added to the layer's bias: its own bias op if it feeds one alone (and the sum
-    stays in range), else a new one."""
-    layer = where.layer
-    users = graph.value_consumers(layer.name)
-    if len(users) == 1 and users[0].op in LAYER_BIAS_OPS and not graph.is_fetched(layer.name):
-        bias_node = users[0]
-        if graph.const(bias_node.input[1]) is not None and const_operand(graph, bias_node) == 1:
-            bias_const = graph.producer(bias_node.input[1]).name
-            b = graph.const(bias_const).astype(np.float64)
-            if b.size == delta.size:
-                total = b.reshape(-1) + delta
-                if _in_range(total, _weight_dtype(graph, bias_const)):
-                    return SetConst(bias_node, 1, bias_const, total)
+    """``delta`` added to the layer's own bias (``own_bias``) when the sum stays in range, else
+    to a new one after the layer."""
+    found = own_bias(graph, where, delta)
+    if found is not None:
+        node, k, const, total = found
+        if _in_range(total, _weight_dtype(graph, const)):
+            return SetConst(node, k, const, total)
     return NewBias(where, delta)
+
+
+def own_bias(graph: Graph, where: Site, delta: np.ndarray):
+    """``(bias node, its constant operand, that constant, b + delta)`` for the layer's own bias: a
+    per-channel constant add (``rules.LAYER_BIAS_OPS``) that the layer's output reaches alone,
+    perhaps through ops that carry a shift down unchanged (a ``Tensordot``'s output
+    ``Reshape``: ``rules.RULES``' backward entries, one variable operand, no padding); None when
+    there is none (then a bias of its own is added)."""
+    if where.out_shape is None:
+        return None
+    rank = len(where.out_shape)
+    demand = Demand(np.ones_like(delta), delta, where.linear.out_axis(where.node, rank), rank)
+    tensor = canonical(where.layer.name)
+    for _ in range(8):
+        users = graph.value_consumers(tensor)
+        if graph.is_fetched(tensor) or len(users) != 1:
+            return None
+        user, inputs = users[0], graph.data_inputs(users[0])
+        reads = [i for i, t in enumerate(inputs) if canonical(t) == tensor]
+        if user.op in LAYER_BIAS_OPS:
+            constant = len(inputs) == 2 and len(reads) == 1 and \
+                graph.const(inputs[1 - reads[0]]) is not None
+            return _bias_sum(graph, user, demand) if constant else None
+        rule = RULES.get(user.op)
+        after = rule.backward(graph, user, reads, demand) if rule and rule.backward else None
+        if after is None or isinstance(after, Blocked) or after.pads or after.leaves:
+            return None
+        demand, tensor = after.demand, canonical(user.name)
+    return None
+
+
+def _bias_sum(graph: Graph, node, demand: Demand):
+    """``node``'s constant, plus the shift of ``demand``, when it is a per-channel bias on the
+    same axis with as many channels."""
+    shift = recognise(graph, node)
+    if shift is None or shift.blocked or not np.all(shift.s == 1) or \
+            shift.axis not in (demand.axis,) or shift.t.size != demand.t.size:
+        return None
+    k, const, b = _bias(graph, node.name)[1:]
+    return node, k, const, (b.reshape(-1) + demand.t).reshape(b.shape)

@@ -63,7 +63,8 @@ def fold(fn):
     frozen = freeze(concrete, Weights())
     seconds["freeze"] = time.perf_counter() - clock
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
-                                    frozen.outputs, frozen.shapes, seconds, frozen.weights)
+                                    frozen.outputs, frozen.shapes, seconds, frozen.weights,
+                                    frozen.variables)
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
@@ -108,10 +109,12 @@ def _without_gc(function, *args):
             gc.enable()
 
 
-def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None):
+def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None,
+                        variables=None):
     """The rewrite itself, with ``shapes`` known for every tensor. ``weights``: the
     ``graphfold.weights.Weights`` of its stub constants, if it has any; updated to hold those of
-    the result."""
+    the result. ``variables``: ``{Const node: variable name}`` of a frozen function, whence the
+    report's layer names."""
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
@@ -119,6 +122,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph = Graph(work, shapes, outputs, weights)
     graph.validate()
     ops_before = graph.op_counts()
+    layer_names = census.layer_names(graph, variables or {})
     inlined, left = inline_calls(graph)
     notes = [f"nested call {call} left as it is: {why}" for call, why in sorted(left.items())]
     keep = [i.split(":")[0] for i in inputs]
@@ -145,7 +149,9 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
-    report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts(), notes)
+    entries = census.renamed(_merge_parts(entries), layer_names)
+    entries = [census.in_user_names(entry, graph.created) for entry in entries]
+    report = FoldReport(entries + missed, ops_before, graph.op_counts(), notes)
     return work, report
 
 

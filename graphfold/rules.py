@@ -547,7 +547,8 @@ _CAST = Rule(_checked(lambda g, n, d: _cast_check(n), True),
              _checked(lambda g, n, d: _cast_check(n), False))
 
 IDENTITIES = ("Identity", "Snapshot", "StopGradient")
-LAYER_BIAS_OPS = ("BiasAdd",)     # a layer's own bias, to which a shift folded backward is added
+# a layer's own bias (a per-channel constant add), to which a shift folded backward is added
+LAYER_BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 
 RULES: dict[str, Rule] = {
     **{op: _IDENTITY for op in IDENTITIES},
