@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphfold.affine import BATCH_NORM_OPS, Affine
-from graphfold.decide import NewBias, SetConst, Write
+from graphfold.decide import KeepShift, NewBias, SetConst, Write
 from graphfold.formats import bias_format
 from graphfold.graph import Graph, canonical
 
@@ -31,15 +31,22 @@ def _write_const(graph: Graph, node, index: int, const: str, value: np.ndarray) 
 
 
 def fold(graph: Graph, affine: Affine, writes: list[Write]) -> None:
-    """Makes the changes ``decide.compute`` returned for A's plan, and bypasses ``affine``."""
+    """Makes the changes ``decide`` returned for A: new constants and biases; then A is bypassed,
+    or (a partial fold) replaced by the one add it keeps."""
+    kept = None
     for write in writes:
         if isinstance(write, SetConst):
             _write_const(graph, write.node, write.index, write.const, write.value)
         elif isinstance(write, NewBias):
             add_bias_after(graph, write.site.layer, write.value, like=write.site.node)
+        elif isinstance(write, KeepShift):
+            kept = write.value
         else:
             raise TypeError(f"unknown write {write!r}")
-    _bypass(graph, affine)
+    if kept is None:
+        _bypass(graph, affine)
+    else:
+        _emit(graph, affine, np.ones_like(kept), kept)
 
 
 def add_bias_after(graph: Graph, layer, bias: np.ndarray, like=None) -> None:
@@ -70,18 +77,23 @@ def as_multiply_add(graph: Graph, affine: Affine) -> None:
     if affine.dtype in (tf.float16, tf.bfloat16) and \
             any(graph.nodes[name].op in BATCH_NORM_OPS for name in affine.nodes):
         return
+    _emit(graph, affine, affine.s, affine.t)
+
+
+def _emit(graph: Graph, affine: Affine, scale: np.ndarray, shift: np.ndarray) -> None:
+    """A's nodes replaced by ``x * scale + shift`` (either omitted when it is the identity)."""
     x = affine.input(graph)
     dtype = affine.dtype
     shape = [] if affine.axis is None else [-1] + [1] * (affine.rank - 1 - affine.axis)
     y = x
     base = affine.output
-    if not np.all(affine.s == 1):
-        s = graph.add_const(f"{base}/graphfold_scale", affine.s.reshape(shape), dtype)
+    if not np.all(scale == 1):
+        s = graph.add_const(f"{base}/graphfold_scale", scale.reshape(shape), dtype)
         y = graph.add_op(f"{base}/graphfold_mul", "Mul", [y, s], dtype)
         graph.shapes[y] = graph.shapes.get(canonical(affine.output))
         graph.created.update({s: base, y: base})
-    if not np.all(affine.t == 0):
-        t = graph.add_const(f"{base}/graphfold_shift", affine.t.reshape(shape), dtype)
+    if not np.all(shift == 0):
+        t = graph.add_const(f"{base}/graphfold_shift", shift.reshape(shape), dtype)
         y = graph.add_op(f"{base}/graphfold_add", "AddV2", [y, t], dtype)
         graph.shapes[y] = graph.shapes.get(canonical(affine.output))
         graph.created.update({t: base, y: base})

@@ -23,7 +23,7 @@ from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical
 from graphfold.layers import Site
 from graphfold.plan import Plan, Root, Sink, plan_backward, plan_forward, weight_const
-from graphfold.rules import LAYER_BIAS_OPS, RULES, Demand, const_operand
+from graphfold.rules import LAYER_BIAS_OPS, LEAF_EPS, RULES, Demand, const_operand
 
 # The largest magnitude each dtype holds: a folded value (computed in float64) past it would be
 # cast to inf.
@@ -50,36 +50,120 @@ class NewBias:
     value: np.ndarray
 
 
-Write = SetConst | NewBias
+@dataclasses.dataclass(frozen=True)
+class KeepShift:
+    """A stays as one add where it was: its input + ``value`` (a partial fold)."""
+    value: np.ndarray
+
+
+Write = SetConst | NewBias | KeepShift
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """What one A becomes: ``plan`` and its ``writes``, or the first ``Blocked`` met; ``tried``:
-    for each direction that failed, why."""
+    for each direction that failed, why. ``partial``: the scale folded and the shift stays as one
+    add (``detail`` says where each went; also for a split fold)."""
     plan: Plan | Blocked
     writes: list[Write]
     tried: dict[str, str]
+    partial: bool = False
+    detail: str | None = None
 
     @property
     def folded(self) -> bool:
-        return not isinstance(self.plan, Blocked)
+        """A disappears entirely (a partial fold leaves one add)."""
+        return not isinstance(self.plan, Blocked) and not self.partial
 
 
-def decide(graph: Graph, affine: Affine) -> Decision:
-    """Forward first, then backward; the plan is the first blocker when neither direction
-    folds."""
+def decide(graph: Graph, affine: Affine, partial: bool = True) -> Decision:
+    """Forward first, then backward; then (``partial``) A split into its scale and its shift
+    (``_split``); the plan is the first blocker when nothing folds."""
     if affine.blocked:
         return Decision(affine.blocked, [], {})
     tried, first = {}, None
     for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
-        plan = planner(graph, affine)
-        writes = plan if isinstance(plan, Blocked) else compute(graph, plan)
-        if not isinstance(writes, Blocked):
-            return Decision(plan, writes, tried)
-        tried[direction] = str(writes)
-        first = first or writes
+        found = _planned(graph, planner(graph, affine))
+        if not isinstance(found, Blocked):
+            return Decision(*found, tried)
+        tried[direction] = str(found)
+        first = first or found
+    if partial and np.any(affine.t != 0):
+        split = _split(graph, affine)
+        if isinstance(split, Decision):
+            return dataclasses.replace(split, tried=tried)
+        scale_only = {f"scale alone {d}": str(b) for d, b in zip(("forward", "backward"), split)
+                      if str(b) != tried.get(d)}
+        tried.update(scale_only)
     return Decision(first, [], tried)
+
+
+def _planned(graph: Graph, plan: Plan | Blocked) -> tuple[Plan, list[Write]] | Blocked:
+    """The plan with its writes, or why not."""
+    writes = plan if isinstance(plan, Blocked) else compute(graph, plan)
+    return writes if isinstance(writes, Blocked) else (plan, writes)
+
+
+# ---- beyond the paper: A split into its scale and its shift (FOLDING.md §8) ----------------------
+def _split(graph: Graph, affine: Affine) -> Decision | tuple[Blocked, Blocked]:
+    """``A(x) = s ⊙ x + t = s ⊙ (x + t/s)``. The scale folds on its own (through ``Relu``,
+    ``LeakyRelu``, ``MaxPool`` for s > 0, and past zero padding, which a shift cannot cross);
+    then the shift folds the other way (forward ``t/s`` into the layers before A, backward ``t``
+    into those after it) and A disappears, or it stays where A was as one add (``x + t/s`` when
+    the scale went backward, ``+ t`` when it went forward). When the scale does not fold either:
+    why, forward and backward."""
+    ones = np.ones_like(affine.s)
+    scale = dataclasses.replace(affine, t=np.zeros_like(affine.t))
+    tiny = _tiny_scale(affine)
+    forward = _planned(graph, plan_forward(graph, scale))
+    backward = tiny or _planned(graph, plan_backward(graph, scale))
+    if not isinstance(forward, Blocked):
+        shift = _planned(graph, plan_backward(graph, dataclasses.replace(affine, s=ones)))
+        if not isinstance(shift, Blocked):
+            return _joined(forward, shift)
+    if not isinstance(backward, Blocked):
+        pre = dataclasses.replace(affine, s=ones, t=affine.t / affine.s)
+        shift = _planned(graph, plan_forward(graph, pre))
+        if not isinstance(shift, Blocked):
+            return _joined(backward, shift)
+    if not isinstance(forward, Blocked):
+        return _kept(graph, affine, forward, affine.t)
+    if not isinstance(backward, Blocked):
+        return _kept(graph, affine, backward, affine.t / affine.s)
+    return forward, backward
+
+
+def _tiny_scale(affine: Affine) -> Blocked | None:
+    """``t/s`` amplifies error where |s| is (near) zero: refused as for leaves."""
+    magnitude = np.abs(affine.s)
+    if np.any(magnitude < LEAF_EPS * magnitude.max()) or not np.all(np.isfinite(1 / affine.s)):
+        return Blocked(affine.output, "a scale is (near) zero: the shift cannot be divided by it")
+    return None
+
+
+def _joined(scale: tuple[Plan, list[Write]], shift: tuple[Plan, list[Write]]) -> Decision:
+    """Scale and shift folded in opposite directions: A disappears."""
+    (scale_plan, scale_writes), (shift_plan, shift_writes) = scale, shift
+    plan = Plan("split", roots=scale_plan.roots + shift_plan.roots,
+                sinks=scale_plan.sinks + shift_plan.sinks,
+                leaves=scale_plan.leaves + shift_plan.leaves)
+    detail = (f"scale {scale_plan.direction} into {', '.join(scale_plan.absorbed_by)}; shift "
+              f"{shift_plan.direction} into {', '.join(shift_plan.absorbed_by)}")
+    return Decision(plan, scale_writes + shift_writes, {}, detail=detail)
+
+
+def _kept(graph: Graph, affine: Affine, scale: tuple[Plan, list[Write]],
+          shift: np.ndarray) -> Decision:
+    """The scale folded; the shift stays where A was, as one add."""
+    plan, writes = scale
+    if plan.direction == "backward":
+        where = "before " + ", ".join(n.name for n in graph.value_consumers(affine.output))
+        what = "t/s"
+    else:
+        where, what = "after " + graph.producer(affine.input(graph)).name, "t"
+    detail = (f"scale {plan.direction} into {', '.join(plan.absorbed_by)}; shift kept {where} as "
+              f"one add of {what}")
+    return Decision(plan, writes + [KeepShift(shift)], {}, partial=True, detail=detail)
 
 
 # ---- ranges --------------------------------------------------------------------------------------

@@ -140,12 +140,11 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
         affine = refresh(graph, affine)
         decision = decide(graph, affine)
         plan_time += time.perf_counter() - start
-        if not decision.folded:
-            if affine.blocked is None:
-                apply_.as_multiply_add(graph, affine)
-        else:
+        if decision.writes:
             apply_.fold(graph, affine, decision.writes)
-        entries.extend(_entries(affine, decision.plan, decision.tried))
+        elif affine.blocked is None:
+            apply_.as_multiply_add(graph, affine)
+        entries.extend(_entries(affine, decision))
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
@@ -166,20 +165,27 @@ def check_feeds(graph_def, inputs) -> None:
             raise ValueError(f"input {tensor!r} is a {ops[name]} node, not a placeholder")
 
 
-def _entries(affine: Affine, outcome, tried) -> list[Entry]:
-    folded = not isinstance(outcome, Blocked)
+def _entries(affine: Affine, decision) -> list[Entry]:
     form = affine.form
     if affine.is_batch_norm and form not in BATCH_NORM_OPS:
         form = "decomposed (x*inv+offset)"
-    common = dict(form=form, nodes=list(affine.nodes), folded=folded, tried=tried)
-    if folded:
-        common.update(direction=outcome.direction, absorbed_by=outcome.absorbed_by,
-                      leaves=[leaf.layer for leaf in outcome.leaves])
-    else:
-        reason = "; ".join(f"{d}: {why}" for d, why in tried.items()) or str(outcome)
-        common.update(reason=reason, blocker=outcome.node)
+    common = dict(form=form, nodes=list(affine.nodes), folded=decision.folded,
+                  tried=decision.tried, partial=decision.partial, detail=decision.detail)
+    plan = decision.plan
+    if not isinstance(plan, Blocked):
+        common.update(direction=plan.direction, absorbed_by=plan.absorbed_by,
+                      leaves=[leaf.layer for leaf in plan.leaves])
+    if not decision.folded:
+        reason = "; ".join(f"{d}: {why}" for d, why in decision.tried.items()) or str(plan)
+        blocker = plan.node if isinstance(plan, Blocked) else _first_blocker(decision.tried)
+        common.update(reason=reason, blocker=blocker)
     names = affine.batch_norms or [affine.nodes[-1]]
     return [Entry(name=name, is_batch_norm=affine.is_batch_norm, **common) for name in names]
+
+
+def _first_blocker(tried: dict[str, str]) -> str | None:
+    """The node of the first reason (``"node: rule"``)."""
+    return next(iter(tried.values())).split(": ", 1)[0] if tried else None
 
 
 def _merge_parts(entries: list[Entry]) -> list[Entry]:
@@ -199,6 +205,7 @@ def _merge_parts(entries: list[Entry]) -> list[Entry]:
                 folded=all(p.folded for p in parts),
                 absorbed_by=list(dict.fromkeys(n for p in parts for n in p.absorbed_by)),
                 leaves=list(dict.fromkeys(n for p in parts for n in p.leaves)))
+            first.partial = not first.folded and all(p.folded or p.partial for p in parts)
             if not first.folded:
                 blocked = [p for p in parts if not p.folded]
                 first.direction = None

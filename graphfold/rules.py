@@ -50,6 +50,12 @@ class Demand:
     def positive(self) -> bool:
         return bool(np.all(self.s > 0))
 
+    def negative_channels(self) -> str:
+        """Which channels have a scale <= 0, in words (``channels 1, 4 of 8``)."""
+        bad = np.flatnonzero(~(np.asarray(self.s) > 0))
+        listed = ", ".join(str(i) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
+        return f"channel{'s' if bad.size > 1 else ''} {listed} of {self.s.size}"
+
 
 @dataclasses.dataclass(frozen=True)
 class Step:
@@ -375,7 +381,8 @@ def _pooling(positive: bool) -> Rule:
                 demand.axis != formats.channel_axis(formats.data_format(node), demand.rank):
             return Blocked(node.name, "pools over the channel axis")
         if positive and not demand.positive:
-            return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max)")
+            return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max; "
+                                      f"{demand.negative_channels()})")
         return None
 
     return Rule(_checked(check, True), _checked(check, False))
@@ -415,12 +422,16 @@ def _mean_down(graph, node, reads, demand):
                                  demand.rank - len(axes)))
 
 
-def _relu_up(graph, node, demand):
+def _homogeneous_check(graph, node, demand) -> Blocked | None:
+    """A positively homogeneous op (``Relu``, ``LeakyRelu``: f(s·x) = s·f(x) for s > 0)
+    commutes with A when every scale is > 0 and the shift is zero (a shift stays as one add:
+    a partial fold, ``decide.py``)."""
     if not demand.positive:
-        return Blocked(node.name, "Relu needs every scale > 0")
+        return Blocked(node.name, f"{node.op} needs every scale > 0 ({demand.negative_channels()} "
+                                  "negative)")
     if demand.has_shift:
-        return Blocked(node.name, "Relu needs a zero shift")
-    return _through(graph, node, demand)
+        return Blocked(node.name, f"{node.op} needs a zero shift")
+    return None
 
 
 def _pad_check(graph, node, demand, value_check=lambda graph, node: None) -> Blocked | None:
@@ -565,7 +576,8 @@ RULES: dict[str, Rule] = {
     "AvgPool": _pooling(positive=False), "AvgPool3D": _pooling(positive=False),
     "MaxPool": _pooling(positive=True), "MaxPool3D": _pooling(positive=True),
     "Mean": Rule(_mean_up, _mean_down),
-    "Relu": Rule(_relu_up, None),
+    "Relu": Rule(_checked(_homogeneous_check, True), _checked(_homogeneous_check, False)),
+    "LeakyRelu": Rule(_checked(_homogeneous_check, True), _checked(_homogeneous_check, False)),
     "Pad": _padding(),
     "PadV2": _padding(_zero_pad_v2),
     "Add": Rule(_add_up, _add_down), "AddV2": Rule(_add_up, _add_down),
