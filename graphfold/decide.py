@@ -21,8 +21,9 @@ import tensorflow as tf
 from graphfold.affine import Affine, recognise
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical
-from graphfold.layers import Site
-from graphfold.plan import Plan, Root, Sink, plan_backward, plan_forward, weight_const
+from graphfold.layers import LINEAR, Site
+from graphfold.plan import (Plan, Root, Sink, layer_of, plan_backward, plan_forward,
+                            weight_const)
 from graphfold.rules import LAYER_BIAS_OPS, LEAF_EPS, RULES, Demand, const_operand
 
 # The largest magnitude each dtype holds: a folded value (computed in float64) past it would be
@@ -88,7 +89,8 @@ def decide(graph: Graph, affine: Affine, partial: bool = True) -> Decision:
             return Decision(*found, tried)
         tried[direction] = str(found)
         first = first or found
-    if partial and np.any(affine.t != 0):
+    finite = np.all(np.isfinite(affine.s)) and np.all(np.isfinite(affine.t))
+    if partial and finite and np.any(affine.t != 0):
         split = _split(graph, affine)
         if isinstance(split, Decision):
             return dataclasses.replace(split, tried=tried)
@@ -126,11 +128,24 @@ def _split(graph: Graph, affine: Affine) -> Decision | tuple[Blocked, Blocked]:
         shift = _planned(graph, plan_forward(graph, pre))
         if not isinstance(shift, Blocked):
             return _joined(backward, shift)
+    refused = _add_refused(graph, affine)
     if not isinstance(forward, Blocked):
-        return _kept(graph, affine, forward, affine.t)
+        forward = refused or _kept(graph, affine, forward, affine.t)
+        if isinstance(forward, Decision):
+            return forward
     if not isinstance(backward, Blocked):
-        return _kept(graph, affine, backward, affine.t / affine.s)
+        backward = refused or _kept(graph, affine, backward, affine.t / affine.s)
+        if isinstance(backward, Decision):
+            return backward
     return forward, backward
+
+
+def _add_refused(graph: Graph, affine: Affine) -> Blocked | None:
+    """Why the one add a partial fold keeps must not follow the node before A (a layer after
+    which no bias may be added: ``Linear.refuse_bias``)."""
+    producer = graph.producer(affine.input(graph))
+    layer = layer_of(graph, producer)
+    return None if layer is None else LINEAR[layer[0].op].refuse_bias(layer[0])
 
 
 def _tiny_scale(affine: Affine) -> Blocked | None:

@@ -24,7 +24,8 @@ from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
 
 
-def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> FoldedFunction:
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True,
+            partial: bool = True) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
@@ -32,9 +33,10 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     writes as ``Const`` nodes) or "variables" (variables it captures: ``.variables``). Returns a
     ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``;
     ``keep_graph_def=False`` lets the weights go once they are bound (then ``.graph_def`` is not
-    available).
+    available). ``partial``: where a batch norm cannot disappear, fold its scale and keep its
+    shift as one add (``docs/folding.md``, partial folds); False keeps it whole.
     """
-    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    concrete, graph_def, held, inputs, outputs, report = fold(fn, partial=partial)
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
     if not keep_graph_def:
@@ -53,7 +55,7 @@ def reimport(concrete, graph_def, held, inputs, outputs, report, extra):
     return function
 
 
-def fold(fn):
+def fold(fn, partial: bool = True):
     """Freeze and fold ``fn``, keeping its weights out of the GraphDef: ``(concrete function,
     optimized GraphDef with stub constants, their Weights, input and output tensors, report)``.
     """
@@ -64,13 +66,13 @@ def fold(fn):
     seconds["freeze"] = time.perf_counter() - clock
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
                                     frozen.outputs, frozen.shapes, seconds, frozen.weights,
-                                    frozen.variables)
+                                    frozen.variables, partial)
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
 
 
-def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
+def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None, partial=True):
     """Folds a frozen GraphDef (a copy: ``graph_def`` is not modified).
 
     ``inputs``: the placeholders fed (``"x"`` or ``"x:0"``); ``outputs``: the tensors fetched
@@ -78,7 +80,8 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
     folded into or after it. ``shapes``: optional static shapes, ``{tensor: (None, 224, 224, 3)}``
     (None for an unknown dimension), e.g. for a placeholder whose shape the graph leaves unknown;
     every other shape is inferred the way TensorFlow's importer infers it (through calls that are
-    not inlined, too). Returns the optimized GraphDef and its ``FoldReport``.
+    not inlined, too). ``partial``: as for ``rewrite``. Returns the optimized GraphDef and its
+    ``FoldReport``.
     """
     Graph(graph_def, outputs=outputs).validate()
     check_feeds(graph_def, inputs)
@@ -90,7 +93,7 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
         note = (f"TensorFlow could not import the graph to infer its shapes "
                 f"({str(err).splitlines()[0]}): only the shapes given were used")
     graph_def, report = _without_gc(_optimize_graph_def, graph_def, inputs, outputs,
-                                    {**inferred, **given}, seconds)
+                                    {**inferred, **given}, seconds, None, None, partial)
     if note:
         report.notes.append(note)
     return graph_def, report
@@ -110,7 +113,7 @@ def _without_gc(function, *args):
 
 
 def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None,
-                        variables=None):
+                        variables=None, partial=True):
     """The rewrite itself, with ``shapes`` known for every tensor. ``weights``: the
     ``graphfold.weights.Weights`` of its stub constants, if it has any; updated to hold those of
     the result. ``variables``: ``{Const node: variable name}`` of a frozen function, whence the
@@ -138,7 +141,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     for affine in affines:
         start = time.perf_counter()
         affine = refresh(graph, affine)
-        decision = decide(graph, affine)
+        decision = decide(graph, affine, partial)
         plan_time += time.perf_counter() - start
         if decision.writes:
             apply_.fold(graph, affine, decision.writes)
