@@ -151,7 +151,7 @@ def _add_refused(graph: Graph, affine: Affine) -> Blocked | None:
 def _tiny_scale(affine: Affine) -> Blocked | None:
     """``t/s`` amplifies error where |s| is (near) zero: refused as for leaves."""
     magnitude = np.abs(affine.s)
-    if np.any(magnitude < LEAF_EPS * magnitude.max()) or not np.all(np.isfinite(1 / affine.s)):
+    if np.any(magnitude < LEAF_EPS * magnitude.max()) or np.any(affine.s == 0):
         return Blocked(affine.output, "a scale is (near) zero: the shift cannot be divided by it")
     return None
 

@@ -20,7 +20,7 @@ from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.inline import CALLS, linear_body
 from graphfold.layers import LINEAR, PADDING_TOUCHES, Site
-from graphfold.rules import IDENTITIES, RULES, Demand, Next
+from graphfold.rules import IDENTITIES, RULES, Demand, Next, homogeneous_check, prelu_at
 
 
 @dataclasses.dataclass
@@ -168,11 +168,13 @@ def plan_forward(graph: Graph, affine: Affine) -> Plan | Blocked:
     return roots if isinstance(roots, Blocked) else Plan("forward", roots=roots)
 
 
-def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
+def _up(graph: Graph, tensor: str, reader: str | tuple[str, ...], demand: Demand,
         seen: set[str]) -> list[Root] | Blocked:
-    """Roots that absorb ``demand`` applied to ``tensor``, read on the path by ``reader``."""
+    """Roots that absorb ``demand`` applied to ``tensor``, read on the path by ``reader`` (or
+    by each of several readers)."""
     node = graph.producer(tensor)
-    others = [c.name for c in graph.value_consumers(tensor) if c.name != reader]
+    readers = (reader,) if isinstance(reader, str) else reader
+    others = [c.name for c in graph.value_consumers(tensor) if c.name not in readers]
     if others:
         return Blocked(node.name, f"its output is also read by {others[0]}")
     if graph.is_fetched(tensor):
@@ -188,7 +190,7 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
         return steps
     found: list[Root] = []
     for step in steps:
-        roots = _up(graph, step.tensor, node.name, step.demand, seen)
+        roots = _up(graph, step.tensor, step.readers or node.name, step.demand, seen)
         if isinstance(roots, Blocked):
             return roots
         if step.bias:    # recorded once, with the s and t seen here (roots below share it)
@@ -223,6 +225,14 @@ def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
     consumers = graph.value_consumers(tensor)
     if not consumers:
         return Blocked(split_tensor(tensor)[0], "its output has no consumer")
+    prelu = prelu_at(graph, tensor)
+    if prelu is not None:        # one homogeneous op made of five
+        nodes, output = prelu
+        if seen & set(nodes):
+            return Blocked(output.name, "reached twice")
+        seen.update(nodes)
+        return homogeneous_check(graph, output, demand, "PReLU") or \
+            _down(graph, canonical(output.name), demand, plan, seen, padded)
     for node in consumers:
         if node.name in seen:
             return Blocked(node.name, "reached twice")

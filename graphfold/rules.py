@@ -50,11 +50,11 @@ class Demand:
     def positive(self) -> bool:
         return bool(np.all(self.s > 0))
 
-    def negative_channels(self) -> str:
-        """Which channels have a scale <= 0, in words (``channels 1, 4 of 8``)."""
+    def not_positive(self) -> str:
+        """Which channels have a scale <= 0, in words (``scale <= 0 on channels 1, 4 of 8``)."""
         bad = np.flatnonzero(~(np.asarray(self.s) > 0))
         listed = ", ".join(str(i) for i in bad[:8]) + (", ..." if bad.size > 8 else "")
-        return f"channel{'s' if bad.size > 1 else ''} {listed} of {self.s.size}"
+        return f"scale <= 0 on channel{'s' if bad.size > 1 else ''} {listed} of {self.s.size}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Step:
     bias: str | None = None
     taken: Demand | None = None
     bias_sign: float = 1.0
+    readers: tuple[str, ...] = ()     # the nodes that read ``tensor`` on the path (default: op)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,7 +383,7 @@ def _pooling(positive: bool) -> Rule:
             return Blocked(node.name, "pools over the channel axis")
         if positive and not demand.positive:
             return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max; "
-                                      f"{demand.negative_channels()})")
+                                      f"{demand.not_positive()})")
         return None
 
     return Rule(_checked(check, True), _checked(check, False))
@@ -422,15 +423,62 @@ def _mean_down(graph, node, reads, demand):
                                  demand.rank - len(axes)))
 
 
-def _homogeneous_check(graph, node, demand) -> Blocked | None:
-    """A positively homogeneous op (``Relu``, ``LeakyRelu``: f(s·x) = s·f(x) for s > 0)
-    commutes with A when every scale is > 0 and the shift is zero (a shift stays as one add:
-    a partial fold, ``decide.py``)."""
+def homogeneous_check(graph, node, demand, what: str | None = None) -> Blocked | None:
+    """A positively homogeneous op (``Relu``, ``LeakyRelu``, a ``PReLU``: f(s·x) = s·f(x) for
+    s > 0) commutes with A when every scale is > 0 and the shift is zero (a shift stays as one
+    add: a partial fold, ``decide.py``)."""
+    what = what or node.op
     if not demand.positive:
-        return Blocked(node.name, f"{node.op} needs every scale > 0 ({demand.negative_channels()} "
-                                  "negative)")
+        return Blocked(node.name, f"{what} needs every scale > 0 ({demand.not_positive()})")
     if demand.has_shift:
-        return Blocked(node.name, f"{node.op} needs a zero shift")
+        return Blocked(node.name, f"{what} needs a zero shift")
+    return None
+
+
+# ---- Keras' PReLU: relu(x) + k ⊙ relu(−x), a subgraph that acts as one homogeneous op ----------
+_PRELU = {"relu": ("Relu",), "negate": ("Neg",), "scale": ("Mul",), "sum": ("Add", "AddV2")}
+
+
+def _sole_user(graph: Graph, node, ops: tuple[str, ...]):
+    """The one consumer of ``node``'s output, if its op is one of ``ops`` and the output is not
+    fetched; else None."""
+    users = graph.value_consumers(node.name)
+    if len(users) != 1 or graph.is_fetched(node.name) or users[0].op not in ops:
+        return None
+    return users[0]
+
+
+def prelu_at(graph: Graph, tensor: str) -> tuple[list[str], object] | None:
+    """``(its nodes, its output node)`` when the readers of ``tensor`` are exactly a PReLU
+    ``Relu(x) + k ⊙ Relu(Neg(x))`` (k constant: f(s·x) = s·f(x) for s > 0 per channel)."""
+    users = graph.value_consumers(tensor)
+    positive = [u for u in users if u.op in _PRELU["relu"]]
+    negate = [u for u in users if u.op in _PRELU["negate"]]
+    if len(users) != 2 or len(positive) != 1 or len(negate) != 1:
+        return None
+    relu = _sole_user(graph, negate[0], _PRELU["relu"])
+    scale = relu and _sole_user(graph, relu, _PRELU["scale"])
+    total = scale and _sole_user(graph, scale, _PRELU["sum"])
+    if total is None or const_operand(graph, scale) is None or \
+            _sole_user(graph, positive[0], _PRELU["sum"]) is not total or \
+            graph.shape(total.name) != graph.shape(tensor):
+        return None
+    return [positive[0].name, negate[0].name, relu.name, scale.name, total.name], total
+
+
+def _prelu_up(graph, node, demand) -> list[Step] | None:
+    """Forward through a PReLU whose output is ``node`` (its final add); None when it is not
+    one."""
+    inputs = graph.data_inputs(node)
+    for operand in inputs:
+        relu = graph.producer(operand)
+        if relu.op in _PRELU["relu"]:
+            x = graph.data_inputs(relu)[0]
+            found = prelu_at(graph, x)
+            if found is not None and found[1] is node:
+                nodes = found[0]
+                return homogeneous_check(graph, node, demand, "PReLU") or \
+                    [Step(x, demand, readers=(nodes[0], nodes[1]))]
     return None
 
 
@@ -462,6 +510,9 @@ def _add_up(graph, node, demand):
     operands and t to the first."""
     if const_operand(graph, node) is not None:
         return _bias_up(graph, node, demand, 1.0)
+    prelu = _prelu_up(graph, node, demand)
+    if prelu is not None:
+        return prelu
     inputs = graph.data_inputs(node)
     shapes = [graph.shape(t) for t in inputs]
     if len(inputs) != 2 or shapes[0] is None or shapes[0] != shapes[1] or \
@@ -498,7 +549,7 @@ def _add_down(graph, node, reads, demand):
     if shapes[0] is None or shapes[0] != shapes[1]:
         return Blocked(node.name, "Add broadcasts its operands")
     magnitude = np.abs(demand.s)
-    if np.any(magnitude < LEAF_EPS * magnitude.max()) or not np.all(np.isfinite(1 / demand.s)):
+    if np.any(magnitude < LEAF_EPS * magnitude.max()) or np.any(demand.s == 0):
         return Blocked(node.name, "a scale is (near) zero: the other operand cannot be divided "
                                   "by it")
     inverse = Demand(1 / demand.s, np.zeros_like(demand.t), demand.axis, demand.rank)
@@ -576,8 +627,8 @@ RULES: dict[str, Rule] = {
     "AvgPool": _pooling(positive=False), "AvgPool3D": _pooling(positive=False),
     "MaxPool": _pooling(positive=True), "MaxPool3D": _pooling(positive=True),
     "Mean": Rule(_mean_up, _mean_down),
-    "Relu": Rule(_checked(_homogeneous_check, True), _checked(_homogeneous_check, False)),
-    "LeakyRelu": Rule(_checked(_homogeneous_check, True), _checked(_homogeneous_check, False)),
+    "Relu": Rule(_checked(homogeneous_check, True), _checked(homogeneous_check, False)),
+    "LeakyRelu": Rule(_checked(homogeneous_check, True), _checked(homogeneous_check, False)),
     "Pad": _padding(),
     "PadV2": _padding(_zero_pad_v2),
     "Add": Rule(_add_up, _add_down), "AddV2": Rule(_add_up, _add_down),
