@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphfold.affine import BATCH_NORM_OPS, Affine
-from graphfold.decide import KeepShift, NewBias, SetConst, Write
+from graphfold.writes import KeepShift, NewBias, SetConst, Write
 from graphfold.formats import bias_format
 from graphfold.graph import Graph, canonical
 

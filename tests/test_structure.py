@@ -59,7 +59,7 @@ def test_no_import_cycles():
 # The modules of the folding engine: the tables (affine's sources, rules.RULES, layers.LINEAR) and
 # the code that walks them. Op names belong in the tables only.
 ENGINE = ("affine", "apply", "census", "decide", "graph", "inline", "layers", "plan", "rewrite",
-          "rules", "shape_values")
+          "rules", "shape_values", "writes")
 EMITTERS = ("add_op", "become")    # graph.add_op(name, "BiasAdd", ...): an op emitted, not a test
 
 
