@@ -18,7 +18,7 @@ from graphfold.errors import Blocked
 from graphfold.graph import Graph
 from graphfold.layers import LINEAR
 from graphfold.plan import Plan, layer_of, plan_backward, plan_forward
-from graphfold.rules import LEAF_EPS
+from graphfold.rules import IDENTITIES, LEAF_EPS
 from graphfold.writes import KeepShift, Write, compute
 
 
@@ -104,8 +104,11 @@ def _split(graph: Graph, affine: Affine) -> Decision | tuple[Blocked, Blocked]:
 
 def _add_refused(graph: Graph, affine: Affine) -> Blocked | None:
     """Why the one add a partial fold keeps must not follow the node before A (a layer after
-    which no bias may be added: ``Linear.refuse_bias``)."""
+    which no bias may be added: ``Linear.refuse_bias``; through Identity, which Grappler
+    removes)."""
     producer = graph.producer(affine.input(graph))
+    while producer.op in IDENTITIES:
+        producer = graph.producer(graph.data_inputs(producer)[0])
     layer = layer_of(graph, producer)
     return None if layer is None else LINEAR[layer[0].op].refuse_bias(layer[0])
 

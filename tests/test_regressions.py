@@ -139,6 +139,31 @@ def test_fuzz_explicit_depthwise_gets_no_new_bias(rng, direction):
     assert_close(fn, folded, random_inputs(fn, rng))
 
 
+def test_fuzz_partial_fold_puts_no_add_after_an_explicit_depthwise(rng):
+    """Seeds 40603, 40792 (process abort, ``tensor_format.h:428``): the forward fold of
+    ``DepthwiseConv2dNative(EXPLICIT) → Identity → BN`` is refused (no bias after such a layer),
+    and a partial fold kept the shift as an ``AddV2`` after the Identity, which Grappler removes:
+    the oneDNN remapper aborted on depthwise → add. The partial fold is refused too."""
+    w, p = weight((3, 3, 3, 1), rng), bn_params(3, rng, positive=True)
+
+    def body(x):
+        y = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=w, strides=[1, 1, 1, 1],
+                                             padding="EXPLICIT",
+                                             explicit_paddings=[0, 0, 1, 1, 1, 0, 0, 0])
+        return bn(tf.identity(y), p)
+
+    fn = make(body, [6, 6, 3])
+    folded = check_rewrite(fn, rng, run=False)
+    entry = the_entry(folded.report)
+    assert not entry.folded and not entry.partial and "EXPLICIT" in entry.reason, entry
+    (dw,) = nodes_of(folded.graph_def, "DepthwiseConv2dNative")
+    readers = [n for n in folded.graph_def.node if dw.name in n.input]
+    readers += [m for n in readers if n.op == "Identity" for m in folded.graph_def.node
+                if n.name in m.input]
+    assert not [n.op for n in readers if n.op in ("BiasAdd", "AddV2", "Add")], readers
+    assert_close(fn, folded, random_inputs(fn, rng))
+
+
 @pytest.mark.parametrize("axis", ["channel", "batch", "spatial"])
 def test_no_batch_or_channel_pad_left_next_to_a_conv(rng, axis):
     """Found investigating seeds 4960, 6110, 6634 (whose original graphs fail to run):
