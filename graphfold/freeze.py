@@ -122,8 +122,13 @@ def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None =
 
 def variable_names(fn: tf.types.experimental.ConcreteFunction) -> dict[str, str]:
     """``{capture placeholder: variable name}`` (without ``:0``) for each variable ``fn``
-    captures; freezing gives each such placeholder's ``Const`` the placeholder's name."""
-    by_handle = {id(v.handle): v for v in fn.variables}
+    captures; freezing gives each such placeholder's ``Const`` the placeholder's name. Empty when
+    the variables' owner is gone (TensorFlow then refuses to list them; their handles still
+    freeze)."""
+    try:
+        by_handle = {id(v.handle): v for v in fn.variables}
+    except AssertionError:          # "Called a function referencing variables which have been
+        return {}                   # deleted"
     names = {}
     for captured, placeholder in zip(fn.captured_inputs, fn.graph.internal_captures):
         variable = by_handle.get(id(captured))
