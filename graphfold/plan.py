@@ -4,8 +4,9 @@ Forward (FOLDING.md §3): from A's input up to *roots*, layers whose out-channel
 whose bias absorbs t. Backward (§4): from A's output down to consumer layers whose in-channels
 absorb s, and whose bias absorbs ``W ⊛ t``; an ``Add`` on the way needs *leaves*, layers on the
 other operand whose outputs are divided by s. The walks are loops over the rule table
-(``rules.RULES``) and the linear-layer table (``layers.LINEAR``); a walk yields a complete
-``Plan`` or the first ``Blocked`` it met.
+(``rules.RULES``) and the linear-layer table (``layers.LINEAR``; a call whose body is one such
+layer counts as one, ``inline.linear_body``); a walk yields a complete ``Plan`` or the first
+``Blocked`` it met. ``decide.py`` chooses among the plans; nothing here modifies the graph.
 """
 
 from __future__ import annotations

@@ -4,7 +4,11 @@ One ``Rule`` per op, in the manner of TVM's FoldScaleAxis registry. ``forward(gr
 moves a demand ``d`` (A applied to the op's output) up to the op's inputs, as ``Step``s;
 ``backward(graph, node, reads, d)`` moves A applied to input(s) ``reads`` down to the op's output,
 as one ``Next``. Either returns ``Blocked`` when the op does not commute with A. An op without an
-entry stops the walk. The linear layers that absorb A are in ``layers.LINEAR``.
+entry stops the walk. An entry also carries its op's facts the walkers need (a ``Pad``'s amounts,
+a ``BatchToSpaceND``'s crops). Ops that commute with any A (§8: resizes, ``Tile``, ``Transpose``
+moving the channel axis, reshapes tiling s) pass both ways; positively homogeneous ones
+(``Relu``, ``LeakyRelu``, Keras' PReLU subgraph, ``MaxPool``) pass when every s > 0 (and t = 0
+but for ``MaxPool``). The linear layers that absorb A are in ``layers.LINEAR``.
 """
 
 from __future__ import annotations
