@@ -71,14 +71,12 @@ def _bypass(graph: Graph, affine: Affine) -> None:
 
 def as_multiply_add(graph: Graph, affine: Affine) -> None:
     """Replaces A's nodes by ``x * s + t`` (one ``Mul`` and one ``AddV2``; either is omitted when
-    it is the identity); an A of one op that is not a batch norm stays as it is. A float16/bfloat16 batch-norm op stays as it is: its kernel computes in
+    it is the identity). A float16/bfloat16 batch-norm op stays as it is: its kernel computes in
     float32, and Grappler pushes a ``Mul`` that follows a conv into the conv's half-precision
     filter at run time (``MulConvPushDown``), the very overflow a refused fold avoided."""
     if affine.dtype in (tf.float16, tf.bfloat16) and \
             any(graph.nodes[name].op in BATCH_NORM_OPS for name in affine.nodes):
         return
-    if len(affine.nodes) == 1 and not affine.is_batch_norm:
-        return      # one multiply or add already: a copy of it would gain nothing
     _emit(graph, affine, affine.s, affine.t)
 
 

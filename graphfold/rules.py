@@ -445,8 +445,10 @@ _PRELU = {"relu": ("Relu",), "negate": ("Neg",), "scale": ("Mul",), "sum": ("Add
 
 def _sole_user(graph: Graph, node, ops: tuple[str, ...]):
     """The one consumer of ``node``'s output, if its op is one of ``ops`` and the output is not
-    fetched; else None."""
-    users = graph.value_consumers(node.name)
+    fetched; else None. A node that nothing reads any more (an A already replaced, waiting to be
+    pruned) is no consumer."""
+    users = [u for u in graph.value_consumers(node.name)
+             if graph.value_consumers(u.name) or graph.is_fetched(u.name)]
     if len(users) != 1 or graph.is_fetched(node.name) or users[0].op not in ops:
         return None
     return users[0]

@@ -736,17 +736,25 @@ def pick_fetches(graph_def, rng: np.random.Generator) -> list[str]:
     return sorted(str(n) for n in rng.choice(names, size=k, replace=False))
 
 
-def check_fetches(case: Case, input_seed: int = 0) -> tuple[list[str], float]:
+def check_fetches(case: Case, input_seed: int = 0,
+                  phase=lambda name: None) -> tuple[list[str], float]:
     """Calls ``optimize_graph_def`` on ``case``'s frozen graph directly, asking for 1-4 layer,
     bias and batch-norm nodes besides (or instead of) the function's outputs, with the frozen
     shapes or none (then inferred): every requested name must compute what it computed before
     (same tolerance and float64 fallback as ``check``), and the report must list every batch
-    norm. Returns the fetched names and the worst relative error."""
+    norm. Returns the fetched names and the worst relative error. ``phase("ORIGINAL")`` is
+    called before the original graph runs with those outputs (TensorFlow may abort on it: not a
+    rewrite's fault), ``phase("REWRITE")`` before the rewrite."""
     rng = np.random.default_rng([case.seed, input_seed, 99])
     frozen = freeze(case.fn)
     fetches = pick_fetches(frozen.graph_def, rng)
     outputs = fetches + (list(frozen.outputs) if rng.random() < 0.5 or not fetches else [])
     shapes = frozen.shapes if rng.random() < 0.5 else None
+    feeds = _inputs(case, np.random.default_rng(input_seed))
+    prepare = nhwc_twin if case.layout == "NCHW" else (lambda g: g)
+    phase("ORIGINAL")
+    want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
+    phase("REWRITE")
     optimized, report = graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, outputs,
                                                      shapes)
     names = [e.name for e in report.batch_norms]
@@ -757,9 +765,6 @@ def check_fetches(case: Case, input_seed: int = 0) -> tuple[list[str], float]:
     for entry in report.not_folded:
         assert entry.reason, f"{entry.name} is not folded and has no reason"
 
-    feeds = _inputs(case, np.random.default_rng(input_seed))
-    prepare = nhwc_twin if case.layout == "NCHW" else (lambda g: g)
-    want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
     got = run_graph_def(prepare(optimized), frozen.inputs, outputs, feeds)
     limit = TOLERANCE[case.dtype]
     errors = [relative_error(a, g) for a, g in zip(want, got)]
