@@ -19,7 +19,7 @@ from graphfold.graph import Graph
 from graphfold.layers import LINEAR
 from graphfold.plan import Plan, layer_of, plan_backward, plan_forward
 from graphfold.rules import IDENTITIES, LEAF_EPS
-from graphfold.writes import KeepShift, Write, compute
+from graphfold.writes import KeepShift, Write, check_range, compute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +133,13 @@ def _joined(scale: tuple[Plan, list[Write]], shift: tuple[Plan, list[Write]]) ->
 
 
 def _kept(graph: Graph, affine: Affine, scale: tuple[Plan, list[Write]],
-          shift: np.ndarray) -> Decision:
-    """The scale folded; the shift stays where A was, as one add."""
+          shift: np.ndarray) -> Decision | Blocked:
+    """The scale folded; the shift stays where A was, as one add (of A's dtype: refused when it
+    does not hold the shift)."""
     plan, writes = scale
+    blocked = check_range(shift, affine.dtype, affine.output, "shift")
+    if blocked:
+        return blocked
     if plan.direction == "backward":
         where = "before " + ", ".join(n.name for n in graph.value_consumers(affine.output))
         what = "t/s"

@@ -68,7 +68,7 @@ def _in_range(values: np.ndarray, dtype: tf.DType) -> bool:
     return math.isfinite(top) and (limit is None or top <= limit)
 
 
-def _check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> Blocked | None:
+def check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> Blocked | None:
     """Why ``values`` cannot be written: a value is not finite, or past ``dtype``'s range."""
     if _in_range(values, dtype):
         return None
@@ -90,7 +90,7 @@ def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType,
         if math.isfinite(_largest(out)):
             return out
     values = w * factor                            # float64: says what is wrong, or is right
-    return _check_range(values, dtype, layer, "weight") or values
+    return check_range(values, dtype, layer, "weight") or values
 
 
 # ---- the writes of a plan ------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _sink_writes(graph: Graph, sink: Sink) -> list[Write] | Blocked:
     writes: list[Write] = [weight[0]]
     dtype = weight[1]
     if sink.response is not None:
-        blocked = _check_range(sink.response, dtype, layer.name, "bias") or \
+        blocked = check_range(sink.response, dtype, layer.name, "bias") or \
             linear.refuse_bias(where.node)
         if blocked:
             return blocked
@@ -158,12 +158,12 @@ def _root_writes(graph: Graph, root: Root) -> list[Write] | Blocked:
     for bias in root.biases:
         bias_node, k, bias_const, b = _bias(graph, bias.node)
         new_b = _channel_values(b, bias.s, bias.sign * bias.t, bias.axis, bias.rank)
-        blocked = _check_range(new_b, dtype, layer.name, "bias")
+        blocked = check_range(new_b, dtype, layer.name, "bias")
         if blocked:
             return blocked
         writes.append(SetConst(bias_node, k, bias_const, new_b))
     if np.any(root.t != 0):
-        blocked = _check_range(root.t, dtype, layer.name, "bias") or \
+        blocked = check_range(root.t, dtype, layer.name, "bias") or \
             linear.refuse_bias(where.node)
         if blocked:
             return blocked

@@ -176,3 +176,16 @@ def test_relu_with_zero_shift_is_a_full_backward_fold():
     entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "backward", entry
     assert op_counts(folded.graph_def)["Mul"] == 0
+
+
+def test_a_kept_shift_that_overflows_float16_is_refused():
+    """t/s = 1000 / 0.01: past float16's range. The add would hold inf."""
+    gamma, beta = np.full(4, 0.01), np.full(4, 1000.0)
+    p = (gamma, beta, np.zeros(4), np.ones(4))
+    p = tuple(v.astype(np.float32) for v in p)      # a float16 BN keeps float32 statistics
+    w = weight((3, 3, 4, 5), RNG, dtype="float16")
+    fn = make(lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"), [6, 6, 4],
+              dtype=tf.float16)
+    entry = the_entry(check_rewrite(fn, RNG).report)
+    assert not entry.folded and not entry.partial, entry
+    assert "shift overflows float16" in entry.tried["scale alone backward"], entry.tried
