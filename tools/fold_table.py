@@ -38,6 +38,7 @@ def blocker_kind(reason: str) -> str:
         direction, _, rest = part.partition(": ")
         rule = rest.split(": ", 1)[-1]
         rule = re.sub(r"\S*/\S*", "another node", rule)      # drop node names
+        rule = re.sub(r"scale <= 0 on channels? [^)]*", "scale <= 0 on some channels", rule)
         parts.append(f"{direction}: {rule}")
     return " / ".join(dict.fromkeys(parts))
 
