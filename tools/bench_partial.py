@@ -3,6 +3,7 @@
     python tools/bench_partial.py [--models DenseNet121,ResNet50V2,DenseNet169]
         [--frameworks keras3,tf-keras] [--batches 1,16] [--repeats 30] [--warmup 3] [--size N]
         [--out F.md] [--json F.json]
+    python tools/bench_partial.py --from-json F.json     (the table again, without measuring)
 
 Pre-activation networks (BN → ReLU → conv) with every γ > 0 (``examples.randomise`` with no
 negative γ: otherwise a negative channel blocks the ReLU and no partial fold exists). For each
@@ -14,8 +15,9 @@ model and batch size, the median latency of
   c  the BN-free limit (``benchlib.limit_function``: every batch norm removed, numerically wrong).
 
 Runs are interleaved in one process, in a new random order each round (``bench_latency.measure``);
-ratios are medians of per-round ratios (p/c, n/c, p/n, p/a). A partial fold must never be slower
-than what it replaces: p/n <= 1.
+ratios are medians of per-round ratios (p/c, n/c, p/n, p/a), p/n with a 95% bootstrap interval
+of that median and the share of rounds in which p was faster. A partial fold must never be
+slower than what it replaces: p/n <= 1 within the interval.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from graphfold.freeze import freeze  # noqa: E402
 MODELS = "DenseNet121,ResNet50V2,DenseNet169"
 RATIOS = ("p/c", "n/c", "p/n", "p/a")
 COLUMNS = ["model", "framework", "batch", "BN full/partial/left", "a ms", "p ms", "n ms", "c ms",
-           *RATIOS, "max rel err p/n"]
+           *RATIOS, "p/n 95% interval", "rounds p < n"]
 
 
 def variants(name: str, legacy: bool, size: int | None):
@@ -60,18 +62,43 @@ def variants(name: str, legacy: bool, size: int | None):
     return calls, counts, size
 
 
-def _error(calls, key, x) -> float:
-    want = np.asarray(calls["a"](x), np.float64)
-    return float(np.abs(np.asarray(calls[key](x), np.float64) - want).max() / np.abs(want).max())
+def _interval(ratios: list[float], draws: int = 2000) -> tuple[float, float]:
+    """A 95% bootstrap interval of the median of ``ratios``."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(ratios, size=(draws, len(ratios))), axis=1)
+    return float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
 
 
-def row(name, framework, batch, counts, times, calls, x) -> str:
+def row(r: dict) -> str:
+    """One table row from a measured ``{model, framework, batch, counts, times}``."""
+    times = r["times"]
     med = {k: benchlib.median(v) for k, v in times.items()}
-    cells = [name, framework, str(batch), "/".join(map(str, counts))]
+    cells = [r["model"], r["framework"], str(r["batch"]), "/".join(map(str, r["counts"]))]
     cells += [f"{med[k] * 1e3:.1f}" for k in ("a", "p", "n", "c")]
     cells += [f"{paired_ratio(times, *q.split('/')):.3f}" for q in RATIOS]
-    cells += [f"{_error(calls, 'p', x):.0e}/{_error(calls, 'n', x):.0e}"]
+    ratios = [p / n for p, n in zip(times["p"], times["n"])]
+    low, high = _interval(ratios)
+    cells += [f"{low:.3f}–{high:.3f}", f"{sum(x < 1 for x in ratios)}/{len(ratios)}"]
     return "| " + " | ".join(cells) + " |"
+
+
+def _max_error(calls, x) -> str:
+    want = np.asarray(calls["a"](x), np.float64)
+    errors = [np.abs(np.asarray(calls[k](x), np.float64) - want).max() / np.abs(want).max()
+              for k in ("p", "n")]
+    return "/".join(f"{e:.0e}" for e in errors)
+
+
+def replay(path: str, out: str | None) -> int:
+    with open(path) as f:
+        document = json.load(f)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += [row(r) for r in document["rows"]]
+    print(f"# {document['machine']} (from {path})\n" + "\n".join(lines))
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -84,7 +111,10 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, help="input size instead of the model's own")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
     parser.add_argument("--json", help="also write every timing (JSON) to this file")
+    parser.add_argument("--from-json", help="no measuring: the table of a --json file")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return replay(args.from_json, args.out)
     print(f"# {benchlib.machine()}; median of {args.repeats} interleaved rounds after "
           f"{args.warmup} warm-up calls; ratios: median of per-round ratios")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -96,10 +126,10 @@ def main(argv=None) -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
                 times = measure(calls, x, args.repeats, args.warmup)
-                lines.append(row(name, framework, batch, counts, times, calls, x))
                 rows.append(dict(model=name, framework=framework, batch=batch, counts=counts,
-                                 times=times))
-                print(lines[-1], flush=True)
+                                 times=times, error=_max_error(calls, x)))
+                lines.append(row(rows[-1]))
+                print(lines[-1] + f" max rel err p/n {rows[-1]['error']}", flush=True)
             del calls
             examples.keras_module(benchlib.FRAMEWORKS[framework]).backend.clear_session()
     if args.out:
