@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from graphfold import input_shapes as input_shapes_
 from graphfold import inputs as inputs_
 from graphfold.errors import BadInput
 from graphfold import noise, warmup
@@ -69,12 +70,21 @@ def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
     return feeds
 
 
+def shapes_for(loaded, keys: list[str], input_shapes: dict | None) -> dict[str, dict]:
+    """signature -> {input: shape} of the shapes the user gave (``input_shapes.check``)."""
+    specs = {key: input_specs(loaded.signatures[key]) for key in keys}
+    return input_shapes_.check(input_shapes, specs)
+
+
 def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict]],
-               recorded: dict[str, list[dict]], *, tolerance: float, batch: int,
-               progress) -> dict[str, Verification]:
+               recorded: dict[str, list[dict]], *, tolerance: float | None, batch: int,
+               progress, shapes: dict[str, dict] | None = None) -> dict[str, Verification]:
     """key -> Verification of ``candidate.signatures[key]`` against ``reference``'s, on the
-    preferred inputs of each signature, with the noise floor measured on a failure."""
+    preferred inputs of each signature, with the noise floor measured on a failure. A signature
+    verified on random inputs takes the ``shapes`` given for it, else those of the given inputs
+    or warm-up records of the same name (``input_shapes.py``)."""
     checks = {}
+    seen = input_shapes_.from_feeds({**recorded, **given})
     for key in keys:
         original = reference.signatures[key]
         if key in given:
@@ -85,8 +95,9 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
                            feeds=recorded[key],
                            source=f"warm-up records ({len(recorded[key])})")
         else:
+            hints = input_shapes_.compatible(seen, input_specs(original))
             check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           batch=batch)
+                           batch=batch, shapes={**hints, **(shapes or {}).get(key, {})})
         if check.reference_failed:      # real inputs the original itself cannot run
             raise _bad(f"signature '{key}': {check.reason}")
         if check.status == "skipped":

@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(opt)
     opt.add_argument("--no-verify", dest="verify", action="store_false",
                      help="do not compare the result with the original")
-    opt.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
-                     help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
+    opt.add_argument("--tolerance", type=_non_negative, default=None, metavar="T",
+                     help=TOLERANCE_HELP)
     opt.add_argument("--batch", type=_positive, default=1, metavar="N",
                      help="size of an unknown batch dimension of random inputs (default 1)")
     opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("dst", metavar="DST", help="the SavedModel to check against it")
     _common(ver)
     _real_inputs(ver)
-    ver.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
-                     help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
+    ver.add_argument("--tolerance", type=_non_negative, default=None, metavar="T",
+                     help=TOLERANCE_HELP)
     ver.add_argument("--batch", type=_positive, default=1, metavar="N",
                      help="size of an unknown batch dimension of random inputs (default 1)")
     ver.add_argument("--require-verification", action="store_true",
@@ -177,7 +177,17 @@ def _names(text):
     return names
 
 
+TOLERANCE_HELP = ("largest relative error max|a-b|/max|a| accepted (default: by the lowest "
+                  "precision an output or the model computes in: 1e-5 for float32, 2e-2 for "
+                  "float16, 6e-2 for bfloat16)")
+
+
 def _real_inputs(parser):
+    parser.add_argument("--input-shape", "--input_shape", action="append", dest="input_shape",
+                        metavar="KEY=D1,D2,...",
+                        help="shape of the random inputs for KEY where its signature leaves "
+                             "dimensions unknown, e.g. x=1,224,224,3 (repeatable; default: the "
+                             "given inputs' or warm-up records' shapes, else 224x224 images)")
     parser.add_argument("--inputs", action="append", metavar="KEY=FILE",
                         help="real inputs to verify on, as saved_model_cli run takes them: "
                              "'KEY=file.npy;KEY2=file.npz[name]' (repeatable)")
@@ -238,21 +248,25 @@ def cmd_optimize(args, console: Console) -> int:
             if is_inside(report_path, os.path.realpath(path)):
                 raise BadInput(f"--report {args.report}: must not be inside {name}")
     from graphfold.inputs import parse_inputs
+    from graphfold.input_shapes import parse as parse_shapes
     feeds = parse_inputs(args.inputs, args.input_exprs)
+    shapes = parse_shapes(args.input_shape) or None
     failure = None
     try:
         if is_graph_def_file(args.src):
             result = optimize_graph_def_file(
                 args.src, args.dst, inputs=args.input_names, outputs=args.output_names,
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                batch=args.batch, feeds=feeds or None, progress=console.progress)
+                batch=args.batch, feeds=feeds or None, input_shapes=shapes,
+                progress=console.progress)
         else:
             result = optimize_saved_model(
                 args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
                 batch=args.batch, drop_other_tag_sets=args.drop_other_tag_sets,
                 inputs=feeds or None, require_verification=args.require_verification,
-                warmup=args.warmup, weights=args.weights, progress=console.progress)
+                warmup=args.warmup, weights=args.weights, input_shapes=shapes,
+                progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
@@ -269,7 +283,7 @@ def cmd_optimize(args, console: Console) -> int:
         console.progress(f"report written to {args.report}")
     console.json(document)
     if failure is not None:
-        console.error(str(failure))
+        console.error(str(failure) + _where_to_look(result, args))
         return EXIT_VERIFY
     bns, folded, before, after = totals(result)
     rewritten = len(result) - len(result.unchanged)
@@ -282,14 +296,34 @@ def cmd_optimize(args, console: Console) -> int:
     return EXIT_OK
 
 
+def _where_to_look(result, args) -> str:
+    """Which outputs failed, and where the details are: appended to a failure's message."""
+    bad = sorted({f"{key}/{o.name}" for key, check in result.verification.items()
+                  if check.status == "failed" for o in check.outputs
+                  if o.tolerance is not None and not o.max_rel <= o.tolerance})
+    text = f" [failed output(s): {', '.join(bad)}]" if bad else ""
+    if args.command == "verify":
+        return f"{text}; every output's errors: --json"
+    report = f"the report {args.report}" if getattr(args, "report", None) else \
+        "--report FILE.json (every output's errors)"
+    return (f"{text}; look at the verification table above, {report}, and `graphfold inspect "
+            f"{args.src}` for what was folded where")
+
+
 def verification_status(result) -> str:
-    """"verified", "verified (within noise: ...)", "not verified (--no-verify)", or
-    "NOT VERIFIED: key (reason)" for the final line."""
+    """"verified", "verified (within noise: ...)", "not verified (--no-verify)",
+    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line."""
     if not result.verification:
         return "not verified (--no-verify)"
-    if result.not_verified:
-        return "NOT VERIFIED: " + "; ".join(f"{k} ({result.verification[k].reason})"
-                                            for k in result.not_verified)
+    if result.not_verified or result.inconclusive:
+        parts = []
+        if result.not_verified:
+            parts.append("NOT VERIFIED: " + "; ".join(
+                f"{k} ({result.verification[k].reason})" for k in result.not_verified))
+        if result.inconclusive:
+            parts.append("INCONCLUSIVE: " + "; ".join(
+                f"{k} ({result.verification[k].reason})" for k in result.inconclusive))
+        return "; ".join(parts)
     noisy = sorted(k for k, v in result.verification.items() if v.noise_floor is not None)
     if noisy:
         return f"verified (within the noise floor: {', '.join(noisy)})"
@@ -299,15 +333,17 @@ def verification_status(result) -> str:
 def cmd_verify(args, console: Console) -> int:
     from graphfold.saved_model import verify_saved_models
     from graphfold.inputs import parse_inputs
+    from graphfold.input_shapes import parse as parse_shapes
     feeds = parse_inputs(args.inputs, args.input_exprs)
     result = verify_saved_models(args.src, args.dst, signatures=args.signatures,
                                  tags=args.tag_set, inputs=feeds or None,
                                  tolerance=args.tolerance, batch=args.batch,
+                                 input_shapes=parse_shapes(args.input_shape) or None,
                                  progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_verification(result, console)
     failed = sorted(k for k, v in result.verification.items() if not v.ok)
-    unverified = result.not_verified
+    unverified = sorted(result.not_verified + result.inconclusive)
     code = EXIT_VERIFY if failed or (unverified and args.require_verification) else EXIT_OK
     document = {"command": "verify", "status": "ok" if code == EXIT_OK else
                 "verification_failed", "exit_code": code, "src": result.src,
@@ -319,7 +355,8 @@ def cmd_verify(args, console: Console) -> int:
     if failed:
         console.error(f"{args.dst} differs from {args.src} in signature(s) "
                       f"{', '.join(failed)}: " + "; ".join(result.verification[k].reason or ""
-                                                           for k in failed))
+                                                           for k in failed) +
+                      _where_to_look(result, args))
     elif code != EXIT_OK:
         console.error(f"--require-verification: signature(s) {', '.join(unverified)} NOT "
                       f"VERIFIED")
@@ -456,8 +493,8 @@ def add_repo_parser(commands) -> None:
     _common(repo)
     repo.add_argument("--no-verify", dest="verify", action="store_false",
                       help="do not compare the results with the originals")
-    repo.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
-                      help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
+    repo.add_argument("--tolerance", type=_non_negative, default=None, metavar="T",
+                      help=TOLERANCE_HELP)
     repo.add_argument("--batch", type=_positive, default=1, metavar="N",
                       help="size of an unknown batch dimension in verification (default 1)")
     repo.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",

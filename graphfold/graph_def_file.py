@@ -20,6 +20,7 @@ from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
 from graphfold.graph import split_tensor
+from graphfold.input_shapes import check as check_shapes
 from graphfold.inputs import check as check_feeds
 from graphfold.rewrite import optimize_graph_def
 from graphfold.saved_model import BadInput, SavedModelResult, VerificationFailed
@@ -182,28 +183,34 @@ def inspect_graph_def_file(src, *, inputs=None, outputs=None, progress=None) -> 
 
 
 def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
-                            tolerance=1e-5, batch=1, overwrite=False, feeds=None,
-                            progress=None) -> SavedModelResult:
+                            tolerance=None, batch=1, overwrite=False, feeds=None,
+                            input_shapes=None, progress=None) -> SavedModelResult:
     """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified first
     (``VerificationFailed``, nothing written, when an output differs by more than
-    ``tolerance``) on ``feeds`` (``{input_key: array}``, as ``--inputs`` gives them) or on
-    random inputs."""
+    ``tolerance``; None: by precision) on ``feeds`` (``{input_key: array}``, as ``--inputs``
+    gives them) or on random inputs (of ``input_shapes`` ``{input_key: shape}`` where given,
+    else realistic sizes for the placeholders' unknown dimensions: ``input_shapes.py``)."""
     progress = progress or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
+    if not verify and input_shapes:
+        raise BadInput("input_shapes (--input-shape) needs the verification (not with "
+                       "--no-verify)")
     _check_destination(src, dst, overwrite)
     result = SavedModelResult(src, dst, ())
     original, optimized, inputs, outputs = _rewrite(src, inputs, outputs, progress, result)
     if verify:
         clock = time.perf_counter()
         given = None
+        specs = input_specs(original, inputs)
+        shapes = check_shapes(input_shapes, {KEY: specs}).get(KEY, {})
         if feeds:
-            given = [check_feeds(KEY, input_specs(original, inputs), feeds)]
-        progress(f"verifying on {'the given' if given else 'random'} inputs (tolerance "
-                 f"{tolerance:g})")
+            given = [check_feeds(KEY, specs, feeds)]
+        progress(f"verifying on {'the given' if given else 'random'} inputs ("
+                 f"{'tolerance by precision' if tolerance is None else f'tolerance {tolerance:g}'})")
         check = verify_functions(KEY, callable_graph(original, inputs, outputs),
                                  callable_graph(optimized, inputs, outputs),
                                  tolerance=tolerance, batch=batch, feeds=given,
-                                 source="--inputs" if given else None)
+                                 source="--inputs" if given else None, shapes=shapes)
         result.verification[KEY] = check
         result.seconds["verify"] = time.perf_counter() - clock
         progress(f"  {check.line()}")

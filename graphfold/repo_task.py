@@ -180,5 +180,6 @@ def normalized_options(options: dict) -> tuple:
         merged["signatures"] = tuple([signatures] if isinstance(signatures, str) else signatures)
     tags = merged["tags"]
     merged["tags"] = tuple(t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags))
-    merged["tolerance"] = float(merged["tolerance"])
+    if merged["tolerance"] is not None:
+        merged["tolerance"] = float(merged["tolerance"])
     return tuple(sorted(merged.items()))

@@ -14,7 +14,10 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
-from graphfold.errors import Blocked
+from graphfold import casts, tf_quirks
+from graphfold.errors import BadInput, Blocked, VerificationFailed
+from graphfold.input_shapes import check as check_shapes
+from graphfold.verify import input_labels
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.inline import inline_calls
@@ -24,7 +27,13 @@ from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
 
 
-def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> FoldedFunction:
+# Unknown height and width of an image in rewrite's own check: smaller than the command's 224
+# (input_shapes.IMAGE_SIZE), since every rewrite pays for it; input_shapes= sets any size.
+CHECK_IMAGE_SIZE = 64
+
+
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, verify: bool = True,
+            tolerance: float | None = None, input_shapes: dict | None = None) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
@@ -33,14 +42,60 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``;
     ``keep_graph_def=False`` lets the weights go once they are bound (then ``.graph_def`` is not
     available).
+
+    ``verify``: run the result against ``fn`` once on random inputs (batch 1; unknown
+    dimensions from ``input_shapes`` {input name: shape}, else images ``CHECK_IMAGE_SIZE`` high
+    and wide, other dimensions ``input_shapes.OTHER_SIZE``), as the command verifies a
+    SavedModel; the outcome is ``report.verification``. A relative error over ``tolerance``
+    (None: by precision, ``tolerance.py``) that the noise floor does not explain raises
+    ``VerificationFailed`` (its ``.result``: the FoldedFunction). ``verify=False`` skips it.
     """
-    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    concrete = as_concrete_function(fn)
+    shapes = _given_shapes(concrete, input_shapes, verify, tolerance)
+    concrete, graph_def, held, inputs, outputs, report = fold(concrete)
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
     if not keep_graph_def:
         held.keep_only(())
         graph_def = held = None
-    return FoldedFunction(function, graph_def, report, held, variables)
+    folded = FoldedFunction(function, graph_def, report, held, variables)
+    if verify:
+        _self_check(folded, concrete, tolerance, shapes)
+    return folded
+
+
+def _given_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
+    """The ``input_shapes`` checked against ``concrete``'s inputs (``BadInput``), and the other
+    arguments of the check."""
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
+                       f"{tolerance!r}")
+    if not verify:
+        if input_shapes:
+            raise BadInput("input_shapes is for the verification: not with verify=False")
+        return {}
+    return check_shapes(input_shapes, {"rewrite": input_labels(concrete)}).get("rewrite", {})
+
+
+def _self_check(folded: FoldedFunction, concrete, tolerance, shapes: dict) -> None:
+    """``folded`` against ``concrete`` (``verify.verify``, ``noise.judge``): the outcome in the
+    report; ``VerificationFailed`` naming the errors when it fails."""
+    from graphfold import noise
+    from graphfold.verify import verify
+    check = verify("rewrite", concrete, folded.function, tolerance=tolerance, shapes=shapes,
+                   image_size=CHECK_IMAGE_SIZE)
+    noise.judge(check, concrete)
+    folded.report.verification = check
+    if check.status != "failed":
+        return
+    floor = "not measured" if check.noise_floor is None else f"{check.noise_floor:.3g}"
+    raise VerificationFailed(
+        f"rewrite: the folded function does not compute what the original computes: "
+        f"{check.reason}; folded max rel error {check.max_rel:.3g}, freeze-only noise floor "
+        f"{floor}, on {check.source} "
+        + ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
+        + " (the FoldedFunction is the exception's .result; verify=False skips this check)",
+        folded)
 
 
 def reimport(concrete, graph_def, held, inputs, outputs, report, extra):
@@ -126,6 +181,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph.prune(keep=keep)
     affines = find_affines(graph)
     missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
+    quirks = tf_quirks.snapshot(graph)
     seconds["normalize"] = time.perf_counter() - clock
 
     entries = []
@@ -142,11 +198,24 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
         else:
             apply_.fold(graph, affine, writes)
         entries.extend(_entries(affine, outcome, tried))
+    notes += _after_folding(graph, quirks)
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
     report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts(), notes)
     return work, report
+
+
+def _after_folding(graph: Graph, quirks) -> list[str]:
+    """The passes over the folded graph: Cast round trips that compute nothing are removed, then
+    patterns TensorFlow miscomputes that the fold created are rewritten (``tf_quirks``); notes
+    saying what was done."""
+    notes = []
+    removed = casts.remove_round_trips(graph)
+    if removed:
+        notes.append(f"{removed} Cast round trip(s) that compute nothing removed (e.g. float16 "
+                     f"-> float32 -> float16 where batch norms were)")
+    return notes + tf_quirks.avoid(graph, quirks)
 
 
 def check_feeds(graph_def, inputs) -> None:

@@ -77,6 +77,11 @@ class SavedModelResult(dict):
         """Signatures that could not be checked (their original fails on random inputs)."""
         return sorted(k for k, v in self.verification.items() if v.status == "skipped")
 
+    @property
+    def inconclusive(self) -> list[str]:
+        """Signatures checked only within a noise floor too large to mean anything."""
+        return sorted(k for k, v in self.verification.items() if v.status == "inconclusive")
+
     def to_dict(self) -> dict:
         signatures = {}
         for key, report in self.items():
@@ -89,7 +94,7 @@ class SavedModelResult(dict):
             }
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
-                "not_verified": self.not_verified,
+                "not_verified": self.not_verified, "inconclusive": self.inconclusive,
                 "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
                 "seconds": dict(self.seconds)}
 
@@ -223,7 +228,8 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
     holds marked constants and ``.marked`` their values, which ``saved_weights.fill`` writes
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
-        return rewrite(fn, weights=weights, keep_graph_def=False)
+        # verify=False: optimize_saved_model verifies the written model instead
+        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
     function = reimport(concrete, graph_def, held, inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
@@ -495,26 +501,28 @@ def inspect_saved_model(src, *, signatures=None, tags=("serve",),
 
 
 def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=True,
-                         tolerance=1e-5, overwrite=False, batch: int = 1,
+                         tolerance=None, overwrite=False, batch: int = 1,
                          drop_other_tag_sets: bool = False, inputs: dict | None = None,
                          require_verification: bool = False, warmup: int | None = None,
-                         weights: str = "auto",
+                         weights: str = "auto", input_shapes: dict | None = None,
                          progress: Progress | None = None) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
 
     ``signatures``: keys to rewrite (default all); the others are copied through unchanged.
     ``tags``: the MetaGraph's tag set. ``verify``: compare every rewritten signature of the
-    written model with the original on random inputs (unknown batch dimension: ``batch``);
-    a relative error over ``tolerance`` raises ``VerificationFailed`` and nothing is written.
+    written model with the original on random inputs (unknown batch dimension: ``batch``;
+    other unknown dimensions: ``input_shapes`` {input: shape}, else realistic sizes,
+    ``input_shapes.py``); a relative error over ``tolerance`` (None: by precision,
+    ``tolerance.py``) raises ``VerificationFailed`` and nothing is written.
     ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty directory).
     ``drop_other_tag_sets``: write a SavedModel holding several MetaGraphs as the one of
     ``tags`` alone (else that is refused with ``BadInput``). Every file of ``src`` besides the
     graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte for byte.
     ``inputs``: input key -> array, real inputs to verify on (for every signature that has
     those keys); SRC's TF Serving warm-up records are replayed too (``checking.py``).
-    ``require_verification``: a signature that could not be verified (NOT VERIFIED) raises
-    ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
+    ``require_verification``: a signature that could not be verified (NOT VERIFIED, or
+    INCONCLUSIVE: ``noise.py``) raises ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
     this many requests per rewritten signature (SRC's records kept, only the missing added).
     ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
     alone in ``saved_model.pb``) or "auto": constants up to ``AUTO_VARIABLES_ABOVE`` bytes of
@@ -530,13 +538,12 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     tags = _tags(tags)
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
-    if not tolerance >= 0:
-        raise BadInput(f"tolerance must be a non-negative number, got {tolerance}")
+    _check_tolerance(tolerance)
     if warmup is not None and not 1 <= warmup <= warmup_.MAX_RECORDS:
         raise BadInput(f"--warmup {warmup}: must be between 1 and {warmup_.MAX_RECORDS}")
-    if not verify and (inputs or require_verification or warmup):
-        raise BadInput("--no-verify cannot be combined with --inputs, --require-verification "
-                       "or --warmup (they need the verification)")
+    if not verify and (inputs or require_verification or warmup or input_shapes):
+        raise BadInput("--no-verify cannot be combined with --inputs, --require-verification, "
+                       "--warmup or --input-shape (they need the verification)")
     if weights not in WEIGHTS:
         raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     proto = read_saved_model(src)
@@ -572,6 +579,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)
             recorded = checking.warmup_feeds(src, loaded, result.notes)
+            shapes = checking.shapes_for(loaded, keys, input_shapes)
 
         clock = time.perf_counter()
         mode, why = choose_weights(weights, weight_bytes(loaded, keys))
@@ -613,12 +621,12 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             first = same_functions(loaded, keys)
             # the same function under two keys is checked once, unless real inputs address both
             distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
-            progress(f"verifying {len(distinct)} distinct signature(s) (tolerance "
-                     f"{tolerance:g})")
+            progress(f"verifying {len(distinct)} distinct signature(s) "
+                     f"({_tolerance_words(tolerance)})")
             written = load(staging, tags)
             result.verification.update(checking.run_checks(
                 loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
-                progress=progress))
+                progress=progress, shapes=shapes))
             for key in keys:
                 if key not in result.verification:
                     result.verification[key] = dataclasses.replace(
@@ -631,12 +639,13 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
                     "verification failed for signature(s) " + ", ".join(failed) + ": " +
                     "; ".join(result.verification[k].reason or "" for k in failed) +
                     f"; nothing was written to {dst}", result)
-            unverified = result.not_verified
+            unverified = sorted(result.not_verified + result.inconclusive)
             if unverified and require_verification:
                 raise VerificationFailed(
                     f"--require-verification: signature(s) {', '.join(unverified)} NOT "
-                    f"VERIFIED (" + "; ".join(result.verification[k].reason or ""
-                                               for k in unverified) +
+                    f"VERIFIED (" + "; ".join(
+                        f"{result.verification[k].status.upper()}: "
+                        f"{result.verification[k].reason or ''}" for k in unverified) +
                     f"); nothing was written to {dst}", result)
             if warmup:
                 rewritten = [k for k in keys if k not in result.unchanged]
@@ -665,6 +674,16 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             _remove_empty(created)
 
 
+def _check_tolerance(tolerance) -> None:
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
+                       f"{tolerance!r}")
+
+
+def _tolerance_words(tolerance) -> str:
+    return "tolerance by precision" if tolerance is None else f"tolerance {tolerance:g}"
+
+
 def _tags(tags) -> tuple[str, ...]:
     if isinstance(tags, str):
         tags = tags.split(",")
@@ -689,9 +708,11 @@ def _first_line(exc) -> str:
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
 def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
-                        tolerance=1e-5, batch=1, progress=None):
+                        tolerance=None, batch=1, input_shapes=None, progress=None):
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
-    inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+    inputs (``inputs``; else SRC's warm-up records; else random, of ``input_shapes``
+    {input: shape} where given). Nothing is written. ``tolerance``: None follows the precision
+    (``tolerance.py``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
@@ -700,6 +721,7 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
     src, dst, tags = os.fspath(src), os.fspath(dst), _tags(tags)
     if batch < 1:
         raise BadInput(f"batch must be at least 1, got {batch}")
+    _check_tolerance(tolerance)
     metas = {}
     for path in (src, dst):
         metas[path] = meta_graph_for(read_saved_model(path), path, tags)
@@ -710,6 +732,7 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
     recorded = checking.warmup_feeds(src, reference, result.notes)
+    shapes = checking.shapes_for(reference, keys, input_shapes)
     comparable = []
     for key in keys:
         problem = _signature_difference(metas[src].signature_def[key],
@@ -722,9 +745,10 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
             progress(f"  {result.verification[key].line()}")
         else:
             comparable.append(key)
-    progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
-    result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
-                                          tolerance=tolerance, batch=batch, progress=progress))
+    progress(f"verifying {len(comparable)} signature(s) ({_tolerance_words(tolerance)})")
+    result.verification.update(checking.run_checks(
+        reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
+        progress=progress, shapes=shapes))
     return result
 
 
