@@ -637,7 +637,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             if failed:
                 raise VerificationFailed(
                     "verification failed for signature(s) " + ", ".join(failed) + ": " +
-                    "; ".join(result.verification[k].reason or "" for k in failed) +
+                    "; ".join(f"{k}: {result.verification[k].reason or ''}" for k in failed) +
                     f"; nothing was written to {dst}", result)
             unverified = sorted(result.not_verified + result.inconclusive)
             if unverified and require_verification:
