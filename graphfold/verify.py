@@ -342,10 +342,18 @@ def input_labels(fn) -> dict[str, tf.TensorSpec]:
 
 
 def _named(outputs) -> dict[str, tf.Tensor]:
+    """Every tensor of ``outputs`` by name: a dict's keys (``key/<i>`` for the leaves of a
+    structure under a key), else ``output_<i>`` in flat order; None and Python values are left
+    out."""
     if isinstance(outputs, dict):
-        return dict(outputs)
-    flat = tf.nest.flatten(outputs)
-    return {f"output_{i}": t for i, t in enumerate(flat)}
+        pairs = []
+        for key in sorted(outputs):
+            leaves = tf.nest.flatten(outputs[key])
+            pairs += [(key, outputs[key])] if isinstance(outputs[key], tf.Tensor) else \
+                [(f"{key}/{i}", leaf) for i, leaf in enumerate(leaves)]
+    else:
+        pairs = [(f"output_{i}", t) for i, t in enumerate(tf.nest.flatten(outputs))]
+    return {name: t for name, t in pairs if isinstance(t, tf.Tensor)}
 
 
 def _first_line(exc) -> str:
