@@ -5,6 +5,7 @@ A signature is verified on, in this order of preference: the inputs the user gav
 / ``--input_exprs``, API ``inputs=``) when they address it; else SRC's TF Serving warm-up records
 that call it (the first ``WARMUP_VERIFIED`` of them); else random inputs (``verify.py``).
 A signature whose original fails on random inputs and that has no real inputs is NOT VERIFIED.
+``rewrite`` checks its own result the same way, on random inputs (``self_check``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 
 from graphfold import input_shapes as input_shapes_
 from graphfold import inputs as inputs_
-from graphfold.errors import BadInput
+from graphfold.errors import BadInput, VerificationFailed
 from graphfold import noise, warmup
-from graphfold.verify import Verification, input_specs, verify
+from graphfold.verify import Verification, input_labels, input_specs, verify
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
 FIX_HINT = "give real inputs with --inputs KEY=FILE.npy or --input_exprs 'KEY=[...]'"
@@ -155,3 +156,39 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
     return existing + added
+
+
+# ---- rewrite's own check ------------------------------------------------------------------------
+
+def rewrite_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
+    """``rewrite``'s ``input_shapes`` checked against ``concrete``'s inputs (``BadInput``, as
+    ``tolerance`` is)."""
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
+                       f"{tolerance!r}")
+    if not verify:
+        if input_shapes:
+            raise BadInput("input_shapes is for the verification: not with verify=False")
+        return {}
+    checked = input_shapes_.check(input_shapes, {"rewrite": input_labels(concrete)})
+    return checked.get("rewrite", {})
+
+
+def self_check(folded, concrete, tolerance, shapes: dict, image_size: int) -> None:
+    """``rewrite``'s own check: ``folded`` (a FoldedFunction) against ``concrete`` on random
+    inputs (``verify``, ``noise.judge``); the outcome in its report; ``VerificationFailed``
+    giving the folded error and the freeze-only noise floor when it fails."""
+    check = verify("rewrite", concrete, folded.function, tolerance=tolerance, shapes=shapes,
+                   image_size=image_size)
+    noise.judge(check, concrete)
+    folded.report.verification = check
+    if check.status != "failed":
+        return
+    floor = "not measured" if check.noise_floor is None else f"{check.noise_floor:.3g}"
+    raise VerificationFailed(
+        f"rewrite: the folded function does not compute what the original computes: "
+        f"{check.reason}; folded max rel error {check.max_rel:.3g}, freeze-only noise floor "
+        f"{floor}, on {check.source} "
+        + ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
+        + " (the FoldedFunction is the exception's .result; verify=False skips this check)",
+        folded)

@@ -205,8 +205,8 @@ def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
         shapes = check_shapes(input_shapes, {KEY: specs}).get(KEY, {})
         if feeds:
             given = [check_feeds(KEY, specs, feeds)]
-        progress(f"verifying on {'the given' if given else 'random'} inputs ("
-                 f"{'tolerance by precision' if tolerance is None else f'tolerance {tolerance:g}'})")
+        words = "tolerance by precision" if tolerance is None else f"tolerance {tolerance:g}"
+        progress(f"verifying on {'the given' if given else 'random'} inputs ({words})")
         check = verify_functions(KEY, callable_graph(original, inputs, outputs),
                                  callable_graph(optimized, inputs, outputs),
                                  tolerance=tolerance, batch=batch, feeds=given,

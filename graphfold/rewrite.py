@@ -14,10 +14,8 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
-from graphfold import casts, tf_quirks
-from graphfold.errors import BadInput, Blocked, VerificationFailed
-from graphfold.input_shapes import check as check_shapes
-from graphfold.verify import input_labels
+from graphfold import casts, checking, tf_quirks
+from graphfold.errors import Blocked
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.inline import inline_calls
@@ -51,7 +49,7 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, veri
     ``VerificationFailed`` (its ``.result``: the FoldedFunction). ``verify=False`` skips it.
     """
     concrete = as_concrete_function(fn)
-    shapes = _given_shapes(concrete, input_shapes, verify, tolerance)
+    shapes = checking.rewrite_shapes(concrete, input_shapes, verify, tolerance)
     concrete, graph_def, held, inputs, outputs, report = fold(concrete)
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
@@ -60,42 +58,8 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, veri
         graph_def = held = None
     folded = FoldedFunction(function, graph_def, report, held, variables)
     if verify:
-        _self_check(folded, concrete, tolerance, shapes)
+        checking.self_check(folded, concrete, tolerance, shapes, CHECK_IMAGE_SIZE)
     return folded
-
-
-def _given_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
-    """The ``input_shapes`` checked against ``concrete``'s inputs (``BadInput``), and the other
-    arguments of the check."""
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
-                       f"{tolerance!r}")
-    if not verify:
-        if input_shapes:
-            raise BadInput("input_shapes is for the verification: not with verify=False")
-        return {}
-    return check_shapes(input_shapes, {"rewrite": input_labels(concrete)}).get("rewrite", {})
-
-
-def _self_check(folded: FoldedFunction, concrete, tolerance, shapes: dict) -> None:
-    """``folded`` against ``concrete`` (``verify.verify``, ``noise.judge``): the outcome in the
-    report; ``VerificationFailed`` naming the errors when it fails."""
-    from graphfold import noise
-    from graphfold.verify import verify
-    check = verify("rewrite", concrete, folded.function, tolerance=tolerance, shapes=shapes,
-                   image_size=CHECK_IMAGE_SIZE)
-    noise.judge(check, concrete)
-    folded.report.verification = check
-    if check.status != "failed":
-        return
-    floor = "not measured" if check.noise_floor is None else f"{check.noise_floor:.3g}"
-    raise VerificationFailed(
-        f"rewrite: the folded function does not compute what the original computes: "
-        f"{check.reason}; folded max rel error {check.max_rel:.3g}, freeze-only noise floor "
-        f"{floor}, on {check.source} "
-        + ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
-        + " (the FoldedFunction is the exception's .result; verify=False skips this check)",
-        folded)
 
 
 def reimport(concrete, graph_def, held, inputs, outputs, report, extra):

@@ -522,8 +522,9 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     ``inputs``: input key -> array, real inputs to verify on (for every signature that has
     those keys); SRC's TF Serving warm-up records are replayed too (``checking.py``).
     ``require_verification``: a signature that could not be verified (NOT VERIFIED, or
-    INCONCLUSIVE: ``noise.py``) raises ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
-    this many requests per rewritten signature (SRC's records kept, only the missing added).
+    INCONCLUSIVE: ``noise.py``) raises ``VerificationFailed``. ``warmup``: write
+    ``assets.extra/tf_serving_warmup_requests`` with this many requests per rewritten
+    signature (SRC's records kept, only the missing added).
     ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
     alone in ``saved_model.pb``) or "auto": constants up to ``AUTO_VARIABLES_ABOVE`` bytes of
     weights, variables above (with a note saying so).

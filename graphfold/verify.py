@@ -187,15 +187,37 @@ def verify(name: str, reference, candidate, *, tolerance: float | None = None, b
         result.seconds = time.perf_counter() - clock
         return result
 
-    args_specs, kwargs_specs = reference.structured_input_signature
-    structure = (args_specs, kwargs_specs)
+    try:
+        want, args, kwargs = _run_on_random_inputs(result, reference, batch, seed, image_size,
+                                                   shapes or {})
+    except _NotRun as why:
+        return done("skipped", str(why))
+    try:
+        got = candidate(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
+        return done("failed", f"the optimized function fails: {_first_line(exc)}")
+    problem = _compare_outputs(result, want, got)
+    return done("failed", problem) if problem else done()
+
+
+class _NotRun(Exception):
+    """Why the reference could not be run on random inputs."""
+
+
+def _run_on_random_inputs(result: Verification, reference, batch: int, seed: int, image: int,
+                          given: dict[str, tuple]):
+    """``(outputs, args, kwargs)`` of ``reference`` on random inputs of the usual sizes, else of
+    the fallback sizes (the first it accepts); the shapes, why they are smaller than usual and
+    the inputs go into ``result``. Python values of the signature (``training=False``) are
+    passed as they are."""
+    structure = reference.structured_input_signature
     atoms = tf.nest.flatten(structure)
     if any(isinstance(a, tf.TypeSpec) and not isinstance(a, tf.TensorSpec) for a in atoms):
-        return done("skipped", "an input is not a plain tensor")
-    specs = input_labels(reference)     # Python values (``training=False``) are passed as is
-    want, first_error, planned = None, None, []
+        raise _NotRun("an input is not a plain tensor")
+    specs = input_labels(reference)
+    first_error, planned = None, []
     for size in (None,) + shapes_.FALLBACK_SIZES:
-        plan = _plan_shapes(specs, batch, size, image_size, shapes or {})
+        plan = _plan_shapes(specs, batch, size, image, given)
         if plan in planned:
             continue
         planned.append(plan)
@@ -203,32 +225,24 @@ def verify(name: str, reference, candidate, *, tolerance: float | None = None, b
         try:
             values = {label: random_tensor(specs[label], rng, plan[label][0]) for label in specs}
         except TypeError as exc:
-            return done("skipped", str(exc))
-        fed = iter(values[label] for label in specs)
-        flat = [next(fed) if isinstance(a, tf.TensorSpec) else a for a in atoms]
-        args, kwargs = tf.nest.pack_sequence_as(structure, flat)
+            raise _NotRun(str(exc)) from None
+        fed = iter(values.values())
+        args, kwargs = tf.nest.pack_sequence_as(
+            structure, [next(fed) if isinstance(a, tf.TensorSpec) else a for a in atoms])
         try:
             want = reference(*args, **kwargs)
-            break
         except (tf.errors.OpError, ValueError, TypeError) as exc:
             first_error = first_error or exc
-    if want is None:
-        return done("skipped", f"the original fails on random inputs: "
-                               f"{_first_line(first_error)}")
-
-    result.inputs = {label: tuple(t.shape.as_list()) for label, t in values.items()}
-    notes = [note for _, note in plan.values() if note]
-    if size is not None:
-        notes.append(f"unknown dims {size}: the original rejects the usual sizes "
-                     f"({_first_line(first_error)})")
-    result.shape_note = "; ".join(dict.fromkeys(notes)) or None
-    result.fed = [kwargs] if not args else [(args, kwargs)]
-    try:
-        got = candidate(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
-        return done("failed", f"the optimized function fails: {_first_line(exc)}")
-    problem = _compare_outputs(result, want, got)
-    return done("failed", problem) if problem else done()
+            continue
+        result.inputs = {label: tuple(t.shape.as_list()) for label, t in values.items()}
+        notes = [note for _, note in plan.values() if note]
+        if size is not None:
+            notes.append(f"unknown dims {size}: the original rejects the usual sizes "
+                         f"({_first_line(first_error)})")
+        result.shape_note = "; ".join(dict.fromkeys(notes)) or None
+        result.fed = [kwargs] if not args else [(args, kwargs)]
+        return want, args, kwargs
+    raise _NotRun(f"the original fails on random inputs: {_first_line(first_error)}")
 
 
 def _plan_shapes(specs: dict[str, tf.TensorSpec], batch: int, size: int | None, image: int,

@@ -1,4 +1,4 @@
-"""keras-hub CSPNetBackbone (issue 17): folded, then run as TensorFlow runs it, against the original.
+"""keras-hub CSPNetBackbone (issue 17): folded, then run as TensorFlow runs it, against it.
 
     python tools/check_cspnet.py [--config cspresnext50|cspresnet50] [--size 224]
 
