@@ -182,6 +182,7 @@ def self_check(folded, concrete, tolerance, shapes: dict, image_size: int) -> No
                    image_size=image_size)
     noise.judge(check, concrete)
     folded.report.verification = check
+    folded.report.seconds["verify"] = check.seconds
     if check.status != "failed":
         return
     floor = "not measured" if check.noise_floor is None else f"{check.noise_floor:.3g}"
