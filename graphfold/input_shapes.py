@@ -20,6 +20,7 @@ import math
 import tensorflow as tf
 
 from graphfold.errors import BadInput
+from graphfold.options import spelled
 
 IMAGE_SIZE = 224           # unknown height / width of a rank-4 floating input
 OTHER_SIZE = 32            # any other unknown non-batch dimension (a sequence, a volume's side)
@@ -66,20 +67,16 @@ def _within_budget(shape: list, free: list[int], size: int) -> tuple[tuple, str 
     return tuple(shape), note
 
 
-def parse(entries) -> dict[str, tuple[int, ...]]:
-    """``["x=1,224,224,3", ...]`` (``;`` separates entries too) -> ``{"x": (1, 224, 224, 3)}``."""
-    shapes = {}
-    for part in [e for text in (entries or []) for e in text.split(";") if e.strip()]:
-        key, sep, dims = part.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.replace(" ", "").strip("[]()").split(",") if d)
-        except ValueError:
-            shape = None
-        if not sep or not key.strip() or shape is None:
-            raise BadInput(f'--input-shape "{part}": expected KEY=D1,D2,... (e.g. '
-                           f'x=1,224,224,3)')
-        shapes[key.strip()] = shape
-    return shapes
+def parse_entry(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"x=1,224,224,3"`` -> ``("x", (1, 224, 224, 3))``; ``ValueError`` saying the syntax."""
+    key, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.replace(" ", "").strip("[]()").split(",") if d)
+    except ValueError:
+        shape = None
+    if not sep or not key.strip() or not shape:
+        raise ValueError(f'"{text}": expected KEY=D1,D2,... (e.g. x=1,224,224,3)')
+    return key.strip(), shape
 
 
 def check(input_shapes: dict | None, specs: dict[str, dict[str, tf.TensorSpec]]) -> \
@@ -92,7 +89,7 @@ def check(input_shapes: dict | None, specs: dict[str, dict[str, tf.TensorSpec]])
     out: dict[str, dict[str, tuple]] = {}
     for key, shape in input_shapes.items():
         shape = tuple(int(d) for d in shape)
-        where = f"input shape {key}={','.join(map(str, shape))}"
+        where = f"{spelled('input_shapes')} {key}={','.join(map(str, shape))}"
         if any(d < 1 for d in shape):
             raise BadInput(f"{where}: every dimension must be at least 1")
         having = [name for name, inputs in specs.items() if key in inputs]

@@ -33,12 +33,16 @@ from tensorflow.core.protobuf import saved_model_pb2
 from graphfold import census
 from graphfold import checking, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
-from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
+from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
+                              VerificationFailed)
 from graphfold.report import Entry, FoldReport
 from graphfold import saved_weights
 from graphfold.function import FoldedFunction, op_name
 from graphfold.rewrite import fold, reimport, rewrite
 from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
+from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
+                               Options, spelled)
+from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -68,9 +72,15 @@ class SavedModelResult(dict):
         self.written = False
 
     @property
+    def rewritten(self) -> list[str]:
+        """The requested signatures that were rewritten (not copied through)."""
+        return sorted(k for k in self if k not in self.unchanged)
+
+    @property
     def verified(self) -> bool:
-        return bool(self.verification) and all(v.status == "ok"
-                                               for v in self.verification.values())
+        """Whether something was rewritten and every rewritten signature verified "ok"."""
+        checks = [self.verification.get(k) for k in self.rewritten]
+        return bool(checks) and all(c is not None and c.status == "ok" for c in checks)
 
     @property
     def not_verified(self) -> list[str]:
@@ -208,13 +218,16 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
                     deferred[key] = folded.marked
             else:
                 report = fold(fn)[-1]
-        except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
-            reason = _why_not_rewritten(exc)
-            result.unchanged[key] = reason
-            result[key] = unrewritten_report(fn, reason)
+        except NotFreezable as exc:     # an expected reason: the signature is copied through
+            result.unchanged[key] = str(exc)
+            result[key] = unrewritten_report(fn, str(exc))
             functions[key] = fn
-            progress(f"  '{key}' copied through unchanged: {reason}")
+            progress(f"  '{key}' NOT OPTIMIZED (copied through unchanged): {exc}")
             continue
+        except GraphfoldError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - graphfold's own failure: nothing is written
+            raise RewriteFailed(key, exc) from exc
         result[key] = report
         s = report.seconds
         progress(f"  '{key}': {report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
@@ -231,7 +244,7 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
         # verify=False: optimize_saved_model verifies the written model instead
         return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
-    function = reimport(concrete, graph_def, held, inputs, outputs, report,
+    function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
     return FoldedFunction(function, None, report, marked=held)
 
@@ -263,7 +276,6 @@ def _function_fingerprint(fn) -> str:
     return digest.hexdigest()
 
 
-WEIGHTS = ("auto", "constants", "variables")
 # ``weights="auto"`` writes constants while the weights of all distinct rewritten functions
 # together stay under this many bytes, variables above it: saved_model.pb must stay well under
 # protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and constants cost
@@ -288,11 +300,10 @@ def weight_bytes(loaded, keys: list[str]) -> int:
 
 def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     """``(constants or variables, a note saying why when auto switched)``."""
-    if mode not in WEIGHTS:
-        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {mode!r}")
     if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
-        raise BadInput(f"{nbytes / 2**30:.2f} GiB of weights cannot be constants: saved_model.pb "
-                       f"would pass protobuf's 2 GiB limit (use --weights variables, or auto)")
+        raise BadOption("weights", mode, f"{nbytes / 2**30:.2f} GiB of weights cannot be "
+                        f"constants: saved_model.pb would pass protobuf's 2 GiB limit (use "
+                        f"variables, or auto)")
     if mode != "auto":
         return mode, None
     if nbytes <= AUTO_VARIABLES_ABOVE:
@@ -300,12 +311,6 @@ def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     return "variables", (f"weights of {nbytes / 2**20:.0f} MiB are over the "
                          f"{AUTO_VARIABLES_ABOVE / 2**20:.0f} MiB that saved_model.pb may hold "
                          f"as constants: written as variables (variables/)")
-
-
-def _why_not_rewritten(exc: Exception) -> str:
-    if isinstance(exc, NotFreezable):
-        return str(exc)
-    return f"it cannot be frozen and rewritten: {_first_line(exc)}"
 
 
 def unrewritten_report(fn, reason: str) -> FoldReport:
@@ -339,7 +344,7 @@ def check_destination(src: str, dst: str, overwrite: bool) -> str:
         raise BadInput(f"{dst}: SRC is inside DST; replacing DST would delete SRC")
     if os.path.lexists(dst) or os.path.lexists(real_dst):
         if not overwrite:
-            raise BadInput(f"{dst}: already exists (pass --overwrite to replace it)")
+            raise BadInput(f"{dst}: already exists (pass {spelled('overwrite')} to replace it)")
         if not os.path.isdir(real_dst):
             raise BadInput(f"{dst}: exists and is not a directory; refusing to replace it")
         if os.listdir(real_dst) and not _looks_like_saved_model(real_dst):
@@ -478,16 +483,19 @@ def move_into_place(staging: str, dst: str) -> None:
 
 # ---- the entry points -----------------------------------------------------------------------
 
-def inspect_saved_model(src, *, signatures=None, tags=("serve",),
-                        progress: Progress | None = None) -> SavedModelResult:
-    """The fold report of every requested signature of ``src``; nothing is written."""
+def inspect_saved_model(src, *, options: Options | None = None,
+                        progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
+    """The fold report of every requested signature of ``src``; nothing is written.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``."""
     progress = progress or _silent
     src = os.fspath(src)
-    tags = _tags(tags)
+    options = Options.of(options, **option_kwargs)
+    INSPECT_SAVED_MODEL.refuse_unsupported(options.given())
+    tags = options.tags
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
-    keys = select(available, signatures, src)
+    keys = select(available, options.signatures, src)
     result = SavedModelResult(src, None, tags)
     result.all_signatures = sorted(available)
     clock = time.perf_counter()
@@ -500,53 +508,40 @@ def inspect_saved_model(src, *, signatures=None, tags=("serve",),
     return result
 
 
-def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=True,
-                         tolerance=None, overwrite=False, batch: int = 1,
-                         drop_other_tag_sets: bool = False, inputs: dict | None = None,
-                         require_verification: bool = False, warmup: int | None = None,
-                         weights: str = "auto", input_shapes: dict | None = None,
-                         progress: Progress | None = None) -> SavedModelResult:
+def optimize_saved_model(src, dst, *, options: Options | None = None,
+                         inputs: dict | None = None, overwrite: bool = False,
+                         progress: Progress | None = None,
+                         **option_kwargs) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
 
-    ``signatures``: keys to rewrite (default all); the others are copied through unchanged.
-    ``tags``: the MetaGraph's tag set. ``verify``: compare every rewritten signature of the
-    written model with the original on random inputs (unknown batch dimension: ``batch``;
-    other unknown dimensions: ``input_shapes`` {input: shape}, else realistic sizes,
-    ``input_shapes.py``); a relative error over ``tolerance`` (None: by precision,
-    ``tolerance.py``) raises ``VerificationFailed`` and nothing is written.
-    ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty directory).
-    ``drop_other_tag_sets``: write a SavedModel holding several MetaGraphs as the one of
-    ``tags`` alone (else that is refused with ``BadInput``). Every file of ``src`` besides the
-    graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte for byte.
-    ``inputs``: input key -> array, real inputs to verify on (for every signature that has
-    those keys); SRC's TF Serving warm-up records are replayed too (``checking.py``).
-    ``require_verification``: a signature that could not be verified (NOT VERIFIED, or
-    INCONCLUSIVE: ``noise.py``) raises ``VerificationFailed``. ``warmup``: write
-    ``assets.extra/tf_serving_warmup_requests`` with this many requests per rewritten
-    signature (SRC's records kept, only the missing added).
-    ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
-    alone in ``saved_model.pb``) or "auto": constants up to ``AUTO_VARIABLES_ABOVE`` bytes of
-    weights, variables above (with a note saying so).
-    ``progress``: called with a line of text at the start of each stage.
+    ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
+    ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
+    ``warmup``, ``drop_other_tag_sets``, ``input_shapes``; ``Options`` says what each does). Signatures not
+    requested are copied through unchanged; so is a requested one that cannot be frozen
+    (``NotFreezable``: a lookup table, ...), with the reason. Any other failure raises
+    ``RewriteFailed``, and nothing is written. The written model is loaded back and compared
+    with the original on ``inputs`` (input key -> array, for every signature that has those
+    keys), SRC's TF Serving warm-up records, or random inputs (``checking.py``); a relative
+    error over the tolerance raises ``VerificationFailed`` and nothing is written. Every file of
+    ``src`` besides the graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte
+    for byte. ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty
+    directory). ``progress``: called with a line of text at the start of each stage.
 
     Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
-    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths and SavedModels. ``src``
-    is only read; ``dst`` appears (by a rename) only when everything succeeded.
+    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths, SavedModels and options.
+    ``src`` is only read; ``dst`` appears (by a rename) only when everything succeeded.
     """
     progress = progress or _silent
     src, dst = os.fspath(src), os.fspath(dst)
-    tags = _tags(tags)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
-    _check_tolerance(tolerance)
-    if warmup is not None and not 1 <= warmup <= warmup_.MAX_RECORDS:
-        raise BadInput(f"--warmup {warmup}: must be between 1 and {warmup_.MAX_RECORDS}")
-    if not verify and (inputs or require_verification or warmup or input_shapes):
-        raise BadInput("--no-verify cannot be combined with --inputs, --require-verification, "
-                       "--warmup or --input-shape (they need the verification)")
-    if weights not in WEIGHTS:
-        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    options = Options.of(options, **option_kwargs)
+    SAVED_MODEL.refuse_unsupported(options.given())
+    if inputs and not options.verify:
+        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
+                        "verification)")
+    tags, signatures, verify = options.tags, options.signatures, options.verify
+    tolerance, batch, warmup = options.tolerance, options.batch, options.warmup
+    require_verification = options.require_verification
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
@@ -558,11 +553,11 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
-        if not drop_other_tag_sets:
+        if not options.drop_other_tag_sets:
             raise BadInput(f"{src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
                            f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
-                           f"only tag-set '{','.join(tags)}': pass --drop-other-tag-sets to "
-                           f"drop the others")
+                           f"only tag-set '{','.join(tags)}': drop the others with "
+                           f"{spelled('drop_other_tag_sets')}")
         result.notes.append(f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set "
                             f"'{','.join(tags)}' is written to DST (dropped, as asked: {others})")
     for path in remove_stale(target):
@@ -580,10 +575,10 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)
             recorded = checking.warmup_feeds(src, loaded, result.notes)
-            shapes = checking.shapes_for(loaded, keys, input_shapes)
+            shapes = checking.shapes_for(loaded, keys, options.shapes())
 
         clock = time.perf_counter()
-        mode, why = choose_weights(weights, weight_bytes(loaded, keys))
+        mode, why = choose_weights(options.weights, weight_bytes(loaded, keys))
         result.weights = mode
         if why:
             result.notes.append(why)
@@ -623,7 +618,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             # the same function under two keys is checked once, unless real inputs address both
             distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
             progress(f"verifying {len(distinct)} distinct signature(s) "
-                     f"({_tolerance_words(tolerance)})")
+                     f"({tolerance_words(tolerance)})")
             written = load(staging, tags)
             result.verification.update(checking.run_checks(
                 loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
@@ -643,7 +638,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             unverified = sorted(result.not_verified + result.inconclusive)
             if unverified and require_verification:
                 raise VerificationFailed(
-                    f"--require-verification: signature(s) {', '.join(unverified)} NOT "
+                    f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
                     f"VERIFIED (" + "; ".join(
                         f"{result.verification[k].status.upper()}: "
                         f"{result.verification[k].reason or ''}" for k in unverified) +
@@ -675,25 +670,6 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             _remove_empty(created)
 
 
-def _check_tolerance(tolerance) -> None:
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
-                       f"{tolerance!r}")
-
-
-def _tolerance_words(tolerance) -> str:
-    return "tolerance by precision" if tolerance is None else f"tolerance {tolerance:g}"
-
-
-def _tags(tags) -> tuple[str, ...]:
-    if isinstance(tags, str):
-        tags = tags.split(",")
-    tags = tuple(t.strip() for t in tags if t.strip())
-    if not tags:
-        raise BadInput("the tag set is empty")
-    return tags
-
-
 def _silent(_line: str) -> None:
     pass
 
@@ -708,21 +684,23 @@ def _first_line(exc) -> str:
 
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
-def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
-                        tolerance=None, batch=1, input_shapes=None, progress=None):
+def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None,
+                        progress=None, **option_kwargs):
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
-    inputs (``inputs``; else SRC's warm-up records; else random, of ``input_shapes``
-    {input: shape} where given). Nothing is written. ``tolerance``: None follows the precision
-    (``tolerance.py``).
+    inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
+    ``batch``, ``input_shapes``, ``require_verification`` (a signature left NOT VERIFIED or
+    INCONCLUSIVE raises ``VerificationFailed``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
     dtypes or method name, fails)."""
     progress = progress or _silent
-    src, dst, tags = os.fspath(src), os.fspath(dst), _tags(tags)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
-    _check_tolerance(tolerance)
+    src, dst = os.fspath(src), os.fspath(dst)
+    options = Options.of(options, **option_kwargs)
+    COMPARISON.refuse_unsupported(options.given())
+    tags, signatures, tolerance, batch = options.tags, options.signatures, options.tolerance, \
+        options.batch
     metas = {}
     for path in (src, dst):
         metas[path] = meta_graph_for(read_saved_model(path), path, tags)
@@ -733,7 +711,7 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
     recorded = checking.warmup_feeds(src, reference, result.notes)
-    shapes = checking.shapes_for(reference, keys, input_shapes)
+    shapes = checking.shapes_for(reference, keys, options.shapes())
     comparable = []
     for key in keys:
         problem = _signature_difference(metas[src].signature_def[key],
@@ -746,10 +724,14 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
             progress(f"  {result.verification[key].line()}")
         else:
             comparable.append(key)
-    progress(f"verifying {len(comparable)} signature(s) ({_tolerance_words(tolerance)})")
+    progress(f"verifying {len(comparable)} signature(s) ({tolerance_words(tolerance)})")
     result.verification.update(checking.run_checks(
         reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
         progress=progress, shapes=shapes))
+    unverified = sorted(result.not_verified + result.inconclusive)
+    if options.require_verification and unverified:
+        raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
+                                 f"{', '.join(unverified)} NOT VERIFIED", result)
     return result
 
 

@@ -22,9 +22,21 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from graphfold.options import spelled
+
 DEFAULT = 1e-5
 BY_DTYPE = {tf.float64: 1e-5, tf.float32: 1e-5, tf.float16: 2e-2, tf.bfloat16: 6e-2}
-HOW_TO_SET = "set it with --tolerance T (tolerance=T in Python)"
+
+
+def how_to_set() -> str:
+    """How the caller sets the tolerance, in its words (``options.spoken_as``)."""
+    flag = spelled("tolerance")
+    return f"set it with {flag} T" if flag.startswith("-") else "set it with tolerance=T"
+
+
+def words(tolerance: float | None) -> str:
+    """``tolerance 1e-05``, or ``tolerance by precision`` for None (the default)."""
+    return "tolerance by precision" if tolerance is None else f"tolerance {tolerance:g}"
 
 
 def describe() -> str:

@@ -292,7 +292,7 @@ def _compare_outputs(result: Verification, want, got) -> str | None:
                                               max_abs, max_rel, limit))
         if problem is None and not max_rel <= limit:
             problem = (f"{key}: relative error {max_rel:.3g} > tolerance {limit:g} ({why}; "
-                       f"{tolerance_.HOW_TO_SET})")
+                       f"{tolerance_.how_to_set()})")
         if problem:
             bad.append(problem)
     result.mismatch = bool(bad) and numeric_only

@@ -80,7 +80,7 @@ def test_input_shapes_are_used_and_checked():
     folded = graphfold.rewrite(fn, input_shapes={"x": (2, 40, 30, 3)})
     assert folded.report.verification.inputs == {"x": (2, 40, 30, 3)}
     assert folded.report.verification.shape_note is None
-    with pytest.raises(BadInput, match=r"input shape x=1,40,40,4: input 'x' of signature "
+    with pytest.raises(BadInput, match=r"input_shapes x=1,40,40,4: input 'x' of signature "
                                        r"'rewrite' has shape \[\?, \?, \?, 3\]"):
         graphfold.rewrite(fn, input_shapes={"x": (1, 40, 40, 4)})
     with pytest.raises(BadInput, match="no signature has an input 'image'"):
