@@ -15,7 +15,8 @@ import time
 import warnings
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
-from graphfold.render import dumps, format_table, render_reports, render_verification, totals
+from graphfold.render import (dumps, format_table, render_reports, render_scan,
+                              render_verification, totals)
 from graphfold.version import __version__
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _real_inputs(opt)
     opt.add_argument("--require-verification", action="store_true",
                      help="exit 1 and write nothing if a signature cannot be verified")
+    _allow_ops(opt)
     opt.add_argument("--warmup", type=_warmup_count, metavar="N",
                      help="write N TF Serving warm-up requests per rewritten signature to "
                           "DST/assets.extra/tf_serving_warmup_requests, from the verification "
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="size of an unknown batch dimension of random inputs (default 1)")
     ver.add_argument("--require-verification", action="store_true",
                      help="exit 1 if a signature cannot be verified")
+    _allow_ops(ver)
     _output(ver)
 
     ins = commands.add_parser(
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report what `optimize` would fold in SRC, without writing anything.")
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _common(ins)
+    _allow_ops(ins)
     _output(ins)
 
     demo = commands.add_parser(
@@ -168,6 +172,14 @@ def _common(parser):
                         help="GraphDef files: the placeholders fed (default: every placeholder)")
     parser.add_argument("--output-names", "--output_names", type=_names, metavar="Y,Z",
                         help="GraphDef files: the tensors fetched (default: nodes nobody reads)")
+
+
+def _allow_ops(parser):
+    parser.add_argument("--allow-ops", "--allow_ops", type=_names, default=(), metavar="A,B",
+                        help="ops reaching outside the graph (file, network, Python, print: "
+                             "WriteFile, PrintV2, ...) that graphfold may run; a signature "
+                             "holding others is not run (NOT VERIFIED), and a model whose "
+                             "loading runs others is not loaded")
 
 
 def _names(text):
@@ -245,19 +257,23 @@ def cmd_optimize(args, console: Console) -> int:
             result = optimize_graph_def_file(
                 args.src, args.dst, inputs=args.input_names, outputs=args.output_names,
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                batch=args.batch, feeds=feeds or None, progress=console.progress)
+                batch=args.batch, feeds=feeds or None,
+                require_verification=args.require_verification, allow_ops=args.allow_ops,
+                progress=console.progress)
         else:
             result = optimize_saved_model(
                 args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
                 verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
                 batch=args.batch, drop_other_tag_sets=args.drop_other_tag_sets,
                 inputs=feeds or None, require_verification=args.require_verification,
-                warmup=args.warmup, weights=args.weights, progress=console.progress)
+                warmup=args.warmup, weights=args.weights, allow_ops=args.allow_ops,
+                progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
 
     render_reports(result, console, full=args.verbose)
+    render_scan(result, console, always=False)
     render_verification(result, console)
     document = {"command": "optimize", "status": "ok" if failure is None else
                 "verification_failed", "exit_code": EXIT_OK if failure is None else EXIT_VERIFY,
@@ -303,7 +319,7 @@ def cmd_verify(args, console: Console) -> int:
     result = verify_saved_models(args.src, args.dst, signatures=args.signatures,
                                  tags=args.tag_set, inputs=feeds or None,
                                  tolerance=args.tolerance, batch=args.batch,
-                                 progress=console.progress)
+                                 allow_ops=args.allow_ops, progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_verification(result, console)
     failed = sorted(k for k, v in result.verification.items() if not v.ok)
@@ -332,15 +348,18 @@ def cmd_verify(args, console: Console) -> int:
 
 def cmd_inspect(args, console: Console) -> int:
     from graphfold.graph_def_file import inspect_graph_def_file, is_graph_def_file
-    from graphfold.saved_model import inspect_saved_model
+    from graphfold.saved_model import BadInput, inspect_saved_model
     if is_graph_def_file(args.src):
+        if args.allow_ops:
+            raise BadInput("--allow-ops: inspecting a GraphDef file loads and runs nothing")
         result = inspect_graph_def_file(args.src, inputs=args.input_names,
                                         outputs=args.output_names, progress=console.progress)
     else:
         result = inspect_saved_model(args.src, signatures=args.signatures, tags=args.tag_set,
-                                     progress=console.progress)
+                                     allow_ops=args.allow_ops, progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
+    render_scan(result, console)
     bns, folded, before, after = totals(result)
     console.print(f"{args.src}: {len(result)} signature(s); {folded} of {bns} batch norms "
                   f"foldable; ops {before} -> {after} (nothing written)")
@@ -464,6 +483,7 @@ def add_repo_parser(commands) -> None:
                       help="where the folded weights go (as for optimize; default auto)")
     repo.add_argument("--require-verification", action="store_true",
                       help="a signature left NOT VERIFIED fails its version (as for optimize)")
+    _allow_ops(repo)
     repo.add_argument("--warmup", type=_warmup_count, metavar="N",
                       help="write N TF Serving warm-up requests per signature (as for optimize)")
     repo.add_argument("--drop-other-tag-sets", action="store_true",
@@ -481,7 +501,8 @@ def cmd_optimize_repo(args, console: Console) -> int:
             on_plan=on_plan, on_result=on_result, on_tick=on_tick, signatures=args.signatures,
             tags=args.tag_set, verify=args.verify, tolerance=args.tolerance, batch=args.batch,
             weights=args.weights, require_verification=args.require_verification,
-            warmup=args.warmup, drop_other_tag_sets=args.drop_other_tag_sets)
+            warmup=args.warmup, drop_other_tag_sets=args.drop_other_tag_sets,
+            allow_ops=args.allow_ops)
     console.print(summary_table(result.records))
     console.print()
     failed = [f"{r['model']}/{r['version']}" for r in result.failed]

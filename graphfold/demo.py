@@ -108,6 +108,7 @@ def run_demo(out: str | None, console) -> int:
     import tensorflow as tf
 
     from graphfold.saved_model import optimize_saved_model
+    from graphfold.scan import require_runnable
 
     out = _prepare(out)
     original, optimized = os.path.join(out, "original"), os.path.join(out, "optimized")
@@ -138,6 +139,8 @@ def run_demo(out: str | None, console) -> int:
 
     console.progress(f"timing both (serving_default, batch {BATCH}, median of {CALLS} calls)")
     key = "serving_default"
+    for path in (original, optimized):      # the demo's own model: clean, but gated all the same
+        require_runnable(path, [key])
     before = tf.saved_model.load(original).signatures[key]
     after = tf.saved_model.load(optimized).signatures[key]
     rng = np.random.default_rng(1)

@@ -19,6 +19,7 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
+from graphfold import scan as scan_
 from graphfold.graph import split_tensor
 from graphfold.inputs import check as check_feeds
 from graphfold.rewrite import optimize_graph_def
@@ -169,6 +170,7 @@ def _rewrite(src, inputs, outputs, progress, result):
     result.seconds["rewrite"] = time.perf_counter() - clock
     result[KEY] = report
     result.all_signatures = [KEY]
+    result.scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
     progress(f"  {report.summary()}")
     return graph_def, optimized, inputs, outputs
 
@@ -183,17 +185,27 @@ def inspect_graph_def_file(src, *, inputs=None, outputs=None, progress=None) -> 
 
 def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
                             tolerance=1e-5, batch=1, overwrite=False, feeds=None,
+                            require_verification=False, allow_ops=(),
                             progress=None) -> SavedModelResult:
     """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified first
     (``VerificationFailed``, nothing written, when an output differs by more than
     ``tolerance``) on ``feeds`` (``{input_key: array}``, as ``--inputs`` gives them) or on
-    random inputs."""
+    random inputs. A graph whose outputs depend on ops reaching outside the graph that
+    ``allow_ops`` does not allow is not run (NOT VERIFIED; ``require_verification``:
+    ``VerificationFailed``), as ``optimize_saved_model`` does."""
     progress = progress or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
+    allowed = scan_.allowed_ops(allow_ops)
+    if require_verification and not verify:
+        raise BadInput("--no-verify cannot be combined with --require-verification")
     _check_destination(src, dst, overwrite)
     result = SavedModelResult(src, dst, ())
     original, optimized, inputs, outputs = _rewrite(src, inputs, outputs, progress, result)
-    if verify:
+    held = scan_.gate([result.scan], [KEY], allowed, tolerance)[1] if verify else {}
+    result.verification.update(held)
+    for check in held.values():
+        progress(f"  {check.line()}")
+    if verify and not held:
         clock = time.perf_counter()
         given = None
         if feeds:
@@ -210,6 +222,10 @@ def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
         if not check.ok:
             raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
                                      f"written", result)
+    if require_verification and result.not_verified:
+        raise VerificationFailed(f"--require-verification: NOT VERIFIED ("
+                                 f"{result.verification[KEY].reason}); nothing was written",
+                                 result)
     progress(f"writing {dst}")
     write_graph_def(optimized, dst)
     result.written = True

@@ -19,7 +19,8 @@ RECORD = os.path.join("assets.extra", "graphfold_source.json")   # TF Serving ig
 
 
 OPTIONS = ("signatures", "tags", "verify", "tolerance", "batch", "weights",   # those of
-           "require_verification", "warmup", "drop_other_tag_sets")         # optimize_saved_model
+           "require_verification", "warmup", "drop_other_tag_sets",          # optimize_saved_model
+           "allow_ops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,7 @@ def normalized_options(options: dict) -> tuple:
     pairs: the same options spelled differently give the same key."""
     import inspect
     from graphfold.saved_model import optimize_saved_model
+    from graphfold.scan import allowed_ops
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown option(s) for optimize_saved_model: {', '.join(unknown)}")
@@ -181,4 +183,5 @@ def normalized_options(options: dict) -> tuple:
     tags = merged["tags"]
     merged["tags"] = tuple(t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags))
     merged["tolerance"] = float(merged["tolerance"])
+    merged["allow_ops"] = tuple(sorted(allowed_ops(merged["allow_ops"])))
     return tuple(sorted(merged.items()))

@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold import census
-from graphfold import checking, warmup as warmup_
+from graphfold import checking, scan as scan_, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
 from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
 from graphfold.report import Entry, FoldReport
@@ -65,6 +65,7 @@ class SavedModelResult(dict):
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
         self.weights: str | None = None       # "constants" or "variables", as written
+        self.scan: scan_.Scan | None = None   # ops reaching outside the graph (graphfold.scan)
         self.written = False
 
     @property
@@ -91,6 +92,7 @@ class SavedModelResult(dict):
                 "written": self.written, "all_signatures": list(self.all_signatures),
                 "not_verified": self.not_verified,
                 "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
+                "outside_ops": self.scan.to_dict() if self.scan else None,
                 "seconds": dict(self.seconds)}
 
 
@@ -472,18 +474,24 @@ def move_into_place(staging: str, dst: str) -> None:
 
 # ---- the entry points -----------------------------------------------------------------------
 
-def inspect_saved_model(src, *, signatures=None, tags=("serve",),
+def inspect_saved_model(src, *, signatures=None, tags=("serve",), allow_ops=(),
                         progress: Progress | None = None) -> SavedModelResult:
-    """The fold report of every requested signature of ``src``; nothing is written."""
+    """The fold report of every requested signature of ``src``, and the ops reaching outside
+    the graph that each one holds (``.scan``); nothing is written, no signature is run.
+    Loading runs the model's resource initializers: when they hold such ops that
+    ``allow_ops`` does not allow, ``BadInput`` names them and nothing is loaded."""
     progress = progress or _silent
     src = os.fspath(src)
     tags = _tags(tags)
+    allowed = scan_.allowed_ops(allow_ops)
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
     keys = select(available, signatures, src)
     result = SavedModelResult(src, None, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, allowed, src)
     clock = time.perf_counter()
     progress(f"loading {src} (tag-set {','.join(tags)})")
     loaded = load(src, tags)
@@ -498,7 +506,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
                          tolerance=1e-5, overwrite=False, batch: int = 1,
                          drop_other_tag_sets: bool = False, inputs: dict | None = None,
                          require_verification: bool = False, warmup: int | None = None,
-                         weights: str = "auto",
+                         weights: str = "auto", allow_ops=(),
                          progress: Progress | None = None) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
@@ -519,6 +527,11 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
     ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
     alone in ``saved_model.pb``) or "auto": constants up to ``AUTO_VARIABLES_ABOVE`` bytes of
     weights, variables above (with a note saying so).
+    ``allow_ops``: ops reaching outside the graph (``graphfold.scan.OUTSIDE``: file, network,
+    Python, print) that may run. Before anything runs, every signature is scanned: one holding
+    an op not allowed is folded and written but not run (NOT VERIFIED, naming the ops; with
+    ``require_verification``, ``VerificationFailed``), and a SavedModel whose loading would run
+    one is refused (``BadInput``). The folded graph keeps those ops.
     ``progress``: called with a line of text at the start of each stage.
 
     Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
@@ -539,6 +552,7 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
                        "or --warmup (they need the verification)")
     if weights not in WEIGHTS:
         raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    allowed = scan_.allowed_ops(allow_ops)
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
@@ -547,6 +561,8 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
 
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, allowed, src)
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
@@ -613,6 +629,10 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             first = same_functions(loaded, keys)
             # the same function under two keys is checked once, unless real inputs address both
             distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
+            distinct, held = scan_.gate([result.scan], distinct, allowed, tolerance)
+            result.verification.update(held)
+            for check in held.values():
+                progress(f"  {check.line()}")
             progress(f"verifying {len(distinct)} distinct signature(s) (tolerance "
                      f"{tolerance:g})")
             written = load(staging, tags)
@@ -689,9 +709,11 @@ def _first_line(exc) -> str:
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
 def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
-                        tolerance=1e-5, batch=1, progress=None):
+                        tolerance=1e-5, batch=1, allow_ops=(), progress=None):
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+    A signature of either model holding ops that reach outside the graph and that
+    ``allow_ops`` does not allow is not run: NOT VERIFIED (``optimize_saved_model``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
@@ -706,6 +728,13 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
     keys = select(signature_keys(metas[src]), signatures, src)
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(signature_keys(metas[src]))
+    allowed = scan_.allowed_ops(allow_ops)
+    scans = [scan_.scan_meta_graph(metas[path], [k for k in keys if k in
+                                                 metas[path].signature_def], model=label)
+             for path, label in ((src, "SRC"), (dst, "DST"))]
+    for path, found in zip((src, dst), scans):
+        scan_.check_loading(found, allowed, path)
+    result.scan = scans[0]
     progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
@@ -722,6 +751,10 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
             progress(f"  {result.verification[key].line()}")
         else:
             comparable.append(key)
+    comparable, held = scan_.gate(scans, comparable, allowed, tolerance)
+    result.verification.update(held)
+    for check in held.values():
+        progress(f"  {check.line()}")
     progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
     result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
                                           tolerance=tolerance, batch=batch, progress=progress))

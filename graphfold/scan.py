@@ -1,0 +1,406 @@
+"""Ops that reach outside the graph, found in the protobuf before anything runs.
+
+A model is a program. Before graphfold executes one (verification, warm-up replay, ``graphfold
+verify``, the demo's timing, a repository run), it scans what would run for ops that touch the
+world outside the graph: files, the network, Python, printing (``OUTSIDE``, with the reason for
+each), and any op the running TensorFlow does not know (a custom kernel). TensorFlow's own
+``saved_model_cli scan`` checks the op set of a whole MetaGraph against ``WriteFile``,
+``ReadFile`` and ``PrintV2``; graphfold walks, per signature, the nodes its outputs depend on and
+every function they call (a node whose op is a library function, and every attr that names one:
+``StatefulPartitionedCall``'s ``f``, ``If``/``While``/``Case`` branches and bodies, a dataset's
+map function, func lists), and reports each op with its node and the function that holds it.
+
+Loading a SavedModel runs code too: ``tf.saved_model.load`` calls every resource's
+``_create_resource``/``_initialize`` functions and the restore functions of saveable objects (a
+TF1 SavedModel: its restore op and its init op). Those are scanned as ``Scan.loading``; a table
+filled from the SavedModel's own asset, or a restore from its own ``variables/``, reads the
+model's own files and is not held back.
+
+A signature holding such ops is folded and written but not run unless the user allows each op
+(``allow_ops``, ``--allow-ops WriteFile,PrintV2``); a model whose loading would run them is not
+loaded. graphfold's folding itself never runs a model's op: constant subgraphs are evaluated with
+NumPy through an allowlist of pure math (``graphfold.constants.EVALUATORS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+from tensorflow.python.framework import op_def_registry
+
+from graphfold.errors import BadInput
+
+CATEGORIES = {
+    "file": "reads, writes, lists or maps files at a path the graph computes (local, or remote "
+            "through gs://, s3://, hdfs:// file systems)",
+    "network": "talks to other processes or machines",
+    "python": "runs Python code in the process that executes it",
+    "print": "prints to stderr/stdout, or (PrintV2) appends to any file:// path",
+    "unregistered": "not registered in this TensorFlow (a custom kernel): what it does is "
+                    "unknown, and it cannot run here",
+}
+
+
+def _ops(category: str, reason: str, *names: str) -> dict[str, tuple[str, str]]:
+    return {name: (category, reason) for name in names}
+
+
+# op -> (category, reason): what graphfold will not run without the user's consent.
+OUTSIDE: dict[str, tuple[str, str]] = {
+    **_ops("file", "reads a file", "ReadFile"),
+    **_ops("file", "writes a file", "WriteFile"),
+    **_ops("file", "lists the files matching a pattern", "MatchingFiles"),
+    **_ops("file", "memory-maps a file as a tensor", "ImmutableConst"),
+    **_ops("file", "writes a checkpoint", "Save", "SaveV2", "SaveSlices"),
+    **_ops("file", "reads a checkpoint", "Restore", "RestoreV2", "RestoreSlice",
+           "DTensorRestoreV2", "LoadAndRemapMatrix"),
+    **_ops("file", "merges checkpoint files and deletes the merged ones",
+           "MergeV2Checkpoints"),
+    **_ops("file", "reads vocabulary files", "GenerateVocabRemapping"),
+    **_ops("file", "fills a lookup table from a text file", "InitializeTableFromTextFile",
+           "InitializeTableFromTextFileV2"),
+    **_ops("file", "reads records from files: a dataset reader",
+           "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset", "FixedLengthRecordDataset",
+           "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "ExperimentalCSVDataset",
+           "SqlDataset", "ExperimentalSqlDataset", "LMDBDataset", "ExperimentalLMDBDataset",
+           "MatchingFilesDataset", "ExperimentalMatchingFilesDataset", "LoadDataset",
+           "SnapshotDatasetReader", "SnapshotNestedDatasetReader", "SnapshotChunkDataset",
+           "ListSnapshotChunksDataset"),
+    **_ops("file", "writes a dataset to files", "SaveDataset", "SaveDatasetV2",
+           "SnapshotDataset", "SnapshotDatasetV2", "CacheDataset", "CacheDatasetV2"),
+    **_ops("file", "reads records from files: a queue-based reader", "TFRecordReader",
+           "TFRecordReaderV2", "TextLineReader", "TextLineReaderV2", "WholeFileReader",
+           "WholeFileReaderV2", "FixedLengthRecordReader", "FixedLengthRecordReaderV2",
+           "LMDBReader"),
+    **_ops("file", "writes TensorBoard summaries to event files", "CreateSummaryFileWriter",
+           "CreateSummaryDbWriter", "WriteSummary", "WriteRawProtoSummary",
+           "WriteScalarSummary", "WriteHistogramSummary", "WriteImageSummary",
+           "WriteAudioSummary", "WriteGraphSummary", "ImportEvent", "FlushSummaryWriter",
+           "CloseSummaryWriter", "StatsAggregatorSetSummaryWriter"),
+    **_ops("file", "writes calibration statistics to a file", "CalibrationStatisticsSaver"),
+    **_ops("file", "configures a file system, its credentials or endpoints, for the whole "
+           "process",
+           "FileSystemSetConfiguration"),
+    **_ops("network", "talks to a tf.data service", "DataServiceDataset",
+           "DataServiceDatasetV2", "DataServiceDatasetV3", "DataServiceDatasetV4",
+           "RegisterDataset", "RegisterDatasetV2", "DistributedSave"),
+    **_ops("network", "makes or serves remote procedure calls", "RpcClient", "RpcCall",
+           "RpcServer", "RpcServerRegister", "RpcServerStart"),
+    **_ops("network", "sends tensors to debug URLs: grpc://, or file:// dumps", "DebugIdentity",
+           "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary"),
+    **_ops("network", "exchanges tensors with other devices or workers, and may wait "
+           "for them forever", "CollectiveReduce", "CollectiveReduceV2", "CollectiveReduceV3",
+           "CollectiveGather", "CollectiveGatherV2", "CollectiveBcastSend",
+           "CollectiveBcastSendV2", "CollectiveBcastRecv", "CollectiveBcastRecvV2",
+           "CollectivePermute", "CollectiveAllToAllV2", "CollectiveAllToAllV3",
+           "CollectiveReduceScatterV2", "CollectiveInitializeCommunicator",
+           "CollectiveAssignGroupV2"),
+    **_ops("python", "calls a Python function: tf.py_function, tf.numpy_function", "PyFunc",
+           "PyFuncStateless", "EagerPyFunc"),
+    **_ops("print", "prints: tf.print, to stderr or to any file:// path", "PrintV2"),
+    **_ops("print", "prints to stderr: tf.compat.v1.Print", "Print"),
+}
+UNREGISTERED_REASON = "not registered in this TensorFlow: a custom kernel"
+
+# Ops that read a file named by one of their inputs (its index), and load at least: not held
+# back when that input is the SavedModel's own file (an asset, its variables/ checkpoint).
+OWN_FILE_INPUT = {"RestoreV2": 0, "Restore": 0, "RestoreSlice": 0,
+                  "InitializeTableFromTextFile": 1, "InitializeTableFromTextFileV2": 1}
+GRAPH = ""                     # Finding.function of a node of the top-level graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """An op that reaches outside the graph: the op, its node, the function holding it
+    (``GRAPH`` for the top-level graph), and why it is held back."""
+    op: str
+    node: str
+    function: str
+    category: str
+    reason: str
+    model: str = ""            # "SRC" / "DST" when two models are scanned together
+
+    def where(self) -> str:
+        owner = f"{self.model}'s " if self.model else ""
+        if self.function == GRAPH:
+            return f"node '{self.node}' of {owner or 'the '}graph"
+        return f"node '{self.node}' in {owner}function '{self.function}'"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Scan:
+    """``signatures``: key -> what running that signature would run; ``loading``: what loading
+    the model runs."""
+    signatures: dict[str, list[Finding]] = dataclasses.field(default_factory=dict)
+    loading: list[Finding] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"signatures": {k: [f.to_dict() for f in v]
+                               for k, v in sorted(self.signatures.items())},
+                "loading": [f.to_dict() for f in self.loading]}
+
+
+def risk(op: str) -> tuple[str, str] | None:
+    """``(category, reason)`` when ``op`` reaches outside the graph (or is unknown), else None.
+    ``op`` must not be a library function's name (those are walked, not judged)."""
+    if op in OUTSIDE:
+        return OUTSIDE[op]
+    if op_def_registry.get(op) is None:
+        return "unregistered", UNREGISTERED_REASON
+    return None
+
+
+# ---- walking a graph and its functions ----------------------------------------------------------
+
+def called_functions(node) -> list[str]:
+    """Names of the functions a node calls through its attrs (``f``, ``then_branch``,
+    ``body``, ``branches``, a dataset's map function, nested in a function's own attrs)."""
+    names, pending = [], list(node.attr.values())
+    while pending:
+        value = pending.pop()
+        kind = value.WhichOneof("value")
+        if kind == "func":
+            names.append(value.func.name)
+            pending.extend(value.func.attr.values())
+        elif kind == "list":
+            for func in value.list.func:
+                names.append(func.name)
+                pending.extend(func.attr.values())
+    return names
+
+
+class _Walker:
+    """Collects the findings of the nodes given and of every function they reach, each
+    function once. ``own_files``: (function, tensor source) pairs that are the model's own
+    files (``OWN_FILE_INPUT``)."""
+
+    def __init__(self, graph_def, own_files: set[tuple[str, str]] = frozenset(),
+                 model: str = ""):
+        self.library = {f.signature.name: f for f in graph_def.library.function}
+        self.own_files, self.model = own_files, model
+        self.seen: set[str] = set()
+        self.findings: list[Finding] = []
+
+    def nodes(self, nodes: Iterable, function: str = GRAPH) -> None:
+        by_name = {n.name: n for n in nodes}
+        for node in by_name.values():
+            if node.op in self.library:
+                self.function(node.op)
+            else:
+                self._judge(node, function, by_name)
+            for name in called_functions(node):
+                self.function(name)
+
+    def function(self, name: str) -> None:
+        if name in self.seen or name not in self.library:
+            return
+        self.seen.add(name)
+        self.nodes(self.library[name].node_def, name)
+
+    def _judge(self, node, function: str, by_name: dict) -> None:
+        found = risk(node.op)
+        if found is None or self._reads_own_file(node, function, by_name):
+            return
+        self.findings.append(Finding(node.op, node.name, function, *found, model=self.model))
+
+    def _reads_own_file(self, node, function: str, by_name: dict) -> bool:
+        index = OWN_FILE_INPUT.get(node.op)
+        if index is None or len(node.input) <= index:
+            return False
+        return (function, _source(node.input[index], by_name)) in self.own_files
+
+
+def _node_of(tensor: str) -> str:
+    """The node (or function argument) of an input: ``"^a"``, ``"a:1"`` (a graph) or
+    ``"a:output:0"`` (a function body) -> ``"a"``."""
+    return tensor.lstrip("^").split(":")[0]
+
+
+def _source(tensor: str, by_name: dict) -> str:
+    """The node (or function argument) a tensor comes from, through ``Identity`` nodes."""
+    name = _node_of(tensor)
+    while name in by_name and by_name[name].op == "Identity" and by_name[name].input:
+        name = _node_of(by_name[name].input[0])
+    return name
+
+
+def reachable(graph_def, tensors: Iterable[str]) -> list:
+    """The nodes of the top-level graph that ``tensors`` depend on (data and control inputs)."""
+    nodes = {n.name: n for n in graph_def.node}
+    pending = [_node_of(t) for t in tensors]
+    seen: dict[str, object] = {}
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen[name] = nodes[name]
+        pending.extend(_node_of(t) for t in nodes[name].input)
+    return list(seen.values())
+
+
+def scan_graph_def(graph_def, outputs: Iterable[str] | None = None, *,
+                   own_files: set = frozenset(), model: str = "") -> list[Finding]:
+    """Findings of what fetching ``outputs`` runs (every node when None)."""
+    walker = _Walker(graph_def, own_files, model)
+    walker.nodes(graph_def.node if outputs is None else reachable(graph_def, outputs))
+    return walker.findings
+
+
+# ---- SavedModels -----------------------------------------------------------------------------
+
+def scan_meta_graph(meta_graph, keys: Iterable[str], model: str = "") -> Scan:
+    """The findings of signatures ``keys`` of a MetaGraphDef, and of what loading it runs."""
+    graph_def = meta_graph.graph_def
+    scan = Scan()
+    for key in keys:
+        outputs = [info.name for info in meta_graph.signature_def[key].outputs.values()]
+        scan.signatures[key] = scan_graph_def(graph_def, outputs, model=model)
+    if meta_graph.object_graph_def.nodes:
+        scan.loading = _loading_tf2(meta_graph, model)
+    else:
+        scan.loading = _loading_tf1(meta_graph, model)
+    return scan
+
+
+LOAD_CHILDREN = ("_create_resource", "_initialize", "_initializer", "_destroy_resource")
+
+
+def _loading_tf2(meta_graph, model: str) -> list[Finding]:
+    """What ``tf.saved_model.load`` runs: each resource's creator, initializer and destroyer,
+    and the restore function of each saveable object."""
+    objects = meta_graph.object_graph_def
+    names = []
+    for obj in objects.nodes:
+        ids = [c.node_id for c in obj.children if c.local_name in LOAD_CHILDREN] \
+            if obj.WhichOneof("kind") == "resource" else []
+        ids += [s.restore_function for s in obj.saveable_objects.values()]
+        for i in ids:
+            names.extend(_concrete_functions(objects.nodes[i]))
+    own = {(name, arg) for name in names for arg in _asset_args(meta_graph, name)}
+    walker = _Walker(meta_graph.graph_def, own, model)
+    for name in names:
+        walker.function(name)
+    return walker.findings
+
+
+def _concrete_functions(obj) -> list[str]:
+    kind = obj.WhichOneof("kind")
+    if kind == "function":
+        return list(obj.function.concrete_functions)
+    if kind == "bare_concrete_function":
+        return [obj.bare_concrete_function.concrete_function_name]
+    return []
+
+
+def _asset_args(meta_graph, function: str) -> list[str]:
+    """The arguments of ``function`` that the loader binds to the SavedModel's assets (its
+    captures come last, in ``bound_inputs`` order)."""
+    objects = meta_graph.object_graph_def
+    library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
+    if function not in objects.concrete_functions or function not in library:
+        return []
+    bound = objects.concrete_functions[function].bound_inputs
+    args = library[function].signature.input_arg
+    first = len(args) - len(bound)
+    return [args[first + i].name for i, node_id in enumerate(bound)
+            if first + i >= 0 and objects.nodes[node_id].WhichOneof("kind") == "asset"]
+
+
+def _loading_tf1(meta_graph, model: str) -> list[Finding]:
+    """What loading a TF1 SavedModel runs: the saver's restore op (reading the SavedModel's own
+    ``variables/``) and the init op (its tables filled from the SavedModel's assets)."""
+    targets = [meta_graph.saver_def.restore_op_name] if meta_graph.saver_def.restore_op_name \
+        else []
+    init = meta_graph.signature_def.get("__saved_model_init_op")
+    if init is not None:
+        targets += [info.name for info in init.outputs.values()]
+    for collection in ("saved_model_main_op", "legacy_init_op", "table_initializer",
+                       "local_variables"):
+        if collection in meta_graph.collection_def:
+            targets += list(meta_graph.collection_def[collection].node_list.value)
+    own = {(GRAPH, _node_of(a.tensor_info.name)) for a in meta_graph.asset_file_def}
+    if meta_graph.saver_def.filename_tensor_name:
+        own.add((GRAPH, _node_of(meta_graph.saver_def.filename_tensor_name)))
+    return scan_graph_def(meta_graph.graph_def, targets, own_files=own, model=model)
+
+
+# ---- the gate: what may run ----------------------------------------------------------------
+
+def allowed_ops(allow_ops) -> frozenset[str]:
+    """The ops the user allows to run (``"WriteFile,PrintV2"`` or names); each must be one
+    ``OUTSIDE`` lists (an unregistered op cannot run at all)."""
+    if allow_ops is None:
+        return frozenset()
+    if isinstance(allow_ops, str):
+        allow_ops = allow_ops.split(",")
+    names = frozenset(name.strip() for name in allow_ops if name.strip())
+    unknown = sorted(names - OUTSIDE.keys())
+    if unknown:
+        raise BadInput(f"--allow-ops {','.join(unknown)}: not an op graphfold holds back (it "
+                       f"holds back file, network, Python and print ops: graphfold.scan.OUTSIDE)")
+    return names
+
+
+def held_back(findings: Iterable[Finding], allowed: frozenset[str]) -> list[Finding]:
+    return [f for f in findings if f.op not in allowed]
+
+
+def describe(findings: list[Finding], limit: int = 4) -> str:
+    """``WriteFile (writes a file) at node 'w' in function 'f'; ...`` (the first ``limit``)."""
+    text = "; ".join(f"{f.op} ({f.reason}) at {f.where()}" for f in findings[:limit])
+    if len(findings) > limit:
+        text += f"; and {len(findings) - limit} more"
+    return text
+
+
+def consent_hint(findings: list[Finding]) -> str:
+    ops = sorted({f.op for f in findings if f.category != "unregistered"})
+    return f"pass --allow-ops {','.join(ops)} to run them" if ops else \
+        "an unregistered op cannot run in this TensorFlow"
+
+
+def check_loading(scan: Scan, allowed: frozenset[str], path: str) -> None:
+    """Raises ``BadInput`` when loading ``path`` would run ops that are held back."""
+    held = held_back(scan.loading, allowed)
+    if held:
+        raise BadInput(f"{path}: loading it would run ops that reach outside the graph: "
+                       f"{describe(held)}; nothing was loaded ({consent_hint(held)})")
+
+
+def not_run_reason(held: list[Finding]) -> str:
+    """Why a signature was not run: the ops, where they sit, how to consent."""
+    return (f"not run: it holds ops that reach outside the graph: {describe(held)} "
+            f"({consent_hint(held)})")
+
+
+def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: frozenset[str],
+         tolerance: float):
+    """``(keys that may run, {key: NOT VERIFIED Verification})`` for ``keys``, a key being held
+    back when any of ``scans`` finds an op that is not allowed in what it runs."""
+    from graphfold.verify import Verification
+    scans = list(scans)
+    runnable, skipped = [], {}
+    for key in keys:
+        held = held_back([f for s in scans for f in s.signatures.get(key, ())], allowed)
+        if held:
+            skipped[key] = Verification(key, "skipped", tolerance, reason=not_run_reason(held))
+        else:
+            runnable.append(key)
+    return runnable, skipped
+
+
+def require_runnable(path: str, keys: Iterable[str], tags=("serve",), allow_ops=()) -> None:
+    """Raises ``BadInput`` unless the SavedModel ``path`` can be loaded and signatures ``keys``
+    run without running a held-back op (the demo's timing)."""
+    from graphfold.saved_model import meta_graph_for, read_saved_model
+    keys = list(keys)
+    allowed = allowed_ops(allow_ops)
+    scan = scan_meta_graph(meta_graph_for(read_saved_model(path), path, tags), keys)
+    check_loading(scan, allowed, path)
+    held = held_back([f for key in keys for f in scan.signatures[key]], allowed)
+    if held:
+        raise BadInput(f"{path}: {not_run_reason(held)}")
