@@ -263,7 +263,18 @@ def scan_meta_graph(meta_graph, keys: Iterable[str], model: str = "") -> Scan:
         scan.loading = _loading_tf2(meta_graph, model)
     else:
         scan.loading = _loading_tf1(meta_graph, model)
+    scan.loading += [f for f in _unregistered(graph_def, model) if f not in scan.loading]
     return scan
+
+
+def _unregistered(graph_def, model: str) -> list[Finding]:
+    """Every op of the graph and its library that TensorFlow does not know: loading imports
+    every function, and fails on any of them."""
+    walker = _Walker(graph_def, model=model)
+    walker.nodes(graph_def.node)
+    for name in walker.library:
+        walker.function(name)
+    return [f for f in walker.findings if f.category == "unregistered"]
 
 
 LOAD_CHILDREN = ("_create_resource", "_initialize", "_initializer", "_destroy_resource")
@@ -367,8 +378,8 @@ def check_loading(scan: Scan, allowed: frozenset[str], path: str) -> None:
     """Raises ``BadInput`` when loading ``path`` would run ops that are held back."""
     held = held_back(scan.loading, allowed)
     if held:
-        raise BadInput(f"{path}: loading it would run ops that reach outside the graph: "
-                       f"{describe(held)}; nothing was loaded ({consent_hint(held)})")
+        raise BadInput(f"{path}: loading it would run (or fail on) ops that reach outside the "
+                       f"graph: {describe(held)}; nothing was loaded ({consent_hint(held)})")
 
 
 def not_run_reason(held: list[Finding]) -> str:
