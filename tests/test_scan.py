@@ -203,6 +203,54 @@ def test_nested_cond_branch_is_found_with_its_function(models):
     assert finding.category == "file"
 
 
+def test_every_attr_that_names_a_function_is_walked():
+    """``tf.switch_case`` (a Case: a list of branch functions) and ``tf.while_loop`` (While:
+    cond and body), called from a nested function: each op found in the function holding it,
+    once, however many times it is reached."""
+    from graphfold.scan import scan_graph_def
+
+    @tf.function(autograph=False)
+    def nested(x, i):
+        def write():
+            with tf.control_dependencies([tf.io.write_file("/nonexistent/never", "x")]):
+                return tf.identity(x)
+
+        def printed(j, y):
+            with tf.control_dependencies([tf.print(j)]):
+                return j + 1, tf.identity(y)
+
+        y = tf.switch_case(i, [lambda: x, write])
+        return tf.while_loop(lambda j, y: j < 2, printed, [0, y])[1]
+
+    fn = tf.function(lambda x, i: nested(x, i) + nested(x, i), autograph=False) \
+        .get_concrete_function(tf.TensorSpec([2], tf.float32), tf.TensorSpec([], tf.int32))
+    graph_def = fn.graph.as_graph_def()
+    found = {f.op: f for f in scan_graph_def(graph_def, [t.name for t in fn.outputs])}
+    assert sorted(found) == ["PrintV2", "WriteFile"], found
+    library = {f.signature.name: f for f in graph_def.library.function}
+    for finding in found.values():
+        assert finding.node in {n.name for n in library[finding.function].node_def}
+    assert scan_graph_def(graph_def, [fn.inputs[0].name]) == []      # an input runs nothing
+
+
+def test_an_unregistered_op_in_a_saved_model_is_named_before_loading(models, tmp_path):
+    """TensorFlow cannot load a SavedModel holding an op it does not know: graphfold says
+    which op, and where, without trying."""
+    from graphfold.saved_model import read_saved_model
+    path = str(tmp_path / "custom")
+    shutil.copytree(models["write"][0], path)
+    proto = read_saved_model(path)
+    for function in proto.meta_graphs[0].graph_def.library.function:
+        for node in function.node_def:
+            if node.op == "WriteFile":
+                node.op = "GraphfoldNoSuchOp"
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(proto.SerializeToString())
+    with pytest.raises(BadInput, match="GraphfoldNoSuchOp .*at node 'WriteFile' in function "
+                                       "'__inference_.*nothing was loaded"):
+        optimize_saved_model(path, str(tmp_path / "out"), allow_ops="WriteFile")
+
+
 def test_own_assets_and_checkpoints_are_not_held_back(src):
     """A table filled from the SavedModel's own asset and a TF1 restore from its own
     variables/ read the model's own files: loading them is not held back, while the ops are
