@@ -25,6 +25,7 @@ NumPy through an allowlist of pure math (``graphfold.constants.EVALUATORS``).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable
 
 from tensorflow.python.framework import op_def_registry
@@ -318,7 +319,16 @@ def _asset_args(meta_graph, function: str) -> list[str]:
     args = library[function].signature.input_arg
     first = len(args) - len(bound)
     return [args[first + i].name for i, node_id in enumerate(bound)
-            if first + i >= 0 and objects.nodes[node_id].WhichOneof("kind") == "asset"]
+            if first + i >= 0 and objects.nodes[node_id].WhichOneof("kind") == "asset" and
+            _inside_assets(meta_graph.asset_file_def[
+                objects.nodes[node_id].asset.asset_file_def_index].filename)]
+
+
+def _inside_assets(filename: str) -> bool:
+    """Whether an asset's file name stays inside ``assets/``: TensorFlow's loader joins it to
+    that directory as it is, so an absolute name or a ``..`` reaches any file."""
+    return bool(filename) and not os.path.isabs(filename) and \
+        ".." not in filename.replace("\\", "/").split("/")
 
 
 def _loading_tf1(meta_graph, model: str) -> list[Finding]:
@@ -333,7 +343,8 @@ def _loading_tf1(meta_graph, model: str) -> list[Finding]:
                        "local_variables"):
         if collection in meta_graph.collection_def:
             targets += list(meta_graph.collection_def[collection].node_list.value)
-    own = {(GRAPH, _node_of(a.tensor_info.name)) for a in meta_graph.asset_file_def}
+    own = {(GRAPH, _node_of(a.tensor_info.name)) for a in meta_graph.asset_file_def
+           if _inside_assets(a.filename)}
     if meta_graph.saver_def.filename_tensor_name:
         own.add((GRAPH, _node_of(meta_graph.saver_def.filename_tensor_name)))
     return scan_graph_def(meta_graph.graph_def, targets, own_files=own, model=model)

@@ -272,6 +272,25 @@ def _repository(src: str, tmp_path) -> str:
     return str(base)
 
 
+def test_an_asset_named_outside_the_saved_model_is_not_its_own(src, tmp_path):
+    """TensorFlow's loader joins an asset's file name to assets/ as it is: a table filled from
+    "../../etc/passwd" or an absolute path reads any file, and is held back."""
+    from graphfold.saved_model import meta_graph_for, read_saved_model, signature_keys
+    from graphfold.scan import scan_meta_graph
+    path = str(tmp_path / "table")
+    shutil.copytree(src("table"), path)
+    proto = read_saved_model(path)
+    for name in ("../../../../etc/hostname", "/etc/hostname"):
+        proto.meta_graphs[0].asset_file_def[0].filename = name
+        with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+            f.write(proto.SerializeToString())
+        meta = meta_graph_for(read_saved_model(path), path, ("serve",))
+        [finding] = scan_meta_graph(meta, signature_keys(meta)).loading
+        assert finding.op == "InitializeTableFromTextFileV2", finding
+        with pytest.raises(BadInput, match="InitializeTableFromTextFileV2"):
+            optimize_saved_model(path, str(tmp_path / "out"))
+
+
 @pytest.mark.parametrize("model", ["loading"], indirect=True)
 def test_what_loading_runs_is_held_back_too(model, tmp_path, capsys):
     """``tf.saved_model.load`` runs every resource's initializer: a model whose initializer
