@@ -16,10 +16,17 @@ import numpy as np
 from graphfold import inputs as inputs_
 from graphfold.errors import BadInput
 from graphfold import noise, warmup
+from graphfold.options import spelled, with_value
 from graphfold.verify import Verification, input_specs, verify
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
-FIX_HINT = "give real inputs with --inputs KEY=FILE.npy or --input_exprs 'KEY=[...]'"
+
+
+def fix_hint() -> str:
+    """How to give real inputs, in the caller's words."""
+    if spelled("inputs") == "inputs":
+        return "give real inputs with inputs={key: array}"
+    return "give real inputs with --inputs KEY=FILE.npy or --input_exprs 'KEY=[...]'"
 
 
 def _bad(message: str):
@@ -35,7 +42,7 @@ def given_feeds(loaded, keys: list[str], given: dict | None) -> dict[str, list[d
     addressed = [k for k in keys if set(given) <= set(specs[k])] if len(keys) > 1 else keys
     if not addressed:
         listing = "; ".join(f"{k}: {', '.join(sorted(specs[k]))}" for k in keys)
-        raise _bad(f"--inputs: no signature has input(s) {', '.join(map(repr, sorted(given)))}"
+        raise _bad(f"{spelled('inputs')}: no signature has input(s) {', '.join(map(repr, sorted(given)))}"
                    f" (inputs of each: {listing})")
     return {key: [inputs_.check(key, specs[key], given)] for key in addressed}
 
@@ -79,7 +86,7 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
         original = reference.signatures[key]
         if key in given:
             check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           feeds=given[key], source="--inputs")
+                           feeds=given[key], source=spelled("inputs"))
         elif key in recorded:
             check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
                            feeds=recorded[key],
@@ -90,7 +97,7 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
         if check.reference_failed:      # real inputs the original itself cannot run
             raise _bad(f"signature '{key}': {check.reason}")
         if check.status == "skipped":
-            check.reason = f"{check.reason}; {FIX_HINT}"
+            check.reason = f"{check.reason}; {fix_hint()}"
         noise.judge(check, original)
         checks[key] = check
         progress(f"  {check.line()}")
@@ -116,8 +123,6 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
     """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
     ``keys``: one example each, taken in turn from its verification inputs. None: nothing to
     add."""
-    if not 1 <= count <= warmup.MAX_RECORDS:
-        raise _bad(f"--warmup {count}: must be between 1 and {warmup.MAX_RECORDS}")
     path = os.path.join(src, warmup.PATH)
     existing = warmup.read_raw(path) if os.path.isfile(path) else []
     per_signature: dict[str, int] = {}
@@ -129,7 +134,7 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
         check = checks.get(key)
         if check is None or check.status != "ok" or not check.fed:
             notes.append(f"no warm-up records written for '{key}': it was not verified, so "
-                         f"there are no inputs known to run ({FIX_HINT})")
+                         f"there are no inputs known to run ({fix_hint()})")
             continue
         missing = count - per_signature.get(key, 0)
         specs = input_specs(loaded.signatures[key])
@@ -139,7 +144,7 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
         return None
     total = len(existing) + len(added)
     if total > warmup.MAX_RECORDS:
-        raise _bad(f"--warmup {count}: {total} records in all ({len(existing)} from SRC, "
+        raise _bad(f"{with_value('warmup', count)}: {total} records in all ({len(existing)} from SRC, "
                    f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")

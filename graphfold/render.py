@@ -59,7 +59,7 @@ def render_reports(result, console, full: bool = True) -> None:
             console.print()
             continue
         if key in result.unchanged:
-            console.print(f"copied through unchanged: {result.unchanged[key]}")
+            console.print(f"NOT OPTIMIZED (copied through unchanged): {result.unchanged[key]}")
         console.print(report.summary())
         shown = report.entries
         if not full:

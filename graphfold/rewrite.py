@@ -35,19 +35,21 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     available).
     """
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    stubs = held.names()          # before binding: binding may release the arrays
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
-    function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
+    function = reimport(concrete, graph_def, stubs, inputs, outputs, report, bound)
     if not keep_graph_def:
         held.keep_only(())
         graph_def = held = None
     return FoldedFunction(function, graph_def, report, held, variables)
 
 
-def reimport(concrete, graph_def, held, inputs, outputs, report, extra):
-    """``fold``'s result as a ConcreteFunction called like ``concrete``; ``extra`` makes the
-    tensors of the stub constants' values when it is traced (``function.with_signature``)."""
+def reimport(concrete, graph_def, stubs, inputs, outputs, report, extra):
+    """``fold``'s result as a ConcreteFunction called like ``concrete``: ``stubs`` (the names of
+    the stub constants) are fed the tensors ``extra`` makes when it is traced
+    (``function.with_signature``)."""
     clock = time.perf_counter()
-    pruned = import_graph(graph_def, inputs, outputs, held)
+    pruned = import_graph(graph_def, inputs, outputs, stubs)
     function = with_signature(pruned, concrete, extra)
     report.seconds["import"] = time.perf_counter() - clock
     return function

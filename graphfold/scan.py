@@ -28,8 +28,6 @@ import dataclasses
 import os
 from typing import Iterable
 
-from tensorflow.python.framework import op_def_registry
-
 from graphfold.errors import BadInput
 
 CATEGORIES = {
@@ -148,6 +146,7 @@ class Scan:
 def risk(op: str) -> tuple[str, str] | None:
     """``(category, reason)`` when ``op`` reaches outside the graph (or is unknown), else None.
     ``op`` must not be a library function's name (those are walked, not judged)."""
+    from tensorflow.python.framework import op_def_registry
     if op in OUTSIDE:
         return OUTSIDE[op]
     if op_def_registry.get(op) is None:
@@ -352,22 +351,11 @@ def _loading_tf1(meta_graph, model: str) -> list[Finding]:
 
 # ---- the gate: what may run ----------------------------------------------------------------
 
-def allowed_ops(allow_ops) -> frozenset[str]:
-    """The ops the user allows to run (``"WriteFile,PrintV2"`` or names); each must be one
-    ``OUTSIDE`` lists (an unregistered op cannot run at all)."""
-    if allow_ops is None:
-        return frozenset()
-    if isinstance(allow_ops, str):
-        allow_ops = allow_ops.split(",")
-    names = frozenset(name.strip() for name in allow_ops if name.strip())
-    unknown = sorted(names - OUTSIDE.keys())
-    if unknown:
-        raise BadInput(f"--allow-ops {','.join(unknown)}: not an op graphfold holds back (it "
-                       f"holds back file, network, Python and print ops: graphfold.scan.OUTSIDE)")
-    return names
+# ``allowed``: the ops the user allows to run, ``Options.allow_ops`` (checked there: every one
+# is in ``OUTSIDE``).
 
-
-def held_back(findings: Iterable[Finding], allowed: frozenset[str]) -> list[Finding]:
+def held_back(findings: Iterable[Finding], allowed: Iterable[str]) -> list[Finding]:
+    allowed = frozenset(allowed)
     return [f for f in findings if f.op not in allowed]
 
 
@@ -380,12 +368,14 @@ def describe(findings: list[Finding], limit: int = 4) -> str:
 
 
 def consent_hint(findings: list[Finding]) -> str:
+    """How to let them run, in the caller's words (``--allow-ops X`` or ``allow_ops='X'``)."""
+    from graphfold.options import with_value
     ops = sorted({f.op for f in findings if f.category != "unregistered"})
-    return f"pass --allow-ops {','.join(ops)} to run them" if ops else \
+    return f"allow them with {with_value('allow_ops', ','.join(ops))}" if ops else \
         "an unregistered op cannot run in this TensorFlow"
 
 
-def check_loading(scan: Scan, allowed: frozenset[str], path: str) -> None:
+def check_loading(scan: Scan, allowed: Iterable[str], path: str) -> None:
     """Raises ``BadInput`` when loading ``path`` would run ops that are held back."""
     held = held_back(scan.loading, allowed)
     if held:
@@ -399,7 +389,7 @@ def not_run_reason(held: list[Finding]) -> str:
             f"({consent_hint(held)})")
 
 
-def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: frozenset[str],
+def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: Iterable[str],
          tolerance: float):
     """``(keys that may run, {key: NOT VERIFIED Verification})`` for ``keys``, a key being held
     back when any of ``scans`` finds an op that is not allowed in what it runs."""
@@ -418,9 +408,10 @@ def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: frozenset[str],
 def require_runnable(path: str, keys: Iterable[str], tags=("serve",), allow_ops=()) -> None:
     """Raises ``BadInput`` unless the SavedModel ``path`` can be loaded and signatures ``keys``
     run without running a held-back op (the demo's timing)."""
+    from graphfold.options import Options
     from graphfold.saved_model import meta_graph_for, read_saved_model
     keys = list(keys)
-    allowed = allowed_ops(allow_ops)
+    allowed = Options(allow_ops=allow_ops).allow_ops
     scan = scan_meta_graph(meta_graph_for(read_saved_model(path), path, tags), keys)
     check_loading(scan, allowed, path)
     held = held_back([f for key in keys for f in scan.signatures[key]], allowed)

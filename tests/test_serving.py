@@ -108,7 +108,7 @@ def test_several_meta_graphs_refused_naming_the_tag_sets_and_the_flag(src, tmp_p
     assert "only tag-set 'serve' is written to DST (dropped, as asked: train)" in out
     assert [list(m.meta_info_def.tags) for m in read_saved_model(dst).meta_graphs] == [["serve"]]
     assert F.tree_hash(source) == before
-    with pytest.raises(BadInput, match="--drop-other-tag-sets"):
+    with pytest.raises(BadInput, match="drop_other_tag_sets"):
         graphfold.optimize_saved_model(source, str(tmp_path / "api"))
 
 
@@ -155,7 +155,7 @@ def test_inputs_npz_name_and_input_exprs_in_the_api_and_cli(src, tmp_path, capsy
     np.savez(npz, first=pixels, second=pixels[:1])
     result = graphfold.optimize_saved_model(source, str(tmp_path / "api"),
                                             signatures=["pixels"], inputs={"pixels": pixels})
-    assert result.verification["pixels"].source == "--inputs"
+    assert result.verification["pixels"].source == "inputs"
     assert result.verification["pixels"].inputs == {"pixels": (3, 8, 8, 3)}
     assert main(["verify", source, str(tmp_path / "api"), "-s", "pixels",
                  "--inputs", f"pixels={npz}[second]"]) == 0
@@ -413,9 +413,9 @@ def _bad_warmup(source, tmp_path, how) -> str:
     ("warmup_wrong_key", "record 0: 'bytes' is not an input of signature 'serving_default'"),
     ("inputs_original_fails", "signature 'serving_default': the original fails on --inputs #0"),
     ("warmup_original_fails", "the original fails on warm-up records (1) #0"),
-    ("warmup_zero", "--warmup: must be between 1 and 1000"),
-    ("warmup_over_1000", "--warmup: must be between 1 and 1000"),
-    ("no_verify_with_inputs", "--no-verify cannot be combined"),
+    ("warmup_zero", "must be a whole number between 1 and 1000"),
+    ("warmup_over_1000", "must be a whole number between 1 and 1000"),
+    ("no_verify_with_inputs", "--no-verify: cannot be combined"),
 ])
 def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, message):
     source, out = src("jpeg"), str(tmp_path / "out")
