@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import graphfold
 from graphfold.cli import main
 from graphfold.errors import BadInput, VerificationFailed
-from graphfold.saved_model import optimize_saved_model, verify_saved_models
 
 SPEC = tf.TensorSpec([None, 6, 6, 2], tf.float32, name="x")
 KINDS = ("write", "python", "print", "cond")
@@ -161,7 +161,7 @@ def assert_held(check: dict | object, op: str) -> None:
 def test_api_folds_writes_and_runs_nothing_without_consent(model, tmp_path, request):
     (src, target), kind = model, request.node.callspec.params["model"]
     dst = str(tmp_path / "out")
-    result = optimize_saved_model(src, dst)
+    result = graphfold.optimize_saved_model(src, dst)
     assert not os.path.exists(target), f"optimize_saved_model ran {OP[kind]}"
     assert result.written and not result.verified
     assert result.not_verified == ["serving_default"]
@@ -171,12 +171,13 @@ def test_api_folds_writes_and_runs_nothing_without_consent(model, tmp_path, requ
     found = result.to_dict()["outside_ops"]["signatures"]["serving_default"]
     assert [f["op"] for f in found] == [OP[kind]] and found[0]["function"]
 
-    check = verify_saved_models(src, dst).verification["serving_default"]
+    check = graphfold.verify_saved_models(src, dst).verification["serving_default"]
     assert not os.path.exists(target), "verify_saved_models ran it"
     assert_held(check, OP[kind])
 
     with pytest.raises(VerificationFailed, match="NOT VERIFIED"):
-        optimize_saved_model(src, str(tmp_path / "required"), require_verification=True)
+        graphfold.optimize_saved_model(src, str(tmp_path / "required"),
+                                       require_verification=True)
     assert not os.path.exists(tmp_path / "required") and not os.path.exists(target)
 
 
@@ -186,12 +187,13 @@ def test_api_allow_ops_runs_them(model, tmp_path, request):
     function of ``tf.py_function`` lives in this process, which built the model.)"""
     (src, target), kind = model, request.node.callspec.params["model"]
     dst = str(tmp_path / "out")
-    result = optimize_saved_model(src, dst, allow_ops=(OP[kind],))
+    result = graphfold.optimize_saved_model(src, dst, allow_ops=(OP[kind],))
     assert os.path.exists(target), "allowed, yet not run"
     assert result.verified and result.verification["serving_default"].status == "ok"
     assert_folded_keeping(dst, OP[kind])
     os.remove(target)
-    check = verify_saved_models(src, dst, allow_ops=OP[kind]).verification["serving_default"]
+    check = graphfold.verify_saved_models(src, dst, allow_ops=OP[kind]) \
+        .verification["serving_default"]
     assert check.status == "ok", check.reason
     assert os.path.exists(target)
 
@@ -252,7 +254,7 @@ def test_an_unregistered_op_in_a_saved_model_is_named_before_loading(models, tmp
         f.write(proto.SerializeToString())
     with pytest.raises(BadInput, match="GraphfoldNoSuchOp .*at node 'WriteFile' in function "
                                        "'__inference_.*nothing was loaded"):
-        optimize_saved_model(path, str(tmp_path / "out"), allow_ops="WriteFile")
+        graphfold.optimize_saved_model(path, str(tmp_path / "out"), allow_ops="WriteFile")
 
 
 def test_own_assets_and_checkpoints_are_not_held_back(src):
@@ -292,7 +294,7 @@ def test_an_asset_named_outside_the_saved_model_is_not_its_own(src, tmp_path):
         [finding] = scan_meta_graph(meta, signature_keys(meta)).loading
         assert finding.op == "InitializeTableFromTextFileV2", finding
         with pytest.raises(BadInput, match="InitializeTableFromTextFileV2"):
-            optimize_saved_model(path, str(tmp_path / "out"))
+            graphfold.optimize_saved_model(path, str(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("model", ["loading"], indirect=True)
