@@ -253,12 +253,22 @@ def scan_graph_def(graph_def, outputs: Iterable[str] | None = None, *,
 # ---- SavedModels -----------------------------------------------------------------------------
 
 def scan_meta_graph(meta_graph, keys: Iterable[str], model: str = "") -> Scan:
-    """The findings of signatures ``keys`` of a MetaGraphDef, and of what loading it runs."""
+    """The findings of signatures ``keys`` of a MetaGraphDef, and of what loading it runs.
+
+    A signature is what its SignatureDef's outputs depend on in the graph (what TF1 and TF
+    Serving's loader run) and, in a TF2 SavedModel, the functions its object graph names for it
+    (what ``tf.saved_model.load`` runs): both, as a crafted model may make them differ."""
     graph_def = meta_graph.graph_def
+    functions = _signature_functions(meta_graph)
     scan = Scan()
     for key in keys:
-        outputs = [info.name for info in meta_graph.signature_def[key].outputs.values()]
-        scan.signatures[key] = scan_graph_def(graph_def, outputs, model=model)
+        outputs = [name for info in meta_graph.signature_def[key].outputs.values()
+                   for name in _tensor_names(info)]
+        walker = _Walker(graph_def, model=model)
+        walker.nodes(reachable(graph_def, outputs) if outputs else graph_def.node)
+        for name in functions.get(key, ()):
+            walker.function(name)
+        scan.signatures[key] = walker.findings
     if meta_graph.object_graph_def.nodes:
         scan.loading = _loading_tf2(meta_graph, model)
     else:
@@ -275,6 +285,29 @@ def _unregistered(graph_def, model: str) -> list[Finding]:
     for name in walker.library:
         walker.function(name)
     return [f for f in walker.findings if f.category == "unregistered"]
+
+
+def _tensor_names(info) -> list[str]:
+    """The graph tensors of a TensorInfo: a name, a sparse tensor's three, a composite's."""
+    kind = info.WhichOneof("encoding")
+    if kind == "coo_sparse":
+        sparse = info.coo_sparse
+        return [sparse.values_tensor_name, sparse.indices_tensor_name,
+                sparse.dense_shape_tensor_name]
+    if kind == "composite_tensor":
+        return [n for part in info.composite_tensor.components for n in _tensor_names(part)]
+    return [info.name] if info.name else []
+
+
+def _signature_functions(meta_graph) -> dict[str, list[str]]:
+    """key -> the concrete functions a TF2 SavedModel's object graph binds to that signature
+    (the root's ``signatures`` map)."""
+    objects = meta_graph.object_graph_def
+    if not objects.nodes:
+        return {}
+    maps = [c.node_id for c in objects.nodes[0].children if c.local_name == "signatures"]
+    return {c.local_name: _concrete_functions(objects.nodes[c.node_id])
+            for node_id in maps for c in objects.nodes[node_id].children}
 
 
 LOAD_CHILDREN = ("_create_resource", "_initialize", "_initializer", "_destroy_resource")

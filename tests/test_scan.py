@@ -257,6 +257,35 @@ def test_an_unregistered_op_in_a_saved_model_is_named_before_loading(models, tmp
         graphfold.optimize_saved_model(path, str(tmp_path / "out"), allow_ops="WriteFile")
 
 
+def test_the_function_tf_loads_for_a_signature_is_scanned_too(tmp_path):
+    """``tf.saved_model.load`` runs the function the object graph binds to a signature, not
+    the graph its SignatureDef names: a model crafted so that the two differ (the SignatureDef
+    pointing at a clean call) is still held back."""
+    from graphfold.saved_model import meta_graph_for, read_saved_model
+    from graphfold.scan import scan_meta_graph
+    target, path = str(tmp_path / "crafted.touched"), str(tmp_path / "crafted")
+    net = Net()
+    net.serve = tf.function(_body("write", net, target), input_signature=[SPEC],
+                            autograph=False)
+    net.clean = tf.function(net.features, input_signature=[SPEC], autograph=False)
+    tf.saved_model.save(net, path, signatures={"serving_default": net.serve,
+                                               "clean": net.clean})
+    proto = read_saved_model(path)
+    signatures = proto.meta_graphs[0].signature_def
+    [(name, info)] = signatures["serving_default"].outputs.items()
+    info.name = next(iter(signatures["clean"].outputs.values())).name
+    with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(proto.SerializeToString())
+    meta = meta_graph_for(read_saved_model(path), path, ("serve",))
+    scan = scan_meta_graph(meta, ["serving_default", "clean"])
+    assert [f.op for f in scan.signatures["serving_default"]] == ["WriteFile"]
+    assert scan.signatures["clean"] == []
+    result = graphfold.optimize_saved_model(path, str(tmp_path / "out"))
+    assert not os.path.exists(target)
+    assert result.not_verified == ["serving_default"]
+    assert result.verification["clean"].status == "ok"
+
+
 def test_own_assets_and_checkpoints_are_not_held_back(src):
     """A table filled from the SavedModel's own asset and a TF1 restore from its own
     variables/ read the model's own files: loading them is not held back, while the ops are
