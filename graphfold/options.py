@@ -16,6 +16,7 @@ import json
 from typing import Iterable, Iterator
 
 from graphfold.errors import BadInput
+from graphfold.outside import OUTSIDE
 
 WEIGHTS = ("auto", "constants", "variables")
 MAX_WARMUP = 1000          # TF Serving reads at most this many warm-up records
@@ -74,8 +75,8 @@ class Options:
     VERIFIED is an error. ``warmup``: TF Serving warm-up requests written per signature.
     ``drop_other_tag_sets``: write a SavedModel of several MetaGraphs as the one of ``tags``.
     ``input_names`` / ``output_names``: a GraphDef file's placeholders fed and tensors fetched
-    (None: inferred). ``allow_ops``: ops reaching outside the graph (``graphfold.scan.OUTSIDE``:
-    file, network, Python, print) that graphfold may run, in verification and when loading;
+    (None: inferred). ``allow_ops``: ops reaching outside the graph (file, network, Python,
+    print: ``graphfold.outside.OUTSIDE``) that graphfold may run, in verification and loading;
     a signature holding any other is not run (NOT VERIFIED), a model whose loading would run
     one is not loaded.
     """
@@ -192,14 +193,14 @@ def _names(field: str, value) -> tuple[str, ...] | None:
 
 
 def _allow_ops(value) -> tuple[str, ...]:
-    """Sorted op names, each one ``graphfold.scan.OUTSIDE`` lists (a typo must not look like
+    """Sorted op names, each one ``graphfold.outside.OUTSIDE`` lists (a typo must not look like
     consent; an unregistered op cannot run at all)."""
-    from graphfold.scan import OUTSIDE
     names = tuple(sorted(_names("allow_ops", value))) if value else ()
     unknown = [name for name in names if name not in OUTSIDE]
     if unknown:
         raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "
-                        "holds back file, network, Python and print ops: graphfold.scan.OUTSIDE)")
+                        "holds back file, network, Python and print ops: "
+                        "graphfold.outside.OUTSIDE)")
     return names
 
 

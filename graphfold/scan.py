@@ -2,10 +2,11 @@
 
 A model is a program. Before graphfold executes one (verification, warm-up replay, ``graphfold
 verify``, the demo's timing, a repository run), it scans what would run for ops that touch the
-world outside the graph: files, the network, Python, printing (``OUTSIDE``, with the reason for
-each), and any op the running TensorFlow does not know (a custom kernel). TensorFlow's own
-``saved_model_cli scan`` checks the op set of a whole MetaGraph against ``WriteFile``,
-``ReadFile`` and ``PrintV2``; graphfold walks, per signature, the nodes its outputs depend on and
+world outside the graph: files, the network, Python, printing (the list, with the reason for
+each: ``graphfold.outside``), and any op the running TensorFlow does not know (a custom kernel).
+TensorFlow's own ``saved_model_cli scan`` checks the op set of a whole MetaGraph against
+``WriteFile``, ``ReadFile`` and ``PrintV2``; graphfold walks, per signature, the nodes its
+outputs depend on (and, in a TF2 SavedModel, the function its object graph binds to it) and
 every function they call (a node whose op is a library function, and every attr that names one:
 ``StatefulPartitionedCall``'s ``f``, ``If``/``While``/``Case`` branches and bodies, a dataset's
 map function, func lists), and reports each op with its node and the function that holds it.
@@ -29,78 +30,8 @@ import os
 from typing import Iterable
 
 from graphfold.errors import BadInput
-
-CATEGORIES = {
-    "file": "reads, writes, lists or maps files at a path the graph computes (local, or remote "
-            "through gs://, s3://, hdfs:// file systems)",
-    "network": "talks to other processes or machines",
-    "python": "runs Python code in the process that executes it",
-    "print": "prints to stderr/stdout, or (PrintV2) appends to any file:// path",
-    "unregistered": "not registered in this TensorFlow (a custom kernel): what it does is "
-                    "unknown, and it cannot run here",
-}
-
-
-def _ops(category: str, reason: str, *names: str) -> dict[str, tuple[str, str]]:
-    return {name: (category, reason) for name in names}
-
-
-# op -> (category, reason): what graphfold will not run without the user's consent.
-OUTSIDE: dict[str, tuple[str, str]] = {
-    **_ops("file", "reads a file", "ReadFile"),
-    **_ops("file", "writes a file", "WriteFile"),
-    **_ops("file", "lists the files matching a pattern", "MatchingFiles"),
-    **_ops("file", "memory-maps a file as a tensor", "ImmutableConst"),
-    **_ops("file", "writes a checkpoint", "Save", "SaveV2", "SaveSlices"),
-    **_ops("file", "reads a checkpoint", "Restore", "RestoreV2", "RestoreSlice",
-           "DTensorRestoreV2", "LoadAndRemapMatrix"),
-    **_ops("file", "merges checkpoint files and deletes the merged ones",
-           "MergeV2Checkpoints"),
-    **_ops("file", "reads vocabulary files", "GenerateVocabRemapping"),
-    **_ops("file", "fills a lookup table from a text file", "InitializeTableFromTextFile",
-           "InitializeTableFromTextFileV2"),
-    **_ops("file", "reads records from files: a dataset reader",
-           "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset", "FixedLengthRecordDataset",
-           "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "ExperimentalCSVDataset",
-           "SqlDataset", "ExperimentalSqlDataset", "LMDBDataset", "ExperimentalLMDBDataset",
-           "MatchingFilesDataset", "ExperimentalMatchingFilesDataset", "LoadDataset",
-           "SnapshotDatasetReader", "SnapshotNestedDatasetReader", "SnapshotChunkDataset",
-           "ListSnapshotChunksDataset"),
-    **_ops("file", "writes a dataset to files", "SaveDataset", "SaveDatasetV2",
-           "SnapshotDataset", "SnapshotDatasetV2", "CacheDataset", "CacheDatasetV2"),
-    **_ops("file", "reads records from files: a queue-based reader", "TFRecordReader",
-           "TFRecordReaderV2", "TextLineReader", "TextLineReaderV2", "WholeFileReader",
-           "WholeFileReaderV2", "FixedLengthRecordReader", "FixedLengthRecordReaderV2",
-           "LMDBReader"),
-    **_ops("file", "writes TensorBoard summaries to event files", "CreateSummaryFileWriter",
-           "CreateSummaryDbWriter", "WriteSummary", "WriteRawProtoSummary",
-           "WriteScalarSummary", "WriteHistogramSummary", "WriteImageSummary",
-           "WriteAudioSummary", "WriteGraphSummary", "ImportEvent", "FlushSummaryWriter",
-           "CloseSummaryWriter", "StatsAggregatorSetSummaryWriter"),
-    **_ops("file", "writes calibration statistics to a file", "CalibrationStatisticsSaver"),
-    **_ops("file", "configures a file system, its credentials or endpoints, for the whole "
-           "process",
-           "FileSystemSetConfiguration"),
-    **_ops("network", "talks to a tf.data service", "DataServiceDataset",
-           "DataServiceDatasetV2", "DataServiceDatasetV3", "DataServiceDatasetV4",
-           "RegisterDataset", "RegisterDatasetV2", "DistributedSave"),
-    **_ops("network", "makes or serves remote procedure calls", "RpcClient", "RpcCall",
-           "RpcServer", "RpcServerRegister", "RpcServerStart"),
-    **_ops("network", "sends tensors to debug URLs: grpc://, or file:// dumps", "DebugIdentity",
-           "DebugIdentityV2", "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary"),
-    **_ops("network", "exchanges tensors with other devices or workers, and may wait "
-           "for them forever", "CollectiveReduce", "CollectiveReduceV2", "CollectiveReduceV3",
-           "CollectiveGather", "CollectiveGatherV2", "CollectiveBcastSend",
-           "CollectiveBcastSendV2", "CollectiveBcastRecv", "CollectiveBcastRecvV2",
-           "CollectivePermute", "CollectiveAllToAllV2", "CollectiveAllToAllV3",
-           "CollectiveReduceScatterV2", "CollectiveInitializeCommunicator",
-           "CollectiveAssignGroupV2"),
-    **_ops("python", "calls a Python function: tf.py_function, tf.numpy_function", "PyFunc",
-           "PyFuncStateless", "EagerPyFunc"),
-    **_ops("print", "prints: tf.print, to stderr or to any file:// path", "PrintV2"),
-    **_ops("print", "prints to stderr: tf.compat.v1.Print", "Print"),
-}
-UNREGISTERED_REASON = "not registered in this TensorFlow: a custom kernel"
+from graphfold.options import with_value
+from graphfold.outside import OUTSIDE, UNREGISTERED_REASON
 
 # Ops that read a file named by one of their inputs (its index), and load at least: not held
 # back when that input is the SavedModel's own file (an asset, its variables/ checkpoint).
@@ -402,7 +333,6 @@ def describe(findings: list[Finding], limit: int = 4) -> str:
 
 def consent_hint(findings: list[Finding]) -> str:
     """How to let them run, in the caller's words (``--allow-ops X`` or ``allow_ops='X'``)."""
-    from graphfold.options import with_value
     ops = sorted({f.op for f in findings if f.category != "unregistered"})
     return f"allow them with {with_value('allow_ops', ','.join(ops))}" if ops else \
         "an unregistered op cannot run in this TensorFlow"
@@ -436,17 +366,3 @@ def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: Iterable[str],
         else:
             runnable.append(key)
     return runnable, skipped
-
-
-def require_runnable(path: str, keys: Iterable[str], tags=("serve",), allow_ops=()) -> None:
-    """Raises ``BadInput`` unless the SavedModel ``path`` can be loaded and signatures ``keys``
-    run without running a held-back op (the demo's timing)."""
-    from graphfold.options import Options
-    from graphfold.saved_model import meta_graph_for, read_saved_model
-    keys = list(keys)
-    allowed = Options(allow_ops=allow_ops).allow_ops
-    scan = scan_meta_graph(meta_graph_for(read_saved_model(path), path, tags), keys)
-    check_loading(scan, allowed, path)
-    held = held_back([f for key in keys for f in scan.signatures[key]], allowed)
-    if held:
-        raise BadInput(f"{path}: {not_run_reason(held)}")

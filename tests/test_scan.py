@@ -347,7 +347,7 @@ def test_what_loading_runs_is_held_back_too(model, tmp_path, capsys):
 
 
 def test_require_runnable_gates_the_demo_timing(models, src):
-    from graphfold.scan import require_runnable
+    from graphfold.demo import require_runnable
     require_runnable(src("two_signatures"), ["predict", "single"])
     with pytest.raises(BadInput, match="WriteFile"):
         require_runnable(models["write"][0], ["serving_default"])
@@ -356,7 +356,7 @@ def test_require_runnable_gates_the_demo_timing(models, src):
 
 def test_allow_ops_names_must_be_held_back_ops(models, tmp_path, capsys):
     from graphfold.options import Options
-    from graphfold.scan import OUTSIDE
+    from graphfold.outside import OUTSIDE
     assert Options(allow_ops=" WriteFile,PrintV2 ").allow_ops == ("PrintV2", "WriteFile")
     assert Options(allow_ops=["WriteFile"]) == Options(allow_ops="WriteFile")
     for wrong in ("Conv2D", "WriteFIle"):
@@ -373,7 +373,7 @@ def test_allow_ops_names_must_be_held_back_ops(models, tmp_path, capsys):
 def test_folding_evaluates_none_of_them():
     """Folding evaluates constant subgraphs through an allowlist of pure math only."""
     from graphfold.constants import EVALUATORS
-    from graphfold.scan import OUTSIDE
+    from graphfold.outside import OUTSIDE
     assert not set(EVALUATORS) & set(OUTSIDE)
 
 
