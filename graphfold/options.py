@@ -16,6 +16,7 @@ import json
 from typing import Iterable, Iterator
 
 from graphfold.errors import BadInput
+from graphfold.outside import OUTSIDE
 
 WEIGHTS = ("auto", "constants", "variables")
 MAX_WARMUP = 1000          # TF Serving reads at most this many warm-up records
@@ -74,7 +75,10 @@ class Options:
     VERIFIED is an error. ``warmup``: TF Serving warm-up requests written per signature.
     ``drop_other_tag_sets``: write a SavedModel of several MetaGraphs as the one of ``tags``.
     ``input_names`` / ``output_names``: a GraphDef file's placeholders fed and tensors fetched
-    (None: inferred).
+    (None: inferred). ``allow_ops``: ops reaching outside the graph (file, network, Python,
+    print: ``graphfold.outside.OUTSIDE``) that graphfold may run, in verification and loading;
+    a signature holding any other is not run (NOT VERIFIED), a model whose loading would run
+    one is not loaded.
     """
     signatures: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ("serve",)
@@ -87,10 +91,12 @@ class Options:
     drop_other_tag_sets: bool = False
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
+    allow_ops: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("signatures", "input_names", "output_names"):
             self._set(name, _names(name, getattr(self, name)))
+        self._set("allow_ops", _allow_ops(self.allow_ops))
         self._set("tags", _tags(self.tags))
         for name in ("verify", "require_verification", "drop_other_tag_sets"):
             if not isinstance(getattr(self, name), bool):
@@ -159,12 +165,14 @@ class SourceKind:
 _ALL = frozenset(f.name for f in dataclasses.fields(Options))
 SAVED_MODEL = SourceKind("a SavedModel", _ALL - {"input_names", "output_names"})
 GRAPH_DEF_FILE = SourceKind("a GraphDef file", frozenset({
-    "verify", "tolerance", "batch", "require_verification", "input_names", "output_names"}))
+    "verify", "tolerance", "batch", "require_verification", "input_names", "output_names",
+    "allow_ops"}))
 # What comparing two SavedModels (``verify_saved_models``) and reporting without writing
 # (``inspect``) honour.
 COMPARISON = SourceKind("comparing two SavedModels", frozenset({
-    "signatures", "tags", "tolerance", "batch", "require_verification"}))
-INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags"}))
+    "signatures", "tags", "tolerance", "batch", "require_verification", "allow_ops"}))
+INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags",
+                                                                        "allow_ops"}))
 INSPECT_GRAPH_DEF_FILE = SourceKind("inspecting a GraphDef file",
                                     frozenset({"input_names", "output_names"}))
 
@@ -181,6 +189,18 @@ def _names(field: str, value) -> tuple[str, ...] | None:
         raise BadOption(field, value, "must be a name or a list of names") from None
     if not names or not all(names):
         raise BadOption(field, value, "must name at least one, with no empty name")
+    return names
+
+
+def _allow_ops(value) -> tuple[str, ...]:
+    """Sorted op names, each one ``graphfold.outside.OUTSIDE`` lists (a typo must not look like
+    consent; an unregistered op cannot run at all)."""
+    names = tuple(sorted(_names("allow_ops", value))) if value else ()
+    unknown = [name for name in names if name not in OUTSIDE]
+    if unknown:
+        raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "
+                        "holds back file, network, Python and print ops: "
+                        "graphfold.outside.OUTSIDE)")
     return names
 
 
