@@ -17,7 +17,8 @@ import warnings
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
 from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
-from graphfold.render import dumps, format_table, render_reports, render_verification, totals
+from graphfold.render import (dumps, format_table, render_reports, render_scan,
+                              render_verification, totals)
 from graphfold.version import __version__
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
@@ -86,7 +87,8 @@ FLAGS = {"signatures": "--signature", "tags": "--tag-set", "verify": "--no-verif
          "output_names": "--output-names", "inputs": "--inputs", "overwrite": "--overwrite",
          "input_shapes": "--input-shape",
          "versions": "--versions", "runner": "--runner", "jobs": "--jobs",
-         "model_config": "--model-config", "report": "--report", "out": "--out"}
+         "model_config": "--model-config", "report": "--report", "out": "--out",
+         "allow_ops": "--allow-ops"}
 _GIVEN = argparse.SUPPRESS        # an option flag's default: absent from args unless given
 
 
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _selection(ins)
     _graph_def_names(ins)
+    _consent(ins)
     ins.add_argument("--verbose", "-v", action="store_true",
                      help="show the traceback of a failure")
     _output(ins)
@@ -135,6 +138,7 @@ def _optimize_parser(commands) -> None:
     _selection(opt)
     _graph_def_names(opt)
     _writing(opt)
+    _consent(opt)
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
@@ -158,6 +162,7 @@ def _verify_parser(commands) -> None:
     _checking(ver)
     ver.add_argument("--require-verification", action="store_true", default=_GIVEN,
                      help="exit 1 if a signature cannot be verified")
+    _consent(ver)
     _output(ver)
 
 
@@ -167,6 +172,14 @@ def _selection(parser):
                         default=_GIVEN, help="signature key to fold (repeatable; default all)")
     parser.add_argument("--tag-set", "--tag_set", metavar="TAGS", dest="tags", default=_GIVEN,
                         help="comma-separated tag set of the MetaGraph (default serve)")
+
+
+def _consent(parser):
+    parser.add_argument("--allow-ops", "--allow_ops", metavar="A,B", default=_GIVEN,
+                        help="ops reaching outside the graph (file, network, Python, print: "
+                             "WriteFile, PrintV2, ...) that graphfold may run; a signature "
+                             "holding others is not run (NOT VERIFIED), a model whose loading "
+                             "runs others is not loaded")
 
 
 def _graph_def_names(parser):
@@ -279,6 +292,7 @@ def cmd_optimize(args, console: Console) -> int:
     result.seconds["total"] = console.elapsed()
 
     render_reports(result, console, full=args.verbose)
+    render_scan(result, console, always=False)
     render_verification(result, console)
     document = {"command": "optimize", "status": "ok" if failure is None else
                 "verification_failed", "exit_code": EXIT_OK if failure is None else EXIT_VERIFY,
@@ -403,6 +417,7 @@ def cmd_inspect(args, console: Console) -> int:
     result = inspect(args.src, options=Options(**given), progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
+    render_scan(result, console)
     bns, folded, before, after = totals(result)
     console.print(f"{args.src}: {len(result)} signature(s); {folded} of {bns} batch norms "
                   f"foldable; ops {before} -> {after} (nothing written)")
@@ -542,6 +557,7 @@ def add_repo_parser(commands) -> None:
                       help="write TF Serving's model_config_list for DST_BASE to FILE")
     _selection(repo)
     _writing(repo)
+    _consent(repo)
     _output(repo)
 
 

@@ -16,6 +16,7 @@ import json
 from typing import Iterable, Iterator
 
 from graphfold.errors import BadInput
+from graphfold.outside import OUTSIDE
 
 WEIGHTS = ("auto", "constants", "variables")
 MAX_WARMUP = 1000          # TF Serving reads at most this many warm-up records
@@ -77,7 +78,10 @@ class Options:
     VERIFIED is an error. ``warmup``: TF Serving warm-up requests written per signature.
     ``drop_other_tag_sets``: write a SavedModel of several MetaGraphs as the one of ``tags``.
     ``input_names`` / ``output_names``: a GraphDef file's placeholders fed and tensors fetched
-    (None: inferred).
+    (None: inferred). ``allow_ops``: ops reaching outside the graph (file, network, Python,
+    print: ``graphfold.outside.OUTSIDE``) that graphfold may run, in verification and loading;
+    a signature holding any other is not run (NOT VERIFIED), a model whose loading would run
+    one is not loaded.
     """
     signatures: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ("serve",)
@@ -91,10 +95,12 @@ class Options:
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    allow_ops: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("signatures", "input_names", "output_names"):
             self._set(name, _names(name, getattr(self, name)))
+        self._set("allow_ops", _allow_ops(self.allow_ops))
         self._set("tags", _tags(self.tags))
         self._set("input_shapes", _shapes(self.input_shapes))
         for name in ("verify", "require_verification", "drop_other_tag_sets"):
@@ -172,12 +178,14 @@ _ALL = frozenset(f.name for f in dataclasses.fields(Options))
 SAVED_MODEL = SourceKind("a SavedModel", _ALL - {"input_names", "output_names"})
 GRAPH_DEF_FILE = SourceKind("a GraphDef file", frozenset({
     "verify", "tolerance", "batch", "require_verification", "input_names", "output_names",
-    "input_shapes"}))
+    "allow_ops", "input_shapes"}))
 # What comparing two SavedModels (``verify_saved_models``) and reporting without writing
 # (``inspect``) honour.
 COMPARISON = SourceKind("comparing two SavedModels", frozenset({
-    "signatures", "tags", "tolerance", "batch", "require_verification", "input_shapes"}))
-INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags"}))
+    "signatures", "tags", "tolerance", "batch", "require_verification", "allow_ops",
+    "input_shapes"}))
+INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags",
+                                                                        "allow_ops"}))
 INSPECT_GRAPH_DEF_FILE = SourceKind("inspecting a GraphDef file",
                                     frozenset({"input_names", "output_names"}))
 
@@ -210,6 +218,18 @@ def _shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
         raise BadOption("input_shapes", value, "must map input names to shapes, e.g. "
                         "{'x': (1, 224, 224, 3)}") from None
     return tuple(sorted(shapes.items()))
+
+
+def _allow_ops(value) -> tuple[str, ...]:
+    """Sorted op names, each one ``graphfold.outside.OUTSIDE`` lists (a typo must not look like
+    consent; an unregistered op cannot run at all)."""
+    names = tuple(sorted(_names("allow_ops", value))) if value else ()
+    unknown = [name for name in names if name not in OUTSIDE]
+    if unknown:
+        raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "
+                        "holds back file, network, Python and print ops: "
+                        "graphfold.outside.OUTSIDE)")
+    return names
 
 
 def _tags(value) -> tuple[str, ...]:

@@ -128,6 +128,31 @@ def render_verification(result, console) -> None:
     console.print()
 
 
+def render_scan(result, console, always: bool = True) -> None:
+    """The ops reaching outside the graph (``graphfold.scan``) per signature, and in what
+    loading runs: op, category, node, function, why. Nothing when none and not ``always``."""
+    scan = getattr(result, "scan", None)
+    if scan is None:
+        return
+    scopes = [(key, scan.signatures[key]) for key in sorted(scan.signatures)]
+    scopes.append(("(loading)", scan.loading))
+    rows = [("signature", "op", "category", "node", "function", "why")]
+    for key, findings in scopes:
+        rows += [(key, f.op, f.category, f.node, f.function or "(graph)", f.reason)
+                 for f in findings]
+    if len(rows) == 1:
+        if always:
+            console.print(f"ops reaching outside the graph (file, network, Python, print, "
+                          f"unregistered): none in {len(scan.signatures)} signature(s) or in "
+                          f"what loading runs")
+            console.print()
+        return
+    console.print("ops reaching outside the graph (graphfold runs them only when allowed: "
+                  "--allow-ops OP,...):")
+    console.print(_indent(format_table(rows)))
+    console.print()
+
+
 def totals(result) -> tuple[int, int, int, int]:
     """(batch norms, folded, ops before, ops after) over distinct signatures (Keras' `serve`
     and `serving_default` count once)."""

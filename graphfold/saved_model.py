@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold import census
-from graphfold import checking, warmup as warmup_
+from graphfold import checking, scan as scan_, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
 from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
                               VerificationFailed)
@@ -69,6 +69,7 @@ class SavedModelResult(dict):
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
         self.weights: str | None = None       # "constants" or "variables", as written
+        self.scan: scan_.Scan | None = None   # ops reaching outside the graph (graphfold.scan)
         self.written = False
 
     @property
@@ -106,6 +107,7 @@ class SavedModelResult(dict):
                 "written": self.written, "all_signatures": list(self.all_signatures),
                 "not_verified": self.not_verified, "inconclusive": self.inconclusive,
                 "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
+                "outside_ops": self.scan.to_dict() if self.scan else None,
                 "seconds": dict(self.seconds)}
 
 
@@ -485,8 +487,11 @@ def move_into_place(staging: str, dst: str) -> None:
 
 def inspect_saved_model(src, *, options: Options | None = None,
                         progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
-    """The fold report of every requested signature of ``src``; nothing is written.
-    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``."""
+    """The fold report of every requested signature of ``src``, and the ops reaching outside
+    the graph each one holds (``.scan``); nothing is written, no signature is run.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``allow_ops``
+    (loading runs the model's resource initializers: when they hold such ops that are not
+    allowed, ``BadInput`` names them and nothing is loaded)."""
     progress = progress or _silent
     src = os.fspath(src)
     options = Options.of(options, **option_kwargs)
@@ -498,6 +503,8 @@ def inspect_saved_model(src, *, options: Options | None = None,
     keys = select(available, options.signatures, src)
     result = SavedModelResult(src, None, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, options.allow_ops, src)
     clock = time.perf_counter()
     progress(f"loading {src} (tag-set {','.join(tags)})")
     loaded = load(src, tags)
@@ -517,7 +524,11 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
 
     ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
     ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
-    ``warmup``, ``drop_other_tag_sets``, ``input_shapes``; ``Options`` says what each does). Signatures not
+    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``, ``input_shapes``; ``Options`` says what each does).
+    Before anything runs, every signature is scanned (``graphfold.scan``): one holding ops
+    reaching outside the graph that ``allow_ops`` does not allow is folded and written but not
+    run (NOT VERIFIED, naming them; the written graph keeps them), and a SavedModel whose
+    loading would run such ops is refused (``BadInput``). Signatures not
     requested are copied through unchanged; so is a requested one that cannot be frozen
     (``NotFreezable``: a lookup table, ...), with the reason. Any other failure raises
     ``RewriteFailed``, and nothing is written. The written model is loaded back and compared
@@ -550,6 +561,8 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
 
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, options.allow_ops, src)
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
@@ -617,6 +630,10 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
             first = same_functions(loaded, keys)
             # the same function under two keys is checked once, unless real inputs address both
             distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
+            distinct, held = scan_.gate([result.scan], distinct, options.allow_ops, tolerance)
+            result.verification.update(held)
+            for check in held.values():
+                progress(f"  {check.line()}")
             progress(f"verifying {len(distinct)} distinct signature(s) "
                      f"({tolerance_words(tolerance)})")
             written = load(staging, tags)
@@ -690,7 +707,9 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
     ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
     ``batch``, ``input_shapes``, ``require_verification`` (a signature left NOT VERIFIED or
-    INCONCLUSIVE raises ``VerificationFailed``).
+    INCONCLUSIVE raises ``VerificationFailed``), ``allow_ops`` (a signature of either model
+    holding ops reaching outside the graph that are not allowed is not run: NOT VERIFIED; see
+    ``optimize_saved_model``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
@@ -707,6 +726,12 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     keys = select(signature_keys(metas[src]), signatures, src)
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(signature_keys(metas[src]))
+    scans = [scan_.scan_meta_graph(metas[path], [k for k in keys if k in
+                                                 metas[path].signature_def], model=label)
+             for path, label in ((src, "SRC"), (dst, "DST"))]
+    for path, found in zip((src, dst), scans):
+        scan_.check_loading(found, options.allow_ops, path)
+    result.scan = scans[0]
     progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
@@ -724,6 +749,10 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
             progress(f"  {result.verification[key].line()}")
         else:
             comparable.append(key)
+    comparable, held = scan_.gate(scans, comparable, options.allow_ops, tolerance)
+    result.verification.update(held)
+    for check in held.values():
+        progress(f"  {check.line()}")
     progress(f"verifying {len(comparable)} signature(s) ({tolerance_words(tolerance)})")
     result.verification.update(checking.run_checks(
         reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
