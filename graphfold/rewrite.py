@@ -14,6 +14,7 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
+from graphfold import casts, checking, tf_quirks
 from graphfold.errors import Blocked
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
@@ -24,7 +25,13 @@ from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
 
 
-def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> FoldedFunction:
+# Unknown height and width of an image in rewrite's own check: smaller than the command's 224
+# (input_shapes.IMAGE_SIZE), since every rewrite pays for it; input_shapes= sets any size.
+CHECK_IMAGE_SIZE = 64
+
+
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, verify: bool = True,
+            tolerance: float | None = None, input_shapes: dict | None = None) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
@@ -33,15 +40,27 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``;
     ``keep_graph_def=False`` lets the weights go once they are bound (then ``.graph_def`` is not
     available).
+
+    ``verify``: run the result against ``fn`` once on random inputs (batch 1; unknown
+    dimensions from ``input_shapes`` {input name: shape}, else images ``CHECK_IMAGE_SIZE`` high
+    and wide, other dimensions ``input_shapes.OTHER_SIZE``), as the command verifies a
+    SavedModel; the outcome is ``report.verification``. A relative error over ``tolerance``
+    (None: by precision, ``tolerance.py``) that the noise floor does not explain raises
+    ``VerificationFailed`` (its ``.result``: the FoldedFunction). ``verify=False`` skips it.
     """
-    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    concrete = as_concrete_function(fn)
+    shapes = checking.rewrite_shapes(concrete, input_shapes, verify, tolerance)
+    concrete, graph_def, held, inputs, outputs, report = fold(concrete)
     stubs = held.names()          # before binding: binding may release the arrays
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = reimport(concrete, graph_def, stubs, inputs, outputs, report, bound)
     if not keep_graph_def:
         held.keep_only(())
         graph_def = held = None
-    return FoldedFunction(function, graph_def, report, held, variables)
+    folded = FoldedFunction(function, graph_def, report, held, variables)
+    if verify:
+        checking.self_check(folded, concrete, tolerance, shapes, CHECK_IMAGE_SIZE)
+    return folded
 
 
 def reimport(concrete, graph_def, stubs, inputs, outputs, report, extra):
@@ -128,6 +147,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph.prune(keep=keep)
     affines = find_affines(graph)
     missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
+    quirks = tf_quirks.snapshot(graph)
     seconds["normalize"] = time.perf_counter() - clock
 
     entries = []
@@ -144,11 +164,24 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
         else:
             apply_.fold(graph, affine, writes)
         entries.extend(_entries(affine, outcome, tried))
+    notes += _after_folding(graph, quirks)
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
     report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts(), notes)
     return work, report
+
+
+def _after_folding(graph: Graph, quirks) -> list[str]:
+    """The passes over the folded graph: Cast round trips that compute nothing are removed, then
+    patterns TensorFlow miscomputes that the fold created are rewritten (``tf_quirks``); notes
+    saying what was done."""
+    notes = []
+    removed = casts.remove_round_trips(graph)
+    if removed:
+        notes.append(f"{removed} Cast round trip(s) that compute nothing removed (e.g. float16 "
+                     f"-> float32 -> float16 where batch norms were)")
+    return notes + tf_quirks.avoid(graph, quirks)
 
 
 def check_feeds(graph_def, inputs) -> None:

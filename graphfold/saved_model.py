@@ -42,6 +42,7 @@ from graphfold.rewrite import fold, reimport, rewrite
 from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
 from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
                                Options, spelled)
+from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -87,6 +88,11 @@ class SavedModelResult(dict):
         """Signatures that could not be checked (their original fails on random inputs)."""
         return sorted(k for k, v in self.verification.items() if v.status == "skipped")
 
+    @property
+    def inconclusive(self) -> list[str]:
+        """Signatures checked only within a noise floor too large to mean anything."""
+        return sorted(k for k, v in self.verification.items() if v.status == "inconclusive")
+
     def to_dict(self) -> dict:
         signatures = {}
         for key, report in self.items():
@@ -99,7 +105,7 @@ class SavedModelResult(dict):
             }
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
-                "not_verified": self.not_verified,
+                "not_verified": self.not_verified, "inconclusive": self.inconclusive,
                 "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
                 "outside_ops": self.scan.to_dict() if self.scan else None,
                 "seconds": dict(self.seconds)}
@@ -237,7 +243,8 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
     holds marked constants and ``.marked`` their values, which ``saved_weights.fill`` writes
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
-        return rewrite(fn, weights=weights, keep_graph_def=False)
+        # verify=False: optimize_saved_model verifies the written model instead
+        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
     function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
@@ -517,7 +524,7 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
 
     ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
     ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
-    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``; ``Options`` says what each does).
+    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``, ``input_shapes``; ``Options`` says what each does).
     Before anything runs, every signature is scanned (``graphfold.scan``): one holding ops
     reaching outside the graph that ``allow_ops`` does not allow is folded and written but not
     run (NOT VERIFIED, naming them; the written graph keeps them), and a SavedModel whose
@@ -581,6 +588,7 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)
             recorded = checking.warmup_feeds(src, loaded, result.notes)
+            shapes = checking.shapes_for(loaded, keys, options.shapes())
 
         clock = time.perf_counter()
         mode, why = choose_weights(options.weights, weight_bytes(loaded, keys))
@@ -626,12 +634,12 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
             result.verification.update(held)
             for check in held.values():
                 progress(f"  {check.line()}")
-            progress(f"verifying {len(distinct)} distinct signature(s) (tolerance "
-                     f"{tolerance:g})")
+            progress(f"verifying {len(distinct)} distinct signature(s) "
+                     f"({tolerance_words(tolerance)})")
             written = load(staging, tags)
             result.verification.update(checking.run_checks(
                 loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
-                progress=progress))
+                progress=progress, shapes=shapes))
             for key in keys:
                 if key not in result.verification:
                     result.verification[key] = dataclasses.replace(
@@ -642,14 +650,15 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
             if failed:
                 raise VerificationFailed(
                     "verification failed for signature(s) " + ", ".join(failed) + ": " +
-                    "; ".join(result.verification[k].reason or "" for k in failed) +
+                    "; ".join(f"{k}: {result.verification[k].reason or ''}" for k in failed) +
                     f"; nothing was written to {dst}", result)
-            unverified = result.not_verified
+            unverified = sorted(result.not_verified + result.inconclusive)
             if unverified and require_verification:
                 raise VerificationFailed(
                     f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
-                    f"VERIFIED (" + "; ".join(result.verification[k].reason or ""
-                                               for k in unverified) +
+                    f"VERIFIED (" + "; ".join(
+                        f"{result.verification[k].status.upper()}: "
+                        f"{result.verification[k].reason or ''}" for k in unverified) +
                     f"); nothing was written to {dst}", result)
             if warmup:
                 rewritten = [k for k in keys if k not in result.unchanged]
@@ -697,9 +706,9 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
     ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
-    ``batch``, ``require_verification`` (a signature left NOT VERIFIED raises
-    ``VerificationFailed``), ``allow_ops`` (a signature of either model holding ops reaching
-    outside the graph that are not allowed is not run: NOT VERIFIED; see
+    ``batch``, ``input_shapes``, ``require_verification`` (a signature left NOT VERIFIED or
+    INCONCLUSIVE raises ``VerificationFailed``), ``allow_ops`` (a signature of either model
+    holding ops reaching outside the graph that are not allowed is not run: NOT VERIFIED; see
     ``optimize_saved_model``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
@@ -727,6 +736,7 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
     recorded = checking.warmup_feeds(src, reference, result.notes)
+    shapes = checking.shapes_for(reference, keys, options.shapes())
     comparable = []
     for key in keys:
         problem = _signature_difference(metas[src].signature_def[key],
@@ -743,12 +753,14 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     result.verification.update(held)
     for check in held.values():
         progress(f"  {check.line()}")
-    progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
-    result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
-                                          tolerance=tolerance, batch=batch, progress=progress))
-    if options.require_verification and result.not_verified:
+    progress(f"verifying {len(comparable)} signature(s) ({tolerance_words(tolerance)})")
+    result.verification.update(checking.run_checks(
+        reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
+        progress=progress, shapes=shapes))
+    unverified = sorted(result.not_verified + result.inconclusive)
+    if options.require_verification and unverified:
         raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
-                                 f"{', '.join(result.not_verified)} NOT VERIFIED", result)
+                                 f"{', '.join(unverified)} NOT VERIFIED", result)
     return result
 
 

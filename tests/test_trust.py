@@ -253,9 +253,9 @@ def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, 
     """A floor over the tolerance accepts an error within NOISE_MULTIPLE times it, never more."""
     from graphfold import noise
     from graphfold.verify import OutputError, Verification
-    monkeypatch.setattr(noise, "measure", lambda reference, feeds: 2e-5)
+    monkeypatch.setattr(noise, "measure", lambda reference, feeds: {"y": 2e-5})
     check = Verification("serving_default", "failed", 1e-5, reason="y: too far", mismatch=True,
-                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel)],
+                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel, 1e-5)],
                          fed=[{"x": np.zeros((1, 4), np.float32)}])
     noise.judge(check, reference=None)
     assert check.noise_floor == 2e-5
