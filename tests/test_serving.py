@@ -169,13 +169,13 @@ def test_inputs_npz_name_and_input_exprs_in_the_api_and_cli(src, tmp_path, capsy
     assert check["source"] == "--inputs" and check["inputs"] == {"pixels": [2, 8, 8, 3]}
 
 
-def _off_by_one_percent(real):
-    """A broken ``fold_signature``: every output 1% too large."""
+def _off_by_one_percent(real, factor: float = 1.01):
+    """A broken ``fold_signature``: every output ``factor`` times too large (1%)."""
     def rewrite(fn, *args):
         folded = real(fn, *args)
         inner, (_, specs) = folded.function, fn.structured_input_signature
         folded.function = tf.function(
-            lambda **kw: {k: v * 1.01 for k, v in inner(**kw).items()}
+            lambda **kw: {k: v * factor for k, v in inner(**kw).items()}
         ).get_concrete_function(**specs)
         return folded
     return rewrite
@@ -223,20 +223,26 @@ def _chaotic(path, steps: int = 40):
     model.export(path, verbose=False)
 
 
-def test_chaotic_model_accepted_within_the_noise_floor_and_reported(tmp_path, capsys):
-    from graphfold.noise import INCONCLUSIVE_FLOOR, NOISE_MULTIPLE
-    source, dst = str(tmp_path / "chaos"), str(tmp_path / "out")
-    _chaotic(source, steps=12)
-    assert main(["optimize", source, dst, "--batch", "4", "-s", "serving_default"]) == 0
+def test_an_error_within_the_noise_floor_is_accepted_and_reported(src, tmp_path, capsys,
+                                                                  monkeypatch):
+    """An error over the tolerance but within NOISE_MULTIPLE times a floor under
+    INCONCLUSIVE_FLOOR is accepted, and said so. The floor is pinned (a chaotic model's real
+    floor depends on the machine's rounding order: see the INCONCLUSIVE test for a real one)."""
+    from graphfold import noise
+    monkeypatch.setattr(graphfold.saved_model, "fold_signature",
+                        _off_by_one_percent(graphfold.saved_model.fold_signature, 1.0002))
+    monkeypatch.setattr(noise, "measure", lambda reference, feeds: {
+        key: 1e-4 for key in reference.structured_outputs})
+    source, dst = src("jpeg"), str(tmp_path / "out")
+    assert main(["optimize", source, dst, "-s", "serving_default"]) == 0
     out = capsys.readouterr().out
     assert "ok (noise)" in out and "accepted: relative error" in out
     assert "verified (within the noise floor: serving_default)" in out.splitlines()[-1]
-    result = graphfold.optimize_saved_model(source, str(tmp_path / "api"), batch=4,
+    result = graphfold.optimize_saved_model(source, str(tmp_path / "api"),
                                             signatures=["serving_default"])
     check = result.verification["serving_default"]
-    assert check.status == "ok"                                   # freezing alone moves it
-    assert 1e-5 < check.noise_floor <= INCONCLUSIVE_FLOOR
-    assert 1e-5 < check.max_rel <= NOISE_MULTIPLE * check.noise_floor
+    assert check.status == "ok" and check.noise_floor == 1e-4
+    assert 1e-5 < check.max_rel <= noise.NOISE_MULTIPLE * check.noise_floor
 
 
 def test_a_noise_floor_too_large_to_mean_anything_is_inconclusive(tmp_path, capsys):
