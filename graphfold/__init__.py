@@ -1,45 +1,59 @@
-"""graphfold: fold batch normalization into the weights of frozen TensorFlow graphs, exactly."""
+"""graphfold: fold batch normalization into the weights of frozen TensorFlow graphs, exactly.
 
-import os as _os
-import sys as _sys
+The public names are imported when first used (PEP 562): ``import graphfold`` and the command's
+``--help`` and ``--version`` do not pay for importing TensorFlow.
+"""
 
+from __future__ import annotations
 
-def _quiet_import_for_the_command() -> None:
-    """Run as the ``graphfold`` command (or ``python -m graphfold``), keep TensorFlow's C++ log
-    lines out of the tables unless the user asked for them (TF_CPP_MIN_LOG_LEVEL set below 2):
-    raise the log level and drop what TensorFlow prints on stderr while it is imported."""
-    argv = getattr(_sys, "orig_argv", [])
-    as_command = (_os.path.basename(_sys.argv[0] if _sys.argv else "") == "graphfold"
-                  or argv[1:3] == ["-m", "graphfold"])
-    if not as_command or "tensorflow" in _sys.modules:
-        return
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if _os.environ["TF_CPP_MIN_LOG_LEVEL"] < "2":
-        return
-    try:
-        _sys.stderr.flush()
-        saved, null = _os.dup(2), _os.open(_os.devnull, _os.O_WRONLY)
-    except OSError:
-        return
-    _os.dup2(null, 2)
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        pass            # reported, with stderr back, by the imports below
-    finally:
-        _os.dup2(saved, 2)
-        _os.close(saved)
-        _os.close(null)
+import importlib
+import sys
+import types
 
-
-_quiet_import_for_the_command()
-
-from graphfold.function import FoldedFunction
-from graphfold.report import Entry, FoldReport
-from graphfold.rewrite import optimize_graph_def, rewrite
-from graphfold.saved_model import optimize_saved_model, verify_saved_models
-from graphfold.repository import optimize_repository
 from graphfold.version import __version__  # noqa: F401
 
-__all__ = ["rewrite", "optimize_graph_def", "optimize_saved_model", "verify_saved_models",
-           "optimize_repository", "FoldedFunction", "FoldReport", "Entry"]
+# public name -> the module that defines it
+_HOMES = {
+    "rewrite": "graphfold.rewrite",
+    "optimize_graph_def": "graphfold.rewrite",
+    "optimize_saved_model": "graphfold.saved_model",
+    "verify_saved_models": "graphfold.saved_model",
+    "optimize_repository": "graphfold.repository",
+    "Options": "graphfold.options",
+    "FoldedFunction": "graphfold.function",
+    "FoldReport": "graphfold.report",
+    "Entry": "graphfold.report",
+}
+_SUBMODULES = ("examples", "options", "errors", "beam")
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"graphfold.{name}")
+    else:
+        raise AttributeError(f"module 'graphfold' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES, *_SUBMODULES])
+
+
+class _Package(types.ModuleType):
+    """The package: importing its submodule ``graphfold.rewrite`` (which ``saved_model`` does)
+    must not hide the public function ``graphfold.rewrite`` behind the module. Python binds a
+    submodule on its package once it is imported; a public name of ``_HOMES`` stays its
+    function (``__getattr__``), the submodule stays in ``sys.modules``."""
+
+    def __setattr__(self, name, value):
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -34,17 +34,17 @@ class OptimizeSavedModels(beam.PTransform):
 
     An element is a source version directory ``<src_base>/<model>/<version>``, written to the
     same relative path under ``dst_base``; or a ``(src, dst)`` pair; or a
-    ``graphfold.repo_task.Task``. ``options`` go to ``optimize_saved_model`` (``signatures``,
-    ``tags``, ``verify``, ``tolerance``, ``batch``). ``force``: redo versions already done.
+    ``graphfold.repo_task.Task``. ``options`` (a ``graphfold.Options``, or its fields as keyword
+    arguments) go to ``optimize_saved_model``. ``force``: redo versions already done.
     ``isolate``: optimize each element in a fresh process (byte-identical output to
     ``graphfold optimize``; costs a TensorFlow start per element).
     """
 
     def __init__(self, src_base: str | None = None, dst_base: str | None = None, *,
-                 force: bool = False, isolate: bool = False, **options):
+                 force: bool = False, isolate: bool = False, options=None, **option_kwargs):
         super().__init__()
         self._src_base, self._dst_base = src_base, dst_base
-        self._options = normalized_options(options)
+        self._options = normalized_options(options, **option_kwargs)
         self._force, self._isolate = force, isolate
 
     def expand(self, paths):

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
 import warnings
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
-from graphfold.render import dumps, format_table, render_reports, render_verification, totals
+from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
+from graphfold.render import (dumps, format_table, render_reports, render_scan,
+                              render_verification, totals)
 from graphfold.version import __version__
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
@@ -76,77 +79,37 @@ class _UsageError(Exception):
     pass
 
 
+# Every argument a message may name, by its command-line flag (``options.spoken_as``).
+FLAGS = {"signatures": "--signature", "tags": "--tag-set", "verify": "--no-verify",
+         "tolerance": "--tolerance", "batch": "--batch", "weights": "--weights",
+         "require_verification": "--require-verification", "warmup": "--warmup",
+         "drop_other_tag_sets": "--drop-other-tag-sets", "input_names": "--input-names",
+         "output_names": "--output-names", "inputs": "--inputs", "overwrite": "--overwrite",
+         "input_shapes": "--input-shape",
+         "versions": "--versions", "runner": "--runner", "jobs": "--jobs",
+         "model_config": "--model-config", "report": "--report", "out": "--out",
+         "allow_ops": "--allow-ops"}
+_GIVEN = argparse.SUPPRESS        # an option flag's default: absent from args unless given
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphfold",
                      description="Fold batch normalization into Conv2D/DepthwiseConv2D/MatMul "
                                  "weights of TensorFlow SavedModels, exactly.")
     parser.add_argument("--version", action="version", version=f"graphfold {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    opt = commands.add_parser(
-        "optimize", help="fold a SavedModel's batch norms into a new SavedModel",
-        description="Fold every requested signature of the SavedModel SRC into a new SavedModel "
-                    "DST, verify it (on --inputs, else SRC's TF Serving warm-up records, else "
-                    "random inputs), and write it with a rename. Every file of SRC besides the "
-                    "graph and the weights is copied as it is. SRC may also be a frozen GraphDef "
-                    "file (.pb, .pbtxt): then DST is one too.")
-    opt.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file "
-                                                "(.pb, .pbtxt), to read (never written)")
-    opt.add_argument("dst", metavar="DST", help="SavedModel directory (or GraphDef file) to "
-                                                "create")
-    _common(opt)
-    opt.add_argument("--no-verify", dest="verify", action="store_false",
-                     help="do not compare the result with the original")
-    opt.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
-                     help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
-    opt.add_argument("--batch", type=_positive, default=1, metavar="N",
-                     help="size of an unknown batch dimension of random inputs (default 1)")
-    opt.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
-                     help="where the folded weights go: constants in saved_model.pb, variables "
-                          "in variables/, or auto (default): constants up to 256 MiB of weights, "
-                          "variables above")
-    opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
-    opt.add_argument("--overwrite", action="store_true",
-                     help="replace DST if it is an existing SavedModel (or empty directory)")
-    opt.add_argument("--verbose", "-v", action="store_true",
-                     help="list every batch norm (by default only those not folded)")
-    opt.add_argument("--drop-other-tag-sets", action="store_true",
-                     help="SRC holds several MetaGraphs: write only the one of --tag-set "
-                          "(without this flag such a SavedModel is refused)")
-    _real_inputs(opt)
-    opt.add_argument("--require-verification", action="store_true",
-                     help="exit 1 and write nothing if a signature cannot be verified")
-    opt.add_argument("--warmup", type=_warmup_count, metavar="N",
-                     help="write N TF Serving warm-up requests per rewritten signature to "
-                          "DST/assets.extra/tf_serving_warmup_requests, from the verification "
-                          "inputs (SRC's records are kept; only the missing are added; "
-                          "at most 1000)")
-    _output(opt)
-
-    ver = commands.add_parser(
-        "verify", help="compare two SavedModels signature by signature",
-        description="Run every signature of SRC and DST on the same inputs (given, SRC's "
-                    "warm-up records, or random) and compare their outputs; writes nothing. "
-                    "Exit 0 when they agree, 1 when not.")
-    ver.add_argument("src", metavar="SRC", help="the reference SavedModel")
-    ver.add_argument("dst", metavar="DST", help="the SavedModel to check against it")
-    _common(ver)
-    _real_inputs(ver)
-    ver.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
-                     help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
-    ver.add_argument("--batch", type=_positive, default=1, metavar="N",
-                     help="size of an unknown batch dimension of random inputs (default 1)")
-    ver.add_argument("--require-verification", action="store_true",
-                     help="exit 1 if a signature cannot be verified")
-    _output(ver)
-
+    _optimize_parser(commands)
+    _verify_parser(commands)
     ins = commands.add_parser(
         "inspect", help="list every batch norm: folded or not, which way, or why not",
         description="Report what `optimize` would fold in SRC, without writing anything.")
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
-    _common(ins)
+    _selection(ins)
+    _graph_def_names(ins)
+    _consent(ins)
+    ins.add_argument("--verbose", "-v", action="store_true",
+                     help="show the traceback of a failure")
     _output(ins)
-
     demo = commands.add_parser(
         "demo", help="build, optimize, verify and time a small example model",
         description="Build a small residual CNN (depthwise and dense layers, random batch-norm "
@@ -159,15 +122,109 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(parser):
+def _optimize_parser(commands) -> None:
+    opt = commands.add_parser(
+        "optimize", help="fold a SavedModel's batch norms into a new SavedModel",
+        description="Fold every requested signature of the SavedModel SRC into a new SavedModel "
+                    "DST, verify it (on --inputs, else SRC's TF Serving warm-up records, else "
+                    "random inputs), and write it with a rename. Every file of SRC besides the "
+                    "graph and the weights is copied as it is. SRC may also be a frozen GraphDef "
+                    "file (.pb, .pbtxt): then DST is one too (an option a GraphDef file cannot "
+                    "honour is refused).")
+    opt.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file "
+                                                "(.pb, .pbtxt), to read (never written)")
+    opt.add_argument("dst", metavar="DST", help="SavedModel directory (or GraphDef file) to "
+                                                "create")
+    _selection(opt)
+    _graph_def_names(opt)
+    _writing(opt)
+    _consent(opt)
+    opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    opt.add_argument("--overwrite", action="store_true",
+                     help="replace DST if it is an existing SavedModel (or empty directory)")
+    opt.add_argument("--verbose", "-v", action="store_true",
+                     help="list every batch norm (by default only those not folded); the "
+                          "traceback of a failure")
+    _real_inputs(opt)
+    _output(opt)
+
+
+def _verify_parser(commands) -> None:
+    ver = commands.add_parser(
+        "verify", help="compare two SavedModels signature by signature",
+        description="Run every signature of SRC and DST on the same inputs (given, SRC's "
+                    "warm-up records, or random) and compare their outputs; writes nothing. "
+                    "Exit 0 when they agree, 1 when not.")
+    ver.add_argument("src", metavar="SRC", help="the reference SavedModel")
+    ver.add_argument("dst", metavar="DST", help="the SavedModel to check against it")
+    _selection(ver)
+    _real_inputs(ver)
+    _checking(ver)
+    ver.add_argument("--require-verification", action="store_true", default=_GIVEN,
+                     help="exit 1 if a signature cannot be verified")
+    _consent(ver)
+    _output(ver)
+
+
+def _selection(parser):
+    """What a SavedModel's signatures and MetaGraph to read."""
     parser.add_argument("--signature", "-s", action="append", metavar="KEY", dest="signatures",
-                        help="signature key to fold (repeatable; default all)")
-    parser.add_argument("--tag-set", "--tag_set", default="serve", metavar="TAGS",
+                        default=_GIVEN, help="signature key to fold (repeatable; default all)")
+    parser.add_argument("--tag-set", "--tag_set", metavar="TAGS", dest="tags", default=_GIVEN,
                         help="comma-separated tag set of the MetaGraph (default serve)")
+
+
+def _consent(parser):
+    parser.add_argument("--allow-ops", "--allow_ops", metavar="A,B", default=_GIVEN,
+                        help="ops reaching outside the graph (file, network, Python, print: "
+                             "WriteFile, PrintV2, ...) that graphfold may run; a signature "
+                             "holding others is not run (NOT VERIFIED), a model whose loading "
+                             "runs others is not loaded")
+
+
+def _graph_def_names(parser):
     parser.add_argument("--input-names", "--input_names", type=_names, metavar="A,B",
+                        default=_GIVEN,
                         help="GraphDef files: the placeholders fed (default: every placeholder)")
     parser.add_argument("--output-names", "--output_names", type=_names, metavar="Y,Z",
+                        default=_GIVEN,
                         help="GraphDef files: the tensors fetched (default: nodes nobody reads)")
+
+
+def _checking(parser):
+    parser.add_argument("--tolerance", type=float, metavar="T", default=_GIVEN,
+                        help="largest relative error max|a-b|/max|a| accepted (default: by "
+                             "the lowest precision an output or the model computes in: 1e-5 "
+                             "for float32, 2e-2 for float16, 6e-2 for bfloat16)")
+    parser.add_argument("--batch", type=int, metavar="N", default=_GIVEN,
+                        help="size of an unknown batch dimension of random inputs (default 1)")
+
+
+def _writing(parser) -> None:
+    """The options of writing an optimized SavedModel (optimize and optimize-repo)."""
+    parser.add_argument("--no-verify", dest="verify", action="store_false", default=_GIVEN,
+                        help="do not compare the result with the original")
+    _checking(parser)
+    parser.add_argument("--weights", choices=WEIGHTS, default=_GIVEN,
+                        help="where the folded weights go: constants in saved_model.pb, "
+                             "variables in variables/, or auto (default): constants up to "
+                             "256 MiB of weights, variables above")
+    parser.add_argument("--drop-other-tag-sets", action="store_true", default=_GIVEN,
+                        help="SRC holds several MetaGraphs: write only the one of --tag-set "
+                             "(without this flag such a SavedModel is refused)")
+    parser.add_argument("--require-verification", action="store_true", default=_GIVEN,
+                        help="exit 1 and write nothing if a signature cannot be verified")
+    parser.add_argument("--warmup", type=int, metavar="N", default=_GIVEN,
+                        help=f"write N TF Serving warm-up requests per rewritten signature to "
+                             f"DST/assets.extra/tf_serving_warmup_requests, from the "
+                             f"verification inputs (SRC's records are kept; only the missing "
+                             f"are added; at most {MAX_WARMUP})")
+
+
+def option_args(args) -> dict:
+    """The ``Options`` fields given on the command line (flags left out are absent)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Options)
+            if hasattr(args, f.name)}
 
 
 def _names(text):
@@ -178,6 +235,11 @@ def _names(text):
 
 
 def _real_inputs(parser):
+    parser.add_argument("--input-shape", "--input_shape", action="append", dest="input_shapes",
+                        type=_shape_entry, metavar="KEY=D1,D2,...", default=_GIVEN,
+                        help="shape of the random inputs for KEY where its signature leaves "
+                             "dimensions unknown, e.g. x=1,224,224,3 (repeatable; default: the "
+                             "given inputs' or warm-up records' shapes, else 224x224 images)")
     parser.add_argument("--inputs", action="append", metavar="KEY=FILE",
                         help="real inputs to verify on, as saved_model_cli run takes them: "
                              "'KEY=file.npy;KEY2=file.npz[name]' (repeatable)")
@@ -186,15 +248,12 @@ def _real_inputs(parser):
                         help="real inputs as Python literals: 'KEY=[[1.0, 2.0]]' (repeatable)")
 
 
-def _warmup_count(text):
+def _shape_entry(text):
+    from graphfold.input_shapes import parse_entry
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000 (TF Serving reads at "
-                                         f"most 1000 records), got {value}")
-    return value
+        return parse_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _output(parser):
@@ -202,26 +261,6 @@ def _output(parser):
                         help="no progress and no tables (errors only)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document on stdout instead of tables")
-
-
-def _positive(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -238,26 +277,22 @@ def cmd_optimize(args, console: Console) -> int:
             if is_inside(report_path, os.path.realpath(path)):
                 raise BadInput(f"--report {args.report}: must not be inside {name}")
     from graphfold.inputs import parse_inputs
+    from graphfold.options import GRAPH_DEF_FILE, SAVED_MODEL
     feeds = parse_inputs(args.inputs, args.input_exprs)
+    given = option_args(args)
+    graph_def_file = is_graph_def_file(args.src)
+    (GRAPH_DEF_FILE if graph_def_file else SAVED_MODEL).refuse_unsupported(given)
+    optimize = optimize_graph_def_file if graph_def_file else optimize_saved_model
     failure = None
     try:
-        if is_graph_def_file(args.src):
-            result = optimize_graph_def_file(
-                args.src, args.dst, inputs=args.input_names, outputs=args.output_names,
-                verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                batch=args.batch, feeds=feeds or None, progress=console.progress)
-        else:
-            result = optimize_saved_model(
-                args.src, args.dst, signatures=args.signatures, tags=args.tag_set,
-                verify=args.verify, tolerance=args.tolerance, overwrite=args.overwrite,
-                batch=args.batch, drop_other_tag_sets=args.drop_other_tag_sets,
-                inputs=feeds or None, require_verification=args.require_verification,
-                warmup=args.warmup, weights=args.weights, progress=console.progress)
+        result = optimize(args.src, args.dst, options=Options(**given), inputs=feeds or None,
+                          overwrite=args.overwrite, progress=console.progress)
     except VerificationFailed as exc:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
 
     render_reports(result, console, full=args.verbose)
+    render_scan(result, console, always=False)
     render_verification(result, console)
     document = {"command": "optimize", "status": "ok" if failure is None else
                 "verification_failed", "exit_code": EXIT_OK if failure is None else EXIT_VERIFY,
@@ -269,46 +304,86 @@ def cmd_optimize(args, console: Console) -> int:
         console.progress(f"report written to {args.report}")
     console.json(document)
     if failure is not None:
-        console.error(str(failure))
+        console.error(str(failure) + _where_to_look(result, args))
         return EXIT_VERIFY
     bns, folded, before, after = totals(result)
-    rewritten = len(result) - len(result.unchanged)
-    copied = len(result.all_signatures) - rewritten
-    status = verification_status(result)
-    signatures = "" if is_graph_def_file(args.src) else \
-        f"{rewritten} signature(s) rewritten, {copied} copied unchanged; "
+    signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
-                  f"ops {before} -> {after}; {status}; {result.seconds['total']:.1f}s")
+                  f"ops {before} -> {after}; {verification_status(result)}; "
+                  f"{result.seconds['total']:.1f}s")
     return EXIT_OK
 
 
-def verification_status(result) -> str:
-    """"verified", "verified (within noise: ...)", "not verified (--no-verify)", or
-    "NOT VERIFIED: key (reason)" for the final line."""
+def _where_to_look(result, args) -> str:
+    """Which outputs failed, and where the details are: appended to a failure's message."""
+    bad = sorted({f"{key}/{o.name}" for key, check in result.verification.items()
+                  if check.status == "failed" for o in check.outputs
+                  if o.tolerance is not None and not o.max_rel <= o.tolerance})
+    text = f" [failed output(s): {', '.join(bad)}]" if bad else ""
+    if args.command == "verify":
+        return f"{text}; every output's errors: --json"
+    report = f"the report {args.report}" if getattr(args, "report", None) else \
+        "--report FILE.json (every output's errors)"
+    return (f"{text}; look at the verification table above, {report}, and `graphfold inspect "
+            f"{args.src}` for what was folded where")
+
+
+def signature_counts(result) -> str:
+    """"2 signature(s) rewritten, 1 NOT OPTIMIZED (key: why), 0 copied unchanged": requested
+    signatures rewritten or not, and those not requested (copied as they were)."""
+    rewritten = len(result.rewritten)
+    copied = len(result.all_signatures) - len(result)
+    text = f"{rewritten} signature(s) rewritten"
+    if result.unchanged:
+        text += f", {len(result.unchanged)} NOT OPTIMIZED (" + "; ".join(
+            f"{k}: {why}" for k, why in sorted(result.unchanged.items())) + ")"
+    return text + f", {copied} copied unchanged"
+
+
+def verification_status(result, compared: list[str] | None = None) -> str:
+    """"verified", "verified (within noise: ...)", "not verified (--no-verify)",
+    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line: about the rewritten signatures only (a
+    signature copied through was not optimized, whatever its check says), or the ``compared``
+    ones (``graphfold verify``)."""
+    rewritten = result.rewritten if compared is None else compared
+    if not rewritten:
+        return "nothing rewritten, nothing to verify"
     if not result.verification:
         return "not verified (--no-verify)"
-    if result.not_verified:
-        return "NOT VERIFIED: " + "; ".join(f"{k} ({result.verification[k].reason})"
-                                            for k in result.not_verified)
-    noisy = sorted(k for k, v in result.verification.items() if v.noise_floor is not None)
+    checks = {k: result.verification[k] for k in rewritten if k in result.verification}
+    unverified = sorted(k for k in rewritten if k not in checks or
+                        checks[k].status not in ("ok", "inconclusive"))
+    inconclusive = sorted(k for k, v in checks.items() if v.status == "inconclusive")
+    said = []
+    if unverified:
+        said.append("NOT VERIFIED: " + "; ".join(
+            f"{k} ({checks[k].reason if k in checks else 'not checked'})" for k in unverified))
+    if inconclusive:
+        said.append("INCONCLUSIVE: " + "; ".join(f"{k} ({checks[k].reason})"
+                                                 for k in inconclusive))
+    if said:
+        return "; ".join(said)
+    noisy = sorted(k for k, v in checks.items() if v.noise_floor is not None)
     if noisy:
         return f"verified (within the noise floor: {', '.join(noisy)})"
     return "verified"
 
 
 def cmd_verify(args, console: Console) -> int:
-    from graphfold.saved_model import verify_saved_models
+    from graphfold.saved_model import VerificationFailed, verify_saved_models
     from graphfold.inputs import parse_inputs
     feeds = parse_inputs(args.inputs, args.input_exprs)
-    result = verify_saved_models(args.src, args.dst, signatures=args.signatures,
-                                 tags=args.tag_set, inputs=feeds or None,
-                                 tolerance=args.tolerance, batch=args.batch,
-                                 progress=console.progress)
+    options = Options(**option_args(args))
+    try:
+        result = verify_saved_models(args.src, args.dst, options=options, inputs=feeds or None,
+                                     progress=console.progress)
+    except VerificationFailed as exc:      # require_verification, and a signature unverified
+        result = exc.result
     result.seconds["total"] = console.elapsed()
     render_verification(result, console)
     failed = sorted(k for k, v in result.verification.items() if not v.ok)
-    unverified = result.not_verified
-    code = EXIT_VERIFY if failed or (unverified and args.require_verification) else EXIT_OK
+    unverified = sorted(result.not_verified + result.inconclusive)
+    code = EXIT_VERIFY if failed or (unverified and options.require_verification) else EXIT_OK
     document = {"command": "verify", "status": "ok" if code == EXIT_OK else
                 "verification_failed", "exit_code": code, "src": result.src,
                 "dst": result.dst, "tag_set": list(result.tags),
@@ -319,13 +394,14 @@ def cmd_verify(args, console: Console) -> int:
     if failed:
         console.error(f"{args.dst} differs from {args.src} in signature(s) "
                       f"{', '.join(failed)}: " + "; ".join(result.verification[k].reason or ""
-                                                           for k in failed))
+                                                           for k in failed) +
+                      _where_to_look(result, args))
     elif code != EXIT_OK:
         console.error(f"--require-verification: signature(s) {', '.join(unverified)} NOT "
                       f"VERIFIED")
     else:
         console.print(f"{args.dst} matches {args.src}: {len(result.verification)} "
-                      f"signature(s); {verification_status(result)}; "
+                      f"signature(s); {verification_status(result, sorted(result.verification))}; "
                       f"{result.seconds['total']:.1f}s")
     return code
 
@@ -333,14 +409,15 @@ def cmd_verify(args, console: Console) -> int:
 def cmd_inspect(args, console: Console) -> int:
     from graphfold.graph_def_file import inspect_graph_def_file, is_graph_def_file
     from graphfold.saved_model import inspect_saved_model
-    if is_graph_def_file(args.src):
-        result = inspect_graph_def_file(args.src, inputs=args.input_names,
-                                        outputs=args.output_names, progress=console.progress)
-    else:
-        result = inspect_saved_model(args.src, signatures=args.signatures, tags=args.tag_set,
-                                     progress=console.progress)
+    from graphfold.options import INSPECT_GRAPH_DEF_FILE, INSPECT_SAVED_MODEL
+    given = option_args(args)
+    graph_def_file = is_graph_def_file(args.src)
+    (INSPECT_GRAPH_DEF_FILE if graph_def_file else INSPECT_SAVED_MODEL).refuse_unsupported(given)
+    inspect = inspect_graph_def_file if graph_def_file else inspect_saved_model
+    result = inspect(args.src, options=Options(**given), progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
+    render_scan(result, console)
     bns, folded, before, after = totals(result)
     console.print(f"{args.src}: {len(result)} signature(s); {folded} of {bns} batch norms "
                   f"foldable; ops {before} -> {after} (nothing written)")
@@ -365,6 +442,31 @@ def _write_json(path: str, document: dict) -> None:
         os.replace(temporary, path)
     except OSError as exc:
         raise BadInput(f"--report {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow, keeping its C++ log lines out of the tables unless the user asked for
+    them (``TF_CPP_MIN_LOG_LEVEL`` set below 2): the log level raised, and what TensorFlow
+    prints on stderr while it is imported dropped."""
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] < "2":
+        return
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        pass            # reported, with stderr back, where a command imports it
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 @contextlib.contextmanager
@@ -441,7 +543,7 @@ def add_repo_parser(commands) -> None:
                       help="comma-separated model names (default: every model)")
     repo.add_argument("--versions", default="latest", metavar="latest|all|N",
                       help="latest (default, as TF Serving serves), all, or the N highest")
-    repo.add_argument("--jobs", "-j", type=_positive, metavar="N",
+    repo.add_argument("--jobs", "-j", type=int, metavar="N",
                       help="worker processes (default: the number of cores)")
     repo.add_argument("--force", action="store_true",
                       help="redo versions already optimized from the same source")
@@ -453,21 +555,9 @@ def add_repo_parser(commands) -> None:
                            "(DirectRunner unless the options after -- say otherwise)")
     repo.add_argument("--model-config", metavar="FILE",
                       help="write TF Serving's model_config_list for DST_BASE to FILE")
-    _common(repo)
-    repo.add_argument("--no-verify", dest="verify", action="store_false",
-                      help="do not compare the results with the originals")
-    repo.add_argument("--tolerance", type=_non_negative, default=1e-5, metavar="T",
-                      help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
-    repo.add_argument("--batch", type=_positive, default=1, metavar="N",
-                      help="size of an unknown batch dimension in verification (default 1)")
-    repo.add_argument("--weights", choices=("auto", "constants", "variables"), default="auto",
-                      help="where the folded weights go (as for optimize; default auto)")
-    repo.add_argument("--require-verification", action="store_true",
-                      help="a signature left NOT VERIFIED fails its version (as for optimize)")
-    repo.add_argument("--warmup", type=_warmup_count, metavar="N",
-                      help="write N TF Serving warm-up requests per signature (as for optimize)")
-    repo.add_argument("--drop-other-tag-sets", action="store_true",
-                      help="write only the chosen tag set of SavedModels that hold several")
+    _selection(repo)
+    _writing(repo)
+    _consent(repo)
     _output(repo)
 
 
@@ -478,10 +568,8 @@ def cmd_optimize_repo(args, console: Console) -> int:
             args.src, args.dst, models=args.models, versions=args.versions, jobs=args.jobs,
             force=args.force, isolate=args.isolate, runner=args.runner,
             pipeline_args=args.beam_args, model_config=args.model_config,
-            on_plan=on_plan, on_result=on_result, on_tick=on_tick, signatures=args.signatures,
-            tags=args.tag_set, verify=args.verify, tolerance=args.tolerance, batch=args.batch,
-            weights=args.weights, require_verification=args.require_verification,
-            warmup=args.warmup, drop_other_tag_sets=args.drop_other_tag_sets)
+            on_plan=on_plan, on_result=on_result, on_tick=on_tick,
+            options=Options(**option_args(args)))
     console.print(summary_table(result.records))
     console.print()
     failed = [f"{r['model']}/{r['version']}" for r in result.failed]
@@ -509,6 +597,8 @@ def summary_table(records: list[dict]) -> str:
         folded = "-" if r.get("batch_norms") is None else f"{r['folded']}/{r['batch_norms']}"
         ops = "-" if r.get("ops_before") is None else f"{r['ops_before']} -> {r['ops_after']}"
         verified = {True: "yes", False: "no", None: "-"}[r.get("verified")]
+        if r.get("not_optimized"):
+            verified += f" ({len(r['not_optimized'])} signature(s) NOT OPTIMIZED)"
         last = r["error"] if r["status"] == "failed" else \
             ("-" if r.get("seconds") is None else f"{r['seconds']:.1f}")
         rows.append((r["model"], r["version"], r["status"], folded, ops, verified, last))
@@ -524,6 +614,9 @@ def line(record: dict) -> str:
     if record.get("batch_norms") is not None:
         text += (f", {record['folded']} of {record['batch_norms']} batch norms folded, ops "
                  f"{record['ops_before']} -> {record['ops_after']}")
+    if record.get("not_optimized"):
+        text += ", NOT OPTIMIZED: " + "; ".join(f"{k} ({why})" for k, why in
+                                               record["not_optimized"].items())
     if record["status"] == "ok":
         text += f", {'verified' if record.get('verified') else 'not verified'}, " \
                 f"{record['seconds']:.1f}s"
@@ -604,20 +697,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.command is None:
         build_parser().print_usage(sys.stderr)
-        console.error("a command is required: optimize, verify, inspect or demo")
+        console.error("a command is required: optimize, optimize-repo, verify, inspect or demo")
         return EXIT_USAGE
 
     from graphfold.errors import GraphfoldError
+    _import_tensorflow_quietly()
     commands = {"optimize": cmd_optimize, "verify": cmd_verify, "inspect": cmd_inspect,
                 "demo": cmd_demo, "optimize-repo": cmd_optimize_repo}
     try:
-        with _quiet_tensorflow(), _sigterm_as_interrupt():
+        with _quiet_tensorflow(), _sigterm_as_interrupt(), spoken_as(FLAGS):
             try:
                 return commands[args.command](args, console)
             finally:
                 console.done()
     except GraphfoldError as exc:
         console.error(str(exc))
+        if exc.__cause__ is not None and getattr(args, "verbose", False):
+            import traceback
+            traceback.print_exception(exc.__cause__, file=console.err)
+        elif exc.__cause__ is not None and hasattr(args, "verbose"):
+            print("(its traceback: run again with --verbose)", file=console.err, flush=True)
         console.json({"command": args.command, "status": "error", "exit_code": exc.exit_code,
                       "error": str(exc)})
         return exc.exit_code

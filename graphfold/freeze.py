@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
-from tensorflow.python.framework import convert_to_constants
+
+from graphfold.tf_private import freeze_with_values, freeze_without_reading
 
 from graphfold.errors import NotFreezable
 from graphfold.graph import canonical
 from graphfold.shapes import CALL_OPS, infer_shapes
-from graphfold.weights import Weights, stub
+from graphfold.weights import Weights, as_placeholders, stub
 
 
 WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
@@ -87,14 +87,13 @@ def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None =
     """
     check_freezable(fn)
     if weights is None:
-        frozen_fn, graph_def = convert_to_constants.convert_variables_to_constants_v2_as_graph(
-            fn, lower_control_flow=False, aggressive_inlining=True)
+        frozen_fn, graph_def = freeze_with_values(fn)
         frozen_graph = frozen_fn.graph
     else:
         graph_def = _freeze_without_weights(fn, weights)
         frozen_graph = tf.Graph()
         with frozen_graph.as_default():
-            tf.graph_util.import_graph_def(weights.as_placeholders(graph_def), name="")
+            tf.graph_util.import_graph_def(as_placeholders(graph_def, weights.names()), name="")
     # Freezing changes the signature of a call that is not inlined (an XLA-compiled function,
     # e.g. Keras' grouped Conv2D on CPU): its outputs, and everything after them, lose their
     # static shapes in the frozen graph. Same node name, same tensor: take them from ``fn``.
@@ -144,40 +143,8 @@ def _better(a: tuple | None, b: tuple | None) -> tuple | None:
     return b if sum(d is not None for d in b) > sum(d is not None for d in a) else a
 
 
-class _ShapeOnly(np.ndarray):
-    """A one-element stand-in for a variable's value that reports the variable's shape: TF's
-    converter writes it as a compact constant (one value and a shape), never the weights."""
-
-    def __array_finalize__(self, obj):
-        self._shape = getattr(obj, "_shape", None)
-
-    @property
-    def shape(self):
-        return self._shape
-
-
-class _Converter(convert_to_constants._FunctionConverterDataInEager):  # noqa: SLF001
-    """TF's freezing, reading no variable: each one is a ``_ShapeOnly`` stand-in."""
-
-    def __init__(self, **kwargs):
-        self.stand_ins = {}           # id(stand-in) -> the variable it stands for
-        super().__init__(**kwargs)
-
-    def _eval(self, tensor):
-        if isinstance(tensor, tf.Variable):
-            stand_in = np.zeros((), tensor.dtype.as_numpy_dtype).view(_ShapeOnly)
-            stand_in._shape = tuple(tensor.shape.as_list())
-            self.stand_ins[id(stand_in)] = tensor
-            return stand_in
-        return super()._eval(tensor)
-
-
 def _freeze_without_weights(fn, weights: Weights) -> graph_pb2.GraphDef:
-    data = _Converter(func=fn, lower_control_flow=False, aggressive_inlining=True)
-    variables = {name: data.stand_ins[id(t.numpy)] for name, t in data.tensor_data.items()
-                 if id(t.numpy) in data.stand_ins}
-    graph_def, _ = convert_to_constants._replace_variables_by_constants(data)  # noqa: SLF001
-    del data
+    graph_def, variables = freeze_without_reading(fn)
     for node in graph_def.node:
         if node.op != "Const":
             continue

@@ -14,13 +14,15 @@ from typing import Callable
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
+from graphfold.weights import as_placeholders
+
 
 def import_graph(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str],
-                 weights=None):
-    """A pruned ConcreteFunction computing ``outputs`` from ``inputs`` (flat lists), then, with
-    ``weights`` (``graphfold.weights.Weights``), from its stub constants, fed in the order of
-    ``weights.names()`` (nothing of their values is copied into the graph)."""
-    light = graph_def if weights is None else weights.as_placeholders(graph_def)
+                 stubs: list[str] = ()):
+    """A pruned ConcreteFunction computing ``outputs`` from ``inputs`` (flat lists), then from
+    the stub constants named ``stubs`` (``graphfold.weights``), fed in that order (nothing of
+    their values is copied into the graph)."""
+    light = as_placeholders(graph_def, stubs) if stubs else graph_def
 
     def load():
         tf.graph_util.import_graph_def(light, name="")
@@ -28,8 +30,7 @@ def import_graph(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list
     wrapped = tf.compat.v1.wrap_function(load, [])
     graph = wrapped.graph
     feeds = [graph.get_tensor_by_name(_full(t)) for t in inputs]
-    if weights is not None:
-        feeds += [graph.get_tensor_by_name(_full(name)) for name in weights.names()]
+    feeds += [graph.get_tensor_by_name(_full(name)) for name in stubs]
     fetches = [graph.get_tensor_by_name(_full(t)) for t in outputs]
     return wrapped.prune(feeds, fetches)
 

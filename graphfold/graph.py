@@ -112,7 +112,7 @@ class Graph:
         return None if shape is None else len(shape)
 
     def dtype(self, node: node_def_pb2.NodeDef) -> tf.DType:
-        for key in ("T", "dtype", "Tout"):
+        for key in ("T", "dtype", "Tout", "DstT"):
             if key in node.attr and node.attr[key].type:
                 return tf.as_dtype(node.attr[key].type)
         raise KeyError(f"node {node.name} ({node.op}) has no T or dtype attribute")

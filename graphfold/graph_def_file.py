@@ -19,9 +19,15 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
+from graphfold import scan as scan_
+from graphfold.checking import fix_hint
 from graphfold.graph import split_tensor
+from graphfold.input_shapes import check as check_shapes
+from graphfold.tolerance import words as tolerance_words
 from graphfold.inputs import check as check_feeds
 from graphfold.rewrite import optimize_graph_def
+from graphfold.options import (GRAPH_DEF_FILE, INSPECT_GRAPH_DEF_FILE, BadOption, Options,
+                               spelled)
 from graphfold.saved_model import BadInput, SavedModelResult, VerificationFailed
 from graphfold.shapes import PLACEHOLDERS
 from graphfold.verify import verify as verify_functions
@@ -74,7 +80,8 @@ def io_names(graph_def, inputs: list[str] | None,
                    if n.name not in read and n.op not in _NOT_OUTPUTS]
         notes.append(f"outputs inferred (nodes nobody reads): {', '.join(outputs) or 'none'}")
         if not outputs:
-            raise BadInput("no output could be inferred: name them with --output-names")
+            raise BadInput(f"no output could be inferred: name them with "
+                           f"{spelled('output_names')}")
     for tensor in inputs:
         node = nodes.get(split_tensor(tensor)[0])
         if node is None:
@@ -146,7 +153,7 @@ def _check_destination(src: str, dst: str, overwrite: bool) -> None:
     if os.path.isdir(dst):
         raise BadInput(f"{dst}: is a directory (a GraphDef file is written as a file)")
     if os.path.exists(dst) and not overwrite:
-        raise BadInput(f"{dst}: exists (pass --overwrite to replace it)")
+        raise BadInput(f"{dst}: exists (pass {spelled('overwrite')} to replace it)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(dst))):
         raise BadInput(f"{dst}: its directory does not exist")
 
@@ -169,48 +176,83 @@ def _rewrite(src, inputs, outputs, progress, result):
     result.seconds["rewrite"] = time.perf_counter() - clock
     result[KEY] = report
     result.all_signatures = [KEY]
+    result.scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
     progress(f"  {report.summary()}")
     return graph_def, optimized, inputs, outputs
 
 
-def inspect_graph_def_file(src, *, inputs=None, outputs=None, progress=None) -> SavedModelResult:
-    """The fold report of the GraphDef file ``src``; nothing is written."""
+def inspect_graph_def_file(src, *, options: Options | None = None, progress=None,
+                           **option_kwargs) -> SavedModelResult:
+    """The fold report of the GraphDef file ``src``; nothing is written. ``options`` (or the
+    same as keyword arguments): ``input_names``, ``output_names``."""
     progress = progress or (lambda line: None)
+    options = Options.of(options, **option_kwargs)
+    INSPECT_GRAPH_DEF_FILE.refuse_unsupported(options.given())
     result = SavedModelResult(os.fspath(src), None, ())
-    _rewrite(os.fspath(src), inputs, outputs, progress, result)
+    _rewrite(os.fspath(src), options.input_names, options.output_names, progress, result)
     return result
 
 
-def optimize_graph_def_file(src, dst, *, inputs=None, outputs=None, verify=True,
-                            tolerance=1e-5, batch=1, overwrite=False, feeds=None,
-                            progress=None) -> SavedModelResult:
-    """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified first
-    (``VerificationFailed``, nothing written, when an output differs by more than
-    ``tolerance``) on ``feeds`` (``{input_key: array}``, as ``--inputs`` gives them) or on
-    random inputs."""
+def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=None,
+                            overwrite: bool = False, progress=None,
+                            **option_kwargs) -> SavedModelResult:
+    """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified first on
+    ``inputs`` (``{input_key: array}``) or on random inputs, then written with a rename.
+
+    ``options`` (or the same as keyword arguments): ``input_names``, ``output_names``,
+    ``verify``, ``tolerance``, ``batch``, ``require_verification``, ``allow_ops``,
+    ``input_shapes``; any other is refused (``BadInput``). An output that differs by more than
+    the tolerance raises
+    ``VerificationFailed``, and so does a graph left NOT VERIFIED with
+    ``require_verification``: nothing is written then. A graph whose outputs depend on ops
+    reaching outside the graph that ``allow_ops`` does not allow is not run: NOT VERIFIED
+    (``graphfold.scan``)."""
     progress = progress or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
+    options = Options.of(options, **option_kwargs)
+    GRAPH_DEF_FILE.refuse_unsupported(options.given())
+    if inputs and not options.verify:
+        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
+                        "verification)")
     _check_destination(src, dst, overwrite)
     result = SavedModelResult(src, dst, ())
-    original, optimized, inputs, outputs = _rewrite(src, inputs, outputs, progress, result)
-    if verify:
-        clock = time.perf_counter()
-        given = None
-        if feeds:
-            given = [check_feeds(KEY, input_specs(original, inputs), feeds)]
-        progress(f"verifying on {'the given' if given else 'random'} inputs (tolerance "
-                 f"{tolerance:g})")
-        check = verify_functions(KEY, callable_graph(original, inputs, outputs),
-                                 callable_graph(optimized, inputs, outputs),
-                                 tolerance=tolerance, batch=batch, feeds=given,
-                                 source="--inputs" if given else None)
+    original, optimized, names, outputs = _rewrite(src, options.input_names,
+                                                   options.output_names, progress, result)
+    if options.verify:
+        held = scan_.gate([result.scan], [KEY], options.allow_ops, options.tolerance)[1]
+        check = held.get(KEY) or _verify(original, optimized, names, outputs, options, inputs,
+                                         progress)
+        if held:
+            progress(f"  {check.line()}")
         result.verification[KEY] = check
-        result.seconds["verify"] = time.perf_counter() - clock
-        progress(f"  {check.line()}")
         if not check.ok:
             raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
                                      f"written", result)
+        if check.status in ("skipped", "inconclusive") and options.require_verification:
+            raise VerificationFailed(f"{spelled('require_verification')}: the graph is NOT "
+                                     f"VERIFIED ({check.reason}); nothing was written", result)
     progress(f"writing {dst}")
     write_graph_def(optimized, dst)
     result.written = True
     return result
+
+
+def _verify(original, optimized, names, outputs, options, inputs, progress):
+    """The check of ``optimized`` against ``original`` on ``inputs`` or random inputs (of
+    ``options.input_shapes`` where given, else realistic sizes for the placeholders' unknown
+    dimensions: ``input_shapes.py``)."""
+    clock = time.perf_counter()
+    specs = input_specs(original, names)
+    shapes = check_shapes(options.shapes(), {KEY: specs}).get(KEY, {})
+    given = [check_feeds(KEY, specs, inputs)] if inputs else None
+    progress(f"verifying on {'the given' if given else 'random'} inputs "
+             f"({tolerance_words(options.tolerance)})")
+    check = verify_functions(KEY, callable_graph(original, names, outputs),
+                             callable_graph(optimized, names, outputs),
+                             tolerance=options.tolerance, batch=options.batch, feeds=given,
+                             source=spelled("inputs") if given else None, shapes=shapes)
+    if check.status == "skipped":
+        check.reason = f"{check.reason}; {fix_hint()}"
+    check.seconds = time.perf_counter() - clock
+    progress(f"  {check.line()}")
+    return check

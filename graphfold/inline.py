@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
-from tensorflow.python.framework import op_def_registry
 
-from graphfold import formats
+from graphfold import formats, tf_private
 from graphfold.affine import BATCH_NORM_OPS, ELEMENTWISE
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor, tensor_name
@@ -206,7 +205,7 @@ def _inline(graph: Graph, call, function) -> list[str]:
 
 def _flat_index(node, out_arg: str, index: int) -> int:
     """The output number of ``node``'s ``index``-th tensor of output argument ``out_arg``."""
-    op_def = op_def_registry.get(node.op)
+    op_def = tf_private.op_def(node.op)
     flat = 0
     for arg in op_def.output_arg:
         if arg.name == out_arg:

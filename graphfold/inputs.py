@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from graphfold.errors import BadInput
+from graphfold.options import spelled
 
 _FILE_WITH_NAME = re.compile(r"([^=]+)=([^\[\]]+)\[([^\[\]]+)\]$")
 _FILE = re.compile(r"([^=]+)=([^\[\]]+)$")
@@ -92,8 +93,9 @@ def load_array(path: str, name: str | None, key: str) -> np.ndarray:
 
 
 def check(signature: str, specs: dict[str, tf.TensorSpec], feeds: dict[str, np.ndarray],
-          origin: str = "--inputs") -> dict[str, np.ndarray]:
+          origin: str | None = None) -> dict[str, np.ndarray]:
     """``feeds`` as arrays of the signature's dtypes, or a ``BadInput`` naming the problem."""
+    origin = origin or spelled("inputs")
     unknown = sorted(set(feeds) - set(specs))
     if unknown:
         raise _bad(f"{origin}: {', '.join(map(repr, unknown))} is not an input of signature "

@@ -133,10 +133,10 @@ def start_method() -> str:
     other Python thread), else "spawn"."""
     if threading.active_count() > 1 or sys.platform != "linux":
         return "spawn"
-    tensorflow = sys.modules.get("tensorflow.python.eager.context")
-    if tensorflow is not None and tensorflow.context_safe() is not None and \
-            tensorflow.context_safe()._initialized:   # pylint: disable=protected-access
-        return "spawn"
+    if "tensorflow" in sys.modules:
+        from graphfold.tf_private import runtime_started
+        if runtime_started():
+            return "spawn"
     return "fork"
 
 

@@ -11,15 +11,13 @@ import json
 import os
 import resource
 import time
+import traceback
 import warnings
 
 from graphfold.errors import GraphfoldError
+from graphfold.options import SAVED_MODEL, Options
 
 RECORD = os.path.join("assets.extra", "graphfold_source.json")   # TF Serving ignores it
-
-
-OPTIONS = ("signatures", "tags", "verify", "tolerance", "batch", "weights",   # those of
-           "require_verification", "warmup", "drop_other_tag_sets")         # optimize_saved_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +27,7 @@ class Task:
     version: str
     src: str
     dst: str
-    options: tuple = ()            # sorted (name, value) pairs for optimize_saved_model
+    options: Options = Options()    # for optimize_saved_model
     force: bool = False
     fingerprint: str | None = None  # the source's, when the planner already computed it
 
@@ -72,7 +70,7 @@ def already_done(task: Task, fingerprint: str) -> dict | None:
         return None
     record = read_record(task.dst)
     if record and record.get("source_sha256") == fingerprint and \
-            record.get("options") == _jsonable_options(task.options):
+            record.get("options") == task.options.to_dict():
         return record
     return None
 
@@ -92,7 +90,7 @@ def run_task(task: Task) -> dict:
             return record
         try:
             result = optimize_saved_model(task.src, task.dst, overwrite=True,
-                                          **dict(task.options))
+                                          options=task.options)
         except VerificationFailed as exc:
             result = exc.result
             record["error"] = str(exc)
@@ -103,9 +101,12 @@ def run_task(task: Task) -> dict:
             write_record(task, fingerprint, record)
     except GraphfoldError as exc:
         record["error"] = str(exc)
+        if exc.__cause__ is not None:
+            record["traceback"] = "".join(traceback.format_exception(exc.__cause__))
     except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the others
         lines = str(exc).strip().splitlines()
         record["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        record["traceback"] = "".join(traceback.format_exception(exc))
     record["seconds"] = time.perf_counter() - clock
     record["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return record
@@ -116,26 +117,25 @@ def failed_record(task: Task, error: str | None) -> dict:
             "status": "failed", "error": error, "seconds": None}
 
 
-SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified")
+SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified",
+                  "not_optimized")
 
 
 def summarise(result) -> dict:
     from graphfold.render import totals
     batch_norms, folded, before, after = totals(result)
+    checked = result.verification and result.rewritten
     return {"batch_norms": batch_norms, "folded": folded, "ops_before": before,
-            "ops_after": after, "verified": result.verified if result.verification else None}
+            "ops_after": after, "verified": result.verified if checked else None,
+            "not_optimized": dict(sorted(result.unchanged.items()))}
 
 
 def write_record(task: Task, fingerprint: str, record: dict) -> None:
     from graphfold.version import __version__
     document = {"source": task.src, "source_sha256": fingerprint,
-                "options": _jsonable_options(task.options), "graphfold": __version__,
+                "options": task.options.to_dict(), "graphfold": __version__,
                 **{k: record.get(k) for k in SUMMARY_FIELDS}}
     write_json(os.path.join(task.dst, RECORD), document)
-
-
-def _jsonable_options(options: tuple) -> dict:
-    return json.loads(json.dumps(dict(options), default=list))
 
 
 def write_json(path: str, document) -> None:
@@ -165,20 +165,9 @@ def quiet_worker(threads: int | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def normalized_options(options: dict) -> tuple:
-    """``optimize_saved_model`` options, defaults filled in, as sorted hashable (name, value)
-    pairs: the same options spelled differently give the same key."""
-    import inspect
-    from graphfold.saved_model import optimize_saved_model
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) for optimize_saved_model: {', '.join(unknown)}")
-    parameters = inspect.signature(optimize_saved_model).parameters
-    merged = {name: options.get(name, parameters[name].default) for name in OPTIONS}
-    if merged["signatures"] is not None:
-        signatures = merged["signatures"]
-        merged["signatures"] = tuple([signatures] if isinstance(signatures, str) else signatures)
-    tags = merged["tags"]
-    merged["tags"] = tuple(t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags))
-    merged["tolerance"] = float(merged["tolerance"])
-    return tuple(sorted(merged.items()))
+def normalized_options(options: Options | None = None, **option_kwargs) -> Options:
+    """The ``Options`` of every version of a repository (``options``, or the same as keyword
+    arguments), those a SavedModel does not honour refused."""
+    options = Options.of(options, **option_kwargs)
+    SAVED_MODEL.refuse_unsupported(options.given())
+    return options

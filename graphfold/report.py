@@ -33,6 +33,7 @@ class FoldReport:
     ops_after: dict[str, int]
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    verification: object = None     # ``verify.Verification`` of rewrite's own check, if it ran
 
     @property
     def batch_norms(self) -> list[Entry]:
@@ -85,6 +86,7 @@ class FoldReport:
             "ops_after": dict(self.ops_after),
             "notes": list(self.notes),
             "seconds": dict(self.seconds),
+            "verification": self.verification.to_dict() if self.verification else None,
         }
 
 
@@ -97,4 +99,6 @@ class FoldReport:
     def __str__(self) -> str:
         parts = [self.summary(), "", self.entry_table(), "", self.op_table()]
         parts += [f"note: {n}" for n in self.notes]
+        if self.verification is not None:
+            parts.append(f"verification: {self.verification.line()}")
         return "\n".join(parts)

@@ -18,8 +18,9 @@ import time
 from typing import Callable, Iterable
 
 from graphfold.errors import BadInput
+from graphfold.options import Options, spelled, with_value
 from graphfold.repo_task import (  # noqa: F401 - the task's names, re-exported
-    OPTIONS, RECORD, SUMMARY_FIELDS, Task, already_done, failed_record, normalized_options,
+    RECORD, SUMMARY_FIELDS, Task, already_done, failed_record, normalized_options,
     quiet_worker, read_record, run_task, source_fingerprint, summarise, write_json,
     write_record)
 from graphfold.saved_model import is_inside
@@ -77,7 +78,8 @@ def _version_policy(versions) -> int | None:
     except (TypeError, ValueError):
         count = 0
     if count < 1:
-        raise BadInput(f"--versions must be latest, all or a positive number, got {versions!r}")
+        raise BadInput(f"{with_value('versions', versions)}: must be latest, all or a positive "
+                       f"number")
     return count
 
 
@@ -134,9 +136,10 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
                         on_result: Callable[[dict], None] | None = None,
                         on_plan: Callable[[list[Task]], None] | None = None,
                         on_tick: Callable[[], None] | None = None,
-                        **options) -> RepositoryResult:
+                        options: Options | None = None, **option_kwargs) -> RepositoryResult:
     """Optimizes every chosen ``<model>/<version>/`` SavedModel under ``src_base`` into the same
-    relative path under ``dst_base`` with ``optimize_saved_model(**options)``.
+    relative path under ``dst_base`` with ``optimize_saved_model(options=options)`` (or the
+    options as keyword arguments).
 
     ``models``: names to choose (default all). ``versions``: "latest", "all" or N (the N
     highest). ``jobs``: local worker processes (default: the cores this process may use).
@@ -150,20 +153,20 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     """
     clock = time.perf_counter()
     src_base, dst_base = os.fspath(src_base), os.fspath(dst_base)
-    normalized = normalized_options(options)
+    normalized = normalized_options(options, **option_kwargs)
     if runner not in ("local", "beam"):
-        raise BadInput(f"--runner must be local or beam, got {runner!r}")
-    if jobs is not None and jobs < 1:
-        raise BadInput(f"--jobs must be at least 1, got {jobs}")
+        raise BadInput(f"{with_value('runner', runner)}: must be local or beam")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise BadInput(f"{with_value('jobs', jobs)}: must be a whole number, at least 1")
     if pipeline_args and runner != "beam":
-        raise BadInput("Beam pipeline options are only for --runner beam")
+        raise BadInput(f"Beam pipeline options are only for {with_value('runner', 'beam')}")
     if jobs is not None and runner == "beam":
-        raise BadInput("--jobs is for the local runner; on Beam the pipeline options say how "
-                       "many workers (e.g. -- --direct_num_workers=2 "
-                       "--direct_running_mode=multi_processing)")
+        raise BadInput(f"{spelled('jobs')} is for the local runner; on Beam the pipeline "
+                       f"options say how many workers (e.g. -- --direct_num_workers=2 "
+                       f"--direct_running_mode=multi_processing)")
     check_bases(src_base, dst_base)
     if model_config is not None:
-        _check_output_file(model_config, "--model-config", src_base)
+        _check_output_file(model_config, spelled("model_config"), src_base)
     chosen = find_versions(src_base, models, versions)
     tasks = [Task(model, version, os.path.join(src_base, model, version),
                   os.path.join(dst_base, model, version), normalized, force)
@@ -172,7 +175,8 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
         try:
             from graphfold.beam import run_pipeline
         except ImportError:
-            raise BadInput("--runner beam needs Apache Beam: pip install 'graphfold[beam]'") \
+            raise BadInput(f"{with_value('runner', 'beam')} needs Apache Beam: pip install "
+                           f"'graphfold[beam]'") \
                 from None
     os.makedirs(dst_base, exist_ok=True)
     if on_plan is not None:

@@ -14,6 +14,7 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
+from graphfold import casts, checking, tf_quirks
 from graphfold.errors import Blocked
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
@@ -24,7 +25,13 @@ from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
 
 
-def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True,
+# Unknown height and width of an image in rewrite's own check: smaller than the command's 224
+# (input_shapes.IMAGE_SIZE), since every rewrite pays for it; input_shapes= sets any size.
+CHECK_IMAGE_SIZE = 64
+
+
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, verify: bool = True,
+            tolerance: float | None = None, input_shapes: dict | None = None,
             partial: bool = True) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
@@ -35,21 +42,35 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True,
     ``keep_graph_def=False`` lets the weights go once they are bound (then ``.graph_def`` is not
     available). ``partial``: where a batch norm cannot disappear, fold its scale and keep its
     shift as one add (``docs/folding.md``, partial folds); False keeps it whole.
+
+    ``verify``: run the result against ``fn`` once on random inputs (batch 1; unknown
+    dimensions from ``input_shapes`` {input name: shape}, else images ``CHECK_IMAGE_SIZE`` high
+    and wide, other dimensions ``input_shapes.OTHER_SIZE``), as the command verifies a
+    SavedModel; the outcome is ``report.verification``. A relative error over ``tolerance``
+    (None: by precision, ``tolerance.py``) that the noise floor does not explain raises
+    ``VerificationFailed`` (its ``.result``: the FoldedFunction). ``verify=False`` skips it.
     """
-    concrete, graph_def, held, inputs, outputs, report = fold(fn, partial=partial)
+    concrete = as_concrete_function(fn)
+    shapes = checking.rewrite_shapes(concrete, input_shapes, verify, tolerance)
+    concrete, graph_def, held, inputs, outputs, report = fold(concrete, partial=partial)
+    stubs = held.names()          # before binding: binding may release the arrays
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
-    function = reimport(concrete, graph_def, held, inputs, outputs, report, bound)
+    function = reimport(concrete, graph_def, stubs, inputs, outputs, report, bound)
     if not keep_graph_def:
         held.keep_only(())
         graph_def = held = None
-    return FoldedFunction(function, graph_def, report, held, variables)
+    folded = FoldedFunction(function, graph_def, report, held, variables)
+    if verify:
+        checking.self_check(folded, concrete, tolerance, shapes, CHECK_IMAGE_SIZE)
+    return folded
 
 
-def reimport(concrete, graph_def, held, inputs, outputs, report, extra):
-    """``fold``'s result as a ConcreteFunction called like ``concrete``; ``extra`` makes the
-    tensors of the stub constants' values when it is traced (``function.with_signature``)."""
+def reimport(concrete, graph_def, stubs, inputs, outputs, report, extra):
+    """``fold``'s result as a ConcreteFunction called like ``concrete``: ``stubs`` (the names of
+    the stub constants) are fed the tensors ``extra`` makes when it is traced
+    (``function.with_signature``)."""
     clock = time.perf_counter()
-    pruned = import_graph(graph_def, inputs, outputs, held)
+    pruned = import_graph(graph_def, inputs, outputs, stubs)
     function = with_signature(pruned, concrete, extra)
     report.seconds["import"] = time.perf_counter() - clock
     return function
@@ -133,6 +154,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph.prune(keep=keep)
     affines = find_affines(graph)
     missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
+    quirks = tf_quirks.snapshot(graph)
     seconds["normalize"] = time.perf_counter() - clock
 
     entries = []
@@ -148,6 +170,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
         elif affine.blocked is None:
             apply_.as_multiply_add(graph, affine)
         entries.extend(_entries(affine, decision))
+    notes += _after_folding(graph, quirks)
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
@@ -155,6 +178,18 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     entries = [census.in_user_names(entry, graph.created) for entry in entries]
     report = FoldReport(entries + missed, ops_before, graph.op_counts(), notes)
     return work, report
+
+
+def _after_folding(graph: Graph, quirks) -> list[str]:
+    """The passes over the folded graph: Cast round trips that compute nothing are removed, then
+    patterns TensorFlow miscomputes that the fold created are rewritten (``tf_quirks``); notes
+    saying what was done."""
+    notes = []
+    removed = casts.remove_round_trips(graph)
+    if removed:
+        notes.append(f"{removed} Cast round trip(s) that compute nothing removed (e.g. float16 "
+                     f"-> float32 -> float16 where batch norms were)")
+    return notes + tf_quirks.avoid(graph, quirks)
 
 
 def check_feeds(graph_def, inputs) -> None:

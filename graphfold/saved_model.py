@@ -31,14 +31,18 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold import census
-from graphfold import checking, warmup as warmup_
+from graphfold import checking, scan as scan_, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
-from graphfold.errors import BadInput, GraphfoldError, NotFreezable, VerificationFailed
+from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
+                              VerificationFailed)
 from graphfold.report import Entry, FoldReport
 from graphfold import saved_weights
 from graphfold.function import FoldedFunction, op_name
 from graphfold.rewrite import fold, reimport, rewrite
 from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
+from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
+                               Options, spelled)
+from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -65,17 +69,29 @@ class SavedModelResult(dict):
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
         self.weights: str | None = None       # "constants" or "variables", as written
+        self.scan: scan_.Scan | None = None   # ops reaching outside the graph (graphfold.scan)
         self.written = False
 
     @property
+    def rewritten(self) -> list[str]:
+        """The requested signatures that were rewritten (not copied through)."""
+        return sorted(k for k in self if k not in self.unchanged)
+
+    @property
     def verified(self) -> bool:
-        return bool(self.verification) and all(v.status == "ok"
-                                               for v in self.verification.values())
+        """Whether something was rewritten and every rewritten signature verified "ok"."""
+        checks = [self.verification.get(k) for k in self.rewritten]
+        return bool(checks) and all(c is not None and c.status == "ok" for c in checks)
 
     @property
     def not_verified(self) -> list[str]:
         """Signatures that could not be checked (their original fails on random inputs)."""
         return sorted(k for k, v in self.verification.items() if v.status == "skipped")
+
+    @property
+    def inconclusive(self) -> list[str]:
+        """Signatures checked only within a noise floor too large to mean anything."""
+        return sorted(k for k, v in self.verification.items() if v.status == "inconclusive")
 
     def to_dict(self) -> dict:
         signatures = {}
@@ -89,8 +105,9 @@ class SavedModelResult(dict):
             }
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
-                "not_verified": self.not_verified,
+                "not_verified": self.not_verified, "inconclusive": self.inconclusive,
                 "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
+                "outside_ops": self.scan.to_dict() if self.scan else None,
                 "seconds": dict(self.seconds)}
 
 
@@ -203,13 +220,16 @@ def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
                     deferred[key] = folded.marked
             else:
                 report = fold(fn)[-1]
-        except Exception as exc:  # noqa: BLE001 - any failure: copy the signature through
-            reason = _why_not_rewritten(exc)
-            result.unchanged[key] = reason
-            result[key] = unrewritten_report(fn, reason)
+        except NotFreezable as exc:     # an expected reason: the signature is copied through
+            result.unchanged[key] = str(exc)
+            result[key] = unrewritten_report(fn, str(exc))
             functions[key] = fn
-            progress(f"  '{key}' copied through unchanged: {reason}")
+            progress(f"  '{key}' NOT OPTIMIZED (copied through unchanged): {exc}")
             continue
+        except GraphfoldError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - graphfold's own failure: nothing is written
+            raise RewriteFailed(key, exc) from exc
         result[key] = report
         s = report.seconds
         progress(f"  '{key}': {report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
@@ -223,9 +243,10 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
     holds marked constants and ``.marked`` their values, which ``saved_weights.fill`` writes
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
-        return rewrite(fn, weights=weights, keep_graph_def=False)
+        # verify=False: optimize_saved_model verifies the written model instead
+        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
-    function = reimport(concrete, graph_def, held, inputs, outputs, report,
+    function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
     return FoldedFunction(function, None, report, marked=held)
 
@@ -257,7 +278,6 @@ def _function_fingerprint(fn) -> str:
     return digest.hexdigest()
 
 
-WEIGHTS = ("auto", "constants", "variables")
 # ``weights="auto"`` writes constants while the weights of all distinct rewritten functions
 # together stay under this many bytes, variables above it: saved_model.pb must stay well under
 # protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and constants cost
@@ -282,11 +302,10 @@ def weight_bytes(loaded, keys: list[str]) -> int:
 
 def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     """``(constants or variables, a note saying why when auto switched)``."""
-    if mode not in WEIGHTS:
-        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {mode!r}")
     if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
-        raise BadInput(f"{nbytes / 2**30:.2f} GiB of weights cannot be constants: saved_model.pb "
-                       f"would pass protobuf's 2 GiB limit (use --weights variables, or auto)")
+        raise BadOption("weights", mode, f"{nbytes / 2**30:.2f} GiB of weights cannot be "
+                        f"constants: saved_model.pb would pass protobuf's 2 GiB limit (use "
+                        f"variables, or auto)")
     if mode != "auto":
         return mode, None
     if nbytes <= AUTO_VARIABLES_ABOVE:
@@ -294,12 +313,6 @@ def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     return "variables", (f"weights of {nbytes / 2**20:.0f} MiB are over the "
                          f"{AUTO_VARIABLES_ABOVE / 2**20:.0f} MiB that saved_model.pb may hold "
                          f"as constants: written as variables (variables/)")
-
-
-def _why_not_rewritten(exc: Exception) -> str:
-    if isinstance(exc, NotFreezable):
-        return str(exc)
-    return f"it cannot be frozen and rewritten: {_first_line(exc)}"
 
 
 def unrewritten_report(fn, reason: str) -> FoldReport:
@@ -333,7 +346,7 @@ def check_destination(src: str, dst: str, overwrite: bool) -> str:
         raise BadInput(f"{dst}: SRC is inside DST; replacing DST would delete SRC")
     if os.path.lexists(dst) or os.path.lexists(real_dst):
         if not overwrite:
-            raise BadInput(f"{dst}: already exists (pass --overwrite to replace it)")
+            raise BadInput(f"{dst}: already exists (pass {spelled('overwrite')} to replace it)")
         if not os.path.isdir(real_dst):
             raise BadInput(f"{dst}: exists and is not a directory; refusing to replace it")
         if os.listdir(real_dst) and not _looks_like_saved_model(real_dst):
@@ -472,18 +485,26 @@ def move_into_place(staging: str, dst: str) -> None:
 
 # ---- the entry points -----------------------------------------------------------------------
 
-def inspect_saved_model(src, *, signatures=None, tags=("serve",),
-                        progress: Progress | None = None) -> SavedModelResult:
-    """The fold report of every requested signature of ``src``; nothing is written."""
+def inspect_saved_model(src, *, options: Options | None = None,
+                        progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
+    """The fold report of every requested signature of ``src``, and the ops reaching outside
+    the graph each one holds (``.scan``); nothing is written, no signature is run.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``allow_ops``
+    (loading runs the model's resource initializers: when they hold such ops that are not
+    allowed, ``BadInput`` names them and nothing is loaded)."""
     progress = progress or _silent
     src = os.fspath(src)
-    tags = _tags(tags)
+    options = Options.of(options, **option_kwargs)
+    INSPECT_SAVED_MODEL.refuse_unsupported(options.given())
+    tags = options.tags
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
-    keys = select(available, signatures, src)
+    keys = select(available, options.signatures, src)
     result = SavedModelResult(src, None, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, options.allow_ops, src)
     clock = time.perf_counter()
     progress(f"loading {src} (tag-set {','.join(tags)})")
     loaded = load(src, tags)
@@ -494,51 +515,44 @@ def inspect_saved_model(src, *, signatures=None, tags=("serve",),
     return result
 
 
-def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=True,
-                         tolerance=1e-5, overwrite=False, batch: int = 1,
-                         drop_other_tag_sets: bool = False, inputs: dict | None = None,
-                         require_verification: bool = False, warmup: int | None = None,
-                         weights: str = "auto",
-                         progress: Progress | None = None) -> SavedModelResult:
+def optimize_saved_model(src, dst, *, options: Options | None = None,
+                         inputs: dict | None = None, overwrite: bool = False,
+                         progress: Progress | None = None,
+                         **option_kwargs) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
 
-    ``signatures``: keys to rewrite (default all); the others are copied through unchanged.
-    ``tags``: the MetaGraph's tag set. ``verify``: compare every rewritten signature of the
-    written model with the original on random inputs (unknown batch dimension: ``batch``);
-    a relative error over ``tolerance`` raises ``VerificationFailed`` and nothing is written.
-    ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty directory).
-    ``drop_other_tag_sets``: write a SavedModel holding several MetaGraphs as the one of
-    ``tags`` alone (else that is refused with ``BadInput``). Every file of ``src`` besides the
-    graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte for byte.
-    ``inputs``: input key -> array, real inputs to verify on (for every signature that has
-    those keys); SRC's TF Serving warm-up records are replayed too (``checking.py``).
-    ``require_verification``: a signature that could not be verified (NOT VERIFIED) raises
-    ``VerificationFailed``. ``warmup``: write ``assets.extra/tf_serving_warmup_requests`` with
-    this many requests per rewritten signature (SRC's records kept, only the missing added).
-    ``weights``: "constants" (in ``saved_model.pb``), "variables" (in ``variables/``, the graph
-    alone in ``saved_model.pb``) or "auto": constants up to ``AUTO_VARIABLES_ABOVE`` bytes of
-    weights, variables above (with a note saying so).
-    ``progress``: called with a line of text at the start of each stage.
+    ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
+    ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
+    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``, ``input_shapes``; ``Options`` says what each does).
+    Before anything runs, every signature is scanned (``graphfold.scan``): one holding ops
+    reaching outside the graph that ``allow_ops`` does not allow is folded and written but not
+    run (NOT VERIFIED, naming them; the written graph keeps them), and a SavedModel whose
+    loading would run such ops is refused (``BadInput``). Signatures not
+    requested are copied through unchanged; so is a requested one that cannot be frozen
+    (``NotFreezable``: a lookup table, ...), with the reason. Any other failure raises
+    ``RewriteFailed``, and nothing is written. The written model is loaded back and compared
+    with the original on ``inputs`` (input key -> array, for every signature that has those
+    keys), SRC's TF Serving warm-up records, or random inputs (``checking.py``); a relative
+    error over the tolerance raises ``VerificationFailed`` and nothing is written. Every file of
+    ``src`` besides the graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte
+    for byte. ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty
+    directory). ``progress``: called with a line of text at the start of each stage.
 
     Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
-    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths and SavedModels. ``src``
-    is only read; ``dst`` appears (by a rename) only when everything succeeded.
+    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths, SavedModels and options.
+    ``src`` is only read; ``dst`` appears (by a rename) only when everything succeeded.
     """
     progress = progress or _silent
     src, dst = os.fspath(src), os.fspath(dst)
-    tags = _tags(tags)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
-    if not tolerance >= 0:
-        raise BadInput(f"tolerance must be a non-negative number, got {tolerance}")
-    if warmup is not None and not 1 <= warmup <= warmup_.MAX_RECORDS:
-        raise BadInput(f"--warmup {warmup}: must be between 1 and {warmup_.MAX_RECORDS}")
-    if not verify and (inputs or require_verification or warmup):
-        raise BadInput("--no-verify cannot be combined with --inputs, --require-verification "
-                       "or --warmup (they need the verification)")
-    if weights not in WEIGHTS:
-        raise BadInput(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    options = Options.of(options, **option_kwargs)
+    SAVED_MODEL.refuse_unsupported(options.given())
+    if inputs and not options.verify:
+        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
+                        "verification)")
+    tags, signatures, verify = options.tags, options.signatures, options.verify
+    tolerance, batch, warmup = options.tolerance, options.batch, options.warmup
+    require_verification = options.require_verification
     proto = read_saved_model(src)
     meta = meta_graph_for(proto, src, tags)
     available = signature_keys(meta)
@@ -547,14 +561,16 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
 
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, options.allow_ops, src)
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
-        if not drop_other_tag_sets:
+        if not options.drop_other_tag_sets:
             raise BadInput(f"{src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
                            f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
-                           f"only tag-set '{','.join(tags)}': pass --drop-other-tag-sets to "
-                           f"drop the others")
+                           f"only tag-set '{','.join(tags)}': drop the others with "
+                           f"{spelled('drop_other_tag_sets')}")
         result.notes.append(f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set "
                             f"'{','.join(tags)}' is written to DST (dropped, as asked: {others})")
     for path in remove_stale(target):
@@ -572,9 +588,10 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)
             recorded = checking.warmup_feeds(src, loaded, result.notes)
+            shapes = checking.shapes_for(loaded, keys, options.shapes())
 
         clock = time.perf_counter()
-        mode, why = choose_weights(weights, weight_bytes(loaded, keys))
+        mode, why = choose_weights(options.weights, weight_bytes(loaded, keys))
         result.weights = mode
         if why:
             result.notes.append(why)
@@ -613,12 +630,16 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             first = same_functions(loaded, keys)
             # the same function under two keys is checked once, unless real inputs address both
             distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
-            progress(f"verifying {len(distinct)} distinct signature(s) (tolerance "
-                     f"{tolerance:g})")
+            distinct, held = scan_.gate([result.scan], distinct, options.allow_ops, tolerance)
+            result.verification.update(held)
+            for check in held.values():
+                progress(f"  {check.line()}")
+            progress(f"verifying {len(distinct)} distinct signature(s) "
+                     f"({tolerance_words(tolerance)})")
             written = load(staging, tags)
             result.verification.update(checking.run_checks(
                 loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
-                progress=progress))
+                progress=progress, shapes=shapes))
             for key in keys:
                 if key not in result.verification:
                     result.verification[key] = dataclasses.replace(
@@ -629,14 +650,15 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             if failed:
                 raise VerificationFailed(
                     "verification failed for signature(s) " + ", ".join(failed) + ": " +
-                    "; ".join(result.verification[k].reason or "" for k in failed) +
+                    "; ".join(f"{k}: {result.verification[k].reason or ''}" for k in failed) +
                     f"; nothing was written to {dst}", result)
-            unverified = result.not_verified
+            unverified = sorted(result.not_verified + result.inconclusive)
             if unverified and require_verification:
                 raise VerificationFailed(
-                    f"--require-verification: signature(s) {', '.join(unverified)} NOT "
-                    f"VERIFIED (" + "; ".join(result.verification[k].reason or ""
-                                               for k in unverified) +
+                    f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
+                    f"VERIFIED (" + "; ".join(
+                        f"{result.verification[k].status.upper()}: "
+                        f"{result.verification[k].reason or ''}" for k in unverified) +
                     f"); nothing was written to {dst}", result)
             if warmup:
                 rewritten = [k for k in keys if k not in result.unchanged]
@@ -665,15 +687,6 @@ def optimize_saved_model(src, dst, *, signatures=None, tags=("serve",), verify=T
             _remove_empty(created)
 
 
-def _tags(tags) -> tuple[str, ...]:
-    if isinstance(tags, str):
-        tags = tags.split(",")
-    tags = tuple(t.strip() for t in tags if t.strip())
-    if not tags:
-        raise BadInput("the tag set is empty")
-    return tags
-
-
 def _silent(_line: str) -> None:
     pass
 
@@ -688,28 +701,42 @@ def _first_line(exc) -> str:
 
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
-def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=None,
-                        tolerance=1e-5, batch=1, progress=None):
+def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None,
+                        progress=None, **option_kwargs):
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
+    ``batch``, ``input_shapes``, ``require_verification`` (a signature left NOT VERIFIED or
+    INCONCLUSIVE raises ``VerificationFailed``), ``allow_ops`` (a signature of either model
+    holding ops reaching outside the graph that are not allowed is not run: NOT VERIFIED; see
+    ``optimize_saved_model``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
     dtypes or method name, fails)."""
     progress = progress or _silent
-    src, dst, tags = os.fspath(src), os.fspath(dst), _tags(tags)
-    if batch < 1:
-        raise BadInput(f"batch must be at least 1, got {batch}")
+    src, dst = os.fspath(src), os.fspath(dst)
+    options = Options.of(options, **option_kwargs)
+    COMPARISON.refuse_unsupported(options.given())
+    tags, signatures, tolerance, batch = options.tags, options.signatures, options.tolerance, \
+        options.batch
     metas = {}
     for path in (src, dst):
         metas[path] = meta_graph_for(read_saved_model(path), path, tags)
     keys = select(signature_keys(metas[src]), signatures, src)
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(signature_keys(metas[src]))
+    scans = [scan_.scan_meta_graph(metas[path], [k for k in keys if k in
+                                                 metas[path].signature_def], model=label)
+             for path, label in ((src, "SRC"), (dst, "DST"))]
+    for path, found in zip((src, dst), scans):
+        scan_.check_loading(found, options.allow_ops, path)
+    result.scan = scans[0]
     progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
     recorded = checking.warmup_feeds(src, reference, result.notes)
+    shapes = checking.shapes_for(reference, keys, options.shapes())
     comparable = []
     for key in keys:
         problem = _signature_difference(metas[src].signature_def[key],
@@ -722,9 +749,18 @@ def verify_saved_models(src, dst, *, signatures=None, tags=("serve",), inputs=No
             progress(f"  {result.verification[key].line()}")
         else:
             comparable.append(key)
-    progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
-    result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
-                                          tolerance=tolerance, batch=batch, progress=progress))
+    comparable, held = scan_.gate(scans, comparable, options.allow_ops, tolerance)
+    result.verification.update(held)
+    for check in held.values():
+        progress(f"  {check.line()}")
+    progress(f"verifying {len(comparable)} signature(s) ({tolerance_words(tolerance)})")
+    result.verification.update(checking.run_checks(
+        reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
+        progress=progress, shapes=shapes))
+    unverified = sorted(result.not_verified + result.inconclusive)
+    if options.require_verification and unverified:
+        raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
+                                 f"{', '.join(unverified)} NOT VERIFIED", result)
     return result
 
 

@@ -109,8 +109,8 @@ def write(path: str, data: bytes) -> None:
         f.write(data)
     fingerprint = os.path.join(path, "fingerprint.pb")
     try:
-        from tensorflow.python.saved_model import pywrap_saved_model
-        value = pywrap_saved_model.fingerprinting.CreateFingerprintDef(path)
+        from graphfold.tf_private import saved_model_fingerprint
+        value = saved_model_fingerprint(path)
         with open(fingerprint, "wb") as f:
             f.write(value)
     except Exception:  # noqa: BLE001 - the fingerprint is optional metadata

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
-from tensorflow.python.framework import function_def_to_graph
 
 from graphfold.graph import canonical, split_tensor
+from graphfold.tf_private import function_body
 
 CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 PLACEHOLDERS = ("Placeholder", "PlaceholderWithDefault")
@@ -106,8 +106,7 @@ def _call_output_shapes(node, library, shapes) -> list[tuple | None] | None:
     inputs = [t for t in node.input if not t.startswith("^")]
     input_shapes = [shapes.get(canonical(t)) for t in inputs]
     try:
-        body = function_def_to_graph.function_def_to_graph(
-            function, input_shapes=[tf.TensorShape(s) for s in input_shapes])
+        body = function_body(function, [tf.TensorShape(s) for s in input_shapes])
     except Exception:  # noqa: BLE001 - a body TensorFlow cannot rebuild: shapes stay unknown
         return None
     return [as_tuple(t.shape) for t in body.outputs]

@@ -15,9 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from graphfold.errors import BadInput
+from graphfold.options import MAX_WARMUP
 
 PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
-MAX_RECORDS = 1000          # TF Serving's limit on the records it replays
+MAX_RECORDS = MAX_WARMUP    # TF Serving's limit on the records it replays
 DEFAULT_SIGNATURE = "serving_default"
 
 

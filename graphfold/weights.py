@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, tensor_pb2
 
+from graphfold.tf_private import variable_buffer
+
 THRESHOLD = 1024      # bytes: smaller constants (shapes, axes, scalars) stay in the GraphDef
 
 
@@ -47,7 +49,9 @@ def stub(tensor: tensor_pb2.TensorProto, array: np.ndarray, dtype: tf.DType) -> 
 
 
 def read_only(array: np.ndarray) -> np.ndarray:
-    view = array.view()
+    """A read-only view of ``array`` (a NumPy scalar, as a scalar variable reads, becomes a 0-d
+    array: a scalar has no flags to set)."""
+    view = np.asarray(array).view()
     view.flags.writeable = False
     return view
 
@@ -82,7 +86,7 @@ class Weights:
 
     def put_variable(self, name: str, variable: tf.Variable) -> np.ndarray:
         """Holds the value of ``variable`` (a read-only view of its buffer: no copy)."""
-        array = read_only(variable.value()._numpy())      # pylint: disable=protected-access
+        array = read_only(variable_buffer(variable))
         self._arrays[name] = array
         self._origin[id(array)] = (array, variable)
         return array
@@ -113,19 +117,22 @@ class Weights:
                             tf.as_dtype(array.dtype))
         return full
 
-    def as_placeholders(self, graph_def: graph_pb2.GraphDef) -> graph_pb2.GraphDef:
-        """A copy of ``graph_def`` in which every stub constant is a ``Placeholder`` of its dtype
-        and shape (to be fed): importable, and TensorFlow infers the same static shapes."""
-        light = graph_pb2.GraphDef()
-        light.CopyFrom(graph_def)
-        for node in light.node:
-            if node.name in self._arrays and node.op == "Const":
-                value = node.attr["value"].tensor
-                dtype, shape = value.dtype, tf.TensorShape(value.tensor_shape)
-                name, controls = node.name, [t for t in node.input if t.startswith("^")]
-                node.Clear()
-                node.name, node.op = name, "Placeholder"
-                node.input.extend(controls)
-                node.attr["dtype"].type = dtype
-                node.attr["shape"].shape.CopyFrom(shape.as_proto())
-        return light
+
+def as_placeholders(graph_def: graph_pb2.GraphDef, names) -> graph_pb2.GraphDef:
+    """A copy of ``graph_def`` in which every stub constant named in ``names`` is a
+    ``Placeholder`` of its dtype and shape (to be fed): importable, and TensorFlow infers the
+    same static shapes."""
+    names = set(names)
+    light = graph_pb2.GraphDef()
+    light.CopyFrom(graph_def)
+    for node in light.node:
+        if node.name in names and node.op == "Const":
+            value = node.attr["value"].tensor
+            dtype, shape = value.dtype, tf.TensorShape(value.tensor_shape)
+            name, controls = node.name, [t for t in node.input if t.startswith("^")]
+            node.Clear()
+            node.name, node.op = name, "Placeholder"
+            node.input.extend(controls)
+            node.attr["dtype"].type = dtype
+            node.attr["shape"].shape.CopyFrom(shape.as_proto())
+    return light

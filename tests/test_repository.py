@@ -166,7 +166,7 @@ def test_jobs_1_skips_what_is_done_and_redoes_what_changed(repo, tmp_path):
 
     # --force redoes a version already done.
     task = Task("alpha", "1", str(src / "alpha" / "1"), os.path.join(dst, "alpha", "1"),
-                normalized_options({}))
+                normalized_options())
     fingerprint = source_fingerprint(task.src)
     assert already_done(task, fingerprint)["source_sha256"] == fingerprint
     assert already_done(dataclasses.replace(task, force=True), fingerprint) is None
@@ -274,10 +274,11 @@ def test_workers_are_forked_only_while_that_is_safe():
 
 def test_usage_errors_exit_2(repo, tmp_path, capsys):
     cases = [
-        (["--versions", "newest"], "--versions must be latest, all or a positive number"),
+        (["--versions", "newest"], "--versions newest: must be latest, all or a positive number"),
         (["--models", "alpha,gamma"], "no model 'gamma'"),
-        (["--jobs", "0"], "expected a positive integer"),
+        (["--jobs", "0"], "--jobs 0: must be a whole number, at least 1"),
         (["--", "--direct_num_workers=2"], "only for --runner beam"),
+        (["--warmup", "0"], "--warmup 0: must be a whole number between 1 and 1000"),
         (["--runner", "beam", "--jobs", "2"], "--jobs is for the local runner"),
     ]
     for extra, message in cases:

@@ -16,6 +16,7 @@ def _load(name):
         spec = importlib.util.spec_from_file_location(f"graphfold_tools_{name}",
                                                       TOOLS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module        # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
     finally:
@@ -135,3 +136,22 @@ def test_bench_grouped_smoke(capsys):
     header, rows = _table(out, "round")
     assert header == ["round", "original ms", "graphfold ms", "original / graphfold"]
     assert len(rows) == 1
+
+
+@pytest.mark.parametrize("name", [m.name for m in _load("mutants").MUTANTS if m.cheap])
+def test_the_cheap_mutants_are_caught(name):
+    """Each deliberate breakage of graphfold (``tools/mutants.py``) that CI runs is caught by a
+    failing test; an edit whose text moved fails here too (update the mutant with the code)."""
+    mutants = _load("mutants")
+    [mutant] = [m for m in mutants.MUTANTS if m.name == name]
+    result = mutants.run(mutant)
+    assert result["caught"], f"{name} survived: {mutant.breaks}\n{result['output']}"
+
+
+def test_a_mutant_whose_text_moved_is_an_error(tmp_path):
+    mutants = _load("mutants")
+    (tmp_path / "graphfold").mkdir()
+    (tmp_path / "graphfold" / "rewrite.py").write_text("nothing to replace here\n")
+    with pytest.raises(ValueError, match="rewrite-folds-nothing: the text to replace is in "
+                                         "graphfold/rewrite.py 0 times"):
+        mutants.apply_edits(str(tmp_path), mutants.MUTANTS[0])

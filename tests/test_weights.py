@@ -26,6 +26,12 @@ def _largest_const(path: str) -> int:
                default=0)
 
 
+def _batch_norms(path: str) -> int:
+    """Batch norms left in a SavedModel's graph and functions (``helpers.batch_norm_census``)."""
+    from helpers import batch_norm_census
+    return batch_norm_census(read_saved_model(path).meta_graphs[0].graph_def)
+
+
 def _variables_bytes(path: str) -> int:
     folder = os.path.join(path, "variables")
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
@@ -53,6 +59,7 @@ def test_auto_switches_to_variables_above_the_threshold(src, tmp_path, monkeypat
     kernels = sum(v.shape.num_elements() * 4 for v in
                   loaded.signatures["serving_default"].variables if len(v.shape) == 4)
     assert _variables_bytes(dst) > kernels
+    assert _batch_norms(source) == 7 and _batch_norms(dst) == 0      # folded, not copied
     for key in ("serve", "serving_default"):
         _assert_same_outputs(source, dst, key)
 
@@ -72,13 +79,18 @@ def test_variables_on_every_kind_of_source(src, tmp_path, name):
     result = graphfold.optimize_saved_model(source, dst, weights="variables")
     assert result.weights == "variables" and result.written
     assert all(v.status != "failed" for v in result.verification.values())
+    if name == "table":     # a lookup table and a variable-assigning batch norm stay
+        assert sorted(result.unchanged) == ["lookup", "train_keras"]
+        assert len(result["serving_default"].folded) == 1
+    else:
+        assert not result.unchanged and _batch_norms(source) > 0 and _batch_norms(dst) == 0
     for key in result:
         if key not in result.unchanged and result.verification[key].status == "ok":
             _assert_same_outputs(source, dst, key)
 
 
 def test_a_bad_weights_value_is_refused(src, tmp_path, capsys):
-    with pytest.raises(BadInput, match="weights must be one of auto, constants, variables"):
+    with pytest.raises(BadInput, match="weights='bytes': must be one of auto, constants, variables"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="bytes")
     assert main(["optimize", src("keras3"), str(tmp_path / "out"), "--weights", "bytes"]) == 2
     err = capsys.readouterr().err
@@ -92,6 +104,8 @@ def test_cli_weights_variables_reports_it(src, tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert document["weights"] == "variables"
     assert _largest_const(str(dst)) < 1024
+    assert all(s["rewritten"] for s in document["signatures"].values())
+    assert _batch_norms(str(dst)) == 0
 
 
 def test_one_function_under_two_keys_is_folded_once(src, tmp_path, monkeypatch):
@@ -171,7 +185,7 @@ def test_inspect_reports_both_keys_of_one_function(src, capsys):
 
 def test_constants_past_the_protobuf_limit_are_refused(src, tmp_path, monkeypatch):
     monkeypatch.setattr(saved_model, "PROTOBUF_LIMIT", 1000)         # bytes: this model is over
-    with pytest.raises(BadInput, match="cannot be constants.*--weights variables"):
+    with pytest.raises(BadInput, match="weights='constants': .*cannot be constants.*use variables"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="constants")
     assert not os.listdir(tmp_path)                                  # nothing written
 
