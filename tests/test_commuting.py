@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, bn_scale_shift,
-                     check_rewrite, decomposed_bn, make, nodes_of, randomise_keras_model, weight,
-                     weight_of)
+                     check_rewrite, const_value, decomposed_bn, make, nodes_of,
+                     randomise_keras_model, weight, weight_of)
 from helpers import fused_bn as bn
 
 RNG = np.random.default_rng(1919)
@@ -95,7 +95,7 @@ def test_dense_then_transpose_then_a_channels_first_bn():
 # ---- resizes ---------------------------------------------------------------------------------------
 def nearest_by_tile(y):
     """Keras 3's UpSampling2D: ExpandDims → Tile → Reshape, per spatial axis."""
-    n, h, w, c = [-1 if d is None else d for d in y.shape]
+    _, h, w, c = [-1 if d is None else d for d in y.shape]
     y = tf.reshape(tf.tile(tf.expand_dims(y, 2), [1, 1, 2, 1, 1]), [-1, 2 * h, w, c])
     return tf.reshape(tf.tile(tf.expand_dims(y, 3), [1, 1, 1, 2, 1]), [-1, 2 * h, 2 * w, c])
 
@@ -145,6 +145,10 @@ def test_backward_into_a_dilated_valid_depthwise_whose_padding_is_cropped():
     s, t = bn_scale_shift(p)
     np.testing.assert_allclose(the_weight(folded, "DepthwiseConv2dNative"), w * s[:, None],
                                rtol=1e-6)
+    [bias_add] = nodes_of(folded.graph_def, "BiasAdd")       # the shift, W ⊛ t: no padding read
+    np.testing.assert_allclose(const_value(folded.graph_def, bias_add.input[1]),
+                               np.einsum("hwcm,c->cm", w.astype(np.float64), t).reshape(-1),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_space_to_batch_padding_that_is_not_cropped_still_blocks_the_shift():

@@ -54,7 +54,7 @@ def test_a_shift_folded_backward_goes_into_the_dense_layers_own_bias():
     assert_absorbed(folded, "backward", "MatMul")
     counts = op_counts(folded.graph_def)
     assert counts["BiasAdd"] == 0 and counts["AddV2"] == 1, counts
-    s, t = bn_scale_shift(p)
+    _, t = bn_scale_shift(p)
     [add] = nodes_of(folded.graph_def, "AddV2")
     nodes = {n.name: n for n in folded.graph_def.node}
     value = tf.make_ndarray(nodes[add.input[1]].attr["value"].tensor)

@@ -48,7 +48,7 @@ def _child(args) -> None:
             print(f"REWRITE {seed}", flush=True)
             folded, err = graphgen.check(case)
             fetched, fetch_err = graphgen.check_fetches(
-                case, phase=lambda name: print(f"{name} {seed}", flush=True))
+                case, phase=lambda name, seed=seed: print(f"{name} {seed}", flush=True))
         except Exception as exc:  # noqa: BLE001 (every failure is reported with its seed)
             text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             if case is not None:
