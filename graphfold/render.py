@@ -37,11 +37,11 @@ def entry_table(entries) -> str:
         if not e.is_batch_norm and not e.folded and e.reason is None:
             continue
         label = e.name if e.is_batch_norm else f"{e.name} (affine)"
-        if e.folded:
-            into = ", ".join(e.absorbed_by)
+        if e.folded or e.partial:
+            into = e.detail or ", ".join(e.absorbed_by)
             if e.leaves:
                 into += f" (leaves: {', '.join(e.leaves)})"
-            rows.append((label, e.form, e.direction, into))
+            rows.append((label, e.form, "partial" if e.partial else e.direction, into))
         else:
             rows.append((label, e.form, "no", e.reason or ""))
     return format_table(rows)

@@ -13,9 +13,10 @@ wrote it, so they apply whatever release runs graphfold. An occurrence the origi
 had is left as it is: the original computes that way on this TensorFlow too, and the result must
 compute what the original computes; a note says so.
 
-Two other TensorFlow bugs are refusals, kept where the fold decides (``apply._check_new_bias``: a
-bias after an EXPLICIT-padded depthwise convolution aborts the process; ``plan._pad_meets_conv``:
-the oneDNN Pad+Conv2D fusion drops a batch or channel padding).
+Two other TensorFlow bugs are refusals, kept where the fold decides (the depthwise entry's
+``refuse_bias`` in ``layers.LINEAR``: a bias after an EXPLICIT-padded depthwise convolution aborts
+the process; ``plan._pad_meets_conv``: the oneDNN Pad+Conv2D fusion drops a batch or channel
+padding).
 """
 
 from __future__ import annotations
