@@ -7,6 +7,8 @@ The public names are imported when first used (PEP 562): ``import graphfold`` an
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 from graphfold.version import __version__  # noqa: F401
 
@@ -40,3 +42,18 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES, *_SUBMODULES])
+
+
+class _Package(types.ModuleType):
+    """The package: importing its submodule ``graphfold.rewrite`` (which ``saved_model`` does)
+    must not hide the public function ``graphfold.rewrite`` behind the module. Python binds a
+    submodule on its package once it is imported; a public name of ``_HOMES`` stays its
+    function (``__getattr__``), the submodule stays in ``sys.modules``."""
+
+    def __setattr__(self, name, value):
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

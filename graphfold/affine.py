@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -18,9 +19,6 @@ from graphfold import formats
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, tensor_name
 
-FUSED_BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
-BATCH_NORM_OPS = FUSED_BATCH_NORMS + ("BatchNormWithGlobalNormalization",)
-ELEMENTWISE = ("Mul", "RealDiv", "Add", "AddV2", "BiasAdd", "Sub")
 FLOAT_TYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
@@ -116,16 +114,70 @@ def batch_norm_name(node_name: str) -> str | None:
 
 def fused_layer_name(node_name: str) -> str:
     parts = node_name.split("/")
-    if len(parts) >= 2 and parts[-1].startswith("FusedBatchNorm"):
+    if len(parts) >= 2 and any(parts[-1].startswith(op) for op in FUSED_BATCH_NORMS):
         return parts[-2]
     return parts[-1]
 
 
+# ---- the sources of A, one entry per op ----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Elementwise:
+    """``op(x, k)`` (or ``op(k, x)``, ``x_index`` 1) with k a per-channel constant vector ``v``:
+    ``affine(v, x_index)`` gives (s, t), or None when that form is not an A (``x / 0``,
+    ``k / x``). ``format_axis``: k's channel axis is the op's ``data_format`` (``BiasAdd``)."""
+    affine: Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray] | None"]
+    format_axis: bool = False
+
+
+def _divide(v, x_index):
+    return None if x_index != 0 or np.any(v == 0) else (1 / v, np.zeros_like(v))
+
+
+def _subtract(v, x_index):
+    return (np.ones_like(v), -v) if x_index == 0 else (-np.ones_like(v), v)
+
+
+def _shift(v, x_index):
+    return np.ones_like(v), v
+
+
+ELEMENTWISE_OPS: dict[str, Elementwise] = {
+    "Mul": Elementwise(lambda v, x_index: (v, np.zeros_like(v))),
+    "RealDiv": Elementwise(_divide),
+    "Add": Elementwise(_shift),
+    "AddV2": Elementwise(_shift),
+    "BiasAdd": Elementwise(_shift, format_axis=True),
+    "Sub": Elementwise(_subtract),
+}
+ELEMENTWISE = tuple(ELEMENTWISE_OPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormOp:
+    """A batch-norm op: the inputs holding γ, β, μ, σ² (in that order), its ε attribute, its
+    channel axis, and whether it only normalises with its inputs (``fused``: ``is_training``
+    and outputs 1-5 exist)."""
+    params: tuple[int, int, int, int]
+    epsilon: str
+    fused: bool
+
+
+_FUSED = BatchNormOp(params=(1, 2, 3, 4), epsilon="epsilon", fused=True)
+BATCH_NORMS: dict[str, BatchNormOp] = {
+    "FusedBatchNorm": _FUSED, "FusedBatchNormV2": _FUSED, "FusedBatchNormV3": _FUSED,
+    "BatchNormWithGlobalNormalization": BatchNormOp(params=(4, 3, 1, 2),
+                                                    epsilon="variance_epsilon", fused=False),
+}
+BATCH_NORM_OPS = tuple(BATCH_NORMS)
+FUSED_BATCH_NORMS = tuple(op for op, entry in BATCH_NORMS.items() if entry.fused)
+
+
 def recognise(graph: Graph, node) -> Affine | None:
     """The A computed by ``node`` alone, or None when ``node`` is not an affine op."""
-    if node.op in BATCH_NORM_OPS:
-        return _batch_norm(graph, node)
-    if node.op not in ELEMENTWISE:
+    if node.op in BATCH_NORMS:
+        return _batch_norm(graph, node, BATCH_NORMS[node.op])
+    entry = ELEMENTWISE_OPS.get(node.op)
+    if entry is None:
         return None
     dtype = graph.dtype(node)
     if dtype not in FLOAT_TYPES:
@@ -140,58 +192,39 @@ def recognise(graph: Graph, node) -> Affine | None:
     k = b if b is not None else a
     x = inputs[x_index]
     shape = graph.shape(x)
-    if node.op == "BiasAdd":
+    if entry.format_axis:
         if shape is None:
             return None
         axis = formats.channel_axis(formats.data_format(node), len(shape))
-        vec = k.reshape(-1).astype(np.float64)
-        per_channel = (vec, axis)
+        per_channel = (k.reshape(-1).astype(np.float64), axis)
     else:
         per_channel = _per_channel(k, shape)
     if per_channel is None:
         return None
     vec, axis = per_channel
-    ones, zeros = np.ones_like(vec), np.zeros_like(vec)
-    if node.op == "Mul":
-        s, t = vec, zeros
-    elif node.op == "RealDiv":
-        if x_index != 0 or np.any(vec == 0):
-            return None
-        s, t = 1 / vec, zeros
-    elif node.op == "Sub":
-        s, t = (ones, -vec) if x_index == 0 else (-ones, vec)
-    else:
-        s, t = ones, vec
+    scale_shift = entry.affine(vec, x_index)
+    if scale_shift is None:
+        return None
+    s, t = scale_shift
     name = batch_norm_name(node.name)
     return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=len(shape), dtype=dtype,
                   batch_norms=[name] if name else [], form=node.op)
 
 
-def _batch_norm(graph: Graph, node) -> Affine | None:
+def _batch_norm(graph: Graph, node, op: BatchNormOp) -> Affine | None:
     inputs = graph.data_inputs(node)
-    x = inputs[0]
-    shape = graph.shape(x)
+    shape = graph.shape(inputs[0])
     rank = len(shape) if shape is not None else 4
     dtype = graph.dtype(node)
-    if node.op == "BatchNormWithGlobalNormalization":
-        mean, var, beta, gamma = (graph.const(t) for t in inputs[1:5])
-        eps = node.attr["variance_epsilon"].f
-        if not node.attr["scale_after_normalization"].b and gamma is not None:
-            gamma = np.ones_like(gamma)
-        axis, blocked = rank - 1, None
-        name = fused_layer_name(node.name)
-    else:
-        gamma, beta, mean, var = (graph.const(t) for t in inputs[1:5])
-        eps = node.attr["epsilon"].f
-        axis = formats.channel_axis(formats.data_format(node), rank)
-        blocked = None
-        if node.attr["is_training"].b:
-            blocked = Blocked(node.name, "training mode (is_training=true): it normalises with "
-                                         "batch statistics")
-        elif any(graph.consumers(tensor_name(node.name, i)) or
-                 graph.is_fetched(tensor_name(node.name, i)) for i in range(1, 6)):
-            blocked = Blocked(node.name, "outputs 1-5 (batch statistics) are used")
-        name = fused_layer_name(node.name)
+    gamma, beta, mean, var = (graph.const(inputs[i]) for i in op.params)
+    eps = node.attr[op.epsilon].f
+    # every op but the fused ones (BatchNormWithGlobalNormalization) is channels-last
+    axis = formats.channel_axis(formats.data_format(node), rank) if op.fused else rank - 1
+    blocked = _fused_blocked(graph, node) if op.fused else None
+    if "scale_after_normalization" in node.attr and \
+            not node.attr["scale_after_normalization"].b and gamma is not None:
+        gamma = np.ones_like(gamma)
+    name = fused_layer_name(node.name)
     params = [gamma, beta, mean, var]
     if blocked or any(p is None for p in params):
         return Affine(nodes=[node.name], s=np.ones(1), t=np.zeros(1), axis=axis, rank=rank,
@@ -207,6 +240,18 @@ def _batch_norm(graph: Graph, node) -> Affine | None:
                                                 "negative variance)")
     return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=rank, dtype=dtype,
                   batch_norms=[name], form=node.op, blocked=blocked)
+
+
+def _fused_blocked(graph: Graph, node) -> Blocked | None:
+    """Why a fused batch norm computes more than an A: training mode, or its batch statistics
+    (outputs 1-5) are read."""
+    if node.attr["is_training"].b:
+        return Blocked(node.name, "training mode (is_training=true): it normalises with batch "
+                                  "statistics")
+    if any(graph.consumers(tensor_name(node.name, i)) or
+           graph.is_fetched(tensor_name(node.name, i)) for i in range(1, 6)):
+        return Blocked(node.name, "outputs 1-5 (batch statistics) are used")
+    return None
 
 
 def find_affines(graph: Graph) -> list[Affine]:

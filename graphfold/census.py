@@ -10,11 +10,17 @@ functions it calls. Each one the recogniser missed becomes a report entry with t
 from __future__ import annotations
 
 import collections
+import dataclasses
+import re
 
 from graphfold.affine import (BATCH_NORM_OPS, ELEMENTWISE, Affine, batch_norm_name,
                               batch_norm_scope, fused_layer_name)
 from graphfold.graph import Graph
 from graphfold.report import Entry
+from graphfold.rules import IDENTITIES
+
+# Ops between a frozen variable and the batch norm that reads it (mixed precision casts it).
+_READS = IDENTITIES + ("Cast",)
 
 DECOMPOSED = "decomposed (x*inv+offset)"
 
@@ -86,6 +92,70 @@ def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
     return node.name, (f"{node.name}: not a per-channel affine map of constants (a constant "
                        "broadcasts along a non-channel axis, or an op that is not a multiply or "
                        "an add)")
+
+
+# ---- names: the Keras layer's, never a node graphfold made ----------------------------------------
+def layer_names(graph: Graph, variables: dict[str, str]) -> dict[str, str]:
+    """``{node of a batch-norm layer: the layer's name}``, from the variables it reads
+    (``conv1_bn/gamma`` → ``conv1_bn``; a nested layer keeps its path), where they all name one
+    layer. Keras 3's name scopes carry TensorFlow's uniquifying suffix (``conv1_bn_1``), and an
+    auto-named layer's scope can be another layer's name: its variables cannot."""
+    names = {}
+    for nodes in batch_norm_layers(graph.graph_def.node).values():
+        owners = {_variable_read(graph, tensor, variables).rpartition("/")[0]
+                  for node in nodes for tensor in graph.data_inputs(node)} - {"", "/"}
+        owners.discard("")
+        if len(owners) == 1:
+            owner = owners.pop()
+            names.update((node.name, owner) for node in nodes)
+    return names
+
+
+def _variable_read(graph: Graph, tensor: str, variables: dict[str, str]) -> str:
+    """The variable behind ``tensor`` (through Identity and Cast), or ""."""
+    for _ in range(8):
+        node = graph.producer(tensor)
+        if node.name in variables:
+            return variables[node.name]
+        if node.op not in _READS or not graph.data_inputs(node):
+            return ""
+        tensor = graph.data_inputs(node)[0]
+    return ""
+
+
+def renamed(entries: list[Entry], names: dict[str, str]) -> list[Entry]:
+    """Each batch-norm entry under its layer's name (``layer_names``), where known."""
+    for entry in entries:
+        known = [names[node] for node in entry.nodes if node in names]
+        if entry.is_batch_norm and known:
+            entry.name = known[0]
+    return entries
+
+
+def in_user_names(entry: Entry, created: dict[str, str]) -> Entry:
+    """``entry`` with every node graphfold created (a folded bias, a multiply-add) in its reason
+    and blocker replaced by the node of the original graph it stands for."""
+    if not created or entry.reason is None and not entry.tried:
+        return entry
+
+    def user(text: str) -> str:
+        return _CREATED.sub(lambda m: _origin(m.group(0), created), text)
+
+    return dataclasses.replace(
+        entry, reason=None if entry.reason is None else user(entry.reason),
+        blocker=None if entry.blocker is None else _origin(entry.blocker, created),
+        tried={k: user(v) for k, v in entry.tried.items()})
+
+
+_CREATED = re.compile(r"[^\s:;,()']+/(?:folded_\w+|graphfold_\w+)")
+
+
+def _origin(name: str, created: dict[str, str]) -> str:
+    for _ in range(8):
+        if name not in created:
+            return name
+        name = created[name]
+    return name
 
 
 def in_function_bodies(graph_def, skip=frozenset()) -> list[Entry]:

@@ -5,6 +5,7 @@ A signature is verified on, in this order of preference: the inputs the user gav
 / ``--input_exprs``, API ``inputs=``) when they address it; else SRC's TF Serving warm-up records
 that call it (the first ``WARMUP_VERIFIED`` of them); else random inputs (``verify.py``).
 A signature whose original fails on random inputs and that has no real inputs is NOT VERIFIED.
+``rewrite`` checks its own result the same way, on random inputs (``self_check``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import os
 
 import numpy as np
 
+from graphfold import input_shapes as input_shapes_
 from graphfold import inputs as inputs_
-from graphfold.errors import BadInput
+from graphfold.errors import BadInput, VerificationFailed
 from graphfold import noise, warmup
 from graphfold.options import spelled, with_value
-from graphfold.verify import Verification, input_specs, verify
+from graphfold.verify import Verification, input_labels, input_specs, verify
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
 
@@ -76,12 +78,21 @@ def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
     return feeds
 
 
+def shapes_for(loaded, keys: list[str], input_shapes: dict | None) -> dict[str, dict]:
+    """signature -> {input: shape} of the shapes the user gave (``input_shapes.check``)."""
+    specs = {key: input_specs(loaded.signatures[key]) for key in keys}
+    return input_shapes_.check(input_shapes, specs)
+
+
 def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict]],
-               recorded: dict[str, list[dict]], *, tolerance: float, batch: int,
-               progress) -> dict[str, Verification]:
+               recorded: dict[str, list[dict]], *, tolerance: float | None, batch: int,
+               progress, shapes: dict[str, dict] | None = None) -> dict[str, Verification]:
     """key -> Verification of ``candidate.signatures[key]`` against ``reference``'s, on the
-    preferred inputs of each signature, with the noise floor measured on a failure."""
+    preferred inputs of each signature, with the noise floor measured on a failure. A signature
+    verified on random inputs takes the ``shapes`` given for it, else those of the given inputs
+    or warm-up records of the same name (``input_shapes.py``)."""
     checks = {}
+    seen = input_shapes_.from_feeds({**recorded, **given})
     for key in keys:
         original = reference.signatures[key]
         if key in given:
@@ -92,8 +103,9 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
                            feeds=recorded[key],
                            source=f"warm-up records ({len(recorded[key])})")
         else:
+            hints = input_shapes_.compatible(seen, input_specs(original))
             check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           batch=batch)
+                           batch=batch, shapes={**hints, **(shapes or {}).get(key, {})})
         if check.reference_failed:      # real inputs the original itself cannot run
             raise _bad(f"signature '{key}': {check.reason}")
         if check.status == "skipped":
@@ -149,3 +161,40 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
     return existing + added
+
+
+# ---- rewrite's own check ------------------------------------------------------------------------
+
+def rewrite_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
+    """``rewrite``'s ``input_shapes`` checked against ``concrete``'s inputs (``BadInput``, as
+    ``tolerance`` is)."""
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
+                       f"{tolerance!r}")
+    if not verify:
+        if input_shapes:
+            raise BadInput("input_shapes is for the verification: not with verify=False")
+        return {}
+    checked = input_shapes_.check(input_shapes, {"rewrite": input_labels(concrete)})
+    return checked.get("rewrite", {})
+
+
+def self_check(folded, concrete, tolerance, shapes: dict, image_size: int) -> None:
+    """``rewrite``'s own check: ``folded`` (a FoldedFunction) against ``concrete`` on random
+    inputs (``verify``, ``noise.judge``); the outcome in its report; ``VerificationFailed``
+    giving the folded error and the freeze-only noise floor when it fails."""
+    check = verify("rewrite", concrete, folded.function, tolerance=tolerance, shapes=shapes,
+                   image_size=image_size)
+    noise.judge(check, concrete)
+    folded.report.verification = check
+    folded.report.seconds["verify"] = check.seconds
+    if check.status != "failed":
+        return
+    floor = "not measured" if check.noise_floor is None else f"{check.noise_floor:.3g}"
+    raise VerificationFailed(
+        f"rewrite: the folded function does not compute what the original computes: "
+        f"{check.reason}; folded max rel error {check.max_rel:.3g}, freeze-only noise floor "
+        f"{floor}, on {check.source} "
+        + ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
+        + " (the FoldedFunction is the exception's .result; verify=False skips this check)",
+        folded)

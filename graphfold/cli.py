@@ -17,7 +17,8 @@ import warnings
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
 from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
-from graphfold.render import dumps, format_table, render_reports, render_verification, totals
+from graphfold.render import (dumps, format_table, render_reports, render_scan,
+                              render_verification, totals)
 from graphfold.version import __version__
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
@@ -84,8 +85,10 @@ FLAGS = {"signatures": "--signature", "tags": "--tag-set", "verify": "--no-verif
          "require_verification": "--require-verification", "warmup": "--warmup",
          "drop_other_tag_sets": "--drop-other-tag-sets", "input_names": "--input-names",
          "output_names": "--output-names", "inputs": "--inputs", "overwrite": "--overwrite",
+         "input_shapes": "--input-shape",
          "versions": "--versions", "runner": "--runner", "jobs": "--jobs",
-         "model_config": "--model-config", "report": "--report", "out": "--out"}
+         "model_config": "--model-config", "report": "--report", "out": "--out",
+         "allow_ops": "--allow-ops"}
 _GIVEN = argparse.SUPPRESS        # an option flag's default: absent from args unless given
 
 
@@ -103,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _selection(ins)
     _graph_def_names(ins)
+    _consent(ins)
     ins.add_argument("--verbose", "-v", action="store_true",
                      help="show the traceback of a failure")
     _output(ins)
@@ -134,6 +138,7 @@ def _optimize_parser(commands) -> None:
     _selection(opt)
     _graph_def_names(opt)
     _writing(opt)
+    _consent(opt)
     opt.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     opt.add_argument("--overwrite", action="store_true",
                      help="replace DST if it is an existing SavedModel (or empty directory)")
@@ -157,6 +162,7 @@ def _verify_parser(commands) -> None:
     _checking(ver)
     ver.add_argument("--require-verification", action="store_true", default=_GIVEN,
                      help="exit 1 if a signature cannot be verified")
+    _consent(ver)
     _output(ver)
 
 
@@ -166,6 +172,14 @@ def _selection(parser):
                         default=_GIVEN, help="signature key to fold (repeatable; default all)")
     parser.add_argument("--tag-set", "--tag_set", metavar="TAGS", dest="tags", default=_GIVEN,
                         help="comma-separated tag set of the MetaGraph (default serve)")
+
+
+def _consent(parser):
+    parser.add_argument("--allow-ops", "--allow_ops", metavar="A,B", default=_GIVEN,
+                        help="ops reaching outside the graph (file, network, Python, print: "
+                             "WriteFile, PrintV2, ...) that graphfold may run; a signature "
+                             "holding others is not run (NOT VERIFIED), a model whose loading "
+                             "runs others is not loaded")
 
 
 def _graph_def_names(parser):
@@ -179,7 +193,9 @@ def _graph_def_names(parser):
 
 def _checking(parser):
     parser.add_argument("--tolerance", type=float, metavar="T", default=_GIVEN,
-                        help="largest relative error max|a-b|/max|a| accepted (default 1e-5)")
+                        help="largest relative error max|a-b|/max|a| accepted (default: by "
+                             "the lowest precision an output or the model computes in: 1e-5 "
+                             "for float32, 2e-2 for float16, 6e-2 for bfloat16)")
     parser.add_argument("--batch", type=int, metavar="N", default=_GIVEN,
                         help="size of an unknown batch dimension of random inputs (default 1)")
 
@@ -222,12 +238,25 @@ def _names(text):
 
 
 def _real_inputs(parser):
+    parser.add_argument("--input-shape", "--input_shape", action="append", dest="input_shapes",
+                        type=_shape_entry, metavar="KEY=D1,D2,...", default=_GIVEN,
+                        help="shape of the random inputs for KEY where its signature leaves "
+                             "dimensions unknown, e.g. x=1,224,224,3 (repeatable; default: the "
+                             "given inputs' or warm-up records' shapes, else 224x224 images)")
     parser.add_argument("--inputs", action="append", metavar="KEY=FILE",
                         help="real inputs to verify on, as saved_model_cli run takes them: "
                              "'KEY=file.npy;KEY2=file.npz[name]' (repeatable)")
     parser.add_argument("--input_exprs", "--input-exprs", action="append", dest="input_exprs",
                         metavar="KEY=EXPR",
                         help="real inputs as Python literals: 'KEY=[[1.0, 2.0]]' (repeatable)")
+
+
+def _shape_entry(text):
+    from graphfold.input_shapes import parse_entry
+    try:
+        return parse_entry(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _output(parser):
@@ -266,6 +295,7 @@ def cmd_optimize(args, console: Console) -> int:
     result.seconds["total"] = console.elapsed()
 
     render_reports(result, console, full=args.verbose)
+    render_scan(result, console, always=False)
     render_verification(result, console)
     document = {"command": "optimize", "status": "ok" if failure is None else
                 "verification_failed", "exit_code": EXIT_OK if failure is None else EXIT_VERIFY,
@@ -277,7 +307,7 @@ def cmd_optimize(args, console: Console) -> int:
         console.progress(f"report written to {args.report}")
     console.json(document)
     if failure is not None:
-        console.error(str(failure))
+        console.error(str(failure) + _where_to_look(result, args))
         return EXIT_VERIFY
     bns, folded, before, after = totals(result)
     signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
@@ -288,6 +318,20 @@ def cmd_optimize(args, console: Console) -> int:
                   f"ops {before} -> {after}; {verification_status(result)}; "
                   f"{result.seconds['total']:.1f}s")
     return EXIT_OK
+
+
+def _where_to_look(result, args) -> str:
+    """Which outputs failed, and where the details are: appended to a failure's message."""
+    bad = sorted({f"{key}/{o.name}" for key, check in result.verification.items()
+                  if check.status == "failed" for o in check.outputs
+                  if o.tolerance is not None and not o.max_rel <= o.tolerance})
+    text = f" [failed output(s): {', '.join(bad)}]" if bad else ""
+    if args.command == "verify":
+        return f"{text}; every output's errors: --json"
+    report = f"the report {args.report}" if getattr(args, "report", None) else \
+        "--report FILE.json (every output's errors)"
+    return (f"{text}; look at the verification table above, {report}, and `graphfold inspect "
+            f"{args.src}` for what was folded where")
 
 
 def signature_counts(result) -> str:
@@ -303,8 +347,8 @@ def signature_counts(result) -> str:
 
 
 def verification_status(result, compared: list[str] | None = None) -> str:
-    """"verified", "verified (within noise: ...)", "not verified (--no-verify)", or
-    "NOT VERIFIED: key (reason)" for the final line: about the rewritten signatures only (a
+    """"verified", "verified (within noise: ...)", "not verified (--no-verify)",
+    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line: about the rewritten signatures only (a
     signature copied through was not optimized, whatever its check says), or the ``compared``
     ones (``graphfold verify``)."""
     rewritten = result.rewritten if compared is None else compared
@@ -313,10 +357,18 @@ def verification_status(result, compared: list[str] | None = None) -> str:
     if not result.verification:
         return "not verified (--no-verify)"
     checks = {k: result.verification[k] for k in rewritten if k in result.verification}
-    unverified = sorted(k for k in rewritten if k not in checks or checks[k].status != "ok")
+    unverified = sorted(k for k in rewritten if k not in checks or
+                        checks[k].status not in ("ok", "inconclusive"))
+    inconclusive = sorted(k for k, v in checks.items() if v.status == "inconclusive")
+    said = []
     if unverified:
-        return "NOT VERIFIED: " + "; ".join(
-            f"{k} ({checks[k].reason if k in checks else 'not checked'})" for k in unverified)
+        said.append("NOT VERIFIED: " + "; ".join(
+            f"{k} ({checks[k].reason if k in checks else 'not checked'})" for k in unverified))
+    if inconclusive:
+        said.append("INCONCLUSIVE: " + "; ".join(f"{k} ({checks[k].reason})"
+                                                 for k in inconclusive))
+    if said:
+        return "; ".join(said)
     noisy = sorted(k for k, v in checks.items() if v.noise_floor is not None)
     if noisy:
         return f"verified (within the noise floor: {', '.join(noisy)})"
@@ -336,7 +388,7 @@ def cmd_verify(args, console: Console) -> int:
     result.seconds["total"] = console.elapsed()
     render_verification(result, console)
     failed = sorted(k for k, v in result.verification.items() if not v.ok)
-    unverified = result.not_verified
+    unverified = sorted(result.not_verified + result.inconclusive)
     code = EXIT_VERIFY if failed or (unverified and options.require_verification) else EXIT_OK
     document = {"command": "verify", "status": "ok" if code == EXIT_OK else
                 "verification_failed", "exit_code": code, "src": result.src,
@@ -348,7 +400,8 @@ def cmd_verify(args, console: Console) -> int:
     if failed:
         console.error(f"{args.dst} differs from {args.src} in signature(s) "
                       f"{', '.join(failed)}: " + "; ".join(result.verification[k].reason or ""
-                                                           for k in failed))
+                                                           for k in failed) +
+                      _where_to_look(result, args))
     elif code != EXIT_OK:
         console.error(f"--require-verification: signature(s) {', '.join(unverified)} NOT "
                       f"VERIFIED")
@@ -370,6 +423,7 @@ def cmd_inspect(args, console: Console) -> int:
     result = inspect(args.src, options=Options(**given), progress=console.progress)
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
+    render_scan(result, console)
     bns, folded, before, after = totals(result)
     console.print(f"{args.src}: {len(result)} signature(s); {folded} of {bns} batch norms "
                   f"foldable; ops {before} -> {after} (nothing written)")
@@ -509,6 +563,7 @@ def add_repo_parser(commands) -> None:
                       help="write TF Serving's model_config_list for DST_BASE to FILE")
     _selection(repo)
     _writing(repo)
+    _consent(repo)
     _output(repo)
 
 

@@ -108,6 +108,21 @@ def render_latency(key: str, ms: dict[str, float], console) -> None:
                   f"{ms['frozen'] / ms['optimized']:.2f}x from folding)")
 
 
+def require_runnable(path: str, keys: list[str], tags=("serve",), allow_ops=()) -> None:
+    """Raises ``BadInput`` unless the SavedModel ``path`` can be loaded and signatures ``keys``
+    run without running an op reaching outside the graph that ``allow_ops`` does not allow
+    (``graphfold.scan``): the gate before the demo's timing."""
+    from graphfold import scan
+    from graphfold.options import Options
+    from graphfold.saved_model import meta_graph_for, read_saved_model
+    allowed = Options(allow_ops=allow_ops).allow_ops
+    found = scan.scan_meta_graph(meta_graph_for(read_saved_model(path), path, tags), keys)
+    scan.check_loading(found, allowed, path)
+    held = scan.held_back([f for key in keys for f in found.signatures[key]], allowed)
+    if held:
+        raise BadInput(f"{path}: {scan.not_run_reason(held)}")
+
+
 def _prepare(out: str | None) -> str:
     if out is None:
         return tempfile.mkdtemp(prefix="graphfold-demo-")
@@ -161,10 +176,17 @@ def run_demo(out: str | None, console) -> int:
     console.progress(f"timing the original, the frozen original (nothing folded) and the "
                      f"optimized model (serving_default, batch {BATCH}, {CALLS} rounds)")
     key = "serving_default"
+<<<<<<< HEAD
     loaded = {name: tf.saved_model.load(path) for name, path in
               (("original", original), ("optimized", optimized))}
     functions = {name: model.signatures[key] for name, model in loaded.items()}
     functions["frozen"] = freeze_only(functions["original"])
+=======
+    for path in (original, optimized):      # the demo's own model: clean, but gated all the same
+        require_runnable(path, [key])
+    before = tf.saved_model.load(original).signatures[key]
+    after = tf.saved_model.load(optimized).signatures[key]
+>>>>>>> main
     rng = np.random.default_rng(1)
     inputs = {"image": tf.constant(rng.standard_normal((BATCH,) + INPUT_SHAPE), tf.float32)}
     ms = compare_latency(functions, inputs)

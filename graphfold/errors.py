@@ -1,9 +1,10 @@
 """Every "no" graphfold says, in one module.
 
 ``Blocked`` is the one representation of "no, because ...": a node and the rule that failed. The
-planner returns it as a value; the weight computation raises it (a folded value that overflows
-its dtype); a batch norm that can never fold (training mode) carries it; freezing raises its
-subclass ``NotFreezable``. The ``GraphfoldError`` family are the errors a user of the SavedModel
+folding engine returns it as a value, never raises it (the planner, the weight computation when a
+folded value overflows its dtype, a layer table entry that cannot take a fold, a call left as it
+is); a batch norm that can never fold (training mode) carries it; freezing raises its subclass
+``NotFreezable``. The ``GraphfoldError`` family are the errors a user of the SavedModel
 API and the CLI sees (each with its exit code).
 """
 
@@ -23,12 +24,6 @@ class Blocked(Exception):
 
     def __str__(self) -> str:
         return f"{self.node}: {self.reason}" if self.node else self.reason
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Blocked) and (self.node, self.reason) == (other.node, other.reason)
-
-    def __hash__(self) -> int:
-        return hash((self.node, self.reason))
 
 
 class NotFreezable(Blocked, ValueError):

@@ -13,6 +13,9 @@ APPLICATIONS = {
     "EfficientNetB0": 224, "InceptionV3": 299, "InceptionResNetV2": 299, "DenseNet121": 224,
     "NASNetMobile": 224,
 }
+# Pre-activation networks (BN → ReLU → conv), where partial folds matter: by name, not in the
+# default set of the fold table.
+PRE_ACTIVATION = {"ResNet50V2": 224, "DenseNet169": 224}
 
 
 def keras_module(legacy: bool):
@@ -72,15 +75,16 @@ def randomise(model, rng: np.random.Generator, negative_gamma: float = 0.3) -> i
     return count
 
 
-def application(name: str, legacy: bool = False, seed: int = 0):
-    """A ``keras.applications`` model (``weights=None``, no softmax), randomised; returns
+def application(name: str, legacy: bool = False, seed: int = 0, negative_gamma: float = 0.3):
+    """A ``keras.applications`` model (``weights=None``, no softmax; ``APPLICATIONS`` or
+    ``PRE_ACTIVATION``), randomised (``negative_gamma``: the share of negative γ); returns
     ``(model, input_size, number of BN layers)``."""
     keras = keras_module(legacy)
     keras.utils.set_random_seed(seed)        # kernels too: the same model on every run
-    size = APPLICATIONS[name]
+    size = {**APPLICATIONS, **PRE_ACTIVATION}[name]
     kwargs = dict(weights=None, input_shape=(size, size, 3))
     model = getattr(keras.applications, name)(classifier_activation=None, **kwargs)
-    count = randomise(model, np.random.default_rng(seed))
+    count = randomise(model, np.random.default_rng(seed), negative_gamma)
     return model, size, count
 
 

@@ -29,6 +29,9 @@ class Frozen:
     outputs: list[str]                # fetched tensors, in the flat order of the outputs
     shapes: dict[str, tuple | None]   # static shape of every tensor in the frozen graph
     weights: Weights | None = None    # values of the stub constants (see graphfold.weights)
+    variables: dict[str, str] = dataclasses.field(default_factory=dict)
+    """``{Const node: the name of the variable it froze}`` (``conv1_bn/gamma``): the path of the
+    Keras layer that owns it, which the report's names come from."""
 
 
 def as_concrete_function(fn) -> tf.types.experimental.ConcreteFunction:
@@ -113,7 +116,24 @@ def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None =
         # knows (a loaded SavedModel): infer them from its body, and everything after them.
         inferred = infer_shapes(graph_def, {t: shapes.get(t) for t in inputs})
         shapes = {t: _better(shape, inferred.get(t)) for t, shape in shapes.items()}
-    return Frozen(graph_def, inputs, outputs, shapes, weights)
+    return Frozen(graph_def, inputs, outputs, shapes, weights, variable_names(fn))
+
+
+def variable_names(fn: tf.types.experimental.ConcreteFunction) -> dict[str, str]:
+    """``{capture placeholder: variable name}`` (without ``:0``) for each variable ``fn``
+    captures; freezing gives each such placeholder's ``Const`` the placeholder's name. Empty when
+    the variables' owner is gone (TensorFlow then refuses to list them; their handles still
+    freeze)."""
+    try:
+        by_handle = {id(v.handle): v for v in fn.variables}
+    except AssertionError:          # "Called a function referencing variables which have been
+        return {}                   # deleted"
+    names = {}
+    for captured, placeholder in zip(fn.captured_inputs, fn.graph.internal_captures):
+        variable = by_handle.get(id(captured))
+        if variable is not None:
+            names[placeholder.op.name] = variable.name.split(":")[0]
+    return names
 
 
 def _better(a: tuple | None, b: tuple | None) -> tuple | None:

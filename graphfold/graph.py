@@ -48,6 +48,9 @@ class Graph:
         self.shapes: dict[str, tuple | None] = dict(shapes or {})
         self.outputs = {canonical(t) for t in outputs}   # tensors the caller fetches
         self._consts: dict[str, np.ndarray] = {}
+        # nodes a rewrite created -> the node of the original graph each stands for (a folded
+        # bias -> its layer), so that no report names a node the user never had
+        self.created: dict[str, str] = {}
         self._consumers: dict[str, list[str]] = collections.defaultdict(list)
         for node in graph_def.node:
             for tensor in node.input:
@@ -109,7 +112,7 @@ class Graph:
         return None if shape is None else len(shape)
 
     def dtype(self, node: node_def_pb2.NodeDef) -> tf.DType:
-        for key in ("T", "dtype", "Tout"):
+        for key in ("T", "dtype", "Tout", "DstT"):
             if key in node.attr and node.attr[key].type:
                 return tf.as_dtype(node.attr[key].type)
         raise KeyError(f"node {node.name} ({node.op}) has no T or dtype attribute")
@@ -189,6 +192,7 @@ class Graph:
                 raise ValueError(f"cannot hand the fetched name {old} to {new}")
             inner = self.unique_name(f"{old_name}/graphfold_inner")
             self._rename(old_name, inner)           # the fetched name is free ...
+            self.created[inner] = old_name
             self._rename(new_node.name, old_name)   # ... for the node that now computes it
         else:
             self.become(self.nodes[old_name], "Identity", [new], self.dtype(self.nodes[old_name]))

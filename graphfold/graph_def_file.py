@@ -19,8 +19,11 @@ from google.protobuf import message as pb_message
 from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
+from graphfold import scan as scan_
 from graphfold.checking import fix_hint
 from graphfold.graph import split_tensor
+from graphfold.input_shapes import check as check_shapes
+from graphfold.tolerance import words as tolerance_words
 from graphfold.inputs import check as check_feeds
 from graphfold.rewrite import optimize_graph_def
 from graphfold.options import (GRAPH_DEF_FILE, INSPECT_GRAPH_DEF_FILE, BadOption, Options,
@@ -173,6 +176,7 @@ def _rewrite(src, inputs, outputs, progress, result):
     result.seconds["rewrite"] = time.perf_counter() - clock
     result[KEY] = report
     result.all_signatures = [KEY]
+    result.scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
     progress(f"  {report.summary()}")
     return graph_def, optimized, inputs, outputs
 
@@ -196,10 +200,13 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
     ``inputs`` (``{input_key: array}``) or on random inputs, then written with a rename.
 
     ``options`` (or the same as keyword arguments): ``input_names``, ``output_names``,
-    ``verify``, ``tolerance``, ``batch``, ``require_verification``; any other is refused
-    (``BadInput``). An output that differs by more than the tolerance raises
+    ``verify``, ``tolerance``, ``batch``, ``require_verification``, ``allow_ops``,
+    ``input_shapes``; any other is refused (``BadInput``). An output that differs by more than
+    the tolerance raises
     ``VerificationFailed``, and so does a graph left NOT VERIFIED with
-    ``require_verification``: nothing is written then."""
+    ``require_verification``: nothing is written then. A graph whose outputs depend on ops
+    reaching outside the graph that ``allow_ops`` does not allow is not run: NOT VERIFIED
+    (``graphfold.scan``)."""
     progress = progress or (lambda line: None)
     src, dst = os.fspath(src), os.fspath(dst)
     options = Options.of(options, **option_kwargs)
@@ -212,12 +219,16 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
     original, optimized, names, outputs = _rewrite(src, options.input_names,
                                                    options.output_names, progress, result)
     if options.verify:
-        check = _verify(original, optimized, names, outputs, options, inputs, progress)
+        held = scan_.gate([result.scan], [KEY], options.allow_ops, options.tolerance)[1]
+        check = held.get(KEY) or _verify(original, optimized, names, outputs, options, inputs,
+                                         progress)
+        if held:
+            progress(f"  {check.line()}")
         result.verification[KEY] = check
         if not check.ok:
             raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
                                      f"written", result)
-        if check.status == "skipped" and options.require_verification:
+        if check.status in ("skipped", "inconclusive") and options.require_verification:
             raise VerificationFailed(f"{spelled('require_verification')}: the graph is NOT "
                                      f"VERIFIED ({check.reason}); nothing was written", result)
     progress(f"writing {dst}")
@@ -227,15 +238,19 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
 
 
 def _verify(original, optimized, names, outputs, options, inputs, progress):
-    """The check of ``optimized`` against ``original`` on ``inputs`` or random inputs."""
+    """The check of ``optimized`` against ``original`` on ``inputs`` or random inputs (of
+    ``options.input_shapes`` where given, else realistic sizes for the placeholders' unknown
+    dimensions: ``input_shapes.py``)."""
     clock = time.perf_counter()
-    given = [check_feeds(KEY, input_specs(original, names), inputs)] if inputs else None
-    progress(f"verifying on {'the given' if given else 'random'} inputs (tolerance "
-             f"{options.tolerance:g})")
+    specs = input_specs(original, names)
+    shapes = check_shapes(options.shapes(), {KEY: specs}).get(KEY, {})
+    given = [check_feeds(KEY, specs, inputs)] if inputs else None
+    progress(f"verifying on {'the given' if given else 'random'} inputs "
+             f"({tolerance_words(options.tolerance)})")
     check = verify_functions(KEY, callable_graph(original, names, outputs),
                              callable_graph(optimized, names, outputs),
                              tolerance=options.tolerance, batch=options.batch, feeds=given,
-                             source=spelled("inputs") if given else None)
+                             source=spelled("inputs") if given else None, shapes=shapes)
     if check.status == "skipped":
         check.reason = f"{check.reason}; {fix_hint()}"
     check.seconds = time.perf_counter() - clock

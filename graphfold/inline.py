@@ -17,9 +17,10 @@ from tensorflow.core.framework import node_def_pb2
 
 from graphfold import formats, tf_private
 from graphfold.affine import BATCH_NORM_OPS, ELEMENTWISE
+from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor, tensor_name
 from graphfold.layers import LINEAR
-from graphfold.rules import RULES
+from graphfold.rules import IDENTITIES, RULES
 from graphfold.shapes import PLACEHOLDERS, infer_shapes
 
 CALLS = ("StatefulPartitionedCall", "PartitionedCall")
@@ -27,37 +28,39 @@ PURE = frozenset(LINEAR) | frozenset(RULES) | frozenset(ELEMENTWISE) | frozenset
     | {"Const", "NoOp", "Identity", "Relu", "Relu6", "Shape"}
 
 
-def why_not_inlined(graph: Graph, call) -> str | None:
+def why_not_inlined(graph: Graph, call) -> Blocked | None:
     """Why graphfold leaves the call ``call`` as it is, or None when it can inline it."""
     name = call.attr["f"].func.name
     function = _library(graph).get(name)
     if function is None:
-        return f"its function {name} is not in the graph's library"
+        return Blocked(call.name, f"its function {name} is not in the graph's library")
     unknown = sorted({n.op for n in function.node_def} - PURE)
     if unknown:
-        return (f"its function {name} runs ops graphfold does not fold through "
-                f"({', '.join(unknown)})")
+        return Blocked(call.name, f"its function {name} runs ops graphfold does not fold through "
+                                  f"({', '.join(unknown)})")
     for node in function.node_def:
         why = _needs_xla(node)
         if why:
-            return f"its function {name} runs {why}, which TensorFlow's CPU kernels may not run " \
-                   "outside XLA"
+            return Blocked(call.name, f"its function {name} runs {why}, which TensorFlow's CPU "
+                                      "kernels may not run outside XLA")
     if len(function.signature.output_arg) != len(function.ret):
-        return f"its function {name} has outputs graphfold cannot map"
+        return Blocked(call.name, f"its function {name} has outputs graphfold cannot map")
     if len(function.signature.output_arg) != 1 and (
             any(graph.is_fetched(tensor_name(call.name, i))
                 for i in range(len(function.signature.output_arg)))
             or any(f"^{call.name}" in n.input for n in graph.graph_def.node)):
-        return f"its function {name} has several outputs and the call is fetched or awaited"
+        return Blocked(call.name, f"its function {name} has several outputs and the call is "
+                                  "fetched or awaited")
     return None
 
 
 def _needs_xla(node) -> str | None:
-    """What in ``node`` only XLA may run on CPU (the call then stays): a 3-D convolution (Keras 3
-    runs a grouped Conv3D in such a call, and TensorFlow's CPU Conv3D has no groups), or a
-    channels-first 2-D op (TensorFlow's CPU kernels are channels-last). A grouped NHWC Conv2D runs
-    natively (any stride, dilation or padding)."""
-    if node.op in ("Conv3D", "Conv3DBackpropInputV2"):
+    """What in ``node`` only XLA may run on CPU (the call then stays): an op whose table entry
+    says so (``Linear.needs_xla``: a 3-D convolution, since Keras 3 runs a grouped Conv3D in such
+    a call and TensorFlow's CPU Conv3D has no groups), or a channels-first 2-D op (TensorFlow's
+    CPU kernels are channels-last). A grouped NHWC Conv2D runs natively (any stride, dilation or
+    padding)."""
+    if node.op in LINEAR and LINEAR[node.op].needs_xla:
         return f"a {node.op}"
     if "data_format" in node.attr and formats.channels_first(formats.data_format(node)):
         return f"a {node.op} in {formats.data_format(node).decode()}"
@@ -74,7 +77,7 @@ def inline_calls(graph: Graph) -> tuple[set[str], dict[str, str]]:
             inlined.add(call.attr["f"].func.name)
             added += _inline(graph, call, _library(graph)[call.attr["f"].func.name])
         else:
-            left[call.name] = why
+            left[call.name] = why.reason
     if added:
         _infer_shapes(graph)
     return inlined, left
@@ -102,6 +105,43 @@ def _infer_shapes(graph: Graph) -> None:
             except ValueError:
                 shape = known
         graph.shapes[tensor] = shape
+
+
+def linear_body(graph: Graph, call) -> tuple[object, int, int] | None:
+    """``(layer, data, weight)`` when the call's function computes one linear layer of two of its
+    arguments and nothing else (Identity and NoOp aside): the layer's NodeDef in the body, and
+    the call's inputs that are its data and its weight. Keras 3 runs a grouped Conv3D so, in an
+    XLA call that stays (TensorFlow's CPU Conv3D has no groups): a fold scales the call's weight
+    argument and adds its bias after the call, leaving the body as it is."""
+    function = _library(graph).get(call.attr["f"].func.name)
+    if function is None or len(function.signature.output_arg) != 1 or len(function.ret) != 1:
+        return None
+    body = {n.name: n for n in function.node_def}
+    layers = [n for n in function.node_def if n.op in LINEAR]
+    if len(layers) != 1 or any(n.op not in IDENTITIES and n.op != "NoOp"
+                               for n in function.node_def if n is not layers[0]):
+        return None
+    layer = layers[0]
+    args = [arg.name for arg in function.signature.input_arg]
+
+    def source(tensor: str) -> str:
+        """The body tensor behind Identities: an argument name, or ``node`` for output 0."""
+        for _ in range(len(body) + 1):
+            name, *rest = tensor.split(":")
+            if name in args or name not in body:
+                return name
+            if body[name].op not in IDENTITIES:
+                return name if not rest or rest[-1] == "0" else ""     # layers: one output
+            tensor = [t for t in body[name].input if not t.startswith("^")][0]
+        return ""
+
+    linear = LINEAR[layer.op]
+    inputs = [t for t in layer.input if not t.startswith("^")]
+    data, weight = source(inputs[linear.data]), source(inputs[linear.weight])
+    if source(next(iter(function.ret.values()))) != layer.name or data not in args or \
+            weight not in args or data == weight or len(args) != len(graph.data_inputs(call)):
+        return None
+    return layer, args.index(data), args.index(weight)
 
 
 def _library(graph: Graph) -> dict:
@@ -137,7 +177,7 @@ def _inline(graph: Graph, call, function) -> list[str]:
         copy.input.extend(outer(t) for t in node.input)
         graph.add_node(copy)
         copied.append(copy.name)
-        if node.op == "Identity" and node.input and node.input[0] in args:
+        if node.op in IDENTITIES and node.input and node.input[0] in args:
             graph.shapes[canonical(copy.name)] = graph.shape(args[node.input[0]])
     for i, arg in enumerate(function.signature.output_arg):
         result = outer(function.ret[arg.name])
@@ -145,7 +185,7 @@ def _inline(graph: Graph, call, function) -> list[str]:
         producer = graph.producer(result)
         while producer.name.startswith(prefix + "/"):  # the result and the Identities behind it
             graph.shapes[canonical(tensor_name(producer.name, split_tensor(result)[1]))] = shape
-            if producer.op != "Identity":
+            if producer.op not in IDENTITIES:
                 break
             result_in = graph.data_inputs(producer)[0]
             producer, result = graph.producer(result_in), result_in

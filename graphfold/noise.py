@@ -5,10 +5,15 @@ Some models amplify float rounding (random batch-norm statistics in a deep CSPDa
 change to the order of operations, folding or not, moves their outputs by a visible amount. When
 the folded model misses the tolerance, the same inputs are run through the frozen, unfolded graph
 (``freeze`` and re-import, exactly what the rewrite starts from); its relative error against the
-original is the noise floor. When the floor itself is over the tolerance (freezing alone fails
-the check), an error within ``NOISE_MULTIPLE`` times the floor is accepted, and the report says
-so: folding added no more error than freezing did. ``tolerance=0`` asks for bit-identical outputs:
-no allowance then.
+original, per output, is the noise floor. When an output's floor is itself over its tolerance
+(freezing alone fails the check), an error within ``NOISE_MULTIPLE`` times that floor is
+accepted, and the report says so: folding added no more error than freezing did.
+
+Accepted is not verified when the floor is large. A floor over ``INCONCLUSIVE_FLOOR`` (1e-3)
+accepts errors up to 4e-3 and more, the order of the errors real defects cause in a deep model
+(a shift dropped in one layer of fifty, TensorFlow's LeakyRelu fusion: 1e-2 to 1e-1); such a
+check is INCONCLUSIVE (random-weight EfficientNetV2S: floor 0.54), never "verified".
+``tolerance=0`` asks for bit-identical outputs: no allowance then.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import tensorflow as tf
 from graphfold.verify import Verification, compare, _named
 
 NOISE_MULTIPLE = 4.0
+INCONCLUSIVE_FLOOR = 1e-3
 
 
 def unfolded(fn):
@@ -29,38 +35,59 @@ def unfolded(fn):
     return with_signature(import_graph(frozen.graph_def, frozen.inputs, frozen.outputs), fn)
 
 
-def measure(reference, feeds: list[dict]) -> float:
-    """Largest relative error of the frozen, unfolded ``reference`` against ``reference`` on
-    ``feeds`` (keyword-argument dicts)."""
+def _call(fn, feed):
+    """``fn`` on one fed input: keyword arguments (a dict of arrays), or ``(args, kwargs)``."""
+    if isinstance(feed, dict):
+        return fn(**{k: tf.constant(v) for k, v in feed.items()})
+    args, kwargs = feed
+    return fn(*args, **kwargs)
+
+
+def measure(reference, feeds: list) -> dict[str, float]:
+    """Per output, the largest relative error of the frozen, unfolded ``reference`` against
+    ``reference`` on ``feeds`` (keyword-argument dicts, or ``(args, kwargs)``)."""
     baseline = unfolded(reference)
-    worst = 0.0
+    floors: dict[str, float] = {}
     for feed in feeds:
-        kwargs = {k: tf.constant(v) for k, v in feed.items()}
-        want, got = _named(reference(**kwargs)), _named(baseline(**kwargs))
+        want, got = _named(_call(reference, feed)), _named(_call(baseline, feed))
         for key, value in want.items():
             if value.dtype == tf.string:
                 continue
-            worst = max(worst, compare(value.numpy(), np.asarray(got[key]))[1])
-    return worst
+            error = compare(value.numpy(), np.asarray(got[key]))[1]
+            floors[key] = max(floors.get(key, 0.0), error)
+    return floors
 
 
 def judge(check: Verification, reference) -> None:
     """For a check that failed on relative error alone: measure the noise floor and accept the
-    error when the floor is over the tolerance and the error within ``NOISE_MULTIPLE`` times it."""
+    error where every output over its tolerance has a floor over that tolerance and an error
+    within ``NOISE_MULTIPLE`` times it; INCONCLUSIVE when an accepting floor is over
+    ``INCONCLUSIVE_FLOOR``."""
     if check.status != "failed" or not check.mismatch or not check.fed:
         return
     try:
-        floor = measure(reference, check.fed)
+        floors = measure(reference, check.fed)
     except Exception:  # noqa: BLE001 - no floor to compare with: the failure stands
         return
+    floor = max(floors.values(), default=0.0)
     check.noise_floor = floor
-    if check.tolerance > 0 and floor > check.tolerance and \
-            check.max_rel <= NOISE_MULTIPLE * floor:
-        check.status = "ok"
-        check.reason = (f"accepted: relative error {check.max_rel:.3g} is within "
-                        f"{NOISE_MULTIPLE:g}x the noise floor {floor:.3g} (freezing with "
-                        f"nothing folded moves the outputs that much: the model amplifies "
-                        f"float rounding)")
-    else:
+    over = [o for o in check.outputs if not o.max_rel <= o.tolerance]
+    accepted = bool(over) and all(
+        o.tolerance > 0 and floors.get(o.name, 0.0) > o.tolerance and
+        o.max_rel <= NOISE_MULTIPLE * floors[o.name] for o in over)
+    if not accepted:
         check.reason = f"{check.reason} (noise floor {floor:.3g}: freezing alone, nothing " \
                        f"folded)"
+        return
+    largest = max(floors[o.name] for o in over)
+    said = (f"relative error {check.max_rel:.3g} is within {NOISE_MULTIPLE:g}x the noise "
+            f"floor {largest:.3g} (freezing with nothing folded moves the outputs that much: "
+            f"the model amplifies float rounding)")
+    if largest > INCONCLUSIVE_FLOOR:
+        check.status = "inconclusive"
+        check.reason = (f"{said}; a floor over {INCONCLUSIVE_FLOOR:g} lets errors as large as "
+                        f"real defects through, so the comparison says nothing (random "
+                        f"weights amplify rounding: verify a trained model, or on real inputs)")
+    else:
+        check.status = "ok"
+        check.reason = f"accepted: {said}"

@@ -16,6 +16,7 @@ import json
 from typing import Iterable, Iterator
 
 from graphfold.errors import BadInput
+from graphfold.outside import OUTSIDE
 
 WEIGHTS = ("auto", "constants", "variables")
 MAX_WARMUP = 1000          # TF Serving reads at most this many warm-up records
@@ -68,19 +69,31 @@ class Options:
 
     ``signatures``: SavedModel signature keys to rewrite (None: all; the others are copied
     through). ``tags``: the MetaGraph's tag set. ``verify``: compare the written model with the
+<<<<<<< HEAD
     original. ``tolerance``: the largest relative error accepted. ``batch``: the size of an
     unknown batch dimension of random inputs. ``weights``: "constants" (in saved_model.pb),
     "variables" (in variables/) or "auto": as the original holds its own
     (``saved_model.choose_weights``). ``require_verification``: a signature left NOT
+=======
+    original. ``tolerance``: the largest relative error accepted (None: by the precision computed
+    in, ``tolerance.py``). ``batch``: the size of an unknown batch dimension of random inputs.
+    ``input_shapes``: ``{input: shape}`` of random inputs where a signature leaves dimensions
+    unknown (else realistic sizes: ``input_shapes.py``); held as sorted ``(input, shape)``
+    pairs, ``shapes()`` gives the dict. ``weights``: "constants" (in saved_model.pb),
+    "variables" (in variables/) or "auto". ``require_verification``: a signature left NOT
+>>>>>>> main
     VERIFIED is an error. ``warmup``: TF Serving warm-up requests written per signature.
     ``drop_other_tag_sets``: write a SavedModel of several MetaGraphs as the one of ``tags``.
     ``input_names`` / ``output_names``: a GraphDef file's placeholders fed and tensors fetched
-    (None: inferred).
+    (None: inferred). ``allow_ops``: ops reaching outside the graph (file, network, Python,
+    print: ``graphfold.outside.OUTSIDE``) that graphfold may run, in verification and loading;
+    a signature holding any other is not run (NOT VERIFIED), a model whose loading would run
+    one is not loaded.
     """
     signatures: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ("serve",)
     verify: bool = True
-    tolerance: float = 1e-5
+    tolerance: float | None = None
     batch: int = 1
     weights: str = "auto"
     require_verification: bool = False
@@ -88,11 +101,15 @@ class Options:
     drop_other_tag_sets: bool = False
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    allow_ops: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("signatures", "input_names", "output_names"):
             self._set(name, _names(name, getattr(self, name)))
+        self._set("allow_ops", _allow_ops(self.allow_ops))
         self._set("tags", _tags(self.tags))
+        self._set("input_shapes", _shapes(self.input_shapes))
         for name in ("verify", "require_verification", "drop_other_tag_sets"):
             if not isinstance(getattr(self, name), bool):
                 raise BadOption(name, getattr(self, name), "must be True or False")
@@ -100,7 +117,8 @@ class Options:
         if self.weights not in WEIGHTS:
             raise BadOption("weights", self.weights, f"must be one of {', '.join(WEIGHTS)}")
         if not self.verify:
-            needing = [n for n in ("require_verification", "warmup") if getattr(self, n)]
+            needing = [n for n in ("require_verification", "warmup", "input_shapes")
+                       if getattr(self, n)]
             if needing:
                 raise BadOption("verify", False, f"cannot be combined with "
                                 f"{' or '.join(needing)} (they need the verification)")
@@ -109,10 +127,12 @@ class Options:
         object.__setattr__(self, name, value)
 
     def _check_numbers(self) -> None:
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
-                or not self.tolerance >= 0:
-            raise BadOption("tolerance", self.tolerance, "must be a non-negative number")
-        self._set("tolerance", float(self.tolerance))
+        if self.tolerance is not None:
+            if isinstance(self.tolerance, bool) or \
+                    not isinstance(self.tolerance, (int, float)) or not self.tolerance >= 0:
+                raise BadOption("tolerance", self.tolerance, "must be a non-negative number "
+                                "(or None: by precision)")
+            self._set("tolerance", float(self.tolerance))
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise BadOption("batch", self.batch, "must be a whole number, at least 1")
         if self.warmup is not None and (isinstance(self.warmup, bool) or
@@ -132,6 +152,10 @@ class Options:
         if not isinstance(options, cls):
             raise TypeError(f"options must be graphfold.Options, got {type(options).__name__}")
         return options
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``input_shapes`` as ``{input: shape}``."""
+        return dict(self.input_shapes or ())
 
     def given(self) -> list[str]:
         """The fields whose value is not the default."""
@@ -160,12 +184,15 @@ class SourceKind:
 _ALL = frozenset(f.name for f in dataclasses.fields(Options))
 SAVED_MODEL = SourceKind("a SavedModel", _ALL - {"input_names", "output_names"})
 GRAPH_DEF_FILE = SourceKind("a GraphDef file", frozenset({
-    "verify", "tolerance", "batch", "require_verification", "input_names", "output_names"}))
+    "verify", "tolerance", "batch", "require_verification", "input_names", "output_names",
+    "allow_ops", "input_shapes"}))
 # What comparing two SavedModels (``verify_saved_models``) and reporting without writing
 # (``inspect``) honour.
 COMPARISON = SourceKind("comparing two SavedModels", frozenset({
-    "signatures", "tags", "tolerance", "batch", "require_verification"}))
-INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags"}))
+    "signatures", "tags", "tolerance", "batch", "require_verification", "allow_ops",
+    "input_shapes"}))
+INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags",
+                                                                        "allow_ops"}))
 INSPECT_GRAPH_DEF_FILE = SourceKind("inspecting a GraphDef file",
                                     frozenset({"input_names", "output_names"}))
 
@@ -182,6 +209,33 @@ def _names(field: str, value) -> tuple[str, ...] | None:
         raise BadOption(field, value, "must be a name or a list of names") from None
     if not names or not all(names):
         raise BadOption(field, value, "must name at least one, with no empty name")
+    return names
+
+
+def _shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
+    """``{input: shape}`` (or its pairs) as sorted ``(input, shape)`` pairs of whole numbers
+    (whether the signatures have those inputs, and can take those shapes, is checked where they
+    are known: ``input_shapes.check``)."""
+    if not value:
+        return None
+    try:
+        pairs = value.items() if isinstance(value, dict) else value
+        shapes = {str(key): tuple(int(d) for d in shape) for key, shape in pairs}
+    except (TypeError, ValueError):
+        raise BadOption("input_shapes", value, "must map input names to shapes, e.g. "
+                        "{'x': (1, 224, 224, 3)}") from None
+    return tuple(sorted(shapes.items()))
+
+
+def _allow_ops(value) -> tuple[str, ...]:
+    """Sorted op names, each one ``graphfold.outside.OUTSIDE`` lists (a typo must not look like
+    consent; an unregistered op cannot run at all)."""
+    names = tuple(sorted(_names("allow_ops", value))) if value else ()
+    unknown = [name for name in names if name not in OUTSIDE]
+    if unknown:
+        raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "
+                        "holds back file, network, Python and print ops: "
+                        "graphfold.outside.OUTSIDE)")
     return names
 
 

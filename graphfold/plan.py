@@ -4,8 +4,9 @@ Forward (FOLDING.md §3): from A's input up to *roots*, layers whose out-channel
 whose bias absorbs t. Backward (§4): from A's output down to consumer layers whose in-channels
 absorb s, and whose bias absorbs ``W ⊛ t``; an ``Add`` on the way needs *leaves*, layers on the
 other operand whose outputs are divided by s. The walks are loops over the rule table
-(``rules.RULES``) and the linear-layer table (``layers.LINEAR``); a walk yields a complete
-``Plan`` or the first ``Blocked`` it met.
+(``rules.RULES``) and the linear-layer table (``layers.LINEAR``; a call whose body is one such
+layer counts as one, ``inline.linear_body``); a walk yields a complete ``Plan`` or the first
+``Blocked`` it met. ``decide.py`` chooses among the plans; nothing here modifies the graph.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ from graphfold import formats
 from graphfold.affine import Affine
 from graphfold.errors import Blocked
 from graphfold.graph import Graph, canonical, split_tensor
-from graphfold.layers import LINEAR, Site
-from graphfold.rules import IDENTITIES, RULES, Demand, Next
+from graphfold.inline import CALLS, linear_body
+from graphfold.layers import LINEAR, PADDING_TOUCHES, Site
+from graphfold.rules import IDENTITIES, RULES, Demand, Next, homogeneous_check, prelu_at
 
 
 @dataclasses.dataclass
 class BiasOnPath:
-    """A constant bias between a root and A: it becomes s ⊙ b + t with the s, t seen there."""
+    """A constant bias between a root and A: it becomes s ⊙ b + sign · t with the s, t seen there
+    (``sign`` −1 for ``y − b``)."""
     node: str
     axis: int | None
     rank: int
     s: np.ndarray
     t: np.ndarray
+    sign: float = 1.0
 
 
 @dataclasses.dataclass
@@ -42,14 +46,18 @@ class Root:
     s: np.ndarray
     t: np.ndarray
     biases: list[BiasOnPath]
+    site: Site | None = None
 
 
 @dataclasses.dataclass
 class Sink:
-    """A layer absorbing A backward: W ⊙_in s, and ``W ⊛ t`` added to its bias."""
+    """A layer absorbing A backward: W ⊙_in s, and ``response`` = ``W ⊛ t`` added to its bias
+    (None when t = 0)."""
     layer: str
     s: np.ndarray
     t: np.ndarray
+    site: Site | None = None
+    response: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -65,34 +73,43 @@ class Plan:
 
 
 # ---- linear layers ------------------------------------------------------------------------------
-def weight_const(graph: Graph, layer) -> str | None:
-    """The ``Const`` node behind a layer's weight input (through Identity), or None."""
-    tensor = graph.data_inputs(layer)[LINEAR[layer.op].weight]
+def layer_of(graph: Graph, node) -> tuple[object, int, int] | None:
+    """``(layer, data, weight)`` when ``node`` is a linear layer (``layers.LINEAR``), or a call
+    that runs one (``inline.linear_body``): the layer's NodeDef, and the inputs of ``node`` that
+    are its data and its weight; None otherwise."""
+    if node.op in LINEAR:
+        return node, LINEAR[node.op].data, LINEAR[node.op].weight
+    return linear_body(graph, node) if node.op in CALLS else None
+
+
+def weight_const(graph: Graph, layer, index: int) -> str | Blocked:
+    """The ``Const`` node behind input ``index`` (a weight) of ``layer`` (through Identity)."""
+    tensor = graph.data_inputs(layer)[index]
     for _ in range(16):
         node = graph.producer(tensor)
-        if node.op == "Const":
+        if graph.const(node.name) is not None:
             return node.name
         if node.op not in IDENTITIES:
-            return None
+            break
         tensor = graph.data_inputs(node)[0]
-    return None
+    return Blocked(layer.name, "its weight is not a constant")
 
 
 def site(graph: Graph, layer) -> Site | Blocked:
-    """The layer with its weight and shapes, or why it cannot take a fold at all. A float32 or
-    float64 weight is kept as it is (no float64 copy): the fold's arithmetic with the float64
-    s and t promotes it exactly; other dtypes are converted to float64."""
-    linear = LINEAR[layer.op]
-    const = weight_const(graph, layer)
-    if const is None:
-        return Blocked(layer.name, "its weight is not a constant")
+    """The layer (a ``layer_of``) with its weight and shapes, or why it cannot take a fold at
+    all. A float32 or float64 weight is kept as it is (no float64 copy): the fold's arithmetic
+    with the float64 s and t promotes it exactly; other dtypes are converted to float64."""
+    inner, data, weight_input = layer_of(graph, layer)
+    const = weight_const(graph, layer, weight_input)
+    if isinstance(const, Blocked):
+        return const
     weight = graph.const(const)
     if weight.dtype not in (np.float32, np.float64):
         weight = weight.astype(np.float64)
-    where = Site(layer, weight,
-                 graph.shape(graph.data_inputs(layer)[linear.data]), graph.shape(layer.name))
-    why = linear.refuse(where)
-    return Blocked(layer.name, why) if why else where
+    host = None if inner is layer else layer
+    where = Site(inner, weight, graph.shape(graph.data_inputs(layer)[data]),
+                 graph.shape(layer.name), host, None if host is None else weight_input)
+    return where.linear.refuse(where) or where
 
 
 def _fit(layer, demand: Demand, axis: int, n: int, side: str) -> Blocked | None:
@@ -112,33 +129,33 @@ def _root(graph: Graph, layer, demand: Demand) -> list[Root] | Blocked:
     where = site(graph, layer)
     if isinstance(where, Blocked):
         return where
-    linear = LINEAR[layer.op]
+    linear = where.linear
     n = linear.out_channels(where)
-    blocked = _fit(layer, demand, linear.out_axis(layer, demand.rank), n, "out")
-    return blocked or [Root(layer.name, *_vectors(demand, n), [])]
+    blocked = _fit(layer, demand, linear.out_axis(where.node, demand.rank), n, "out")
+    return blocked or [Root(layer.name, *_vectors(demand, n), [], where)]
 
 
 def _sink(graph: Graph, layer, tensor: str, demand: Demand, padded: bool) -> Sink | Blocked:
     where = site(graph, layer)
     if isinstance(where, Blocked):
         return where
-    linear = LINEAR[layer.op]
+    linear = where.linear
     n = linear.in_channels(where)
     shape = graph.shape(tensor)
     if shape is None or (demand.axis is not None and shape[demand.axis] not in (None, n)):
         return Blocked(layer.name, "unknown input channels")
-    blocked = _fit(layer, demand, linear.in_axis(layer, demand.rank), n, "in")
+    blocked = _fit(layer, demand, linear.in_axis(where.node, demand.rank), n, "in")
     if blocked:
         return blocked
     s, t = _vectors(demand, n)
+    response = None
     if demand.has_shift:
         if padded:
-            return Blocked(layer.name, "zero padding touches the input: the shift cannot fold "
-                                       "(the border outputs would change)")
+            return Blocked(layer.name, PADDING_TOUCHES)
         response = linear.shift_response(where, t)
-        if isinstance(response, str):
-            return Blocked(layer.name, response)
-    return Sink(layer.name, s, t)
+        if isinstance(response, Blocked):
+            return response
+    return Sink(layer.name, s, t, where, response)
 
 
 def _stop(node) -> Blocked:
@@ -152,11 +169,13 @@ def plan_forward(graph: Graph, affine: Affine) -> Plan | Blocked:
     return roots if isinstance(roots, Blocked) else Plan("forward", roots=roots)
 
 
-def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
+def _up(graph: Graph, tensor: str, reader: str | tuple[str, ...], demand: Demand,
         seen: set[str]) -> list[Root] | Blocked:
-    """Roots that absorb ``demand`` applied to ``tensor``, read on the path by ``reader``."""
+    """Roots that absorb ``demand`` applied to ``tensor``, read on the path by ``reader`` (or
+    by each of several readers)."""
     node = graph.producer(tensor)
-    others = [c.name for c in graph.value_consumers(tensor) if c.name != reader]
+    readers = (reader,) if isinstance(reader, str) else reader
+    others = [c.name for c in graph.value_consumers(tensor) if c.name not in readers]
     if others:
         return Blocked(node.name, f"its output is also read by {others[0]}")
     if graph.is_fetched(tensor):
@@ -164,7 +183,7 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
     if node.name in seen:
         return Blocked(node.name, "reached twice on the way to the layers")
     seen.add(node.name)
-    if node.op in LINEAR and split_tensor(tensor)[1] == 0:
+    if split_tensor(tensor)[1] == 0 and layer_of(graph, node) is not None:
         return _root(graph, node, demand)
     rule = RULES.get(node.op)
     steps = rule.forward(graph, node, demand) if rule and rule.forward else _stop(node)
@@ -172,12 +191,13 @@ def _up(graph: Graph, tensor: str, reader: str, demand: Demand,
         return steps
     found: list[Root] = []
     for step in steps:
-        roots = _up(graph, step.tensor, node.name, step.demand, seen)
+        roots = _up(graph, step.tensor, step.readers or node.name, step.demand, seen)
         if isinstance(roots, Blocked):
             return roots
         if step.bias:    # recorded once, with the s and t seen here (roots below share it)
             taken = step.taken
-            roots[0].biases.append(BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t))
+            roots[0].biases.append(BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t,
+                                              step.bias_sign))
         found.extend(roots)
     return found
 
@@ -206,14 +226,23 @@ def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
     consumers = graph.value_consumers(tensor)
     if not consumers:
         return Blocked(split_tensor(tensor)[0], "its output has no consumer")
+    prelu = prelu_at(graph, tensor)
+    if prelu is not None:        # one homogeneous op made of five
+        nodes, output = prelu
+        if seen & set(nodes):
+            return Blocked(output.name, "reached twice")
+        seen.update(nodes)
+        return homogeneous_check(graph, output, demand, "PReLU") or \
+            _down(graph, canonical(output.name), demand, plan, seen, padded)
     for node in consumers:
         if node.name in seen:
             return Blocked(node.name, "reached twice")
         seen.add(node.name)
         reads = [i for i, t in enumerate(graph.data_inputs(node))
                  if canonical(t) == canonical(tensor)]
-        if node.op in LINEAR:
-            if reads != [LINEAR[node.op].data]:
+        layer = layer_of(graph, node)
+        if layer is not None:
+            if reads != [layer[1]]:
                 return Blocked(node.name, "A feeds the layer's weight or shape")
             sink = _sink(graph, node, tensor, demand, padded)
             if isinstance(sink, Blocked):
@@ -244,22 +273,24 @@ def _leaves(graph: Graph, node, after: Next, plan: Plan) -> Blocked | None:
 def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
     """TensorFlow 2.21 with oneDNN fuses ``Pad → Conv2D`` and drops a padding of the batch or
     channel axis (an error, or silently a smaller batch). Bypassing A must not make such a Pad
-    feed a Conv2D directly (through Identity, which Grappler removes)."""
+    feed such a layer (``Linear.fuses_pad``) directly (through Identity, which Grappler
+    removes)."""
     def skip_identities(tensor):
         while graph.producer(tensor).op in IDENTITIES:
             tensor = graph.data_inputs(graph.producer(tensor))[0]
         return tensor
 
     pad = graph.producer(skip_identities(affine.input(graph)))
-    pads = graph.const(graph.data_inputs(pad)[1]) if pad.op in ("Pad", "PadV2") else None
+    rule = RULES.get(pad.op)
+    pads = rule.pad_amounts(graph, pad) if rule is not None and rule.pad_amounts else None
     if pads is None or pads.shape != (4, 2):
         return None
     y = canonical(affine.output)
     for sink in plan.sinks:
-        layer = graph.nodes[sink.layer]
-        if layer.op != "Conv2D" or canonical(skip_identities(layer.input[0])) != y:
+        layer = sink.site.layer
+        if not sink.site.linear.fuses_pad or canonical(skip_identities(layer.input[0])) != y:
             continue
-        spatial = formats.spatial_axes(formats.data_format(layer), 4)
+        spatial = formats.spatial_axes(formats.data_format(sink.site.node), 4)
         if any(np.any(pads[axis] != 0) for axis in range(4) if axis not in spatial):
             return Blocked(layer.name, f"{pad.name} pads the batch or channel axis: without A "
                                        "between them, TensorFlow's oneDNN Pad+Conv2D fusion drops "

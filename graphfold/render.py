@@ -37,11 +37,11 @@ def entry_table(entries) -> str:
         if not e.is_batch_norm and not e.folded and e.reason is None:
             continue
         label = e.name if e.is_batch_norm else f"{e.name} (affine)"
-        if e.folded:
-            into = ", ".join(e.absorbed_by)
+        if e.folded or e.partial:
+            into = e.detail or ", ".join(e.absorbed_by)
             if e.leaves:
                 into += f" (leaves: {', '.join(e.leaves)})"
-            rows.append((label, e.form, e.direction, into))
+            rows.append((label, e.form, "partial" if e.partial else e.direction, into))
         else:
             rows.append((label, e.form, "no", e.reason or ""))
     return format_table(rows)
@@ -92,29 +92,64 @@ def same_as(result) -> dict[str, str]:
 
 
 def render_verification(result, console) -> None:
-    from graphfold.noise import NOISE_MULTIPLE
+    from graphfold import tolerance as tolerance_
+    from graphfold.noise import INCONCLUSIVE_FLOOR, NOISE_MULTIPLE
     for note in getattr(result, "notes", []):
         console.print(f"note: {note}")
     if not result.verification:
         return
-    rows = [("signature", "status", "max abs err", "max rel err", "noise floor", "inputs")]
+    rows = [("signature", "status", "max abs err", "max rel err", "tolerance", "noise floor",
+             "inputs")]
     for key, check in sorted(result.verification.items()):
         inputs = ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
         floor = "-" if check.noise_floor is None else f"{check.noise_floor:.3g}"
         if check.status == "skipped":
-            rows.append((key, "NOT VERIFIED", "-", "-", "-", check.reason or ""))
+            rows.append((key, "NOT VERIFIED", "-", "-", "-", "-", check.reason or ""))
         else:
-            status = "ok (noise)" if check.status == "ok" and check.noise_floor is not None \
-                else check.status
-            rows.append((key, status, f"{check.max_abs:.3g}", f"{check.max_rel:.3g}", floor,
-                         f"{check.source}: {inputs}"))
-    tolerance = next(iter(result.verification.values())).tolerance
-    console.print(f"verification (relative tolerance {tolerance:g}; an error within "
-                  f"{NOISE_MULTIPLE:g}x the noise floor is accepted):")
+            status = {"inconclusive": "INCONCLUSIVE", "failed": "failed"}.get(check.status) or \
+                ("ok (noise)" if check.noise_floor is not None else "ok")
+            limits = sorted({o.tolerance for o in check.outputs if o.tolerance is not None})
+            shown = "/".join(f"{t:g}" for t in limits) or "-"
+            where = f"{check.source}: {inputs}" + (f" ({check.shape_note})"
+                                                   if check.shape_note else "")
+            rows.append((key, status, f"{check.max_abs:.3g}", f"{check.max_rel:.3g}", shown,
+                         floor, where))
+    given = {c.tolerance for c in result.verification.values()}
+    tolerance = "relative tolerance " + (
+        f"{given.pop():g}" if len(given) == 1 and None not in given else
+        f"by precision: {tolerance_.describe()}")
+    console.print(f"verification ({tolerance}; an error within {NOISE_MULTIPLE:g}x the noise "
+                  f"floor is accepted, INCONCLUSIVE when that floor is over "
+                  f"{INCONCLUSIVE_FLOOR:g}):")
     console.print(_indent(format_table(rows)))
     for key, check in sorted(result.verification.items()):
-        if check.status == "failed" or (check.status == "ok" and check.reason):
+        if check.status in ("failed", "inconclusive") or (check.status == "ok" and check.reason):
             console.print(f"  {key}: {check.reason}")
+    console.print()
+
+
+def render_scan(result, console, always: bool = True) -> None:
+    """The ops reaching outside the graph (``graphfold.scan``) per signature, and in what
+    loading runs: op, category, node, function, why. Nothing when none and not ``always``."""
+    scan = getattr(result, "scan", None)
+    if scan is None:
+        return
+    scopes = [(key, scan.signatures[key]) for key in sorted(scan.signatures)]
+    scopes.append(("(loading)", scan.loading))
+    rows = [("signature", "op", "category", "node", "function", "why")]
+    for key, findings in scopes:
+        rows += [(key, f.op, f.category, f.node, f.function or "(graph)", f.reason)
+                 for f in findings]
+    if len(rows) == 1:
+        if always:
+            console.print(f"ops reaching outside the graph (file, network, Python, print, "
+                          f"unregistered): none in {len(scan.signatures)} signature(s) or in "
+                          f"what loading runs")
+            console.print()
+        return
+    console.print("ops reaching outside the graph (graphfold runs them only when allowed: "
+                  "--allow-ops OP,...):")
+    console.print(_indent(format_table(rows)))
     console.print()
 
 

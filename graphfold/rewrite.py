@@ -14,17 +14,25 @@ from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_nor
                               find_affines, refresh)
 from graphfold.constants import fold_constants
 from graphfold.freeze import as_concrete_function, freeze
+from graphfold import casts, checking, tf_quirks
 from graphfold.errors import Blocked
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.inline import inline_calls
-from graphfold.plan import plan_backward, plan_forward
+from graphfold.decide import decide
 from graphfold.report import Entry, FoldReport
 from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
 
 
-def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> FoldedFunction:
+# Unknown height and width of an image in rewrite's own check: smaller than the command's 224
+# (input_shapes.IMAGE_SIZE), since every rewrite pays for it; input_shapes= sets any size.
+CHECK_IMAGE_SIZE = 64
+
+
+def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, verify: bool = True,
+            tolerance: float | None = None, input_shapes: dict | None = None,
+            partial: bool = True) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
@@ -32,16 +40,29 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True) -> F
     writes as ``Const`` nodes) or "variables" (variables it captures: ``.variables``). Returns a
     ``FoldedFunction`` called like ``fn``, with ``.graph_def`` and ``.report``;
     ``keep_graph_def=False`` lets the weights go once they are bound (then ``.graph_def`` is not
-    available).
+    available). ``partial``: where a batch norm cannot disappear, fold its scale and keep its
+    shift as one add (``docs/folding.md``, partial folds); False keeps it whole.
+
+    ``verify``: run the result against ``fn`` once on random inputs (batch 1; unknown
+    dimensions from ``input_shapes`` {input name: shape}, else images ``CHECK_IMAGE_SIZE`` high
+    and wide, other dimensions ``input_shapes.OTHER_SIZE``), as the command verifies a
+    SavedModel; the outcome is ``report.verification``. A relative error over ``tolerance``
+    (None: by precision, ``tolerance.py``) that the noise floor does not explain raises
+    ``VerificationFailed`` (its ``.result``: the FoldedFunction). ``verify=False`` skips it.
     """
-    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+    concrete = as_concrete_function(fn)
+    shapes = checking.rewrite_shapes(concrete, input_shapes, verify, tolerance)
+    concrete, graph_def, held, inputs, outputs, report = fold(concrete, partial=partial)
     stubs = held.names()          # before binding: binding may release the arrays
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = reimport(concrete, graph_def, stubs, inputs, outputs, report, bound)
     if not keep_graph_def:
         held.keep_only(())
         graph_def = held = None
-    return FoldedFunction(function, graph_def, report, held, variables)
+    folded = FoldedFunction(function, graph_def, report, held, variables)
+    if verify:
+        checking.self_check(folded, concrete, tolerance, shapes, CHECK_IMAGE_SIZE)
+    return folded
 
 
 def reimport(concrete, graph_def, stubs, inputs, outputs, report, extra):
@@ -65,7 +86,7 @@ def freeze_only(fn) -> FoldedFunction:
     return FoldedFunction(function, graph_def, report, held)
 
 
-def fold(fn, folding: bool = True):
+def fold(fn, partial: bool = True, folding: bool = True):
     """Freeze and fold ``fn``, keeping its weights out of the GraphDef: ``(concrete function,
     optimized GraphDef with stub constants, their Weights, input and output tensors, report)``.
     ``folding=False``: freeze and clean up only (``freeze_only``).
@@ -77,13 +98,13 @@ def fold(fn, folding: bool = True):
     seconds["freeze"] = time.perf_counter() - clock
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
                                     frozen.outputs, frozen.shapes, seconds, frozen.weights,
-                                    folding)
+                                    frozen.variables, partial, folding)
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
 
 
-def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
+def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None, partial=True):
     """Folds a frozen GraphDef (a copy: ``graph_def`` is not modified).
 
     ``inputs``: the placeholders fed (``"x"`` or ``"x:0"``); ``outputs``: the tensors fetched
@@ -91,7 +112,8 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
     folded into or after it. ``shapes``: optional static shapes, ``{tensor: (None, 224, 224, 3)}``
     (None for an unknown dimension), e.g. for a placeholder whose shape the graph leaves unknown;
     every other shape is inferred the way TensorFlow's importer infers it (through calls that are
-    not inlined, too). Returns the optimized GraphDef and its ``FoldReport``.
+    not inlined, too). ``partial``: as for ``rewrite``. Returns the optimized GraphDef and its
+    ``FoldReport``.
     """
     Graph(graph_def, outputs=outputs).validate()
     check_feeds(graph_def, inputs)
@@ -103,7 +125,7 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None):
         note = (f"TensorFlow could not import the graph to infer its shapes "
                 f"({str(err).splitlines()[0]}): only the shapes given were used")
     graph_def, report = _without_gc(_optimize_graph_def, graph_def, inputs, outputs,
-                                    {**inferred, **given}, seconds)
+                                    {**inferred, **given}, seconds, None, None, partial)
     if note:
         report.notes.append(note)
     return graph_def, report
@@ -123,10 +145,12 @@ def _without_gc(function, *args):
 
 
 def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None,
-                        folding=True):
+                        variables=None, partial=True, folding=True):
     """The rewrite itself, with ``shapes`` known for every tensor. ``weights``: the
     ``graphfold.weights.Weights`` of its stub constants, if it has any; updated to hold those of
-    the result. ``folding=False``: normalize and prune only, no affine map planned or applied."""
+    the result. ``variables``: ``{Const node: variable name}`` of a frozen function, whence the
+    report's layer names. ``folding=False``: normalize and prune only, no affine map planned or
+    applied."""
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
@@ -134,6 +158,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     graph = Graph(work, shapes, outputs, weights)
     graph.validate()
     ops_before = graph.op_counts()
+    layer_names = census.layer_names(graph, variables or {})
     inlined, left = inline_calls(graph)
     notes = [f"nested call {call} left as it is: {why}" for call, why in sorted(left.items())]
     keep = [i.split(":")[0] for i in inputs]
@@ -142,6 +167,7 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     affines = find_affines(graph) if folding else []
     missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined) \
         if folding else []
+    quirks = tf_quirks.snapshot(graph)
     seconds["normalize"] = time.perf_counter() - clock
 
     entries = []
@@ -150,19 +176,33 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     for affine in affines:
         start = time.perf_counter()
         affine = refresh(graph, affine)
-        outcome, writes, tried = _decide(graph, affine)
+        decision = decide(graph, affine, partial)
         plan_time += time.perf_counter() - start
-        if isinstance(outcome, Blocked):
-            if affine.blocked is None:
-                apply_.as_multiply_add(graph, affine)
-        else:
-            apply_.fold(graph, affine, writes)
-        entries.extend(_entries(affine, outcome, tried))
+        if decision.writes:
+            apply_.fold(graph, affine, decision.writes)
+        elif affine.blocked is None:
+            apply_.as_multiply_add(graph, affine)
+        entries.extend(_entries(affine, decision))
+    notes += _after_folding(graph, quirks)
     graph.prune(keep=keep)
     seconds["plan"] = plan_time
     seconds["apply"] = time.perf_counter() - clock - plan_time
-    report = FoldReport(_merge_parts(entries) + missed, ops_before, graph.op_counts(), notes)
+    entries = census.renamed(_merge_parts(entries), layer_names)
+    entries = [census.in_user_names(entry, graph.created) for entry in entries]
+    report = FoldReport(entries + missed, ops_before, graph.op_counts(), notes)
     return work, report
+
+
+def _after_folding(graph: Graph, quirks) -> list[str]:
+    """The passes over the folded graph: Cast round trips that compute nothing are removed, then
+    patterns TensorFlow miscomputes that the fold created are rewritten (``tf_quirks``); notes
+    saying what was done."""
+    notes = []
+    removed = casts.remove_round_trips(graph)
+    if removed:
+        notes.append(f"{removed} Cast round trip(s) that compute nothing removed (e.g. float16 "
+                     f"-> float32 -> float16 where batch norms were)")
+    return notes + tf_quirks.avoid(graph, quirks)
 
 
 def check_feeds(graph_def, inputs) -> None:
@@ -176,36 +216,27 @@ def check_feeds(graph_def, inputs) -> None:
             raise ValueError(f"input {tensor!r} is a {ops[name]} node, not a placeholder")
 
 
-def _decide(graph: Graph, affine: Affine):
-    """``(plan, its computed writes, what each direction met)``: forward first, then backward;
-    the plan is the first blocker when neither direction folds."""
-    if affine.blocked:
-        return affine.blocked, None, {}
-    tried, first = {}, None
-    for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
-        plan = planner(graph, affine)
-        writes = plan if isinstance(plan, Blocked) else apply_.compute(graph, plan)
-        if not isinstance(writes, Blocked):
-            return plan, writes, tried
-        tried[direction] = str(writes)
-        first = first or writes
-    return first, None, tried
-
-
-def _entries(affine: Affine, outcome, tried) -> list[Entry]:
-    folded = not isinstance(outcome, Blocked)
+def _entries(affine: Affine, decision) -> list[Entry]:
     form = affine.form
     if affine.is_batch_norm and form not in BATCH_NORM_OPS:
         form = "decomposed (x*inv+offset)"
-    common = dict(form=form, nodes=list(affine.nodes), folded=folded, tried=tried)
-    if folded:
-        common.update(direction=outcome.direction, absorbed_by=outcome.absorbed_by,
-                      leaves=[leaf.layer for leaf in outcome.leaves])
-    else:
-        reason = "; ".join(f"{d}: {why}" for d, why in tried.items()) or str(outcome)
-        common.update(reason=reason, blocker=outcome.node)
+    common = dict(form=form, nodes=list(affine.nodes), folded=decision.folded,
+                  tried=decision.tried, partial=decision.partial, detail=decision.detail)
+    plan = decision.plan
+    if not isinstance(plan, Blocked):
+        common.update(direction=plan.direction, absorbed_by=plan.absorbed_by,
+                      leaves=[leaf.layer for leaf in plan.leaves])
+    if not decision.folded:
+        reason = "; ".join(f"{d}: {why}" for d, why in decision.tried.items()) or str(plan)
+        blocker = plan.node if isinstance(plan, Blocked) else _first_blocker(decision.tried)
+        common.update(reason=reason, blocker=blocker)
     names = affine.batch_norms or [affine.nodes[-1]]
     return [Entry(name=name, is_batch_norm=affine.is_batch_norm, **common) for name in names]
+
+
+def _first_blocker(tried: dict[str, str]) -> str | None:
+    """The node of the first reason (``"node: rule"``)."""
+    return next(iter(tried.values())).split(": ", 1)[0] if tried else None
 
 
 def _merge_parts(entries: list[Entry]) -> list[Entry]:
@@ -225,6 +256,7 @@ def _merge_parts(entries: list[Entry]) -> list[Entry]:
                 folded=all(p.folded for p in parts),
                 absorbed_by=list(dict.fromkeys(n for p in parts for n in p.absorbed_by)),
                 leaves=list(dict.fromkeys(n for p in parts for n in p.leaves)))
+            first.partial = not first.folded and all(p.folded or p.partial for p in parts)
             if not first.folded:
                 blocked = [p for p in parts if not p.folded]
                 first.direction = None

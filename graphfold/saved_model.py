@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold import census
-from graphfold import checking, warmup as warmup_
+from graphfold import checking, scan as scan_, warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
 from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
                               VerificationFailed)
@@ -42,6 +42,7 @@ from graphfold.rewrite import fold, reimport, rewrite
 from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
 from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
                                Options, spelled)
+from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import Verification
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
@@ -68,6 +69,7 @@ class SavedModelResult(dict):
         self.seconds: dict[str, float] = {}
         self.notes: list[str] = []
         self.weights: str | None = None       # "constants" or "variables", as written
+        self.scan: scan_.Scan | None = None   # ops reaching outside the graph (graphfold.scan)
         self.written = False
 
     @property
@@ -86,6 +88,11 @@ class SavedModelResult(dict):
         """Signatures that could not be checked (their original fails on random inputs)."""
         return sorted(k for k, v in self.verification.items() if v.status == "skipped")
 
+    @property
+    def inconclusive(self) -> list[str]:
+        """Signatures checked only within a noise floor too large to mean anything."""
+        return sorted(k for k, v in self.verification.items() if v.status == "inconclusive")
+
     def to_dict(self) -> dict:
         signatures = {}
         for key, report in self.items():
@@ -98,8 +105,9 @@ class SavedModelResult(dict):
             }
         return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
                 "written": self.written, "all_signatures": list(self.all_signatures),
-                "not_verified": self.not_verified,
+                "not_verified": self.not_verified, "inconclusive": self.inconclusive,
                 "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
+                "outside_ops": self.scan.to_dict() if self.scan else None,
                 "seconds": dict(self.seconds)}
 
 
@@ -257,7 +265,8 @@ def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
     holds marked constants and ``.marked`` their values, which ``saved_weights.fill`` writes
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
-        return rewrite(fn, weights=weights, keep_graph_def=False)
+        # verify=False: optimize_saved_model verifies the written model instead
+        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)
     concrete, graph_def, held, inputs, outputs, report = fold(fn)
     function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
@@ -520,8 +529,11 @@ def move_into_place(staging: str, dst: str) -> None:
 
 def inspect_saved_model(src, *, options: Options | None = None,
                         progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
-    """The fold report of every requested signature of ``src``; nothing is written.
-    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``."""
+    """The fold report of every requested signature of ``src``, and the ops reaching outside
+    the graph each one holds (``.scan``); nothing is written, no signature is run.
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``allow_ops``
+    (loading runs the model's resource initializers: when they hold such ops that are not
+    allowed, ``BadInput`` names them and nothing is loaded)."""
     progress = progress or _silent
     src = os.fspath(src)
     options = Options.of(options, **option_kwargs)
@@ -533,6 +545,8 @@ def inspect_saved_model(src, *, options: Options | None = None,
     keys = select(available, options.signatures, src)
     result = SavedModelResult(src, None, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, options.allow_ops, src)
     clock = time.perf_counter()
     progress(f"loading {src} (tag-set {','.join(tags)})")
     loaded = load(src, tags)
@@ -552,7 +566,11 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
 
     ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
     ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
-    ``warmup``, ``drop_other_tag_sets``; ``Options`` says what each does). Signatures not
+    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``, ``input_shapes``; ``Options`` says what each does).
+    Before anything runs, every signature is scanned (``graphfold.scan``): one holding ops
+    reaching outside the graph that ``allow_ops`` does not allow is folded and written but not
+    run (NOT VERIFIED, naming them; the written graph keeps them), and a SavedModel whose
+    loading would run such ops is refused (``BadInput``). Signatures not
     requested are copied through unchanged; so is a requested one that cannot be frozen
     (``NotFreezable``: a lookup table, ...), with the reason. Any other failure raises
     ``RewriteFailed``, and nothing is written. The written model is loaded back and compared
@@ -585,6 +603,8 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
 
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(available)
+    result.scan = scan_.scan_meta_graph(meta, keys)
+    scan_.check_loading(result.scan, options.allow_ops, src)
     if len(proto.meta_graphs) > 1:
         others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
                            if mg is not meta)
@@ -611,6 +631,7 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)
             recorded = checking.warmup_feeds(src, loaded, result.notes)
+            shapes = checking.shapes_for(loaded, keys, options.shapes())
 
         clock = time.perf_counter()
         mode, why = choose_weights(options.weights, weight_bytes(loaded, keys))
@@ -652,12 +673,16 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
             first = same_functions(loaded, keys)
             # the same function under two keys is checked once, unless real inputs address both
             distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
-            progress(f"verifying {len(distinct)} distinct signature(s) (tolerance "
-                     f"{tolerance:g})")
+            distinct, held = scan_.gate([result.scan], distinct, options.allow_ops, tolerance)
+            result.verification.update(held)
+            for check in held.values():
+                progress(f"  {check.line()}")
+            progress(f"verifying {len(distinct)} distinct signature(s) "
+                     f"({tolerance_words(tolerance)})")
             written = load(staging, tags)
             result.verification.update(checking.run_checks(
                 loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
-                progress=progress))
+                progress=progress, shapes=shapes))
             for key in keys:
                 if key not in result.verification:
                     result.verification[key] = dataclasses.replace(
@@ -668,14 +693,15 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
             if failed:
                 raise VerificationFailed(
                     "verification failed for signature(s) " + ", ".join(failed) + ": " +
-                    "; ".join(result.verification[k].reason or "" for k in failed) +
+                    "; ".join(f"{k}: {result.verification[k].reason or ''}" for k in failed) +
                     f"; nothing was written to {dst}", result)
-            unverified = result.not_verified
+            unverified = sorted(result.not_verified + result.inconclusive)
             if unverified and require_verification:
                 raise VerificationFailed(
                     f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
-                    f"VERIFIED (" + "; ".join(result.verification[k].reason or ""
-                                               for k in unverified) +
+                    f"VERIFIED (" + "; ".join(
+                        f"{result.verification[k].status.upper()}: "
+                        f"{result.verification[k].reason or ''}" for k in unverified) +
                     f"); nothing was written to {dst}", result)
             if warmup:
                 rewritten = [k for k in keys if k not in result.unchanged]
@@ -723,8 +749,10 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
     ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
-    ``batch``, ``require_verification`` (a signature left NOT VERIFIED raises
-    ``VerificationFailed``).
+    ``batch``, ``input_shapes``, ``require_verification`` (a signature left NOT VERIFIED or
+    INCONCLUSIVE raises ``VerificationFailed``), ``allow_ops`` (a signature of either model
+    holding ops reaching outside the graph that are not allowed is not run: NOT VERIFIED; see
+    ``optimize_saved_model``).
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
@@ -741,10 +769,17 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     keys = select(signature_keys(metas[src]), signatures, src)
     result = SavedModelResult(src, dst, tags)
     result.all_signatures = sorted(signature_keys(metas[src]))
+    scans = [scan_.scan_meta_graph(metas[path], [k for k in keys if k in
+                                                 metas[path].signature_def], model=label)
+             for path, label in ((src, "SRC"), (dst, "DST"))]
+    for path, found in zip((src, dst), scans):
+        scan_.check_loading(found, options.allow_ops, path)
+    result.scan = scans[0]
     progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
     reference, candidate = load(src, tags), load(dst, tags)
     given = checking.given_feeds(reference, keys, inputs)
     recorded = checking.warmup_feeds(src, reference, result.notes)
+    shapes = checking.shapes_for(reference, keys, options.shapes())
     comparable = []
     for key in keys:
         problem = _signature_difference(metas[src].signature_def[key],
@@ -757,12 +792,18 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
             progress(f"  {result.verification[key].line()}")
         else:
             comparable.append(key)
-    progress(f"verifying {len(comparable)} signature(s) (tolerance {tolerance:g})")
-    result.verification.update(checking.run_checks(reference, candidate, comparable, given, recorded,
-                                          tolerance=tolerance, batch=batch, progress=progress))
-    if options.require_verification and result.not_verified:
+    comparable, held = scan_.gate(scans, comparable, options.allow_ops, tolerance)
+    result.verification.update(held)
+    for check in held.values():
+        progress(f"  {check.line()}")
+    progress(f"verifying {len(comparable)} signature(s) ({tolerance_words(tolerance)})")
+    result.verification.update(checking.run_checks(
+        reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
+        progress=progress, shapes=shapes))
+    unverified = sorted(result.not_verified + result.inconclusive)
+    if options.require_verification and unverified:
         raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
-                                 f"{', '.join(result.not_verified)} NOT VERIFIED", result)
+                                 f"{', '.join(unverified)} NOT VERIFIED", result)
     return result
 
 

@@ -1,9 +1,11 @@
 """Check that two callables compute the same thing, on random inputs built from input specs.
 
 Floats are standard normal, integers uniform in ``INT_RANGE``, bools fair coins, strings drawn from
-a few short words. An unknown leading (batch) dimension takes ``batch``; any other unknown
-dimension takes 1, and, when the reference function rejects that, 8 and then 32. Every output is
-compared: max absolute error ``max|a-b|`` and relative error ``max|a-b| / max|a|``.
+a few short words. Unknown dimensions take realistic sizes (``input_shapes.py``: the batch
+``batch``, an image's height and width 224, ...); when the reference function rejects them,
+smaller ones, and the check says so. Every output is compared: max absolute error ``max|a-b|``
+and relative error ``max|a-b| / max|a|``, against a tolerance that follows the precision of the
+output and of the computation unless one is given (``tolerance.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import re
 import numpy as np
 import tensorflow as tf
 
+from graphfold import input_shapes as shapes_
+from graphfold import tolerance as tolerance_
+
 INT_RANGE = (0, 4)            # integers are drawn from [0, 4): safe as small indices
 WORDS = (b"a", b"b", b"c", b"graphfold")
-OTHER_DIMS = (1, 8, 32)       # sizes tried, in order, for unknown non-batch dimensions
 
 
 @dataclasses.dataclass
@@ -26,6 +30,7 @@ class OutputError:
     dtype: str
     max_abs: float
     max_rel: float
+    tolerance: float | None = None       # the relative error accepted for this output
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -33,10 +38,12 @@ class OutputError:
 
 @dataclasses.dataclass
 class Verification:
-    """The outcome of comparing one signature: ``status`` is "ok", "failed" or "skipped"."""
+    """The outcome of comparing one signature: ``status`` is "ok", "failed", "skipped" (not
+    checked) or "inconclusive" (only within a noise floor too large to mean anything:
+    ``noise.py``). ``tolerance``: the one given, or None (per output, by precision)."""
     signature: str
     status: str
-    tolerance: float
+    tolerance: float | None
     inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)   # name -> shape used
     outputs: list[OutputError] = dataclasses.field(default_factory=list)
     reason: str | None = None            # why it failed or was skipped
@@ -46,6 +53,8 @@ class Verification:
     noise_floor: float | None = None     # rel. error of the frozen, unfolded graph (see noise.py)
     fed: list = dataclasses.field(default_factory=list, repr=False)   # the inputs run
     reference_failed: bool = False       # the original itself fails on the given inputs
+    shape_note: str | None = None        # why unknown dims are smaller than the usual sizes
+    computation: frozenset = frozenset()  # float dtypes the original computes in
 
     @property
     def ok(self) -> bool:
@@ -66,10 +75,14 @@ class Verification:
         text = (f"{self.signature}: max abs error {self.max_abs:.3g}, max rel error "
                 f"{self.max_rel:.3g} over {len(self.outputs)} output(s), {self.source} "
                 f"{shapes}")
+        if self.shape_note:
+            text += f" ({self.shape_note})"
         if self.noise_floor is not None:
             text += f", noise floor {self.noise_floor:.3g}"
         if self.status == "failed":
             text += f" -- FAILED: {self.reason}"
+        elif self.status == "inconclusive":
+            text += f" -- INCONCLUSIVE: {self.reason}"
         elif self.reason:
             text += f" -- {self.reason}"
         return text
@@ -80,6 +93,8 @@ class Verification:
                 "inputs": {k: list(v) for k, v in self.inputs.items()},
                 "outputs": [o.to_dict() for o in self.outputs], "reason": self.reason,
                 "source": self.source, "noise_floor": self.noise_floor,
+                "shape_note": self.shape_note,
+                "computation": sorted(d.name for d in self.computation),
                 "seconds": self.seconds}
 
 
@@ -91,25 +106,18 @@ def input_specs(fn) -> dict[str, tf.TensorSpec]:
     return dict(kwargs)
 
 
-def random_inputs(specs: dict[str, tf.TensorSpec], *, batch: int = 1, other: int = 1,
-                  seed: int = 0) -> dict[str, tf.Tensor]:
-    """Random tensors matching ``specs`` (see the module docstring for the distributions)."""
+def random_inputs(specs: dict[str, tf.TensorSpec], *, batch: int = 1, seed: int = 0,
+                  shapes: dict[str, tuple] | None = None) -> dict[str, tf.Tensor]:
+    """Random tensors matching ``specs`` (see the module docstring for the distributions), of
+    the given ``shapes`` where there is one, else of ``input_shapes.default_shape``."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, spec in sorted(specs.items()):
-        out[name] = random_tensor(spec, rng, batch=batch, other=other)
-    return out
+    shapes = shapes or {}
+    return {name: random_tensor(spec, rng, shapes.get(name) or
+                                shapes_.default_shape(spec, batch)[0])
+            for name, spec in sorted(specs.items())}
 
 
-def concrete_shape(spec: tf.TensorSpec, batch: int = 1, other: int = 1) -> tuple:
-    if spec.shape.rank is None:
-        return (batch,)
-    dims = spec.shape.as_list()
-    return tuple((batch if i == 0 else other) if d is None else d for i, d in enumerate(dims))
-
-
-def random_tensor(spec: tf.TensorSpec, rng: np.random.Generator, *, batch=1, other=1) -> tf.Tensor:
-    shape = concrete_shape(spec, batch, other)
+def random_tensor(spec: tf.TensorSpec, rng: np.random.Generator, shape: tuple) -> tf.Tensor:
     dtype = tf.as_dtype(spec.dtype)
     if dtype.is_floating:
         return tf.cast(tf.constant(rng.standard_normal(shape)), dtype)
@@ -154,16 +162,21 @@ def compare(want, got) -> tuple[float, float]:
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
-def verify(name: str, reference, candidate, *, tolerance: float = 1e-5, batch: int = 1,
-           seed: int = 0, feeds: list[dict] | None = None,
-           source: str | None = None) -> Verification:
+def verify(name: str, reference, candidate, *, tolerance: float | None = None, batch: int = 1,
+           seed: int = 0, feeds: list[dict] | None = None, source: str | None = None,
+           shapes: dict[str, tuple] | None = None,
+           image_size: int = shapes_.IMAGE_SIZE) -> Verification:
     """Runs ``reference`` and ``candidate`` (ConcreteFunctions with the same inputs: a
     SavedModel's signature functions take keyword arguments) on the same random inputs and
     compares every output. ``feeds``: run these keyword-argument dicts instead (real inputs,
-    described by ``source``); the errors are the largest over all of them."""
+    described by ``source``); the errors are the largest over all of them. ``shapes``: input
+    name -> the shape of its random values (else ``input_shapes.default_shape``, images
+    ``image_size`` high and wide). ``tolerance``: None follows the precision (``tolerance.py``)."""
     import time
     clock = time.perf_counter()
     result = Verification(name, "ok", tolerance)
+    if tolerance is None:
+        result.computation = tolerance_.computation_dtypes(reference)
     if feeds is not None:
         return _verify_feeds(result, reference, candidate, feeds, source or "given inputs",
                              clock)
@@ -174,38 +187,77 @@ def verify(name: str, reference, candidate, *, tolerance: float = 1e-5, batch: i
         result.seconds = time.perf_counter() - clock
         return result
 
-    args_specs, kwargs_specs = reference.structured_input_signature
-    flat_specs = tf.nest.flatten((args_specs, kwargs_specs))
-    if not all(isinstance(s, tf.TensorSpec) for s in flat_specs):
-        return done("skipped", "an input is not a plain tensor")
-    labels = _labels(args_specs, kwargs_specs)
-    unknown_other = any(s.shape.rank is None or None in s.shape.as_list()[1:]
-                        for s in flat_specs)
-    want, error = None, None
-    for other in (OTHER_DIMS if unknown_other else (1,)):
-        rng = np.random.default_rng(seed)
-        try:
-            flat = [random_tensor(s, rng, batch=batch, other=other) for s in flat_specs]
-        except TypeError as exc:
-            return done("skipped", str(exc))
-        args, kwargs = tf.nest.pack_sequence_as((args_specs, kwargs_specs), flat)
-        try:
-            want = reference(*args, **kwargs)
-            break
-        except (tf.errors.OpError, ValueError, TypeError) as exc:
-            error = exc
-    if want is None:
-        return done("skipped", f"the original fails on random inputs: {_first_line(error)}")
-
-    result.inputs = {label: tuple(t.shape.as_list()) for label, t in zip(labels, flat)}
-    if not args:
-        result.fed = [kwargs]
+    try:
+        want, args, kwargs = _run_on_random_inputs(result, reference, batch, seed, image_size,
+                                                   shapes or {})
+    except _NotRun as why:
+        return done("skipped", str(why))
     try:
         got = candidate(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
         return done("failed", f"the optimized function fails: {_first_line(exc)}")
     problem = _compare_outputs(result, want, got)
     return done("failed", problem) if problem else done()
+
+
+class _NotRun(Exception):
+    """Why the reference could not be run on random inputs."""
+
+
+def _run_on_random_inputs(result: Verification, reference, batch: int, seed: int, image: int,
+                          given: dict[str, tuple]):
+    """``(outputs, args, kwargs)`` of ``reference`` on random inputs of the usual sizes, else of
+    the fallback sizes (the first it accepts); the shapes, why they are smaller than usual and
+    the inputs go into ``result``. Python values of the signature (``training=False``) are
+    passed as they are."""
+    structure = reference.structured_input_signature
+    atoms = tf.nest.flatten(structure)
+    if any(isinstance(a, tf.TypeSpec) and not isinstance(a, tf.TensorSpec) for a in atoms):
+        raise _NotRun("an input is not a plain tensor")
+    specs = input_labels(reference)
+    first_error, planned = None, []
+    for size in (None,) + shapes_.FALLBACK_SIZES:
+        plan = _plan_shapes(specs, batch, size, image, given)
+        if plan in planned:
+            continue
+        planned.append(plan)
+        rng = np.random.default_rng(seed)
+        try:
+            values = {label: random_tensor(specs[label], rng, plan[label][0]) for label in specs}
+        except TypeError as exc:
+            raise _NotRun(str(exc)) from None
+        fed = iter(values.values())
+        args, kwargs = tf.nest.pack_sequence_as(
+            structure, [next(fed) if isinstance(a, tf.TensorSpec) else a for a in atoms])
+        try:
+            want = reference(*args, **kwargs)
+        except (tf.errors.OpError, ValueError, TypeError) as exc:
+            first_error = first_error or exc
+            continue
+        result.inputs = {label: tuple(t.shape.as_list()) for label, t in values.items()}
+        notes = [note for _, note in plan.values() if note]
+        if size is not None:
+            notes.append(f"unknown dims {size}: the original rejects the usual sizes "
+                         f"({_first_line(first_error)})")
+        result.shape_note = "; ".join(dict.fromkeys(notes)) or None
+        result.fed = [kwargs] if not args else [(args, kwargs)]
+        return want, args, kwargs
+    raise _NotRun(f"the original fails on random inputs: {_first_line(first_error)}")
+
+
+def _plan_shapes(specs: dict[str, tf.TensorSpec], batch: int, size: int | None, image: int,
+                 given: dict[str, tuple]) -> dict[str, tuple]:
+    """label -> (shape, note): the given shape, else the usual size (``size`` None) or ``size``
+    for every unknown non-batch dimension."""
+    plan = {}
+    for label, spec in specs.items():
+        if label in given:
+            plan[label] = (tuple(given[label]), None)
+        elif size is None:
+            plan[label] = shapes_.default_shape(spec, batch, image=image)
+        else:
+            plan[label] = (shapes_.uniform_shape(spec, batch, size), None)
+    return plan
 
 
 def _compare_outputs(result: Verification, want, got) -> str | None:
@@ -230,16 +282,19 @@ def _compare_outputs(result: Verification, want, got) -> str | None:
         if problem is None and a.dtype == tf.string and max_abs > 0:
             problem = f"{key}: strings differ from the original's"
         numeric_only = numeric_only and problem is None
-        if problem is None and not max_rel <= result.tolerance:
-            problem = f"{key}: relative error {max_rel:.3g} > tolerance {result.tolerance:g}"
-        if problem:
-            bad.append(problem)
+        limit, why = (result.tolerance, "given") if result.tolerance is not None else \
+            tolerance_.default(a.dtype, result.computation)
         if key in known:
             known[key].max_abs = max(known[key].max_abs, max_abs)
             known[key].max_rel = max(known[key].max_rel, max_rel)
         else:
             result.outputs.append(OutputError(key, tuple(a.shape.as_list()), a.dtype.name,
-                                              max_abs, max_rel))
+                                              max_abs, max_rel, limit))
+        if problem is None and not max_rel <= limit:
+            problem = (f"{key}: relative error {max_rel:.3g} > tolerance {limit:g} ({why}; "
+                       f"{tolerance_.how_to_set()})")
+        if problem:
+            bad.append(problem)
     result.mismatch = bool(bad) and numeric_only
     return "; ".join(bad) if bad else None
 
@@ -279,25 +334,40 @@ def _verify_feeds(result: Verification, reference, candidate, feeds: list[dict],
 
 
 def _labels(args_specs, kwargs_specs) -> list[str]:
-    """A name per flat input, in flat order: keyword names, else TensorSpec names, else argN."""
+    """A distinct name per flat input, in flat order: keyword names, else TensorSpec names,
+    else argN."""
     labels = []
     for i, spec in enumerate(tf.nest.flatten(args_specs)):
-        labels.append(spec.name or f"arg{i}")
+        name = getattr(spec, "name", None) or f"arg{i}"
+        labels.append(name if name not in labels else f"arg{i}")
     for key in sorted(kwargs_specs or {}):          # tf.nest flattens a dict in key order
         parts = tf.nest.flatten(kwargs_specs[key])
         labels.extend([key] if len(parts) == 1 else [f"{key}/{i}" for i in range(len(parts))])
     return labels
 
 
-class _Skip(Exception):
-    pass
+def input_labels(fn) -> dict[str, tf.TensorSpec]:
+    """label -> TensorSpec of every tensor input of a ConcreteFunction (the names
+    ``input_shapes`` and the verification line use)."""
+    args_specs, kwargs_specs = fn.structured_input_signature
+    atoms = tf.nest.flatten((args_specs, kwargs_specs))
+    return {label: a for label, a in zip(_labels(args_specs, kwargs_specs), atoms)
+            if isinstance(a, tf.TensorSpec)}
 
 
 def _named(outputs) -> dict[str, tf.Tensor]:
+    """Every tensor of ``outputs`` by name: a dict's keys (``key/<i>`` for the leaves of a
+    structure under a key), else ``output_<i>`` in flat order; None and Python values are left
+    out."""
     if isinstance(outputs, dict):
-        return dict(outputs)
-    flat = tf.nest.flatten(outputs)
-    return {f"output_{i}": t for i, t in enumerate(flat)}
+        pairs = []
+        for key in sorted(outputs):
+            leaves = tf.nest.flatten(outputs[key])
+            pairs += [(key, outputs[key])] if isinstance(outputs[key], tf.Tensor) else \
+                [(f"{key}/{i}", leaf) for i, leaf in enumerate(leaves)]
+    else:
+        pairs = [(f"output_{i}", t) for i, t in enumerate(tf.nest.flatten(outputs))]
+    return {name: t for name, t in pairs if isinstance(t, tf.Tensor)}
 
 
 def _first_line(exc) -> str:

@@ -74,10 +74,6 @@ class Weights:
     def names(self) -> list[str]:
         return list(self._arrays)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
-
     def keeps(self, array: np.ndarray) -> bool:
         """Whether an array this large is kept here rather than in the GraphDef."""
         return array.nbytes >= self.threshold

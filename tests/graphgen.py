@@ -9,6 +9,11 @@ batch norms (``FusedBatchNormV3`` and the decomposed ``tf.nn.batch_normalization
 ``RealDiv`` (either operand order) and broadcast ``Mul`` by ``[H,1,1]``/``[H,W,C]`` constants. It
 varies padding (SAME/VALID/EXPLICIT), strides, dilations, NHWC/NCHW, float32/float16, γ signs and
 zeros, shared weight constants, tensors with several consumers and intermediate function outputs.
+A third stream adds, to about a third of the graphs, one block of the patterns partial folds and
+commuting ops are about (FOLDING.md §8): BN → f → layer and layer → f → BN with f one of ``Relu``,
+``LeakyRelu``, a per-channel PReLU (``Relu(x) + k·Relu(−x)``) or a size-keeping ``MaxPool``, γ all
+positive (70%) or of mixed signs; and nearest (``Tile``, ``ResizeNearestNeighbor``) or bilinear
+upsampling on either side of a BN. The other graphs are those of the seeds before it.
 
 ``check(case)`` rewrites the function and asserts the property: the rewritten function equals the
 original (relative error ``max|a-b| / max|a|`` <= 1e-5 for float32, 2e-2 for float16; an output
@@ -87,6 +92,7 @@ class _Builder:
         # A second stream picks the layer variants (grouped, transposed, BatchMatMulV2, Einsum):
         # the main stream's draws, and so the graphs of older seeds, keep their structure.
         self.variants = variants or np.random.default_rng(0)
+        self.novel = np.random.default_rng(0)     # the partial-fold blocks' stream (``build``)
         self.np_dtype = dtype.as_numpy_dtype
         self.round_to = round_to       # the float64 reference of a graph: its constants, rounded
         self.pool: list[Tensor] = []
@@ -286,18 +292,20 @@ class _Builder:
                      "sub": lambda: x.value - k}[form]()
         return self.wrap(y, f"bias/{form}", x)
 
-    def bn_params(self, c: int):
+    def bn_params(self, c: int, positive: bool = False):
         gamma = self.signed(c)
-        if self.rng.random() < 0.15:
+        if positive:
+            gamma = np.abs(gamma)
+        elif self.rng.random() < 0.15:
             gamma[self.rng.integers(c)] = 0.0
         beta, mean = self.normal(c), self.normal(c)
         var = self.rng.uniform(0.2, 2.0, c)
         return [v.astype(np.float32) for v in (gamma, beta, mean, var)]
 
-    def batch_norm(self, x: Tensor, fused: bool) -> Tensor:
+    def batch_norm(self, x: Tensor, fused: bool, positive: bool = False) -> Tensor:
         name = self.name("bn")
         self.batch_norms.append(name)
-        gamma, beta, mean, var = self.bn_params(x.c)
+        gamma, beta, mean, var = self.bn_params(x.c, positive)
         with tf.name_scope(name):
             if self.dtype == tf.float64:      # the reference: the same map, in float64
                 shape = self.channel_shape(x)
@@ -472,6 +480,68 @@ class _Builder:
         return self.linear(y, int(self.rng.integers(2, 6))) if y.rank == 4 or \
             self.rng.random() < 0.5 else self.matmul(y)
 
+    # ---- the patterns of partial folds and of ops that commute with A (FOLDING.md §8) --------
+    def activation(self, x: Tensor) -> Tensor:
+        """A positively homogeneous op: Relu, LeakyRelu, a per-channel PReLU, a size-keeping
+        MaxPool."""
+        kinds = ["relu", "leaky_relu", "prelu"] + (["max_pool"] if x.rank == 4 else [])
+        kind = str(self.rng.choice(kinds))
+        name = self.name(kind)
+        if kind == "relu":
+            y = tf.nn.relu(x.value, name=name)
+        elif kind == "leaky_relu":
+            y = tf.nn.leaky_relu(x.value, float(self.rng.uniform(0.05, 0.4)), name=name)
+        elif kind == "prelu":
+            k = self.const(self.rng.uniform(-0.5, 0.5, self.channel_shape(x)))
+            with tf.name_scope(name):
+                y = tf.nn.relu(x.value) + k * tf.nn.relu(-x.value)
+        else:
+            y = tf.nn.max_pool2d(x.value, 2, 1, "SAME", data_format=self.layout, name=name)
+        return self.wrap(y, kind, x)
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """BN → f → [Pad] → layer (DenseNet, ResNetV2): γ all positive 70% of the time."""
+        y = self.batch_norm(x, fused=x.rank == 4 and bool(self.rng.random() < 0.5),
+                            positive=bool(self.rng.random() < 0.7))
+        y = self.activation(y)
+        if y.rank == 4 and self.rng.random() < 0.3:
+            y = self.pad(y)
+        cout = int(self.rng.integers(2, 6))
+        return self.matmul(y, cout) if y.rank == 2 else \
+            self.conv(y, cout, same=bool(self.rng.random() < 0.5))
+
+    def post_activation(self, x: Tensor) -> Tensor:
+        """layer → [bias] → f → BN → [layer] (Conv → ReLU → BN)."""
+        y = self.matmul(x) if x.rank == 2 else self.conv(x)
+        if self.rng.random() < 0.5:
+            y = self.bias(y)
+        y = self.batch_norm(self.activation(y), fused=y.rank == 4 and
+                            bool(self.rng.random() < 0.5), positive=bool(self.rng.random() < 0.7))
+        if self.rng.random() < 0.5:
+            y = self.matmul(y) if y.rank == 2 else self.conv(y)
+        return y
+
+    def upsample(self, x: Tensor) -> Tensor:
+        """×2 nearest (``tf.repeat``: Tile; ``ResizeNearestNeighbor``) or bilinear upsampling,
+        between a layer and a BN (either order). Resize ops are channels-last only."""
+        if x.rank != 4 or 2 * max(x.h, x.w) > MAX_SPATIAL:
+            return self.identity(x)
+        kinds = ["repeat"] + (["nearest", "bilinear"] if self.layout == "NHWC" else [])
+        kind = str(self.rng.choice(kinds))
+        bn_first = bool(self.rng.random() < 0.5)
+        y = self.batch_norm(x, fused=bool(self.rng.random() < 0.5)) if bn_first else \
+            self.conv(x, same=True)
+        if kind == "repeat":
+            h_axis, w_axis = (2, 3) if self.layout == "NCHW" else (1, 2)
+            z = tf.repeat(tf.repeat(y.value, 2, axis=h_axis), 2, axis=w_axis)
+        else:
+            z = tf.image.resize(y.value, [2 * y.h, 2 * y.w], method=kind)
+            z = tf.cast(z, y.value.dtype) if z.dtype != y.value.dtype else z
+        z = self.wrap(z, f"upsample/{kind}", y)
+        if bn_first:
+            return self.conv(z, same=bool(self.rng.random() < 0.5))
+        return self.batch_norm(z, fused=bool(self.rng.random() < 0.5))
+
     def residual(self, x: Tensor) -> Tensor:
         """``x + layer(x)`` (the layer may carry a BN), then maybe a layer."""
         y = self.linear(x, x.c)
@@ -498,6 +568,18 @@ def _step(b: _Builder, kind: str, x: Tensor) -> Tensor:
     return getattr(b, kind)(x)
 
 
+def _novel_block(b: _Builder) -> None:
+    """One block of ``pre_activation``, ``post_activation`` or ``upsample``, drawn from the
+    builder's third stream (the main stream's draws, and so the rest of the graph, unchanged)."""
+    main, b.rng = b.rng, b.novel
+    try:
+        x = b.pick()
+        getattr(b, str(b.rng.choice(["pre_activation", "post_activation", "upsample"],
+                                    p=[0.4, 0.4, 0.2])))(x)
+    finally:
+        b.rng = main
+
+
 def build(seed: int, reference: bool = False) -> Case:
     """The random graph of ``seed``, traced as a ConcreteFunction. ``reference``: the same graph
     in float64, from the same constants (rounded to the graph's dtype), batch norms computed as
@@ -515,6 +597,8 @@ def build(seed: int, reference: bool = False) -> Case:
     flat_input = rng.random() < 0.15
     steps = int(rng.integers(2, 8))
     b = _Builder(rng, layout, dtype, round_to, variants=np.random.default_rng([seed, 11]))
+    b.novel = np.random.default_rng([seed, 19])
+    novel_at = int(b.novel.integers(steps)) if b.novel.random() < 0.35 else -1
 
     def spec4(h, w, c):
         return [None, c, h, w] if layout == "NCHW" else [None, h, w, c]
@@ -527,7 +611,9 @@ def build(seed: int, reference: bool = False) -> Case:
         for value in inputs:
             t = b.wrap(value, "input")
             t.is_input = True
-        for _ in range(steps):
+        for step in range(steps):
+            if step == novel_at:
+                _novel_block(b)
             x = b.pick()
             table = OPS4 if x.rank == 4 else OPS2
             kinds = list(table)
@@ -590,9 +676,12 @@ def check(case: Case, input_seed: int = 0):
     assert sorted(names) == sorted(case.batch_norms), \
         f"report lists batch norms {sorted(names)}, the generator inserted " \
         f"{sorted(case.batch_norms)}"
-    assert len(report.folded) + len(report.not_folded) == len(case.batch_norms)
+    assert len(report.folded) + len(report.partial) + len(report.not_folded) == \
+        len(case.batch_norms)
     for entry in report.not_folded:
         assert entry.reason, f"{entry.name} is not folded and has no reason"
+    for entry in report.partial:
+        assert entry.detail and entry.absorbed_by, f"{entry.name}: a partial fold says nothing"
 
     feeds = _inputs(case, np.random.default_rng(input_seed))
     if case.layout == "NCHW":
@@ -647,17 +736,25 @@ def pick_fetches(graph_def, rng: np.random.Generator) -> list[str]:
     return sorted(str(n) for n in rng.choice(names, size=k, replace=False))
 
 
-def check_fetches(case: Case, input_seed: int = 0) -> tuple[list[str], float]:
+def check_fetches(case: Case, input_seed: int = 0,
+                  phase=lambda name: None) -> tuple[list[str], float]:
     """Calls ``optimize_graph_def`` on ``case``'s frozen graph directly, asking for 1-4 layer,
     bias and batch-norm nodes besides (or instead of) the function's outputs, with the frozen
     shapes or none (then inferred): every requested name must compute what it computed before
     (same tolerance and float64 fallback as ``check``), and the report must list every batch
-    norm. Returns the fetched names and the worst relative error."""
+    norm. Returns the fetched names and the worst relative error. ``phase("ORIGINAL")`` is
+    called before the original graph runs with those outputs (TensorFlow may abort on it: not a
+    rewrite's fault), ``phase("REWRITE")`` before the rewrite."""
     rng = np.random.default_rng([case.seed, input_seed, 99])
     frozen = freeze(case.fn)
     fetches = pick_fetches(frozen.graph_def, rng)
     outputs = fetches + (list(frozen.outputs) if rng.random() < 0.5 or not fetches else [])
     shapes = frozen.shapes if rng.random() < 0.5 else None
+    feeds = _inputs(case, np.random.default_rng(input_seed))
+    prepare = nhwc_twin if case.layout == "NCHW" else (lambda g: g)
+    phase("ORIGINAL")
+    want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
+    phase("REWRITE")
     optimized, report = graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, outputs,
                                                      shapes)
     names = [e.name for e in report.batch_norms]
@@ -668,9 +765,6 @@ def check_fetches(case: Case, input_seed: int = 0) -> tuple[list[str], float]:
     for entry in report.not_folded:
         assert entry.reason, f"{entry.name} is not folded and has no reason"
 
-    feeds = _inputs(case, np.random.default_rng(input_seed))
-    prepare = nhwc_twin if case.layout == "NCHW" else (lambda g: g)
-    want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
     got = run_graph_def(prepare(optimized), frozen.inputs, outputs, feeds)
     limit = TOLERANCE[case.dtype]
     errors = [relative_error(a, g) for a, g in zip(want, got)]

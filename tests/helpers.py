@@ -157,14 +157,15 @@ def graph_def_of(fn) -> graph_pb2.GraphDef:
 
 
 def check_rewrite(fn, rng: np.random.Generator | None = None, *, tol: float | None = None,
-                  batch: int = 2, run: bool = True):
-    """Rewrites ``fn`` and checks that ``fn`` is untouched (graph and outputs), that the report is
-    JSON-serialisable, and (if ``run``) that the folded function matches ``fn``. Returns folded."""
+                  batch: int = 2, run: bool = True, **options):
+    """Rewrites ``fn`` (with ``options``: ``partial=False``, ...) and checks that ``fn`` is
+    untouched (graph and outputs), that the report is JSON-serialisable, and (if ``run``) that
+    the folded function matches ``fn``. Returns folded."""
     rng = rng or np.random.default_rng(1234)
     before = graph_def_of(fn)
     inputs = random_inputs(fn, rng, batch) if run else None
     outputs_before = _flat_numpy(fn(*inputs[0], **inputs[1])) if run else None
-    folded = graphfold.rewrite(fn)
+    folded = graphfold.rewrite(fn, **options)
     assert graph_def_of(fn) == before, "rewrite modified the original function's graph"
     json.dumps(folded.report.to_dict())
     str(folded.report)

@@ -32,7 +32,7 @@ def test_optimize_prints_tables_progress_and_writes_report(src, tmp_path, capsys
     assert "1 batch norms: 1 folded (1 forward, 0 backward), 0 not folded" in out
     assert "FusedBatchNormV3  1       0" in out
     assert "op " in out and "before" in out and "after" in out
-    assert "verification (relative tolerance 1e-05" in out and "ok" in out
+    assert "verification (relative tolerance by precision: 1e-05 float32" in out and "ok" in out
     assert "random inputs: k[2], x[2, 6, 6, 2]" in out
     assert "into / reason" not in out           # every batch norm folded: no per-layer table
     assert out.rstrip().splitlines()[-1].startswith(f"wrote {dst}: 2 signature(s) rewritten")

@@ -143,6 +143,6 @@ def test_batch_matmul_v3_of_mixed_dtypes_is_refused():
     for key, dtype in (("Ta", tf.float16), ("Tb", tf.float16), ("Tout", tf.float32)):
         node.attr[key].type = dtype.as_datatype_enum
     site = Site(node, np.ones((5, 4)), (None, 3, 5), (None, 3, 4))
-    assert "mixes dtypes" in LINEAR["BatchMatMulV3"].refuse(site)
+    assert "mixes dtypes" in LINEAR["BatchMatMulV3"].refuse(site).reason
     node.attr["Tout"].type = tf.float16.as_datatype_enum
     assert LINEAR["BatchMatMulV3"].refuse(site) is None

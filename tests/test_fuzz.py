@@ -21,7 +21,8 @@ SEEN: dict[int, set[str]] = {}      # seed -> what its graph exercised (for the 
 KINDS = ("conv", "depthwise", "matmul", "concat", "add", "pool", "pad", "mean", "flatten",
          "transpose", "shared weight", "broadcast_mul", "EXPLICIT", "/d2/", "/s2/", "gamma=0",
          "scale/rmul", "bias/sub", "depthwise3x3/m2", "intermediate tensor", "several consumers",
-         "conv_transpose", "/groups", "batch_matmul", "einsum")
+         "conv_transpose", "/groups", "batch_matmul", "einsum", "leaky_relu", "prelu", "max_pool",
+         "upsample/repeat", "upsample/nearest", "upsample/bilinear")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -41,6 +42,7 @@ def _exercise(seed: int) -> set[str]:
     return ({case.layout, case.dtype.name} | {k for k in KINDS if k in text} |
             {f"folded {e.direction}" for e in report.folded} |
             {"leaves" for e in report.folded if e.leaves} |
+            {"partial" for _ in report.partial} |
             {"not folded" for _ in report.not_folded})
 
 
@@ -63,5 +65,5 @@ def test_the_budget_covers_what_it_claims():
             SEEN[seed] = _exercise(seed)
     counts = collections.Counter(k for kinds in SEEN.values() for k in kinds)
     wanted = {"NHWC", "NCHW", "float32", "float16", "folded forward", "folded backward",
-              "leaves", "not folded", *KINDS}
+              "leaves", "partial", "not folded", *KINDS}
     assert not wanted - set(counts), f"never exercised: {wanted - set(counts)}"

@@ -18,8 +18,8 @@ import graphfold
 
 from helpers import assert_absorbed, decomposed_bn, make, the_entry
 from helpers import fused_bn as bn
-from helpers import (assert_close, bias, bn_params, check_rewrite, nodes_of, op_counts,
-                     random_inputs, weight, weight_of)
+from helpers import (assert_close, bias, bn_params, bn_scale_shift, check_rewrite, nodes_of,
+                     op_counts, random_inputs, weight, weight_of)
 
 
 
@@ -139,6 +139,31 @@ def test_fuzz_explicit_depthwise_gets_no_new_bias(rng, direction):
     assert_close(fn, folded, random_inputs(fn, rng))
 
 
+def test_fuzz_partial_fold_puts_no_add_after_an_explicit_depthwise(rng):
+    """Seeds 40603, 40792 (process abort, ``tensor_format.h:428``): the forward fold of
+    ``DepthwiseConv2dNative(EXPLICIT) → Identity → BN`` is refused (no bias after such a layer),
+    and a partial fold kept the shift as an ``AddV2`` after the Identity, which Grappler removes:
+    the oneDNN remapper aborted on depthwise → add. The partial fold is refused too."""
+    w, p = weight((3, 3, 3, 1), rng), bn_params(3, rng, positive=True)
+
+    def body(x):
+        y = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=w, strides=[1, 1, 1, 1],
+                                             padding="EXPLICIT",
+                                             explicit_paddings=[0, 0, 1, 1, 1, 0, 0, 0])
+        return bn(tf.identity(y), p)
+
+    fn = make(body, [6, 6, 3])
+    folded = check_rewrite(fn, rng, run=False)
+    entry = the_entry(folded.report)
+    assert not entry.folded and not entry.partial and "EXPLICIT" in entry.reason, entry
+    (dw,) = nodes_of(folded.graph_def, "DepthwiseConv2dNative")
+    readers = [n for n in folded.graph_def.node if dw.name in n.input]
+    readers += [m for n in readers if n.op == "Identity" for m in folded.graph_def.node
+                if n.name in m.input]
+    assert not [n.op for n in readers if n.op in ("BiasAdd", "AddV2", "Add")], readers
+    assert_close(fn, folded, random_inputs(fn, rng))
+
+
 @pytest.mark.parametrize("axis", ["channel", "batch", "spatial"])
 def test_no_batch_or_channel_pad_left_next_to_a_conv(rng, axis):
     """Found investigating seeds 4960, 6110, 6634 (whose original graphs fail to run):
@@ -195,22 +220,35 @@ def test_shared_weight_constant_is_cloned_not_modified(rng):
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_transpose_with_a_non_identity_perm_blocks(rng, direction):
+def test_transpose_moves_the_channel_axis_and_the_fold_follows_it(rng, direction):
     """onnxruntime (#32228) fused through a Transpose and ignored its ``perm``. NHWC → NCHW moves
-    the channel axis: A must not pass (a BN in NCHW after it reads axis 1)."""
+    the channel axis: A follows it (a BN in NCHW after it reads axis 1, the conv's axis 3), and
+    the fold scales the conv's out- (or in-) channels, not a spatial axis."""
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
     p3 = bn_params(3, rng)
     if direction == "forward":
         def body(x):
             return bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 3, 1, 2]), p, "NCHW")
-        shape = [5, 5, 3]
+        shape, s = [5, 5, 3], bn_scale_shift(p)[0]
+        want = w * s
     else:
         def body(x):                                   # x is NCHW
             return tf.nn.conv2d(tf.transpose(bn(x, p3, "NCHW"), [0, 2, 3, 1]), w, 1, "VALID")
-        shape = [3, 5, 5]
+        shape, s = [3, 5, 5], bn_scale_shift(p3)[0]
+        want = w * s[:, None]
     folded = check_rewrite(make(body, shape), rng)
-    entry = the_entry(folded.report)
-    assert not entry.folded and "Transpose" in entry.tried[direction]
+    assert_absorbed(folded, direction, "Conv2D")
+    [conv] = nodes_of(folded.graph_def, "Conv2D")
+    np.testing.assert_allclose(weight_of(folded.graph_def, conv), want, rtol=1e-6)
+
+
+def test_transpose_that_swaps_spatial_axes_onto_the_bn_axis_is_refused(rng):
+    """A square conv output (4×4×4) transposed [0, 2, 1, 3]: a BN in NCHW then normalises what
+    was the conv's axis 2 (a spatial axis), not its channels: it must not fold into the conv."""
+    w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
+    body = (lambda x: bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 2, 1, 3]), p, "NCHW"))
+    entry = the_entry(check_rewrite(make(body, [4, 4, 3]), rng).report)
+    assert not entry.folded and "not the layer's out-channel axis" in entry.tried["forward"], entry
 
 
 def test_transpose_with_the_identity_perm_passes(rng):

@@ -190,7 +190,7 @@ def test_random_inputs_and_compare():
              "b": tf.TensorSpec([2], tf.bool), "s": tf.TensorSpec([None], tf.string),
              "h": tf.TensorSpec([None, 2], tf.float16)}
     inputs = random_inputs(specs, batch=4)
-    assert inputs["f"].shape == (4, 3) and inputs["i"].shape == (4, 1)
+    assert inputs["f"].shape == (4, 3) and inputs["i"].shape == (4, 32)   # input_shapes.py
     assert inputs["b"].dtype == tf.bool and inputs["s"].dtype == tf.string
     assert inputs["h"].dtype == tf.float16
     assert 0 <= int(tf.reduce_min(inputs["i"])) and int(tf.reduce_max(inputs["i"])) < 4
@@ -321,15 +321,19 @@ def test_verify_skips_what_it_cannot_feed_and_fails_a_broken_candidate():
     assert check.status == "skipped" and check.ok and "fails on random inputs" in check.reason
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32, name="x")])
-    def valid_conv(x):                              # needs the unknown dim >= 3: retried with 8
+    def valid_conv(x):                      # needs the unknown dim to be 8: 32 fails, then 8
+        x = tf.reshape(x, [tf.shape(x)[0], 8, 3])
         return {"y": tf.nn.conv1d(x[..., :1], tf.ones([3, 1, 1]), 1, "VALID")}
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32, name="x")])
     def broken(x):
+        x = tf.reshape(x, [tf.shape(x)[0], 8, 3])
         return {"y": tf.nn.conv1d(x[..., :1], tf.ones([3, 1, 1]) * 1.001, 1, "VALID")}
 
     good = verify("c", valid_conv.get_concrete_function(), valid_conv.get_concrete_function(),
                   batch=2)
     assert good.status == "ok" and good.inputs == {"x": (2, 8, 3)}
+    assert "unknown dims 8: the original rejects the usual sizes" in good.shape_note
+    assert "unknown dims 8" in good.line()
     bad = verify("c", valid_conv.get_concrete_function(), broken.get_concrete_function())
     assert bad.status == "failed" and not bad.ok and 0.0009 < bad.max_rel < 0.0011

@@ -56,12 +56,51 @@ def test_no_import_cycles():
         visit(module, [])
 
 
-def test_the_walkers_name_no_op_of_the_tables():
-    """plan.py walks the tables: no op the rule table or the linear table handles is named there
-    (the oneDNN Pad+Conv2D quirk aside)."""
+# The modules of the folding engine: the tables (affine's sources, rules.RULES, layers.LINEAR) and
+# the code that walks them. Op names belong in the tables only.
+ENGINE = ("affine", "apply", "census", "decide", "graph", "inline", "layers", "plan", "rewrite",
+          "rules", "shape_values", "writes")
+EMITTERS = ("add_op", "become")    # graph.add_op(name, "BiasAdd", ...): an op emitted, not a test
+
+
+def table_ops() -> set[str]:
+    from graphfold.affine import BATCH_NORMS, ELEMENTWISE_OPS
     from graphfold.layers import LINEAR
-    from graphfold.rules import RULES
-    source = (PACKAGE / "plan.py").read_text()
-    quirk = {"Conv2D", "Pad", "PadV2"}      # plan._pad_meets_conv: a TensorFlow bug, not a rule
-    named = [op for op in (set(RULES) | set(LINEAR)) - quirk if f'"{op}"' in source]
+    from graphfold.rules import IDENTITIES, RULES
+    return set(RULES) | set(LINEAR) | set(ELEMENTWISE_OPS) | set(BATCH_NORMS) | set(IDENTITIES)
+
+
+def ops_named_outside_tables(source: str, ops: set[str]) -> list[str]:
+    """``"line: op"`` for every string literal naming one of ``ops`` inside a function or class
+    body (not as the op a ``graph.add_op``/``graph.become`` call emits). A module-level
+    collection (a tuple, set or dict: a table) may name ops; a module-level lone string may not."""
+    tree = ast.parse(source)
+    allowed: set[int] = set()
+    for statement in tree.body:
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and \
+                not isinstance(statement.value, ast.Constant):
+            allowed.update(id(n) for n in ast.walk(statement))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in EMITTERS and len(node.args) >= 2:
+            allowed.add(id(node.args[1]))
+    return [f"{node.lineno}: {node.value}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in ops and id(node) not in allowed]
+
+
+def test_the_check_for_op_names_can_fail():
+    ops = {"Conv2D", "BiasAdd", "Relu"}
+    source = ("TABLE = {'Conv2D': 1}\nLONE = 'Relu'\n"
+              "def f(graph, node):\n"
+              "    graph.add_op('x', 'BiasAdd', [], None)\n"
+              "    return node.op == 'Conv2D' or node.op in ('Relu',)\n")
+    assert ops_named_outside_tables(source, ops) == ["2: Relu", "5: Conv2D", "5: Relu"]
+
+
+def test_the_engine_names_no_op_outside_its_tables():
+    """The walkers (apply, plan, rules, inline, ...) read op facts from the tables: no function
+    of the engine names an op that a table handles (an op it emits aside)."""
+    ops = table_ops()
+    named = {module: found for module in ENGINE
+             if (found := ops_named_outside_tables((PACKAGE / f"{module}.py").read_text(), ops))}
     assert not named, named

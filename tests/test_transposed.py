@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from graphfold.layers import Site, transposed_shift_map
-from helpers import make
+from helpers import make, the_entry
 from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, bn_scale_shift,
                      check_rewrite, frozen_graph_def, fused_bn, nodes_of, rel_err,
                      run_nhwc_twin, shift_free, weight, weight_of)
@@ -135,7 +135,7 @@ def test_backward_shift_that_is_a_spatial_map_is_refused(kernel, stride, padding
     rng = np.random.default_rng(16)
     w, p = weight((kernel, kernel, 4, 3), rng), bn_params(3, rng)
     fn = make(lambda x: transpose2d(fused_bn(x, p), w, size, stride, padding), [6, 6, 3])
-    folded = check_rewrite(fn, rng)
+    folded = check_rewrite(fn, rng, partial=False)
     entry = assert_not_folded(folded, "spatial map, not a per-channel bias")
     assert "graph input" in entry.tried["forward"]
     [layer] = nodes_of(folded.graph_def, T2)
@@ -174,8 +174,11 @@ def test_backward_conv3d_transpose_shift_is_refused_and_scale_folds():
                                           "SAME")
         return make(body, [4, 4, 4, 3])
 
-    assert_not_folded(check_rewrite(net(bn_params(3, rng)), rng), "spatial map")
+    assert_not_folded(check_rewrite(net(bn_params(3, rng)), rng, partial=False), "spatial map")
     assert_absorbed(check_rewrite(net(shift_free(bn_params(3, rng))), rng), "backward", T3)
+    partial = the_entry(check_rewrite(net(bn_params(3, rng)), rng))     # x + t/s stays
+    assert partial.partial and partial.direction == "backward" and "spatial map" in partial.reason
+    assert "shift kept before" in partial.detail, partial
 
 
 # ---- the shift map is TensorFlow's --------------------------------------------------------------

@@ -253,9 +253,9 @@ def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, 
     """A floor over the tolerance accepts an error within NOISE_MULTIPLE times it, never more."""
     from graphfold import noise
     from graphfold.verify import OutputError, Verification
-    monkeypatch.setattr(noise, "measure", lambda reference, feeds: 2e-5)
+    monkeypatch.setattr(noise, "measure", lambda reference, feeds: {"y": 2e-5})
     check = Verification("serving_default", "failed", 1e-5, reason="y: too far", mismatch=True,
-                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel)],
+                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel, 1e-5)],
                          fed=[{"x": np.zeros((1, 4), np.float32)}])
     noise.judge(check, reference=None)
     assert check.noise_floor == 2e-5
@@ -279,3 +279,18 @@ def test_verify_acts_on_require_verification(src, tmp_path, capsys):
     with pytest.raises(VerificationFailed, match="^require_verification: signature"):
         graphfold.verify_saved_models(source, source, signatures=["serving_default"],
                                       require_verification=True)
+
+
+def test_a_batch_norm_it_cannot_read_is_still_counted():
+    """A batch norm whose input has an unknown shape (its channel axis cannot be told): nothing
+    folds, and the census still lists it, with the reason."""
+    rng = np.random.default_rng(11)
+    with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float32, None, name="x")     # unknown rank
+        with tf.name_scope("bn/batchnorm"):
+            y = x * rng.uniform(0.5, 2, 4).astype(np.float32) + rng.normal(size=4).astype(
+                np.float32)
+        tf.identity(y, name="y")
+    optimized, report = graphfold.optimize_graph_def(graph.as_graph_def(), ["x"], ["y"])
+    [entry] = report.batch_norms
+    assert not entry.folded and "shape of its input is unknown" in entry.reason

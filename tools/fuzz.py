@@ -47,7 +47,8 @@ def _child(args) -> None:
             graphgen.run_original(case)
             print(f"REWRITE {seed}", flush=True)
             folded, err = graphgen.check(case)
-            fetched, fetch_err = graphgen.check_fetches(case)
+            fetched, fetch_err = graphgen.check_fetches(
+                case, phase=lambda name, seed=seed: print(f"{name} {seed}", flush=True))
         except Exception as exc:  # noqa: BLE001 (every failure is reported with its seed)
             text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             if case is not None:
@@ -59,7 +60,8 @@ def _child(args) -> None:
         report = folded.report
         stats = {"seed": seed, "layout": case.layout, "dtype": case.dtype.name,
                  "batch_norms": len(report.batch_norms), "forward": report.count("forward"),
-                 "backward": report.count("backward"), "not_folded": len(report.not_folded),
+                 "backward": report.count("backward"), "split": report.count("split"),
+                 "partial": len(report.partial), "not_folded": len(report.not_folded),
                  "err": err, "by_reference": err > graphgen.TOLERANCE[case.dtype],
                  "fetched": len(fetched), "fetch_err": fetch_err,
                  "fetch_by_reference": fetch_err > graphgen.TOLERANCE[case.dtype]}
@@ -112,8 +114,8 @@ def main(argv=None) -> int:
                 stats["graphs"] += 1
                 for key in ("layout", "dtype"):
                     stats[record[key]] += 1
-                for key in ("batch_norms", "forward", "backward", "not_folded", "by_reference",
-                            "fetched", "fetch_by_reference"):
+                for key in ("batch_norms", "forward", "backward", "split", "partial",
+                            "not_folded", "by_reference", "fetched", "fetch_by_reference"):
                     stats[key] += record[key]
                 worst[record["dtype"]] = max(worst.get(record["dtype"], (0.0, -1)),
                                              (record["err"], record["seed"]))
