@@ -176,17 +176,12 @@ def run_demo(out: str | None, console) -> int:
     console.progress(f"timing the original, the frozen original (nothing folded) and the "
                      f"optimized model (serving_default, batch {BATCH}, {CALLS} rounds)")
     key = "serving_default"
-<<<<<<< HEAD
+    for path in (original, optimized):      # the demo's own model: clean, but gated all the same
+        require_runnable(path, [key])
     loaded = {name: tf.saved_model.load(path) for name, path in
               (("original", original), ("optimized", optimized))}
     functions = {name: model.signatures[key] for name, model in loaded.items()}
     functions["frozen"] = freeze_only(functions["original"])
-=======
-    for path in (original, optimized):      # the demo's own model: clean, but gated all the same
-        require_runnable(path, [key])
-    before = tf.saved_model.load(original).signatures[key]
-    after = tf.saved_model.load(optimized).signatures[key]
->>>>>>> main
     rng = np.random.default_rng(1)
     inputs = {"image": tf.constant(rng.standard_normal((BATCH,) + INPUT_SHAPE), tf.float32)}
     ms = compare_latency(functions, inputs)

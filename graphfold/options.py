@@ -69,19 +69,13 @@ class Options:
 
     ``signatures``: SavedModel signature keys to rewrite (None: all; the others are copied
     through). ``tags``: the MetaGraph's tag set. ``verify``: compare the written model with the
-<<<<<<< HEAD
-    original. ``tolerance``: the largest relative error accepted. ``batch``: the size of an
-    unknown batch dimension of random inputs. ``weights``: "constants" (in saved_model.pb),
-    "variables" (in variables/) or "auto": as the original holds its own
-    (``saved_model.choose_weights``). ``require_verification``: a signature left NOT
-=======
     original. ``tolerance``: the largest relative error accepted (None: by the precision computed
     in, ``tolerance.py``). ``batch``: the size of an unknown batch dimension of random inputs.
     ``input_shapes``: ``{input: shape}`` of random inputs where a signature leaves dimensions
     unknown (else realistic sizes: ``input_shapes.py``); held as sorted ``(input, shape)``
     pairs, ``shapes()`` gives the dict. ``weights``: "constants" (in saved_model.pb),
-    "variables" (in variables/) or "auto". ``require_verification``: a signature left NOT
->>>>>>> main
+    "variables" (in variables/) or "auto": as the original holds its own
+    (``saved_model.choose_weights``). ``require_verification``: a signature left NOT
     VERIFIED is an error. ``warmup``: TF Serving warm-up requests written per signature.
     ``drop_other_tag_sets``: write a SavedModel of several MetaGraphs as the one of ``tags``.
     ``input_names`` / ``output_names``: a GraphDef file's placeholders fed and tensors fetched
