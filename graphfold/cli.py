@@ -206,9 +206,12 @@ def _writing(parser) -> None:
                         help="do not compare the result with the original")
     _checking(parser)
     parser.add_argument("--weights", choices=WEIGHTS, default=_GIVEN,
-                        help="where the folded weights go: constants in saved_model.pb, "
-                             "variables in variables/, or auto (default): constants up to "
-                             "256 MiB of weights, variables above")
+                        help="where the folded weights go: variables in variables/ (no slower "
+                             "and no more memory to serve than an original that reads "
+                             "variables), constants in saved_model.pb (faster at small batches "
+                             "on CPU, but TF Serving peaks at up to about +8x the weights), or "
+                             "auto (default): as the original holds its own (variables, or "
+                             "constants when it reads none)")
     parser.add_argument("--drop-other-tag-sets", action="store_true", default=_GIVEN,
                         help="SRC holds several MetaGraphs: write only the one of --tag-set "
                              "(without this flag such a SavedModel is refused)")
@@ -268,7 +271,7 @@ def _output(parser):
 def cmd_optimize(args, console: Console) -> int:
     from graphfold.graph_def_file import is_graph_def_file, optimize_graph_def_file
     from graphfold.saved_model import (BadInput, VerificationFailed, is_inside,
-                                       optimize_saved_model)
+                                       optimize_saved_model, weights_tradeoff)
     if args.report:
         report_path = os.path.realpath(args.report)
         if os.path.isdir(report_path):
@@ -308,6 +311,9 @@ def cmd_optimize(args, console: Console) -> int:
         return EXIT_VERIFY
     bns, folded, before, after = totals(result)
     signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
+    if getattr(result, "weights", None):     # a SavedModel: the trade-off of its weights' mode
+        console.print(weights_tradeoff(result.weights,
+                                       chosen=given.get("weights", "auto") == "auto"))
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
                   f"ops {before} -> {after}; {verification_status(result)}; "
                   f"{result.seconds['total']:.1f}s")

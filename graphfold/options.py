@@ -74,7 +74,8 @@ class Options:
     ``input_shapes``: ``{input: shape}`` of random inputs where a signature leaves dimensions
     unknown (else realistic sizes: ``input_shapes.py``); held as sorted ``(input, shape)``
     pairs, ``shapes()`` gives the dict. ``weights``: "constants" (in saved_model.pb),
-    "variables" (in variables/) or "auto". ``require_verification``: a signature left NOT
+    "variables" (in variables/) or "auto": as the original holds its own
+    (``saved_model.choose_weights``). ``require_verification``: a signature left NOT
     VERIFIED is an error. ``warmup``: TF Serving warm-up requests written per signature.
     ``drop_other_tag_sets``: write a SavedModel of several MetaGraphs as the one of ``tags``.
     ``input_names`` / ``output_names``: a GraphDef file's placeholders fed and tensors fetched

@@ -76,9 +76,20 @@ def reimport(concrete, graph_def, stubs, inputs, outputs, report, extra):
     return function
 
 
-def fold(fn, partial: bool = True):
+def freeze_only(fn) -> FoldedFunction:
+    """``fn`` frozen and cleaned up as ``rewrite`` does it (calls inlined, constant subgraphs
+    evaluated, unused nodes pruned, the weights as constants), with no batch norm folded: what
+    freezing alone gives, so that a speed-up can be told apart from folding's."""
+    concrete, graph_def, held, inputs, outputs, report = fold(fn, folding=False)
+    bound, _ = bind_weights(held, "constants")
+    function = reimport(concrete, graph_def, held.names(), inputs, outputs, report, bound)
+    return FoldedFunction(function, graph_def, report, held)
+
+
+def fold(fn, partial: bool = True, folding: bool = True):
     """Freeze and fold ``fn``, keeping its weights out of the GraphDef: ``(concrete function,
     optimized GraphDef with stub constants, their Weights, input and output tensors, report)``.
+    ``folding=False``: freeze and clean up only (``freeze_only``).
     """
     concrete = as_concrete_function(fn)
     seconds = {}
@@ -87,7 +98,7 @@ def fold(fn, partial: bool = True):
     seconds["freeze"] = time.perf_counter() - clock
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
                                     frozen.outputs, frozen.shapes, seconds, frozen.weights,
-                                    frozen.variables, partial)
+                                    frozen.variables, partial, folding)
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
@@ -134,11 +145,12 @@ def _without_gc(function, *args):
 
 
 def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None,
-                        variables=None, partial=True):
+                        variables=None, partial=True, folding=True):
     """The rewrite itself, with ``shapes`` known for every tensor. ``weights``: the
     ``graphfold.weights.Weights`` of its stub constants, if it has any; updated to hold those of
     the result. ``variables``: ``{Const node: variable name}`` of a frozen function, whence the
-    report's layer names."""
+    report's layer names. ``folding=False``: normalize and prune only, no affine map planned or
+    applied."""
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     work = type(graph_def)()
@@ -152,8 +164,9 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     keep = [i.split(":")[0] for i in inputs]
     fold_constants(graph)
     graph.prune(keep=keep)
-    affines = find_affines(graph)
-    missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
+    affines = find_affines(graph) if folding else []
+    missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined) \
+        if folding else []
     quirks = tf_quirks.snapshot(graph)
     seconds["normalize"] = time.perf_counter() - clock
 

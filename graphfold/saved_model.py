@@ -186,6 +186,28 @@ def load(src: str, tags: Iterable[str]):
             from None
 
 
+def release_unread_variables(loaded) -> list[str]:
+    """Lets go of the loaded original's lists of variables that none of its functions reads:
+    a Keras 3 export tracks a second copy of every weight (``_all_variables``), which loading
+    restores like the first, 1x the weights held for nothing while graphfold folds, writes and
+    verifies. Only our in-memory object changes (a model saved with it attached no longer
+    carries the copy). Returns the names of the attributes dropped."""
+    functions = list(loaded.signatures.values())
+    for value in vars(loaded).values():
+        if isinstance(value, tf.types.experimental.PolymorphicFunction):
+            if not hasattr(value, "concrete_functions"):    # what it reads is unknown
+                return []
+            functions.extend(value.concrete_functions)
+    read = {id(v) for fn in functions for v in fn.variables}
+    dropped = []
+    for name, value in list(vars(loaded).items()):
+        if isinstance(value, (list, tuple)) and value and \
+                all(isinstance(v, tf.Variable) and id(v) not in read for v in value):
+            delattr(loaded, name)
+            dropped.append(name)
+    return dropped
+
+
 # ---- rewriting ------------------------------------------------------------------------------
 
 def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
@@ -278,13 +300,14 @@ def _function_fingerprint(fn) -> str:
     return digest.hexdigest()
 
 
-# ``weights="auto"`` writes constants while the weights of all distinct rewritten functions
-# together stay under this many bytes, variables above it: saved_model.pb must stay well under
-# protobuf's 2 GB cap (and older TF Serving releases refused one over 1 GB); and constants cost
-# about 18x their size in peak memory to optimize, most of it TensorFlow loading and calling the
-# written model to verify it (serving it costs about 15x: TensorFlow holds a function's constants
-# several times over), variables about 1x (docs/benchmarks.md).
-AUTO_VARIABLES_ABOVE = 256 << 20
+# ``weights="auto"`` (the default) writes the folded weights the way the original holds its own:
+# as variables when its signatures read variables, as constants when they read none (a frozen
+# graph saved as a SavedModel). The result then serves no slower than the original and loads in
+# no more memory. Measured through TF Serving's loading path (tools/bench_serving.py,
+# docs/benchmarks.md): constants peak at the original's + 5x to 8x the weights on the first
+# call (Grappler and the session hold several copies of every constant; written TF1-style, in
+# the main graph, the same), variables at or below the original's; constants serve faster at
+# small batches on CPU (oneDNN keeps a constant filter's reordering).
 PROTOBUF_LIMIT = 2 << 30          # bytes: no protobuf message (saved_model.pb) can be larger
 
 
@@ -301,18 +324,37 @@ def weight_bytes(loaded, keys: list[str]) -> int:
 
 
 def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
-    """``(constants or variables, a note saying why when auto switched)``."""
+    """``(constants or variables, a note saying why when auto chose constants)``; ``nbytes``:
+    the bytes of the variables the rewritten functions read (``weight_bytes``)."""
     if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
         raise BadOption("weights", mode, f"{nbytes / 2**30:.2f} GiB of weights cannot be "
                         f"constants: saved_model.pb would pass protobuf's 2 GiB limit (use "
                         f"variables, or auto)")
     if mode != "auto":
         return mode, None
-    if nbytes <= AUTO_VARIABLES_ABOVE:
-        return "constants", None
-    return "variables", (f"weights of {nbytes / 2**20:.0f} MiB are over the "
-                         f"{AUTO_VARIABLES_ABOVE / 2**20:.0f} MiB that saved_model.pb may hold "
-                         f"as constants: written as variables (variables/)")
+    if nbytes:
+        return "variables", None
+    return "constants", ("the original reads no variable (its weights are constants): the "
+                         "folded weights are written as constants too")
+
+
+def weights_tradeoff(mode: str, chosen: bool) -> str:
+    """One line for the command's summary: how the weights were written (``chosen``: by auto)
+    and what the other mode would give (figures: docs/benchmarks.md)."""
+    constants_cost = ("TF Serving peaks at up to about +8x the weights on the first call with "
+                      "constants")
+    if mode == "variables":
+        how = "as the original reads them (auto)" if chosen else "as asked"
+        return (f"weights: variables, {how}: serves no slower than the original and loads in no "
+                f"more memory; --weights constants serves faster at small batches on CPU, but "
+                f"{constants_cost}")
+    if chosen:
+        return ("weights: constants, as the original holds them (auto): no slower and no more "
+                "memory than the original; --weights variables would load in less but serve "
+                "slower at small batches on CPU")
+    return (f"weights: constants, as asked: fastest at small batches on CPU, but "
+            f"{constants_cost}; the default (variables, when the original reads variables) "
+            f"loads in no more memory than the original")
 
 
 def unrewritten_report(fn, reason: str) -> FoldReport:
@@ -584,6 +626,7 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
         if missing:
             raise BadInput(f"{src}: signature {', '.join(missing)} is in saved_model.pb but "
                            f"TensorFlow did not load it")
+        release_unread_variables(loaded)
         result.seconds["load"] = time.perf_counter() - clock
         if verify:
             given = checking.given_feeds(loaded, keys, inputs)

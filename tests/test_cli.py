@@ -212,11 +212,15 @@ def test_demo(tmp_path, capsys):
     assert "7 batch norms: 7 folded (6 forward, 1 backward), 0 not folded" in stdout
     assert "latency of 'serving_default'" in stdout
     assert "original" in stdout and "optimized" in stdout and "ms" in stdout
+    # the speed-up split: freezing alone, then folding (issue 20)
+    assert "frozen, not folded" in stdout and "what freezing alone gives" in stdout
+    assert "from freezing, then" in stdout and "from folding)" in stdout
     assert "verification (relative tolerance" in stdout
     assert os.path.isfile(out / "original" / "saved_model.pb")
     assert os.path.isfile(out / "optimized" / "saved_model.pb")
     assert "building the demo model" in stderr
     assert main(["demo", "--out", str(out), "--json", "--quiet"]) == 0   # rerun replaces
     document = json.loads(capsys.readouterr().out)
-    assert document["latency_ms"]["optimized"] > 0
+    latency = document["latency_ms"]
+    assert latency["optimized"] > 0 and latency["frozen"] > 0 and latency["original"] > 0
     assert document["signatures"]["serving_default"]["verification"]["max_rel"] <= 1e-5

@@ -55,3 +55,22 @@ def test_grouped_net_as_a_saved_model(tmp_path):
     assert len(report.batch_norms) == count and len(report.folded) == count, str(report)
     assert "StatefulPartitionedCall" not in report.ops_after
     assert all(check.status == "ok" for check in result.verification.values())
+
+
+def test_freeze_only_freezes_and_folds_nothing():
+    """``rewrite.freeze_only``, the "frozen, not folded" of ``graphfold demo`` and
+    tools/bench_serving.py: the same outputs, the weights constants, every batch norm still
+    computed (what freezing alone gives), where ``rewrite`` folds them all."""
+    from graphfold.rewrite import freeze_only, rewrite
+    from helpers import assert_close, batch_norm_census, random_inputs
+    rng = np.random.default_rng(5)
+    model, shape, count = examples.small_model("UNet", False, seed=5)
+    fn = examples.concrete(model, shape)
+    frozen = freeze_only(fn)
+    assert batch_norm_census(frozen.graph_def) == count
+    assert not frozen.report.batch_norms
+    assert not frozen.function.variables
+    ops = {op.type for op in frozen.function.graph.get_operations()}
+    assert not ops & {"ReadVariableOp", "VarHandleOp"}, ops
+    assert_close(fn, frozen, random_inputs(fn, rng))
+    assert batch_norm_census(rewrite(fn).graph_def) == 0

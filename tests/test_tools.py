@@ -45,8 +45,8 @@ def test_bench_latency_smoke(capsys, tmp_path):
                       "--repeats", "2", "--warmup", "1", "--size", "32",
                       "--json", str(tmp_path / "latency.json"), "--plot", str(plot)]) == 0
     header, rows = _table(capsys.readouterr().out, "model")
-    for column in ("a ms", "b ms", "c ms", "d ms", "e ms", "b/a", "b/c", "d/c", "e/c",
-                   "BN left b/d/e"):
+    for column in ("a ms", "b ms", "c ms", "d ms", "e ms", "b/a", "f/a", "b/f", "b/c", "d/c",
+                   "e/c", "BN left b/d/e"):
         assert column in header
     assert len(rows) == 1
     row = dict(zip(header, rows[0]))
@@ -113,19 +113,34 @@ if __name__ == "__main__":
 
 
 def test_bench_cli_smoke(capsys, tmp_path):
-    """One synthetic layer: the reference, optimize (per stage) and inspect, all exit 0."""
+    """One synthetic layer, both weight modes: the reference, optimize (per stage), its output
+    and inspect, all exit 0; the targets table of issue 20 for each mode."""
     bench = _load("bench_cli")
     report = tmp_path / "cli.json"
     assert bench.main(["--models", "", "--sizes", "1", "--cache", str(tmp_path),
-                       "--json", str(report)]) == 0
-    header, rows = _table(capsys.readouterr().out, "model")
-    assert header[:3] == ["model", "weights MB", "written as"] and len(rows) == 1
-    assert rows[0][0] == "1MB" and rows[0][2] == "constants"
+                       "--weights", "auto,constants", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    header, rows = _table(out, "model")
+    assert header[:3] == ["model", "weights MB", "written as"] and len(rows) == 2
+    assert [r[0] for r in rows] == ["1MB (auto)", "1MB (constants)"]
     import json
-    row = json.loads(report.read_text())["1MB"]
-    assert row["optimize"]["exit"] == 0 and row["inspect"]["exit"] == 0
-    stages = [s["stage"] for s in row["optimize"]["stages"]]
+    document = json.loads(report.read_text())
+    auto, constants = document["1MB (auto)"], document["1MB (constants)"]
+    assert auto["optimize"]["exit"] == 0 and auto["inspect"]["exit"] == 0
+    assert auto["output"]["exit"] == 0 and constants["output"]["exit"] == 0
+    assert constants["weights"] == "constants" and "inspect" not in constants
+    assert auto["reference"] is not None and constants["reference"] == auto["reference"]
+    assert auto["rewritten"] == constants["rewritten"] == 2
+    stages = [s["stage"] for s in auto["optimize"]["stages"]]
     assert stages[:5] == ["start-up", "load", "fold", "write", "verify"]
+    header, rows = _table(out[out.index("| model | mode |"):], "model")
+    targets = {r[1]: dict(zip(header, r)) for r in rows}
+    assert set(targets) == {"auto", "constants"}
+    assert targets["auto"]["default mode: ≤ reference + 5×"] in ("yes", "**no**")
+    assert targets["constants"]["default mode: ≤ reference + 5×"] == "–"
+    for row in targets.values():
+        assert row["≤ output + 3×"] in ("yes", "**no**")
+        float(row["(optimize − output) / weights"])
 
 
 def test_bench_grouped_smoke(capsys):
@@ -136,6 +151,67 @@ def test_bench_grouped_smoke(capsys):
     header, rows = _table(out, "round")
     assert header == ["round", "original ms", "graphfold ms", "original / graphfold"]
     assert len(rows) == 1
+
+
+def test_bench_serving_smoke(capsys, tmp_path):
+    """One synthetic layer (1 MB): every variant written, checked folded, and measured through
+    TF Serving's path (the C++ harness, built here) and tf.saved_model.load; latency with the
+    A/A control; a session configuration. Skips the harness, saying why, without g++."""
+    import json
+    import shutil
+    bench = _load("bench_serving")
+    loaders = "serving,python" if shutil.which("g++") else "python"
+    report, plot = tmp_path / "serving.json", tmp_path / "serving.png"
+    assert bench.main(["--models", "1MB", "--variants", "original,freeze,constants,variables,graph",
+                       "--loaders", loaders, "--batches", "1,2", "--rounds", "2", "--warmup", "1",
+                       "--configs", "default,no-mem-opt", "--cache", str(tmp_path),
+                       "--json", str(report), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    document = json.loads(report.read_text())
+    row = document["rows"]["1MB"]
+    variants = row["variants"]
+    assert variants["original"]["batch_norm_ops"] > 0
+    for name in ("constants", "variables", "graph"):
+        assert variants[name]["batch_norm_ops"] == 0, variants[name]
+    assert variants["constants"]["folded"] == variants["variables"]["folded"] == "1/1"
+    assert variants["variables"]["weights"] == "variables"
+    assert variants["graph"]["functions"] == 0
+    header, rows = _table(out, "model")
+    assert len(rows) == 5 * len(loaders.split(","))
+    for loader in loaders.split(","):
+        for variant, m in row["memory"][loader].items():
+            assert m["first_call"]["hwm_mib"] >= m["load"]["hwm_mib"] > 0, (loader, variant)
+        pairs = row["latency"][loader]       # each variant beside the original, A/A too
+        assert set(pairs) == set(variants) - {"original"} | {bench.AA}
+        for name, by_key in pairs.items():
+            for key in ("1", "2", "cpu 1", "cpu 2"):         # wall and CPU time per call
+                assert set(by_key[key]) == {"original", name}
+                assert all(len(t) == 2 and min(t) > 0 for t in by_key[key].values())
+    header, rows = _table(out[out.index("| model | loader | batch |"):], "model")
+    assert "original (A/A) / original" in header and len(rows) == 4 * len(loaders.split(","))
+    assert {r[3] for r in rows} == {"wall", "CPU"}
+    if "serving" in loaders:
+        assert set(row["configs"]["no-mem-opt"]["memory"]) == set(variants)
+        assert "| model | configuration |" in out
+    else:
+        assert "no C++ compiler" in document["harness"]
+    assert plot.stat().st_size > 0
+
+
+def test_bench_serving_refuses_an_unfolded_copy():
+    """A written variant that kept its batch norms (or copied a signature through) is never
+    measured: that is how the unfolded "variables" figures of issue 17 were published."""
+    bench = _load("bench_serving")
+    original = {"batch_norm_ops": 53}
+    with pytest.raises(SystemExit, match="not folded"):
+        bench.check_folded("m", {"original": original,
+                                 "variables": {"batch_norm_ops": 53, "unchanged": {}}})
+    with pytest.raises(SystemExit, match="not folded"):
+        bench.check_folded("m", {"original": original,
+                                 "constants": {"batch_norm_ops": 0,
+                                               "unchanged": {"serve": "a lookup table"}}})
+    bench.check_folded("m", {"original": original,
+                             "variables": {"batch_norm_ops": 0, "unchanged": {}}})
 
 
 @pytest.mark.parametrize("name", [m.name for m in _load("mutants").MUTANTS if m.cheap])

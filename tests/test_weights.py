@@ -46,12 +46,13 @@ def _assert_same_outputs(source, dst, key):
             assert F.rel_err(value, got[name]) <= TOL, name
 
 
-def test_auto_switches_to_variables_above_the_threshold(src, tmp_path, monkeypatch):
+def test_auto_writes_variables_where_the_original_reads_variables(src, tmp_path):
+    """The default (issue 20): an original that reads variables gets variables, folded, which
+    serve no slower and load in no more memory than the original (tools/bench_serving.py);
+    constants would peak at about +8x the weights in TF Serving."""
     source, dst = src("keras3"), str(tmp_path / "out")
-    monkeypatch.setattr(saved_model, "AUTO_VARIABLES_ABOVE", 1000)    # bytes: this model is over
     result = graphfold.optimize_saved_model(source, dst)
-    assert result.weights == "variables"
-    assert any("written as variables" in note for note in result.notes), result.notes
+    assert result.weights == "variables" and not result.notes
     assert result.written and all(v.status == "ok" for v in result.verification.values())
     # saved_model.pb holds the graph only; the folded weights are in variables/
     assert _largest_const(dst) < 1024
@@ -64,12 +65,51 @@ def test_auto_switches_to_variables_above_the_threshold(src, tmp_path, monkeypat
         _assert_same_outputs(source, dst, key)
 
 
-def test_auto_keeps_constants_under_the_threshold(src, tmp_path):
-    source, dst = src("keras3"), str(tmp_path / "out")
+def _constants_original(source: str, path: str) -> str:
+    """``source`` frozen (``rewrite.freeze_only``: its weights constants, nothing folded) and
+    saved: a SavedModel that reads no variable, as a frozen graph saved as one does."""
+    from graphfold.rewrite import freeze_only
+    loaded = tf.saved_model.load(source)
+    frozen = freeze_only(loaded.signatures["serving_default"])
+    tf.saved_model.save(tf.Module(), path, signatures={"serving_default": frozen.function})
+    return path
+
+
+def test_auto_keeps_constants_where_the_original_holds_constants(src, tmp_path):
+    """An original whose weights are constants already pays for them: auto keeps constants
+    (variables could serve it slower on CPU), and says why."""
+    source = _constants_original(src("keras3"), str(tmp_path / "frozen"))
+    assert not tf.saved_model.load(source).signatures["serving_default"].variables
+    dst = str(tmp_path / "out")
     result = graphfold.optimize_saved_model(source, dst)
+    assert result.weights == "constants"
+    assert any("reads no variable" in note for note in result.notes), result.notes
+    assert _largest_const(dst) > 1024
+    assert _batch_norms(source) == 7 and _batch_norms(dst) == 0
+    _assert_same_outputs(source, dst, "serving_default")
+
+
+def test_constants_when_asked(src, tmp_path):
+    source, dst = src("keras3"), str(tmp_path / "out")
+    result = graphfold.optimize_saved_model(source, dst, weights="constants")
     assert result.weights == "constants" and not result.notes
     assert _largest_const(dst) > 1024
     assert _variables_bytes(dst) < _variables_bytes(source) / 4
+    assert _batch_norms(dst) == 0
+
+
+def test_the_summary_states_the_weights_trade_off(src, tmp_path, capsys):
+    """One line before the final one: the mode written, and what the other would give."""
+    assert main(["optimize", src("keras3"), str(tmp_path / "a")]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1].startswith(f"wrote {tmp_path / 'a'}:")
+    assert lines[-2].startswith("weights: variables, as the original reads them (auto): serves "
+                                "no slower than the original and loads in no more memory;")
+    assert "--weights constants serves faster at small batches" in lines[-2]
+    assert main(["optimize", src("keras3"), str(tmp_path / "b"), "--weights", "constants"]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-2].startswith("weights: constants, as asked: fastest at small batches on CPU")
+    assert "+8x the weights" in lines[-2]
 
 
 @pytest.mark.parametrize("name", ["tf_keras", "two_signatures", "table"])
@@ -241,3 +281,29 @@ def test_filling_refuses_marks_and_weights_that_do_not_match(tmp_path):
     got = tf.saved_model.load(path).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
     np.testing.assert_allclose(got, x @ np.arange(600, dtype=np.float32).reshape(20, 30),
                                rtol=1e-5)
+
+
+def test_the_original_s_unread_copy_of_the_weights_is_let_go(src, tmp_path):
+    """A Keras 3 export tracks every weight twice (``variables`` and ``_all_variables``, both
+    restored); optimize drops the copy no function reads (1x the weights, issue 20), and never
+    a variable that a signature or another function of the model reads."""
+    loaded = tf.saved_model.load(src("keras3"))
+    read = {id(v) for v in loaded.signatures["serving_default"].variables}
+    assert loaded._all_variables and not {id(v) for v in loaded._all_variables} & read
+    assert saved_model.release_unread_variables(loaded) == ["_all_variables"]
+    assert not hasattr(loaded, "_all_variables")
+    assert {id(v) for v in loaded.variables} == read
+
+    module = tf.Module()
+    module.signed = [tf.Variable(np.ones(3, np.float32))]
+    module.helper_only = [tf.Variable(np.full(3, 2.0, np.float32))]
+    module.unread = [tf.Variable(np.zeros(3, np.float32))]
+    module.helper = tf.function(lambda x: x * module.helper_only[0],
+                                input_signature=[tf.TensorSpec([3], tf.float32)])
+    serve = tf.function(lambda x: {"y": x * module.signed[0]},
+                        input_signature=[tf.TensorSpec([3], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "m"), signatures={"serving_default": serve})
+    loaded = tf.saved_model.load(str(tmp_path / "m"))
+    assert saved_model.release_unread_variables(loaded) == ["unread"]
+    assert loaded.signed and loaded.helper_only
+    assert loaded.helper(tf.ones(3)).numpy().tolist() == [2.0, 2.0, 2.0]

@@ -10,8 +10,14 @@ Per stage (start-up, load, fold, write, verify, ...), the child process marks ea
 with the time and the peak RSS since the previous mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``).
 
+``--weights auto,constants,variables``: one row per mode (``optimize`` and its output; the
+reference and ``inspect`` once per model). The targets table checks issue 20's memory targets:
+optimize's peak within its output's load-and-call peak + 3x the weights in every mode, and with
+the default mode (auto) within the original's load-and-call peak + 5x the weights.
+Serving latency: tools/bench_serving.py.
+
     python tools/bench_cli.py --models ResNet50,MobileNetV2,DenseNet121 --sizes 100,500,1000,2000 \\
-        --json cli.json --plot docs/cli.png
+        --weights auto,constants,variables --json cli.json --plot docs/cli.png
     python tools/bench_cli.py --from-json cli.json --plot docs/cli.png    # tables and plot again
 
 Models are built once under ``--cache`` (Keras 3 ``model.export()``: ``serve`` and
@@ -164,9 +170,13 @@ sys.exit(code)
 """
 
 
-def measure(path: str, workdir: str, commands: list[str], weights: str) -> dict:
-    row = {"reference": run_child([sys.executable, "-c", REFERENCE, path])}
+def measure(path: str, workdir: str, commands: list[str], weights: str,
+            reference: dict | None = None) -> dict:
+    """One row: the reference (measured now unless given), then each command; after
+    ``optimize``, the same load and call of what it wrote ("output")."""
+    row = {"reference": reference or run_child([sys.executable, "-c", REFERENCE, path])}
     row["weight_mb"] = int(row["reference"]["stdout"].split()[-1]) / 1e6
+    row["mode"] = weights
     for command in commands:
         marks = os.path.join(workdir, "marks.json")
         if os.path.exists(marks):
@@ -179,69 +189,14 @@ def measure(path: str, workdir: str, commands: list[str], weights: str) -> dict:
         row[command] = run_child(argv, marks)
         if command == "optimize" and os.path.exists(report):
             with open(report) as f:
-                row["weights"] = json.load(f).get("weights")
+                document = json.load(f)
+            row["weights"] = document.get("weights")
+            row["rewritten"] = sum(s["rewritten"] for s in document["signatures"].values())
             os.remove(report)
             # what serving the result costs: the same load and call, of graphfold's output
             row["output"] = run_child([sys.executable, "-c", REFERENCE, dst])
         shutil.rmtree(dst, ignore_errors=True)
     return row
-
-
-# ---- serving latency: weights as constants against weights as variables ---------------------------
-LATENCY = """
-import json, random, sys, time
-import numpy as np, tensorflow as tf
-paths, batch, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-fns = {k: tf.saved_model.load(p).signatures["serving_default"] for k, p in paths.items()}
-_, specs = next(iter(fns.values())).structured_input_signature
-x = {k: tf.constant(np.random.default_rng(0).standard_normal(
-         [batch] + s.shape.as_list()[1:]).astype(s.dtype.as_numpy_dtype)) for k, s in specs.items()}
-for fn in fns.values():
-    for _ in range(3):
-        fn(**x)
-times = {k: [] for k in fns}
-for _ in range(rounds):
-    order = list(fns)
-    random.shuffle(order)
-    for k in order:
-        start = time.perf_counter()
-        out = fns[k](**x)
-        [t.numpy() for t in out.values()]
-        times[k].append(time.perf_counter() - start)
-print(json.dumps(times))
-"""
-
-
-def latency(path: str, workdir: str, batch: int, rounds: int) -> dict:
-    """Median ms per call of ``serving_default`` of the original, of graphfold's output with
-    the weights as constants and as variables (each loaded with ``tf.saved_model.load``),
-    interleaved in one process; and each ratio as the median of the per-round ratios."""
-    import numpy as np
-    paths = {"original": path}
-    for mode in ("constants", "variables"):
-        paths[mode] = os.path.join(workdir, f"latency-{mode}")
-        subprocess.run([sys.executable, "-m", "graphfold", "optimize", path, paths[mode],
-                        "--overwrite", "--quiet", "--weights", mode], check=True, env=ENV)
-    done = subprocess.run([sys.executable, "-c", LATENCY, json.dumps(paths), str(batch),
-                           str(rounds)], check=True, env=ENV, capture_output=True, text=True)
-    times = {k: np.array(v) for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
-    for mode in ("constants", "variables"):
-        shutil.rmtree(paths[mode], ignore_errors=True)
-    result = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    result["constants/original"] = float(np.median(times["constants"] / times["original"]))
-    result["variables/constants"] = float(np.median(times["variables"] / times["constants"]))
-    result.update(batch=batch, rounds=rounds)
-    return result
-
-
-def latency_markdown(rows: dict) -> str:
-    lines = ["| model | batch | original ms | constants ms | variables ms | constants / original "
-             "| variables / constants |", "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['batch']} | {r['original']:.2f} | {r['constants']:.2f} | "
-                     f"{r['variables']:.2f} | {r['constants/original']:.3f} | "
-                     f"{r['variables/constants']:.3f} |")
-    return "\n".join(lines)
 
 
 # ---- reporting ------------------------------------------------------------------------------------
@@ -279,6 +234,7 @@ def markdown(rows: dict) -> str:
         cells += ([f"{ins['wall']:.1f}" + ("" if ins["exit"] == 0 else f" (exit {ins['exit']})"),
                    f"{ins['wall'] / ref['wall']:.2f}"] if ins else ["–", "–"])
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", targets(rows)]
     lines += ["", "Stages of `graphfold optimize` (seconds / peak GiB within the stage):", "",
               "| model | stages |", "|---|---|"]
     for name, r in rows.items():
@@ -287,34 +243,71 @@ def markdown(rows: dict) -> str:
     return "\n".join(lines)
 
 
+OVER_OUTPUT, OVER_REFERENCE = 3, 5      # issue 20's targets, in weights
+
+
+def _over(mib: float, base: float, weight_mb: float) -> float:
+    return (mib - base) * 2**20 / (weight_mb * 1e6)
+
+
+def targets(rows: dict) -> str:
+    """Issue 20's memory targets per row: optimize's peak <= the written artifact's own load
+    and call peak (same loader, fresh process) + 3x the weights, in every mode; with the
+    default mode (auto), <= the original's load-and-call peak + 5x the weights."""
+    lines = [f"| model | mode | written as | optimize peak GiB | output peak GiB | (optimize − "
+             f"output) / weights | ≤ output + {OVER_OUTPUT}× | reference peak GiB | "
+             f"(optimize − reference) / weights | default mode: ≤ reference + "
+             f"{OVER_REFERENCE}× |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        opt, out, ref = r.get("optimize"), r.get("output"), r["reference"]
+        if not opt or opt["exit"] != 0 or not out or out["exit"] != 0:
+            continue
+        vs_output = _over(opt["peak_mib"], out["peak_mib"], r["weight_mb"])
+        vs_reference = _over(opt["peak_mib"], ref["peak_mib"], r["weight_mb"])
+        default = ("yes" if vs_reference <= OVER_REFERENCE else "**no**") \
+            if r.get("mode", "auto") == "auto" else "–"
+        lines.append("| " + " | ".join([
+            name.split(" (")[0], r.get("mode", "auto"), r.get("weights") or "–",
+            f"{opt['peak_mib'] / 1024:.2f}", f"{out['peak_mib'] / 1024:.2f}", f"{vs_output:.1f}",
+            "yes" if vs_output <= OVER_OUTPUT else "**no**", f"{ref['peak_mib'] / 1024:.2f}",
+            f"{vs_reference:.1f}", default]) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sweep = dict(sorted(((k, r) for k, r in rows.items() if k.endswith("MB") and
-                         r.get("optimize")), key=lambda item: item[1]["weight_mb"]))
-    if not sweep:
+    sweeps: dict[str, list] = {}
+    for key, r in rows.items():
+        if key.split(" (")[0].endswith("MB") and r.get("optimize"):
+            sweeps.setdefault(r.get("mode", "auto"), []).append(r)
+    if not sweeps:
         return
-    gb = [r["weight_mb"] / 1e3 for r in sweep.values()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(gb, [r["optimize"]["wall"] for r in sweep.values()], "o-", label="graphfold optimize")
-    left.plot(gb, [r["reference"]["wall"] for r in sweep.values()], "s--",
+    for mode, sweep in sweeps.items():
+        sweep.sort(key=lambda r: r["weight_mb"])
+        gb = [r["weight_mb"] / 1e3 for r in sweep]
+        left.plot(gb, [r["optimize"]["wall"] for r in sweep], "o-",
+                  label=f"graphfold optimize --weights {mode}")
+        right.plot(gb, [r["optimize"]["peak_mib"] / 1024 for r in sweep], "o-",
+                   label=f"graphfold optimize --weights {mode}")
+        served = [r for r in sweep if r.get("output") and r["output"]["exit"] == 0]
+        right.plot([r["weight_mb"] / 1e3 for r in served],
+                   [r["output"]["peak_mib"] / 1024 for r in served], ":",
+                   label=f"its output: load + one call ({mode})")
+    reference = max(sweeps.values(), key=len)
+    gb = [r["weight_mb"] / 1e3 for r in reference]
+    left.plot(gb, [r["reference"]["wall"] for r in reference], "s--",
               label="reference: load + one call")
+    right.plot(gb, [r["reference"]["peak_mib"] / 1024 for r in reference], "s--",
+               label="reference: load + one call")
     left.set_xlabel("weights (GB)")
     left.set_ylabel("wall time (s)")
-    left.legend()
-    right.plot(gb, [r["optimize"]["peak_mib"] / 1024 for r in sweep.values()], "o-",
-               label="graphfold optimize")
-    right.plot(gb, [r["reference"]["peak_mib"] / 1024 for r in sweep.values()], "s--",
-               label="reference: load + one call")
     right.set_xlabel("weights (GB)")
     right.set_ylabel("peak RSS (GiB)")
-    right.legend()
-    for axis, key in ((left, "wall"), (right, "peak_mib")):
-        scale = 1 if key == "wall" else 1 / 1024
-        for r, x in zip(sweep.values(), gb):
-            axis.annotate(r.get("weights") or "", (x, r["optimize"][key] * scale),
-                          textcoords="offset points", xytext=(4, -10), fontsize=7)
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
     fig.suptitle("graphfold optimize against loading the model (synthetic MatMul+BN stacks)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -327,32 +320,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="100,500,1000,2000",
                         help="synthetic models, MB of weights; '' for none")
     parser.add_argument("--commands", default="optimize,inspect")
-    parser.add_argument("--weights", default="auto", help="graphfold optimize --weights")
+    parser.add_argument("--weights", default="auto",
+                        help="graphfold optimize --weights, one row per mode: auto,constants,...")
     parser.add_argument("--cache", default=os.path.join("/tmp", "graphfold-bench-cli"))
     parser.add_argument("--json", help="write the measurements here (merged with its rows)")
     parser.add_argument("--from-json", help="print tables (and --plot) from saved measurements")
     parser.add_argument("--plot", help="PNG of the size sweep")
-    parser.add_argument("--latency", action="store_true",
-                        help="instead: serving latency, weights as constants vs variables")
-    parser.add_argument("--batch", type=int, default=1, help="--latency: batch size")
-    parser.add_argument("--rounds", type=int, default=30, help="--latency: calls of each")
     args = parser.parse_args(argv)
 
-    if args.latency:
-        rows = {}
-        if args.json and os.path.exists(args.json):
-            with open(args.json) as f:
-                rows = json.load(f)
-        for name in [m for m in args.models.split(",") if m] + \
-                [f"{s}MB" for s in args.sizes.split(",") if s]:
-            path = ensure_model(args.cache, name)
-            rows[f"{name} batch {args.batch}"] = latency(path, args.cache, args.batch,
-                                                         args.rounds)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(rows, f, indent=1)
-        print(latency_markdown(rows))
-        return 0
     if args.from_json:
         with open(args.from_json) as f:
             rows = json.load(f)
@@ -366,12 +341,16 @@ def main(argv=None) -> int:
         os.makedirs(args.cache, exist_ok=True)
         for name in names:
             path = ensure_model(args.cache, name)
-            key = name if args.weights == "auto" else f"{name} ({args.weights})"
-            rows[key] = measure(path, args.cache, args.commands.split(","), args.weights)
-            print(markdown({key: rows[key]}).splitlines()[2], file=sys.stderr, flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(rows, f, indent=1)
+            reference, commands = None, args.commands.split(",")
+            for mode in args.weights.split(","):
+                key = f"{name} ({mode})"
+                rows[key] = measure(path, args.cache, commands, mode, reference)
+                reference = rows[key]["reference"]
+                commands = [c for c in commands if c != "inspect"]   # the same for every mode
+                print(markdown({key: rows[key]}).splitlines()[2], file=sys.stderr, flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(rows, f, indent=1)
     print(markdown(rows))
     if args.plot:
         plot(rows, args.plot)

@@ -28,9 +28,9 @@ import called directly costs about 1 ms more per call).
 
 Every variant is warmed up, then the runs are interleaved (one call of each per round, in a new
 random order each round) in this one process, so that load on the machine hits them alike.
-Prints a Markdown table: median milliseconds per call, the ratios b/a, b/c, d/c, e/c, f/c, b/d,
-b/e (each the median over the rounds of the two variants' times in the same round), how many
-batch norms b, d, e left, and their largest error relative to a. ``--from-json`` redoes the
+Prints a Markdown table: median milliseconds per call, the ratios b/a, f/a (freezing alone),
+b/f (folding on top of freezing), b/c, d/c, e/c, f/c, b/d, b/e (each the median over the rounds
+of the two variants' times in the same round), how many batch norms b, d, e left, and their largest error relative to a. ``--from-json`` redoes the
 table and the plot from a ``--json`` file of an earlier run, without measuring.
 """
 
@@ -57,7 +57,8 @@ MODELS = "ResNet50,MobileNetV2,EfficientNetB0,DenseNet121"
 VARIANTS = ("a", "b", "c", "d", "e", "f")
 LABELS = {"a": "original", "b": "graphfold", "c": "BN-free limit", "d": "optimize_for_inference",
           "e": "keras folder", "f": "frozen, not folded"}
-RATIOS = ("b/a", "b/c", "d/c", "e/c", "f/c", "b/d", "b/e")
+# f/a: what freezing alone gives; b/f: what folding gives on top (b/a ~ f/a x b/f)
+RATIOS = ("b/a", "f/a", "b/f", "b/c", "d/c", "e/c", "f/c", "b/d", "b/e")
 COLUMNS = ["model", "framework", "batch", "a ms", "b ms", "c ms", "d ms", "e ms", "f ms",
            *RATIOS, "BN left b/d/e", "max rel err b/d/e"]
 

@@ -108,6 +108,12 @@ MUTANTS = (
              '        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)\n',
              '        return FoldedFunction(fn, None, fold(fn)[-1])  # mutant\n'),),
            ("tests/test_weights.py", "-k", "variables"), cheap=True),
+    Mutant("auto-writes-constants",
+           "the default (auto) writes constants for an original that reads variables (TF "
+           "Serving then peaks at about +8x the weights)",
+           (("graphfold/saved_model.py", '    if nbytes:\n        return "variables", None\n',
+             '    if False:  # mutant\n        return "variables", None\n'),),
+           ("tests/test_weights.py", "-k", "auto"), cheap=True),
     Mutant("census-misses-unread-batch-norms",
            "the census drops the batch norms the recogniser could not read (no entry, no reason)",
            (("graphfold/census.py",
