@@ -19,7 +19,9 @@ from graphfold import inputs as inputs_
 from graphfold.errors import BadInput, VerificationFailed
 from graphfold import noise, warmup
 from graphfold.options import spelled, with_value
-from graphfold.verify import Verification, input_labels, input_specs, verify
+from graphfold.progress import SignatureChecked
+from graphfold.verify import (Recorded, Verification, input_labels, input_specs, record,
+                             replay, verify)
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
 
@@ -90,29 +92,52 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
     """key -> Verification of ``candidate.signatures[key]`` against ``reference``'s, on the
     preferred inputs of each signature, with the noise floor measured on a failure. A signature
     verified on random inputs takes the ``shapes`` given for it, else those of the given inputs
-    or warm-up records of the same name (``input_shapes.py``)."""
-    checks = {}
+    or warm-up records of the same name (``input_shapes.py``). The same as ``record_checks``
+    then ``replay_checks``."""
+    records = record_checks(reference, keys, given, recorded, tolerance=tolerance, batch=batch,
+                            shapes=shapes)
+    return replay_checks(records, candidate, lambda key: reference.signatures[key], progress)
+
+
+def record_checks(reference, keys: list[str], given: dict[str, list[dict]],
+                  recorded: dict[str, list[dict]], *, tolerance: float | None, batch: int,
+                  shapes: dict[str, dict] | None = None) -> dict[str, Recorded]:
+    """key -> the original's side of its check (``verify.record``): its outputs on the inputs
+    ``run_checks`` would choose, so that the original can be let go before the candidate is
+    loaded (``replay_checks``)."""
+    records = {}
     seen = input_shapes_.from_feeds({**recorded, **given})
     for key in keys:
         original = reference.signatures[key]
         if key in given:
-            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           feeds=given[key], source=spelled("inputs"))
+            records[key] = record(key, original, tolerance=tolerance, feeds=given[key],
+                                  source=spelled("inputs"))
         elif key in recorded:
-            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           feeds=recorded[key],
-                           source=f"warm-up records ({len(recorded[key])})")
+            records[key] = record(key, original, tolerance=tolerance, feeds=recorded[key],
+                                  source=f"warm-up records ({len(recorded[key])})")
         else:
             hints = input_shapes_.compatible(seen, input_specs(original))
-            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           batch=batch, shapes={**hints, **(shapes or {}).get(key, {})})
+            records[key] = record(key, original, tolerance=tolerance, batch=batch,
+                                  shapes={**hints, **(shapes or {}).get(key, {})})
+    return records
+
+
+def replay_checks(records: dict[str, Recorded], candidate, original_of,
+                  progress) -> dict[str, Verification]:
+    """key -> the check of ``candidate.signatures[key]`` against the recorded outputs;
+    ``original_of(key)``: the original's function, asked for only to measure a noise floor
+    (``noise.judge``: a check failed on relative error alone)."""
+    checks = {}
+    for key, recorded_check in records.items():
+        check = replay(recorded_check, candidate.signatures[key])
         if check.reference_failed:      # real inputs the original itself cannot run
             raise _bad(f"signature '{key}': {check.reason}")
         if check.status == "skipped":
             check.reason = f"{check.reason}; {fix_hint()}"
-        noise.judge(check, original)
+        if check.status == "failed" and check.mismatch and check.fed:   # noise.judge's case
+            noise.judge(check, original_of(key))
         checks[key] = check
-        progress(f"  {check.line()}")
+        progress(SignatureChecked(check))
     return checks
 
 
@@ -130,11 +155,11 @@ def single_examples(feed: dict[str, np.ndarray], specs: dict) -> list[dict[str, 
     return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(sizes.pop())]
 
 
-def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], count: int,
-                   notes: list[str], loaded) -> list[bytes] | None:
+def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, dict],
+                   count: int, notes: list[str]) -> list[bytes] | None:
     """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
-    ``keys``: one example each, taken in turn from its verification inputs. None: nothing to
-    add."""
+    ``specs`` (key -> its input specs): one example each, taken in turn from its verification
+    inputs. None: nothing to add."""
     path = os.path.join(src, warmup.PATH)
     existing = warmup.read_raw(path) if os.path.isfile(path) else []
     per_signature: dict[str, int] = {}
@@ -142,15 +167,15 @@ def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], c
         for request in warmup.read(path)[0]:
             per_signature[request.signature] = per_signature.get(request.signature, 0) + 1
     added = []
-    for key in keys:
+    for key in specs:
         check = checks.get(key)
         if check is None or check.status != "ok" or not check.fed:
             notes.append(f"no warm-up records written for '{key}': it was not verified, so "
                          f"there are no inputs known to run ({fix_hint()})")
             continue
         missing = count - per_signature.get(key, 0)
-        specs = input_specs(loaded.signatures[key])
-        feeds = [one for feed in check.fed for one in single_examples(as_arrays(feed), specs)]
+        feeds = [one for feed in check.fed
+                 for one in single_examples(as_arrays(feed), specs[key])]
         added.extend(warmup.build(key, feeds[i % len(feeds)]) for i in range(max(missing, 0)))
     if not added:
         return None

@@ -17,8 +17,8 @@ import warnings
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
 from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
-from graphfold.render import (dumps, format_table, render_reports, render_scan,
-                              render_verification, totals)
+from graphfold.jsonout import dumps
+from graphfold.render import format_table, render_reports, render_scan, render_verification
 from graphfold.version import __version__
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
@@ -39,10 +39,14 @@ class Console:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def progress(self, line: str) -> None:
-        if not self.quiet:   # an indented line is a stage's result, any other starts a stage
-            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {line}",
-                                stage=None if line.startswith(" ") else line)
+    def progress(self, event) -> None:
+        """Shows a progress event (``graphfold.progress``; a plain string is a ``Note``): a
+        ``StageStarted`` starts the heartbeat of its stage, any other is a line."""
+        from graphfold.progress import StageStarted, as_event
+        event = as_event(event)
+        if not self.quiet:
+            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {event.text}",
+                                stage=event if isinstance(event, StageStarted) else None)
 
     def line(self, line: str) -> None:
         """A progress line that starts no stage (no heartbeat thread)."""
@@ -88,7 +92,7 @@ FLAGS = {"signatures": "--signature", "tags": "--tag-set", "verify": "--no-verif
          "input_shapes": "--input-shape",
          "versions": "--versions", "runner": "--runner", "jobs": "--jobs",
          "model_config": "--model-config", "report": "--report", "out": "--out",
-         "allow_ops": "--allow-ops"}
+         "allow_ops": "--allow-ops", "partial": "--no-partial"}
 _GIVEN = argparse.SUPPRESS        # an option flag's default: absent from args unless given
 
 
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _selection(ins)
     _graph_def_names(ins)
+    _partial(ins)
     _consent(ins)
     ins.add_argument("--verbose", "-v", action="store_true",
                      help="show the traceback of a failure")
@@ -174,6 +179,12 @@ def _selection(parser):
                         help="comma-separated tag set of the MetaGraph (default serve)")
 
 
+def _partial(parser):
+    parser.add_argument("--no-partial", dest="partial", action="store_false", default=_GIVEN,
+                        help="where a batch norm cannot disappear, keep it whole (by default its "
+                             "scale folds and its shift stays as one add: a partial fold)")
+
+
 def _consent(parser):
     parser.add_argument("--allow-ops", "--allow_ops", metavar="A,B", default=_GIVEN,
                         help="ops reaching outside the graph (file, network, Python, print: "
@@ -205,6 +216,7 @@ def _writing(parser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false", default=_GIVEN,
                         help="do not compare the result with the original")
     _checking(parser)
+    _partial(parser)
     parser.add_argument("--weights", choices=WEIGHTS, default=_GIVEN,
                         help="where the folded weights go: variables in variables/ (no slower "
                              "and no more memory to serve than an original that reads "
@@ -309,7 +321,7 @@ def cmd_optimize(args, console: Console) -> int:
     if failure is not None:
         console.error(str(failure) + _where_to_look(result, args))
         return EXIT_VERIFY
-    bns, folded, before, after = totals(result)
+    bns, folded, before, after = result.totals()
     signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
     if getattr(result, "weights", None):     # a SavedModel: the trade-off of its weights' mode
         console.print(weights_tradeoff(result.weights,
@@ -424,7 +436,7 @@ def cmd_inspect(args, console: Console) -> int:
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
     render_scan(result, console)
-    bns, folded, before, after = totals(result)
+    bns, folded, before, after = result.totals()
     console.print(f"{args.src}: {len(result)} signature(s); {folded} of {bns} batch norms "
                   f"foldable; ops {before} -> {after} (nothing written)")
     console.json({"command": "inspect", "status": "ok", "exit_code": EXIT_OK,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from graphfold.render import entry_table, op_table
+from graphfold.tables import entry_table, op_table
 
 
 @dataclasses.dataclass
