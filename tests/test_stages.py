@@ -185,3 +185,27 @@ def test_partial_is_refused_where_it_cannot_act(src, tmp_path):
         graphfold.verify_saved_models(src("keras3"), src("keras3"), partial=False)
     with pytest.raises(BadInput, match="partial=1: must be True or False"):
         graphfold.Options(partial=1)
+
+
+# ---- memory: the original is let go before the written model is loaded ------------------------
+def test_the_original_is_let_go_before_the_written_model_is_loaded(src, tmp_path, monkeypatch):
+    """Verification runs the original first, on the inputs it will check, then lets it go: the
+    written model is loaded into the memory the original held (issue 20's memory target)."""
+    import gc
+    import weakref
+
+    from graphfold import saved_model
+    real, loads = saved_model.load, []
+
+    def load(path, tags):
+        if loads:                              # the written model, loaded back to be verified
+            gc.collect()
+            assert loads[0]() is None, "the original is still held"
+        loaded = real(path, tags)
+        loads.append(weakref.ref(loaded))
+        return loaded
+
+    monkeypatch.setattr(saved_model, "load", load)
+    result = graphfold.optimize_saved_model(src("keras3"), tmp_path / "out")
+    assert len(loads) == 2 and result.verified
+    assert result.verification["serving_default"].max_rel <= 1e-5
