@@ -209,3 +209,21 @@ def test_the_original_is_let_go_before_the_written_model_is_loaded(src, tmp_path
     result = graphfold.optimize_saved_model(src("keras3"), tmp_path / "out")
     assert len(loads) == 2 and result.verified
     assert result.verification["serving_default"].max_rel <= 1e-5
+
+
+def test_a_record_written_before_partial_existed_is_still_done(tmp_path):
+    """A version optimized before ``partial`` was an option was optimized with partial folds
+    (its default): the repository runner skips it, and redoes it for ``partial=False``."""
+    import dataclasses
+
+    from graphfold.options import Options
+    from graphfold.repo_task import RECORD, Task, already_done
+    dst = tmp_path / "1"
+    (dst / "assets.extra").mkdir(parents=True)
+    (dst / "saved_model.pb").write_bytes(b"")
+    old_options = {k: v for k, v in Options().to_dict().items() if k != "partial"}
+    (dst / RECORD).write_text(json.dumps({"source_sha256": "abc", "options": old_options}))
+    task = Task("m", "1", str(tmp_path / "src"), str(dst), Options())
+    assert already_done(task, "abc") is not None
+    assert already_done(dataclasses.replace(task, options=Options(partial=False)), "abc") is None
+    assert already_done(task, "other") is None
