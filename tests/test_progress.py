@@ -4,7 +4,7 @@ import io
 import time
 
 from graphfold.cli import Console
-from graphfold.progress import Note, SignatureFolded, StageStarted
+from graphfold.progress import SignatureFolded, StageStarted
 
 
 class _Terminal(io.StringIO):

@@ -10,15 +10,15 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import bn_params, fused_bn, weight
 
 import graphfold
 from graphfold import progress as progress_
 from graphfold.cli import Console, main
 from graphfold.errors import BadInput
-from graphfold.saved_model import inspect_saved_model
 from graphfold.render import render_reports
 from graphfold.result import SavedModelResult
-from helpers import bn_params, fused_bn, weight
+from graphfold.saved_model import inspect_saved_model
 
 RNG = np.random.default_rng(1818)
 
