@@ -51,18 +51,18 @@ def given_feeds(loaded, keys: list[str], given: dict | None) -> dict[str, list[d
     return {key: [inputs_.check(key, specs[key], given)] for key in addressed}
 
 
-def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
-    """signature -> [checked inputs] of SRC's warm-up records (at most ``WARMUP_VERIFIED`` each).
-    A record that calls a missing signature or feeds it the wrong inputs is ``BadInput``: TF
-    Serving would refuse to load SRC too."""
+def warmup_feeds(src: str, loaded) -> tuple[dict[str, list[dict]], list[str]]:
+    """``(signature -> [checked inputs] of SRC's warm-up records (at most ``WARMUP_VERIFIED``
+    each), notes)``. A record that calls a missing signature or feeds it the wrong inputs is
+    ``BadInput``: TF Serving would refuse to load SRC too."""
     path = os.path.join(src, warmup.PATH)
     if not os.path.isfile(path):
-        return {}
+        return {}, []
     if not warmup.available():
-        notes.append(f"{warmup.PATH} not replayed in verification: it needs "
-                     f"tensorflow-serving-api (pip install 'graphfold[serving]')")
-        return {}
+        return {}, [f"{warmup.PATH} not replayed in verification: it needs "
+                    f"tensorflow-serving-api (pip install 'graphfold[serving]')"]
     requests, others = warmup.read(path)
+    notes = []
     if others:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
         notes.append(f"{warmup.PATH}: {kinds} record(s) kept but not replayed (only "
@@ -77,7 +77,7 @@ def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
         checked = inputs_.check(request.signature, specs, request.inputs, origin=where)
         if len(feeds.setdefault(request.signature, [])) < WARMUP_VERIFIED:
             feeds[request.signature].append(checked)
-    return feeds
+    return feeds, notes
 
 
 def shapes_for(loaded, keys: list[str], input_shapes: dict | None) -> dict[str, dict]:
@@ -156,17 +156,17 @@ def single_examples(feed: dict[str, np.ndarray], specs: dict) -> list[dict[str, 
 
 
 def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, dict],
-                   count: int, notes: list[str]) -> list[bytes] | None:
-    """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
-    ``specs`` (key -> its input specs): one example each, taken in turn from its verification
-    inputs. None: nothing to add."""
+                   count: int) -> tuple[list[bytes] | None, list[str]]:
+    """``(records, notes)``: SRC's warm-up records, then what is missing for ``count`` requests
+    to each signature of ``specs`` (key -> its input specs): one example each, taken in turn
+    from its verification inputs. None: nothing to add."""
     path = os.path.join(src, warmup.PATH)
     existing = warmup.read_raw(path) if os.path.isfile(path) else []
     per_signature: dict[str, int] = {}
     if existing:
         for request in warmup.read(path)[0]:
             per_signature[request.signature] = per_signature.get(request.signature, 0) + 1
-    added = []
+    added, notes = [], []
     for key in specs:
         check = checks.get(key)
         if check is None or check.status != "ok" or not check.fed:
@@ -178,14 +178,14 @@ def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, d
                  for one in single_examples(as_arrays(feed), specs[key])]
         added.extend(warmup.build(key, feeds[i % len(feeds)]) for i in range(max(missing, 0)))
     if not added:
-        return None
+        return None, notes
     total = len(existing) + len(added)
     if total > warmup.MAX_RECORDS:
         raise _bad(f"{with_value('warmup', count)}: {total} records in all ({len(existing)} from SRC, "
                    f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
-    return existing + added
+    return existing + added, notes
 
 
 # ---- rewrite's own check ------------------------------------------------------------------------

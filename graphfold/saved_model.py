@@ -659,7 +659,8 @@ def _optimize(source: Source, original: Original, staging: str, target: str,
               result: SavedModelResult, options: Options, inputs, progress: Progress) -> None:
     """The stages after prepare, each one's findings into ``result``."""
     result.seconds["load"] = original.seconds
-    feeds = choose_feeds(source, original.loaded, inputs, options, result.notes)
+    feeds, notes = choose_feeds(source, original.loaded, inputs, options)
+    result.notes += notes
     clock = time.perf_counter()
     mode, why = choose_weights(options.weights, weight_bytes(original.loaded, source.keys))
     result.weights = mode
@@ -700,14 +701,15 @@ class Feeds:
     shapes: dict
 
 
-def choose_feeds(source: Source, loaded, inputs, options: Options,
-                 notes: list[str]) -> Feeds | None:
-    """The feeds of the verification (None when it is off); what to know goes to ``notes``."""
+def choose_feeds(source: Source, loaded, inputs,
+                 options: Options) -> tuple[Feeds | None, list[str]]:
+    """``(the feeds of the verification (None when it is off), notes)``."""
     if not options.verify:
-        return None
-    return Feeds(checking.given_feeds(loaded, source.keys, inputs),
-                 checking.warmup_feeds(source.src, loaded, notes),
-                 checking.shapes_for(loaded, source.keys, options.shapes()))
+        return None, []
+    given = checking.given_feeds(loaded, source.keys, inputs)
+    recorded, notes = checking.warmup_feeds(source.src, loaded)
+    return Feeds(given, recorded, checking.shapes_for(loaded, source.keys, options.shapes())), \
+        notes
 
 
 def write_stage(source: Source, loaded, found: Folded, staging: str, dst: str,
@@ -802,8 +804,7 @@ def verification_policy(result: SavedModelResult, require_verification: bool) ->
 def warmup_stage(*, src: str, staging: str, checks: dict, specs: dict, count: int) -> list[str]:
     """TF Serving warm-up records for the rewritten signatures (``specs``' keys) written into
     ``staging`` from their verification inputs; returns the notes."""
-    notes: list[str] = []
-    records = checking.warmup_records(src, checks, specs, count, notes)
+    records, notes = checking.warmup_records(src, checks, specs, count)
     if records is not None:
         warmup_.write(os.path.join(staging, warmup_.PATH), records)
     return notes
@@ -862,9 +863,10 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
                               all_signatures=sorted(signature_keys(metas[src])))
     progress(StageStarted("load", f"{src} and {dst} (tag-set {','.join(options.tags)})"))
     reference, candidate = load(src, options.tags), load(dst, options.tags)
-    feeds = Feeds(checking.given_feeds(reference, keys, inputs),
-                  checking.warmup_feeds(src, reference, result.notes),
-                  checking.shapes_for(reference, keys, options.shapes()))
+    given = checking.given_feeds(reference, keys, inputs)
+    recorded, notes = checking.warmup_feeds(src, reference)
+    result.notes += notes
+    feeds = Feeds(given, recorded, checking.shapes_for(reference, keys, options.shapes()))
     comparable, checks = _comparable(metas, src, dst, keys, candidate, options.tolerance)
     comparable, held = scan_.gate(scans, comparable, options.allow_ops, options.tolerance)
     checks.update(held)
