@@ -651,8 +651,9 @@ class Original:
         self.seconds = time.perf_counter() - clock
 
     def release(self) -> None:
-        self.loaded = None
-        gc.collect()
+        if self.loaded is not None:
+            self.loaded = None
+            gc.collect()
 
 
 def _optimize(source: Source, original: Original, staging: str, target: str,
