@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -55,7 +55,7 @@ class Affine:
     def output(self) -> str:
         return self.nodes[-1]
 
-    def then(self, other: "Affine") -> "Affine":
+    def then(self, other: Affine) -> Affine:
         """The composition ``other ∘ self``."""
         axis = self.axis if self.axis is not None else other.axis
         return Affine(
@@ -125,7 +125,7 @@ class Elementwise:
     """``op(x, k)`` (or ``op(k, x)``, ``x_index`` 1) with k a per-channel constant vector ``v``:
     ``affine(v, x_index)`` gives (s, t), or None when that form is not an A (``x / 0``,
     ``k / x``). ``format_axis``: k's channel axis is the op's ``data_format`` (``BiasAdd``)."""
-    affine: Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray] | None"]
+    affine: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray] | None]
     format_axis: bool = False
 
 

@@ -13,8 +13,14 @@ import collections
 import dataclasses
 import re
 
-from graphfold.affine import (BATCH_NORM_OPS, ELEMENTWISE, Affine, batch_norm_name,
-                              batch_norm_scope, fused_layer_name)
+from graphfold.affine import (
+    BATCH_NORM_OPS,
+    ELEMENTWISE,
+    Affine,
+    batch_norm_name,
+    batch_norm_scope,
+    fused_layer_name,
+)
 from graphfold.graph import Graph
 from graphfold.report import Entry
 from graphfold.rules import IDENTITIES
@@ -94,7 +100,7 @@ def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
                        "an add)")
 
 
-# ---- names: the Keras layer's, never a node graphfold made ----------------------------------------
+# ---- names: the Keras layer's, never a node graphfold made -------------------------------------
 def layer_names(graph: Graph, variables: dict[str, str]) -> dict[str, str]:
     """``{node of a batch-norm layer: the layer's name}``, from the variables it reads
     (``conv1_bn/gamma`` → ``conv1_bn``; a nested layer keeps its path), where they all name one

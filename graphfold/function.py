@@ -9,7 +9,7 @@ signature.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
@@ -127,8 +127,8 @@ def bind_weights(weights, mode: str,
         return constants, []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
-    variables = [_variable(weights, name, lambda a: tf.Variable(a, trainable=False,
-                                                                 name=op_name(name)), release)
+    variables = [_variable(weights, name, lambda a, name=name: tf.Variable(
+                               a, trainable=False, name=op_name(name)), release)
                  for name in names]
     return (lambda: [v.value() for v in variables]), variables
 

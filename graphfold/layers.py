@@ -12,7 +12,7 @@ float64. Adding a linear op is adding an entry here plus its weight math.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Site:
         return self.linear.weight if self.weight_input is None else self.weight_input
 
     @property
-    def linear(self) -> "Linear":
+    def linear(self) -> Linear:
         return LINEAR[self.node.op]
 
     @property
@@ -62,16 +62,16 @@ class Linear:
     out_channels: Callable[[Site], int]
     out_factor: Callable[[Site, np.ndarray], np.ndarray]    # F, W ⊙_out s = W · F (broadcast)
     in_factor: Callable[[Site, np.ndarray], np.ndarray]     # F, W ⊙_in s = W · F (broadcast)
-    shift_response: Callable[[Site, np.ndarray], "np.ndarray | Blocked"]
+    shift_response: Callable[[Site, np.ndarray], np.ndarray | Blocked]
     """W ⊛ t as a per-out-channel vector, or why it is not one (then the shift cannot fold)."""
-    refuse: Callable[[Site], "Blocked | None"] = lambda site: None
+    refuse: Callable[[Site], Blocked | None] = lambda site: None
     """Why the layer cannot take any fold (a form the math does not cover), or None."""
     groups: Callable[[Site], int] = lambda site: 1
     """Grouped convolution: data channels / filter in-channels."""
     needs_xla: bool = False
     """TensorFlow's CPU kernel lacks a form Keras runs it in inside an XLA call (a grouped 3-D
     convolution): such a call is not inlined."""
-    refuse_bias: Callable[[object], "Blocked | None"] = lambda node: None
+    refuse_bias: Callable[[object], Blocked | None] = lambda node: None
     """Why no bias may be added after the layer (a TensorFlow bug), or None."""
     fuses_pad: bool = False
     """oneDNN fuses a ``Pad`` that feeds the layer, and drops a padding of the batch or channel

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from graphfold.verify import Verification, compare, _named
+from graphfold.verify import Verification, _named, compare
 
 NOISE_MULTIPLE = 4.0
 INCONCLUSIVE_FLOOR = 1e-3

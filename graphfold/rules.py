@@ -14,7 +14,7 @@ but for ``MaxPool``). The linear layers that absorb A are in ``layers.LINEAR``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -36,14 +36,16 @@ class Demand:
     axis: int | None
     rank: int
 
-    def slice(self, start: int, stop: int) -> "Demand":
-        cut = (lambda v: v if v.size == 1 else v[start:stop])
+    def slice(self, start: int, stop: int) -> Demand:
+        def cut(v: np.ndarray) -> np.ndarray:
+            return v if v.size == 1 else v[start:stop]
+
         return Demand(cut(self.s), cut(self.t), self.axis, self.rank)
 
-    def with_axis(self, axis: int | None, rank: int) -> "Demand":
+    def with_axis(self, axis: int | None, rank: int) -> Demand:
         return Demand(self.s, self.t, axis, rank)
 
-    def without_shift(self) -> "Demand":
+    def without_shift(self) -> Demand:
         return Demand(self.s, np.zeros_like(self.t), self.axis, self.rank)
 
     @property
@@ -91,9 +93,9 @@ Backward = Callable[[Graph, object, list, Demand], "Next | Blocked"]
 class Rule:
     forward: Forward | None = None
     backward: Backward | None = None
-    pad_amounts: Callable[[Graph, object], "np.ndarray | None"] | None = None
+    pad_amounts: Callable[[Graph, object], np.ndarray | None] | None = None
     """A ``Pad``: its constant pad amounts (None when not constant)."""
-    crops: Callable[[Graph, object], "np.ndarray | None"] | None = None
+    crops: Callable[[Graph, object], np.ndarray | None] | None = None
     """A ``BatchToSpaceND``: its constant crops (None when not constant)."""
 
 
@@ -209,7 +211,9 @@ def _last_axis_repeats(node, c: int | None, d: int | None, forward: bool) -> int
 
 
 def _tiled(demand: Demand, repeats: int, axis: int, rank: int) -> Demand:
-    tile = (lambda v: v if v.size == 1 or repeats == 1 else np.tile(v, repeats))
+    def tile(v: np.ndarray) -> np.ndarray:
+        return v if v.size == 1 or repeats == 1 else np.tile(v, repeats)
+
     return Demand(tile(demand.s), tile(demand.t), axis, rank)
 
 

@@ -13,7 +13,7 @@ error (never a model that computes with zeros).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from graphfold.errors import BadInput
 from graphfold.options import with_value

@@ -22,7 +22,7 @@ padding).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf

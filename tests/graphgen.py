@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import graphfold  # noqa: E402
+
 from helpers import freeze, nhwc_twin, run_graph_def  # noqa: E402
 
 TOLERANCE = {tf.float32: 1e-5, tf.float16: 2e-2}

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import assert_absorbed, bn_params, check_rewrite, decomposed_bn, make
+from helpers import assert_absorbed, bn_params, check_rewrite, decomposed_bn, make, the_entry
 from helpers import fused_bn as bn
-from helpers import the_entry
 
 RNG = np.random.default_rng(1234)
 

@@ -16,11 +16,27 @@ import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
 
 import graphfold
-from helpers import fused_bn
-from helpers import (assert_absorbed, assert_no_batch_norm, bias, bn_params, check_rewrite,
-                     folded_entries, freeze, frozen_graph_def, nhwc_twin, nodes_of, op_counts,
-                     randomise_keras_model, rel_err, run_graph_def, run_nhwc_twin, weight,
-                     weight_of)
+
+from helpers import (
+    assert_absorbed,
+    assert_no_batch_norm,
+    bias,
+    bn_params,
+    check_rewrite,
+    folded_entries,
+    freeze,
+    frozen_graph_def,
+    fused_bn,
+    nhwc_twin,
+    nodes_of,
+    op_counts,
+    randomise_keras_model,
+    rel_err,
+    run_graph_def,
+    run_nhwc_twin,
+    weight,
+    weight_of,
+)
 
 EPS = 1e-3
 H = W = 6
@@ -317,8 +333,9 @@ def test_batch_norm_with_global_normalization():
 
         @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32, name="x")])
         def fn(x):
-            return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta,
-                                               mean=mean, variance=var, epsilon=EPS,
+            # called in this iteration: the loop's values are the ones meant
+            return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta,  # noqa: B023
+                                               mean=mean, variance=var, epsilon=EPS,  # noqa: B023
                                                is_training=False)[0]
 
         frozen = freeze(fn.get_concrete_function())

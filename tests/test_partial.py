@@ -17,8 +17,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (bias, bn_params, bn_scale_shift, check_rewrite, const_value, decomposed_bn,
-                     make, nodes_of, op_counts, the_entry, weight, weight_of)
+from helpers import (
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    const_value,
+    decomposed_bn,
+    make,
+    nodes_of,
+    op_counts,
+    the_entry,
+    weight,
+    weight_of,
+)
 from helpers import fused_bn as bn
 
 RNG = np.random.default_rng(1921)
@@ -132,7 +144,7 @@ def test_scale_backward_shift_forward():
     np.testing.assert_allclose(const_value(folded.graph_def, add.input[1]), b1 + t / s, rtol=1e-5)
 
 
-# ---- refusals ---------------------------------------------------------------------------------------
+# ---- refusals ------------------------------------------------------------------------------------
 def test_a_negative_scale_before_relu_is_refused_naming_the_channels():
     gamma = np.array([1.0, -0.7, 0.5, -1.2], np.float32)
     p, w = bn_params(4, RNG, gamma=gamma), weight((3, 3, 4, 5), RNG)

@@ -124,7 +124,8 @@ MUTANTS = (
     Mutant("census-misses-function-bodies",
            "the census drops the batch norms inside functions (tf.cond / while bodies, calls)",
            (("graphfold/census.py",
-             "    for function in graph_def.library.function:\n        name = function.signature.name",
+             "    for function in graph_def.library.function:\n"
+             "        name = function.signature.name",
              "    for function in []:  # mutant\n        name = function.signature.name"),),
            ("tests/test_control_flow.py", "-k", "cond_with_batch_norm"), cheap=True),
     Mutant("crash-copied-through",
