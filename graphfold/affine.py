@@ -190,16 +190,18 @@ def recognise(graph: Graph, node) -> Affine | None:
         return None
     x_index = 0 if b is not None else 1
     k = b if b is not None else a
+    assert k is not None                      # exactly one of a, b is a constant
     x = inputs[x_index]
     shape = graph.shape(x)
+    per_channel: tuple[np.ndarray, int | None] | None
     if entry.format_axis:
         if shape is None:
             return None
-        axis = formats.channel_axis(formats.data_format(node), len(shape))
-        per_channel = (k.reshape(-1).astype(np.float64), axis)
+        channel = formats.channel_axis(formats.data_format(node), len(shape))
+        per_channel = (k.reshape(-1).astype(np.float64), channel)
     else:
         per_channel = _per_channel(k, shape)
-    if per_channel is None:
+    if per_channel is None or shape is None:    # _per_channel: None for an unknown shape
         return None
     vec, axis = per_channel
     scale_shift = entry.affine(vec, x_index)
@@ -318,5 +320,7 @@ def refresh(graph: Graph, affine: Affine) -> Affine:
         return affine
     result = parts[0]
     for part in parts[1:]:
+        assert result is not None and part is not None    # checked above
         result = result.then(part)
+    assert result is not None
     return dataclasses.replace(affine, s=result.s, t=result.t)

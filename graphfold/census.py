@@ -106,7 +106,7 @@ def layer_names(graph: Graph, variables: dict[str, str]) -> dict[str, str]:
     (``conv1_bn/gamma`` → ``conv1_bn``; a nested layer keeps its path), where they all name one
     layer. Keras 3's name scopes carry TensorFlow's uniquifying suffix (``conv1_bn_1``), and an
     auto-named layer's scope can be another layer's name: its variables cannot."""
-    names = {}
+    names: dict[str, str] = {}
     for nodes in batch_norm_layers(graph.graph_def.node).values():
         owners = {_variable_read(graph, tensor, variables).rpartition("/")[0]
                   for node in nodes for tensor in graph.data_inputs(node)} - {"", "/"}
@@ -189,7 +189,7 @@ def in_function_bodies(graph_def, skip=frozenset()) -> list[Entry]:
 
 def _callers(graph_def) -> dict[str, str]:
     """``{function name: what calls it}`` in words (``an If branch``, ``a While loop body``)."""
-    found = {}
+    found: dict[str, str] = {}
     bodies = [graph_def.node] + [f.node_def for f in graph_def.library.function]
     for nodes in bodies:
         for node in nodes:

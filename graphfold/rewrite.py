@@ -103,6 +103,7 @@ def fold(fn, partial: bool = True, folding: bool = True):
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
                                     frozen.outputs, frozen.shapes, seconds, frozen.weights,
                                     frozen.variables, partial, folding)
+    assert frozen.weights is not None           # freeze was given a Weights
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report

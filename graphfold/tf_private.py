@@ -25,7 +25,7 @@ class _ShapeOnly(np.ndarray):
     def __array_finalize__(self, obj):
         self._shape = getattr(obj, "_shape", None)
 
-    @property
+    @property  # type: ignore[misc]  # read-only on purpose: the converter only reads it
     def shape(self):
         return self._shape
 
