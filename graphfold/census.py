@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+from collections.abc import Callable
 
 from graphfold.affine import (
     BATCH_NORM_OPS,
@@ -200,11 +201,22 @@ def _callers(graph_def) -> dict[str, str]:
     return found
 
 
+def _loop_part(attr: str) -> str:
+    return f"a tf.while_loop {'body' if attr == 'body' else 'condition'}"
+
+
+# The control-flow ops that call functions: the role of a function (by the op's attribute that
+# names it), in words. Any other op naming a function calls it.
+_CALLERS: dict[str, Callable[[str], str]] = {
+    "If": lambda attr: "a tf.cond branch",
+    "StatelessIf": lambda attr: "a tf.cond branch",
+    "While": _loop_part,
+    "StatelessWhile": _loop_part,
+    "Case": lambda attr: "a tf.switch_case branch",
+    "StatelessCase": lambda attr: "a tf.switch_case branch",
+}
+
+
 def _role(op: str, attr: str) -> str:
-    if op in ("If", "StatelessIf"):
-        return f"a tf.cond branch ({op})"
-    if op in ("While", "StatelessWhile"):
-        return f"a tf.while_loop {'body' if attr == 'body' else 'condition'} ({op})"
-    if op == "Case" or op == "StatelessCase":
-        return f"a tf.switch_case branch ({op})"
-    return f"a function call ({op})"
+    role = _CALLERS.get(op)
+    return f"{role(attr) if role else 'a function call'} ({op})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphfold.graph import Graph
+from graphfold.graph import SHAPE_ONLY_OPS, Graph
 
 Value = "list[int | None] | int | None"      # a vector, a scalar, or unknown altogether
 MAX_DEPTH = 16
@@ -31,7 +31,7 @@ def shape_value(graph: Graph, tensor: str, depth: int = 0):
     if evaluate is None or depth >= MAX_DEPTH:
         return None
     operands = [shape_value(graph, t, depth + 1) for t in graph.data_inputs(node)[1:]] \
-        if node.op != "Shape" else []
+        if node.op not in SHAPE_ONLY_OPS else []
     return evaluate(graph, node, depth, operands)
 
 
