@@ -1,9 +1,10 @@
 """Recognise per-channel affine maps ``A(x) = s ⊙ x + t`` and merge chains of them into one A.
 
-Sources (FOLDING.md §1): ``FusedBatchNorm``/``V2``/``V3`` in inference mode, ``BatchNormWithGlobal
-Normalization``, and ``Mul``/``RealDiv``/``Add``/``AddV2``/``BiasAdd``/``Sub`` by a constant that
-broadcasts only along the channel axis (which covers Keras 3's decomposed ``x * inv + offset``).
-A chain ``A2(A1(x))`` composes to ``(s2 s1) x + (s2 t1 + t2)``. All arithmetic is float64.
+Sources (docs/folding.md §1): ``FusedBatchNorm``/``V2``/``V3`` in inference mode,
+``BatchNormWithGlobalNormalization``, and ``Mul``/``RealDiv``/``Add``/``AddV2``/``BiasAdd``/``Sub``
+by a constant that broadcasts only along the channel axis (which covers Keras 3's decomposed
+``x * inv + offset``). A chain ``A2(A1(x))`` composes to ``(s2 s1) x + (s2 t1 + t2)``. All
+arithmetic is float64.
 """
 
 from __future__ import annotations

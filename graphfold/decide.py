@@ -1,6 +1,6 @@
 """Decide each A's fold: plan it, then compute every value it writes, before anything changes.
 
-Forward first, then backward (FOLDING.md §5); a direction folds when its plan (``plan.py``) is
+Forward first, then backward (docs/folding.md §5); a direction folds when its plan (``plan.py``) is
 complete and every value it writes (``writes.py``) is finite and within the weight's dtype. When
 neither folds A whole, A split into its scale and its shift (§8): both fold the opposite ways
 (A disappears), or the scale folds and the shift stays as one add (a partial fold). Nothing here
@@ -72,7 +72,7 @@ def _planned(graph: Graph, plan: Plan | Blocked) -> tuple[Plan, list[Write]] | B
     return writes if isinstance(writes, Blocked) else (plan, writes)
 
 
-# ---- beyond the paper: A split into its scale and its shift (FOLDING.md §8) ----------------------
+# ---- beyond the paper: A split into its scale and its shift (docs/folding.md §8) -----------------
 def _split(graph: Graph, affine: Affine) -> Decision | tuple[Blocked, Blocked]:
     """``A(x) = s ⊙ x + t = s ⊙ (x + t/s)``. The scale folds on its own (through ``Relu``,
     ``LeakyRelu``, ``MaxPool`` for s > 0, and past zero padding, which a shift cannot cross);

@@ -1,4 +1,4 @@
-"""The linear layers L(x) = W ⊛ x + b (FOLDING.md §2), one table entry each.
+"""The linear layers L(x) = W ⊛ x + b (docs/folding.md §2), one table entry each.
 
 An entry says which input is the data and which the weight, on which axes of the data and the
 output the channels are, the factor that scales W along its out- or in-channels, the constant

@@ -1,6 +1,6 @@
 """Plan folds without touching the graph: per A, walk to the layers that can absorb it.
 
-Forward (FOLDING.md §3): from A's input up to *roots*, layers whose out-channels absorb s, and
+Forward (docs/folding.md §3): from A's input up to *roots*, layers whose out-channels absorb s, and
 whose bias absorbs t. Backward (§4): from A's output down to consumer layers whose in-channels
 absorb s, and whose bias absorbs ``W ⊛ t``; an ``Add`` on the way needs *leaves*, layers on the
 other operand whose outputs are divided by s. The walks are loops over the rule table

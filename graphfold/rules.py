@@ -1,4 +1,4 @@
-"""How a per-channel A travels through each op: the rule table (FOLDING.md §3-4).
+"""How a per-channel A travels through each op: the rule table (docs/folding.md §3-4).
 
 One ``Rule`` per op, in the manner of TVM's FoldScaleAxis registry. ``forward(graph, node, d)``
 moves a demand ``d`` (A applied to the op's output) up to the op's inputs, as ``Step``s;

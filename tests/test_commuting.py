@@ -1,4 +1,4 @@
-"""Exact folds through ops that commute with A (FOLDING.md §8) and the forms that reach them
+"""Exact folds through ops that commute with A (docs/folding.md §8) and the forms that reach them
 (issue 19 §1): Dense on rank-3/4 inputs (Tensordot), reshapes that merge positions into the
 channel axis, nearest and bilinear resizes, Transpose moving the channel axis, SpaceToBatchND's
 alignment padding, and the grouped Conv3D that Keras 3 leaves in an XLA call.

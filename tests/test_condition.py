@@ -1,4 +1,5 @@
-"""The paper's condition (FOLDING.md §3-§5): backward folds, Add/Concat, leaves, pass-through ops.
+"""The paper's condition (docs/folding.md §3-§5): backward folds, Add/Concat, leaves, pass-through
+ops.
 
 Each test builds the smallest tf.nn graph that shows one rule or one refusal, with random BN
 statistics and biases, rewrites it, compares with the original on random inputs, and asserts

@@ -1,4 +1,4 @@
-"""Forward folding (FOLDING.md §3), one small hand-built ``tf.nn`` graph per rule.
+"""Forward folding (docs/folding.md §3), one small hand-built ``tf.nn`` graph per rule.
 
 Every graph has random batch-norm statistics and random, non-zero biases; every test compares the
 rewritten function with the original on random inputs (relative error <= 1e-5 for float32) and
@@ -115,7 +115,7 @@ class Layer:
         return [self.out] + [1] * (self.rank - 2)
 
     def scaled(self, s: np.ndarray) -> np.ndarray:
-        """W ⊙_out s (FOLDING.md §2), computed independently of graphfold."""
+        """W ⊙_out s (docs/folding.md §2), computed independently of graphfold."""
         w = self.w.astype(np.float64)
         if self.kind.startswith("depthwise"):
             return w * s.reshape(w.shape[2], w.shape[3])
@@ -280,7 +280,7 @@ def test_every_affine_form_after_matmul(kind, form):
 
 
 def test_tf_nn_batch_normalization_is_counted_as_a_batch_norm():
-    """tf.nn.batch_normalization is a batch-norm layer as the user wrote it (FOLDING.md §7)."""
+    """tf.nn.batch_normalization is a batch-norm layer as the user wrote it (docs/folding.md §7)."""
     rng = np.random.default_rng(13)
     layer = Layer("conv2d", rng, "NHWC")
     fn, _, _ = build(layer, "nn.batch_normalization", rng)
@@ -543,7 +543,7 @@ def test_variables_become_constants_and_fold():
 
 
 def test_gamma_zero_makes_a_constant_channel():
-    """γ = 0 makes s = 0 on that channel: forward folding is still exact (FOLDING.md §6)."""
+    """γ = 0 makes s = 0 on that channel: forward folding is still exact (docs/folding.md §6)."""
     rng = np.random.default_rng(35)
     layer = Layer("conv2d", rng, "NHWC")
     gamma, beta, mean, var = bn_params(layer.out, rng)

@@ -1,5 +1,5 @@
-"""Partial folds (FOLDING.md §8, issue 19 §3): where A cannot disappear, its scale folds and its
-shift stays as one add; where the scale and the shift each fold, in opposite directions, A
+"""Partial folds (docs/folding.md §8, issue 19 §3): where A cannot disappear, its scale folds and
+its shift stays as one add; where the scale and the shift each fold, in opposite directions, A
 disappears ("split").
 
     f(s ⊙ x + t) = s ⊙ f(x + t/s)      for f positively homogeneous (Relu, LeakyRelu, PReLU,
@@ -179,7 +179,7 @@ def test_partial_false_keeps_the_batch_norm_whole():
 
 
 def test_relu_with_zero_shift_is_a_full_backward_fold():
-    """t = 0: nothing stays (FOLDING.md §8: already a full fold)."""
+    """t = 0: nothing stays (docs/folding.md §8: already a full fold)."""
     gamma, _, _, var = positive(4)
     scale = gamma / np.sqrt(var + 1e-3)
     w = weight((3, 3, 4, 5), RNG)
