@@ -323,6 +323,14 @@ def test_chain_of_batch_norm_and_elementwise_ops_merges_into_one_affine():
     assert entry.form == "FusedBatchNormV3" and len(entry.nodes) >= 4, entry
 
 
+def _layer_then_fused_batch_norm(layer, gamma, beta, mean, var):
+    @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32, name="x")])
+    def fn(x):
+        return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta, mean=mean,
+                                           variance=var, epsilon=EPS, is_training=False)[0]
+    return fn
+
+
 def test_batch_norm_with_global_normalization():
     """``BatchNormWithGlobalNormalization`` cannot be built (GraphDef version > 9) nor run on CPU
     by TF 2.x, so the GraphDef is edited by hand and the rewrite compared with NumPy."""
@@ -330,14 +338,7 @@ def test_batch_norm_with_global_normalization():
     layer = Layer("conv2d", rng, "NHWC")
     for scale_after in (True, False):
         gamma, beta, mean, var = bn_params(layer.out, rng)
-
-        @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32, name="x")])
-        def fn(x):
-            # called in this iteration: the loop's values are the ones meant
-            return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta,  # noqa: B023
-                                               mean=mean, variance=var, epsilon=EPS,  # noqa: B023
-                                               is_training=False)[0]
-
+        fn = _layer_then_fused_batch_norm(layer, gamma, beta, mean, var)
         frozen = freeze(fn.get_concrete_function())
         graph_def = frozen.graph_def
         [fused] = nodes_of(graph_def, "FusedBatchNormV3")
