@@ -1,16 +1,17 @@
 """Recognise per-channel affine maps ``A(x) = s ⊙ x + t`` and merge chains of them into one A.
 
-Sources (FOLDING.md §1): ``FusedBatchNorm``/``V2``/``V3`` in inference mode, ``BatchNormWithGlobal
-Normalization``, and ``Mul``/``RealDiv``/``Add``/``AddV2``/``BiasAdd``/``Sub`` by a constant that
-broadcasts only along the channel axis (which covers Keras 3's decomposed ``x * inv + offset``).
-A chain ``A2(A1(x))`` composes to ``(s2 s1) x + (s2 t1 + t2)``. All arithmetic is float64.
+Sources (docs/folding.md §1): ``FusedBatchNorm``/``V2``/``V3`` in inference mode,
+``BatchNormWithGlobalNormalization``, and ``Mul``/``RealDiv``/``Add``/``AddV2``/``BiasAdd``/``Sub``
+by a constant that broadcasts only along the channel axis (which covers Keras 3's decomposed
+``x * inv + offset``). A chain ``A2(A1(x))`` composes to ``(s2 s1) x + (s2 t1 + t2)``. All
+arithmetic is float64.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -55,7 +56,7 @@ class Affine:
     def output(self) -> str:
         return self.nodes[-1]
 
-    def then(self, other: "Affine") -> "Affine":
+    def then(self, other: Affine) -> Affine:
         """The composition ``other ∘ self``."""
         axis = self.axis if self.axis is not None else other.axis
         return Affine(
@@ -125,7 +126,7 @@ class Elementwise:
     """``op(x, k)`` (or ``op(k, x)``, ``x_index`` 1) with k a per-channel constant vector ``v``:
     ``affine(v, x_index)`` gives (s, t), or None when that form is not an A (``x / 0``,
     ``k / x``). ``format_axis``: k's channel axis is the op's ``data_format`` (``BiasAdd``)."""
-    affine: Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray] | None"]
+    affine: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray] | None]
     format_axis: bool = False
 
 
@@ -190,16 +191,18 @@ def recognise(graph: Graph, node) -> Affine | None:
         return None
     x_index = 0 if b is not None else 1
     k = b if b is not None else a
+    assert k is not None                      # exactly one of a, b is a constant
     x = inputs[x_index]
     shape = graph.shape(x)
+    per_channel: tuple[np.ndarray, int | None] | None
     if entry.format_axis:
         if shape is None:
             return None
-        axis = formats.channel_axis(formats.data_format(node), len(shape))
-        per_channel = (k.reshape(-1).astype(np.float64), axis)
+        channel = formats.channel_axis(formats.data_format(node), len(shape))
+        per_channel = (k.reshape(-1).astype(np.float64), channel)
     else:
         per_channel = _per_channel(k, shape)
-    if per_channel is None:
+    if per_channel is None or shape is None:    # _per_channel: None for an unknown shape
         return None
     vec, axis = per_channel
     scale_shift = entry.affine(vec, x_index)
@@ -318,5 +321,7 @@ def refresh(graph: Graph, affine: Affine) -> Affine:
         return affine
     result = parts[0]
     for part in parts[1:]:
+        assert result is not None and part is not None    # checked above
         result = result.then(part)
+    assert result is not None
     return dataclasses.replace(affine, s=result.s, t=result.t)

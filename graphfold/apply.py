@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 
 from graphfold.affine import BATCH_NORM_OPS, Affine
-from graphfold.writes import KeepShift, NewBias, SetConst, Write
 from graphfold.formats import bias_format
 from graphfold.graph import Graph, canonical
+from graphfold.writes import KeepShift, NewBias, SetConst, Write
 
 
 def _write_const(graph: Graph, node, index: int, const: str, value: np.ndarray) -> None:

@@ -12,9 +12,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+from collections.abc import Callable
 
-from graphfold.affine import (BATCH_NORM_OPS, ELEMENTWISE, Affine, batch_norm_name,
-                              batch_norm_scope, fused_layer_name)
+from graphfold.affine import (
+    BATCH_NORM_OPS,
+    ELEMENTWISE,
+    Affine,
+    batch_norm_name,
+    batch_norm_scope,
+    fused_layer_name,
+)
 from graphfold.graph import Graph
 from graphfold.report import Entry
 from graphfold.rules import IDENTITIES
@@ -94,13 +101,13 @@ def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
                        "an add)")
 
 
-# ---- names: the Keras layer's, never a node graphfold made ----------------------------------------
+# ---- names: the Keras layer's, never a node graphfold made -------------------------------------
 def layer_names(graph: Graph, variables: dict[str, str]) -> dict[str, str]:
     """``{node of a batch-norm layer: the layer's name}``, from the variables it reads
     (``conv1_bn/gamma`` → ``conv1_bn``; a nested layer keeps its path), where they all name one
     layer. Keras 3's name scopes carry TensorFlow's uniquifying suffix (``conv1_bn_1``), and an
     auto-named layer's scope can be another layer's name: its variables cannot."""
-    names = {}
+    names: dict[str, str] = {}
     for nodes in batch_norm_layers(graph.graph_def.node).values():
         owners = {_variable_read(graph, tensor, variables).rpartition("/")[0]
                   for node in nodes for tensor in graph.data_inputs(node)} - {"", "/"}
@@ -183,7 +190,7 @@ def in_function_bodies(graph_def, skip=frozenset()) -> list[Entry]:
 
 def _callers(graph_def) -> dict[str, str]:
     """``{function name: what calls it}`` in words (``an If branch``, ``a While loop body``)."""
-    found = {}
+    found: dict[str, str] = {}
     bodies = [graph_def.node] + [f.node_def for f in graph_def.library.function]
     for nodes in bodies:
         for node in nodes:
@@ -194,11 +201,22 @@ def _callers(graph_def) -> dict[str, str]:
     return found
 
 
+def _loop_part(attr: str) -> str:
+    return f"a tf.while_loop {'body' if attr == 'body' else 'condition'}"
+
+
+# The control-flow ops that call functions: the role of a function (by the op's attribute that
+# names it), in words. Any other op naming a function calls it.
+_CALLERS: dict[str, Callable[[str], str]] = {
+    "If": lambda attr: "a tf.cond branch",
+    "StatelessIf": lambda attr: "a tf.cond branch",
+    "While": _loop_part,
+    "StatelessWhile": _loop_part,
+    "Case": lambda attr: "a tf.switch_case branch",
+    "StatelessCase": lambda attr: "a tf.switch_case branch",
+}
+
+
 def _role(op: str, attr: str) -> str:
-    if op in ("If", "StatelessIf"):
-        return f"a tf.cond branch ({op})"
-    if op in ("While", "StatelessWhile"):
-        return f"a tf.while_loop {'body' if attr == 'body' else 'condition'} ({op})"
-    if op == "Case" or op == "StatelessCase":
-        return f"a tf.switch_case branch ({op})"
-    return f"a function call ({op})"
+    role = _CALLERS.get(op)
+    return f"{role(attr) if role else 'a function call'} ({op})"

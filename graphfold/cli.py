@@ -1,4 +1,4 @@
-"""The ``graphfold`` command: ``optimize``, ``verify``, ``inspect`` and ``demo``.
+"""The ``graphfold`` command: ``optimize``, ``optimize-repo``, ``verify``, ``inspect`` and ``demo``.
 
 Progress goes to stderr, results to stdout (tables, or one JSON document with ``--json``).
 Exit codes: 0 ok, 1 verification failed (nothing written), 2 bad usage or bad input, 130

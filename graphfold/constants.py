@@ -94,17 +94,32 @@ EVALUATORS = {
 _BROADCASTING = ("Mul", "Add", "AddV2", "Sub", "RealDiv", "Div", "Maximum", "Minimum")
 
 
+def _fill_size(values) -> float:
+    return float(np.prod(values[0].astype(np.float64)))
+
+
+def _tile_size(values) -> float:
+    return values[0].size * float(np.prod(values[1].astype(np.float64)))
+
+
+def _broadcast_size(values) -> float:
+    """[N, 1] * [1, M] has N·M elements."""
+    return float(np.prod(np.broadcast_shapes(values[0].shape, values[1].shape), dtype=np.float64))
+
+
+# The ops that can make their result larger than their inputs: its element count, known before
+# computing it (float: a hostile ``Fill`` of [2**40, 2**40] must not wrap around).
+_RESULT_SIZE = {"Fill": _fill_size, "Tile": _tile_size,
+                **dict.fromkeys(_BROADCASTING, _broadcast_size)}
+# The evaluated ops whose result does not take the dtype of their ``T`` attribute.
+_OWN_DTYPE = frozenset({"Cast", "Shape", "Prod", "Fill", "Tile"})
+
+
 def _result_size(node, values) -> float:
-    """The element count of the result, known before computing it, for the ops that can make it
-    larger than their inputs (float: a hostile ``Fill`` of [2**40, 2**40] must not wrap around)."""
-    if node.op == "Fill":
-        return float(np.prod(values[0].astype(np.float64)))
-    if node.op == "Tile":
-        return values[0].size * float(np.prod(values[1].astype(np.float64)))
-    if node.op in _BROADCASTING:              # [N, 1] * [1, M] has N·M elements
-        return float(np.prod(np.broadcast_shapes(values[0].shape, values[1].shape),
-                             dtype=np.float64))
-    return 0.0                                # no larger than its inputs: checked after
+    """The element count of the result before computing it (0: no larger than its inputs,
+    checked after)."""
+    size = _RESULT_SIZE.get(node.op)
+    return 0.0 if size is None else size(values)
 
 
 def _evaluate(node, values):
@@ -113,7 +128,7 @@ def _evaluate(node, values):
     result = np.asarray(EVALUATORS[node.op](node, *values))
     if result.size > MAX_ELEMENTS:
         return None
-    if node.op not in ("Cast", "Shape", "Prod", "Fill", "Tile") and "T" in node.attr:
+    if node.op not in _OWN_DTYPE and "T" in node.attr:
         expected = tf.as_dtype(node.attr["T"].type).as_numpy_dtype
         result = result.astype(expected, copy=False)   # no copy of a weight read through
     return result

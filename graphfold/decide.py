@@ -1,6 +1,6 @@
 """Decide each A's fold: plan it, then compute every value it writes, before anything changes.
 
-Forward first, then backward (FOLDING.md §5); a direction folds when its plan (``plan.py``) is
+Forward first, then backward (docs/folding.md §5); a direction folds when its plan (``plan.py``) is
 complete and every value it writes (``writes.py``) is finite and within the weight's dtype. When
 neither folds A whole, A split into its scale and its shift (§8): both fold the opposite ways
 (A disappears), or the scale folds and the shift stays as one add (a partial fold). Nothing here
@@ -44,7 +44,8 @@ def decide(graph: Graph, affine: Affine, partial: bool = True) -> Decision:
     (``_split``); the plan is the first blocker when nothing folds."""
     if affine.blocked:
         return Decision(affine.blocked, [], {})
-    tried, first = {}, None
+    tried: dict[str, str] = {}
+    first: Blocked | None = None
     for direction, planner in (("forward", plan_forward), ("backward", plan_backward)):
         found = _planned(graph, planner(graph, affine))
         if not isinstance(found, Blocked):
@@ -59,16 +60,19 @@ def decide(graph: Graph, affine: Affine, partial: bool = True) -> Decision:
         scale_only = {f"scale alone {d}": str(b) for d, b in zip(("forward", "backward"), split)
                       if str(b) != tried.get(d)}
         tried.update(scale_only)
+    assert first is not None                # both directions were tried and failed
     return Decision(first, [], tried)
 
 
 def _planned(graph: Graph, plan: Plan | Blocked) -> tuple[Plan, list[Write]] | Blocked:
     """The plan with its writes, or why not."""
-    writes = plan if isinstance(plan, Blocked) else compute(graph, plan)
+    if isinstance(plan, Blocked):
+        return plan
+    writes = compute(graph, plan)
     return writes if isinstance(writes, Blocked) else (plan, writes)
 
 
-# ---- beyond the paper: A split into its scale and its shift (FOLDING.md §8) ----------------------
+# ---- beyond the paper: A split into its scale and its shift (docs/folding.md §8) -----------------
 def _split(graph: Graph, affine: Affine) -> Decision | tuple[Blocked, Blocked]:
     """``A(x) = s ⊙ x + t = s ⊙ (x + t/s)``. The scale folds on its own (through ``Relu``,
     ``LeakyRelu``, ``MaxPool`` for s > 0, and past zero padding, which a shift cannot cross);
@@ -92,13 +96,15 @@ def _split(graph: Graph, affine: Affine) -> Decision | tuple[Blocked, Blocked]:
             return _joined(backward, shift)
     refused = _add_refused(graph, affine)
     if not isinstance(forward, Blocked):
-        forward = refused or _kept(graph, affine, forward, affine.t)
-        if isinstance(forward, Decision):
-            return forward
+        kept = refused or _kept(graph, affine, forward, affine.t)
+        if isinstance(kept, Decision):
+            return kept
+        forward = kept
     if not isinstance(backward, Blocked):
-        backward = refused or _kept(graph, affine, backward, affine.t / affine.s)
-        if isinstance(backward, Decision):
-            return backward
+        kept = refused or _kept(graph, affine, backward, affine.t / affine.s)
+        if isinstance(kept, Decision):
+            return kept
+        backward = kept
     return forward, backward
 
 

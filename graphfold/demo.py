@@ -83,7 +83,7 @@ def compare_latency(functions: dict, inputs: dict, calls: int = CALLS, warmup: i
     for fn in functions.values():
         for _ in range(warmup):
             call_ms(fn, inputs)
-    times = {name: [] for name in functions}
+    times: dict[str, list[float]] = {name: [] for name in functions}
     rng = np.random.default_rng(seed)
     for _ in range(calls):
         for name in rng.permutation(list(functions)):

@@ -33,7 +33,8 @@ def all_layers(model) -> list:
     flatten = getattr(model, "_flatten_layers", None)     # Keras 3 and tf-keras alike
     if flatten is not None:
         return [layer for layer in flatten(include_self=False, recursive=True)]
-    found, stack = [], list(getattr(model, "layers", []))
+    found: list = []
+    stack = list(getattr(model, "layers", []))
     while stack:
         layer = stack.pop(0)
         if any(layer is seen for seen in found):

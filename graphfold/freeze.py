@@ -6,18 +6,17 @@ flow (``If``/``While``) stays functional, its bodies in the GraphDef's function 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
-from graphfold.tf_private import freeze_with_values, freeze_without_reading
-
 from graphfold.errors import NotFreezable
 from graphfold.graph import canonical
 from graphfold.shapes import CALL_OPS, infer_shapes
+from graphfold.tf_private import freeze_with_values, freeze_without_reading
 from graphfold.weights import Weights, as_placeholders, stub
-
 
 WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
 
@@ -52,10 +51,8 @@ def _shape_of(tensor, known: tf.TensorShape | None = None) -> tuple | None:
     the original function) where the two agree."""
     shape = tensor.shape
     if known is not None and not shape.is_fully_defined():
-        try:
+        with contextlib.suppress(ValueError):
             shape = shape.merge_with(known)
-        except ValueError:
-            pass
     if shape.rank is None:
         return None
     return tuple(shape.as_list())

@@ -9,7 +9,7 @@ signature.
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
@@ -18,7 +18,7 @@ from graphfold.weights import as_placeholders
 
 
 def import_graph(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str],
-                 stubs: list[str] = ()):
+                 stubs: Sequence[str] = ()):
     """A pruned ConcreteFunction computing ``outputs`` from ``inputs`` (flat lists), then from
     the stub constants named ``stubs`` (``graphfold.weights``), fed in that order (nothing of
     their values is copied into the graph)."""
@@ -81,7 +81,7 @@ def with_signature(pruned, original: tf.types.experimental.ConcreteFunction, ext
         return tf.nest.pack_sequence_as(structure, flat_out)
 
     if signature is not None:
-        call.__signature__ = signature
+        call.__signature__ = signature  # type: ignore[attr-defined]
     return tf.function(call, autograph=False).get_concrete_function(*args, **kwargs)
 
 
@@ -127,8 +127,8 @@ def bind_weights(weights, mode: str,
         return constants, []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
-    variables = [_variable(weights, name, lambda a: tf.Variable(a, trainable=False,
-                                                                 name=op_name(name)), release)
+    variables = [_variable(weights, name, lambda a, name=name: tf.Variable(
+                               a, trainable=False, name=op_name(name)), release)
                  for name in names]
     return (lambda: [v.value() for v in variables]), variables
 

@@ -8,7 +8,7 @@ was frozen. Tensors are named as in TensorFlow: ``"node"`` is output 0, ``"node:
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import tensorflow as tf

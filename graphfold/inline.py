@@ -107,7 +107,8 @@ def _infer_shapes(graph: Graph) -> None:
         graph.shapes[tensor] = shape
 
 
-def linear_body(graph: Graph, call) -> tuple[object, int, int] | None:
+def linear_body(graph: Graph, call: node_def_pb2.NodeDef
+                ) -> tuple[node_def_pb2.NodeDef, int, int] | None:
     """``(layer, data, weight)`` when the call's function computes one linear layer of two of its
     arguments and nothing else (Identity and NoOp aside): the layer's NodeDef in the body, and
     the call's inputs that are its data and its weight. Keras 3 runs a grouped Conv3D so, in an
@@ -206,6 +207,7 @@ def _inline(graph: Graph, call, function) -> list[str]:
 def _flat_index(node, out_arg: str, index: int) -> int:
     """The output number of ``node``'s ``index``-th tensor of output argument ``out_arg``."""
     op_def = tf_private.op_def(node.op)
+    assert op_def is not None, f"{node.op} is not a registered op"
     flat = 0
     for arg in op_def.output_arg:
         if arg.name == out_arg:

@@ -40,8 +40,8 @@ def default_shape(spec: tf.TensorSpec, batch: int, image: int = IMAGE_SIZE,
         dims[3] = 3                                # channels unknown too: an RGB image (NHWC)
     free = [i for i, d in enumerate(dims) if d is None and i > 0]
     size = image if image_like else other
-    shape = [batch if i == 0 and d is None else d for i, d in enumerate(dims)]
-    shape, note = _within_budget(shape, free, size)
+    wanted = [batch if i == 0 and d is None else d for i, d in enumerate(dims)]
+    shape, note = _within_budget(wanted, free, size)
     if note is None and image_like and free and image < IMAGE_SIZE:
         note = f"images {image} x {image}, not {IMAGE_SIZE}: a quick check"
     return shape, note
@@ -108,7 +108,7 @@ def check(input_shapes: dict | None, specs: dict[str, dict[str, tf.TensorSpec]])
 
 def from_feeds(feeds: dict[str, list[dict]]) -> dict[str, tuple]:
     """``{input: shape}`` of the first given or recorded value of each input name."""
-    shapes = {}
+    shapes: dict[str, tuple] = {}
     for batch in feeds.values():
         for feed in batch:
             for key, value in feed.items():

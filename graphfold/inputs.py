@@ -15,7 +15,7 @@ import ast
 import os
 import re
 import zipfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import tensorflow as tf

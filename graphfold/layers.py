@@ -1,4 +1,4 @@
-"""The linear layers L(x) = W ⊛ x + b (FOLDING.md §2), one table entry each.
+"""The linear layers L(x) = W ⊛ x + b (docs/folding.md §2), one table entry each.
 
 An entry says which input is the data and which the weight, on which axes of the data and the
 output the channels are, the factor that scales W along its out- or in-channels, the constant
@@ -12,12 +12,16 @@ float64. Adding a linear op is adding an entry here plus its weight math.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphfold import formats
 from graphfold.errors import Blocked
+
+if TYPE_CHECKING:
+    from tensorflow.core.framework.node_def_pb2 import NodeDef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,15 +30,15 @@ class Site:
     holds it, other dtypes as float64), and the static shapes of its data input and output
     (None where unknown). ``host``: the graph node that runs ``node``, when it is a call whose
     function body holds ``node`` (None: ``node`` itself), its input ``weight_input`` the weight."""
-    node: object
+    node: NodeDef
     w: np.ndarray
     data_shape: tuple | None
     out_shape: tuple | None
-    host: object = None
+    host: NodeDef | None = None
     weight_input: int | None = None
 
     @property
-    def layer(self):
+    def layer(self) -> NodeDef:
         """The graph node a fold rewires: the layer itself, or the call that runs it."""
         return self.host if self.host is not None else self.node
 
@@ -44,7 +48,7 @@ class Site:
         return self.linear.weight if self.weight_input is None else self.weight_input
 
     @property
-    def linear(self) -> "Linear":
+    def linear(self) -> Linear:
         return LINEAR[self.node.op]
 
     @property
@@ -56,33 +60,33 @@ class Site:
 class Linear:
     data: int                                       # index of the data input
     weight: int                                     # index of the weight input
-    in_axis: Callable[[object, int], int]           # (node, rank) -> channel axis of the data
-    out_axis: Callable[[object, int], int]          # (node, rank) -> channel axis of the output
+    in_axis: Callable[[NodeDef, int], int]          # (node, rank) -> channel axis of the data
+    out_axis: Callable[[NodeDef, int], int]         # (node, rank) -> channel axis of the output
     in_channels: Callable[[Site], int]
     out_channels: Callable[[Site], int]
     out_factor: Callable[[Site, np.ndarray], np.ndarray]    # F, W ⊙_out s = W · F (broadcast)
     in_factor: Callable[[Site, np.ndarray], np.ndarray]     # F, W ⊙_in s = W · F (broadcast)
-    shift_response: Callable[[Site, np.ndarray], "np.ndarray | Blocked"]
+    shift_response: Callable[[Site, np.ndarray], np.ndarray | Blocked]
     """W ⊛ t as a per-out-channel vector, or why it is not one (then the shift cannot fold)."""
-    refuse: Callable[[Site], "Blocked | None"] = lambda site: None
+    refuse: Callable[[Site], Blocked | None] = lambda site: None
     """Why the layer cannot take any fold (a form the math does not cover), or None."""
     groups: Callable[[Site], int] = lambda site: 1
     """Grouped convolution: data channels / filter in-channels."""
     needs_xla: bool = False
     """TensorFlow's CPU kernel lacks a form Keras runs it in inside an XLA call (a grouped 3-D
     convolution): such a call is not inlined."""
-    refuse_bias: Callable[[object], "Blocked | None"] = lambda node: None
+    refuse_bias: Callable[[NodeDef], Blocked | None] = lambda node: None
     """Why no bias may be added after the layer (a TensorFlow bug), or None."""
     fuses_pad: bool = False
     """oneDNN fuses a ``Pad`` that feeds the layer, and drops a padding of the batch or channel
     axis (TensorFlow 2.21): a fold must not make such a ``Pad`` feed it directly."""
 
 
-def _fmt_axis(node, rank: int) -> int:
+def _fmt_axis(node: NodeDef, rank: int) -> int:
     return formats.channel_axis(formats.data_format(node), rank)
 
 
-def _last(node, rank: int) -> int:
+def _last(node: NodeDef, rank: int) -> int:
     return rank - 1
 
 
@@ -168,7 +172,7 @@ def _dw_response(site: Site, t: np.ndarray) -> np.ndarray | Blocked:
     return blocked or np.einsum("hwcm,c->cm", _w64(site), t).reshape(-1)
 
 
-def _dw_refuse_bias(node) -> Blocked | None:
+def _dw_refuse_bias(node: NodeDef) -> Blocked | None:
     """TensorFlow 2.21 with oneDNN (the default x86 CPU build) aborts the process (``CHECK`` in
     tensor_format.h, from grappler's remapper) when a ``DepthwiseConv2dNative`` with
     ``padding=EXPLICIT`` feeds a ``BiasAdd`` or ``Add``: never add one after such a layer."""
@@ -188,7 +192,7 @@ DEPTHWISE = Linear(
 
 
 # ---- MatMul: [K, N] (transpose_b: [N, K]) --------------------------------------------------------
-def _transposed(node) -> bool:
+def _transposed(node: NodeDef) -> bool:
     return bool(node.attr["transpose_b"].b)
 
 
@@ -298,7 +302,7 @@ BATCH_MATMUL = Linear(   # adj_x: the data is [..., K, M], its channels on axis 
     refuse=_batch_matmul_refuse, **_dense(lambda site: not site.node.attr["adj_y"].b))
 
 
-def dense_equation(node) -> tuple[str, str] | None:
+def dense_equation(node: NodeDef) -> tuple[str, str] | None:
     """``(c, d)`` when ``Einsum``'s equation is a dense layer ``...c,cd->...d`` (or ``dc``): the
     weight's two subscripts, the contracted one last in the data, the free one last in the
     output, every other data subscript kept in order; else None."""
@@ -324,7 +328,9 @@ def _einsum_refuse(site: Site) -> Blocked | None:
 def _einsum_kn(site: Site) -> bool:
     """Whether the dense Einsum's weight is [K, N] (subscripts ``cd``) rather than [N, K]."""
     weight = site.node.attr["equation"].s.decode().replace(" ", "").split("->")[0].split(",")[1]
-    return weight == "".join(dense_equation(site.node))
+    dense = dense_equation(site.node)
+    assert dense is not None, "asked only of an Einsum that _einsum_refuse accepts"
+    return weight == "".join(dense)
 
 
 EINSUM = Linear(

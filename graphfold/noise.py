@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from graphfold.verify import Verification, compare, _named
+from graphfold.verify import OutputError, Verification, _named, compare
 
 NOISE_MULTIPLE = 4.0
 INCONCLUSIVE_FLOOR = 1e-3
@@ -58,6 +58,12 @@ def measure(reference, feeds: list) -> dict[str, float]:
     return floors
 
 
+def _tolerance(output: OutputError) -> float:
+    """The tolerance a compared output was held to (every compared output has one)."""
+    assert output.tolerance is not None
+    return output.tolerance
+
+
 def judge(check: Verification, reference) -> None:
     """For a check that failed on relative error alone: measure the noise floor and accept the
     error where every output over its tolerance has a floor over that tolerance and an error
@@ -71,9 +77,9 @@ def judge(check: Verification, reference) -> None:
         return
     floor = max(floors.values(), default=0.0)
     check.noise_floor = floor
-    over = [o for o in check.outputs if not o.max_rel <= o.tolerance]
+    over = [o for o in check.outputs if not o.max_rel <= _tolerance(o)]
     accepted = bool(over) and all(
-        o.tolerance > 0 and floors.get(o.name, 0.0) > o.tolerance and
+        _tolerance(o) > 0 and floors.get(o.name, 0.0) > _tolerance(o) and
         o.max_rel <= NOISE_MULTIPLE * floors[o.name] for o in over)
     if not accepted:
         check.reason = f"{check.reason} (noise floor {floor:.3g}: freezing alone, nothing " \

@@ -6,19 +6,15 @@ not loaded (``graphfold.scan`` finds them). TensorFlow's own ``saved_model_cli s
 three (``WriteFile``, ``ReadFile``, ``PrintV2``); this list adds the other file, dataset,
 checkpoint and summary ops, the network and Python ops, and printing. An op that the running
 TensorFlow does not register (a custom kernel) is held back too, in category "unregistered".
+
+Categories: "file" reads, writes, lists or maps files at a path the graph computes (local, or
+remote through gs://, s3://, hdfs:// file systems); "network" talks to other processes or
+machines; "python" runs Python code in the process that executes it; "print" prints to
+stderr/stdout, or (PrintV2) appends to any file:// path; "unregistered": what it does is unknown,
+and it cannot run here.
 """
 
 from __future__ import annotations
-
-CATEGORIES = {
-    "file": "reads, writes, lists or maps files at a path the graph computes (local, or remote "
-            "through gs://, s3://, hdfs:// file systems)",
-    "network": "talks to other processes or machines",
-    "python": "runs Python code in the process that executes it",
-    "print": "prints to stderr/stdout, or (PrintV2) appends to any file:// path",
-    "unregistered": "not registered in this TensorFlow (a custom kernel): what it does is "
-                    "unknown, and it cannot run here",
-}
 
 
 def _ops(category: str, reason: str, *names: str) -> dict[str, tuple[str, str]]:

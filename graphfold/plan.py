@@ -1,6 +1,6 @@
 """Plan folds without touching the graph: per A, walk to the layers that can absorb it.
 
-Forward (FOLDING.md §3): from A's input up to *roots*, layers whose out-channels absorb s, and
+Forward (docs/folding.md §3): from A's input up to *roots*, layers whose out-channels absorb s, and
 whose bias absorbs t. Backward (§4): from A's output down to consumer layers whose in-channels
 absorb s, and whose bias absorbs ``W ⊛ t``; an ``Add`` on the way needs *leaves*, layers on the
 other operand whose outputs are divided by s. The walks are loops over the rule table
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from tensorflow.core.framework.node_def_pb2 import NodeDef
 
 from graphfold import formats
 from graphfold.affine import Affine
@@ -46,7 +47,7 @@ class Root:
     s: np.ndarray
     t: np.ndarray
     biases: list[BiasOnPath]
-    site: Site | None = None
+    site: Site
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ class Sink:
     layer: str
     s: np.ndarray
     t: np.ndarray
-    site: Site | None = None
+    site: Site
     response: np.ndarray | None = None
 
 
@@ -73,7 +74,7 @@ class Plan:
 
 
 # ---- linear layers ------------------------------------------------------------------------------
-def layer_of(graph: Graph, node) -> tuple[object, int, int] | None:
+def layer_of(graph: Graph, node: NodeDef) -> tuple[NodeDef, int, int] | None:
     """``(layer, data, weight)`` when ``node`` is a linear layer (``layers.LINEAR``), or a call
     that runs one (``inline.linear_body``): the layer's NodeDef, and the inputs of ``node`` that
     are its data and its weight; None otherwise."""
@@ -82,7 +83,7 @@ def layer_of(graph: Graph, node) -> tuple[object, int, int] | None:
     return linear_body(graph, node) if node.op in CALLS else None
 
 
-def weight_const(graph: Graph, layer, index: int) -> str | Blocked:
+def weight_const(graph: Graph, layer: NodeDef, index: int) -> str | Blocked:
     """The ``Const`` node behind input ``index`` (a weight) of ``layer`` (through Identity)."""
     tensor = graph.data_inputs(layer)[index]
     for _ in range(16):
@@ -95,15 +96,18 @@ def weight_const(graph: Graph, layer, index: int) -> str | Blocked:
     return Blocked(layer.name, "its weight is not a constant")
 
 
-def site(graph: Graph, layer) -> Site | Blocked:
+def site(graph: Graph, layer: NodeDef) -> Site | Blocked:
     """The layer (a ``layer_of``) with its weight and shapes, or why it cannot take a fold at
     all. A float32 or float64 weight is kept as it is (no float64 copy): the fold's arithmetic
     with the float64 s and t promotes it exactly; other dtypes are converted to float64."""
-    inner, data, weight_input = layer_of(graph, layer)
+    found = layer_of(graph, layer)
+    assert found is not None, f"{layer.name} is not a linear layer"
+    inner, data, weight_input = found
     const = weight_const(graph, layer, weight_input)
     if isinstance(const, Blocked):
         return const
     weight = graph.const(const)
+    assert weight is not None                 # weight_const found a constant
     if weight.dtype not in (np.float32, np.float64):
         weight = weight.astype(np.float64)
     host = None if inner is layer else layer
@@ -148,13 +152,13 @@ def _sink(graph: Graph, layer, tensor: str, demand: Demand, padded: bool) -> Sin
     if blocked:
         return blocked
     s, t = _vectors(demand, n)
-    response = None
-    if demand.has_shift:
-        if padded:
-            return Blocked(layer.name, PADDING_TOUCHES)
-        response = linear.shift_response(where, t)
-        if isinstance(response, Blocked):
-            return response
+    if not demand.has_shift:
+        return Sink(layer.name, s, t, where)
+    if padded:
+        return Blocked(layer.name, PADDING_TOUCHES)
+    response = linear.shift_response(where, t)
+    if isinstance(response, Blocked):
+        return response
     return Sink(layer.name, s, t, where, response)
 
 
@@ -196,6 +200,7 @@ def _up(graph: Graph, tensor: str, reader: str | tuple[str, ...], demand: Demand
             return roots
         if step.bias:    # recorded once, with the s and t seen here (roots below share it)
             taken = step.taken
+            assert taken is not None            # a Step with a bias has what it takes
             roots[0].biases.append(BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t,
                                               step.bias_sign))
         found.extend(roots)

@@ -22,7 +22,7 @@ class Entry:
     blocker: str | None = None
     tried: dict[str, str] = dataclasses.field(default_factory=dict)  # direction -> blocker
     is_batch_norm: bool = True
-    partial: bool = False       # the scale folded, the shift stays as one add (FOLDING.md §8)
+    partial: bool = False       # the scale folded, the shift stays as one add (docs/folding.md §8)
     detail: str | None = None   # a partial or split fold: what folded where, what stayed
 
 

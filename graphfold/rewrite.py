@@ -9,21 +9,25 @@ import time
 import tensorflow as tf
 
 from graphfold import apply as apply_
-from graphfold import census
-from graphfold.affine import (BATCH_NORM_OPS, Affine, batch_norm_name, batch_norm_scope,
-                              find_affines, refresh)
+from graphfold import casts, census, checking, tf_quirks
+from graphfold.affine import (
+    BATCH_NORM_OPS,
+    Affine,
+    batch_norm_name,
+    batch_norm_scope,
+    find_affines,
+    refresh,
+)
 from graphfold.constants import fold_constants
-from graphfold.freeze import as_concrete_function, freeze
-from graphfold import casts, checking, tf_quirks
+from graphfold.decide import decide
 from graphfold.errors import Blocked
+from graphfold.freeze import as_concrete_function, freeze
 from graphfold.function import FoldedFunction, bind_weights, import_graph, with_signature
 from graphfold.graph import Graph, canonical, split_tensor
 from graphfold.inline import inline_calls
-from graphfold.decide import decide
 from graphfold.report import Entry, FoldReport
 from graphfold.shapes import PLACEHOLDERS, infer_shapes
 from graphfold.weights import Weights
-
 
 # Unknown height and width of an image in rewrite's own check: smaller than the command's 224
 # (input_shapes.IMAGE_SIZE), since every rewrite pays for it; input_shapes= sets any size.
@@ -99,6 +103,7 @@ def fold(fn, partial: bool = True, folding: bool = True):
     graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
                                     frozen.outputs, frozen.shapes, seconds, frozen.weights,
                                     frozen.variables, partial, folding)
+    assert frozen.weights is not None           # freeze was given a Weights
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report

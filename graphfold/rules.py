@@ -1,4 +1,4 @@
-"""How a per-channel A travels through each op: the rule table (FOLDING.md §3-4).
+"""How a per-channel A travels through each op: the rule table (docs/folding.md §3-4).
 
 One ``Rule`` per op, in the manner of TVM's FoldScaleAxis registry. ``forward(graph, node, d)``
 moves a demand ``d`` (A applied to the op's output) up to the op's inputs, as ``Step``s;
@@ -14,10 +14,11 @@ but for ``MaxPool``). The linear layers that absorb A are in ``layers.LINEAR``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework.node_def_pb2 import NodeDef
 
 from graphfold import formats
 from graphfold.affine import recognise
@@ -36,14 +37,16 @@ class Demand:
     axis: int | None
     rank: int
 
-    def slice(self, start: int, stop: int) -> "Demand":
-        cut = (lambda v: v if v.size == 1 else v[start:stop])
+    def slice(self, start: int, stop: int) -> Demand:
+        def cut(v: np.ndarray) -> np.ndarray:
+            return v if v.size == 1 else v[start:stop]
+
         return Demand(cut(self.s), cut(self.t), self.axis, self.rank)
 
-    def with_axis(self, axis: int | None, rank: int) -> "Demand":
+    def with_axis(self, axis: int | None, rank: int) -> Demand:
         return Demand(self.s, self.t, axis, rank)
 
-    def without_shift(self) -> "Demand":
+    def without_shift(self) -> Demand:
         return Demand(self.s, np.zeros_like(self.t), self.axis, self.rank)
 
     @property
@@ -83,22 +86,22 @@ class Next:
     leaves: tuple[tuple[str, Demand], ...] = ()
 
 
-Forward = Callable[[Graph, object, Demand], "list[Step] | Blocked"]
-Backward = Callable[[Graph, object, list, Demand], "Next | Blocked"]
+Forward = Callable[[Graph, NodeDef, Demand], "list[Step] | Blocked"]
+Backward = Callable[[Graph, NodeDef, list, Demand], "Next | Blocked"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     forward: Forward | None = None
     backward: Backward | None = None
-    pad_amounts: Callable[[Graph, object], "np.ndarray | None"] | None = None
+    pad_amounts: Callable[[Graph, NodeDef], np.ndarray | None] | None = None
     """A ``Pad``: its constant pad amounts (None when not constant)."""
-    crops: Callable[[Graph, object], "np.ndarray | None"] | None = None
+    crops: Callable[[Graph, NodeDef], np.ndarray | None] | None = None
     """A ``BatchToSpaceND``: its constant crops (None when not constant)."""
 
 
 # ---- shared facts --------------------------------------------------------------------------------
-def const_operand(graph: Graph, node) -> int | None:
+def const_operand(graph: Graph, node: NodeDef) -> int | None:
     """The index of the first constant operand of ``node`` (None when it has none)."""
     for i, tensor in enumerate(graph.data_inputs(node)):
         if graph.const(tensor) is not None:
@@ -209,7 +212,9 @@ def _last_axis_repeats(node, c: int | None, d: int | None, forward: bool) -> int
 
 
 def _tiled(demand: Demand, repeats: int, axis: int, rank: int) -> Demand:
-    tile = (lambda v: v if v.size == 1 or repeats == 1 else np.tile(v, repeats))
+    def tile(v: np.ndarray) -> np.ndarray:
+        return v if v.size == 1 or repeats == 1 else np.tile(v, repeats)
+
     return Demand(tile(demand.s), tile(demand.t), axis, rank)
 
 
@@ -333,8 +338,11 @@ def _alignment_only(graph: Graph, node) -> bool:
     after = graph.value_consumers(users[0].name)
     rule = RULES.get(after[0].op) if len(after) == 1 else None
     crops = rule.crops(graph, after[0]) if rule is not None and rule.crops else None
-    return crops is not None and np.array_equal(graph.const(after[0].input[1]), block) and \
-        crops.shape == pads.shape and not np.any(crops[:, 0]) and np.all(crops[:, 1] >= pads[:, 1])
+    crop_block = graph.const(after[0].input[1])
+    return bool(crops is not None and crop_block is not None and
+                np.array_equal(crop_block, block) and
+                crops.shape == pads.shape and not np.any(crops[:, 0]) and
+                np.all(crops[:, 1] >= pads[:, 1]))
 
 
 def _crops(graph: Graph, node) -> np.ndarray | None:
@@ -454,7 +462,7 @@ def _sole_user(graph: Graph, node, ops: tuple[str, ...]):
     return users[0]
 
 
-def prelu_at(graph: Graph, tensor: str) -> tuple[list[str], object] | None:
+def prelu_at(graph: Graph, tensor: str) -> tuple[list[str], NodeDef] | None:
     """``(its nodes, its output node)`` when the readers of ``tensor`` are exactly a PReLU
     ``Relu(x) + k ⊙ Relu(Neg(x))`` (k constant: f(s·x) = s·f(x) for s > 0 per channel)."""
     users = graph.value_consumers(tensor)
@@ -472,7 +480,7 @@ def prelu_at(graph: Graph, tensor: str) -> tuple[list[str], object] | None:
     return [positive[0].name, negate[0].name, relu.name, scale.name, total.name], total
 
 
-def _prelu_up(graph, node, demand) -> list[Step] | None:
+def _prelu_up(graph, node, demand) -> list[Step] | Blocked | None:
     """Forward through a PReLU whose output is ``node`` (its final add); None when it is not
     one."""
     inputs = graph.data_inputs(node)
@@ -535,7 +543,9 @@ def _bias_up(graph, node, demand, sign: float):
     if shift is None or shift.blocked or not np.all(shift.s == 1) or not \
             (shift.axis is None or demand.axis is None or shift.axis == demand.axis):
         return Blocked(node.name, f"{node.op} is not a per-channel bias on A's axis")
-    x = graph.data_inputs(node)[1 - const_operand(graph, node)]
+    k = const_operand(graph, node)
+    assert k is not None                    # recognise found the constant operand
+    x = graph.data_inputs(node)[1 - k]
     return [Step(x, demand.without_shift(), bias=node.name, taken=demand, bias_sign=sign)]
 
 

@@ -13,7 +13,7 @@ error (never a model that computes with zeros).
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +37,7 @@ def marked_constants(weights: Weights, tag: str, names: Callable[[str], str]
         values = []
         for name in order:
             array = weights.get(name)
+            assert array is not None, f"no value for weight {name}"
             dtype = tf.as_dtype(array.dtype)
             value = tensor_pb2.TensorProto()
             stub(value, array, dtype)

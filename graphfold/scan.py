@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from graphfold.errors import BadInput
 from graphfold.options import with_value
@@ -109,7 +110,7 @@ class _Walker:
     function once. ``own_files``: (function, tensor source) pairs that are the model's own
     files (``OWN_FILE_INPUT``)."""
 
-    def __init__(self, graph_def, own_files: set[tuple[str, str]] = frozenset(),
+    def __init__(self, graph_def, own_files: AbstractSet[tuple[str, str]] = frozenset(),
                  model: str = ""):
         self.library = {f.signature.name: f for f in graph_def.library.function}
         self.own_files, self.model = own_files, model
@@ -174,7 +175,7 @@ def reachable(graph_def, tensors: Iterable[str]) -> list:
 
 
 def scan_graph_def(graph_def, outputs: Iterable[str] | None = None, *,
-                   own_files: set = frozenset(), model: str = "") -> list[Finding]:
+                   own_files: AbstractSet = frozenset(), model: str = "") -> list[Finding]:
     """Findings of what fetching ``outputs`` runs (every node when None)."""
     walker = _Walker(graph_def, own_files, model)
     walker.nodes(graph_def.node if outputs is None else reachable(graph_def, outputs))

@@ -10,15 +10,17 @@ None for each element that depends on an unknown dimension. One evaluator per op
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import numpy as np
 
-from graphfold.graph import Graph
+from graphfold.graph import SHAPE_ONLY_OPS, Graph
 
-Value = "list[int | None] | int | None"      # a vector, a scalar, or unknown altogether
+Value: TypeAlias = "list[int | None] | int | None"   # a vector, a scalar, or unknown altogether
 MAX_DEPTH = 16
 
 
-def shape_value(graph: Graph, tensor: str, depth: int = 0):
+def shape_value(graph: Graph, tensor: str, depth: int = 0) -> Value:
     """The value of the integer tensor ``tensor`` (a vector as a list, a scalar as an int), None
     for what is not known statically."""
     const = graph.const(tensor)
@@ -31,7 +33,7 @@ def shape_value(graph: Graph, tensor: str, depth: int = 0):
     if evaluate is None or depth >= MAX_DEPTH:
         return None
     operands = [shape_value(graph, t, depth + 1) for t in graph.data_inputs(node)[1:]] \
-        if node.op != "Shape" else []
+        if node.op not in SHAPE_ONLY_OPS else []
     return evaluate(graph, node, depth, operands)
 
 

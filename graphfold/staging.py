@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+from typing import Any
 
 MARK = ".graphfold-"
 
@@ -84,20 +85,21 @@ def signals_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: came.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    came: list[int] = []
+    previous: dict[int, Any] = {
+        signum: signal.signal(signum, lambda signum, frame: came.append(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set in C
-        for signum in dict.fromkeys(came):
-            handler = previous[signum]
+        for number in dict.fromkeys(came):
+            handler = previous[number]
             if callable(handler):
-                handler(signum, None)
+                handler(number, None)
             elif handler == signal.SIG_DFL:
-                signal.raise_signal(signum)
+                signal.raise_signal(number)
 
 
 def remove_stale(dst: str) -> list[str]:

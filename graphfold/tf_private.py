@@ -8,13 +8,12 @@ that changes one fails there, by name, rather than somewhere inside a rewrite.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, op_def_pb2
-from tensorflow.python.framework import convert_to_constants, function_def_to_graph
-from tensorflow.python.framework import op_def_registry
+from tensorflow.python.framework import convert_to_constants, function_def_to_graph, op_def_registry
 
 # ---- freezing without reading the variables -----------------------------------------------------
 
@@ -26,7 +25,7 @@ class _ShapeOnly(np.ndarray):
     def __array_finalize__(self, obj):
         self._shape = getattr(obj, "_shape", None)
 
-    @property
+    @property  # type: ignore[misc]  # read-only on purpose: the converter only reads it
     def shape(self):
         return self._shape
 

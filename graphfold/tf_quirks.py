@@ -22,7 +22,7 @@ padding).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -57,7 +57,7 @@ def _find_leaky_relu_fusion(graph: Graph) -> list[Match]:
     """``(linear, bias_add, add, leaky_relu)``: a Conv2D/Conv3D whose BiasAdd feeds an Add whose
     result feeds a LeakyRelu with alpha other than 0.2 (whatever the dtype, the shapes and the
     other consumers: a few of those do not fuse on CPU, but the workaround is exact and cheap)."""
-    found = []
+    found: list[tuple[str, ...]] = []
     for node in list(graph.graph_def.node):
         if node.op != "LeakyRelu" or np.float32(node.attr["alpha"].f) == np.float32(_FUSED_ALPHA):
             continue

@@ -69,7 +69,8 @@ def read(path: str) -> tuple[list[Request], dict[str, int]]:
     replayed here. ``BadInput`` names the first record that is not a ``PredictionLog``."""
     from google.protobuf import message
     _, _, prediction_log_pb2 = _protos()
-    requests, others = [], {}
+    requests: list[Request] = []
+    others: dict[str, int] = {}
     for index, record in enumerate(read_raw(path)[:MAX_RECORDS]):
         log = prediction_log_pb2.PredictionLog()
         try:

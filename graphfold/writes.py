@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework.node_def_pb2 import NodeDef
 
 from graphfold.affine import recognise
 from graphfold.errors import Blocked
@@ -33,7 +34,7 @@ _LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38,
 class SetConst:
     """Input ``index`` of ``node`` becomes a constant holding ``value`` (the constant ``const`` is
     overwritten when ``node`` is its only reader, else a clone is made)."""
-    node: object
+    node: NodeDef
     index: int
     const: str
     value: np.ndarray
@@ -120,6 +121,8 @@ def _weight_write(graph: Graph, where: Site,
     """``W ← W · F`` (F broadcast) as a write, with the weight's dtype."""
     layer = where.layer
     const = weight_const(graph, layer, where.weight_index)
+    if isinstance(const, Blocked):          # plan.site checked it: never
+        return const
     dtype = _weight_dtype(graph, const)
     new_w = _scaled(where.w, factor, dtype, layer.name)
     if isinstance(new_w, Blocked):
@@ -171,12 +174,15 @@ def _root_writes(graph: Graph, root: Root) -> list[Write] | Blocked:
     return writes
 
 
-def _bias(graph: Graph, name: str):
+def _bias(graph: Graph, name: str) -> tuple[NodeDef, int, str, np.ndarray]:
     """A bias node, the index of its constant operand, that constant's name and value."""
     node = graph.nodes[name]
     k = const_operand(graph, node)
+    assert k is not None                    # the plan recognised it as a constant bias
     const = graph.producer(graph.data_inputs(node)[k]).name
-    return node, k, const, graph.const(const).astype(np.float64)
+    value = graph.const(const)
+    assert value is not None
+    return node, k, const, value.astype(np.float64)
 
 
 def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,

@@ -10,10 +10,11 @@ batch norms (``FusedBatchNormV3`` and the decomposed ``tf.nn.batch_normalization
 varies padding (SAME/VALID/EXPLICIT), strides, dilations, NHWC/NCHW, float32/float16, γ signs and
 zeros, shared weight constants, tensors with several consumers and intermediate function outputs.
 A third stream adds, to about a third of the graphs, one block of the patterns partial folds and
-commuting ops are about (FOLDING.md §8): BN → f → layer and layer → f → BN with f one of ``Relu``,
-``LeakyRelu``, a per-channel PReLU (``Relu(x) + k·Relu(−x)``) or a size-keeping ``MaxPool``, γ all
-positive (70%) or of mixed signs; and nearest (``Tile``, ``ResizeNearestNeighbor``) or bilinear
-upsampling on either side of a BN. The other graphs are those of the seeds before it.
+commuting ops are about (docs/folding.md §8): BN → f → layer and layer → f → BN with f one of
+``Relu``, ``LeakyRelu``, a per-channel PReLU (``Relu(x) + k·Relu(−x)``) or a size-keeping
+``MaxPool``, γ all positive (70%) or of mixed signs; and nearest (``Tile``,
+``ResizeNearestNeighbor``) or bilinear upsampling on either side of a BN. The other graphs are
+those of the seeds before it.
 
 ``check(case)`` rewrites the function and asserts the property: the rewritten function equals the
 original (relative error ``max|a-b| / max|a|`` <= 1e-5 for float32, 2e-2 for float16; an output
@@ -48,6 +49,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import graphfold  # noqa: E402
+
 from helpers import freeze, nhwc_twin, run_graph_def  # noqa: E402
 
 TOLERANCE = {tf.float32: 1e-5, tf.float16: 2e-2}
@@ -480,7 +482,7 @@ class _Builder:
         return self.linear(y, int(self.rng.integers(2, 6))) if y.rank == 4 or \
             self.rng.random() < 0.5 else self.matmul(y)
 
-    # ---- the patterns of partial folds and of ops that commute with A (FOLDING.md §8) --------
+    # ---- the patterns of partial folds and of ops that commute with A (docs/folding.md §8) -------
     def activation(self, x: Tensor) -> Tensor:
         """A positively homogeneous op: Relu, LeakyRelu, a per-channel PReLU, a size-keeping
         MaxPool."""

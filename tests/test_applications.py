@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (assert_close, assert_no_batch_norm, batch_norm_census, check_rewrite, freeze,
-                     randomise_keras_model)
+from helpers import (
+    assert_close,
+    assert_no_batch_norm,
+    batch_norm_census,
+    check_rewrite,
+    freeze,
+    randomise_keras_model,
+)
 
 APPLICATIONS = {
     # name: (input size, BN count, layer names the report must show)

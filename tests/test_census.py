@@ -10,11 +10,12 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-import savedmodel_fixtures as F
 from graphfold import examples
 from graphfold.cli import main
 from graphfold.freeze import freeze
 from graphfold.saved_model import inspect_saved_model, read_saved_model
+
+import savedmodel_fixtures as F
 from helpers import assert_close, batch_norm_census, random_inputs
 
 
@@ -31,10 +32,8 @@ def test_report_counts_every_batch_norm_of_every_saved_model(name, tmp_path_fact
     assert len(result), name
     for key, report in result.items():
         fn = loaded.signatures[key]
-        if key in result.unchanged:
-            graph_def = fn.graph.as_graph_def()
-        else:
-            graph_def = freeze(fn).graph_def
+        graph_def = (fn.graph.as_graph_def() if key in result.unchanged
+                     else freeze(fn).graph_def)
         assert len(report.batch_norms) == batch_norm_census(graph_def), (key, str(report))
         for entry in report.not_folded:
             assert entry.reason, (key, entry)
@@ -107,12 +106,13 @@ def test_randomise_reaches_batch_norms_nested_in_custom_layers(framework):
 
     inp = K.Input((8, 8, 3))
     model = K.Model(inp, ConvBlock(6, name="block2")(ConvBlock(6, name="block1")(inp)))
-    assert len([l for l in model.layers if "BatchNormalization" in type(l).__name__]) == 0
+    assert not [layer for layer in model.layers if "BatchNormalization" in type(layer).__name__]
     assert examples.randomise(model, np.random.default_rng(3)) == 4
-    bns = [l for l in examples.all_layers(model) if type(l).__name__ == "BatchNormalization"]
+    bns = [layer for layer in examples.all_layers(model)
+           if type(layer).__name__ == "BatchNormalization"]
     assert len(bns) == 4
-    gammas = np.concatenate([l.get_weights()[0] for l in bns])
-    variances = np.concatenate([l.get_weights()[3] for l in bns])
+    gammas = np.concatenate([bn.get_weights()[0] for bn in bns])
+    variances = np.concatenate([bn.get_weights()[3] for bn in bns])
     assert not np.allclose(gammas, 1) and (gammas < 0).any() and not np.allclose(variances, 1)
     for layer in examples.all_layers(model):
         if type(layer).__name__ == "Conv2D":

@@ -9,9 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from graphfold.cli import main
+
 import savedmodel_fixtures as F
 from helpers import error_line
-from graphfold.cli import main
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # TensorFlow's own command, from the environment the tests run in (a venv need not be activated).

@@ -13,6 +13,7 @@ from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
 from graphfold.cli import main
+
 from helpers import bias, bn_params, rel_err, run_graph_def, weight
 
 

@@ -1,4 +1,4 @@
-"""Exact folds through ops that commute with A (FOLDING.md §8) and the forms that reach them
+"""Exact folds through ops that commute with A (docs/folding.md §8) and the forms that reach them
 (issue 19 §1): Dense on rank-3/4 inputs (Tensordot), reshapes that merge positions into the
 channel axis, nearest and bilinear resizes, Transpose moving the channel axis, SpaceToBatchND's
 alignment padding, and the grouped Conv3D that Keras 3 leaves in an XLA call.
@@ -13,9 +13,21 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, bn_scale_shift,
-                     check_rewrite, const_value, decomposed_bn, make, nodes_of,
-                     randomise_keras_model, weight, weight_of)
+from helpers import (
+    assert_absorbed,
+    assert_not_folded,
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    const_value,
+    decomposed_bn,
+    make,
+    nodes_of,
+    randomise_keras_model,
+    weight,
+    weight_of,
+)
 from helpers import fused_bn as bn
 
 RNG = np.random.default_rng(1919)
@@ -92,7 +104,7 @@ def test_dense_then_transpose_then_a_channels_first_bn():
     np.testing.assert_allclose(the_weight(folded, "MatMul"), w * s, rtol=1e-6)
 
 
-# ---- resizes ---------------------------------------------------------------------------------------
+# ---- resizes -------------------------------------------------------------------------------------
 def nearest_by_tile(y):
     """Keras 3's UpSampling2D: ExpandDims → Tile → Reshape, per spatial axis."""
     _, h, w, c = [-1 if d is None else d for d in y.shape]

@@ -1,4 +1,5 @@
-"""The paper's condition (FOLDING.md §3-§5): backward folds, Add/Concat, leaves, pass-through ops.
+"""The paper's condition (docs/folding.md §3-§5): backward folds, Add/Concat, leaves, pass-through
+ops.
 
 Each test builds the smallest tf.nn graph that shows one rule or one refusal, with random BN
 statistics and biases, rewrites it, compares with the original on random inputs, and asserts
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import assert_absorbed, bn_params, check_rewrite, decomposed_bn, make
+from helpers import assert_absorbed, bn_params, check_rewrite, decomposed_bn, make, the_entry
 from helpers import fused_bn as bn
-from helpers import the_entry
 
 RNG = np.random.default_rng(1234)
 

@@ -10,11 +10,12 @@ import tensorflow as tf
 
 from graphfold.constants import fold_constants
 from graphfold.graph import Graph
+
 from helpers import freeze
 
 RNG = np.random.default_rng(77)
 F = RNG.normal(size=(2, 3, 4)).astype(np.float32)
-I = np.array([[-7, 7, -8, 9], [5, -5, 0, 12]], np.int32)
+I = np.array([[-7, 7, -8, 9], [5, -5, 0, 12]], np.int32)  # noqa: E741 (the integers, beside F and J)
 J = np.array([[2, 2, 3, -4], [-3, 3, 7, 5]], np.int32)
 
 CASES = {

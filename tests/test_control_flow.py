@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import (
+    assert_close,
+    assert_folded_into_layers,
+    bias,
+    bn_params,
+    check_rewrite,
+    op_counts,
+    randomise_keras_model,
+    weight,
+)
 from helpers import fused_bn as bn
-from helpers import (assert_close, assert_folded_into_layers, bias, bn_params, check_rewrite,
-                     op_counts, randomise_keras_model, weight)
 
 EPS = 1e-3
 SPEC = tf.TensorSpec([None, 6, 6, 4], tf.float32, name="x")

@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import decomposed_bn as keras_bn, make
-from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, check_rewrite,
-                     nodes_of, randomise_keras_model, weight)
-
+from helpers import (
+    assert_absorbed,
+    assert_not_folded,
+    bias,
+    bn_params,
+    check_rewrite,
+    make,
+    nodes_of,
+    randomise_keras_model,
+    weight,
+)
+from helpers import decomposed_bn as keras_bn
 
 
 def per_row(k: int, rng):

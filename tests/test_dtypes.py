@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (assert_absorbed, assert_close, assert_no_batch_norm, bias, bn_params,
-                     check_rewrite, nodes_of, random_inputs, randomise_keras_model, weight)
+from helpers import (
+    assert_absorbed,
+    assert_close,
+    assert_no_batch_norm,
+    bias,
+    bn_params,
+    check_rewrite,
+    nodes_of,
+    random_inputs,
+    randomise_keras_model,
+    weight,
+)
 
 EPS = 1e-3
 DTYPES = {"float32": (tf.float32, 1e-5), "float64": (tf.float64, 1e-12),

@@ -1,4 +1,4 @@
-"""Forward folding (FOLDING.md §3), one small hand-built ``tf.nn`` graph per rule.
+"""Forward folding (docs/folding.md §3), one small hand-built ``tf.nn`` graph per rule.
 
 Every graph has random batch-norm statistics and random, non-zero biases; every test compares the
 rewritten function with the original on random inputs (relative error <= 1e-5 for float32) and
@@ -16,11 +16,27 @@ import tensorflow as tf
 from tensorflow.core.framework import node_def_pb2
 
 import graphfold
-from helpers import fused_bn
-from helpers import (assert_absorbed, assert_no_batch_norm, bias, bn_params, check_rewrite,
-                     folded_entries, freeze, frozen_graph_def, nhwc_twin, nodes_of, op_counts,
-                     randomise_keras_model, rel_err, run_graph_def, run_nhwc_twin, weight,
-                     weight_of)
+
+from helpers import (
+    assert_absorbed,
+    assert_no_batch_norm,
+    bias,
+    bn_params,
+    check_rewrite,
+    folded_entries,
+    freeze,
+    frozen_graph_def,
+    fused_bn,
+    nhwc_twin,
+    nodes_of,
+    op_counts,
+    randomise_keras_model,
+    rel_err,
+    run_graph_def,
+    run_nhwc_twin,
+    weight,
+    weight_of,
+)
 
 EPS = 1e-3
 H = W = 6
@@ -99,7 +115,7 @@ class Layer:
         return [self.out] + [1] * (self.rank - 2)
 
     def scaled(self, s: np.ndarray) -> np.ndarray:
-        """W ⊙_out s (FOLDING.md §2), computed independently of graphfold."""
+        """W ⊙_out s (docs/folding.md §2), computed independently of graphfold."""
         w = self.w.astype(np.float64)
         if self.kind.startswith("depthwise"):
             return w * s.reshape(w.shape[2], w.shape[3])
@@ -264,7 +280,7 @@ def test_every_affine_form_after_matmul(kind, form):
 
 
 def test_tf_nn_batch_normalization_is_counted_as_a_batch_norm():
-    """tf.nn.batch_normalization is a batch-norm layer as the user wrote it (FOLDING.md §7)."""
+    """tf.nn.batch_normalization is a batch-norm layer as the user wrote it (docs/folding.md §7)."""
     rng = np.random.default_rng(13)
     layer = Layer("conv2d", rng, "NHWC")
     fn, _, _ = build(layer, "nn.batch_normalization", rng)
@@ -307,6 +323,14 @@ def test_chain_of_batch_norm_and_elementwise_ops_merges_into_one_affine():
     assert entry.form == "FusedBatchNormV3" and len(entry.nodes) >= 4, entry
 
 
+def _layer_then_fused_batch_norm(layer, gamma, beta, mean, var):
+    @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32, name="x")])
+    def fn(x):
+        return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta, mean=mean,
+                                           variance=var, epsilon=EPS, is_training=False)[0]
+    return fn
+
+
 def test_batch_norm_with_global_normalization():
     """``BatchNormWithGlobalNormalization`` cannot be built (GraphDef version > 9) nor run on CPU
     by TF 2.x, so the GraphDef is edited by hand and the rewrite compared with NumPy."""
@@ -314,13 +338,7 @@ def test_batch_norm_with_global_normalization():
     layer = Layer("conv2d", rng, "NHWC")
     for scale_after in (True, False):
         gamma, beta, mean, var = bn_params(layer.out, rng)
-
-        @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32, name="x")])
-        def fn(x):
-            return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta,
-                                               mean=mean, variance=var, epsilon=EPS,
-                                               is_training=False)[0]
-
+        fn = _layer_then_fused_batch_norm(layer, gamma, beta, mean, var)
         frozen = freeze(fn.get_concrete_function())
         graph_def = frozen.graph_def
         [fused] = nodes_of(graph_def, "FusedBatchNormV3")
@@ -526,7 +544,7 @@ def test_variables_become_constants_and_fold():
 
 
 def test_gamma_zero_makes_a_constant_channel():
-    """γ = 0 makes s = 0 on that channel: forward folding is still exact (FOLDING.md §6)."""
+    """γ = 0 makes s = 0 on that channel: forward folding is still exact (docs/folding.md §6)."""
     rng = np.random.default_rng(35)
     layer = Layer("conv2d", rng, "NHWC")
     gamma, beta, mean, var = bn_params(layer.out, rng)

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+
 from helpers import bias, bn_params, rel_err, run_graph_def, weight
 
 EPS = 1e-3

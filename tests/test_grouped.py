@@ -11,10 +11,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import make
-from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, bn_scale_shift,
-                     check_rewrite, frozen_graph_def, fused_bn, nodes_of, randomise_keras_model,
-                     rel_err, run_nhwc_twin, shift_free, weight, weight_of)
+from helpers import (
+    assert_absorbed,
+    assert_not_folded,
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    frozen_graph_def,
+    fused_bn,
+    make,
+    nodes_of,
+    randomise_keras_model,
+    rel_err,
+    run_nhwc_twin,
+    shift_free,
+    weight,
+    weight_of,
+)
 
 
 def grouped_reference(w, s, t, groups):

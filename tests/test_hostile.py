@@ -11,10 +11,20 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 import graphfold
-from helpers import decomposed_bn, make
+
+from helpers import (
+    assert_close,
+    bn_params,
+    check_rewrite,
+    decomposed_bn,
+    freeze,
+    make,
+    nodes_of,
+    op_counts,
+    weight,
+    weight_of,
+)
 from helpers import fused_bn as bn
-from helpers import (assert_close, bn_params, check_rewrite, freeze, nodes_of, op_counts, weight,
-                     weight_of)
 
 EPS = 1e-3
 

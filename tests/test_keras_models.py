@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (assert_close, assert_no_batch_norm, check_rewrite, op_counts, random_inputs,
-                     randomise_keras_model)
+from helpers import (
+    assert_close,
+    assert_no_batch_norm,
+    check_rewrite,
+    op_counts,
+    random_inputs,
+    randomise_keras_model,
+)
 
 FRAMEWORKS = ["keras", "tf_keras"]
 

@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (assert_absorbed, bias, bn_params, bn_scale_shift, check_rewrite,
-                     decomposed_bn, make,
-                     nodes_of, op_counts, randomise_keras_model, weight)
+from helpers import (
+    assert_absorbed,
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    decomposed_bn,
+    make,
+    nodes_of,
+    op_counts,
+    randomise_keras_model,
+    weight,
+)
 from helpers import fused_bn as bn
 
 RNG = np.random.default_rng(1920)

@@ -1,5 +1,5 @@
-"""Partial folds (FOLDING.md §8, issue 19 §3): where A cannot disappear, its scale folds and its
-shift stays as one add; where the scale and the shift each fold, in opposite directions, A
+"""Partial folds (docs/folding.md §8, issue 19 §3): where A cannot disappear, its scale folds and
+its shift stays as one add; where the scale and the shift each fold, in opposite directions, A
 disappears ("split").
 
     f(s ⊙ x + t) = s ⊙ f(x + t/s)      for f positively homogeneous (Relu, LeakyRelu, PReLU,
@@ -17,8 +17,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import (bias, bn_params, bn_scale_shift, check_rewrite, const_value, decomposed_bn,
-                     make, nodes_of, op_counts, the_entry, weight, weight_of)
+from helpers import (
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    const_value,
+    decomposed_bn,
+    make,
+    nodes_of,
+    op_counts,
+    the_entry,
+    weight,
+    weight_of,
+)
 from helpers import fused_bn as bn
 
 RNG = np.random.default_rng(1921)
@@ -132,7 +144,7 @@ def test_scale_backward_shift_forward():
     np.testing.assert_allclose(const_value(folded.graph_def, add.input[1]), b1 + t / s, rtol=1e-5)
 
 
-# ---- refusals ---------------------------------------------------------------------------------------
+# ---- refusals ------------------------------------------------------------------------------------
 def test_a_negative_scale_before_relu_is_refused_naming_the_channels():
     gamma = np.array([1.0, -0.7, 0.5, -1.2], np.float32)
     p, w = bn_params(4, RNG, gamma=gamma), weight((3, 3, 4, 5), RNG)
@@ -167,7 +179,7 @@ def test_partial_false_keeps_the_batch_norm_whole():
 
 
 def test_relu_with_zero_shift_is_a_full_backward_fold():
-    """t = 0: nothing stays (FOLDING.md §8: already a full fold)."""
+    """t = 0: nothing stays (docs/folding.md §8: already a full fold)."""
     gamma, _, _, var = positive(4)
     scale = gamma / np.sqrt(var + 1e-3)
     w = weight((3, 3, 4, 5), RNG)

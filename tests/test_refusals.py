@@ -13,10 +13,25 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from helpers import make, the_entry
+
+from helpers import (
+    assert_close,
+    assert_no_batch_norm,
+    bias,
+    bn_params,
+    check_rewrite,
+    freeze,
+    make,
+    nodes_of,
+    op_counts,
+    random_inputs,
+    rel_err,
+    run_graph_def,
+    the_entry,
+    weight,
+    weight_of,
+)
 from helpers import fused_bn as bn
-from helpers import (assert_close, assert_no_batch_norm, bias, bn_params, check_rewrite, freeze,
-                     nodes_of, op_counts, random_inputs, rel_err, run_graph_def, weight, weight_of)
 
 EPS = 1e-3
 SPEC = tf.TensorSpec([None, 6, 6, 3], tf.float32, name="x")

@@ -16,12 +16,23 @@ import tensorflow as tf
 
 import graphfold
 
-from helpers import assert_absorbed, decomposed_bn, make, the_entry
+from helpers import (
+    assert_absorbed,
+    assert_close,
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    decomposed_bn,
+    make,
+    nodes_of,
+    op_counts,
+    random_inputs,
+    the_entry,
+    weight,
+    weight_of,
+)
 from helpers import fused_bn as bn
-from helpers import (assert_close, bias, bn_params, bn_scale_shift, check_rewrite, nodes_of,
-                     op_counts, random_inputs, weight, weight_of)
-
-
 
 
 @pytest.fixture

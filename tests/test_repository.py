@@ -16,13 +16,23 @@ import sys
 import numpy as np
 import pytest
 
-import savedmodel_fixtures as F
 from graphfold import pool
 from graphfold.cli import main
-from graphfold.repository import (RECORD, REPORT, Task, already_done, find_versions,
-                                  model_config_text, normalized_options, optimize_repository,
-                                  source_fingerprint, write_json)
+from graphfold.repository import (
+    RECORD,
+    REPORT,
+    Task,
+    already_done,
+    find_versions,
+    model_config_text,
+    normalized_options,
+    optimize_repository,
+    source_fingerprint,
+    write_json,
+)
 from graphfold.saved_model import BadInput, optimize_saved_model
+
+import savedmodel_fixtures as F
 
 ALL = ["alpha/1", "alpha/2", "broken/1", "table/7"]
 
@@ -226,6 +236,7 @@ def test_progress_lines_come_from_the_calling_thread(capsys):
     """Optimize-repo's progress (plain lines off a terminal) starts no thread, and says it is
     alive while versions run."""
     import threading
+
     from graphfold.cli import Console, _progress
     console = Console()
     before = threading.active_count()
@@ -336,6 +347,7 @@ def test_beam_direct_runner_matches_local(repo, tmp_path, capsys):
 def test_beam_transform_in_a_pipeline_is_byte_identical_to_local(repo, tmp_path):
     beam = _beam()
     from apache_beam.testing.util import assert_that, equal_to
+
     from graphfold.beam import OptimizeSavedModels
     on_beam, local = str(tmp_path / "beam"), str(tmp_path / "local")
     with beam.Pipeline() as pipeline:

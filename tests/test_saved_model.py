@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-import savedmodel_fixtures as F
 from graphfold.saved_model import BadInput, VerificationFailed
 from graphfold.verify import compare, random_inputs
+
+import savedmodel_fixtures as F
 
 TOL = 1e-5
 BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
@@ -193,7 +194,7 @@ def test_random_inputs_and_compare():
     assert inputs["f"].shape == (4, 3) and inputs["i"].shape == (4, 32)   # input_shapes.py
     assert inputs["b"].dtype == tf.bool and inputs["s"].dtype == tf.string
     assert inputs["h"].dtype == tf.float16
-    assert 0 <= int(tf.reduce_min(inputs["i"])) and int(tf.reduce_max(inputs["i"])) < 4
+    assert int(tf.reduce_min(inputs["i"])) >= 0 and int(tf.reduce_max(inputs["i"])) < 4
     assert compare(np.array([2.0, -4.0]), np.array([2.0, -4.5])) == (0.5, 0.125)
     assert compare(np.array([np.nan, 1.0]), np.array([np.nan, 1.0])) == (0.0, 0.0)
     assert compare(np.array([b"a"]), np.array([b"b"]))[1] == float("inf")

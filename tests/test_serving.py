@@ -14,12 +14,13 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-import savedmodel_fixtures as F
-from helpers import error_line
 from graphfold import staging, warmup
 from graphfold.assets import untouched_paths
 from graphfold.cli import main
 from graphfold.saved_model import BadInput, VerificationFailed, read_saved_model
+
+import savedmodel_fixtures as F
+from helpers import error_line
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 WARMUP = os.path.join("assets.extra", "tf_serving_warmup_requests")

@@ -8,9 +8,18 @@ import pytest
 import tensorflow as tf
 
 import graphfold
+
+from helpers import (
+    assert_close,
+    assert_folded_into_layers,
+    assert_no_batch_norm,
+    bias,
+    bn_params,
+    check_rewrite,
+    random_inputs,
+    weight,
+)
 from helpers import fused_bn as bn
-from helpers import (assert_close, assert_folded_into_layers, assert_no_batch_norm, bias,
-                     bn_params, check_rewrite, random_inputs, weight)
 
 EPS = 1e-3
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from graphfold import examples
+
 from helpers import assert_no_batch_norm, check_rewrite
 
 # model -> {op that absorbs: how many batch norms} (the rest go into Conv2D / Conv3D)
@@ -62,6 +63,7 @@ def test_freeze_only_freezes_and_folds_nothing():
     tools/bench_serving.py: the same outputs, the weights constants, every batch norm still
     computed (what freezing alone gives), where ``rewrite`` folds them all."""
     from graphfold.rewrite import freeze_only, rewrite
+
     from helpers import assert_close, batch_norm_census, random_inputs
     rng = np.random.default_rng(5)
     model, shape, count = examples.small_model("UNet", False, seed=5)

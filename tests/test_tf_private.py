@@ -2,7 +2,6 @@
 a release that moves or changes one fails here, by name."""
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from graphfold import tf_private

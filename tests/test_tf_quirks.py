@@ -14,8 +14,21 @@ import graphfold
 from graphfold import tf_quirks
 from graphfold.rewrite import optimize_graph_def
 
-from helpers import (assert_close, bias, bn_params, check_rewrite, const_value, decomposed_bn,
-                     make, nodes_of, op_counts, random_inputs, rel_err, run_graph_def, weight)
+from helpers import (
+    assert_close,
+    bias,
+    bn_params,
+    check_rewrite,
+    const_value,
+    decomposed_bn,
+    make,
+    nodes_of,
+    op_counts,
+    random_inputs,
+    rel_err,
+    run_graph_def,
+    weight,
+)
 from helpers import fused_bn as bn
 
 MISCOMPUTED = 1e-2       # a reproduction's error above this: TensorFlow still miscomputes it
@@ -157,6 +170,7 @@ def test_keras3_cspnet_like_block_with_leaky_relu_0_01():
     """conv -> BN -> residual add -> LeakyReLU(0.01) (keras-hub CSPNet's block): before the
     workaround, the folded function was 1e-1 off the original when run (its GraphDef was right)."""
     import keras
+
     from graphfold import examples
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)

@@ -14,10 +14,25 @@ import pytest
 import tensorflow as tf
 
 from graphfold.layers import Site, transposed_shift_map
-from helpers import make, the_entry
-from helpers import (assert_absorbed, assert_not_folded, bias, bn_params, bn_scale_shift,
-                     check_rewrite, frozen_graph_def, fused_bn, nodes_of, rel_err,
-                     run_nhwc_twin, shift_free, weight, weight_of)
+
+from helpers import (
+    assert_absorbed,
+    assert_not_folded,
+    bias,
+    bn_params,
+    bn_scale_shift,
+    check_rewrite,
+    frozen_graph_def,
+    fused_bn,
+    make,
+    nodes_of,
+    rel_err,
+    run_nhwc_twin,
+    shift_free,
+    the_entry,
+    weight,
+    weight_of,
+)
 
 T2 = "Conv2DBackpropInput"
 T3 = "Conv3DBackpropInputV2"

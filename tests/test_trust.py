@@ -11,11 +11,12 @@ import tensorflow as tf
 
 import graphfold
 import graphfold.options
-import savedmodel_fixtures as F
 from graphfold import repo_task, saved_model
 from graphfold.cli import main
 from graphfold.errors import RewriteFailed
 from graphfold.examples import keras_module, randomise
+
+import savedmodel_fixtures as F
 from helpers import batch_norm_census, error_line, rel_err
 
 TOL = 1e-5
@@ -245,7 +246,7 @@ def _one_version_repo(src, tmp_path) -> str:
     return str(version)
 
 
-# ---- verification that cannot pass without checking (issue 17, items 5 and 6) ---------------------
+# ---- verification that cannot pass without checking (issue 17, items 5 and 6) --------------------
 
 @pytest.mark.parametrize("max_rel, accepted", [(5e-5, True), (1e-2, False)])
 def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, max_rel,
@@ -266,6 +267,7 @@ def test_verify_acts_on_require_verification(src, tmp_path, capsys):
     """``graphfold verify`` (and ``verify_saved_models``) of JPEG-bytes signatures without real
     inputs nor warm-up records: NOT VERIFIED; exit 1 with --require-verification."""
     import shutil
+
     from graphfold.errors import VerificationFailed
     source = str(tmp_path / "jpeg")
     shutil.copytree(src("jpeg"), source)

@@ -9,11 +9,12 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-import savedmodel_fixtures as F
 from graphfold import saved_model, saved_weights
 from graphfold.cli import main
 from graphfold.freeze import freeze
 from graphfold.saved_model import BadInput, read_saved_model
+
+import savedmodel_fixtures as F
 
 TOL = 1e-5
 
@@ -130,7 +131,8 @@ def test_variables_on_every_kind_of_source(src, tmp_path, name):
 
 
 def test_a_bad_weights_value_is_refused(src, tmp_path, capsys):
-    with pytest.raises(BadInput, match="weights='bytes': must be one of auto, constants, variables"):
+    with pytest.raises(BadInput,
+                       match="weights='bytes': must be one of auto, constants, variables"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "out"), weights="bytes")
     assert main(["optimize", src("keras3"), str(tmp_path / "out"), "--weights", "bytes"]) == 2
     err = capsys.readouterr().err

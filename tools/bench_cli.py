@@ -198,7 +198,7 @@ def measure(path: str, workdir: str, commands: list[str], weights: str,
     return row
 
 
-# ---- reporting ------------------------------------------------------------------------------------
+# ---- reporting -----------------------------------------------------------------------------------
 def stage_cell(run: dict) -> str:
     stages, previous = run.get("stages") or [], 0.0
     cells = []
@@ -209,8 +209,8 @@ def stage_cell(run: dict) -> str:
 
 
 def markdown(rows: dict) -> str:
-    lines = ["| model | weights MB | written as | reference s | reference peak GiB | optimize s | × ref | "
-             "optimize peak GiB | (peak − ref) / weights | output: load + call peak GiB | "
+    lines = ["| model | weights MB | written as | reference s | reference peak GiB | optimize s | "
+             "× ref | optimize peak GiB | (peak − ref) / weights | output: load + call peak GiB | "
              "(output − ref) / weights | inspect s | × ref |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

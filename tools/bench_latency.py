@@ -30,8 +30,9 @@ Every variant is warmed up, then the runs are interleaved (one call of each per 
 random order each round) in this one process, so that load on the machine hits them alike.
 Prints a Markdown table: median milliseconds per call, the ratios b/a, f/a (freezing alone),
 b/f (folding on top of freezing), b/c, d/c, e/c, f/c, b/d, b/e (each the median over the rounds
-of the two variants' times in the same round), how many batch norms b, d, e left, and their largest error relative to a. ``--from-json`` redoes the
-table and the plot from a ``--json`` file of an earlier run, without measuring.
+of the two variants' times in the same round), how many batch norms b, d, e left, and their
+largest error relative to a. ``--from-json`` redoes the table and the plot from a ``--json`` file
+of an earlier run, without measuring.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import benchlib  # noqa: E402
 import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
 from graphfold.freeze import freeze  # noqa: E402
+
+import benchlib  # noqa: E402
 
 MODELS = "ResNet50,MobileNetV2,EfficientNetB0,DenseNet121"
 VARIANTS = ("a", "b", "c", "d", "e", "f")

@@ -32,12 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-import benchlib  # noqa: E402
-import graphfold  # noqa: E402
 from bench_latency import measure, paired_ratio  # noqa: E402
+
+import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
 from graphfold.freeze import freeze  # noqa: E402
+
+import benchlib  # noqa: E402
 
 MODELS = "DenseNet121,ResNet50V2,DenseNet169"
 RATIOS = ("p/c", "n/c", "p/n", "p/a")

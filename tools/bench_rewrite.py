@@ -43,11 +43,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.framework import graph_pb2  # noqa: E402
 
-import benchlib  # noqa: E402
 import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
 from graphfold.freeze import freeze  # noqa: E402
 from graphfold.function import import_graph  # noqa: E402
+
+import benchlib  # noqa: E402
 
 MODELS = "ResNet50,MobileNetV2,EfficientNetB0,DenseNet121"
 STAGES = ("freeze", "normalize", "plan", "apply", "import")

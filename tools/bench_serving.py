@@ -77,7 +77,7 @@ BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "Rsq
                   "BatchNormWithGlobalNormalization")
 
 
-# ---- the C++ harness ------------------------------------------------------------------------------
+# ---- the C++ harness -----------------------------------------------------------------------------
 def harness(cache: str) -> tuple[str | None, str]:
     """``(path of the built harness, how it was found)``; ``(None, why)`` when it cannot be built
     (no g++, no TensorFlow headers). Built once per source, TensorFlow and compiler."""
@@ -85,7 +85,8 @@ def harness(cache: str) -> tuple[str | None, str]:
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
     info = subprocess.run([sys.executable, "-c", "import json, tensorflow as tf; print(json.dumps("
-                           "[tf.__version__, tf.sysconfig.get_include(), tf.sysconfig.get_lib()]))"],
+                           "[tf.__version__, tf.sysconfig.get_include(), "
+                           "tf.sysconfig.get_lib()]))"],
                           env=ENV, capture_output=True, text=True)
     if info.returncode != 0:
         return None, "TensorFlow is not importable: " + info.stderr.strip()[-200:]
@@ -126,11 +127,12 @@ def config_file(workdir: str, name: str) -> str | None:
     return path
 
 
-# ---- the variants (built in child processes) -------------------------------------------------------
+# ---- the variants (built in child processes) -----------------------------------------------------
 def _write_freeze_only(export: str, dst: str) -> None:
     """``export`` frozen and cleaned up, nothing folded, written as graphfold writes constants
     (each distinct function once; Keras' serve and serving_default are one)."""
     import tensorflow as tf
+
     from graphfold import saved_weights
     from graphfold.function import op_name
     from graphfold.rewrite import fold, reimport
@@ -157,6 +159,7 @@ def _write_graph_constants(export: str, dst: str) -> None:
     MetaGraph (no function library); one distinct function only."""
     import tensorflow as tf
     from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
     from graphfold import saved_weights
     from graphfold.rewrite import fold
     from graphfold.saved_model import same_functions, signature_keys
@@ -243,7 +246,7 @@ def build_variant(export: str, variant: str, dst: str, reuse: bool = False) -> d
 def _folded(document: dict) -> str:
     """"folded/total" batch norms of the first signature graphfold rewrote (Keras' serve and
     serving_default are one function, folded once)."""
-    for key, signature in sorted((document.get("signatures") or {}).items()):
+    for _key, signature in sorted((document.get("signatures") or {}).items()):
         if signature.get("rewritten"):
             summary = signature["report"]["summary"]
             return f"{summary['folded']}/{summary['batch_norms']}"
@@ -264,7 +267,7 @@ def check_folded(model: str, variants: dict) -> None:
                              f"refusing to measure an unfolded copy")
 
 
-# ---- measuring -------------------------------------------------------------------------------------
+# ---- measuring -----------------------------------------------------------------------------------
 PYTHON_MEMORY = """
 import json, sys, time
 import numpy as np, tensorflow as tf
@@ -392,7 +395,7 @@ def measure_model(name: str, args, binary: str | None) -> dict:
     check_folded(name, variants)
     row = {"weight_mb": weight_mb(export), "variants": variants, "memory": {}, "latency": {},
            "configs": {}, "load_average": {"start": os.getloadavg()}}
-    loaders = [l for l in args.loaders if l == "python" or binary]
+    loaders = [name for name in args.loaders if name == "python" or binary]
     for loader in loaders:
         row["memory"][loader] = {v: memory(binary, loader, info["path"], args.memory_batch)
                                  for v, info in variants.items()}
@@ -416,7 +419,7 @@ def measure_model(name: str, args, binary: str | None) -> dict:
     return row
 
 
-# ---- reporting -------------------------------------------------------------------------------------
+# ---- reporting -----------------------------------------------------------------------------------
 def _over(mib: float, reference: float, weight: float) -> str:
     return f"{(mib - reference) * 2**20 / (weight * 1e6):+.1f}"
 
@@ -553,7 +556,7 @@ def plot(rows: dict, path: str) -> None:
                     label="original (latency: its A/A control)" if variant == "original"
                     else variant)
         for ax, batch in zip(axes[1:], batches):
-            def ratio(r):       # CPU time where measured: steadier than wall time
+            def ratio(r, variant=variant, batch=batch):  # CPU time where measured: steadier
                 pairs = r["latency"].get("serving") or next(iter(r["latency"].values()))
                 if variant not in pairs and variant != "original":
                     return float("nan")
@@ -609,7 +612,7 @@ def main(argv=None) -> int:
             document = json.load(f)
     else:
         args.variants = [v for v in args.variants.split(",") if v]
-        args.loaders = [l for l in args.loaders.split(",") if l]
+        args.loaders = [name for name in args.loaders.split(",") if name]
         args.batches = [int(b) for b in args.batches.split(",") if b]
         args.configs = [c for c in args.configs.split(",") if c]
         unknown = sorted(set(args.variants) - set(VARIANTS) | set(args.loaders) - set(LOADERS)

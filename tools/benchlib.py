@@ -93,7 +93,7 @@ def batch_norms(graph_def) -> list[tuple[str, str, str]]:
         for t in node.input:
             if not t.startswith("^"):
                 readers.setdefault(canonical(t), []).append(node.name)
-    for scope, members in scopes.items():
+    for members in scopes.values():
         names = {n.name for n in members}
         xs = {canonical(t) for n in members for t in n.input
               if not t.startswith("^") and split_tensor(t)[0] not in names

@@ -76,8 +76,8 @@ MUTANTS = (
     Mutant("noise-floor-accepts-anything",
            "a failed check is accepted whatever the noise floor says",
            (("graphfold/noise.py",
-             "        o.max_rel <= NOISE_MULTIPLE * floors[o.name] for o in over)",
-             "        True for o in over)  # mutant"),),
+             "o.max_rel <= NOISE_MULTIPLE * floors[o.name]",
+             "True"),),
            ("tests/test_trust.py", "-k", "noise"), cheap=True),
     Mutant("require-verification-ignored",
            "--require-verification (require_verification=) is ignored by optimize",
@@ -125,7 +125,8 @@ MUTANTS = (
     Mutant("census-misses-function-bodies",
            "the census drops the batch norms inside functions (tf.cond / while bodies, calls)",
            (("graphfold/census.py",
-             "    for function in graph_def.library.function:\n        name = function.signature.name",
+             "    for function in graph_def.library.function:\n"
+             "        name = function.signature.name",
              "    for function in []:  # mutant\n        name = function.signature.name"),),
            ("tests/test_control_flow.py", "-k", "cond_with_batch_norm"), cheap=True),
     Mutant("crash-copied-through",
@@ -166,6 +167,18 @@ MUTANTS = (
            (("graphfold/tolerance.py", "tf.float16: 2e-2, tf.bfloat16: 6e-2}",
              "tf.float16: 1e-5, tf.bfloat16: 1e-5}  # mutant"),),
            ("tests/test_verification_realism.py", "-k", "mixed_float16_passes")),
+    Mutant("outside-ops-run-without-consent",
+           "a signature holding a file write (or py_function, print) is run to verify it",
+           (("graphfold/scan.py", "    return [f for f in findings if f.op not in allowed]\n",
+             "    return []  # mutant\n"),),
+           ("tests/test_scan.py", "-k", "runs_nothing_without_consent"), cheap=True),
+    Mutant("negative-scale-through-relu",
+           "a scale <= 0 is carried through ReLU (relu(-x) is not -relu(x)): a partial fold "
+           "that is wrong",
+           (("graphfold/rules.py", "    if not demand.positive:\n        return Blocked(node.name, "
+             "f\"{what} needs every scale > 0",
+             "    if False:\n        return Blocked(node.name, f\"{what} needs every scale > 0"),),
+           ("tests/test_partial.py", "-k", "negative_scale"), cheap=True),
 )
 
 
