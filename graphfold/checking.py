@@ -16,12 +16,19 @@ import numpy as np
 
 from graphfold import input_shapes as input_shapes_
 from graphfold import inputs as inputs_
-from graphfold.errors import BadInput, VerificationFailed
 from graphfold import noise, warmup
+from graphfold.errors import BadInput, VerificationFailed
 from graphfold.options import spelled, with_value
 from graphfold.progress import SignatureChecked
-from graphfold.verify import (Recorded, Verification, input_labels, input_specs, record,
-                             replay, verify)
+from graphfold.verify import (
+    Recorded,
+    Verification,
+    input_labels,
+    input_specs,
+    record,
+    replay,
+    verify,
+)
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
 
@@ -46,7 +53,8 @@ def given_feeds(loaded, keys: list[str], given: dict | None) -> dict[str, list[d
     addressed = [k for k in keys if set(given) <= set(specs[k])] if len(keys) > 1 else keys
     if not addressed:
         listing = "; ".join(f"{k}: {', '.join(sorted(specs[k]))}" for k in keys)
-        raise _bad(f"{spelled('inputs')}: no signature has input(s) {', '.join(map(repr, sorted(given)))}"
+        wanted = ", ".join(map(repr, sorted(given)))
+        raise _bad(f"{spelled('inputs')}: no signature has input(s) {wanted}"
                    f" (inputs of each: {listing})")
     return {key: [inputs_.check(key, specs[key], given)] for key in addressed}
 
@@ -150,9 +158,10 @@ def single_examples(feed: dict[str, np.ndarray], specs: dict) -> list[dict[str, 
     (batch) dimension of the same size; else ``[feed]``."""
     sizes = {value.shape[0] if value.ndim else None for value in feed.values()}
     batched = all(spec.shape.rank and spec.shape[0] is None for spec in specs.values())
-    if not batched or len(sizes) != 1 or None in sizes:
+    size = sizes.pop() if len(sizes) == 1 else None
+    if not batched or size is None:
         return [feed]
-    return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(sizes.pop())]
+    return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(size)]
 
 
 def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, dict],
@@ -166,7 +175,8 @@ def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, d
     if existing:
         for request in warmup.read(path)[0]:
             per_signature[request.signature] = per_signature.get(request.signature, 0) + 1
-    added, notes = [], []
+    added: list[bytes] = []
+    notes: list[str] = []
     for key in specs:
         check = checks.get(key)
         if check is None or check.status != "ok" or not check.fed:
@@ -181,7 +191,8 @@ def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, d
         return None, notes
     total = len(existing) + len(added)
     if total > warmup.MAX_RECORDS:
-        raise _bad(f"{with_value('warmup', count)}: {total} records in all ({len(existing)} from SRC, "
+        raise _bad(f"{with_value('warmup', count)}: {total} records in all ({len(existing)} "
+                   f"from SRC, "
                    f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")

@@ -14,10 +14,11 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
-from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
 from graphfold.jsonout import dumps
+from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
 from graphfold.render import format_table, render_reports, render_scan, render_verification
 from graphfold.version import __version__
 
@@ -282,8 +283,13 @@ def _output(parser):
 
 def cmd_optimize(args, console: Console) -> int:
     from graphfold.graph_def_file import is_graph_def_file, optimize_graph_def_file
-    from graphfold.saved_model import (BadInput, VerificationFailed, is_inside,
-                                       optimize_saved_model, weights_tradeoff)
+    from graphfold.saved_model import (
+        BadInput,
+        VerificationFailed,
+        is_inside,
+        optimize_saved_model,
+        weights_tradeoff,
+    )
     if args.report:
         report_path = os.path.realpath(args.report)
         if os.path.isdir(report_path):
@@ -323,7 +329,7 @@ def cmd_optimize(args, console: Console) -> int:
         return EXIT_VERIFY
     bns, folded, before, after = result.totals()
     signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
-    if getattr(result, "weights", None):     # a SavedModel: the trade-off of its weights' mode
+    if result.weights:     # a SavedModel: the trade-off of its weights' mode
         console.print(weights_tradeoff(result.weights,
                                        chosen=given.get("weights", "auto") == "auto"))
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
@@ -360,9 +366,9 @@ def signature_counts(result) -> str:
 
 def verification_status(result, compared: list[str] | None = None) -> str:
     """"verified", "verified (within noise: ...)", "not verified (--no-verify)",
-    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line: about the rewritten signatures only (a
-    signature copied through was not optimized, whatever its check says), or the ``compared``
-    ones (``graphfold verify``)."""
+    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line: about the
+    rewritten signatures only (a signature copied through was not optimized, whatever its check
+    says), or the ``compared`` ones (``graphfold verify``)."""
     rewritten = result.rewritten if compared is None else compared
     if not rewritten:
         return "nothing rewritten, nothing to verify"
@@ -388,8 +394,8 @@ def verification_status(result, compared: list[str] | None = None) -> str:
 
 
 def cmd_verify(args, console: Console) -> int:
-    from graphfold.saved_model import VerificationFailed, verify_saved_models
     from graphfold.inputs import parse_inputs
+    from graphfold.saved_model import VerificationFailed, verify_saved_models
     feeds = parse_inputs(args.inputs, args.input_exprs)
     options = Options(**option_args(args))
     try:
@@ -426,8 +432,8 @@ def cmd_verify(args, console: Console) -> int:
 
 def cmd_inspect(args, console: Console) -> int:
     from graphfold.graph_def_file import inspect_graph_def_file, is_graph_def_file
-    from graphfold.saved_model import inspect_saved_model
     from graphfold.options import INSPECT_GRAPH_DEF_FILE, INSPECT_SAVED_MODEL
+    from graphfold.saved_model import inspect_saved_model
     given = option_args(args)
     graph_def_file = is_graph_def_file(args.src)
     (INSPECT_GRAPH_DEF_FILE if graph_def_file else INSPECT_SAVED_MODEL).refuse_unsupported(given)
@@ -647,13 +653,18 @@ def _progress(console: Console, every: float = 10.0):
     terminal, else one plain line per finished version and, while versions run, a line every
     ``every`` seconds (none with --quiet). Drawn from the calling thread (``on_tick``), never
     from a thread of its own: the workers are then forked, not spawned (``graphfold.pool``)."""
-    state = {"done": 0, "total": 0, "bar": None, "last": time.perf_counter()}
+    state: dict[str, Any] = {"done": 0, "total": 0, "bar": None, "last": time.perf_counter()}
     bar = None
     if not console.quiet and console.err.isatty():
         try:
             from rich.console import Console as RichConsole
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
             bar = Progress(TextColumn("optimizing"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), TextColumn("{task.description}"),
                            console=RichConsole(file=console.err), transient=False,

@@ -14,6 +14,7 @@ import inspect
 import os
 import re
 import time
+from collections.abc import Sequence
 
 import tensorflow as tf
 from google.protobuf import message as pb_message
@@ -22,17 +23,16 @@ from tensorflow.core.framework import graph_pb2
 
 from graphfold import scan as scan_
 from graphfold.checking import fix_hint
+from graphfold.errors import BadInput, VerificationFailed
 from graphfold.graph import split_tensor
 from graphfold.input_shapes import check as check_shapes
-from graphfold.tolerance import words as tolerance_words
 from graphfold.inputs import check as check_feeds
-from graphfold.rewrite import optimize_graph_def
-from graphfold.options import (GRAPH_DEF_FILE, INSPECT_GRAPH_DEF_FILE, BadOption, Options,
-                               spelled)
-from graphfold.errors import BadInput, VerificationFailed
+from graphfold.options import GRAPH_DEF_FILE, INSPECT_GRAPH_DEF_FILE, BadOption, Options, spelled
 from graphfold.progress import Note, SignatureChecked, StageStarted, silent
 from graphfold.result import SavedModelResult
+from graphfold.rewrite import optimize_graph_def
 from graphfold.shapes import PLACEHOLDERS
+from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import verify as verify_functions
 
 KEY = "graph"                     # the one "signature" of a GraphDef file, in the report
@@ -68,8 +68,8 @@ def read_graph_def(path: str) -> graph_pb2.GraphDef:
     return graph_def
 
 
-def io_names(graph_def, inputs: list[str] | None,
-             outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+def io_names(graph_def, inputs: Sequence[str] | None,
+             outputs: Sequence[str] | None) -> tuple[list[str], list[str], list[str]]:
     """``(inputs, outputs, notes)``: the names given, checked, or inferred (placeholders; nodes
     whose outputs nobody reads), with a note saying what was inferred."""
     nodes = {n.name: n for n in graph_def.node}
@@ -127,7 +127,7 @@ def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
     def call(*args):
         return dict(zip(outputs, pruned(*args)))
 
-    call.__signature__ = inspect.Signature(
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD) for key in specs])
     return tf.function(call, input_signature=list(specs.values()),
                        autograph=False).get_concrete_function()
@@ -169,6 +169,7 @@ class Rewritten:
     inputs: list[str]
     outputs: list[str]
     result: SavedModelResult        # the report under ``KEY``, the notes, the scan, the seconds
+    scan: scan_.Scan
 
 
 def _rewrite(src: str, dst: str | None, options: Options, progress) -> Rewritten:
@@ -188,11 +189,12 @@ def _rewrite(src: str, dst: str | None, options: Options, progress) -> Rewritten
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     seconds["rewrite"] = time.perf_counter() - clock
+    scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
     result = SavedModelResult(src, dst, (), reports={KEY: report}, same_as={KEY: KEY},
                               notes=list(notes), seconds=seconds, all_signatures=[KEY],
-                              scan=scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)}))
+                              scan=scan)
     progress(Note(f"  {report.summary()}"))
-    return Rewritten(graph_def, optimized, inputs, outputs, result)
+    return Rewritten(graph_def, optimized, inputs, outputs, result, scan)
 
 
 def inspect_graph_def_file(src, *, options: Options | None = None, progress=None,
@@ -239,7 +241,7 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
 def _checked(rewritten: Rewritten, options: Options, inputs, progress) -> None:
     """The verify stage of a GraphDef file (its check in the result), and its policy:
     ``VerificationFailed``."""
-    held = scan_.gate([rewritten.result.scan], [KEY], options.allow_ops, options.tolerance)[1]
+    held = scan_.gate([rewritten.scan], [KEY], options.allow_ops, options.tolerance)[1]
     check = held.get(KEY) or _verify(rewritten.original, rewritten.optimized, rewritten.inputs,
                                      rewritten.outputs, options, inputs, progress)
     if held:

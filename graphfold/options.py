@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from graphfold.errors import BadInput
 from graphfold.outside import OUTSIDE
@@ -226,7 +226,7 @@ def _shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
 def _allow_ops(value) -> tuple[str, ...]:
     """Sorted op names, each one ``graphfold.outside.OUTSIDE`` lists (a typo must not look like
     consent; an unregistered op cannot run at all)."""
-    names = tuple(sorted(_names("allow_ops", value))) if value else ()
+    names = tuple(sorted(_names("allow_ops", value) or ())) if value else ()
     unknown = [name for name in names if name not in OUTSIDE]
     if unknown:
         raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "

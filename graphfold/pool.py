@@ -13,13 +13,15 @@ run twice. ``tasks_per_worker=1`` gives every item a fresh process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import connection
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 
 class WorkerDied(Exception):
@@ -92,7 +94,7 @@ class _Workers:
         self.running: list[_Worker] = []
 
     def start(self) -> _Worker:
-        context = multiprocessing.get_context(start_method())
+        context: Any = multiprocessing.get_context(start_method())
         parent, child = context.Pipe()
         process = context.Process(target=_serve, args=(child, self.function, self.initializer),
                                   daemon=True, name="graphfold-worker")
@@ -115,10 +117,8 @@ class _Workers:
 
     def retire(self, worker: _Worker) -> None:
         self.running.remove(worker)
-        try:
+        with contextlib.suppress(OSError):
             worker.conn.send(None)
-        except OSError:
-            pass
         worker.process.join(timeout=30)
         if worker.process.is_alive():
             worker.process.kill()

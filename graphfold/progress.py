@@ -21,7 +21,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from graphfold.verify import Verification
 
 # What each stage does, as the progress line and the heartbeat say it.
 VERBS = {"read": "reading", "load": "loading", "fold": "freezing and folding",
@@ -99,7 +103,7 @@ class NotOptimized(Event):
 @dataclasses.dataclass(frozen=True)
 class SignatureChecked(Event):
     """One signature compared (or held back, not run): a ``verify.Verification``."""
-    verification: object
+    verification: Verification
 
     @property
     def text(self) -> str:
@@ -135,7 +139,8 @@ class Heartbeat:
     def __init__(self, stream: TextIO, prefix: Callable[[], str], every: float = 10.0):
         self.stream, self.prefix, self.every = stream, prefix, every
         self.terminal = bool(getattr(stream, "isatty", lambda: False)())
-        self._console = self._status = None
+        self._console: Any = None
+        self._status: Any = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 

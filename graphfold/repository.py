@@ -15,14 +15,25 @@ import functools
 import os
 import re
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from graphfold.errors import BadInput
 from graphfold.options import Options, spelled, with_value
 from graphfold.repo_task import (  # noqa: F401 - the task's names, re-exported
-    RECORD, SUMMARY_FIELDS, Task, already_done, failed_record, normalized_options,
-    quiet_worker, read_record, run_task, source_fingerprint, summarise, write_json,
-    write_record)
+    RECORD,
+    SUMMARY_FIELDS,
+    Task,
+    already_done,
+    failed_record,
+    normalized_options,
+    quiet_worker,
+    read_record,
+    run_task,
+    source_fingerprint,
+    summarise,
+    write_json,
+    write_record,
+)
 from graphfold.saved_model import is_inside
 
 REPORT = "graphfold_repository.json"                             # in DST_BASE

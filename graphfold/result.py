@@ -9,9 +9,14 @@ mapping signature key -> ``FoldReport`` (``result["serving_default"]``, ``sorted
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from graphfold.report import FoldReport
+
+if TYPE_CHECKING:
+    from graphfold.scan import Scan
+    from graphfold.verify import Verification
 
 
 @dataclasses.dataclass
@@ -32,12 +37,12 @@ class SavedModelResult:
     reports: dict[str, FoldReport] = dataclasses.field(default_factory=dict)
     same_as: dict[str, str] = dataclasses.field(default_factory=dict)
     unchanged: dict[str, str] = dataclasses.field(default_factory=dict)
-    verification: dict = dataclasses.field(default_factory=dict)
+    verification: dict[str, Verification] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     all_signatures: list[str] = dataclasses.field(default_factory=list)
     weights: str | None = None
-    scan: object = None
+    scan: Scan | None = None
     written: bool = False
 
     # ---- a read-only mapping key -> FoldReport ---------------------------------------------

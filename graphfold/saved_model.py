@@ -22,29 +22,49 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Iterable
-
-from google.protobuf import message as pb_message
-from google.protobuf import text_format
+from collections.abc import Iterable
+from typing import Any
 
 import tensorflow as tf
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
 
-from graphfold import census
-from graphfold import checking, scan as scan_, warmup as warmup_
+from graphfold import census, checking, saved_weights
+from graphfold import scan as scan_
+from graphfold import warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
-from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
-                              VerificationFailed)
-from graphfold.report import Entry, FoldReport
-from graphfold import saved_weights
+from graphfold.errors import (
+    BadInput,
+    GraphfoldError,
+    NotFreezable,
+    RewriteFailed,
+    VerificationFailed,
+)
 from graphfold.function import FoldedFunction, op_name
-from graphfold.rewrite import fold, reimport, rewrite
-from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
-from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
-                               Options, spelled)
-from graphfold.progress import (Note, NotOptimized, Progress, SameFunction, SignatureChecked,
-                                SignatureFolded, StageStarted, silent)
+from graphfold.options import (
+    COMPARISON,
+    INSPECT_SAVED_MODEL,
+    SAVED_MODEL,
+    BadOption,
+    Options,
+    spelled,
+)
+from graphfold.progress import (
+    Note,
+    NotOptimized,
+    Progress,
+    SameFunction,
+    SignatureChecked,
+    SignatureFolded,
+    StageStarted,
+    silent,
+)
+from graphfold.report import Entry, FoldReport
 from graphfold.result import SavedModelResult
+from graphfold.rewrite import fold, reimport, rewrite
+from graphfold.staging import prefix as staging_prefix
+from graphfold.staging import remove_stale, signals_deferred
 from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import Verification, input_specs
 
@@ -238,7 +258,8 @@ def same_functions(loaded, keys: list[str]) -> dict[str, str]:
     """key -> the first key (in ``keys`` order) whose signature is the same function: the same
     graph (the calls it makes included), the same captured variables, the same inputs and
     outputs. Read from the loaded functions, before anything is frozen."""
-    first, seen = {}, {}
+    first: dict[str, str] = {}
+    seen: dict[str, str] = {}
     for key in keys:
         first[key] = seen.setdefault(_function_fingerprint(loaded.signatures[key]), key)
     return first
@@ -494,7 +515,7 @@ class Source:
     the scan of their ops, and notes (the tag-set policy, stale staging directories)."""
     src: str
     tags: tuple[str, ...]
-    meta: object
+    meta: Any
     keys: list[str]
     all_signatures: list[str]
     scan: scan_.Scan
@@ -633,7 +654,7 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
                   inputs, progress)
         return result
     except KeyboardInterrupt as exc:   # (SIGTERM too, from the CLI): say whether DST was written
-        exc.written = result.written
+        exc.written = result.written  # type: ignore[attr-defined]
         raise
     finally:
         if not result.written:
@@ -677,7 +698,7 @@ def _optimize(source: Source, original: Original, staging: str, target: str,
     del found       # the folded weights: let them go before the written model is loaded
     gc.collect()
     result.seconds["write"] = time.perf_counter() - clock
-    if options.verify:
+    if feeds is not None:
         clock = time.perf_counter()
         checks, specs = verify_stage(source, original, staging, feeds, result, options,
                                      progress)
@@ -713,7 +734,7 @@ def choose_feeds(source: Source, loaded, inputs,
         notes
 
 
-def write_stage(source: Source, loaded, found: Folded, staging: str, dst: str,
+def write_stage(source: Source, loaded, found: Folded, staging: str, dst: str | None,
                 progress: Progress) -> list[str]:
     """The write stage: the folded functions (and the signatures not requested, as they are)
     saved into ``staging``, the folded weights filled in, the tag set and method names
@@ -748,7 +769,7 @@ def verify_stage(source: Source, original: Original, staging: str, feeds: Feeds,
     same inputs. A noise floor, when one is needed, reloads the original."""
     keys, first, tolerance = source.keys, result.same_as, options.tolerance
     distinct = [k for k in keys if first[k] == k or feeds.given.get(k) or feeds.recorded.get(k)]
-    distinct, checks = scan_.gate([result.scan], distinct, options.allow_ops, tolerance)
+    distinct, checks = scan_.gate([source.scan], distinct, options.allow_ops, tolerance)
     for check in checks.values():
         progress(SignatureChecked(check))
     progress(StageStarted("verify", f"{len(distinct)} distinct signature(s) "
@@ -774,7 +795,7 @@ def verify_stage(source: Source, original: Original, staging: str, feeds: Feeds,
 def _reloader(source: Source):
     """key -> the original's signature function, loaded again on first use (the noise floor
     of a failed check: ``noise.judge``)."""
-    held = []
+    held: list = []
 
     def original_of(key: str):
         if not held:
@@ -815,7 +836,7 @@ def commit(staging: str, target: str, result: SavedModelResult, progress: Progre
     """The commit stage: ``staging`` renamed to ``target``, Ctrl-C and SIGTERM waiting meanwhile
     (DST is never left half-replaced). ``result.written`` is set inside, before a deferred
     signal is raised, so that an interruption still says DST was written."""
-    progress(StageStarted("rename", result.dst))
+    progress(StageStarted("rename", result.dst or ""))
     with signals_deferred():
         try:
             move_into_place(staging, target)

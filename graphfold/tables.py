@@ -4,8 +4,10 @@ use it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def format_table(rows: list[tuple[str, ...]]) -> str:
+
+def format_table(rows: Sequence[tuple[str, ...]]) -> str:
     """Rows of cells as aligned text columns, the first row a header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []

@@ -313,7 +313,7 @@ def _plan_shapes(specs: dict[str, tf.TensorSpec], batch: int, size: int | None, 
                  given: dict[str, tuple]) -> dict[str, tuple]:
     """label -> (shape, note): the given shape, else the usual size (``size`` None) or ``size``
     for every unknown non-batch dimension."""
-    plan = {}
+    plan: dict[str, tuple[tuple, str | None]] = {}
     for label, spec in specs.items():
         if label in given:
             plan[label] = (tuple(given[label]), None)
@@ -390,7 +390,7 @@ def _named(outputs) -> dict[str, tf.Tensor]:
     structure under a key), else ``output_<i>`` in flat order; None and Python values are left
     out."""
     if isinstance(outputs, dict):
-        pairs = []
+        pairs: list[tuple[str, object]] = []
         for key in sorted(outputs):
             leaves = tf.nest.flatten(outputs[key])
             pairs += [(key, outputs[key])] if isinstance(outputs[key], tf.Tensor) else \

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import bn_params, fused_bn, weight
 
 import graphfold
 from graphfold import progress as progress_
@@ -19,6 +18,8 @@ from graphfold.errors import BadInput
 from graphfold.render import render_reports
 from graphfold.result import SavedModelResult
 from graphfold.saved_model import inspect_saved_model
+
+from helpers import bn_params, fused_bn, weight
 
 RNG = np.random.default_rng(1818)
 
