@@ -25,8 +25,7 @@ except ImportError as exc:                       # pragma: no cover - depends on
     raise ImportError("graphfold.beam needs Apache Beam: pip install 'graphfold[beam]'") \
         from exc
 
-from graphfold.repo_task import (Task, failed_record, normalized_options, quiet_worker,
-                                 run_task)
+from graphfold.repo_task import Task, failed_record, normalized_options, quiet_worker, run_task
 
 
 class OptimizeSavedModels(beam.PTransform):
@@ -114,7 +113,7 @@ def run_pipeline(tasks: list[Task], pipeline_args: list[str], *,
                  | "AsJson" >> beam.Map(lambda record: json.dumps(record, default=str))
                  | "Records" >> beam.io.WriteToText(os.path.join(scratch, "records"),
                                                     file_name_suffix=".jsonl"))
-        records = []
+        records: list[dict] = []
         for path in sorted(glob.glob(os.path.join(scratch, "records*.jsonl"))):
             with open(path, encoding="utf-8") as f:
                 records.extend(json.loads(line) for line in f if line.strip())

@@ -16,10 +16,19 @@ import numpy as np
 
 from graphfold import input_shapes as input_shapes_
 from graphfold import inputs as inputs_
-from graphfold.errors import BadInput, VerificationFailed
 from graphfold import noise, warmup
+from graphfold.errors import BadInput, VerificationFailed
 from graphfold.options import spelled, with_value
-from graphfold.verify import Verification, input_labels, input_specs, verify
+from graphfold.progress import SignatureChecked
+from graphfold.verify import (
+    Recorded,
+    Verification,
+    input_labels,
+    input_specs,
+    record,
+    replay,
+    verify,
+)
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
 
@@ -44,23 +53,24 @@ def given_feeds(loaded, keys: list[str], given: dict | None) -> dict[str, list[d
     addressed = [k for k in keys if set(given) <= set(specs[k])] if len(keys) > 1 else keys
     if not addressed:
         listing = "; ".join(f"{k}: {', '.join(sorted(specs[k]))}" for k in keys)
-        raise _bad(f"{spelled('inputs')}: no signature has input(s) {', '.join(map(repr, sorted(given)))}"
+        wanted = ", ".join(map(repr, sorted(given)))
+        raise _bad(f"{spelled('inputs')}: no signature has input(s) {wanted}"
                    f" (inputs of each: {listing})")
     return {key: [inputs_.check(key, specs[key], given)] for key in addressed}
 
 
-def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
-    """signature -> [checked inputs] of SRC's warm-up records (at most ``WARMUP_VERIFIED`` each).
-    A record that calls a missing signature or feeds it the wrong inputs is ``BadInput``: TF
-    Serving would refuse to load SRC too."""
+def warmup_feeds(src: str, loaded) -> tuple[dict[str, list[dict]], list[str]]:
+    """``(signature -> [checked inputs] of SRC's warm-up records (at most ``WARMUP_VERIFIED``
+    each), notes)``. A record that calls a missing signature or feeds it the wrong inputs is
+    ``BadInput``: TF Serving would refuse to load SRC too."""
     path = os.path.join(src, warmup.PATH)
     if not os.path.isfile(path):
-        return {}
+        return {}, []
     if not warmup.available():
-        notes.append(f"{warmup.PATH} not replayed in verification: it needs "
-                     f"tensorflow-serving-api (pip install 'graphfold[serving]')")
-        return {}
+        return {}, [f"{warmup.PATH} not replayed in verification: it needs "
+                    f"tensorflow-serving-api (pip install 'graphfold[serving]')"]
     requests, others = warmup.read(path)
+    notes = []
     if others:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
         notes.append(f"{warmup.PATH}: {kinds} record(s) kept but not replayed (only "
@@ -75,7 +85,7 @@ def warmup_feeds(src: str, loaded, notes: list[str]) -> dict[str, list[dict]]:
         checked = inputs_.check(request.signature, specs, request.inputs, origin=where)
         if len(feeds.setdefault(request.signature, [])) < WARMUP_VERIFIED:
             feeds[request.signature].append(checked)
-    return feeds
+    return feeds, notes
 
 
 def shapes_for(loaded, keys: list[str], input_shapes: dict | None) -> dict[str, dict]:
@@ -90,29 +100,52 @@ def run_checks(reference, candidate, keys: list[str], given: dict[str, list[dict
     """key -> Verification of ``candidate.signatures[key]`` against ``reference``'s, on the
     preferred inputs of each signature, with the noise floor measured on a failure. A signature
     verified on random inputs takes the ``shapes`` given for it, else those of the given inputs
-    or warm-up records of the same name (``input_shapes.py``)."""
-    checks = {}
+    or warm-up records of the same name (``input_shapes.py``). The same as ``record_checks``
+    then ``replay_checks``."""
+    records = record_checks(reference, keys, given, recorded, tolerance=tolerance, batch=batch,
+                            shapes=shapes)
+    return replay_checks(records, candidate, lambda key: reference.signatures[key], progress)
+
+
+def record_checks(reference, keys: list[str], given: dict[str, list[dict]],
+                  recorded: dict[str, list[dict]], *, tolerance: float | None, batch: int,
+                  shapes: dict[str, dict] | None = None) -> dict[str, Recorded]:
+    """key -> the original's side of its check (``verify.record``): its outputs on the inputs
+    ``run_checks`` would choose, so that the original can be let go before the candidate is
+    loaded (``replay_checks``)."""
+    records = {}
     seen = input_shapes_.from_feeds({**recorded, **given})
     for key in keys:
         original = reference.signatures[key]
         if key in given:
-            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           feeds=given[key], source=spelled("inputs"))
+            records[key] = record(key, original, tolerance=tolerance, feeds=given[key],
+                                  source=spelled("inputs"))
         elif key in recorded:
-            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           feeds=recorded[key],
-                           source=f"warm-up records ({len(recorded[key])})")
+            records[key] = record(key, original, tolerance=tolerance, feeds=recorded[key],
+                                  source=f"warm-up records ({len(recorded[key])})")
         else:
             hints = input_shapes_.compatible(seen, input_specs(original))
-            check = verify(key, original, candidate.signatures[key], tolerance=tolerance,
-                           batch=batch, shapes={**hints, **(shapes or {}).get(key, {})})
+            records[key] = record(key, original, tolerance=tolerance, batch=batch,
+                                  shapes={**hints, **(shapes or {}).get(key, {})})
+    return records
+
+
+def replay_checks(records: dict[str, Recorded], candidate, original_of,
+                  progress) -> dict[str, Verification]:
+    """key -> the check of ``candidate.signatures[key]`` against the recorded outputs;
+    ``original_of(key)``: the original's function, asked for only to measure a noise floor
+    (``noise.judge``: a check failed on relative error alone)."""
+    checks = {}
+    for key, recorded_check in records.items():
+        check = replay(recorded_check, candidate.signatures[key])
         if check.reference_failed:      # real inputs the original itself cannot run
             raise _bad(f"signature '{key}': {check.reason}")
         if check.status == "skipped":
             check.reason = f"{check.reason}; {fix_hint()}"
-        noise.judge(check, original)
+        if check.status == "failed" and check.mismatch and check.fed:   # noise.judge's case
+            noise.judge(check, original_of(key))
         checks[key] = check
-        progress(f"  {check.line()}")
+        progress(SignatureChecked(check))
     return checks
 
 
@@ -125,42 +158,45 @@ def single_examples(feed: dict[str, np.ndarray], specs: dict) -> list[dict[str, 
     (batch) dimension of the same size; else ``[feed]``."""
     sizes = {value.shape[0] if value.ndim else None for value in feed.values()}
     batched = all(spec.shape.rank and spec.shape[0] is None for spec in specs.values())
-    if not batched or len(sizes) != 1 or None in sizes:
+    size = sizes.pop() if len(sizes) == 1 else None
+    if not batched or size is None:
         return [feed]
-    return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(sizes.pop())]
+    return [{k: v[i:i + 1] for k, v in feed.items()} for i in range(size)]
 
 
-def warmup_records(src: str, checks: dict[str, Verification], keys: list[str], count: int,
-                   notes: list[str], loaded) -> list[bytes] | None:
-    """SRC's warm-up records, then what is missing for ``count`` requests to each signature of
-    ``keys``: one example each, taken in turn from its verification inputs. None: nothing to
-    add."""
+def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, dict],
+                   count: int) -> tuple[list[bytes] | None, list[str]]:
+    """``(records, notes)``: SRC's warm-up records, then what is missing for ``count`` requests
+    to each signature of ``specs`` (key -> its input specs): one example each, taken in turn
+    from its verification inputs. None: nothing to add."""
     path = os.path.join(src, warmup.PATH)
     existing = warmup.read_raw(path) if os.path.isfile(path) else []
     per_signature: dict[str, int] = {}
     if existing:
         for request in warmup.read(path)[0]:
             per_signature[request.signature] = per_signature.get(request.signature, 0) + 1
-    added = []
-    for key in keys:
+    added: list[bytes] = []
+    notes: list[str] = []
+    for key in specs:
         check = checks.get(key)
         if check is None or check.status != "ok" or not check.fed:
             notes.append(f"no warm-up records written for '{key}': it was not verified, so "
                          f"there are no inputs known to run ({fix_hint()})")
             continue
         missing = count - per_signature.get(key, 0)
-        specs = input_specs(loaded.signatures[key])
-        feeds = [one for feed in check.fed for one in single_examples(as_arrays(feed), specs)]
+        feeds = [one for feed in check.fed
+                 for one in single_examples(as_arrays(feed), specs[key])]
         added.extend(warmup.build(key, feeds[i % len(feeds)]) for i in range(max(missing, 0)))
     if not added:
-        return None
+        return None, notes
     total = len(existing) + len(added)
     if total > warmup.MAX_RECORDS:
-        raise _bad(f"{with_value('warmup', count)}: {total} records in all ({len(existing)} from SRC, "
+        raise _bad(f"{with_value('warmup', count)}: {total} records in all ({len(existing)} "
+                   f"from SRC, "
                    f"{len(added)} new); TF Serving reads at most {warmup.MAX_RECORDS}")
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
-    return existing + added
+    return existing + added, notes
 
 
 # ---- rewrite's own check ------------------------------------------------------------------------

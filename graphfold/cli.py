@@ -14,11 +14,12 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 from graphfold.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY
+from graphfold.jsonout import dumps
 from graphfold.options import MAX_WARMUP, WEIGHTS, Options, spoken_as
-from graphfold.render import (dumps, format_table, render_reports, render_scan,
-                              render_verification, totals)
+from graphfold.render import format_table, render_reports, render_scan, render_verification
 from graphfold.version import __version__
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143     # 128 + SIGINT, 128 + SIGTERM
@@ -39,10 +40,14 @@ class Console:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def progress(self, line: str) -> None:
-        if not self.quiet:   # an indented line is a stage's result, any other starts a stage
-            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {line}",
-                                stage=None if line.startswith(" ") else line)
+    def progress(self, event) -> None:
+        """Shows a progress event (``graphfold.progress``; a plain string is a ``Note``): a
+        ``StageStarted`` starts the heartbeat of its stage, any other is a line."""
+        from graphfold.progress import StageStarted, as_event
+        event = as_event(event)
+        if not self.quiet:
+            self.heartbeat.show(f"[{self.elapsed():6.1f}s] {event.text}",
+                                stage=event if isinstance(event, StageStarted) else None)
 
     def line(self, line: str) -> None:
         """A progress line that starts no stage (no heartbeat thread)."""
@@ -88,7 +93,7 @@ FLAGS = {"signatures": "--signature", "tags": "--tag-set", "verify": "--no-verif
          "input_shapes": "--input-shape",
          "versions": "--versions", "runner": "--runner", "jobs": "--jobs",
          "model_config": "--model-config", "report": "--report", "out": "--out",
-         "allow_ops": "--allow-ops"}
+         "allow_ops": "--allow-ops", "partial": "--no-partial"}
 _GIVEN = argparse.SUPPRESS        # an option flag's default: absent from args unless given
 
 
@@ -106,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("src", metavar="SRC", help="SavedModel directory, or frozen GraphDef file")
     _selection(ins)
     _graph_def_names(ins)
+    _partial(ins)
     _consent(ins)
     ins.add_argument("--verbose", "-v", action="store_true",
                      help="show the traceback of a failure")
@@ -174,6 +180,12 @@ def _selection(parser):
                         help="comma-separated tag set of the MetaGraph (default serve)")
 
 
+def _partial(parser):
+    parser.add_argument("--no-partial", dest="partial", action="store_false", default=_GIVEN,
+                        help="where a batch norm cannot disappear, keep it whole (by default its "
+                             "scale folds and its shift stays as one add: a partial fold)")
+
+
 def _consent(parser):
     parser.add_argument("--allow-ops", "--allow_ops", metavar="A,B", default=_GIVEN,
                         help="ops reaching outside the graph (file, network, Python, print: "
@@ -205,6 +217,7 @@ def _writing(parser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false", default=_GIVEN,
                         help="do not compare the result with the original")
     _checking(parser)
+    _partial(parser)
     parser.add_argument("--weights", choices=WEIGHTS, default=_GIVEN,
                         help="where the folded weights go: variables in variables/ (no slower "
                              "and no more memory to serve than an original that reads "
@@ -270,8 +283,13 @@ def _output(parser):
 
 def cmd_optimize(args, console: Console) -> int:
     from graphfold.graph_def_file import is_graph_def_file, optimize_graph_def_file
-    from graphfold.saved_model import (BadInput, VerificationFailed, is_inside,
-                                       optimize_saved_model, weights_tradeoff)
+    from graphfold.saved_model import (
+        BadInput,
+        VerificationFailed,
+        is_inside,
+        optimize_saved_model,
+        weights_tradeoff,
+    )
     if args.report:
         report_path = os.path.realpath(args.report)
         if os.path.isdir(report_path):
@@ -309,9 +327,9 @@ def cmd_optimize(args, console: Console) -> int:
     if failure is not None:
         console.error(str(failure) + _where_to_look(result, args))
         return EXIT_VERIFY
-    bns, folded, before, after = totals(result)
+    bns, folded, before, after = result.totals()
     signatures = "" if is_graph_def_file(args.src) else f"{signature_counts(result)}; "
-    if getattr(result, "weights", None):     # a SavedModel: the trade-off of its weights' mode
+    if result.weights:     # a SavedModel: the trade-off of its weights' mode
         console.print(weights_tradeoff(result.weights,
                                        chosen=given.get("weights", "auto") == "auto"))
     console.print(f"wrote {args.dst}: {signatures}{folded} of {bns} batch norms folded; "
@@ -348,9 +366,9 @@ def signature_counts(result) -> str:
 
 def verification_status(result, compared: list[str] | None = None) -> str:
     """"verified", "verified (within noise: ...)", "not verified (--no-verify)",
-    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line: about the rewritten signatures only (a
-    signature copied through was not optimized, whatever its check says), or the ``compared``
-    ones (``graphfold verify``)."""
+    "NOT VERIFIED: key (reason)" or "INCONCLUSIVE: key (reason)" for the final line: about the
+    rewritten signatures only (a signature copied through was not optimized, whatever its check
+    says), or the ``compared`` ones (``graphfold verify``)."""
     rewritten = result.rewritten if compared is None else compared
     if not rewritten:
         return "nothing rewritten, nothing to verify"
@@ -376,8 +394,8 @@ def verification_status(result, compared: list[str] | None = None) -> str:
 
 
 def cmd_verify(args, console: Console) -> int:
-    from graphfold.saved_model import VerificationFailed, verify_saved_models
     from graphfold.inputs import parse_inputs
+    from graphfold.saved_model import VerificationFailed, verify_saved_models
     feeds = parse_inputs(args.inputs, args.input_exprs)
     options = Options(**option_args(args))
     try:
@@ -414,8 +432,8 @@ def cmd_verify(args, console: Console) -> int:
 
 def cmd_inspect(args, console: Console) -> int:
     from graphfold.graph_def_file import inspect_graph_def_file, is_graph_def_file
-    from graphfold.saved_model import inspect_saved_model
     from graphfold.options import INSPECT_GRAPH_DEF_FILE, INSPECT_SAVED_MODEL
+    from graphfold.saved_model import inspect_saved_model
     given = option_args(args)
     graph_def_file = is_graph_def_file(args.src)
     (INSPECT_GRAPH_DEF_FILE if graph_def_file else INSPECT_SAVED_MODEL).refuse_unsupported(given)
@@ -424,7 +442,7 @@ def cmd_inspect(args, console: Console) -> int:
     result.seconds["total"] = console.elapsed()
     render_reports(result, console)
     render_scan(result, console)
-    bns, folded, before, after = totals(result)
+    bns, folded, before, after = result.totals()
     console.print(f"{args.src}: {len(result)} signature(s); {folded} of {bns} batch norms "
                   f"foldable; ops {before} -> {after} (nothing written)")
     console.json({"command": "inspect", "status": "ok", "exit_code": EXIT_OK,
@@ -635,13 +653,18 @@ def _progress(console: Console, every: float = 10.0):
     terminal, else one plain line per finished version and, while versions run, a line every
     ``every`` seconds (none with --quiet). Drawn from the calling thread (``on_tick``), never
     from a thread of its own: the workers are then forked, not spawned (``graphfold.pool``)."""
-    state = {"done": 0, "total": 0, "bar": None, "last": time.perf_counter()}
+    state: dict[str, Any] = {"done": 0, "total": 0, "bar": None, "last": time.perf_counter()}
     bar = None
     if not console.quiet and console.err.isatty():
         try:
             from rich.console import Console as RichConsole
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
             bar = Progress(TextColumn("optimizing"), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), TextColumn("{task.description}"),
                            console=RichConsole(file=console.err), transient=False,

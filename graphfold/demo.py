@@ -143,15 +143,17 @@ def run_demo(out: str | None, console) -> int:
     """The ``graphfold demo`` command; returns the exit code."""
     import tensorflow as tf
 
+    from graphfold.progress import StageStarted
     from graphfold.rewrite import freeze_only
     from graphfold.saved_model import optimize_saved_model
 
     out = _prepare(out)
     original, optimized = os.path.join(out, "original"), os.path.join(out, "optimized")
-    console.progress("building the demo model (Keras 3: residual CNN with Conv2D, "
-                     "DepthwiseConv2D and Dense layers, 7 batch norms with random statistics)")
+    console.progress(StageStarted("build", "the demo model (Keras 3: residual CNN with Conv2D, "
+                                  "DepthwiseConv2D and Dense layers, 7 batch norms with random "
+                                  "statistics)"))
     model = build_model()
-    console.progress(f"saving it with model.export(): {original}")
+    console.progress(StageStarted("save", f"it with model.export(): {original}"))
     model.export(original, verbose=False)
 
     failure = None
@@ -173,8 +175,9 @@ def run_demo(out: str | None, console) -> int:
         console.json(document)
         return EXIT_VERIFY
 
-    console.progress(f"timing the original, the frozen original (nothing folded) and the "
-                     f"optimized model (serving_default, batch {BATCH}, {CALLS} rounds)")
+    console.progress(StageStarted("time", f"the original, the frozen original (nothing folded) "
+                                          f"and the optimized model (serving_default, batch "
+                                          f"{BATCH}, {CALLS} rounds)"))
     key = "serving_default"
     for path in (original, optimized):      # the demo's own model: clean, but gated all the same
         require_runnable(path, [key])

@@ -9,10 +9,12 @@ dtypes and shapes (an unknown batch dimension takes ``batch``), then written wit
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import re
 import time
+from collections.abc import Sequence
 
 import tensorflow as tf
 from google.protobuf import message as pb_message
@@ -21,15 +23,16 @@ from tensorflow.core.framework import graph_pb2
 
 from graphfold import scan as scan_
 from graphfold.checking import fix_hint
+from graphfold.errors import BadInput, VerificationFailed
 from graphfold.graph import split_tensor
 from graphfold.input_shapes import check as check_shapes
-from graphfold.tolerance import words as tolerance_words
 from graphfold.inputs import check as check_feeds
+from graphfold.options import GRAPH_DEF_FILE, INSPECT_GRAPH_DEF_FILE, BadOption, Options, spelled
+from graphfold.progress import Note, SignatureChecked, StageStarted, silent
+from graphfold.result import SavedModelResult
 from graphfold.rewrite import optimize_graph_def
-from graphfold.options import (GRAPH_DEF_FILE, INSPECT_GRAPH_DEF_FILE, BadOption, Options,
-                               spelled)
-from graphfold.saved_model import BadInput, SavedModelResult, VerificationFailed
 from graphfold.shapes import PLACEHOLDERS
+from graphfold.tolerance import words as tolerance_words
 from graphfold.verify import verify as verify_functions
 
 KEY = "graph"                     # the one "signature" of a GraphDef file, in the report
@@ -65,8 +68,8 @@ def read_graph_def(path: str) -> graph_pb2.GraphDef:
     return graph_def
 
 
-def io_names(graph_def, inputs: list[str] | None,
-             outputs: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+def io_names(graph_def, inputs: Sequence[str] | None,
+             outputs: Sequence[str] | None) -> tuple[list[str], list[str], list[str]]:
     """``(inputs, outputs, notes)``: the names given, checked, or inferred (placeholders; nodes
     whose outputs nobody reads), with a note saying what was inferred."""
     nodes = {n.name: n for n in graph_def.node}
@@ -124,7 +127,7 @@ def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
     def call(*args):
         return dict(zip(outputs, pruned(*args)))
 
-    call.__signature__ = inspect.Signature(
+    call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD) for key in specs])
     return tf.function(call, input_signature=list(specs.values()),
                        autograph=False).get_concrete_function()
@@ -158,39 +161,50 @@ def _check_destination(src: str, dst: str, overwrite: bool) -> None:
         raise BadInput(f"{dst}: its directory does not exist")
 
 
-def _rewrite(src, inputs, outputs, progress, result):
+@dataclasses.dataclass
+class Rewritten:
+    """What reading and folding a GraphDef file found."""
+    original: graph_pb2.GraphDef
+    optimized: graph_pb2.GraphDef
+    inputs: list[str]
+    outputs: list[str]
+    result: SavedModelResult        # the report under ``KEY``, the notes, the scan, the seconds
+    scan: scan_.Scan
+
+
+def _rewrite(src: str, dst: str | None, options: Options, progress) -> Rewritten:
+    """The load and fold stages of a GraphDef file."""
     clock = time.perf_counter()
-    progress(f"loading {src}")
+    progress(StageStarted("load", src))
     graph_def = read_graph_def(src)
-    inputs, outputs, notes = io_names(graph_def, inputs, outputs)
+    inputs, outputs, notes = io_names(graph_def, options.input_names, options.output_names)
     for note in notes:
-        progress(note)
-    result.notes.extend(notes)
-    result.seconds["load"] = time.perf_counter() - clock
+        progress(Note(note))
+    seconds = {"load": time.perf_counter() - clock}
     clock = time.perf_counter()
-    progress(f"folding {len(graph_def.node)} nodes")
+    progress(StageStarted("fold", f"{len(graph_def.node)} nodes", verb="folding"))
     try:
-        optimized, report = optimize_graph_def(graph_def, inputs, outputs)
+        optimized, report = optimize_graph_def(graph_def, inputs, outputs,
+                                               partial=options.partial)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
-    result.seconds["rewrite"] = time.perf_counter() - clock
-    result[KEY] = report
-    result.all_signatures = [KEY]
-    result.scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
-    progress(f"  {report.summary()}")
-    return graph_def, optimized, inputs, outputs
+    seconds["rewrite"] = time.perf_counter() - clock
+    scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
+    result = SavedModelResult(src, dst, (), reports={KEY: report}, same_as={KEY: KEY},
+                              notes=list(notes), seconds=seconds, all_signatures=[KEY],
+                              scan=scan)
+    progress(Note(f"  {report.summary()}"))
+    return Rewritten(graph_def, optimized, inputs, outputs, result, scan)
 
 
 def inspect_graph_def_file(src, *, options: Options | None = None, progress=None,
                            **option_kwargs) -> SavedModelResult:
     """The fold report of the GraphDef file ``src``; nothing is written. ``options`` (or the
-    same as keyword arguments): ``input_names``, ``output_names``."""
-    progress = progress or (lambda line: None)
+    same as keyword arguments): ``input_names``, ``output_names``, ``partial``. ``progress``:
+    called with each progress event (``graphfold.progress``)."""
     options = Options.of(options, **option_kwargs)
     INSPECT_GRAPH_DEF_FILE.refuse_unsupported(options.given())
-    result = SavedModelResult(os.fspath(src), None, ())
-    _rewrite(os.fspath(src), options.input_names, options.output_names, progress, result)
-    return result
+    return _rewrite(os.fspath(src), None, options, progress or silent).result
 
 
 def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=None,
@@ -201,13 +215,12 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
 
     ``options`` (or the same as keyword arguments): ``input_names``, ``output_names``,
     ``verify``, ``tolerance``, ``batch``, ``require_verification``, ``allow_ops``,
-    ``input_shapes``; any other is refused (``BadInput``). An output that differs by more than
-    the tolerance raises
-    ``VerificationFailed``, and so does a graph left NOT VERIFIED with
-    ``require_verification``: nothing is written then. A graph whose outputs depend on ops
-    reaching outside the graph that ``allow_ops`` does not allow is not run: NOT VERIFIED
-    (``graphfold.scan``)."""
-    progress = progress or (lambda line: None)
+    ``input_shapes``, ``partial``; any other is refused (``BadInput``). An output that differs
+    by more than the tolerance raises ``VerificationFailed``, and so does a graph left NOT
+    VERIFIED with ``require_verification``: nothing is written then. A graph whose outputs
+    depend on ops reaching outside the graph that ``allow_ops`` does not allow is not run: NOT
+    VERIFIED (``graphfold.scan``). ``progress``: called with each progress event."""
+    progress = progress or silent
     src, dst = os.fspath(src), os.fspath(dst)
     options = Options.of(options, **option_kwargs)
     GRAPH_DEF_FILE.refuse_unsupported(options.given())
@@ -215,26 +228,32 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
         raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
                         "verification)")
     _check_destination(src, dst, overwrite)
-    result = SavedModelResult(src, dst, ())
-    original, optimized, names, outputs = _rewrite(src, options.input_names,
-                                                   options.output_names, progress, result)
+    rewritten = _rewrite(src, dst, options, progress)
+    result = rewritten.result
     if options.verify:
-        held = scan_.gate([result.scan], [KEY], options.allow_ops, options.tolerance)[1]
-        check = held.get(KEY) or _verify(original, optimized, names, outputs, options, inputs,
-                                         progress)
-        if held:
-            progress(f"  {check.line()}")
-        result.verification[KEY] = check
-        if not check.ok:
-            raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
-                                     f"written", result)
-        if check.status in ("skipped", "inconclusive") and options.require_verification:
-            raise VerificationFailed(f"{spelled('require_verification')}: the graph is NOT "
-                                     f"VERIFIED ({check.reason}); nothing was written", result)
-    progress(f"writing {dst}")
-    write_graph_def(optimized, dst)
+        _checked(rewritten, options, inputs, progress)
+    progress(StageStarted("write", dst))
+    write_graph_def(rewritten.optimized, dst)
     result.written = True
     return result
+
+
+def _checked(rewritten: Rewritten, options: Options, inputs, progress) -> None:
+    """The verify stage of a GraphDef file (its check in the result), and its policy:
+    ``VerificationFailed``."""
+    held = scan_.gate([rewritten.scan], [KEY], options.allow_ops, options.tolerance)[1]
+    check = held.get(KEY) or _verify(rewritten.original, rewritten.optimized, rewritten.inputs,
+                                     rewritten.outputs, options, inputs, progress)
+    if held:
+        progress(SignatureChecked(check))
+    rewritten.result.verification[KEY] = check
+    if not check.ok:
+        raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
+                                 f"written", rewritten.result)
+    if check.status in ("skipped", "inconclusive") and options.require_verification:
+        raise VerificationFailed(f"{spelled('require_verification')}: the graph is NOT "
+                                 f"VERIFIED ({check.reason}); nothing was written",
+                                 rewritten.result)
 
 
 def _verify(original, optimized, names, outputs, options, inputs, progress):
@@ -245,8 +264,8 @@ def _verify(original, optimized, names, outputs, options, inputs, progress):
     specs = input_specs(original, names)
     shapes = check_shapes(options.shapes(), {KEY: specs}).get(KEY, {})
     given = [check_feeds(KEY, specs, inputs)] if inputs else None
-    progress(f"verifying on {'the given' if given else 'random'} inputs "
-             f"({tolerance_words(options.tolerance)})")
+    progress(StageStarted("verify", f"on {'the given' if given else 'random'} inputs "
+                                    f"({tolerance_words(options.tolerance)})"))
     check = verify_functions(KEY, callable_graph(original, names, outputs),
                              callable_graph(optimized, names, outputs),
                              tolerance=options.tolerance, batch=options.batch, feeds=given,
@@ -254,5 +273,5 @@ def _verify(original, optimized, names, outputs, options, inputs, progress):
     if check.status == "skipped":
         check.reason = f"{check.reason}; {fix_hint()}"
     check.seconds = time.perf_counter() - clock
-    progress(f"  {check.line()}")
+    progress(SignatureChecked(check))
     return check

@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from graphfold.errors import BadInput
 from graphfold.outside import OUTSIDE
@@ -82,7 +82,8 @@ class Options:
     (None: inferred). ``allow_ops``: ops reaching outside the graph (file, network, Python,
     print: ``graphfold.outside.OUTSIDE``) that graphfold may run, in verification and loading;
     a signature holding any other is not run (NOT VERIFIED), a model whose loading would run
-    one is not loaded.
+    one is not loaded. ``partial``: where a batch norm cannot disappear, fold its scale and keep
+    its shift as one add (``docs/folding.md``, partial folds); False keeps it whole.
     """
     signatures: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ("serve",)
@@ -97,6 +98,7 @@ class Options:
     output_names: tuple[str, ...] | None = None
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] | None = None
     allow_ops: tuple[str, ...] = ()
+    partial: bool = True
 
     def __post_init__(self):
         for name in ("signatures", "input_names", "output_names"):
@@ -104,7 +106,7 @@ class Options:
         self._set("allow_ops", _allow_ops(self.allow_ops))
         self._set("tags", _tags(self.tags))
         self._set("input_shapes", _shapes(self.input_shapes))
-        for name in ("verify", "require_verification", "drop_other_tag_sets"):
+        for name in ("verify", "require_verification", "drop_other_tag_sets", "partial"):
             if not isinstance(getattr(self, name), bool):
                 raise BadOption(name, getattr(self, name), "must be True or False")
         self._check_numbers()
@@ -179,16 +181,16 @@ _ALL = frozenset(f.name for f in dataclasses.fields(Options))
 SAVED_MODEL = SourceKind("a SavedModel", _ALL - {"input_names", "output_names"})
 GRAPH_DEF_FILE = SourceKind("a GraphDef file", frozenset({
     "verify", "tolerance", "batch", "require_verification", "input_names", "output_names",
-    "allow_ops", "input_shapes"}))
+    "allow_ops", "input_shapes", "partial"}))
 # What comparing two SavedModels (``verify_saved_models``) and reporting without writing
 # (``inspect``) honour.
 COMPARISON = SourceKind("comparing two SavedModels", frozenset({
     "signatures", "tags", "tolerance", "batch", "require_verification", "allow_ops",
     "input_shapes"}))
 INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags",
-                                                                        "allow_ops"}))
+                                                                        "allow_ops", "partial"}))
 INSPECT_GRAPH_DEF_FILE = SourceKind("inspecting a GraphDef file",
-                                    frozenset({"input_names", "output_names"}))
+                                    frozenset({"input_names", "output_names", "partial"}))
 
 
 def _names(field: str, value) -> tuple[str, ...] | None:
@@ -224,7 +226,7 @@ def _shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
 def _allow_ops(value) -> tuple[str, ...]:
     """Sorted op names, each one ``graphfold.outside.OUTSIDE`` lists (a typo must not look like
     consent; an unregistered op cannot run at all)."""
-    names = tuple(sorted(_names("allow_ops", value))) if value else ()
+    names = tuple(sorted(_names("allow_ops", value) or ())) if value else ()
     unknown = [name for name in names if name not in OUTSIDE]
     if unknown:
         raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "

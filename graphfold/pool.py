@@ -13,13 +13,15 @@ run twice. ``tasks_per_worker=1`` gives every item a fresh process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import connection
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 
 class WorkerDied(Exception):
@@ -62,70 +64,81 @@ def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
     spawned, see ``start_method``)."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    pending = list(items)[::-1]          # pop() takes the next item in order
-    workers: list[_Worker] = []
-
-    def start() -> _Worker:
-        context = multiprocessing.get_context(start_method())
-        parent, child = context.Pipe()
-        process = context.Process(target=_serve, args=(child, function, initializer),
-                                  daemon=True, name="graphfold-worker")
-        process.start()
-        child.close()
-        worker = _Worker(process, parent)
-        workers.append(worker)
-        return worker
-
-    def feed(worker: _Worker) -> None:
-        """Gives ``worker`` the next item, or retires it (starting a fresh one if needed)."""
-        worn_out = tasks_per_worker is not None and worker.done >= tasks_per_worker
-        if pending and not worn_out:
-            worker.item, worker.busy = pending.pop(), True
-            worker.conn.send(worker.item)
-            return
-        retire(worker)
-        if pending:
-            feed(start())
-
-    def retire(worker: _Worker) -> None:
-        workers.remove(worker)
-        try:
-            worker.conn.send(None)
-        except OSError:
-            pass
-        worker.process.join(timeout=30)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join()
-        worker.conn.close()
-
+    workers = _Workers(function, initializer, list(items)[::-1], tasks_per_worker)
     try:
-        for _ in range(min(jobs, len(pending))):
-            feed(start())
-        while any(w.busy for w in workers):
-            busy = [w for w in workers if w.busy]
+        for _ in range(min(jobs, len(workers.pending))):
+            workers.feed(workers.start())
+        while any(w.busy for w in workers.running):
+            busy = [w for w in workers.running if w.busy]
             ready = set(connection.wait([w.conn for w in busy] +
                                         [w.process.sentinel for w in busy],
                                         timeout=every if tick is not None else None))
             if tick is not None:
                 tick()
             for worker in busy:
-                if worker.conn not in ready and worker.process.sentinel not in ready:
-                    continue
-                item, result = worker.item, _receive(worker)
-                worker.item, worker.busy = None, False
-                if isinstance(result, WorkerDied):
-                    workers.remove(worker)
-                    worker.conn.close()
-                    if pending:
-                        feed(start())
-                else:
-                    worker.done += 1
-                    feed(worker)
-                yield item, result
+                if worker.conn in ready or worker.process.sentinel in ready:
+                    yield workers.collect(worker)
     finally:
-        for worker in list(workers):
+        for worker in list(workers.running):
             _stop(worker)
+
+
+class _Workers:
+    """The running workers and the items not yet given out (``pending``: ``pop()`` takes the
+    next in order)."""
+
+    def __init__(self, function: Callable, initializer: Callable | None, pending: list,
+                 tasks_per_worker: int | None):
+        self.function, self.initializer = function, initializer
+        self.pending, self.tasks_per_worker = pending, tasks_per_worker
+        self.running: list[_Worker] = []
+
+    def start(self) -> _Worker:
+        context: Any = multiprocessing.get_context(start_method())
+        parent, child = context.Pipe()
+        process = context.Process(target=_serve, args=(child, self.function, self.initializer),
+                                  daemon=True, name="graphfold-worker")
+        process.start()
+        child.close()
+        worker = _Worker(process, parent)
+        self.running.append(worker)
+        return worker
+
+    def feed(self, worker: _Worker) -> None:
+        """Gives ``worker`` the next item, or retires it (starting a fresh one if needed)."""
+        worn_out = self.tasks_per_worker is not None and worker.done >= self.tasks_per_worker
+        if self.pending and not worn_out:
+            worker.item, worker.busy = self.pending.pop(), True
+            worker.conn.send(worker.item)
+            return
+        self.retire(worker)
+        if self.pending:
+            self.feed(self.start())
+
+    def retire(self, worker: _Worker) -> None:
+        self.running.remove(worker)
+        with contextlib.suppress(OSError):
+            worker.conn.send(None)
+        worker.process.join(timeout=30)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+
+    def collect(self, worker: _Worker) -> tuple[Any, Any]:
+        """``(item, result)`` of a worker that answered or died; it gets the next item (a dead
+        one is replaced)."""
+        item, result = worker.item, _receive(worker)
+        worker.item, worker.busy = None, False
+        if isinstance(result, WorkerDied):
+            self.running.remove(worker)
+            worker.conn.close()
+            if self.pending:
+                self.feed(self.start())
+        else:
+            worker.done += 1
+            self.feed(worker)
+        return item, result
 
 
 def start_method() -> str:

@@ -1,26 +1,150 @@
-"""Progress lines that show a long stage is alive: on a terminal a ``rich`` spinner below them
-with the running stage and its elapsed time; elsewhere (a log file, a CI job) plain lines, and one
-more every ``every`` seconds while a stage runs."""
+"""Progress as typed events, and how the command line shows them.
+
+The library emits events (``optimize_saved_model(..., progress=callback)`` calls ``callback``
+with each); the command line renders them. Every event's ``text`` (and ``str(event)``) is the
+line the command prints, so ``progress=print`` gives readable lines:
+
+- ``StageStarted(stage, detail)``: a stage begins ("load", "fold", "write", "verify",
+  "rename", ...); ``verb`` says what it does ("freezing and folding").
+- ``SignatureFolded(key, summary, ...)``, ``SameFunction(key, first)``,
+  ``NotOptimized(key, reason)``: what the fold stage found per signature.
+- ``SignatureChecked(verification)``: one signature compared.
+- ``Note(text)``: anything else worth a line.
+
+``Heartbeat`` shows them: on a terminal a ``rich`` spinner below them with the running stage and
+its elapsed time; elsewhere (a log file, a CI job) plain lines, and one more every ``every``
+seconds while a stage runs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from graphfold.verify import Verification
+
+# What each stage does, as the progress line and the heartbeat say it.
+VERBS = {"read": "reading", "load": "loading", "fold": "freezing and folding",
+         "write": "writing", "verify": "verifying", "rename": "moving it into place:",
+         "build": "building", "save": "saving", "time": "timing"}
+
+
+class Event:
+    """A progress event; ``text`` is its line."""
+
+    @property
+    def text(self) -> str:          # overridden by every event
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStarted(Event):
+    """A stage begins: ``stage`` (a key of ``VERBS``) on ``detail`` (what it works on)."""
+    stage: str
+    detail: str = ""
+    verb: str | None = None         # None: ``VERBS[stage]``
+
+    @property
+    def doing(self) -> str:
+        """What the stage does, in words (the heartbeat's "still ...")."""
+        return (self.verb or VERBS.get(self.stage, self.stage)).rstrip(":")
+
+    @property
+    def text(self) -> str:
+        return " ".join(p for p in (self.verb or VERBS.get(self.stage, self.stage),
+                                    self.detail) if p)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureFolded(Event):
+    """A signature frozen and folded: its report's summary and the seconds per step."""
+    key: str
+    summary: str
+    freeze: float = 0.0
+    fold: float = 0.0
+    reimport: float | None = None   # None: nothing was re-imported (inspect)
+
+    @property
+    def text(self) -> str:
+        tail = "" if self.reimport is None else f", re-import {self.reimport:.2f}s"
+        return (f"  '{self.key}': {self.summary} (freeze {self.freeze:.2f}s, fold "
+                f"{self.fold:.2f}s{tail})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SameFunction(Event):
+    """``key`` is the same function as ``first``: folded once."""
+    key: str
+    first: str
+
+    @property
+    def text(self) -> str:
+        return f"  '{self.key}': the same function as '{self.first}' (folded once)"
+
+
+@dataclasses.dataclass(frozen=True)
+class NotOptimized(Event):
+    """``key`` is copied through unchanged, for ``reason``."""
+    key: str
+    reason: str
+
+    @property
+    def text(self) -> str:
+        return f"  '{self.key}' NOT OPTIMIZED (copied through unchanged): {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureChecked(Event):
+    """One signature compared (or held back, not run): a ``verify.Verification``."""
+    verification: Verification
+
+    @property
+    def text(self) -> str:
+        return f"  {self.verification.line()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Note(Event):
+    """A line that is neither a stage nor a signature's outcome."""
+    message: str
+
+    @property
+    def text(self) -> str:
+        return self.message
+
+
+Progress = Callable[[Event], None]
+
+
+def silent(_event: Event) -> None:
+    """A ``progress`` that shows nothing."""
+
+
+def as_event(item: Event | str) -> Event:
+    """An event, or a plain string as a ``Note``."""
+    return item if isinstance(item, Event) else Note(str(item))
 
 
 class Heartbeat:
-    """``show(text, stage)`` prints a progress line; with ``stage`` it starts the stage ``text``
-    names (ending the previous one). ``stop()`` ends the running stage."""
+    """``show(text, stage)`` prints a progress line; with ``stage`` (a ``StageStarted``) it starts
+    that stage (ending the previous one). ``stop()`` ends the running stage."""
 
     def __init__(self, stream: TextIO, prefix: Callable[[], str], every: float = 10.0):
         self.stream, self.prefix, self.every = stream, prefix, every
         self.terminal = bool(getattr(stream, "isatty", lambda: False)())
-        self._console = self._status = None
+        self._console: Any = None
+        self._status: Any = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
 
-    def show(self, text: str, stage: str | None = None) -> None:
+    def show(self, text: str, stage: StageStarted | None = None) -> None:
         if self.terminal:
             if self._console is None:
                 from rich.console import Console
@@ -33,19 +157,19 @@ class Heartbeat:
             self._done = threading.Event()
             self._thread = threading.Thread(target=self._tick, args=(stage,), daemon=True)
             if self.terminal:
-                self._status = self._console.status(stage)
+                self._status = self._console.status(stage.text)
                 self._status.start()
             self._thread.start()
 
-    def _tick(self, stage: str) -> None:
+    def _tick(self, stage: StageStarted) -> None:
         start = time.perf_counter()
         every = 1.0 if self.terminal else self.every
         while not self._done.wait(every):
             seconds = time.perf_counter() - start
             if self._status is not None:
-                self._status.update(f"{stage} ({seconds:.0f} s)")
+                self._status.update(f"{stage.text} ({seconds:.0f} s)")
             else:
-                print(f"{self.prefix()}   ... still {_verbs(stage)} ({seconds:.0f} s)",
+                print(f"{self.prefix()}   ... still {stage.doing} ({seconds:.0f} s)",
                       file=self.stream, flush=True)
 
     def stop(self) -> None:
@@ -56,15 +180,3 @@ class Heartbeat:
         if self._status is not None:
             self._status.stop()
             self._status = None
-
-
-def _verbs(line: str) -> str:
-    """``"freezing and folding signature 'x'"`` -> ``"freezing and folding"``."""
-    verbs = []
-    for word in line.split():
-        if not (word.endswith("ing") or word == "and"):
-            break
-        verbs.append(word)
-    while verbs and verbs[-1] == "and":
-        verbs.pop()
-    return " ".join(verbs) or line

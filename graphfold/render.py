@@ -1,50 +1,10 @@
 """Every table graphfold prints, in one place: the per-layer and op-count tables of a report,
-and the CLI's per-signature and verification sections. Plain text, aligned columns."""
+and the CLI's per-signature and verification sections. Plain text, aligned columns (the tables
+themselves: ``graphfold.tables``)."""
 
 from __future__ import annotations
 
-import json
-import re
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """Rows of cells as aligned text columns, the first row a header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def op_table(ops_before: dict[str, int], ops_after: dict[str, int]) -> str:
-    """Before/after op counts, changed rows first, in the manner of onnxsim."""
-    ops = sorted(set(ops_before) | set(ops_after),
-                 key=lambda op: (ops_before.get(op, 0) == ops_after.get(op, 0), op))
-    rows = [("op", "before", "after")]
-    for op in ops:
-        rows.append((op, str(ops_before.get(op, 0)), str(ops_after.get(op, 0))))
-    rows.append(("total", str(sum(ops_before.values())), str(sum(ops_after.values()))))
-    return format_table(rows)
-
-
-def entry_table(entries) -> str:
-    """One row per batch norm (and per affine map left with a reason): folded which way into
-    which layers, or why not."""
-    rows = [("layer", "form", "folded", "into / reason")]
-    for e in entries:
-        if not e.is_batch_norm and not e.folded and e.reason is None:
-            continue
-        label = e.name if e.is_batch_norm else f"{e.name} (affine)"
-        if e.folded or e.partial:
-            into = e.detail or ", ".join(e.absorbed_by)
-            if e.leaves:
-                into += f" (leaves: {', '.join(e.leaves)})"
-            rows.append((label, e.form, "partial" if e.partial else e.direction, into))
-        else:
-            rows.append((label, e.form, "no", e.reason or ""))
-    return format_table(rows)
+from graphfold.tables import entry_table, format_table
 
 
 def render_reports(result, console, full: bool = True) -> None:
@@ -80,15 +40,9 @@ def render_reports(result, console, full: bool = True) -> None:
 
 
 def same_as(result) -> dict[str, str]:
-    """key -> the first key (in sorted order) whose report is the same (itself if none)."""
-    first, seen = {}, {}
-    for key in sorted(result):
-        fingerprint = json.dumps(
-            {k: v for k, v in result[key].to_dict().items() if k != "seconds"},
-            sort_keys=True, default=str) + str(result.unchanged.get(key))
-        fingerprint = re.sub(r" at 0x[0-9a-fA-F]+", "", fingerprint)   # object addresses
-        first[key] = seen.setdefault(fingerprint, key)
-    return first
+    """key -> the first key that is the same function (itself if none): the result's own
+    answer (``saved_model.same_functions``, stored as ``result.same_as``)."""
+    return {key: result.first(key) for key in result}
 
 
 def render_verification(result, console) -> None:
@@ -153,46 +107,5 @@ def render_scan(result, console, always: bool = True) -> None:
     console.print()
 
 
-def totals(result) -> tuple[int, int, int, int]:
-    """(batch norms, folded, ops before, ops after) over distinct signatures (Keras' `serve`
-    and `serving_default` count once)."""
-    bns = folded = before = after = 0
-    first = same_as(result)
-    for key, report in result.items():
-        if first[key] != key:
-            continue
-        bns += len(report.batch_norms)
-        folded += len(report.folded)
-        before += sum(report.ops_before.values())
-        after += sum(report.ops_after.values())
-    return bns, folded, before, after
-
-
 def _indent(text: str, by: str = "  ") -> str:
     return "\n".join(by + line if line else line for line in text.splitlines())
-
-
-def dumps(document: dict) -> str:
-    """Strict JSON: an infinite or NaN error is written as the string "inf" / "nan"."""
-    return json.dumps(_strict(json.loads(json.dumps(document, default=_jsonable))), indent=2,
-                      allow_nan=False)
-
-
-def _strict(value):
-    if isinstance(value, float) and value != value:
-        return "nan"
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return "inf" if value > 0 else "-inf"
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strict(v) for v in value]
-    return value
-
-
-def _jsonable(value):
-    if hasattr(value, "to_dict"):
-        return value.to_dict()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)

@@ -69,10 +69,12 @@ def already_done(task: Task, fingerprint: str) -> dict | None:
     if task.force:
         return None
     record = read_record(task.dst)
-    if record and record.get("source_sha256") == fingerprint and \
-            record.get("options") == task.options.to_dict():
-        return record
-    return None
+    if not record or record.get("source_sha256") != fingerprint or \
+            not isinstance(record.get("options"), dict):
+        return None
+    # an option added since the record was written took its default then
+    recorded = {**Options().to_dict(), **record["options"]}
+    return record if recorded == task.options.to_dict() else None
 
 
 def run_task(task: Task) -> dict:
@@ -122,8 +124,7 @@ SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified"
 
 
 def summarise(result) -> dict:
-    from graphfold.render import totals
-    batch_norms, folded, before, after = totals(result)
+    batch_norms, folded, before, after = result.totals()
     checked = result.verification and result.rewritten
     return {"batch_norms": batch_norms, "folded": folded, "ops_before": before,
             "ops_after": after, "verified": result.verified if checked else None,
@@ -141,7 +142,7 @@ def write_record(task: Task, fingerprint: str, record: dict) -> None:
 def write_json(path: str, document) -> None:
     """Writes ``document`` as strict JSON (as ``--json`` prints it: an infinite or NaN error is
     the string "inf" / "nan") through a temporary file and a rename."""
-    from graphfold.render import dumps
+    from graphfold.jsonout import dumps
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     with open(temporary, "w", encoding="utf-8") as f:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from graphfold.render import entry_table, op_table
+from graphfold.tables import entry_table, op_table
+
+if TYPE_CHECKING:
+    from graphfold.verify import Verification
 
 
 @dataclasses.dataclass
@@ -33,7 +37,7 @@ class FoldReport:
     ops_after: dict[str, int]
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    verification: object = None     # ``verify.Verification`` of rewrite's own check, if it ran
+    verification: Verification | None = None     # rewrite's own check, if it ran
 
     @property
     def batch_norms(self) -> list[Entry]:

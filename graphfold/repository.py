@@ -15,14 +15,25 @@ import functools
 import os
 import re
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from graphfold.errors import BadInput
 from graphfold.options import Options, spelled, with_value
 from graphfold.repo_task import (  # noqa: F401 - the task's names, re-exported
-    RECORD, SUMMARY_FIELDS, Task, already_done, failed_record, normalized_options,
-    quiet_worker, read_record, run_task, source_fingerprint, summarise, write_json,
-    write_record)
+    RECORD,
+    SUMMARY_FIELDS,
+    Task,
+    already_done,
+    failed_record,
+    normalized_options,
+    quiet_worker,
+    read_record,
+    run_task,
+    source_fingerprint,
+    summarise,
+    write_json,
+    write_record,
+)
 from graphfold.saved_model import is_inside
 
 REPORT = "graphfold_repository.json"                             # in DST_BASE
@@ -154,63 +165,31 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     clock = time.perf_counter()
     src_base, dst_base = os.fspath(src_base), os.fspath(dst_base)
     normalized = normalized_options(options, **option_kwargs)
-    if runner not in ("local", "beam"):
-        raise BadInput(f"{with_value('runner', runner)}: must be local or beam")
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise BadInput(f"{with_value('jobs', jobs)}: must be a whole number, at least 1")
-    if pipeline_args and runner != "beam":
-        raise BadInput(f"Beam pipeline options are only for {with_value('runner', 'beam')}")
-    if jobs is not None and runner == "beam":
-        raise BadInput(f"{spelled('jobs')} is for the local runner; on Beam the pipeline "
-                       f"options say how many workers (e.g. -- --direct_num_workers=2 "
-                       f"--direct_running_mode=multi_processing)")
+    _check_runner(runner, jobs, pipeline_args)
     check_bases(src_base, dst_base)
     if model_config is not None:
         _check_output_file(model_config, spelled("model_config"), src_base)
-    chosen = find_versions(src_base, models, versions)
     tasks = [Task(model, version, os.path.join(src_base, model, version),
                   os.path.join(dst_base, model, version), normalized, force)
-             for model, version in chosen]
+             for model, version in find_versions(src_base, models, versions)]
     if runner == "beam":
-        try:
-            from graphfold.beam import run_pipeline
-        except ImportError:
-            raise BadInput(f"{with_value('runner', 'beam')} needs Apache Beam: pip install "
-                           f"'graphfold[beam]'") \
-                from None
+        _check_beam()
     os.makedirs(dst_base, exist_ok=True)
     if on_plan is not None:
         on_plan(tasks)
-
+    jobs = default_jobs() if jobs is None else jobs
     records: dict[str, dict] = {}
-    worker_start = None
 
     def done(task: Task, record: dict) -> None:
         records[task.name] = record
         if on_result is not None:
             on_result(record)
 
-    if jobs is None:
-        jobs = default_jobs()
+    worker_start = None
     if runner == "local":
-        todo = _not_done(tasks, done)
-        if todo:
-            from graphfold import pool
-            workers = min(jobs, len(todo))
-            threads = max(1, default_jobs() // workers)
-            worker_start = pool.start_method()
-            for task, record in pool.imap_unordered(run_task, todo, workers,
-                                                    tasks_per_worker=1 if isolate else None,
-                                                    initializer=functools.partial(
-                                                        quiet_worker, threads),
-                                                    tick=on_tick):
-                done(task, failed_record(task, str(record)) if isinstance(record, Exception)
-                     else record)
-    else:       # the Beam workers hash the sources (in parallel, near the data), not we
-        by_name = {task.name: task for task in tasks}
-        for record in run_pipeline(tasks, pipeline_args or [], isolate=isolate):
-            done(by_name[f"{record['model']}/{record['version']}"], record)
-
+        worker_start = _run_local(tasks, jobs, isolate, done, on_tick)
+    else:
+        _run_beam(tasks, pipeline_args or [], isolate, done)
     for task in tasks:
         if task.name not in records:
             done(task, failed_record(task, "no result came back from the pipeline"))
@@ -224,6 +203,57 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     result.report_path = os.path.join(dst_base, REPORT)
     write_json(result.report_path, result.to_dict())
     return result
+
+
+def _check_runner(runner: str, jobs, pipeline_args) -> None:
+    """``BadInput`` for a runner, jobs or pipeline options that do not go together."""
+    if runner not in ("local", "beam"):
+        raise BadInput(f"{with_value('runner', runner)}: must be local or beam")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise BadInput(f"{with_value('jobs', jobs)}: must be a whole number, at least 1")
+    if pipeline_args and runner != "beam":
+        raise BadInput(f"Beam pipeline options are only for {with_value('runner', 'beam')}")
+    if jobs is not None and runner == "beam":
+        raise BadInput(f"{spelled('jobs')} is for the local runner; on Beam the pipeline "
+                       f"options say how many workers (e.g. -- --direct_num_workers=2 "
+                       f"--direct_running_mode=multi_processing)")
+
+
+def _check_beam() -> None:
+    """``BadInput`` when Apache Beam is not installed."""
+    try:
+        import graphfold.beam  # noqa: F401
+    except ImportError:
+        raise BadInput(f"{with_value('runner', 'beam')} needs Apache Beam: pip install "
+                       f"'graphfold[beam]'") from None
+
+
+def _run_local(tasks: list[Task], jobs: int, isolate: bool, done, on_tick) -> str | None:
+    """Runs the tasks not already done in local worker processes (``graphfold.pool``), each
+    record to ``done``; returns how the workers were started (None: none was needed)."""
+    todo = _not_done(tasks, done)
+    if not todo:
+        return None
+    from graphfold import pool
+    workers = min(jobs, len(todo))
+    threads = max(1, default_jobs() // workers)
+    worker_start = pool.start_method()
+    for task, record in pool.imap_unordered(run_task, todo, workers,
+                                            tasks_per_worker=1 if isolate else None,
+                                            initializer=functools.partial(quiet_worker,
+                                                                          threads),
+                                            tick=on_tick):
+        done(task, failed_record(task, str(record)) if isinstance(record, Exception)
+             else record)
+    return worker_start
+
+
+def _run_beam(tasks: list[Task], pipeline_args: list[str], isolate: bool, done) -> None:
+    """Runs every task as a Beam pipeline (its workers hash the sources, near the data)."""
+    from graphfold.beam import run_pipeline
+    by_name = {task.name: task for task in tasks}
+    for record in run_pipeline(tasks, pipeline_args, isolate=isolate):
+        done(by_name[f"{record['model']}/{record['version']}"], record)
 
 
 def _not_done(tasks: list[Task], done: Callable[[Task, dict], None]) -> list[Task]:

@@ -22,93 +22,55 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable
-
-from google.protobuf import message as pb_message
-from google.protobuf import text_format
+from collections.abc import Iterable
+from typing import Any
 
 import tensorflow as tf
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
 from tensorflow.core.protobuf import saved_model_pb2
 
-from graphfold import census
-from graphfold import checking, scan as scan_, warmup as warmup_
+from graphfold import census, checking, saved_weights
+from graphfold import scan as scan_
+from graphfold import warmup as warmup_
 from graphfold.assets import copy_untouched, left_out
-from graphfold.errors import (BadInput, GraphfoldError, NotFreezable, RewriteFailed,
-                              VerificationFailed)
-from graphfold.report import Entry, FoldReport
-from graphfold import saved_weights
+from graphfold.errors import (
+    BadInput,
+    GraphfoldError,
+    NotFreezable,
+    RewriteFailed,
+    VerificationFailed,
+)
 from graphfold.function import FoldedFunction, op_name
+from graphfold.options import (
+    COMPARISON,
+    INSPECT_SAVED_MODEL,
+    SAVED_MODEL,
+    BadOption,
+    Options,
+    spelled,
+)
+from graphfold.progress import (
+    Note,
+    NotOptimized,
+    Progress,
+    SameFunction,
+    SignatureChecked,
+    SignatureFolded,
+    StageStarted,
+    silent,
+)
+from graphfold.report import Entry, FoldReport
+from graphfold.result import SavedModelResult
 from graphfold.rewrite import fold, reimport, rewrite
-from graphfold.staging import prefix as staging_prefix, remove_stale, signals_deferred
-from graphfold.options import (COMPARISON, INSPECT_SAVED_MODEL, SAVED_MODEL, BadOption,
-                               Options, spelled)
+from graphfold.staging import prefix as staging_prefix
+from graphfold.staging import remove_stale, signals_deferred
 from graphfold.tolerance import words as tolerance_words
-from graphfold.verify import Verification
+from graphfold.verify import Verification, input_specs
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
 BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
                   "BatchNormWithGlobalNormalization")
-
-Progress = Callable[[str], None]
-
-
-class SavedModelResult(dict):
-    """Signature key -> ``FoldReport`` for every requested signature, plus what happened.
-
-    ``unchanged``: key -> why that requested signature was copied through unchanged.
-    ``verification``: key -> ``Verification`` (empty when verification was off).
-    ``written``: whether ``dst`` now holds the result. ``seconds``: time per stage.
-    """
-
-    def __init__(self, src: str, dst: str | None, tags: tuple[str, ...]):
-        super().__init__()
-        self.src, self.dst, self.tags = src, dst, tuple(tags)
-        self.all_signatures: list[str] = []
-        self.unchanged: dict[str, str] = {}
-        self.verification: dict[str, Verification] = {}
-        self.seconds: dict[str, float] = {}
-        self.notes: list[str] = []
-        self.weights: str | None = None       # "constants" or "variables", as written
-        self.scan: scan_.Scan | None = None   # ops reaching outside the graph (graphfold.scan)
-        self.written = False
-
-    @property
-    def rewritten(self) -> list[str]:
-        """The requested signatures that were rewritten (not copied through)."""
-        return sorted(k for k in self if k not in self.unchanged)
-
-    @property
-    def verified(self) -> bool:
-        """Whether something was rewritten and every rewritten signature verified "ok"."""
-        checks = [self.verification.get(k) for k in self.rewritten]
-        return bool(checks) and all(c is not None and c.status == "ok" for c in checks)
-
-    @property
-    def not_verified(self) -> list[str]:
-        """Signatures that could not be checked (their original fails on random inputs)."""
-        return sorted(k for k, v in self.verification.items() if v.status == "skipped")
-
-    @property
-    def inconclusive(self) -> list[str]:
-        """Signatures checked only within a noise floor too large to mean anything."""
-        return sorted(k for k, v in self.verification.items() if v.status == "inconclusive")
-
-    def to_dict(self) -> dict:
-        signatures = {}
-        for key, report in self.items():
-            check = self.verification.get(key)
-            signatures[key] = {
-                "rewritten": key not in self.unchanged,
-                "unchanged_reason": self.unchanged.get(key),
-                "report": report.to_dict(),
-                "verification": check.to_dict() if check else None,
-            }
-        return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
-                "written": self.written, "all_signatures": list(self.all_signatures),
-                "not_verified": self.not_verified, "inconclusive": self.inconclusive,
-                "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
-                "outside_ops": self.scan.to_dict() if self.scan else None,
-                "seconds": dict(self.seconds)}
 
 
 # ---- reading and checking the source ---------------------------------------------------------
@@ -210,64 +172,83 @@ def release_unread_variables(loaded) -> list[str]:
 
 # ---- rewriting ------------------------------------------------------------------------------
 
-def rewrite_signatures(loaded, keys: list[str], result: SavedModelResult,
-                       progress: Progress, weights: str = "constants",
-                       bind: bool = True) -> tuple[dict, list, dict]:
-    """``(functions, variables, deferred)``: key -> ConcreteFunction to save, for every signature
-    in ``keys``; the variables those functions capture (to save with them); key -> the
-    ``Weights`` of its marked constants, to write into the saved model with
-    ``saved_weights.fill``. ``weights``: how the folded functions hold theirs ("constants":
-    marked constants, filled once saved; "variables"). Signatures that are one function (Keras'
-    ``serve`` and ``serving_default``) are folded once and share the result. ``bind=False``
-    (inspect): fold and report only, no function is built."""
-    functions, variables, deferred = {}, [], {}
-    first = same_functions(loaded, keys)
+@dataclasses.dataclass
+class Folded:
+    """What the fold stage found: key -> ``FoldReport`` for every requested signature; key ->
+    why, for those copied through unchanged; key -> the first key that is the same function
+    (``same_functions``); and what to save: key -> function, the variables they capture (the
+    folded weights as variables), key -> the ``Weights`` of its marked constants (filled into
+    the saved model by ``saved_weights.fill``)."""
+    reports: dict[str, FoldReport]
+    unchanged: dict[str, str]
+    same_as: dict[str, str]
+    functions: dict = dataclasses.field(default_factory=dict)
+    variables: list = dataclasses.field(default_factory=list)
+    deferred: dict = dataclasses.field(default_factory=dict)
+
+
+def rewrite_signatures(loaded, keys: list[str], progress: Progress, weights: str = "constants",
+                       bind: bool = True, partial: bool = True) -> Folded:
+    """Freezes and folds every signature in ``keys`` (``weights``: how the folded functions
+    hold theirs: "constants", marked constants filled once saved, or "variables"). Signatures
+    that are one function (Keras' ``serve`` and ``serving_default``) are folded once and share
+    the result. ``bind=False`` (inspect): fold and report only, no function is built.
+    ``partial``: fold the scale of a batch norm that cannot disappear (``rewrite``)."""
+    found = Folded({}, {}, same_functions(loaded, keys))
     for key in keys:
-        fn = loaded.signatures[key]
-        if first[key] != key:
-            result[key] = result[first[key]]
-            if first[key] in result.unchanged:
-                result.unchanged[key] = result.unchanged[first[key]]
-            if first[key] in functions:      # not with bind=False: nothing was built
-                functions[key] = functions[first[key]]
-            progress(f"  '{key}': the same function as '{first[key]}' (folded once)")
+        first = found.same_as[key]
+        if first != key:
+            found.reports[key] = found.reports[first]
+            if first in found.unchanged:
+                found.unchanged[key] = found.unchanged[first]
+            if first in found.functions:      # not with bind=False: nothing was built
+                found.functions[key] = found.functions[first]
+            progress(SameFunction(key, first))
             continue
-        progress(f"freezing and folding signature '{key}'")
-        try:
-            if bind:
-                folded = fold_signature(fn, key, weights)
-                report, functions[key] = folded.report, folded.function
-                variables.extend(folded.variables)
-                if folded.marked is not None:
-                    deferred[key] = folded.marked
-            else:
-                report = fold(fn)[-1]
-        except NotFreezable as exc:     # an expected reason: the signature is copied through
-            result.unchanged[key] = str(exc)
-            result[key] = unrewritten_report(fn, str(exc))
-            functions[key] = fn
-            progress(f"  '{key}' NOT OPTIMIZED (copied through unchanged): {exc}")
-            continue
-        except GraphfoldError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - graphfold's own failure: nothing is written
-            raise RewriteFailed(key, exc) from exc
-        result[key] = report
-        s = report.seconds
-        progress(f"  '{key}': {report.summary()} (freeze {s.get('freeze', 0):.2f}s, "
-                 f"fold {s.get('normalize', 0) + s.get('plan', 0) + s.get('apply', 0):.2f}s"
-                 + (f", re-import {s.get('import', 0):.2f}s)" if bind else ")"))
-    return functions, variables, deferred
+        progress(StageStarted("fold", f"signature '{key}'"))
+        _fold_one(loaded.signatures[key], key, found, progress, weights, bind, partial)
+    return found
 
 
-def fold_signature(fn, key: str, weights: str) -> FoldedFunction:
+def _fold_one(fn, key: str, found: Folded, progress: Progress, weights: str, bind: bool,
+              partial: bool) -> None:
+    """Folds one signature into ``found``: its report and function, or why it is copied
+    through (``NotFreezable``); any other failure is ``RewriteFailed``."""
+    try:
+        if bind:
+            folded = fold_signature(fn, key, weights, partial)
+            report, found.functions[key] = folded.report, folded.function
+            found.variables.extend(folded.variables)
+            if folded.marked is not None:
+                found.deferred[key] = folded.marked
+        else:
+            report = fold(fn, partial=partial)[-1]
+    except NotFreezable as exc:     # an expected reason: the signature is copied through
+        found.unchanged[key] = str(exc)
+        found.reports[key] = unrewritten_report(fn, str(exc))
+        found.functions[key] = fn
+        progress(NotOptimized(key, str(exc)))
+        return
+    except GraphfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - graphfold's own failure: nothing is written
+        raise RewriteFailed(key, exc) from exc
+    found.reports[key] = report
+    s = report.seconds
+    progress(SignatureFolded(key, report.summary(), s.get("freeze", 0),
+                             s.get("normalize", 0) + s.get("plan", 0) + s.get("apply", 0),
+                             s.get("import", 0) if bind else None))
+
+
+def fold_signature(fn, key: str, weights: str, partial: bool = True) -> FoldedFunction:
     """``rewrite(fn)`` to be saved under ``key``. With ``weights="constants"``, the function
     holds marked constants and ``.marked`` their values, which ``saved_weights.fill`` writes
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
         # verify=False: optimize_saved_model verifies the written model instead
-        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)
-    concrete, graph_def, held, inputs, outputs, report = fold(fn)
+        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False,
+                       partial=partial)
+    concrete, graph_def, held, inputs, outputs, report = fold(fn, partial=partial)
     function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
                         saved_weights.marked_constants(held, key, op_name))
     return FoldedFunction(function, None, report, marked=held)
@@ -277,7 +258,8 @@ def same_functions(loaded, keys: list[str]) -> dict[str, str]:
     """key -> the first key (in ``keys`` order) whose signature is the same function: the same
     graph (the calls it makes included), the same captured variables, the same inputs and
     outputs. Read from the loaded functions, before anything is frozen."""
-    first, seen = {}, {}
+    first: dict[str, str] = {}
+    seen: dict[str, str] = {}
     for key in keys:
         first[key] = seen.setdefault(_function_fingerprint(loaded.signatures[key]), key)
     return first
@@ -527,34 +509,100 @@ def move_into_place(staging: str, dst: str) -> None:
 
 # ---- the entry points -----------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Source:
+    """What the prepare stage read and checked: the MetaGraph to rewrite, the keys requested,
+    the scan of their ops, and notes (the tag-set policy, stale staging directories)."""
+    src: str
+    tags: tuple[str, ...]
+    meta: Any
+    keys: list[str]
+    all_signatures: list[str]
+    scan: scan_.Scan
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_source(src: str, options: Options) -> tuple[Source, saved_model_pb2.SavedModel]:
+    """The requested MetaGraph and signatures of ``src`` with the scan of their ops, and the
+    parsed ``saved_model.pb``."""
+    proto = read_saved_model(src)
+    meta = meta_graph_for(proto, src, options.tags)
+    available = signature_keys(meta)
+    keys = select(available, options.signatures, src)
+    scan = scan_.scan_meta_graph(meta, keys)
+    return Source(src, options.tags, meta, keys, sorted(available), scan), proto
+
+
+def tag_set_policy(proto, source: Source, drop_others: bool) -> list[str]:
+    """Notes on the MetaGraphs left out; ``BadInput`` when ``src`` holds several and dropping
+    the others was not asked for (graphfold writes only the one of ``tags``)."""
+    if len(proto.meta_graphs) <= 1:
+        return []
+    tags, meta = ",".join(source.tags), source.meta
+    others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
+                       if mg is not meta)
+    if not drop_others:
+        raise BadInput(f"{source.src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
+                       f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
+                       f"only tag-set '{tags}': drop the others with "
+                       f"{spelled('drop_other_tag_sets')}")
+    return [f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set '{tags}' is written "
+            f"to DST (dropped, as asked: {others})"]
+
+
+def prepare(src: str, dst: str, options: Options, inputs, overwrite: bool) -> tuple[Source, str]:
+    """The prepare stage: options checked for a SavedModel, the source read and scanned, the
+    tag-set policy applied, the destination checked; ``(source, resolved destination)``."""
+    SAVED_MODEL.refuse_unsupported(options.given())
+    if inputs and not options.verify:
+        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
+                        "verification)")
+    source, proto = read_source(src, options)
+    target = check_destination(src, dst, overwrite)
+    scan_.check_loading(source.scan, options.allow_ops, src)
+    source.notes += tag_set_policy(proto, source, options.drop_other_tag_sets)
+    source.notes += [f"removed {path}, left behind by an interrupted graphfold run"
+                     for path in remove_stale(target)]
+    return source, target
+
+
+def load_source(source: Source, progress: Progress):
+    """The load stage: ``src`` loaded, every requested signature present, the variables no
+    function reads let go (``release_unread_variables``)."""
+    progress(StageStarted("load", f"{source.src} (tag-set {','.join(source.tags)})"))
+    loaded = load(source.src, source.tags)
+    missing = [k for k in source.keys if k not in loaded.signatures]
+    if missing:
+        raise BadInput(f"{source.src}: signature {', '.join(missing)} is in saved_model.pb but "
+                       f"TensorFlow did not load it")
+    release_unread_variables(loaded)
+    return loaded
+
+
 def inspect_saved_model(src, *, options: Options | None = None,
                         progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
     """The fold report of every requested signature of ``src``, and the ops reaching outside
     the graph each one holds (``.scan``); nothing is written, no signature is run.
-    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``allow_ops``
-    (loading runs the model's resource initializers: when they hold such ops that are not
-    allowed, ``BadInput`` names them and nothing is loaded)."""
-    progress = progress or _silent
+    ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``allow_ops``,
+    ``partial`` (loading runs the model's resource initializers: when they hold such ops that
+    are not allowed, ``BadInput`` names them and nothing is loaded). ``progress``: called with
+    each progress event (``graphfold.progress``; ``str(event)`` is its line)."""
+    progress = progress or silent
     src = os.fspath(src)
     options = Options.of(options, **option_kwargs)
     INSPECT_SAVED_MODEL.refuse_unsupported(options.given())
-    tags = options.tags
-    proto = read_saved_model(src)
-    meta = meta_graph_for(proto, src, tags)
-    available = signature_keys(meta)
-    keys = select(available, options.signatures, src)
-    result = SavedModelResult(src, None, tags)
-    result.all_signatures = sorted(available)
-    result.scan = scan_.scan_meta_graph(meta, keys)
-    scan_.check_loading(result.scan, options.allow_ops, src)
-    clock = time.perf_counter()
-    progress(f"loading {src} (tag-set {','.join(tags)})")
-    loaded = load(src, tags)
-    result.seconds["load"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    rewrite_signatures(loaded, keys, result, progress, bind=False)
-    result.seconds["rewrite"] = time.perf_counter() - clock
-    return result
+    source = read_source(src, options)[0]
+    scan_.check_loading(source.scan, options.allow_ops, src)
+    seconds, clock = {}, time.perf_counter()
+    progress(StageStarted("load", f"{src} (tag-set {','.join(source.tags)})"))
+    loaded = load(src, source.tags)
+    seconds["load"], clock = time.perf_counter() - clock, time.perf_counter()
+    found = rewrite_signatures(loaded, source.keys, progress, bind=False,
+                               partial=options.partial)
+    seconds["rewrite"] = time.perf_counter() - clock
+    return SavedModelResult(src, None, source.tags, reports=found.reports,
+                            same_as=found.same_as, unchanged=found.unchanged, seconds=seconds,
+                            all_signatures=source.all_signatures, scan=source.scan)
 
 
 def optimize_saved_model(src, dst, *, options: Options | None = None,
@@ -566,7 +614,8 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
 
     ``options``: a ``graphfold.Options``, or its fields as keyword arguments (``signatures``,
     ``tags``, ``verify``, ``tolerance``, ``batch``, ``weights``, ``require_verification``,
-    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``, ``input_shapes``; ``Options`` says what each does).
+    ``warmup``, ``drop_other_tag_sets``, ``allow_ops``, ``input_shapes``, ``partial``;
+    ``Options`` says what each does).
     Before anything runs, every signature is scanned (``graphfold.scan``): one holding ops
     reaching outside the graph that ``allow_ops`` does not allow is folded and written but not
     run (NOT VERIFIED, naming them; the written graph keeps them), and a SavedModel whose
@@ -579,150 +628,33 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
     error over the tolerance raises ``VerificationFailed`` and nothing is written. Every file of
     ``src`` besides the graph, ``variables/`` and ``fingerprint.pb`` is copied into ``dst`` byte
     for byte. ``overwrite``: replace an existing ``dst`` (only a SavedModel or an empty
-    directory). ``progress``: called with a line of text at the start of each stage.
+    directory). ``progress``: called with a typed event (``graphfold.progress``:
+    ``StageStarted`` at the start of each stage, ``SignatureFolded``, ``SignatureChecked``,
+    ``Note``, ...); ``str(event)`` is a line of text, so ``progress=print`` shows them.
 
-    Returns a ``SavedModelResult``: a dict signature key -> ``FoldReport``, with ``.unchanged``,
-    ``.verification``, ``.seconds``. Raises ``BadInput`` for bad paths, SavedModels and options.
-    ``src`` is only read; ``dst`` appears (by a rename) only when everything succeeded.
+    The stages: ``prepare`` (options, source, tag-set policy, destination) -> ``load_source``
+    -> ``rewrite_signatures`` -> ``write_stage`` (save, fill the weights, restore the metadata,
+    copy the assets) -> ``verify_stage`` (+ the verification policy, the warm-up records) ->
+    ``commit`` (the rename, signals deferred).
+
+    Returns a ``SavedModelResult``: ``.reports`` (signature key -> ``FoldReport``, also read as
+    ``result[key]``), ``.same_as``, ``.unchanged``, ``.verification``, ``.seconds``. Raises
+    ``BadInput`` for bad paths, SavedModels and options. ``src`` is only read; ``dst`` appears
+    (by a rename) only when everything succeeded.
     """
-    progress = progress or _silent
+    progress = progress or silent
     src, dst = os.fspath(src), os.fspath(dst)
     options = Options.of(options, **option_kwargs)
-    SAVED_MODEL.refuse_unsupported(options.given())
-    if inputs and not options.verify:
-        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
-                        "verification)")
-    tags, signatures, verify = options.tags, options.signatures, options.verify
-    tolerance, batch, warmup = options.tolerance, options.batch, options.warmup
-    require_verification = options.require_verification
-    proto = read_saved_model(src)
-    meta = meta_graph_for(proto, src, tags)
-    available = signature_keys(meta)
-    keys = select(available, signatures, src)
-    target = check_destination(src, dst, overwrite)
-
-    result = SavedModelResult(src, dst, tags)
-    result.all_signatures = sorted(available)
-    result.scan = scan_.scan_meta_graph(meta, keys)
-    scan_.check_loading(result.scan, options.allow_ops, src)
-    if len(proto.meta_graphs) > 1:
-        others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
-                           if mg is not meta)
-        if not options.drop_other_tag_sets:
-            raise BadInput(f"{src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
-                           f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
-                           f"only tag-set '{','.join(tags)}': drop the others with "
-                           f"{spelled('drop_other_tag_sets')}")
-        result.notes.append(f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set "
-                            f"'{','.join(tags)}' is written to DST (dropped, as asked: {others})")
-    for path in remove_stale(target):
-        result.notes.append(f"removed {path}, left behind by an interrupted graphfold run")
+    source, target = prepare(src, dst, options, inputs, overwrite)
+    result = SavedModelResult(src, dst, source.tags, notes=list(source.notes),
+                              all_signatures=source.all_signatures, scan=source.scan)
     staging, created = make_staging_dir(target)
     try:
-        clock = time.perf_counter()
-        progress(f"loading {src} (tag-set {','.join(tags)})")
-        loaded = load(src, tags)
-        missing = [k for k in keys if k not in loaded.signatures]
-        if missing:
-            raise BadInput(f"{src}: signature {', '.join(missing)} is in saved_model.pb but "
-                           f"TensorFlow did not load it")
-        release_unread_variables(loaded)
-        result.seconds["load"] = time.perf_counter() - clock
-        if verify:
-            given = checking.given_feeds(loaded, keys, inputs)
-            recorded = checking.warmup_feeds(src, loaded, result.notes)
-            shapes = checking.shapes_for(loaded, keys, options.shapes())
-
-        clock = time.perf_counter()
-        mode, why = choose_weights(options.weights, weight_bytes(loaded, keys))
-        result.weights = mode
-        if why:
-            result.notes.append(why)
-            progress(why)
-        functions, variables, deferred = rewrite_signatures(loaded, keys, result, progress,
-                                                            mode)
-        passthrough = [k for k in loaded.signatures if k not in functions]
-        for key in passthrough:
-            functions[key] = loaded.signatures[key]
-        result.seconds["rewrite"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        progress(f"writing a temporary SavedModel beside {dst}")
-        keep_original = bool(passthrough or result.unchanged)
-        try:
-            save(loaded, functions, staging, keep_original, variables)
-            del functions, variables
-            saved_weights.fill(staging, deferred)
-            restore_metadata(staging, meta)
-            copy_untouched(src, staging)
-            for name, why in left_out(src).items():
-                result.notes.append(f"{name} of SRC not copied: {why}")
-        except GraphfoldError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise BadInput(f"{dst}: cannot write the optimized SavedModel: "
-                           f"{_first_line(exc)}") from None
-        # The folded weights (variables, or arrays written into saved_model.pb): let them go
-        # before the written model is loaded back to be verified.
-        del deferred
-        gc.collect()
-        result.seconds["write"] = time.perf_counter() - clock
-
-        if verify:
-            clock = time.perf_counter()
-            first = same_functions(loaded, keys)
-            # the same function under two keys is checked once, unless real inputs address both
-            distinct = [k for k in keys if first[k] == k or given.get(k) or recorded.get(k)]
-            distinct, held = scan_.gate([result.scan], distinct, options.allow_ops, tolerance)
-            result.verification.update(held)
-            for check in held.values():
-                progress(f"  {check.line()}")
-            progress(f"verifying {len(distinct)} distinct signature(s) "
-                     f"({tolerance_words(tolerance)})")
-            written = load(staging, tags)
-            result.verification.update(checking.run_checks(
-                loaded, written, distinct, given, recorded, tolerance=tolerance, batch=batch,
-                progress=progress, shapes=shapes))
-            for key in keys:
-                if key not in result.verification:
-                    result.verification[key] = dataclasses.replace(
-                        result.verification[first[key]], signature=key)
-            del written
-            result.seconds["verify"] = time.perf_counter() - clock
-            failed = [k for k, v in result.verification.items() if not v.ok]
-            if failed:
-                raise VerificationFailed(
-                    "verification failed for signature(s) " + ", ".join(failed) + ": " +
-                    "; ".join(f"{k}: {result.verification[k].reason or ''}" for k in failed) +
-                    f"; nothing was written to {dst}", result)
-            unverified = sorted(result.not_verified + result.inconclusive)
-            if unverified and require_verification:
-                raise VerificationFailed(
-                    f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
-                    f"VERIFIED (" + "; ".join(
-                        f"{result.verification[k].status.upper()}: "
-                        f"{result.verification[k].reason or ''}" for k in unverified) +
-                    f"); nothing was written to {dst}", result)
-            if warmup:
-                rewritten = [k for k in keys if k not in result.unchanged]
-                records = checking.warmup_records(src, result.verification, rewritten, warmup,
-                                                  result.notes, loaded)
-                if records is not None:
-                    warmup_.write(os.path.join(staging, warmup_.PATH), records)
-
-        clock = time.perf_counter()
-        progress(f"moving it into place: {dst}")
-        with signals_deferred():   # Ctrl-C / SIGTERM wait: DST is never left half-replaced
-            try:
-                move_into_place(staging, target)
-            except OSError as exc:
-                raise BadInput(f"{dst}: cannot move the result into place "
-                               f"({exc.strerror or exc})") from None
-            result.written = True
-        result.seconds["rename"] = time.perf_counter() - clock
+        _optimize(source, Original(source, progress), staging, target, result, options,
+                  inputs, progress)
         return result
     except KeyboardInterrupt as exc:   # (SIGTERM too, from the CLI): say whether DST was written
-        exc.written = result.written
+        exc.written = result.written  # type: ignore[attr-defined]
         raise
     finally:
         if not result.written:
@@ -730,8 +662,188 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
             _remove_empty(created)
 
 
-def _silent(_line: str) -> None:
-    pass
+class Original:
+    """The loaded original, held by one owner until verification lets it go (``release``) so
+    that the written model is loaded back into the memory it held."""
+
+    def __init__(self, source: Source, progress: Progress):
+        clock = time.perf_counter()
+        self.loaded = load_source(source, progress)
+        self.seconds = time.perf_counter() - clock
+
+    def release(self) -> None:
+        if self.loaded is not None:
+            self.loaded = None
+            gc.collect()
+
+
+def _optimize(source: Source, original: Original, staging: str, target: str,
+              result: SavedModelResult, options: Options, inputs, progress: Progress) -> None:
+    """The stages after prepare, each one's findings into ``result``."""
+    result.seconds["load"] = original.seconds
+    feeds, notes = choose_feeds(source, original.loaded, inputs, options)
+    result.notes += notes
+    clock = time.perf_counter()
+    mode, why = choose_weights(options.weights, weight_bytes(original.loaded, source.keys))
+    result.weights = mode
+    if why:
+        result.notes.append(why)
+        progress(Note(why))
+    found = rewrite_signatures(original.loaded, source.keys, progress, mode,
+                               partial=options.partial)
+    result.reports, result.unchanged, result.same_as = found.reports, found.unchanged, \
+        found.same_as
+    result.seconds["rewrite"], clock = time.perf_counter() - clock, time.perf_counter()
+    result.notes += write_stage(source, original.loaded, found, staging, result.dst, progress)
+    del found       # the folded weights: let them go before the written model is loaded
+    gc.collect()
+    result.seconds["write"] = time.perf_counter() - clock
+    if feeds is not None:
+        clock = time.perf_counter()
+        checks, specs = verify_stage(source, original, staging, feeds, result, options,
+                                     progress)
+        result.verification.update(checks)
+        result.seconds["verify"] = time.perf_counter() - clock
+        verification_policy(result, options.require_verification)
+        if options.warmup:
+            result.notes += warmup_stage(src=source.src, staging=staging, checks=checks,
+                                         specs=specs, count=options.warmup)
+    original.release()
+    clock = time.perf_counter()
+    commit(staging, target, result, progress)
+    result.seconds["rename"] = time.perf_counter() - clock
+
+
+@dataclasses.dataclass
+class Feeds:
+    """The inputs verification runs on: key -> given inputs, key -> SRC's warm-up records,
+    key -> {input: shape} of random inputs (``checking.py``)."""
+    given: dict
+    recorded: dict
+    shapes: dict
+
+
+def choose_feeds(source: Source, loaded, inputs,
+                 options: Options) -> tuple[Feeds | None, list[str]]:
+    """``(the feeds of the verification (None when it is off), notes)``."""
+    if not options.verify:
+        return None, []
+    given = checking.given_feeds(loaded, source.keys, inputs)
+    recorded, notes = checking.warmup_feeds(source.src, loaded)
+    return Feeds(given, recorded, checking.shapes_for(loaded, source.keys, options.shapes())), \
+        notes
+
+
+def write_stage(source: Source, loaded, found: Folded, staging: str, dst: str | None,
+                progress: Progress) -> list[str]:
+    """The write stage: the folded functions (and the signatures not requested, as they are)
+    saved into ``staging``, the folded weights filled in, the tag set and method names
+    restored, every other file of SRC copied; returns the notes (files not copied)."""
+    progress(StageStarted("write", f"a temporary SavedModel beside {dst}"))
+    functions = dict(found.functions)
+    passthrough = [k for k in loaded.signatures if k not in functions]
+    for key in passthrough:
+        functions[key] = loaded.signatures[key]
+    keep_original = bool(passthrough or found.unchanged)
+    try:
+        save(loaded, functions, staging, keep_original, found.variables)
+        del functions
+        saved_weights.fill(staging, found.deferred)
+        restore_metadata(staging, source.meta)
+        copy_untouched(source.src, staging)
+        return [f"{name} of SRC not copied: {why}" for name, why in left_out(source.src).items()]
+    except GraphfoldError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise BadInput(f"{dst}: cannot write the optimized SavedModel: "
+                       f"{_first_line(exc)}") from None
+
+
+def verify_stage(source: Source, original: Original, staging: str, feeds: Feeds,
+                 result: SavedModelResult, options: Options,
+                 progress: Progress) -> tuple[dict[str, Verification], dict]:
+    """The verify stage: ``(key -> Verification, key -> input specs of the rewritten
+    signatures)``. The original is run first, on the inputs each distinct signature is checked
+    on (the same function under two keys is checked once, unless real inputs address both),
+    then let go (``original.release``); only then is the written model loaded and run on the
+    same inputs. A noise floor, when one is needed, reloads the original."""
+    keys, first, tolerance = source.keys, result.same_as, options.tolerance
+    distinct = [k for k in keys if first[k] == k or feeds.given.get(k) or feeds.recorded.get(k)]
+    distinct, checks = scan_.gate([source.scan], distinct, options.allow_ops, tolerance)
+    for check in checks.values():
+        progress(SignatureChecked(check))
+    progress(StageStarted("verify", f"{len(distinct)} distinct signature(s) "
+                                    f"({tolerance_words(tolerance)})"))
+    loaded = original.loaded
+    records = checking.record_checks(loaded, distinct, feeds.given, feeds.recorded,
+                                     tolerance=tolerance, batch=options.batch,
+                                     shapes=feeds.shapes)
+    specs = {k: input_specs(loaded.signatures[k]) for k in keys
+             if k not in result.unchanged} if options.warmup else {}
+    del loaded
+    original.release()
+    written = load(staging, source.tags)
+    checks.update(checking.replay_checks(records, written, _reloader(source), progress))
+    del written, records
+    gc.collect()
+    for key in keys:
+        if key not in checks:
+            checks[key] = dataclasses.replace(checks[first[key]], signature=key)
+    return checks, specs
+
+
+def _reloader(source: Source):
+    """key -> the original's signature function, loaded again on first use (the noise floor
+    of a failed check: ``noise.judge``)."""
+    held: list = []
+
+    def original_of(key: str):
+        if not held:
+            held.append(load(source.src, source.tags))
+        return held[0].signatures[key]
+    return original_of
+
+
+def verification_policy(result: SavedModelResult, require_verification: bool) -> None:
+    """``VerificationFailed`` (nothing is written) when a signature failed, or, with
+    ``require_verification``, when one is NOT VERIFIED or INCONCLUSIVE."""
+    checks, dst = result.verification, result.dst
+    failed = [k for k, v in checks.items() if not v.ok]
+    if failed:
+        raise VerificationFailed(
+            "verification failed for signature(s) " + ", ".join(failed) + ": " +
+            "; ".join(f"{k}: {checks[k].reason or ''}" for k in failed) +
+            f"; nothing was written to {dst}", result)
+    unverified = sorted(result.not_verified + result.inconclusive)
+    if unverified and require_verification:
+        raise VerificationFailed(
+            f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
+            f"VERIFIED (" + "; ".join(f"{checks[k].status.upper()}: {checks[k].reason or ''}"
+                                      for k in unverified) +
+            f"); nothing was written to {dst}", result)
+
+
+def warmup_stage(*, src: str, staging: str, checks: dict, specs: dict, count: int) -> list[str]:
+    """TF Serving warm-up records for the rewritten signatures (``specs``' keys) written into
+    ``staging`` from their verification inputs; returns the notes."""
+    records, notes = checking.warmup_records(src, checks, specs, count)
+    if records is not None:
+        warmup_.write(os.path.join(staging, warmup_.PATH), records)
+    return notes
+
+
+def commit(staging: str, target: str, result: SavedModelResult, progress: Progress) -> None:
+    """The commit stage: ``staging`` renamed to ``target``, Ctrl-C and SIGTERM waiting meanwhile
+    (DST is never left half-replaced). ``result.written`` is set inside, before a deferred
+    signal is raised, so that an interruption still says DST was written."""
+    progress(StageStarted("rename", result.dst or ""))
+    with signals_deferred():
+        try:
+            move_into_place(staging, target)
+        except OSError as exc:
+            raise BadInput(f"{result.dst}: cannot move the result into place "
+                           f"({exc.strerror or exc})") from None
+        result.written = True
 
 
 def _first_line(exc) -> str:
@@ -752,59 +864,66 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     ``batch``, ``input_shapes``, ``require_verification`` (a signature left NOT VERIFIED or
     INCONCLUSIVE raises ``VerificationFailed``), ``allow_ops`` (a signature of either model
     holding ops reaching outside the graph that are not allowed is not run: NOT VERIFIED; see
-    ``optimize_saved_model``).
+    ``optimize_saved_model``). ``progress``: called with each progress event.
 
     Returns a ``SavedModelResult`` whose ``.verification`` holds a ``Verification`` per
     signature of ``src`` (one missing from ``dst``, or with other input or output keys,
     dtypes or method name, fails)."""
-    progress = progress or _silent
+    progress = progress or silent
     src, dst = os.fspath(src), os.fspath(dst)
     options = Options.of(options, **option_kwargs)
     COMPARISON.refuse_unsupported(options.given())
-    tags, signatures, tolerance, batch = options.tags, options.signatures, options.tolerance, \
-        options.batch
-    metas = {}
-    for path in (src, dst):
-        metas[path] = meta_graph_for(read_saved_model(path), path, tags)
-    keys = select(signature_keys(metas[src]), signatures, src)
-    result = SavedModelResult(src, dst, tags)
-    result.all_signatures = sorted(signature_keys(metas[src]))
+    metas = {path: meta_graph_for(read_saved_model(path), path, options.tags)
+             for path in (src, dst)}
+    keys = select(signature_keys(metas[src]), options.signatures, src)
     scans = [scan_.scan_meta_graph(metas[path], [k for k in keys if k in
                                                  metas[path].signature_def], model=label)
              for path, label in ((src, "SRC"), (dst, "DST"))]
     for path, found in zip((src, dst), scans):
         scan_.check_loading(found, options.allow_ops, path)
-    result.scan = scans[0]
-    progress(f"loading {src} and {dst} (tag-set {','.join(tags)})")
-    reference, candidate = load(src, tags), load(dst, tags)
+    result = SavedModelResult(src, dst, options.tags, scan=scans[0],
+                              all_signatures=sorted(signature_keys(metas[src])))
+    progress(StageStarted("load", f"{src} and {dst} (tag-set {','.join(options.tags)})"))
+    reference, candidate = load(src, options.tags), load(dst, options.tags)
     given = checking.given_feeds(reference, keys, inputs)
-    recorded = checking.warmup_feeds(src, reference, result.notes)
-    shapes = checking.shapes_for(reference, keys, options.shapes())
-    comparable = []
+    recorded, notes = checking.warmup_feeds(src, reference)
+    result.notes += notes
+    feeds = Feeds(given, recorded, checking.shapes_for(reference, keys, options.shapes()))
+    comparable, checks = _comparable(metas, src, dst, keys, candidate, options.tolerance)
+    comparable, held = scan_.gate(scans, comparable, options.allow_ops, options.tolerance)
+    checks.update(held)
+    for check in checks.values():
+        progress(SignatureChecked(check))
+    result.verification.update(checks)
+    progress(StageStarted("verify", f"{len(comparable)} signature(s) "
+                                    f"({tolerance_words(options.tolerance)})"))
+    result.verification.update(checking.run_checks(
+        reference, candidate, comparable, feeds.given, feeds.recorded,
+        tolerance=options.tolerance, batch=options.batch, progress=progress,
+        shapes=feeds.shapes))
+    unverified = sorted(result.not_verified + result.inconclusive)
+    if options.require_verification and unverified:
+        raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
+                                 f"{', '.join(unverified)} NOT VERIFIED", result)
+    return result
+
+
+def _comparable(metas: dict, src: str, dst: str, keys: list[str], candidate,
+                tolerance) -> tuple[list[str], dict[str, Verification]]:
+    """The keys whose DST signature can be compared with SRC's, and a failed ``Verification``
+    for each of the others (missing, other keys, dtypes or method name, not loaded)."""
+    comparable, failed = [], {}
     for key in keys:
         problem = _signature_difference(metas[src].signature_def[key],
                                         metas[dst].signature_def.get(key))
         if problem is None and key not in candidate.signatures:
             problem = "TensorFlow did not load it from DST"
         if problem:
-            result.verification[key] = Verification(key, "failed", tolerance,
-                                                    reason=f"DST's signature: {problem}")
-            progress(f"  {result.verification[key].line()}")
+            failed[key] = Verification(key, "failed", tolerance,
+                                       reason=f"DST's signature: {problem}")
         else:
             comparable.append(key)
-    comparable, held = scan_.gate(scans, comparable, options.allow_ops, tolerance)
-    result.verification.update(held)
-    for check in held.values():
-        progress(f"  {check.line()}")
-    progress(f"verifying {len(comparable)} signature(s) ({tolerance_words(tolerance)})")
-    result.verification.update(checking.run_checks(
-        reference, candidate, comparable, given, recorded, tolerance=tolerance, batch=batch,
-        progress=progress, shapes=shapes))
-    unverified = sorted(result.not_verified + result.inconclusive)
-    if options.require_verification and unverified:
-        raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
-                                 f"{', '.join(unverified)} NOT VERIFIED", result)
-    return result
+    return comparable, failed
 
 
 def _signature_difference(want, got) -> str | None:

@@ -354,7 +354,7 @@ def not_run_reason(held: list[Finding]) -> str:
 
 
 def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: Iterable[str],
-         tolerance: float):
+         tolerance: float | None):
     """``(keys that may run, {key: NOT VERIFIED Verification})`` for ``keys``, a key being held
     back when any of ``scans`` finds an op that is not allowed in what it runs."""
     from graphfold.verify import Verification

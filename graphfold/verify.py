@@ -162,6 +162,18 @@ def compare(want, got) -> tuple[float, float]:
     return max_abs, (max_abs / scale if scale > 0 else max_abs)
 
 
+@dataclasses.dataclass
+class Recorded:
+    """The reference's side of a check (``record``): the ``Verification`` so far (inputs,
+    shapes, precision; "skipped" when the reference could not be run) and, per input run,
+    ``(args, kwargs, outputs)``. ``replay`` compares a candidate with it: the reference need
+    not be held meanwhile."""
+    check: Verification
+    runs: list = dataclasses.field(default_factory=list, repr=False)
+    problem: str | None = None          # why the reference failed on a given input
+    given: bool = False                 # run on given inputs (``feeds``), not random ones
+
+
 def verify(name: str, reference, candidate, *, tolerance: float | None = None, batch: int = 1,
            seed: int = 0, feeds: list[dict] | None = None, source: str | None = None,
            shapes: dict[str, tuple] | None = None,
@@ -171,33 +183,85 @@ def verify(name: str, reference, candidate, *, tolerance: float | None = None, b
     compares every output. ``feeds``: run these keyword-argument dicts instead (real inputs,
     described by ``source``); the errors are the largest over all of them. ``shapes``: input
     name -> the shape of its random values (else ``input_shapes.default_shape``, images
-    ``image_size`` high and wide). ``tolerance``: None follows the precision (``tolerance.py``)."""
+    ``image_size`` high and wide). ``tolerance``: None follows the precision (``tolerance.py``).
+    ``record`` then ``replay``: the same in two steps."""
+    return replay(record(name, reference, tolerance=tolerance, batch=batch, seed=seed,
+                         feeds=feeds, source=source, shapes=shapes, image_size=image_size),
+                  candidate)
+
+
+def record(name: str, reference, *, tolerance: float | None = None, batch: int = 1,
+           seed: int = 0, feeds: list[dict] | None = None, source: str | None = None,
+           shapes: dict[str, tuple] | None = None,
+           image_size: int = shapes_.IMAGE_SIZE) -> Recorded:
+    """The reference's outputs on the inputs ``verify`` would run (its arguments), to
+    ``replay`` against a candidate later."""
     import time
     clock = time.perf_counter()
     result = Verification(name, "ok", tolerance)
     if tolerance is None:
         result.computation = tolerance_.computation_dtypes(reference)
     if feeds is not None:
-        return _verify_feeds(result, reference, candidate, feeds, source or "given inputs",
-                             clock)
+        recorded = _record_feeds(result, reference, feeds, source or "given inputs")
+    else:
+        recorded = Recorded(result)
+        try:
+            want, args, kwargs = _run_on_random_inputs(result, reference, batch, seed,
+                                                       image_size, shapes or {})
+            recorded.runs.append((args, kwargs, want))
+        except _NotRun as why:
+            result.status, result.reason = "skipped", str(why)
+    result.seconds = time.perf_counter() - clock
+    return recorded
 
-    def done(status=None, reason=None):
-        if status:
-            result.status, result.reason = status, reason
-        result.seconds = time.perf_counter() - clock
+
+def _record_feeds(result: Verification, reference, feeds: list[dict], source: str) -> Recorded:
+    result.source = source
+    result.fed = list(feeds)
+    recorded = Recorded(result, given=True)
+    for i, feed in enumerate(feeds):
+        kwargs = {k: tf.constant(v) for k, v in feed.items()}
+        if i == 0:
+            result.inputs = {k: tuple(t.shape.as_list()) for k, t in sorted(kwargs.items())}
+        try:
+            recorded.runs.append(((), kwargs, reference(**kwargs)))
+        except Exception as exc:  # noqa: BLE001 - the given inputs do not fit the original
+            recorded.problem = f"the original fails on {source} #{i}: {_first_line(exc)}"
+            break
+    return recorded
+
+
+def replay(recorded: Recorded, candidate) -> Verification:
+    """``recorded.check`` completed: ``candidate`` run on the recorded inputs, every output
+    compared with the reference's."""
+    import time
+    clock = time.perf_counter()
+    result = recorded.check
+    if result.status == "skipped":
         return result
-
-    try:
-        want, args, kwargs = _run_on_random_inputs(result, reference, batch, seed, image_size,
-                                                   shapes or {})
-    except _NotRun as why:
-        return done("skipped", str(why))
-    try:
-        got = candidate(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
-        return done("failed", f"the optimized function fails: {_first_line(exc)}")
-    problem = _compare_outputs(result, want, got)
-    return done("failed", problem) if problem else done()
+    problems, numeric_only = [], True
+    for i, (args, kwargs, want) in enumerate(recorded.runs):
+        try:
+            got = candidate(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a failed check
+            on = f" on {result.source} #{i}" if recorded.given else ""
+            result.status = "failed"
+            result.reason = f"the optimized function fails{on}: {_first_line(exc)}"
+            break
+        problem = _compare_outputs(result, want, got)
+        if problem:
+            problems.append(problem)
+            numeric_only = numeric_only and result.mismatch
+    if recorded.problem and result.status == "ok":
+        result.status, result.reason = "failed", recorded.problem
+        result.reference_failed = True
+    result.mismatch = bool(problems) and numeric_only and result.status == "ok"
+    if result.status == "ok" and problems:
+        result.status = "failed"
+        on = f"on {result.source}: " if recorded.given else ""
+        result.reason = on + "; ".join(dict.fromkeys(problems))
+    result.seconds += time.perf_counter() - clock
+    return result
 
 
 class _NotRun(Exception):
@@ -249,7 +313,7 @@ def _plan_shapes(specs: dict[str, tf.TensorSpec], batch: int, size: int | None, 
                  given: dict[str, tuple]) -> dict[str, tuple]:
     """label -> (shape, note): the given shape, else the usual size (``size`` None) or ``size``
     for every unknown non-batch dimension."""
-    plan = {}
+    plan: dict[str, tuple[tuple, str | None]] = {}
     for label, spec in specs.items():
         if label in given:
             plan[label] = (tuple(given[label]), None)
@@ -299,40 +363,6 @@ def _compare_outputs(result: Verification, want, got) -> str | None:
     return "; ".join(bad) if bad else None
 
 
-def _verify_feeds(result: Verification, reference, candidate, feeds: list[dict], source: str,
-                  clock: float) -> Verification:
-    import time
-    result.source = source
-    result.fed = list(feeds)
-    problems, numeric_only = [], True
-    for i, feed in enumerate(feeds):
-        kwargs = {k: tf.constant(v) for k, v in feed.items()}
-        if i == 0:
-            result.inputs = {k: tuple(t.shape.as_list()) for k, t in sorted(kwargs.items())}
-        try:
-            want = reference(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - the given inputs do not fit the original
-            result.status, result.reference_failed = "failed", True
-            result.reason = f"the original fails on {source} #{i}: {_first_line(exc)}"
-            break
-        try:
-            got = candidate(**kwargs)
-        except Exception as exc:  # noqa: BLE001
-            result.status, result.reason = "failed", \
-                f"the optimized function fails on {source} #{i}: {_first_line(exc)}"
-            break
-        problem = _compare_outputs(result, want, got)
-        if problem:
-            problems.append(problem)
-            numeric_only = numeric_only and result.mismatch
-    result.mismatch = bool(problems) and numeric_only and result.status == "ok"
-    if result.status == "ok" and problems:
-        result.status = "failed"
-        result.reason = f"on {source}: " + "; ".join(dict.fromkeys(problems))
-    result.seconds = time.perf_counter() - clock
-    return result
-
-
 def _labels(args_specs, kwargs_specs) -> list[str]:
     """A distinct name per flat input, in flat order: keyword names, else TensorSpec names,
     else argN."""
@@ -360,7 +390,7 @@ def _named(outputs) -> dict[str, tf.Tensor]:
     structure under a key), else ``output_<i>`` in flat order; None and Python values are left
     out."""
     if isinstance(outputs, dict):
-        pairs = []
+        pairs: list[tuple[str, object]] = []
         for key in sorted(outputs):
             leaves = tf.nest.flatten(outputs[key])
             pairs += [(key, outputs[key])] if isinstance(outputs[key], tf.Tensor) else \

@@ -130,8 +130,8 @@ def test_a_wrong_rewrite_fails_verification_and_writes_nothing(frozen_pb, tmp_pa
     import graphfold.graph_def_file as module
     real = module.optimize_graph_def
 
-    def off(graph_def, inputs, outputs, shapes=None):
-        optimized, report = real(graph_def, inputs, outputs, shapes)
+    def off(graph_def, inputs, outputs, shapes=None, **kwargs):
+        optimized, report = real(graph_def, inputs, outputs, shapes, **kwargs)
         for node in optimized.node:        # spoil one folded weight
             if node.op == "Const" and node.name.startswith("conv2"):
                 value = tf.make_ndarray(node.attr["value"].tensor) * 1.01

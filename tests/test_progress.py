@@ -4,6 +4,7 @@ import io
 import time
 
 from graphfold.cli import Console
+from graphfold.progress import SignatureFolded, StageStarted
 
 
 class _Terminal(io.StringIO):
@@ -12,10 +13,10 @@ class _Terminal(io.StringIO):
 
 
 def _run_stage(console, seconds):
-    console.progress("freezing and folding signature 'serve'")
+    console.progress(StageStarted("fold", "signature 'serve'"))
     time.sleep(seconds)
-    console.progress("  'serve': 1 batch norms: 1 folded")
-    console.progress("verifying 1 distinct signature(s) on random inputs")
+    console.progress(SignatureFolded("serve", "1 batch norms: 1 folded"))
+    console.progress(StageStarted("verify", "1 distinct signature(s) on random inputs"))
     console.print("result table")
     console.done()
 

@@ -6,9 +6,9 @@ from the operating system (``wait4``); the reference is ``tf.saved_model.load`` 
 "output": the same load and call of what ``graphfold optimize`` wrote, in a fresh process: what
 serving the result costs, and a floor for ``optimize``, which loads and calls it to verify it.
 
-Per stage (start-up, load, fold, write, verify, ...), the child process marks each progress line
-with the time and the peak RSS since the previous mark (``VmHWM``, reset through
-``/proc/self/clear_refs``).
+Per stage (start-up, load, fold, write, verify, ...), the child process marks each stage's start
+(a ``graphfold.progress.StageStarted`` event) with the time and the peak RSS since the previous
+mark (``VmHWM``, reset through ``/proc/self/clear_refs``).
 
 ``--weights auto,constants,variables``: one row per mode (``optimize`` and its output; the
 reference and ``inspect`` once per model). The targets table checks issue 20's memory targets:
@@ -129,7 +129,7 @@ print(sum(v.shape.num_elements() * v.dtype.size for v in fn.variables))
 """
 
 
-# The graphfold command, with each progress line marked by the time and the peak RSS since the
+# The graphfold command, with each stage's start marked by the time and the peak RSS since the
 # previous mark (the first mark: Python and TensorFlow start-up).
 MARKED = """
 import json, os, sys, time
@@ -151,15 +151,14 @@ def mark(stage):
     last[0] = stage
 
 import graphfold.cli as cli
+from graphfold.progress import StageStarted
 progress = cli.Console.progress
-STAGES = (("loading", "load"), ("freezing and folding", "fold"), ("writing", "write"),
-          ("verifying", "verify"), ("moving", "rename"))
+STAGES = ("load", "fold", "write", "verify", "rename")     # graphfold.progress.StageStarted.stage
 
-def marked(self, line):
-    for prefix, stage in STAGES:
-        if line.startswith(prefix):
-            mark(stage)
-    progress(self, line)
+def marked(self, event):
+    if isinstance(event, StageStarted) and event.stage in STAGES:
+        mark(event.stage)
+    progress(self, event)
 
 cli.Console.progress = marked
 code = cli.main(sys.argv[2:])

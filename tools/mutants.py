@@ -81,8 +81,8 @@ MUTANTS = (
            ("tests/test_trust.py", "-k", "noise"), cheap=True),
     Mutant("require-verification-ignored",
            "--require-verification (require_verification=) is ignored by optimize",
-           (("graphfold/saved_model.py", "            if unverified and require_verification:\n",
-             "            if False:  # mutant\n"),),
+           (("graphfold/saved_model.py", "    if unverified and require_verification:\n",
+             "    if False:  # mutant\n"),),
            ("tests/test_serving.py", "-k", "not_verified"), cheap=True),
     Mutant("require-verification-ignored-graph-def",
            "--require-verification is ignored for a GraphDef file",
@@ -105,7 +105,8 @@ MUTANTS = (
            "weights written as variables: the original function is written, unfolded, while "
            "the report says folded",
            (("graphfold/saved_model.py",
-             '        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False)\n',
+             '        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False,\n'
+             '                       partial=partial)\n',
              '        return FoldedFunction(fn, None, fold(fn)[-1])  # mutant\n'),),
            ("tests/test_weights.py", "-k", "variables"), cheap=True),
     Mutant("auto-writes-constants",
@@ -131,8 +132,8 @@ MUTANTS = (
     Mutant("crash-copied-through",
            "a crash while rewriting copies the signature through, exit 0",
            (("graphfold/saved_model.py",
-             "        except NotFreezable as exc:     # an expected reason",
-             "        except Exception as exc:     # mutant"),),
+             "    except NotFreezable as exc:     # an expected reason",
+             "    except Exception as exc:     # mutant"),),
            ("tests/test_trust.py", "-k", "crash"), cheap=True),
     Mutant("tf-quirk-emitted",
            "a pattern TensorFlow miscomputes (Conv2D -> BiasAdd -> Add -> LeakyRelu) is emitted "
