@@ -5,7 +5,7 @@ A signature is verified on, in this order of preference: the inputs the user gav
 / ``--input_exprs``, API ``inputs=``) when they address it; else SRC's TF Serving warm-up records
 that call it (the first ``WARMUP_VERIFIED`` of them); else random inputs (``verify.py``).
 A signature whose original fails on random inputs and that has no real inputs is NOT VERIFIED.
-``rewrite`` checks its own result the same way, on random inputs (``self_check``).
+``rewrite`` checks its own result the same way, on random inputs (``self_check.py``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ import numpy as np
 from graphfold import input_shapes as input_shapes_
 from graphfold import inputs as inputs_
 from graphfold import noise, warmup
-from graphfold.errors import BadInput, VerificationFailed
+from graphfold.errors import BadInput
 from graphfold.options import spelled, with_value
 from graphfold.progress import SignatureChecked
 from graphfold.verify import (
     Recorded,
     Verification,
-    input_labels,
     input_specs,
     record,
     replay,
-    verify,
 )
 
 WARMUP_VERIFIED = 16          # warm-up records verified per signature
@@ -197,40 +195,3 @@ def warmup_records(src: str, checks: dict[str, Verification], specs: dict[str, d
     notes.append(f"{warmup.PATH}: SRC's {len(existing)} record(s) kept, {len(added)} added"
                  if existing else f"{warmup.PATH}: {len(added)} warm-up record(s) written")
     return existing + added, notes
-
-
-# ---- rewrite's own check ------------------------------------------------------------------------
-
-def rewrite_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
-    """``rewrite``'s ``input_shapes`` checked against ``concrete``'s inputs (``BadInput``, as
-    ``tolerance`` is)."""
-    if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
-                       f"{tolerance!r}")
-    if not verify:
-        if input_shapes:
-            raise BadInput("input_shapes is for the verification: not with verify=False")
-        return {}
-    checked = input_shapes_.check(input_shapes, {"rewrite": input_labels(concrete)})
-    return checked.get("rewrite", {})
-
-
-def self_check(folded, concrete, tolerance, shapes: dict, image_size: int) -> None:
-    """``rewrite``'s own check: ``folded`` (a FoldedFunction) against ``concrete`` on random
-    inputs (``verify``, ``noise.judge``); the outcome in its report; ``VerificationFailed``
-    giving the folded error and the freeze-only noise floor when it fails."""
-    check = verify("rewrite", concrete, folded.function, tolerance=tolerance, shapes=shapes,
-                   image_size=image_size)
-    noise.judge(check, concrete)
-    folded.report.verification = check
-    folded.report.seconds["verify"] = check.seconds
-    if check.status != "failed":
-        return
-    floor = "not measured" if check.noise_floor is None else f"{check.noise_floor:.3g}"
-    raise VerificationFailed(
-        f"rewrite: the folded function does not compute what the original computes: "
-        f"{check.reason}; folded max rel error {check.max_rel:.3g}, freeze-only noise floor "
-        f"{floor}, on {check.source} "
-        + ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
-        + " (the FoldedFunction is the exception's .result; verify=False skips this check)",
-        folded)

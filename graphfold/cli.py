@@ -30,7 +30,7 @@ class Console:
     (``graphfold.progress``); results on stdout."""
 
     def __init__(self, quiet: bool = False, json_mode: bool = False, out=None, err=None):
-        from graphfold.progress import Heartbeat
+        from graphfold.heartbeat import Heartbeat
         self.quiet, self.json_mode = quiet, json_mode
         self.out = out or sys.stdout
         self.err = err or sys.stderr

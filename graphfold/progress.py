@@ -1,4 +1,4 @@
-"""Progress as typed events, and how the command line shows them.
+"""Progress as typed events.
 
 The library emits events (``optimize_saved_model(..., progress=callback)`` calls ``callback``
 with each); the command line renders them. Every event's ``text`` (and ``str(event)``) is the
@@ -11,18 +11,14 @@ line the command prints, so ``progress=print`` gives readable lines:
 - ``SignatureChecked(verification)``: one signature compared.
 - ``Note(text)``: anything else worth a line.
 
-``Heartbeat`` shows them: on a terminal a ``rich`` spinner below them with the running stage and
-its elapsed time; elsewhere (a log file, a CI job) plain lines, and one more every ``every``
-seconds while a stage runs.
+The command line shows them with ``heartbeat.Heartbeat``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from graphfold.verify import Verification
@@ -130,53 +126,3 @@ def silent(_event: Event) -> None:
 def as_event(item: Event | str) -> Event:
     """An event, or a plain string as a ``Note``."""
     return item if isinstance(item, Event) else Note(str(item))
-
-
-class Heartbeat:
-    """``show(text, stage)`` prints a progress line; with ``stage`` (a ``StageStarted``) it starts
-    that stage (ending the previous one). ``stop()`` ends the running stage."""
-
-    def __init__(self, stream: TextIO, prefix: Callable[[], str], every: float = 10.0):
-        self.stream, self.prefix, self.every = stream, prefix, every
-        self.terminal = bool(getattr(stream, "isatty", lambda: False)())
-        self._console: Any = None
-        self._status: Any = None
-        self._thread: threading.Thread | None = None
-        self._done = threading.Event()
-
-    def show(self, text: str, stage: StageStarted | None = None) -> None:
-        if self.terminal:
-            if self._console is None:
-                from rich.console import Console
-                self._console = Console(file=self.stream, highlight=False, markup=False)
-            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
-        else:
-            print(text, file=self.stream, flush=True)
-        if stage is not None:
-            self.stop()
-            self._done = threading.Event()
-            self._thread = threading.Thread(target=self._tick, args=(stage,), daemon=True)
-            if self.terminal:
-                self._status = self._console.status(stage.text)
-                self._status.start()
-            self._thread.start()
-
-    def _tick(self, stage: StageStarted) -> None:
-        start = time.perf_counter()
-        every = 1.0 if self.terminal else self.every
-        while not self._done.wait(every):
-            seconds = time.perf_counter() - start
-            if self._status is not None:
-                self._status.update(f"{stage.text} ({seconds:.0f} s)")
-            else:
-                print(f"{self.prefix()}   ... still {stage.doing} ({seconds:.0f} s)",
-                      file=self.stream, flush=True)
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._status is not None:
-            self._status.stop()
-            self._status = None

@@ -9,7 +9,7 @@ import time
 import tensorflow as tf
 
 from graphfold import apply as apply_
-from graphfold import casts, census, checking, tf_quirks
+from graphfold import casts, census, self_check, tf_quirks
 from graphfold.affine import (
     BATCH_NORM_OPS,
     Affine,
@@ -55,7 +55,7 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, veri
     ``VerificationFailed`` (its ``.result``: the FoldedFunction). ``verify=False`` skips it.
     """
     concrete = as_concrete_function(fn)
-    shapes = checking.rewrite_shapes(concrete, input_shapes, verify, tolerance)
+    shapes = self_check.rewrite_shapes(concrete, input_shapes, verify, tolerance)
     concrete, graph_def, held, inputs, outputs, report = fold(concrete, partial=partial)
     stubs = held.names()          # before binding: binding may release the arrays
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
@@ -65,7 +65,7 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, veri
         graph_def = held = None
     folded = FoldedFunction(function, graph_def, report, held, variables)
     if verify:
-        checking.self_check(folded, concrete, tolerance, shapes, CHECK_IMAGE_SIZE)
+        self_check.check(folded, concrete, tolerance, shapes, CHECK_IMAGE_SIZE)
     return folded
 
 

@@ -105,7 +105,7 @@ def test_python_values_in_the_signature_are_passed_not_skipped():
 
 def test_optimize_saved_model_does_not_check_twice(tmp_path, monkeypatch):
     """It verifies the written model; the in-memory check would cost a second run."""
-    from graphfold import checking
+    from graphfold import self_check
     rng = np.random.default_rng(5)
     fn = _conv_bn(rng)
     module = tf.Module()
@@ -115,7 +115,7 @@ def test_optimize_saved_model_does_not_check_twice(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("rewrite's own check ran inside optimize_saved_model")
 
-    monkeypatch.setattr(checking, "self_check", refuse)
+    monkeypatch.setattr(self_check, "check", refuse)
     for weights in ("constants", "variables"):
         result = graphfold.optimize_saved_model(str(tmp_path / "src"),
                                                 str(tmp_path / f"out_{weights}"), weights=weights)
