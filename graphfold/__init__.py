@@ -14,17 +14,20 @@ from graphfold.version import __version__  # noqa: F401
 
 # public name -> the module that defines it
 _HOMES = {
-    "rewrite": "graphfold.rewrite",
-    "optimize_graph_def": "graphfold.rewrite",
-    "optimize_saved_model": "graphfold.saved_model",
-    "verify_saved_models": "graphfold.saved_model",
-    "optimize_repository": "graphfold.repository",
+    "rewrite": "graphfold.convert.rewrite",
+    "optimize_graph_def": "graphfold.convert.rewrite",
+    "optimize_saved_model": "graphfold.serving.saved_model",
+    "verify_saved_models": "graphfold.serving.saved_model",
+    "optimize_repository": "graphfold.fleet.repository",
     "Options": "graphfold.options",
-    "FoldedFunction": "graphfold.function",
-    "FoldReport": "graphfold.report",
-    "Entry": "graphfold.report",
+    "FoldedFunction": "graphfold.convert.function",
+    "FoldReport": "graphfold.fold.report",
+    "Entry": "graphfold.fold.report",
 }
-_SUBMODULES = ("examples", "options", "errors", "beam")
+# attribute -> the module it names (the layers' packages; ``beam`` where it was first documented)
+_SUBMODULES = {name: f"graphfold.{name}" for name in (
+    "examples", "options", "errors", "progress", "fold", "convert", "serving", "fleet", "cli")}
+_SUBMODULES["beam"] = "graphfold.fleet.beam"
 
 __all__ = list(_HOMES)
 
@@ -33,7 +36,7 @@ def __getattr__(name: str):
     if name in _HOMES:
         value = getattr(importlib.import_module(_HOMES[name]), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f"graphfold.{name}")
+        value = importlib.import_module(_SUBMODULES[name])
     else:
         raise AttributeError(f"module 'graphfold' has no attribute {name!r}")
     globals()[name] = value

@@ -2,6 +2,6 @@
 
 import sys
 
-from graphfold.cli import main
+from graphfold.cli.command import main
 
 sys.exit(main())

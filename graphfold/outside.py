@@ -2,7 +2,8 @@
 
 graphfold runs none of them without the user's consent (``allow_ops``, ``--allow-ops``): a
 signature holding one is folded and written but not run, a model whose loading would run one is
-not loaded (``graphfold.scan`` finds them). TensorFlow's own ``saved_model_cli scan`` looks for
+not loaded (``graphfold.convert.scan`` finds them). TensorFlow's own ``saved_model_cli scan``
+looks for
 three (``WriteFile``, ``ReadFile``, ``PrintV2``); this list adds the other file, dataset,
 checkpoint and summary ops, the network and Python ops, and printing. An op that the running
 TensorFlow does not register (a custom kernel) is held back too, in category "unregistered".

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from graphfold.verify import Verification
+    from graphfold.verification import Verification
 
 # What each stage does, as the progress line and the heartbeat say it.
 VERBS = {"read": "reading", "load": "loading", "fold": "freezing and folding",

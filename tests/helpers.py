@@ -22,7 +22,7 @@ from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
-from graphfold.freeze import freeze  # noqa: E402
+from graphfold.convert.freeze import freeze  # noqa: E402
 
 BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
           "BatchNormWithGlobalNormalization")

@@ -47,7 +47,7 @@ def rel_err(want, got) -> float:
 
 def build_keras3(path: str) -> None:
     """Keras 3 ``model.export``: the demo's residual CNN on 16x16 inputs (7 batch norms)."""
-    from graphfold.demo import build_model
+    from graphfold.cli.demo import build_model
     build_model(seed=3, input_shape=(16, 16, 3)).export(path, verbose=False)
 
 
@@ -202,7 +202,7 @@ BUILDERS = {
 
 def random_feeds(path: str, key: str, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """NumPy inputs for signature ``key`` of the SavedModel at ``path``."""
-    from graphfold.verify import input_specs, random_inputs
+    from graphfold.convert.verify import input_specs, random_inputs
     loaded = tf.saved_model.load(path)
     specs = input_specs(loaded.signatures[key])
     return {k: v.numpy() for k, v in random_inputs(specs, batch=batch, seed=seed).items()}
@@ -226,7 +226,7 @@ def run_tf1(path: str, key: str, feeds: dict, tags=("serve",)) -> dict[str, np.n
 def signature_defs(path: str, tags=("serve",)) -> dict:
     """key -> (method name, {input: (dtype, shape)}, {output: (dtype, shape)}), for the
     user's signatures (not ``__saved_model_init_op``)."""
-    from graphfold.saved_model import INTERNAL_SIGNATURES, meta_graph_for, read_saved_model
+    from graphfold.serving.saved_model import INTERNAL_SIGNATURES, meta_graph_for, read_saved_model
     meta = meta_graph_for(read_saved_model(path), path, tags)
 
     def describe(infos):

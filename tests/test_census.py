@@ -11,9 +11,9 @@ import tensorflow as tf
 
 import graphfold
 from graphfold import examples
-from graphfold.cli import main
-from graphfold.freeze import freeze
-from graphfold.saved_model import inspect_saved_model, read_saved_model
+from graphfold.cli.command import main
+from graphfold.convert.freeze import freeze
+from graphfold.serving.saved_model import inspect_saved_model, read_saved_model
 
 import savedmodel_fixtures as F
 from helpers import assert_close, batch_norm_census, random_inputs

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from graphfold.cli import main
+from graphfold.cli.command import main
 
 import savedmodel_fixtures as F
 from helpers import error_line

@@ -12,7 +12,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow.core.framework import graph_pb2
 
-from graphfold.cli import main
+from graphfold.cli.command import main
 
 from helpers import bias, bn_params, rel_err, run_graph_def, weight
 
@@ -127,7 +127,7 @@ def test_not_a_graph_def_and_existing_dst(frozen_pb, tmp_path, capsys):
 
 def test_a_wrong_rewrite_fails_verification_and_writes_nothing(frozen_pb, tmp_path,
                                                                monkeypatch, capsys):
-    import graphfold.graph_def_file as module
+    import graphfold.serving.graph_def_file as module
     real = module.optimize_graph_def
 
     def off(graph_def, inputs, outputs, shapes=None, **kwargs):

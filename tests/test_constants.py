@@ -1,4 +1,4 @@
-"""Constant subgraphs are evaluated with NumPy (graphfold.constants): every evaluator must give
+"""Constant subgraphs are evaluated with NumPy (graphfold.fold.constants): every evaluator must give
 what TensorFlow itself computes for the same op, exactly for integers and to a few ulps for
 floats, else folding silently changes the model before any batch norm is touched."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from graphfold.constants import fold_constants
-from graphfold.graph import Graph
+from graphfold.fold.constants import fold_constants
+from graphfold.fold.graph import Graph
 
 from helpers import freeze
 

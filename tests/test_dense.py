@@ -146,7 +146,7 @@ def test_batch_matmul_v3_of_mixed_dtypes_is_refused():
     """(Checked on the table entry: CPU TensorFlow runs no mixed-dtype BatchMatMulV3.)"""
     from tensorflow.core.framework import node_def_pb2
 
-    from graphfold.layers import LINEAR, Site
+    from graphfold.fold.layers import LINEAR, Site
     node = node_def_pb2.NodeDef(name="mm", op="BatchMatMulV3")
     for key, dtype in (("Ta", tf.float16), ("Tb", tf.float16), ("Tout", tf.float32)):
         node.attr[key].type = dtype.as_datatype_enum

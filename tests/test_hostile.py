@@ -300,11 +300,12 @@ def test_other_stateful_ops_on_constants_stay(rng, tmp_path):
 
 
 def test_evaluators_are_pure_registered_ops():
-    """What folding may evaluate is an allowlist (graphfold.constants.EVALUATORS), computed with
+    """What folding may evaluate is an allowlist (graphfold.fold.constants.EVALUATORS),
+    computed with
     NumPy; no op in it is stateful in TensorFlow's registry."""
     from tensorflow.python.framework import op_def_registry
 
-    from graphfold import constants
+    from graphfold.fold import constants
     for op in constants.EVALUATORS:
         op_def = op_def_registry.get(op)
         assert op_def is not None, f"{op} is not a TensorFlow op"

@@ -78,7 +78,7 @@ def _build(framework: str, name: str, seed: int = 0):
 
 def assert_into_its_layer(entry, folded):
     """The batch norm named ``<layer>_bn`` folded forward into one linear op of ``<layer>``."""
-    from graphfold.layers import LINEAR
+    from graphfold.fold.layers import LINEAR
     layer = entry.name.split("_bn")[0]
     ops = {n.name: n.op for n in folded.graph_def.node}
     assert entry.direction == "forward" and len(entry.absorbed_by) == 1, entry

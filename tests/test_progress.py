@@ -3,7 +3,7 @@
 import io
 import time
 
-from graphfold.cli import Console
+from graphfold.cli.command import Console
 from graphfold.progress import SignatureFolded, StageStarted
 
 

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from graphfold import pool
-from graphfold.cli import main
-from graphfold.repository import (
+from graphfold.cli.command import main
+from graphfold.fleet import pool
+from graphfold.fleet.repository import (
     RECORD,
     REPORT,
     Task,
@@ -30,7 +30,7 @@ from graphfold.repository import (
     source_fingerprint,
     write_json,
 )
-from graphfold.saved_model import BadInput, optimize_saved_model
+from graphfold.serving.saved_model import BadInput, optimize_saved_model
 
 import savedmodel_fixtures as F
 
@@ -237,7 +237,7 @@ def test_progress_lines_come_from_the_calling_thread(capsys):
     alive while versions run."""
     import threading
 
-    from graphfold.cli import Console, _progress
+    from graphfold.cli.command import Console, _progress
     console = Console()
     before = threading.active_count()
     with _progress(console, every=0.0) as (on_plan, on_result, on_tick):
@@ -256,7 +256,7 @@ def test_workers_are_forked_only_while_that_is_safe():
     script = """if True:
         import json, threading
         import tensorflow as tf
-        from graphfold import pool
+        from graphfold.fleet import pool
         import pool_helpers
         before = pool.start_method()
         results = dict(pool.imap_unordered(pool_helpers.square_or_crash,
@@ -314,7 +314,7 @@ def test_worker_crash_fails_only_its_item():
 
 def test_beam_missing_says_how_to_install(repo, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "apache_beam", None)
-    monkeypatch.delitem(sys.modules, "graphfold.beam", raising=False)
+    monkeypatch.delitem(sys.modules, "graphfold.fleet.beam", raising=False)
     assert main(["optimize-repo", repo, str(tmp_path / "out"), "--runner", "beam"]) == 2
     assert "pip install 'graphfold[beam]'" in capsys.readouterr().err
 
@@ -348,7 +348,7 @@ def test_beam_transform_in_a_pipeline_is_byte_identical_to_local(repo, tmp_path)
     beam = _beam()
     from apache_beam.testing.util import assert_that, equal_to
 
-    from graphfold.beam import OptimizeSavedModels
+    from graphfold.fleet.beam import OptimizeSavedModels
     on_beam, local = str(tmp_path / "beam"), str(tmp_path / "local")
     with beam.Pipeline() as pipeline:
         statuses = (pipeline

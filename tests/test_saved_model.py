@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold.saved_model import BadInput, VerificationFailed
-from graphfold.verify import compare, random_inputs
+from graphfold.convert.verify import compare, random_inputs
+from graphfold.serving.saved_model import BadInput, VerificationFailed
 
 import savedmodel_fixtures as F
 
@@ -148,7 +148,7 @@ def test_lookup_table_copied_through_with_assets_and_training_bn_reported(src, t
 # ---- verification ---------------------------------------------------------------------------
 
 def test_a_wrong_rewrite_is_caught_and_nothing_is_written(src, tmp_path, monkeypatch):
-    real = graphfold.saved_model.fold_signature
+    real = graphfold.serving.saved_model.fold_signature
 
     def off_by_one_percent(fn, *args):
         folded = real(fn, *args)
@@ -161,7 +161,7 @@ def test_a_wrong_rewrite_is_caught_and_nothing_is_written(src, tmp_path, monkeyp
         folded.function = tf.function(call).get_concrete_function(**specs)
         return folded
 
-    monkeypatch.setattr(graphfold.saved_model, "fold_signature", off_by_one_percent)
+    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature", off_by_one_percent)
     source, dst = src("two_signatures"), str(tmp_path / "out")
     before = F.tree_hash(source)
     with pytest.raises(VerificationFailed) as info:
@@ -312,7 +312,7 @@ def test_tf1_builder_tag_set_and_method_names_kept(src, tmp_path):
 
 
 def test_verify_skips_what_it_cannot_feed_and_fails_a_broken_candidate():
-    from graphfold.verify import verify
+    from graphfold.convert.verify import verify
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="s")])
     def parse(s):

@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold.cli import main
+from graphfold.cli.command import main
 from graphfold.errors import BadInput, VerificationFailed
 
 SPEC = tf.TensorSpec([None, 6, 6, 2], tf.float32, name="x")
@@ -134,7 +134,7 @@ def model(models, request):
 
 def ops_of(path: str) -> set[str]:
     """Every op of a written SavedModel: its graph and its function library."""
-    from graphfold.saved_model import read_saved_model
+    from graphfold.serving.saved_model import read_saved_model
     graph_def = read_saved_model(path).meta_graphs[0].graph_def
     return {n.op for n in graph_def.node} | \
         {n.op for f in graph_def.library.function for n in f.node_def}
@@ -199,8 +199,8 @@ def test_api_allow_ops_runs_them(model, tmp_path, request):
 
 
 def test_nested_cond_branch_is_found_with_its_function(models):
-    from graphfold.saved_model import meta_graph_for, read_saved_model
-    from graphfold.scan import scan_meta_graph
+    from graphfold.convert.scan import scan_meta_graph
+    from graphfold.serving.saved_model import meta_graph_for, read_saved_model
     src, _ = models["cond"]
     meta = meta_graph_for(read_saved_model(src), src, ("serve",))
     [finding] = scan_meta_graph(meta, ["serving_default"]).signatures["serving_default"]
@@ -213,7 +213,7 @@ def test_every_attr_that_names_a_function_is_walked():
     """``tf.switch_case`` (a Case: a list of branch functions) and ``tf.while_loop`` (While:
     cond and body), called from a nested function: each op found in the function holding it,
     once, however many times it is reached."""
-    from graphfold.scan import scan_graph_def
+    from graphfold.convert.scan import scan_graph_def
 
     @tf.function(autograph=False)
     def nested(x, i):
@@ -242,7 +242,7 @@ def test_every_attr_that_names_a_function_is_walked():
 def test_an_unregistered_op_in_a_saved_model_is_named_before_loading(models, tmp_path):
     """TensorFlow cannot load a SavedModel holding an op it does not know: graphfold says
     which op, and where, without trying."""
-    from graphfold.saved_model import read_saved_model
+    from graphfold.serving.saved_model import read_saved_model
     path = str(tmp_path / "custom")
     shutil.copytree(models["write"][0], path)
     proto = read_saved_model(path)
@@ -261,8 +261,8 @@ def test_the_function_tf_loads_for_a_signature_is_scanned_too(tmp_path):
     """``tf.saved_model.load`` runs the function the object graph binds to a signature, not
     the graph its SignatureDef names: a model crafted so that the two differ (the SignatureDef
     pointing at a clean call) is still held back."""
-    from graphfold.saved_model import meta_graph_for, read_saved_model
-    from graphfold.scan import scan_meta_graph
+    from graphfold.convert.scan import scan_meta_graph
+    from graphfold.serving.saved_model import meta_graph_for, read_saved_model
     target, path = str(tmp_path / "crafted.touched"), str(tmp_path / "crafted")
     net = Net()
     net.serve = tf.function(_body("write", net, target), input_signature=[SPEC],
@@ -290,8 +290,8 @@ def test_own_assets_and_checkpoints_are_not_held_back(src):
     """A table filled from the SavedModel's own asset and a TF1 restore from its own
     variables/ read the model's own files: loading them is not held back, while the ops are
     there (InitializeTableFromTextFileV2, RestoreV2)."""
-    from graphfold.saved_model import meta_graph_for, read_saved_model, signature_keys
-    from graphfold.scan import scan_meta_graph
+    from graphfold.convert.scan import scan_meta_graph
+    from graphfold.serving.saved_model import meta_graph_for, read_saved_model, signature_keys
     for name, tags, op in (("table", ("serve",), "InitializeTableFromTextFileV2"),
                            ("tf1", ("serve", "gpu"), "RestoreV2")):
         path = src(name)
@@ -310,8 +310,8 @@ def _repository(src: str, tmp_path) -> str:
 def test_an_asset_named_outside_the_saved_model_is_not_its_own(src, tmp_path):
     """TensorFlow's loader joins an asset's file name to assets/ as it is: a table filled from
     "../../etc/passwd" or an absolute path reads any file, and is held back."""
-    from graphfold.saved_model import meta_graph_for, read_saved_model, signature_keys
-    from graphfold.scan import scan_meta_graph
+    from graphfold.convert.scan import scan_meta_graph
+    from graphfold.serving.saved_model import meta_graph_for, read_saved_model, signature_keys
     path = str(tmp_path / "table")
     shutil.copytree(src("table"), path)
     proto = read_saved_model(path)
@@ -347,7 +347,7 @@ def test_what_loading_runs_is_held_back_too(model, tmp_path, capsys):
 
 
 def test_require_runnable_gates_the_demo_timing(models, src):
-    from graphfold.demo import require_runnable
+    from graphfold.cli.demo import require_runnable
     require_runnable(src("two_signatures"), ["predict", "single"])
     with pytest.raises(BadInput, match="WriteFile"):
         require_runnable(models["write"][0], ["serving_default"])
@@ -372,7 +372,7 @@ def test_allow_ops_names_must_be_held_back_ops(models, tmp_path, capsys):
 
 def test_folding_evaluates_none_of_them():
     """Folding evaluates constant subgraphs through an allowlist of pure math only."""
-    from graphfold.constants import EVALUATORS
+    from graphfold.fold.constants import EVALUATORS
     from graphfold.outside import OUTSIDE
     assert not set(EVALUATORS) & set(OUTSIDE)
 
@@ -484,7 +484,7 @@ def test_cli_inspect_of_a_clean_model_says_none(src, capsys):
 # ---- GraphDef files ------------------------------------------------------------------------
 
 def _frozen(body, path: str, extra=None) -> None:
-    from graphfold.freeze import freeze
+    from graphfold.convert.freeze import freeze
     fn = tf.function(body, input_signature=[SPEC], autograph=False).get_concrete_function()
     frozen = freeze(fn)
     if extra is not None:

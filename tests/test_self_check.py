@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold import tf_quirks
 from graphfold.errors import BadInput, VerificationFailed
+from graphfold.fold import tf_quirks
 
 from helpers import bn_params, decomposed_bn, make, random_inputs, rel_err, weight
 from helpers import fused_bn as bn
@@ -105,7 +105,7 @@ def test_python_values_in_the_signature_are_passed_not_skipped():
 
 def test_optimize_saved_model_does_not_check_twice(tmp_path, monkeypatch):
     """It verifies the written model; the in-memory check would cost a second run."""
-    from graphfold import self_check
+    from graphfold.convert import self_check
     rng = np.random.default_rng(5)
     fn = _conv_bn(rng)
     module = tf.Module()

@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold import staging, warmup
-from graphfold.assets import untouched_paths
-from graphfold.cli import main
-from graphfold.saved_model import BadInput, VerificationFailed, read_saved_model
+from graphfold.cli.command import main
+from graphfold.serving import staging, warmup
+from graphfold.serving.assets import untouched_paths
+from graphfold.serving.saved_model import BadInput, VerificationFailed, read_saved_model
 
 import savedmodel_fixtures as F
 from helpers import error_line
@@ -184,8 +184,8 @@ def _off_by_one_percent(real, factor: float = 1.01):
 
 def test_a_wrong_fold_is_caught_on_real_inputs_and_noise_does_not_excuse_it(src, tmp_path,
                                                                              monkeypatch):
-    monkeypatch.setattr(graphfold.saved_model, "fold_signature",
-                        _off_by_one_percent(graphfold.saved_model.fold_signature))
+    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature",
+                        _off_by_one_percent(graphfold.serving.saved_model.fold_signature))
     dst = str(tmp_path / "out")
     with pytest.raises(VerificationFailed) as info:
         graphfold.optimize_saved_model(src("jpeg"), dst, signatures=["serving_default"])
@@ -229,9 +229,9 @@ def test_an_error_within_the_noise_floor_is_accepted_and_reported(src, tmp_path,
     """An error over the tolerance but within NOISE_MULTIPLE times a floor under
     INCONCLUSIVE_FLOOR is accepted, and said so. The floor is pinned (a chaotic model's real
     floor depends on the machine's rounding order: see the INCONCLUSIVE test for a real one)."""
-    from graphfold import noise
-    monkeypatch.setattr(graphfold.saved_model, "fold_signature",
-                        _off_by_one_percent(graphfold.saved_model.fold_signature, 1.0002))
+    from graphfold.convert import noise
+    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature",
+                        _off_by_one_percent(graphfold.serving.saved_model.fold_signature, 1.0002))
     monkeypatch.setattr(noise, "measure", lambda reference, feeds: {
         key: 1e-4 for key in reference.structured_outputs})
     source, dst = src("jpeg"), str(tmp_path / "out")
@@ -250,7 +250,7 @@ def test_a_noise_floor_too_large_to_mean_anything_is_inconclusive(tmp_path, caps
     """Issue 17: random-weight EfficientNetV2S has a freeze-only floor of 0.54: "verified
     (within the noise floor)" said nothing. Over INCONCLUSIVE_FLOOR it is INCONCLUSIVE, never
     "verified", and --require-verification refuses it."""
-    from graphfold.noise import INCONCLUSIVE_FLOOR
+    from graphfold.convert.noise import INCONCLUSIVE_FLOOR
     source, dst = str(tmp_path / "chaos"), str(tmp_path / "out")
     _chaotic(source, steps=40)
     assert main(["optimize", source, dst, "--batch", "4", "-s", "serving_default"]) == 0
@@ -323,8 +323,8 @@ def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeyp
     assert "differs from" in error_line(capsys.readouterr().err)
 
     broken = str(tmp_path / "broken")     # same signatures, outputs 1% off: written unchecked
-    monkeypatch.setattr(graphfold.saved_model, "fold_signature",
-                        _off_by_one_percent(graphfold.saved_model.fold_signature))
+    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature",
+                        _off_by_one_percent(graphfold.serving.saved_model.fold_signature))
     graphfold.optimize_saved_model(source, broken, verify=False)
     assert main(["verify", source, broken, "--input_exprs", "pixels=" + str(
         np.full((1, 8, 8, 3), 0.5).tolist())]) == 1
@@ -338,8 +338,8 @@ def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeyp
 
 DRIVER = """
 import sys, time
-import graphfold.saved_model as sm
-from graphfold.cli import main
+import graphfold.serving.saved_model as sm
+from graphfold.cli.command import main
 stage = sys.argv.pop(1)
 real = getattr(sm, stage)
 def slow(*args, **kwargs):

@@ -62,7 +62,7 @@ def test_freeze_only_freezes_and_folds_nothing():
     """``rewrite.freeze_only``, the "frozen, not folded" of ``graphfold demo`` and
     tools/bench_serving.py: the same outputs, the weights constants, every batch norm still
     computed (what freezing alone gives), where ``rewrite`` folds them all."""
-    from graphfold.rewrite import freeze_only, rewrite
+    from graphfold.convert.rewrite import freeze_only, rewrite
 
     from helpers import assert_close, batch_norm_census, random_inputs
     rng = np.random.default_rng(5)

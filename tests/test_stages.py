@@ -13,11 +13,11 @@ import tensorflow as tf
 
 import graphfold
 from graphfold import progress as progress_
-from graphfold.cli import Console, main
+from graphfold.cli.command import Console, main
+from graphfold.cli.render import render_reports
 from graphfold.errors import BadInput
-from graphfold.render import render_reports
-from graphfold.result import SavedModelResult
-from graphfold.saved_model import inspect_saved_model
+from graphfold.serving.result import SavedModelResult
+from graphfold.serving.saved_model import inspect_saved_model
 
 from helpers import bn_params, fused_bn, weight
 
@@ -195,7 +195,7 @@ def test_the_original_is_let_go_before_the_written_model_is_loaded(src, tmp_path
     import gc
     import weakref
 
-    from graphfold import saved_model
+    from graphfold.serving import saved_model
     real, loads = saved_model.load, []
 
     def load(path, tags):
@@ -217,8 +217,8 @@ def test_a_record_written_before_partial_existed_is_still_done(tmp_path):
     (its default): the repository runner skips it, and redoes it for ``partial=False``."""
     import dataclasses
 
+    from graphfold.fleet.repo_task import RECORD, Task, already_done
     from graphfold.options import Options
-    from graphfold.repo_task import RECORD, Task, already_done
     dst = tmp_path / "1"
     (dst / "assets.extra").mkdir(parents=True)
     (dst / "saved_model.pb").write_bytes(b"")

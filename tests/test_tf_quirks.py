@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold import tf_quirks
-from graphfold.rewrite import optimize_graph_def
+from graphfold.convert.rewrite import optimize_graph_def
+from graphfold.fold import tf_quirks
 
 from helpers import (
     assert_close,
@@ -49,13 +49,13 @@ def test_the_table_is_true_for_this_tensorflow(quirk, op):
     if release in quirk.known_on:
         assert error > MISCOMPUTED, (
             f"TensorFlow {tf.__version__} no longer miscomputes {quirk.name} with {op} "
-            f"(relative error {error:.3g}): update graphfold/tf_quirks.py (record the release "
+            f"(relative error {error:.3g}): update graphfold/fold/tf_quirks.py (record the release "
             f"that fixed it; keep the workaround while older releases may serve the artifact)")
     else:
         pytest.fail(f"TensorFlow {release} is not in {quirk.name}'s known_on "
                     f"{quirk.known_on}: its reproduction with {op} gives relative error "
                     f"{error:.3g} ({'still miscomputed' if error > MISCOMPUTED else 'fixed'}): "
-                    f"record that in graphfold/tf_quirks.py")
+                    f"record that in graphfold/fold/tf_quirks.py")
 
 
 # ---- the workaround where the fold makes the pattern ------------------------------------------

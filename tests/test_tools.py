@@ -84,7 +84,7 @@ def test_limit_graph_has_no_batch_norm():
     import numpy as np
     import tensorflow as tf
 
-    from graphfold.freeze import freeze
+    from graphfold.convert.freeze import freeze
 
     rng = np.random.default_rng(0)
     w = tf.constant(rng.normal(size=(3, 3, 2, 4)).astype("float32"))
@@ -229,5 +229,5 @@ def test_a_mutant_whose_text_moved_is_an_error(tmp_path):
     (tmp_path / "graphfold").mkdir()
     (tmp_path / "graphfold" / "rewrite.py").write_text("nothing to replace here\n")
     with pytest.raises(ValueError, match="rewrite-folds-nothing: the text to replace is in "
-                                         "graphfold/rewrite.py 0 times"):
+                                         "graphfold/convert/rewrite.py 0 times"):
         mutants.apply_edits(str(tmp_path), mutants.MUTANTS[0])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from graphfold.layers import Site, transposed_shift_map
+from graphfold.fold.layers import Site, transposed_shift_map
 
 from helpers import (
     assert_absorbed,

@@ -11,10 +11,11 @@ import tensorflow as tf
 
 import graphfold
 import graphfold.options
-from graphfold import repo_task, saved_model
-from graphfold.cli import main
+from graphfold.cli.command import main
 from graphfold.errors import RewriteFailed
 from graphfold.examples import keras_module, randomise
+from graphfold.fleet import repo_task
+from graphfold.serving import saved_model
 
 import savedmodel_fixtures as F
 from helpers import batch_norm_census, error_line, rel_err
@@ -207,7 +208,7 @@ def test_names_of_graph_def_files_are_not_offered_where_nothing_reads_them(src, 
 
 
 def test_the_api_refuses_options_in_its_own_words(src, jpeg_pb, tmp_path):
-    from graphfold.graph_def_file import optimize_graph_def_file
+    from graphfold.serving.graph_def_file import optimize_graph_def_file
     with pytest.raises(graphfold.options.BadOption, match=r"^warmup: not supported for a "
                                                           r"GraphDef file$"):
         optimize_graph_def_file(jpeg_pb, str(tmp_path / "o.pb"), warmup=2)
@@ -252,8 +253,8 @@ def _one_version_repo(src, tmp_path) -> str:
 def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, max_rel,
                                                                    accepted):
     """A floor over the tolerance accepts an error within NOISE_MULTIPLE times it, never more."""
-    from graphfold import noise
-    from graphfold.verify import OutputError, Verification
+    from graphfold.convert import noise
+    from graphfold.convert.verify import OutputError, Verification
     monkeypatch.setattr(noise, "measure", lambda reference, feeds: {"y": 2e-5})
     check = Verification("serving_default", "failed", 1e-5, reason="y: too far", mismatch=True,
                          outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel, 1e-5)],

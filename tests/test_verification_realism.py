@@ -12,9 +12,11 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold import casts, input_shapes, warmup
-from graphfold.cli import main
+from graphfold.cli.command import main
+from graphfold.convert import input_shapes
 from graphfold.errors import BadInput
+from graphfold.fold import casts
+from graphfold.serving import warmup
 
 from helpers import bn_params, op_counts, weight
 from helpers import fused_bn as bn
@@ -110,7 +112,7 @@ def test_graph_def_file_placeholders_with_unknown_dims(tmp_path):
     src = str(tmp_path / "g.pb")
     with open(src, "wb") as f:
         f.write(graph.as_graph_def().SerializeToString())
-    from graphfold.graph_def_file import optimize_graph_def_file
+    from graphfold.serving.graph_def_file import optimize_graph_def_file
     result = optimize_graph_def_file(src, str(tmp_path / "out.pb"))
     assert result.verification["graph"].inputs == {"x": (1, 224, 224, 3)}
     result = optimize_graph_def_file(src, str(tmp_path / "out2.pb"),
@@ -182,7 +184,7 @@ def test_mixed_float16_passes_the_default_check_and_fails_1e_5_with_a_hint(mixed
 
 
 def test_the_default_tolerance_follows_outputs_and_computation():
-    from graphfold import tolerance
+    from graphfold.convert import tolerance
     assert tolerance.default(tf.float32, frozenset({tf.float32})) == (1e-5, "default")
     assert tolerance.default(tf.float32, frozenset({tf.float32, tf.float16})) == \
         (2e-2, "float16 computation")
@@ -213,7 +215,7 @@ def test_only_exact_round_trips_are_removed():
         h = tf.compat.v1.placeholder(tf.float16, [None, 4], name="h")
         tf.cast(tf.cast(x, tf.float16), tf.float32, name="rounds")
         tf.cast(tf.cast(h, tf.float32), tf.float16, name="exact")
-    from graphfold.rewrite import optimize_graph_def
+    from graphfold.convert.rewrite import optimize_graph_def
     optimized, report = optimize_graph_def(graph.as_graph_def(), ["x", "h"], ["rounds", "exact"])
     nodes = {n.name: n for n in optimized.node}
     assert nodes["exact"].op == "Identity" and nodes["exact"].input == ["h"]

@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 
 import graphfold
-from graphfold import saved_model, saved_weights
-from graphfold.cli import main
-from graphfold.freeze import freeze
-from graphfold.saved_model import BadInput, read_saved_model
+from graphfold.cli.command import main
+from graphfold.convert.freeze import freeze
+from graphfold.serving import saved_model, saved_weights
+from graphfold.serving.saved_model import BadInput, read_saved_model
 
 import savedmodel_fixtures as F
 
@@ -69,7 +69,7 @@ def test_auto_writes_variables_where_the_original_reads_variables(src, tmp_path)
 def _constants_original(source: str, path: str) -> str:
     """``source`` frozen (``rewrite.freeze_only``: its weights constants, nothing folded) and
     saved: a SavedModel that reads no variable, as a frozen graph saved as one does."""
-    from graphfold.rewrite import freeze_only
+    from graphfold.convert.rewrite import freeze_only
     loaded = tf.saved_model.load(source)
     frozen = freeze_only(loaded.signatures["serving_default"])
     tf.saved_model.save(tf.Module(), path, signatures={"serving_default": frozen.function})
@@ -180,7 +180,7 @@ def test_different_functions_are_not_merged(src):
 
 def test_freezing_copies_no_weight(src):
     """The frozen GraphDef holds stubs; their values are the variables' own buffers."""
-    from graphfold.weights import Weights
+    from graphfold.fold.weights import Weights
     loaded = tf.saved_model.load(src("keras3"))
     fn = loaded.signatures["serving_default"]
     weights = Weights()
@@ -216,7 +216,7 @@ def test_rewrite_with_variables_matches_the_original():
 
 def test_inspect_reports_both_keys_of_one_function(src, capsys):
     """inspect folds the shared function once and builds nothing: both keys are reported."""
-    from graphfold.saved_model import inspect_saved_model
+    from graphfold.serving.saved_model import inspect_saved_model
     result = inspect_saved_model(src("keras3"))
     assert sorted(result) == ["serve", "serving_default"]
     assert result["serve"] is result["serving_default"]
@@ -257,8 +257,8 @@ def test_constants_are_written_into_saved_model_pb_after_saving(src, tmp_path, n
 def test_filling_refuses_marks_and_weights_that_do_not_match(tmp_path):
     """A marked constant with no value, or a value with no marked constant, is an error: never
     a model that computes with zeros."""
-    from graphfold.function import op_name
-    from graphfold.weights import Weights
+    from graphfold.convert.function import op_name
+    from graphfold.fold.weights import Weights
     held = Weights()
     held.put("w", np.arange(600, dtype=np.float32).reshape(20, 30))
     marked = saved_weights.marked_constants(held, "serve", op_name)

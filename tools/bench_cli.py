@@ -150,7 +150,7 @@ def mark(stage):
         pass
     last[0] = stage
 
-import graphfold.cli as cli
+import graphfold.cli.command as cli
 from graphfold.progress import StageStarted
 progress = cli.Console.progress
 STAGES = ("load", "fold", "write", "verify", "rename")     # graphfold.progress.StageStarted.stage

@@ -36,7 +36,7 @@ from bench_latency import measure, paired_ratio  # noqa: E402
 
 import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
-from graphfold.freeze import freeze  # noqa: E402
+from graphfold.convert.freeze import freeze  # noqa: E402
 
 import benchlib  # noqa: E402
 

@@ -17,7 +17,7 @@ versions copies of it), then optimizes all of it, into a fresh destination, once
 Wall time includes starting the workers: forked from this process, which has imported graphfold
 (and TensorFlow) as the ``graphfold optimize-repo`` command has, and run no TensorFlow
 operation (the repository is built in a child process), so they start with TensorFlow imported;
-"worker start" says how they were started (``graphfold.pool.start_method``). Per version: the
+"worker start" says how they were started (``graphfold.fleet.pool.start_method``). Per version: the
 seconds the worker spent on it. Peak memory: the largest ``ru_maxrss`` a worker reported (for
 Beam, the SDK harness process, Beam included). Before each run, the load average and how many
 cores the machine actually gave 1 and then 2 pure-Python busy loops (1 s of CPU each; 1.0 and 2.0
@@ -46,7 +46,7 @@ RUNS = {"jobs1": dict(jobs=1), "jobs2": dict(jobs=2),
 def build_repository(base: str, models: int, versions: int, model: str) -> None:
     """``base/model_<i>/<v>/`` for i < models, v in 1..versions."""
     from graphfold import examples
-    from graphfold.demo import build_model
+    from graphfold.cli.demo import build_model
     for i in range(models):
         first = os.path.join(base, f"model_{i}", "1")
         if model == "demo":
@@ -76,8 +76,8 @@ def cores_delivered(processes: int, cpu_seconds: float = 1.0) -> float:
 
 
 def run_once(name: str, src: str, dst: str) -> dict:
-    from graphfold import pool
-    from graphfold.repository import optimize_repository
+    from graphfold.fleet import pool
+    from graphfold.fleet.repository import optimize_repository
     load = os.getloadavg()[0]
     method = pool.start_method()
     capacity = (cores_delivered(1), cores_delivered(2))

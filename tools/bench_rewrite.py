@@ -45,8 +45,8 @@ from tensorflow.core.framework import graph_pb2  # noqa: E402
 
 import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
-from graphfold.freeze import freeze  # noqa: E402
-from graphfold.function import import_graph  # noqa: E402
+from graphfold.convert.freeze import freeze  # noqa: E402
+from graphfold.convert.function import import_graph  # noqa: E402
 
 import benchlib  # noqa: E402
 

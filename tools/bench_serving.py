@@ -11,7 +11,8 @@ process) the variants
 
   original   the export itself;
   freeze     frozen and cleaned up as graphfold does it, nothing folded
-             (``graphfold.rewrite.freeze_only``), written as graphfold writes constants: what
+             (``graphfold.convert.rewrite.freeze_only``), written as graphfold writes
+             constants: what
              freezing alone gives;
   constants  ``graphfold optimize --weights constants`` (functions holding ``Const`` nodes);
   variables  ``graphfold optimize --weights variables`` (the folded weights in ``variables/``);
@@ -133,10 +134,10 @@ def _write_freeze_only(export: str, dst: str) -> None:
     (each distinct function once; Keras' serve and serving_default are one)."""
     import tensorflow as tf
 
-    from graphfold import saved_weights
-    from graphfold.function import op_name
-    from graphfold.rewrite import fold, reimport
-    from graphfold.saved_model import same_functions, save, signature_keys
+    from graphfold.convert.function import op_name
+    from graphfold.convert.rewrite import fold, reimport
+    from graphfold.serving import saved_weights
+    from graphfold.serving.saved_model import same_functions, save, signature_keys
     loaded = tf.saved_model.load(export)
     keys = [k for k in loaded.signatures if k in signature_keys_of(export, signature_keys)]
     first = same_functions(loaded, keys)
@@ -160,9 +161,9 @@ def _write_graph_constants(export: str, dst: str) -> None:
     import tensorflow as tf
     from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-    from graphfold import saved_weights
-    from graphfold.rewrite import fold
-    from graphfold.saved_model import same_functions, signature_keys
+    from graphfold.convert.rewrite import fold
+    from graphfold.serving import saved_weights
+    from graphfold.serving.saved_model import same_functions, signature_keys
     loaded = tf.saved_model.load(export)
     keys = signature_keys_of(export, signature_keys)
     first = same_functions(loaded, keys)
@@ -193,7 +194,7 @@ def _write_graph_constants(export: str, dst: str) -> None:
 
 
 def signature_keys_of(export: str, signature_keys) -> list[str]:
-    from graphfold.saved_model import meta_graph_for, read_saved_model
+    from graphfold.serving.saved_model import meta_graph_for, read_saved_model
     return signature_keys(meta_graph_for(read_saved_model(export), export, ("serve",)))
 
 

@@ -19,9 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 import graphfold
-from graphfold import examples, formats
-from graphfold.function import import_graph, with_signature
-from graphfold.graph import canonical, split_tensor
+from graphfold import examples
+from graphfold.convert.function import import_graph, with_signature
+from graphfold.fold import formats
+from graphfold.fold.graph import canonical, split_tensor
 
 FRAMEWORKS = {"keras3": False, "tf-keras": True}
 FUSED = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")

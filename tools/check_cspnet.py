@@ -5,7 +5,7 @@
 A small cspresnext50-like backbone (the architecture of keras-hub's ``csp_resnext_50`` preset,
 fewer blocks and filters), ``weights=None`` with random batch-norm statistics, LeakyReLU(0.01)
 after every residual add: the pattern TensorFlow 2.21 miscomputes once a fold removes the batch
-norm between the convolution and the add (``graphfold/tf_quirks.py``). Prints the folded
+norm between the convolution and the add (``graphfold/fold/tf_quirks.py``). Prints the folded
 function's relative error against the original (both ``tf.function``, Grappler included), the
 freeze-only noise floor, and rewrite's own check. keras-hub is not a dependency of graphfold:
 this script needs it installed (the test suite does not).
@@ -42,8 +42,9 @@ def main(argv=None) -> int:
     import tensorflow as tf
 
     import graphfold
-    from graphfold import examples, noise
-    from graphfold.verify import compare
+    from graphfold import examples
+    from graphfold.convert import noise
+    from graphfold.convert.verify import compare
 
     backbone = keras_hub.models.CSPNetBackbone(
         stem_filters=16, stem_kernel_size=7, stem_strides=4, stackwise_depth=[2, 2, 2],
