@@ -7,7 +7,9 @@ For each model: a Keras 3 ``model.export()`` (``weights=None``, random batch-nor
 biases, built in a child process), ``graphfold optimize SRC DST --weights W`` (its last line: what
 it folded and its own verification), then ``tools/check_serving.py SRC DST`` (every signature,
 batch 2, unknown height and width ``--size``): the served optimized model against the served
-original, and the same through ``tf.saved_model.load``. Prints one Markdown table.
+original, and the same through ``tf.saved_model.load``. Prints one Markdown table, with the
+batch-norm ops (``FusedBatchNorm*``, the ``Rsqrt`` of a decomposed one) of the written graphs,
+SRC -> DST (``bench_serving.census``): a DST that kept them was not folded.
 
   ResNet50  keras.applications.ResNet50 (``bench_cli``'s export, 224 x 224);
   CSPNet    keras-hub CSPNetBackbone, the small cspresnext50-like config of
@@ -33,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import bench_cli  # noqa: E402
+import bench_serving  # noqa: E402
 import check_cspnet  # noqa: E402
 import check_serving  # noqa: E402
 
@@ -61,9 +64,11 @@ def _build_keras_hub(name: str, path: str) -> None:
         model = keras_hub.models.HGNetV2Backbone(**HGNETV2)
     rng = np.random.default_rng(0)
     examples.randomise(model, rng)
-    for variable in model.weights:              # learnable affine blocks: scale (bias is done)
-        if variable.path.endswith("/scale") and variable.shape == ():
-            variable.assign(np.float32(rng.uniform(0.5, 1.5) * rng.choice([-1, 1])))
+    scales = [v for v in model.weights if v.path.endswith("/scale") and v.shape == ()]
+    for variable in scales:                     # learnable affine blocks (bias: randomise)
+        variable.assign(np.float32(rng.uniform(0.5, 1.5) * rng.choice([-1, 1])))
+    if name == "HGNetV2" and not scales:
+        raise SystemExit("HGNetV2: no learnable affine scale found to randomise")
     model.export(path, verbose=False)
 
 
@@ -141,6 +146,7 @@ def row(name: str, weights: str, optimized: dict, document: dict) -> str:
     verdict = {"ok": "match", "failed": "DIFFER", "not checked": "not checked"}.get(
         document.get("status"), document.get("status"))
     return (f"| {name} | {weights} | {optimized['line']} (exit {optimized['exit']}) | "
+            f"{optimized['batch_norm_ops']} | "
             f"{figure(_largest(document, 'served'))} | {figure(_largest(document, 'loaded'))} | "
             f"{figure(_largest(document, 'floor'))} | {verdict} (exit {document['exit']}) |")
 
@@ -165,6 +171,10 @@ def main(argv=None) -> int:
         for weights in [w for w in args.weights.split(",") if w]:
             dst = os.path.join(args.cache, f"{name}-{weights}")
             optimized = optimize(export, dst, weights, shapes)
+            optimized["batch_norm_ops"] = (   # in the written graphs: SRC -> DST
+                f"{bench_serving.census(export)['batch_norm_ops']} -> "
+                f"{bench_serving.census(dst)['batch_norm_ops']}" if optimized["exit"] == 0
+                else "–")
             print(f"{name} --weights {weights}: {optimized['line']}", flush=True)
             with tempfile.TemporaryDirectory() as workdir:
                 document = served_check(export, dst, shapes, harness_cache, workdir) \
@@ -173,9 +183,9 @@ def main(argv=None) -> int:
             results[f"{name} {weights}"] = dict(optimize=optimized, served=document)
             rows.append(row(name, weights, optimized, document))
             failed = failed or optimized["exit"] != 0 or document.get("exit") != 0
-    print("| model | --weights | graphfold optimize says | served max rel | loaded max rel | "
-          "served vs loaded original | served outputs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | --weights | graphfold optimize says | batch-norm ops | served max rel | "
+          "loaded max rel | served vs loaded original | served outputs |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         with open(args.json, "w") as f:
