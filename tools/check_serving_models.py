@@ -2,6 +2,7 @@
 
     python tools/check_serving_models.py [--models ResNet50,CSPNet,HGNetV2]
         [--weights variables,constants] [--size 224] [--cache DIR] [--json F]
+    python tools/check_serving_models.py --quirk [--cache DIR]
 
 For each model: a Keras 3 ``model.export()`` (``weights=None``, random batch-norm statistics and
 biases, built in a child process), ``graphfold optimize SRC DST --weights W`` (its last line: what
@@ -19,6 +20,10 @@ SRC -> DST (``bench_serving.census``): a DST that kept them was not folded.
             variables; their scales randomised too) and light-weight conv blocks.
 
 keras-hub is not a dependency of graphfold: without it the keras-hub models are skipped.
+
+``--quirk``: TensorFlow's LeakyRelu fusion (``graphfold/tf_quirks.py``) on each path: its
+reproduction as a SavedModel (weights as constants or variables; batch unknown or fixed, height
+and width fixed or unknown), served and loaded, against eager.
 """
 
 from __future__ import annotations
@@ -102,6 +107,52 @@ def input_shapes(export: str, size: int) -> list[str]:
     return [f"{k}={','.join(map(str, s))}" for k, s in sorted(shapes.items())]
 
 
+def _signature(body, held):
+    return lambda x, sc: {"y": body(x, sc, *held)}
+
+
+# ---- the LeakyRelu fusion on each path ----------------------------------------------------------
+def quirk_paths(cache: str) -> list[str]:
+    """Rows ``weights | input shape | served | loaded`` of the quirk's reproduction (relative
+    error against eager; the live ``tf.function`` first)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from graphfold.verify import compare
+    rng = np.random.default_rng(0)
+    x, sc = (rng.normal(size=(2, 8, 8, 16)).astype(np.float32) for _ in range(2))
+    module = tf.Module()
+    module.w = tf.Variable(rng.normal(size=(1, 1, 16, 16)).astype(np.float32) / 4)
+    module.b = tf.Variable(rng.normal(size=16).astype(np.float32))
+    constants = (tf.constant(module.w.numpy()), tf.constant(module.b.numpy()))
+
+    def body(v, s, w, b):
+        return tf.nn.leaky_relu(tf.nn.bias_add(tf.nn.conv2d(v, w, 1, "VALID"), b) + s,
+                                alpha=0.01)
+
+    want = body(x, sc, *constants).numpy()
+    error = lambda got: compare(want, got)[1]  # noqa: E731
+    live = tf.function(body)(x, sc, *constants).numpy()
+    rows = [f"| live tf.function (not saved) | 2x8x8x16 | – | {error(live):.2g} |"]
+    binary, how = bench_serving.harness(os.path.join(cache, "bin"))
+    if binary is None:
+        return rows + [f"not served: {how}"]
+    for weights in ("constants", "variables"):
+        for shape in ([None, 8, 8, 16], [2, 8, 8, 16], [None, None, None, 16]):
+            spec = [tf.TensorSpec(shape, tf.float32, name=n) for n in ("x", "sc")]
+            held = constants if weights == "constants" else (module.w, module.b)
+            serve = tf.function(_signature(body, held), input_signature=spec)
+            path = os.path.join(cache, "quirk", f"{weights}-{'x'.join(map(str, shape))}")
+            tf.saved_model.save(module, path, signatures={"serving_default": serve})
+            check_serving.write_tensors(path + ".in", {"x": x, "sc": sc})
+            served = check_serving.served(binary, path, "serving_default", path + ".in",
+                                          path + ".out", None)["y"]
+            loaded = tf.saved_model.load(path).signatures["serving_default"](x=x, sc=sc)["y"]
+            rows.append(f"| {weights} | {'x'.join(str(d) if d else '?' for d in shape)} | "
+                        f"{error(served):.2g} | {error(loaded.numpy()):.2g} |")
+    return rows
+
+
 # ---- one model -----------------------------------------------------------------------------------
 def optimize(export: str, dst: str, weights: str, shapes: list[str]) -> dict:
     """``graphfold optimize`` and its last line, exit status and seconds."""
@@ -159,7 +210,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(),
                                                         "graphfold-check-serving"))
     parser.add_argument("--json", help="write every result here")
+    parser.add_argument("--quirk", action="store_true",
+                        help="TensorFlow's LeakyRelu fusion on each path instead of the models")
     args = parser.parse_args(argv)
+    if args.quirk:
+        print("| weights | input shape | served rel err | loaded rel err |\n|---|---|---|---|")
+        print("\n".join(quirk_paths(args.cache)))
+        return 0
     harness_cache = os.path.join(args.cache, "bin")
     rows, results, failed = [], {}, False
     for name in [m for m in args.models.split(",") if m]:
