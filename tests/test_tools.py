@@ -292,3 +292,16 @@ def test_check_serving_refuses_inputs_it_cannot_make(tmp_path):
     read = check.read_tensors(str(tmp_path / "given.tensors"))
     assert set(read) == {"image", "text"} and list(read["text"]) == [b"a", b"b"]
     assert read["image"].shape == (2, 8, 8, 3) and read["image"].dtype == np.float32
+
+
+def test_check_serving_without_a_compiler_says_not_checked(tmp_path, monkeypatch, capsys):
+    """No harness, no claim: "not checked", exit 0, as bench_serving does."""
+    import json
+    check = _load("check_serving")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    report = tmp_path / "check.json"
+    assert check.main([str(tmp_path / "a"), str(tmp_path / "b"), "--cache", str(tmp_path),
+                       "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "not checked" in out and "no C++ compiler" in out and "match" not in out
+    assert json.loads(report.read_text())["status"] == "not checked"

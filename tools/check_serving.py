@@ -279,8 +279,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="the original SavedModel")
     parser.add_argument("dst", help="the optimized SavedModel")
-    parser.add_argument("--signature", action="append", help="signature key (repeat); "
-                        "default: every signature of SRC")
+    parser.add_argument("--signature", action="extend", nargs="+", metavar="K",
+                        help="signature keys; default: every signature of SRC")
     parser.add_argument("--batch", type=int, default=2, help="an unknown first dimension")
     parser.add_argument("--input-shape", action="append", default=[], metavar="KEY=D,D,...",
                         help="the shape of an input's random values")
