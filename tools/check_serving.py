@@ -80,8 +80,11 @@ def signature_defs(path: str) -> dict:
     """Signature key -> SignatureDef of the ``serve`` MetaGraph of the SavedModel at ``path``."""
     from tensorflow.core.protobuf import saved_model_pb2
     proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
+    try:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+    except OSError as exc:
+        raise CannotCheck(f"{path}: not a SavedModel ({exc.strerror})") from None
     for meta in proto.meta_graphs:
         if set(meta.meta_info_def.tags) == {"serve"}:
             return {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
@@ -143,12 +146,13 @@ def given_feeds(path: str, signature) -> dict:
 
 # ---- running -------------------------------------------------------------------------------------
 def served(binary: str, model: str, key: str, inputs_file: str, out: str,
-           config: str | None) -> dict:
+           config: str | None, env: dict | None = None) -> dict:
     """The outputs of signature ``key`` of ``model`` run by the harness in a process of its own
     (written to ``out``); raises RuntimeError with the harness' message when it fails."""
     argv = [binary, "outputs", model, f"--inputs={inputs_file}", f"--out={out}",
             f"--signature={key}"] + ([f"--config={config}"] if config else [])
-    run = subprocess.run(argv, capture_output=True, text=True, env=bench_serving.ENV)
+    run = subprocess.run(argv, capture_output=True, text=True,
+                         env={**bench_serving.ENV, **(env or {})})
     if run.returncode != 0:
         raise RuntimeError((run.stderr.strip() or f"exit {run.returncode}").splitlines()[-1])
     return read_tensors(out)
@@ -206,23 +210,28 @@ def largest(rows: list[dict]) -> float | None:
 
 def check_signature(binary: str, args, key: str, signature, workdir: str,
                     config: str | None) -> dict:
-    """Served SRC against served DST on the same inputs; the same through tf.saved_model.load."""
+    """Served SRC against served DST on the same inputs; the same through tf.saved_model.load.
+    ``config``: the session configuration file (``--config``; its environment is added)."""
+    env = bench_serving.CONFIGS[args.config][1]
     feeds = given_feeds(args.inputs, signature) if args.inputs else \
         random_feeds(signature, args.batch, args.input_shape, args.seed)
     inputs_file = os.path.join(workdir, f"inputs-{key}.tensors")
     write_tensors(inputs_file, feeds)
     result = dict(signature=key, inputs={k: list(v.shape) for k, v in feeds.items()})
     try:
-        want = served(binary, args.src, key, inputs_file, inputs_file + ".src", config)
+        want = served(binary, args.src, key, inputs_file, inputs_file + ".src", config, env)
     except RuntimeError as exc:
         raise CannotCheck(f"{key}: the original fails when served: {exc}") from None
     from graphfold import tolerance as tolerance_
-    python_src, fn = loaded_outputs(args.src, key, feeds)
+    try:
+        python_src, fn = loaded_outputs(args.src, key, feeds)
+    except Exception as exc:  # noqa: BLE001 - the reference of the tolerance and the comparison
+        raise CannotCheck(f"{key}: the original fails when loaded: {exc}") from None
     computation = tolerance_.computation_dtypes(fn) if args.tolerance is None else frozenset()
     result["served_src_vs_loaded_src"] = largest(compare_outputs(python_src, want, None,
                                                                  computation))
     try:
-        got = served(binary, args.dst, key, inputs_file, inputs_file + ".dst", config)
+        got = served(binary, args.dst, key, inputs_file, inputs_file + ".dst", config, env)
     except RuntimeError as exc:
         result.update(status="failed", reason=f"DST fails when served: {exc}", outputs=[])
         return result
