@@ -231,3 +231,77 @@ def test_a_mutant_whose_text_moved_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="rewrite-folds-nothing: the text to replace is in "
                                          "graphfold/convert/rewrite.py 0 times"):
         mutants.apply_edits(str(tmp_path), mutants.MUTANTS[0])
+
+
+def test_check_serving_compares_what_tf_serving_serves(tmp_path, src):
+    """check_serving runs the original and the optimized SavedModel through TF Serving's path
+    (the C++ harness' outputs mode) on the same inputs: graphfold's output matches; a model with
+    the same signature that computes something else (other weights) is a failure, exit 1; the
+    served original equals the loaded original (the harness ran the model). Skips, saying why,
+    when the harness cannot be built (building it takes about 15 s here)."""
+    import json
+    import subprocess
+
+    from graphfold.demo import build_model
+    check = _load("check_serving")
+    binary, how = _load("bench_serving").harness(str(tmp_path / "bin"))
+    if binary is None:
+        pytest.skip(f"the serving harness cannot be built: {how}")
+    original = src("keras3")
+    optimized, other = tmp_path / "optimized", tmp_path / "other"
+    subprocess.run([sys.executable, "-m", "graphfold", "optimize", original, str(optimized),
+                    "--quiet", "--weights", "constants"], check=True)
+    build_model(seed=4, input_shape=(16, 16, 3)).export(str(other), verbose=False)
+    report = tmp_path / "check.json"
+    common = ["--cache", str(tmp_path / "bin"), "--json", str(report)]
+    assert check.main([original, str(optimized), "--signature", "serving_default"] + common) == 0
+    document = json.loads(report.read_text())
+    [result] = document["signatures"].values()
+    assert result["status"] == "ok" and result["inputs"] == {"image": [2, 16, 16, 3]}
+    [row] = result["outputs"]
+    assert row["problem"] is None and row["max_rel"] <= row["tolerance"] == 1e-5
+    assert result["served_src_vs_loaded_src"] <= 1e-6
+    assert check.main([original, str(other)] + common) == 1
+    document = json.loads(report.read_text())
+    assert set(document["signatures"]) == {"serve", "serving_default"}
+    for result in document["signatures"].values():
+        assert result["status"] == "failed" and result["outputs"][0]["max_rel"] > 0.1
+        assert "relative error" in result["reason"]
+
+
+def test_check_serving_refuses_inputs_it_cannot_make(tmp_path):
+    """Unknown dimensions other than the batch need --input-shape; string inputs need --inputs;
+    a given shape must fit the signature; a tensors file keeps dtypes and strings."""
+    import numpy as np
+    from tensorflow.core.protobuf import meta_graph_pb2
+    check = _load("check_serving")
+    signature = meta_graph_pb2.SignatureDef()
+    image, text = signature.inputs["image"], signature.inputs["text"]
+    image.dtype, text.dtype = 1, 7                                   # float32, string
+    for size in (-1, -1, -1, 3):
+        image.tensor_shape.dim.add(size=size)
+    with pytest.raises(check.CannotCheck, match="--input-shape image=2,N,N,3"):
+        check.input_shape("image", image, 2, {})
+    assert check.input_shape("image", image, 2, {"image": (2, 8, 8, 3)}) == (2, 8, 8, 3)
+    with pytest.raises(check.CannotCheck, match="does not fit"):
+        check.input_shape("image", image, 2, {"image": (2, 8, 8, 4)})
+    with pytest.raises(check.CannotCheck, match="give real inputs with --inputs"):
+        check.random_feeds(signature, 2, {"image": (2, 8, 8, 3)}, 0)
+    feeds = {"image": np.zeros((2, 8, 8, 3), np.float32), "text": np.array([b"a", b"b"])}
+    check.write_tensors(str(tmp_path / "given.tensors"), feeds)
+    read = check.read_tensors(str(tmp_path / "given.tensors"))
+    assert set(read) == {"image", "text"} and list(read["text"]) == [b"a", b"b"]
+    assert read["image"].shape == (2, 8, 8, 3) and read["image"].dtype == np.float32
+
+
+def test_check_serving_without_a_compiler_says_not_checked(tmp_path, monkeypatch, capsys):
+    """No harness, no claim: "not checked", exit 0, as bench_serving does."""
+    import json
+    check = _load("check_serving")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    report = tmp_path / "check.json"
+    assert check.main([str(tmp_path / "a"), str(tmp_path / "b"), "--cache", str(tmp_path),
+                       "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "not checked" in out and "no C++ compiler" in out and "match" not in out
+    assert json.loads(report.read_text())["status"] == "not checked"

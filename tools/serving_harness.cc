@@ -12,14 +12,20 @@
 //     every model loaded in this one process; per batch, warm-up calls, then rounds of one call
 //     of each model in a new random order each round; one JSON line: "BATCH" -> name -> wall
 //     seconds per call, and "cpu BATCH" -> name -> CPU seconds of the process per call.
+//   serving_harness outputs DIR --inputs=FILE --out=FILE [--signature=K] [--config=F]
+//     the signature run once on the tensors of --inputs (one per input key, no other); every
+//     output written to --out, under its signature output key (tools/check_serving.py).
 //
+// Tensors files (--inputs, --out): a sequence of records, each an 8-byte little-endian length
+// and a serialized tensorflow.NamedTensorProto (name: the signature's input or output key).
 // --config: a serialized tensorflow.ConfigProto, the session config of every model loaded.
-// Inputs: random values of each input's dtype and shape, an unknown first dimension set to the
-// batch (any other unknown dimension is an error).
+// Inputs of memory and latency: random values of each input's dtype and shape, an unknown first
+// dimension set to the batch (any other unknown dimension is an error).
 
 #include <time.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <chrono>
 #include <fstream>
 #include <iostream>
@@ -32,14 +38,16 @@
 
 #include "tensorflow/cc/saved_model/loader.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/tensor.pb.h"
 #include "tensorflow/core/protobuf/config.pb.h"
+#include "tensorflow/core/protobuf/named_tensor.pb.h"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
 struct Options {
-  std::string mode, config, signature = "serving_default";
+  std::string mode, config, signature = "serving_default", inputs, out;
   std::vector<std::string> models;
   std::vector<int> batches = {1};
   int rounds = 30, warmup = 3, calls = 10;
@@ -60,7 +68,8 @@ std::vector<int> ParseInts(const std::string& text) {
 }
 
 Options ParseArgs(int argc, char** argv) {
-  if (argc < 3) Fail("usage: serving_harness memory DIR | latency NAME=DIR... [--flags]");
+  if (argc < 3)
+    Fail("usage: serving_harness memory DIR | latency NAME=DIR... | outputs DIR [--flags]");
   Options o;
   o.mode = argv[1];
   for (int i = 2; i < argc; ++i) {
@@ -77,12 +86,17 @@ Options ParseArgs(int argc, char** argv) {
     else if (const char* v = value("--calls=")) o.calls = std::stoi(v);
     else if (const char* v = value("--seed=")) o.seed = std::stoul(v);
     else if (const char* v = value("--signature=")) o.signature = v;
+    else if (const char* v = value("--inputs=")) o.inputs = v;
+    else if (const char* v = value("--out=")) o.out = v;
     else if (arg == "--keep-graph-def") o.keep_graph_def = true;
     else if (arg.compare(0, 2, "--") == 0) Fail("unknown flag " + arg);
     else o.models.push_back(arg);
   }
-  if (o.mode != "memory" && o.mode != "latency") Fail("unknown mode " + o.mode);
-  if (o.mode == "memory" && o.models.size() != 1) Fail("memory: one SavedModel directory");
+  if (o.mode != "memory" && o.mode != "latency" && o.mode != "outputs")
+    Fail("unknown mode " + o.mode);
+  if (o.mode != "latency" && o.models.size() != 1) Fail(o.mode + ": one SavedModel directory");
+  if (o.mode == "outputs" && (o.inputs.empty() || o.out.empty()))
+    Fail("outputs: --inputs=FILE and --out=FILE");
   return o;
 }
 
@@ -99,7 +113,7 @@ std::pair<double, double> Memory() {
 
 struct Model {
   tensorflow::SavedModelBundle bundle;
-  std::vector<std::string> input_names, output_names;
+  std::vector<std::string> input_keys, input_names, output_keys, output_names;
   std::vector<tensorflow::TensorInfo> inputs;
 };
 
@@ -118,10 +132,14 @@ std::unique_ptr<Model> Load(const std::string& dir, const Options& o) {
   auto found = signatures.find(o.signature);
   if (found == signatures.end()) Fail(dir + ": no signature " + o.signature);
   for (const auto& [key, info] : found->second.inputs()) {   // a std::map would sort; order
-    model->input_names.push_back(info.name());               // does not matter to Run
+    model->input_keys.push_back(key);                         // does not matter to Run
+    model->input_names.push_back(info.name());
     model->inputs.push_back(info);
   }
-  for (const auto& [key, info] : found->second.outputs()) model->output_names.push_back(info.name());
+  for (const auto& [key, info] : found->second.outputs()) {
+    model->output_keys.push_back(key);
+    model->output_names.push_back(info.name());
+  }
   if (!o.keep_graph_def) {                    // what TF Serving keeps: the signatures alone
     tensorflow::SignatureDef kept = found->second;
     tensorflow::MetaGraphDef empty;
@@ -175,10 +193,12 @@ std::vector<std::pair<std::string, tensorflow::Tensor>> Feeds(const Model& m, in
   return feeds;
 }
 
-void Run(const Model& m, const std::vector<std::pair<std::string, tensorflow::Tensor>>& feeds) {
+std::vector<tensorflow::Tensor> Run(
+    const Model& m, const std::vector<std::pair<std::string, tensorflow::Tensor>>& feeds) {
   std::vector<tensorflow::Tensor> outputs;
   auto status = m.bundle.session->Run(feeds, m.output_names, {}, &outputs);
   if (!status.ok()) Fail("Session::Run: " + status.ToString());
+  return outputs;
 }
 
 double Since(Clock::time_point start) {
@@ -266,9 +286,64 @@ int LatencyMode(const Options& o) {
   return 0;
 }
 
+// A tensors file (see the top of this file): key -> tensor, in the file's order.
+std::vector<std::pair<std::string, tensorflow::Tensor>> ReadTensors(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) Fail("cannot read " + path);
+  std::vector<std::pair<std::string, tensorflow::Tensor>> tensors;
+  for (unsigned char size[8]; file.read(reinterpret_cast<char*>(size), 8);) {
+    uint64_t length = 0;
+    for (int i = 7; i >= 0; --i) length = length << 8 | size[i];
+    std::string bytes(length, '\0');
+    tensorflow::NamedTensorProto named;
+    if (!file.read(&bytes[0], length) || !named.ParseFromString(bytes))
+      Fail(path + ": record " + std::to_string(tensors.size()) + " is not a NamedTensorProto");
+    tensorflow::Tensor tensor;
+    if (!tensor.FromProto(named.tensor())) Fail(path + ": " + named.name() + " is not a tensor");
+    tensors.emplace_back(named.name(), tensor);
+  }
+  if (!file.eof()) Fail("cannot read " + path);
+  return tensors;
+}
+
+void WriteTensors(const std::string& path, const std::vector<std::string>& keys,
+                  const std::vector<tensorflow::Tensor>& tensors) {
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  for (size_t i = 0; i < keys.size(); ++i) {
+    tensorflow::NamedTensorProto named;
+    named.set_name(keys[i]);
+    tensors[i].AsProtoTensorContent(named.mutable_tensor());
+    std::string bytes = named.SerializeAsString();
+    unsigned char size[8];
+    for (int b = 0; b < 8; ++b) size[b] = static_cast<uint64_t>(bytes.size()) >> (8 * b) & 0xff;
+    file.write(reinterpret_cast<const char*>(size), 8);
+    file.write(bytes.data(), bytes.size());
+  }
+  if (!file.flush()) Fail("cannot write " + path);
+}
+
+int OutputsMode(const Options& o) {
+  auto model = Load(o.models[0], o);
+  std::map<std::string, tensorflow::Tensor> given;
+  for (auto& [key, tensor] : ReadTensors(o.inputs))
+    if (!given.emplace(key, tensor).second) Fail(o.inputs + ": " + key + " twice");
+  std::vector<std::pair<std::string, tensorflow::Tensor>> feeds;
+  for (size_t i = 0; i < model->input_keys.size(); ++i) {
+    auto found = given.find(model->input_keys[i]);
+    if (found == given.end()) Fail(o.inputs + ": no tensor for input " + model->input_keys[i]);
+    feeds.emplace_back(model->input_names[i], found->second);
+    given.erase(found);
+  }
+  if (!given.empty()) Fail(o.inputs + ": " + given.begin()->first + " is not an input of " +
+                           o.signature);
+  WriteTensors(o.out, model->output_keys, Run(*model, feeds));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Options o = ParseArgs(argc, argv);
+  if (o.mode == "outputs") return OutputsMode(o);
   return o.mode == "memory" ? MemoryMode(o) : LatencyMode(o);
 }
