@@ -242,7 +242,7 @@ def test_check_serving_compares_what_tf_serving_serves(tmp_path, src):
     import json
     import subprocess
 
-    from graphfold.demo import build_model
+    from graphfold.cli.demo import build_model
     check = _load("check_serving")
     binary, how = _load("bench_serving").harness(str(tmp_path / "bin"))
     if binary is None:

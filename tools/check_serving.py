@@ -6,12 +6,12 @@
 
 TF Serving loads a model with the C++ ``LoadSavedModel`` and runs it with ``Session::Run``:
 Grappler optimizes the graph there, under the session's configuration, and TensorFlow's
-miscompilations (``graphfold/tf_quirks.py``) show there. For each signature (default: every
+miscompilations (``graphfold/fold/tf_quirks.py``) show there. For each signature (default: every
 signature of SRC), this tool makes seeded random inputs from SRC's SignatureDef, runs SRC and DST
 each in a process of its own through ``tools/serving_harness.cc`` (``outputs`` mode; built with
 ``bench_serving.harness``) on the same inputs, and compares every output as graphfold does
-(``graphfold.verify.compare``: max |a-b| and max |a-b| / max |a|, against the tolerance of
-``graphfold.tolerance``: by the precision of the output and of SRC's computation, or
+(``graphfold.convert.verify.compare``: max |a-b| and max |a-b| / max |a|, against the tolerance of
+``graphfold.convert.tolerance``: by the precision of the output and of SRC's computation, or
 ``--tolerance``). For comparison it prints the same through ``tf.saved_model.load`` (DST against
 SRC) and how far the served original is from the loaded original.
 
@@ -117,7 +117,7 @@ def random_feeds(signature, batch: int, shapes: dict, seed: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from graphfold.verify import random_tensor
+    from graphfold.convert.verify import random_tensor
     rng = np.random.default_rng(seed)
     feeds = {}
     for key in sorted(signature.inputs):
@@ -177,8 +177,8 @@ def compare_outputs(want: dict, got: dict, tolerance: float | None, computation)
     tolerance and why, and what is wrong (None when it matches)."""
     import tensorflow as tf
 
-    from graphfold import tolerance as tolerance_
-    from graphfold.verify import compare
+    from graphfold.convert import tolerance as tolerance_
+    from graphfold.convert.verify import compare
     rows = []
     for key in sorted(set(want) | set(got)):
         row = dict(output=key, max_abs=None, max_rel=None, problem=None)
@@ -222,7 +222,7 @@ def check_signature(binary: str, args, key: str, signature, workdir: str,
         want = served(binary, args.src, key, inputs_file, inputs_file + ".src", config, env)
     except RuntimeError as exc:
         raise CannotCheck(f"{key}: the original fails when served: {exc}") from None
-    from graphfold import tolerance as tolerance_
+    from graphfold.convert import tolerance as tolerance_
     try:
         python_src, fn = loaded_outputs(args.src, key, feeds)
     except Exception as exc:  # noqa: BLE001 - the reference of the tolerance and the comparison
@@ -297,7 +297,7 @@ def parse_args(argv):
                         "these inputs instead of random ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, help="relative error accepted for every "
-                        "output (default: by precision, graphfold.tolerance)")
+                        "output (default: by precision, graphfold.convert.tolerance)")
     parser.add_argument("--config", default="default", choices=sorted(bench_serving.CONFIGS),
                         help="the session configuration (bench_serving.CONFIGS)")
     parser.add_argument("--cache", default=CACHE, help="where the harness is built")

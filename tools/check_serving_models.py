@@ -21,7 +21,7 @@ SRC -> DST (``bench_serving.census``): a DST that kept them was not folded.
 
 keras-hub is not a dependency of graphfold: without it the keras-hub models are skipped.
 
-``--quirk``: TensorFlow's LeakyRelu fusion (``graphfold/tf_quirks.py``) on each path: its
+``--quirk``: TensorFlow's LeakyRelu fusion (``graphfold/fold/tf_quirks.py``) on each path: its
 reproduction as a SavedModel (weights as constants or variables; batch unknown or fixed, height
 and width fixed or unknown), served and loaded, against eager.
 """
@@ -118,7 +118,7 @@ def quirk_paths(cache: str) -> list[str]:
     import numpy as np
     import tensorflow as tf
 
-    from graphfold.verify import compare
+    from graphfold.convert.verify import compare
     rng = np.random.default_rng(0)
     x, sc = (rng.normal(size=(2, 8, 8, 16)).astype(np.float32) for _ in range(2))
     module = tf.Module()
