@@ -25,8 +25,20 @@ _HOMES = {
     "Entry": "graphfold.fold.report",
 }
 # attribute -> the module it names (the layers' packages; ``beam`` where it was first documented)
-_SUBMODULES = {name: f"graphfold.{name}" for name in (
-    "examples", "options", "errors", "progress", "fold", "convert", "serving", "fleet", "cli")}
+_SUBMODULES = {
+    name: f"graphfold.{name}"
+    for name in (
+        "examples",
+        "options",
+        "errors",
+        "progress",
+        "fold",
+        "convert",
+        "serving",
+        "fleet",
+        "cli",
+    )
+}
 _SUBMODULES["beam"] = "graphfold.fleet.beam"
 
 __all__ = list(_HOMES)

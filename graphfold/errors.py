@@ -10,8 +10,8 @@ API and the CLI sees (each with its exit code).
 
 from __future__ import annotations
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2      # the CLI's exit codes
-EXIT_VERIFY = EXIT_FAILED       # a verification that failed is a failure like any other
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # the CLI's exit codes
+EXIT_VERIFY = EXIT_FAILED  # a verification that failed is a failure like any other
 
 
 class Blocked(Exception):
@@ -35,30 +35,35 @@ class NotFreezable(Blocked, ValueError):
 
 class GraphfoldError(Exception):
     """An error with a one-line message meant for the user; ``exit_code`` for the CLI."""
+
     exit_code = EXIT_USAGE
 
 
 class BadInput(GraphfoldError):
     """Bad usage or bad input: a path, a SavedModel, a signature key, a tag set (exit 2)."""
+
     exit_code = EXIT_USAGE
 
 
 class RewriteFailed(GraphfoldError):
     """graphfold itself failed on a signature (an exception no rule expects): nothing was
     written (exit 1). ``__cause__`` is the exception, for its traceback."""
+
     exit_code = EXIT_FAILED
 
     def __init__(self, signature: str, error: BaseException):
         lines = [line for line in str(error).strip().splitlines() if line.strip()]
         first = lines[0][:300] if lines else ""
         what = f"{type(error).__name__}: {first}" if first else type(error).__name__
-        super().__init__(f"signature '{signature}': graphfold failed to rewrite it ({what}); "
-                         f"nothing was written")
+        super().__init__(
+            f"signature '{signature}': graphfold failed to rewrite it ({what}); nothing was written"
+        )
         self.signature = signature
 
 
 class VerificationFailed(GraphfoldError):
     """An optimized signature disagrees with the original: nothing was written (exit 1)."""
+
     exit_code = EXIT_VERIFY
 
     def __init__(self, message: str, result):

@@ -9,8 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 APPLICATIONS = {
-    "ResNet50": 224, "MobileNetV2": 224, "MobileNetV3Small": 224, "MobileNetV3Large": 224,
-    "EfficientNetB0": 224, "InceptionV3": 299, "InceptionResNetV2": 299, "DenseNet121": 224,
+    "ResNet50": 224,
+    "MobileNetV2": 224,
+    "MobileNetV3Small": 224,
+    "MobileNetV3Large": 224,
+    "EfficientNetB0": 224,
+    "InceptionV3": 299,
+    "InceptionResNetV2": 299,
+    "DenseNet121": 224,
     "NASNetMobile": 224,
 }
 # Pre-activation networks (BN → ReLU → conv), where partial folds matter: by name, not in the
@@ -22,15 +28,17 @@ def keras_module(legacy: bool):
     """``tf_keras`` (Keras 2, emits FusedBatchNormV3) or Keras 3."""
     if legacy:
         import tf_keras
+
         return tf_keras
     import keras
+
     return keras
 
 
 def all_layers(model) -> list:
     """Every layer inside ``model``, however deeply nested (the sublayers of custom layers, as
     keras-hub and the TF Model Garden build them, not only ``model.layers``), each once."""
-    flatten = getattr(model, "_flatten_layers", None)     # Keras 3 and tf-keras alike
+    flatten = getattr(model, "_flatten_layers", None)  # Keras 3 and tf-keras alike
     if flatten is not None:
         return [layer for layer in flatten(include_self=False, recursive=True)]
     found: list = []
@@ -66,13 +74,17 @@ def randomise(model, rng: np.random.Generator, negative_gamma: float = 0.3) -> i
                     value = rng.uniform(0.5, 1.5, w.shape) * sign
                 elif "variance" in name:
                     value = rng.uniform(0.3, 2.0, w.shape)
-                else:                                        # beta, moving_mean
+                else:  # beta, moving_mean
                     value = rng.normal(0.0, 0.5, w.shape)
                 new.append(value.astype(w.dtype))
             layer.set_weights(new)
         elif any("bias" in n for n in names):
-            layer.set_weights([rng.normal(0.0, 0.5, w.shape).astype(w.dtype) if "bias" in n
-                               else w for n, w in zip(names, weights)])
+            layer.set_weights(
+                [
+                    rng.normal(0.0, 0.5, w.shape).astype(w.dtype) if "bias" in n else w
+                    for n, w in zip(names, weights)
+                ]
+            )
     return count
 
 
@@ -81,7 +93,7 @@ def application(name: str, legacy: bool = False, seed: int = 0, negative_gamma: 
     ``PRE_ACTIVATION``), randomised (``negative_gamma``: the share of negative γ); returns
     ``(model, input_size, number of BN layers)``."""
     keras = keras_module(legacy)
-    keras.utils.set_random_seed(seed)        # kernels too: the same model on every run
+    keras.utils.set_random_seed(seed)  # kernels too: the same model on every run
     size = {**APPLICATIONS, **PRE_ACTIVATION}[name]
     kwargs = dict(weights=None, input_shape=(size, size, 3))
     model = getattr(keras.applications, name)(classifier_activation=None, **kwargs)
@@ -92,6 +104,7 @@ def application(name: str, legacy: bool = False, seed: int = 0, negative_gamma: 
 def concrete(model, shape, dtype="float32", name="x"):
     """The inference-mode ConcreteFunction of a Keras model, batch dimension unknown."""
     import tensorflow as tf
+
     fn = tf.function(lambda x: model(x, training=False))
     return fn.get_concrete_function(tf.TensorSpec([None, *shape], dtype, name=name))
 
@@ -143,8 +156,11 @@ def _grouped_net(K):
     return K.Model(inp, x, name="grouped_net")
 
 
-SMALL_MODELS = {"UNet": (_unet, (32, 32, 3)), "Conv3DNet": (_conv3d_net, (8, 16, 16, 1)),
-                "GroupedNet": (_grouped_net, (32, 32, 3))}
+SMALL_MODELS = {
+    "UNet": (_unet, (32, 32, 3)),
+    "Conv3DNet": (_conv3d_net, (8, 16, 16, 1)),
+    "GroupedNet": (_grouped_net, (32, 32, 3)),
+}
 
 
 def small_model(name: str, legacy: bool = False, seed: int = 0):

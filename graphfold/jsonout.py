@@ -9,8 +9,9 @@ import json
 
 def dumps(document: dict) -> str:
     """Strict JSON: an infinite or NaN error is written as the string "inf" / "nan"."""
-    return json.dumps(_strict(json.loads(json.dumps(document, default=_jsonable))), indent=2,
-                      allow_nan=False)
+    return json.dumps(
+        _strict(json.loads(json.dumps(document, default=_jsonable))), indent=2, allow_nan=False
+    )
 
 
 def _strict(value):

@@ -19,12 +19,13 @@ from graphfold.errors import BadInput
 from graphfold.outside import OUTSIDE
 
 WEIGHTS = ("auto", "constants", "variables")
-MAX_WARMUP = 1000          # TF Serving reads at most this many warm-up records
+MAX_WARMUP = 1000  # TF Serving reads at most this many warm-up records
 
 
 _NO_VALUE = object()
 _FLAGS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
-    "graphfold_flags", default=None)
+    "graphfold_flags", default=None
+)
 
 
 def spelled(name: str) -> str:
@@ -85,6 +86,7 @@ class Options:
     one is not loaded. ``partial``: where a batch norm cannot disappear, fold its scale and keep
     its shift as one add (``docs/folding.md``, partial folds); False keeps it whole.
     """
+
     signatures: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ("serve",)
     verify: bool = True
@@ -113,29 +115,45 @@ class Options:
         if self.weights not in WEIGHTS:
             raise BadOption("weights", self.weights, f"must be one of {', '.join(WEIGHTS)}")
         if not self.verify:
-            needing = [n for n in ("require_verification", "warmup", "input_shapes")
-                       if getattr(self, n)]
+            needing = [
+                n for n in ("require_verification", "warmup", "input_shapes") if getattr(self, n)
+            ]
             if needing:
-                raise BadOption("verify", False, f"cannot be combined with "
-                                f"{' or '.join(needing)} (they need the verification)")
+                raise BadOption(
+                    "verify",
+                    False,
+                    f"cannot be combined with {' or '.join(needing)} (they need the verification)",
+                )
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)
 
     def _check_numbers(self) -> None:
         if self.tolerance is not None:
-            if isinstance(self.tolerance, bool) or \
-                    not isinstance(self.tolerance, (int, float)) or not self.tolerance >= 0:
-                raise BadOption("tolerance", self.tolerance, "must be a non-negative number "
-                                "(or None: by precision)")
+            if (
+                isinstance(self.tolerance, bool)
+                or not isinstance(self.tolerance, (int, float))
+                or not self.tolerance >= 0
+            ):
+                raise BadOption(
+                    "tolerance",
+                    self.tolerance,
+                    "must be a non-negative number (or None: by precision)",
+                )
             self._set("tolerance", float(self.tolerance))
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise BadOption("batch", self.batch, "must be a whole number, at least 1")
-        if self.warmup is not None and (isinstance(self.warmup, bool) or
-                                        not isinstance(self.warmup, int) or
-                                        not 1 <= self.warmup <= MAX_WARMUP):
-            raise BadOption("warmup", self.warmup, f"must be a whole number between 1 and "
-                            f"{MAX_WARMUP} (TF Serving reads at most {MAX_WARMUP} records)")
+        if self.warmup is not None and (
+            isinstance(self.warmup, bool)
+            or not isinstance(self.warmup, int)
+            or not 1 <= self.warmup <= MAX_WARMUP
+        ):
+            raise BadOption(
+                "warmup",
+                self.warmup,
+                f"must be a whole number between 1 and "
+                f"{MAX_WARMUP} (TF Serving reads at most {MAX_WARMUP} records)",
+            )
 
     @classmethod
     def of(cls, options: Options | None = None, **kwargs) -> Options:
@@ -143,8 +161,10 @@ class Options:
         if options is None:
             return cls(**kwargs)
         if kwargs:
-            raise TypeError(f"give options= or keyword options, not both (got "
-                            f"{', '.join(sorted(kwargs))} beside options=)")
+            raise TypeError(
+                f"give options= or keyword options, not both (got "
+                f"{', '.join(sorted(kwargs))} beside options=)"
+            )
         if not isinstance(options, cls):
             raise TypeError(f"options must be graphfold.Options, got {type(options).__name__}")
         return options
@@ -156,8 +176,11 @@ class Options:
     def given(self) -> list[str]:
         """The fields whose value is not the default."""
         default = Options()
-        return [f.name for f in dataclasses.fields(self)
-                if getattr(self, f.name) != getattr(default, f.name)]
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        ]
 
     def to_dict(self) -> dict:
         """Every field, as JSON values (tuples as lists)."""
@@ -167,6 +190,7 @@ class Options:
 @dataclasses.dataclass(frozen=True)
 class SourceKind:
     """A kind of input graphfold reads, and the options it honours."""
+
     name: str
     supported: frozenset[str]
 
@@ -179,18 +203,44 @@ class SourceKind:
 
 _ALL = frozenset(f.name for f in dataclasses.fields(Options))
 SAVED_MODEL = SourceKind("a SavedModel", _ALL - {"input_names", "output_names"})
-GRAPH_DEF_FILE = SourceKind("a GraphDef file", frozenset({
-    "verify", "tolerance", "batch", "require_verification", "input_names", "output_names",
-    "allow_ops", "input_shapes", "partial"}))
+GRAPH_DEF_FILE = SourceKind(
+    "a GraphDef file",
+    frozenset(
+        {
+            "verify",
+            "tolerance",
+            "batch",
+            "require_verification",
+            "input_names",
+            "output_names",
+            "allow_ops",
+            "input_shapes",
+            "partial",
+        }
+    ),
+)
 # What comparing two SavedModels (``verify_saved_models``) and reporting without writing
 # (``inspect``) honour.
-COMPARISON = SourceKind("comparing two SavedModels", frozenset({
-    "signatures", "tags", "tolerance", "batch", "require_verification", "allow_ops",
-    "input_shapes"}))
-INSPECT_SAVED_MODEL = SourceKind("inspecting a SavedModel", frozenset({"signatures", "tags",
-                                                                        "allow_ops", "partial"}))
-INSPECT_GRAPH_DEF_FILE = SourceKind("inspecting a GraphDef file",
-                                    frozenset({"input_names", "output_names", "partial"}))
+COMPARISON = SourceKind(
+    "comparing two SavedModels",
+    frozenset(
+        {
+            "signatures",
+            "tags",
+            "tolerance",
+            "batch",
+            "require_verification",
+            "allow_ops",
+            "input_shapes",
+        }
+    ),
+)
+INSPECT_SAVED_MODEL = SourceKind(
+    "inspecting a SavedModel", frozenset({"signatures", "tags", "allow_ops", "partial"})
+)
+INSPECT_GRAPH_DEF_FILE = SourceKind(
+    "inspecting a GraphDef file", frozenset({"input_names", "output_names", "partial"})
+)
 
 
 def _names(field: str, value) -> tuple[str, ...] | None:
@@ -218,8 +268,9 @@ def _shapes(value) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
         pairs = value.items() if isinstance(value, dict) else value
         shapes = {str(key): tuple(int(d) for d in shape) for key, shape in pairs}
     except (TypeError, ValueError):
-        raise BadOption("input_shapes", value, "must map input names to shapes, e.g. "
-                        "{'x': (1, 224, 224, 3)}") from None
+        raise BadOption(
+            "input_shapes", value, "must map input names to shapes, e.g. {'x': (1, 224, 224, 3)}"
+        ) from None
     return tuple(sorted(shapes.items()))
 
 
@@ -229,9 +280,13 @@ def _allow_ops(value) -> tuple[str, ...]:
     names = tuple(sorted(_names("allow_ops", value) or ())) if value else ()
     unknown = [name for name in names if name not in OUTSIDE]
     if unknown:
-        raise BadOption("allow_ops", ",".join(unknown), "not an op graphfold holds back (it "
-                        "holds back file, network, Python and print ops: "
-                        "graphfold.outside.OUTSIDE)")
+        raise BadOption(
+            "allow_ops",
+            ",".join(unknown),
+            "not an op graphfold holds back (it "
+            "holds back file, network, Python and print ops: "
+            "graphfold.outside.OUTSIDE)",
+        )
     return names
 
 

@@ -24,16 +24,24 @@ if TYPE_CHECKING:
     from graphfold.verification import Verification
 
 # What each stage does, as the progress line and the heartbeat say it.
-VERBS = {"read": "reading", "load": "loading", "fold": "freezing and folding",
-         "write": "writing", "verify": "verifying", "rename": "moving it into place:",
-         "build": "building", "save": "saving", "time": "timing"}
+VERBS = {
+    "read": "reading",
+    "load": "loading",
+    "fold": "freezing and folding",
+    "write": "writing",
+    "verify": "verifying",
+    "rename": "moving it into place:",
+    "build": "building",
+    "save": "saving",
+    "time": "timing",
+}
 
 
 class Event:
     """A progress event; ``text`` is its line."""
 
     @property
-    def text(self) -> str:          # overridden by every event
+    def text(self) -> str:  # overridden by every event
         raise NotImplementedError
 
     def __str__(self) -> str:
@@ -43,9 +51,10 @@ class Event:
 @dataclasses.dataclass(frozen=True)
 class StageStarted(Event):
     """A stage begins: ``stage`` (a key of ``VERBS``) on ``detail`` (what it works on)."""
+
     stage: str
     detail: str = ""
-    verb: str | None = None         # None: ``VERBS[stage]``
+    verb: str | None = None  # None: ``VERBS[stage]``
 
     @property
     def doing(self) -> str:
@@ -54,29 +63,34 @@ class StageStarted(Event):
 
     @property
     def text(self) -> str:
-        return " ".join(p for p in (self.verb or VERBS.get(self.stage, self.stage),
-                                    self.detail) if p)
+        return " ".join(
+            p for p in (self.verb or VERBS.get(self.stage, self.stage), self.detail) if p
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class SignatureFolded(Event):
     """A signature frozen and folded: its report's summary and the seconds per step."""
+
     key: str
     summary: str
     freeze: float = 0.0
     fold: float = 0.0
-    reimport: float | None = None   # None: nothing was re-imported (inspect)
+    reimport: float | None = None  # None: nothing was re-imported (inspect)
 
     @property
     def text(self) -> str:
         tail = "" if self.reimport is None else f", re-import {self.reimport:.2f}s"
-        return (f"  '{self.key}': {self.summary} (freeze {self.freeze:.2f}s, fold "
-                f"{self.fold:.2f}s{tail})")
+        return (
+            f"  '{self.key}': {self.summary} (freeze {self.freeze:.2f}s, fold "
+            f"{self.fold:.2f}s{tail})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class SameFunction(Event):
     """``key`` is the same function as ``first``: folded once."""
+
     key: str
     first: str
 
@@ -88,6 +102,7 @@ class SameFunction(Event):
 @dataclasses.dataclass(frozen=True)
 class NotOptimized(Event):
     """``key`` is copied through unchanged, for ``reason``."""
+
     key: str
     reason: str
 
@@ -99,6 +114,7 @@ class NotOptimized(Event):
 @dataclasses.dataclass(frozen=True)
 class SignatureChecked(Event):
     """One signature compared (or held back, not run): a ``verify.Verification``."""
+
     verification: Verification
 
     @property
@@ -109,6 +125,7 @@ class SignatureChecked(Event):
 @dataclasses.dataclass(frozen=True)
 class Note(Event):
     """A line that is neither a stage nor a signature's outcome."""
+
     message: str
 
     @property

@@ -20,8 +20,10 @@ def format_table(rows: Sequence[tuple[str, ...]]) -> str:
 
 def op_table(ops_before: dict[str, int], ops_after: dict[str, int]) -> str:
     """Before/after op counts, changed rows first, in the manner of onnxsim."""
-    ops = sorted(set(ops_before) | set(ops_after),
-                 key=lambda op: (ops_before.get(op, 0) == ops_after.get(op, 0), op))
+    ops = sorted(
+        set(ops_before) | set(ops_after),
+        key=lambda op: (ops_before.get(op, 0) == ops_after.get(op, 0), op),
+    )
     rows = [("op", "before", "after")]
     for op in ops:
         rows.append((op, str(ops_before.get(op, 0)), str(ops_after.get(op, 0))))

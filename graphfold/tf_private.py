@@ -35,7 +35,7 @@ class _Converter(convert_to_constants._FunctionConverterDataInEager):  # noqa: S
     ``_ShapeOnly`` stand-in (its private ``_eval`` is where the converter reads them)."""
 
     def __init__(self, **kwargs):
-        self.stand_ins: dict[int, tf.Variable] = {}   # id(stand-in) -> its variable
+        self.stand_ins: dict[int, tf.Variable] = {}  # id(stand-in) -> its variable
         super().__init__(**kwargs)
 
     def _eval(self, tensor):
@@ -52,8 +52,11 @@ def freeze_without_reading(fn) -> tuple[graph_pb2.GraphDef, dict[str, tf.Variabl
     flow kept functional), with each variable a compact stand-in constant: ``(graph_def, node
     name -> the variable its constant stands for)``."""
     data = _Converter(func=fn, lower_control_flow=False, aggressive_inlining=True)
-    variables = {name: data.stand_ins[id(t.numpy)] for name, t in data.tensor_data.items()
-                 if id(t.numpy) in data.stand_ins}
+    variables = {
+        name: data.stand_ins[id(t.numpy)]
+        for name, t in data.tensor_data.items()
+        if id(t.numpy) in data.stand_ins
+    }
     graph_def, _ = convert_to_constants._replace_variables_by_constants(data)  # noqa: SLF001
     return graph_def, variables
 
@@ -62,15 +65,17 @@ def freeze_with_values(fn):
     """``(frozen ConcreteFunction, its GraphDef)``: TensorFlow's own freezing, the variables'
     values copied in (calls inlined, control flow kept functional)."""
     return convert_to_constants.convert_variables_to_constants_v2_as_graph(
-        fn, lower_control_flow=False, aggressive_inlining=True)
+        fn, lower_control_flow=False, aggressive_inlining=True
+    )
 
 
 def variable_buffer(variable: tf.Variable) -> np.ndarray:
     """The array of ``variable``'s current value, sharing its buffer (no copy)."""
-    return variable.value()._numpy()       # noqa: SLF001
+    return variable.value()._numpy()  # noqa: SLF001
 
 
 # ---- ops and functions --------------------------------------------------------------------------
+
 
 def op_def(op: str) -> op_def_pb2.OpDef | None:
     """The registered ``OpDef`` of ``op`` in the running TensorFlow, or None."""
@@ -86,6 +91,7 @@ def saved_model_fingerprint(path: str) -> bytes:
     """The serialized ``FingerprintDef`` of the SavedModel at ``path``, as TensorFlow writes
     ``fingerprint.pb``."""
     from tensorflow.python.saved_model import pywrap_saved_model
+
     return pywrap_saved_model.fingerprinting.CreateFingerprintDef(path)
 
 
@@ -96,7 +102,7 @@ def runtime_started() -> bool:
     if context is None:
         return False
     current = context.context_safe()
-    return current is not None and bool(current._initialized)   # noqa: SLF001
+    return current is not None and bool(current._initialized)  # noqa: SLF001
 
 
 TOUCH_POINTS: dict[str, Callable] = {

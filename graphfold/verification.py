@@ -14,7 +14,7 @@ class OutputError:
     dtype: str
     max_abs: float
     max_rel: float
-    tolerance: float | None = None       # the relative error accepted for this output
+    tolerance: float | None = None  # the relative error accepted for this output
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -25,19 +25,20 @@ class Verification:
     """The outcome of comparing one signature: ``status`` is "ok", "failed", "skipped" (not
     checked) or "inconclusive" (only within a noise floor too large to mean anything:
     ``noise.py``). ``tolerance``: the one given, or None (per output, by precision)."""
+
     signature: str
     status: str
     tolerance: float | None
-    inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)   # name -> shape used
+    inputs: dict[str, tuple] = dataclasses.field(default_factory=dict)  # name -> shape used
     outputs: list[OutputError] = dataclasses.field(default_factory=list)
-    reason: str | None = None            # why it failed or was skipped
+    reason: str | None = None  # why it failed or was skipped
     seconds: float = 0.0
-    source: str = "random inputs"        # or "--inputs", "warm-up records (n)"
-    mismatch: bool = False               # failed only by relative errors over the tolerance
-    noise_floor: float | None = None     # rel. error of the frozen, unfolded graph (see noise.py)
-    fed: list = dataclasses.field(default_factory=list, repr=False)   # the inputs run
-    reference_failed: bool = False       # the original itself fails on the given inputs
-    shape_note: str | None = None        # why unknown dims are smaller than the usual sizes
+    source: str = "random inputs"  # or "--inputs", "warm-up records (n)"
+    mismatch: bool = False  # failed only by relative errors over the tolerance
+    noise_floor: float | None = None  # rel. error of the frozen, unfolded graph (see noise.py)
+    fed: list = dataclasses.field(default_factory=list, repr=False)  # the inputs run
+    reference_failed: bool = False  # the original itself fails on the given inputs
+    shape_note: str | None = None  # why unknown dims are smaller than the usual sizes
     computation: frozenset = frozenset()  # float dtypes the original computes in
 
     @property
@@ -56,9 +57,11 @@ class Verification:
         if self.status == "skipped":
             return f"{self.signature}: NOT VERIFIED ({self.reason})"
         shapes = ", ".join(f"{k}{list(v)}" for k, v in self.inputs.items())
-        text = (f"{self.signature}: max abs error {self.max_abs:.3g}, max rel error "
-                f"{self.max_rel:.3g} over {len(self.outputs)} output(s), {self.source} "
-                f"{shapes}")
+        text = (
+            f"{self.signature}: max abs error {self.max_abs:.3g}, max rel error "
+            f"{self.max_rel:.3g} over {len(self.outputs)} output(s), {self.source} "
+            f"{shapes}"
+        )
         if self.shape_note:
             text += f" ({self.shape_note})"
         if self.noise_floor is not None:
@@ -72,11 +75,18 @@ class Verification:
         return text
 
     def to_dict(self) -> dict:
-        return {"signature": self.signature, "status": self.status, "tolerance": self.tolerance,
-                "max_abs": self.max_abs, "max_rel": self.max_rel,
-                "inputs": {k: list(v) for k, v in self.inputs.items()},
-                "outputs": [o.to_dict() for o in self.outputs], "reason": self.reason,
-                "source": self.source, "noise_floor": self.noise_floor,
-                "shape_note": self.shape_note,
-                "computation": sorted(d.name for d in self.computation),
-                "seconds": self.seconds}
+        return {
+            "signature": self.signature,
+            "status": self.status,
+            "tolerance": self.tolerance,
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "inputs": {k: list(v) for k, v in self.inputs.items()},
+            "outputs": [o.to_dict() for o in self.outputs],
+            "reason": self.reason,
+            "source": self.source,
+            "noise_floor": self.noise_floor,
+            "shape_note": self.shape_note,
+            "computation": sorted(d.name for d in self.computation),
+            "seconds": self.seconds,
+        }

@@ -12,4 +12,5 @@ def src(tmp_path_factory):
     """``src(name)``: the path of the shared SavedModel fixture ``name``
     (``savedmodel_fixtures.BUILDERS``), built on first use."""
     import savedmodel_fixtures as F
+
     return lambda name: F.get(name, tmp_path_factory)

@@ -67,8 +67,8 @@ class Tensor:
     w: int = 1
     uses: int = 0
     is_input: bool = False
-    explicit_depthwise: bool = False   # TF (oneDNN) aborts on BiasAdd/Add(k) after such a layer
-    channel_padded: bool = False       # TF (oneDNN) Pad+Conv2D fusion drops a channel padding
+    explicit_depthwise: bool = False  # TF (oneDNN) aborts on BiasAdd/Add(k) after such a layer
+    channel_padded: bool = False  # TF (oneDNN) Pad+Conv2D fusion drops a channel padding
 
 
 @dataclasses.dataclass
@@ -77,26 +77,34 @@ class Case:
     fn: tf.types.experimental.ConcreteFunction
     layout: str
     dtype: tf.DType
-    batch_norms: list[str]          # names of the batch norms the generator inserted
-    log: list[str]                  # one line per op, to read a failure
+    batch_norms: list[str]  # names of the batch norms the generator inserted
+    log: list[str]  # one line per op, to read a failure
 
     def describe(self) -> str:
-        return (f"seed {self.seed}: {self.layout} {self.dtype.name}, "
-                f"{len(self.batch_norms)} BN\n  " + "\n  ".join(self.log))
+        return (
+            f"seed {self.seed}: {self.layout} {self.dtype.name}, "
+            f"{len(self.batch_norms)} BN\n  " + "\n  ".join(self.log)
+        )
 
 
 class _Builder:
     """Draws ops while ``tf.function`` traces (the trace runs once, so the draws are fixed)."""
 
-    def __init__(self, rng: np.random.Generator, layout: str, dtype: tf.DType, round_to=None,
-                 variants: np.random.Generator | None = None):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        layout: str,
+        dtype: tf.DType,
+        round_to=None,
+        variants: np.random.Generator | None = None,
+    ):
         self.rng, self.layout, self.dtype = rng, layout, dtype
         # A second stream picks the layer variants (grouped, transposed, BatchMatMulV2, Einsum):
         # the main stream's draws, and so the graphs of older seeds, keep their structure.
         self.variants = variants or np.random.default_rng(0)
-        self.novel = np.random.default_rng(0)     # the partial-fold blocks' stream (``build``)
+        self.novel = np.random.default_rng(0)  # the partial-fold blocks' stream (``build``)
         self.np_dtype = dtype.as_numpy_dtype
-        self.round_to = round_to       # the float64 reference of a graph: its constants, rounded
+        self.round_to = round_to  # the float64 reference of a graph: its constants, rounded
         self.pool: list[Tensor] = []
         self.batch_norms: list[str] = []
         self.log: list[str] = []
@@ -112,13 +120,17 @@ class _Builder:
             t.uses += 1
         shape = value.shape.as_list()
         if len(shape) == 4:
-            c, h, w = (shape[1], shape[2], shape[3]) if self.layout == "NCHW" else \
-                (shape[3], shape[1], shape[2])
+            c, h, w = (
+                (shape[1], shape[2], shape[3])
+                if self.layout == "NCHW"
+                else (shape[3], shape[1], shape[2])
+            )
             t = Tensor(value, 4, c, h, w)
         else:
             t = Tensor(value, 2, shape[1])
-        self.log.append(f"t{len(self.pool)} = {what}({', '.join(self._ref(i) for i in inputs)})"
-                        f" -> {shape}")
+        self.log.append(
+            f"t{len(self.pool)} = {what}({', '.join(self._ref(i) for i in inputs)}) -> {shape}"
+        )
         self.pool.append(t)
         return t
 
@@ -126,8 +138,9 @@ class _Builder:
         return f"t{self.pool.index(t)}"
 
     def pick(self, rank: int | None = None, where=None) -> Tensor | None:
-        ok = [t for t in self.pool if (rank is None or t.rank == rank) and
-              (where is None or where(t))]
+        ok = [
+            t for t in self.pool if (rank is None or t.rank == rank) and (where is None or where(t))
+        ]
         if not ok:
             return None
         if self.pool[-1] in ok and self.rng.random() < 0.6:
@@ -180,14 +193,18 @@ class _Builder:
 
     def conv(self, x: Tensor, cout: int | None = None, same: bool = False) -> Tensor:
         rng = self.rng
-        if x.channel_padded:           # the original would fail to run (see Tensor)
+        if x.channel_padded:  # the original would fail to run (see Tensor)
             x = self.relu(x)
         variant = self.variants.random()
         if variant < 0.15 and not same and self.dtype != tf.float16:
             return self.conv_transpose(x, cout)
         groups = int(self.variants.choice([g for g in (2, 3) if x.c % g == 0] or [1]))
-        if variant > 0.75 and groups > 1 and self.dtype != tf.float16 and \
-                (cout is None or cout % groups == 0):
+        if (
+            variant > 0.75
+            and groups > 1
+            and self.dtype != tf.float16
+            and (cout is None or cout % groups == 0)
+        ):
             cout = groups * int(self.variants.integers(1, 3)) if cout is None else cout
         else:
             groups = 1
@@ -197,8 +214,12 @@ class _Builder:
         cout = int(rng.integers(2, 6)) if cout is None else cout
         padding = "SAME" if same else self._window(x, (k - 1) * dilation + 1)
         w = self.weight((k, k, x.c // groups, cout), k * k * x.c // groups)
-        attrs = dict(strides=self.strides4(stride), padding=padding, data_format=self.layout,
-                     dilations=self.strides4(dilation))
+        attrs = dict(
+            strides=self.strides4(stride),
+            padding=padding,
+            data_format=self.layout,
+            dilations=self.strides4(dilation),
+        )
         if padding == "EXPLICIT":
             pads = self.spatial_pairs([list(rng.integers(0, 2, 2)) for _ in range(2)])
             attrs["explicit_paddings"] = [int(p) for pair in pads for p in pair]
@@ -208,8 +229,9 @@ class _Builder:
         # A Mul by a constant right after a grouped Conv2D makes Grappler's MulConvPushDown
         # abort the process (TF 2.21, a CHECK on the filter shape): a bias between them, as in
         # Keras.
-        return self.bias(self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}/groups{groups}",
-                                   x))
+        return self.bias(
+            self.wrap(y, f"conv{k}x{k}/s{stride}/d{dilation}/{padding}/groups{groups}", x)
+        )
 
     def conv_transpose(self, x: Tensor, cout: int | None = None) -> Tensor:
         """``Conv2DBackpropInput`` (Keras Conv2DTranspose): filter [k, k, cout, x.c], data input 2.
@@ -218,7 +240,7 @@ class _Builder:
         k = int(v.choice([1, 2, 3]))
         stride = int(v.choice([1, 2]))
         padding = str(v.choice(["SAME", "VALID"]))
-        size = (lambda n: n * stride if padding == "SAME" else (n - 1) * stride + k)
+        size = lambda n: n * stride if padding == "SAME" else (n - 1) * stride + k
         if max(size(x.h), size(x.w)) > MAX_SPATIAL:
             stride, padding = 1, "SAME"
         h, w_ = size(x.h), size(x.w)
@@ -227,8 +249,14 @@ class _Builder:
         n = tf.shape(x.value)[0]
         shape = tf.stack([n, cout, h, w_] if self.layout == "NCHW" else [n, h, w_, cout])
         y = tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=shape, filter=w, out_backprop=x.value, strides=self.strides4(stride),
-            padding=padding, data_format=self.layout, name=self.name("conv_transpose"))
+            input_sizes=shape,
+            filter=w,
+            out_backprop=x.value,
+            strides=self.strides4(stride),
+            padding=padding,
+            data_format=self.layout,
+            name=self.name("conv_transpose"),
+        )
         return self.wrap(y, f"conv_transpose{k}x{k}/s{stride}/{padding}", x)
 
     def depthwise(self, x: Tensor, same: bool = False) -> Tensor:
@@ -236,18 +264,21 @@ class _Builder:
         k = int(rng.choice([1, 2, 3]))
         stride = 1 if same else int(rng.choice([1, 1, 2]))
         dilation = int(rng.choice([1, 2])) if stride == 1 and k > 1 and not same else 1
-        if self.dtype == tf.float16:      # no kernel for it on CPUs without AVX512-FP16
+        if self.dtype == tf.float16:  # no kernel for it on CPUs without AVX512-FP16
             dilation = 1
         m = 1 if same else int(rng.choice([1, 1, 2]))
         padding = "SAME" if same else self._window(x, (k - 1) * dilation + 1)
         w = self.weight((k, k, x.c, m), k * k)
-        attrs = dict(strides=self.strides4(stride), padding=padding, data_format=self.layout,
-                     dilations=self.strides4(dilation))
+        attrs = dict(
+            strides=self.strides4(stride),
+            padding=padding,
+            data_format=self.layout,
+            dilations=self.strides4(dilation),
+        )
         if padding == "EXPLICIT":
             pads = self.spatial_pairs([list(rng.integers(0, 2, 2)) for _ in range(2)])
             attrs["explicit_paddings"] = [int(p) for pair in pads for p in pair]
-        y = tf.raw_ops.DepthwiseConv2dNative(input=x.value, filter=w, name=self.name("dw"),
-                                             **attrs)
+        y = tf.raw_ops.DepthwiseConv2dNative(input=x.value, filter=w, name=self.name("dw"), **attrs)
         t = self.wrap(y, f"depthwise{k}x{k}/m{m}/s{stride}/d{dilation}/{padding}", x)
         t.explicit_depthwise = padding == "EXPLICIT"
         return t
@@ -259,13 +290,13 @@ class _Builder:
         w = self.weight(shape, x.c)
         variant = self.variants.random()
         if variant < 0.2:
-            y = tf.raw_ops.BatchMatMulV2(x=x.value, y=w, adj_y=transpose_b,
-                                         name=self.name("batch_matmul"))
+            y = tf.raw_ops.BatchMatMulV2(
+                x=x.value, y=w, adj_y=transpose_b, name=self.name("batch_matmul")
+            )
             return self.wrap(y, f"batch_matmul(adj_y={transpose_b})", x)
         if variant < 0.4:
             equation = "ab,cb->ac" if transpose_b else "ab,bc->ac"
-            y = tf.raw_ops.Einsum(inputs=[x.value, w], equation=equation,
-                                  name=self.name("einsum"))
+            y = tf.raw_ops.Einsum(inputs=[x.value, w], equation=equation, name=self.name("einsum"))
             return self.wrap(y, f"einsum({equation})", x)
         y = tf.matmul(x.value, w, transpose_b=transpose_b, name=self.name("matmul"))
         return self.wrap(y, f"matmul(transpose_b={transpose_b})", x)
@@ -290,8 +321,11 @@ class _Builder:
         else:
             k = self.const(b.reshape(self.channel_shape(x)))
             with tf.name_scope(name):
-                y = {"add": lambda: x.value + k, "radd": lambda: k + x.value,
-                     "sub": lambda: x.value - k}[form]()
+                y = {
+                    "add": lambda: x.value + k,
+                    "radd": lambda: k + x.value,
+                    "sub": lambda: x.value - k,
+                }[form]()
         return self.wrap(y, f"bias/{form}", x)
 
     def bn_params(self, c: int, positive: bool = False):
@@ -309,17 +343,27 @@ class _Builder:
         self.batch_norms.append(name)
         gamma, beta, mean, var = self.bn_params(x.c, positive)
         with tf.name_scope(name):
-            if self.dtype == tf.float64:      # the reference: the same map, in float64
+            if self.dtype == tf.float64:  # the reference: the same map, in float64
                 shape = self.channel_shape(x)
-                p = [tf.constant(v.reshape(shape).astype(np.float64))
-                     for v in (mean, var, beta, gamma)]
-                y = tf.nn.batch_normalization(x.value, p[0], p[1], p[2], p[3],
-                                              float(np.float32(EPS)))
+                p = [
+                    tf.constant(v.reshape(shape).astype(np.float64))
+                    for v in (mean, var, beta, gamma)
+                ]
+                y = tf.nn.batch_normalization(
+                    x.value, p[0], p[1], p[2], p[3], float(np.float32(EPS))
+                )
                 form = "reference"
             elif fused and x.rank == 4:
                 y = tf.raw_ops.FusedBatchNormV3(
-                    x=x.value, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=EPS,
-                    data_format=self.layout, is_training=False)[0]
+                    x=x.value,
+                    scale=gamma,
+                    offset=beta,
+                    mean=mean,
+                    variance=var,
+                    epsilon=EPS,
+                    data_format=self.layout,
+                    is_training=False,
+                )[0]
                 form = "FusedBatchNormV3"
             else:
                 shape = self.channel_shape(x)
@@ -333,8 +377,11 @@ class _Builder:
         k = self.const(self.signed(x.c).reshape(self.channel_shape(x)))
         form = self.rng.choice(["mul", "rmul", "div"])
         with tf.name_scope(self.name("scale")):
-            y = {"mul": lambda: x.value * k, "rmul": lambda: k * x.value,
-                 "div": lambda: x.value / k}[form]()
+            y = {
+                "mul": lambda: x.value * k,
+                "rmul": lambda: k * x.value,
+                "div": lambda: x.value / k,
+            }[form]()
         return self.wrap(y, f"scale/{form}", x)
 
     def broadcast_mul(self, x: Tensor) -> Tensor:
@@ -393,21 +440,30 @@ class _Builder:
             perm = [0, 1, 2, 3]
         else:
             perm = [0, 1, 3, 2] if self.layout == "NCHW" else [0, 2, 1, 3]
-        return self.wrap(tf.transpose(x.value, perm, name=self.name("transpose")),
-                         f"transpose{perm}", x)
+        return self.wrap(
+            tf.transpose(x.value, perm, name=self.name("transpose")), f"transpose{perm}", x
+        )
 
     def partner(self, x: Tensor, same_c: bool) -> Tensor:
         """Another tensor for an Add or Concat with ``x``: one from the pool that fits, or a new
         linear branch from some tensor of ``x``'s spatial size."""
+
         def fits(t):
-            return t is not x and t.rank == x.rank and (t.h, t.w) == (x.h, x.w) and \
-                (t.c == x.c or not same_c)
+            return (
+                t is not x
+                and t.rank == x.rank
+                and (t.h, t.w) == (x.h, x.w)
+                and (t.c == x.c or not same_c)
+            )
+
         if self.rng.random() < 0.5:
             found = self.pick(where=fits)
             if found is not None:
                 return found
-        source = self.pick(where=lambda t: t is not x and t.rank == x.rank and
-                           (t.h, t.w) == (x.h, x.w)) or x
+        source = (
+            self.pick(where=lambda t: t is not x and t.rank == x.rank and (t.h, t.w) == (x.h, x.w))
+            or x
+        )
         cout = x.c if same_c else int(self.rng.integers(2, 5))
         y = self.linear(source, cout)
         if self.rng.random() < 0.4:
@@ -437,7 +493,6 @@ class _Builder:
         axis = 2 if self.layout == "NCHW" else 1
         y = tf.concat([x.value, x.value], axis, name=self.name("concat_h"))
         return self.wrap(y, f"concat(axis={axis})", x, x)
-
 
     # ---- blocks: the patterns real models are made of, so that many graphs fold --------------
     def passthrough(self, x: Tensor) -> Tensor:
@@ -478,9 +533,12 @@ class _Builder:
         elif r < 0.55 and y.rank == 4:
             y = self.flatten(y)
         elif r < 0.75:
-            y = self.add(y)                   # another branch joins: its layer is a leaf
-        return self.linear(y, int(self.rng.integers(2, 6))) if y.rank == 4 or \
-            self.rng.random() < 0.5 else self.matmul(y)
+            y = self.add(y)  # another branch joins: its layer is a leaf
+        return (
+            self.linear(y, int(self.rng.integers(2, 6)))
+            if y.rank == 4 or self.rng.random() < 0.5
+            else self.matmul(y)
+        )
 
     # ---- the patterns of partial folds and of ops that commute with A (docs/folding.md §8) -------
     def activation(self, x: Tensor) -> Tensor:
@@ -503,22 +561,31 @@ class _Builder:
 
     def pre_activation(self, x: Tensor) -> Tensor:
         """BN → f → [Pad] → layer (DenseNet, ResNetV2): γ all positive 70% of the time."""
-        y = self.batch_norm(x, fused=x.rank == 4 and bool(self.rng.random() < 0.5),
-                            positive=bool(self.rng.random() < 0.7))
+        y = self.batch_norm(
+            x,
+            fused=x.rank == 4 and bool(self.rng.random() < 0.5),
+            positive=bool(self.rng.random() < 0.7),
+        )
         y = self.activation(y)
         if y.rank == 4 and self.rng.random() < 0.3:
             y = self.pad(y)
         cout = int(self.rng.integers(2, 6))
-        return self.matmul(y, cout) if y.rank == 2 else \
-            self.conv(y, cout, same=bool(self.rng.random() < 0.5))
+        return (
+            self.matmul(y, cout)
+            if y.rank == 2
+            else self.conv(y, cout, same=bool(self.rng.random() < 0.5))
+        )
 
     def post_activation(self, x: Tensor) -> Tensor:
         """layer → [bias] → f → BN → [layer] (Conv → ReLU → BN)."""
         y = self.matmul(x) if x.rank == 2 else self.conv(x)
         if self.rng.random() < 0.5:
             y = self.bias(y)
-        y = self.batch_norm(self.activation(y), fused=y.rank == 4 and
-                            bool(self.rng.random() < 0.5), positive=bool(self.rng.random() < 0.7))
+        y = self.batch_norm(
+            self.activation(y),
+            fused=y.rank == 4 and bool(self.rng.random() < 0.5),
+            positive=bool(self.rng.random() < 0.7),
+        )
         if self.rng.random() < 0.5:
             y = self.matmul(y) if y.rank == 2 else self.conv(y)
         return y
@@ -531,8 +598,11 @@ class _Builder:
         kinds = ["repeat"] + (["nearest", "bilinear"] if self.layout == "NHWC" else [])
         kind = str(self.rng.choice(kinds))
         bn_first = bool(self.rng.random() < 0.5)
-        y = self.batch_norm(x, fused=bool(self.rng.random() < 0.5)) if bn_first else \
-            self.conv(x, same=True)
+        y = (
+            self.batch_norm(x, fused=bool(self.rng.random() < 0.5))
+            if bn_first
+            else self.conv(x, same=True)
+        )
         if kind == "repeat":
             h_axis, w_axis = (2, 3) if self.layout == "NCHW" else (1, 2)
             z = tf.repeat(tf.repeat(y.value, 2, axis=h_axis), 2, axis=w_axis)
@@ -550,18 +620,48 @@ class _Builder:
         if self.rng.random() < 0.5:
             y = self.batch_norm(y, fused=y.rank == 4 and bool(self.rng.random() < 0.5))
         parts = (x, y) if self.rng.random() < 0.5 else (y, x)
-        z = self.wrap(tf.add(parts[0].value, parts[1].value, name=self.name("residual")),
-                      "add", *parts)
+        z = self.wrap(
+            tf.add(parts[0].value, parts[1].value, name=self.name("residual")), "add", *parts
+        )
         return self.linear(z, int(self.rng.integers(2, 6))) if self.rng.random() < 0.5 else z
 
 
-OPS4 = {"conv": 3.0, "depthwise": 2.0, "fused_bn": 3.0, "decomposed_bn": 2.0, "bias": 2.0,
-        "relu": 1.5, "pooling": 1.5, "pad": 0.8, "add": 2.0, "concat": 1.5, "concat_spatial": 0.3,
-        "mean": 0.6, "flatten": 0.5, "transpose": 0.4, "scale": 0.8, "broadcast_mul": 0.4,
-        "identity": 0.3, "layer_bn": 4.0, "junction_bn": 2.0, "bn_layer": 2.5, "residual": 1.5}
-OPS2 = {"matmul": 3.0, "decomposed_bn": 2.5, "bias": 1.5, "relu": 1.0, "add": 1.5,
-        "concat": 1.0, "scale": 0.6, "identity": 0.2, "layer_bn": 3.0, "bn_layer": 2.0,
-        "residual": 1.0}
+OPS4 = {
+    "conv": 3.0,
+    "depthwise": 2.0,
+    "fused_bn": 3.0,
+    "decomposed_bn": 2.0,
+    "bias": 2.0,
+    "relu": 1.5,
+    "pooling": 1.5,
+    "pad": 0.8,
+    "add": 2.0,
+    "concat": 1.5,
+    "concat_spatial": 0.3,
+    "mean": 0.6,
+    "flatten": 0.5,
+    "transpose": 0.4,
+    "scale": 0.8,
+    "broadcast_mul": 0.4,
+    "identity": 0.3,
+    "layer_bn": 4.0,
+    "junction_bn": 2.0,
+    "bn_layer": 2.5,
+    "residual": 1.5,
+}
+OPS2 = {
+    "matmul": 3.0,
+    "decomposed_bn": 2.5,
+    "bias": 1.5,
+    "relu": 1.0,
+    "add": 1.5,
+    "concat": 1.0,
+    "scale": 0.6,
+    "identity": 0.2,
+    "layer_bn": 3.0,
+    "bn_layer": 2.0,
+    "residual": 1.0,
+}
 
 
 def _step(b: _Builder, kind: str, x: Tensor) -> Tensor:
@@ -576,8 +676,10 @@ def _novel_block(b: _Builder) -> None:
     main, b.rng = b.rng, b.novel
     try:
         x = b.pick()
-        getattr(b, str(b.rng.choice(["pre_activation", "post_activation", "upsample"],
-                                    p=[0.4, 0.4, 0.2])))(x)
+        getattr(
+            b,
+            str(b.rng.choice(["pre_activation", "post_activation", "upsample"], p=[0.4, 0.4, 0.2])),
+        )(x)
     finally:
         b.rng = main
 
@@ -621,8 +723,7 @@ def build(seed: int, reference: bool = False) -> Case:
             kinds = list(table)
             p = np.asarray([table[k] for k in kinds])
             _step(b, str(rng.choice(kinds, p=p / p.sum())), x)
-        outputs = [t for t in b.pool if not t.is_input and
-                   (t.uses == 0 or rng.random() < 0.08)]
+        outputs = [t for t in b.pool if not t.is_input and (t.uses == 0 or rng.random() < 0.08)]
         if not outputs:
             outputs = [b.conv(b.pool[0])]
         b.log.append("outputs: " + ", ".join(b._ref(t) for t in outputs))
@@ -638,8 +739,10 @@ def build(seed: int, reference: bool = False) -> Case:
 
 # ---- the differential check ----------------------------------------------------------------------
 def _inputs(case: Case, rng: np.random.Generator, batch: int = 2) -> list[np.ndarray]:
-    return [rng.normal(0.0, 1.0, [batch] + s.shape.as_list()[1:]).astype(s.dtype.as_numpy_dtype)
-            for s in case.fn.structured_input_signature[0]]
+    return [
+        rng.normal(0.0, 1.0, [batch] + s.shape.as_list()[1:]).astype(s.dtype.as_numpy_dtype)
+        for s in case.fn.structured_input_signature[0]
+    ]
 
 
 def relative_error(want: np.ndarray, got: np.ndarray) -> float:
@@ -675,11 +778,13 @@ def check(case: Case, input_seed: int = 0):
         tf.graph_util.import_graph_def(folded.graph_def, name="")
 
     names = [e.name for e in report.batch_norms]
-    assert sorted(names) == sorted(case.batch_norms), \
-        f"report lists batch norms {sorted(names)}, the generator inserted " \
+    assert sorted(names) == sorted(case.batch_norms), (
+        f"report lists batch norms {sorted(names)}, the generator inserted "
         f"{sorted(case.batch_norms)}"
-    assert len(report.folded) + len(report.partial) + len(report.not_folded) == \
-        len(case.batch_norms)
+    )
+    assert len(report.folded) + len(report.partial) + len(report.not_folded) == len(
+        case.batch_norms
+    )
     for entry in report.not_folded:
         assert entry.reason, f"{entry.name} is not folded and has no reason"
     for entry in report.partial:
@@ -706,9 +811,10 @@ def check(case: Case, input_seed: int = 0):
         floor = ACCURACY_FLOOR[case.dtype]
         for i, (r, a, g) in enumerate(zip(_reference_outputs(case, feeds), want, got)):
             original, rewritten = relative_error(r, a), relative_error(r, g)
-            assert rewritten <= 2 * original + floor, \
-                f"output {i}: relative error {rewritten:.3g} against the float64 reference, " \
+            assert rewritten <= 2 * original + floor, (
+                f"output {i}: relative error {rewritten:.3g} against the float64 reference, "
                 f"the original's is {original:.3g} (and {errors[i]:.3g} between the two)"
+            )
         return folded, max(errors)
     for i, err in enumerate(errors):
         assert err <= limit, f"output {i}: relative error {err:.3g} > {limit:.3g}"
@@ -720,13 +826,24 @@ def _reference_outputs(case: Case, feeds) -> list[np.ndarray]:
     reference = build(case.seed, reference=True)
     frozen = freeze(reference.fn)
     graph_def = nhwc_twin(frozen.graph_def) if case.layout == "NCHW" else frozen.graph_def
-    return run_graph_def(graph_def, frozen.inputs, frozen.outputs,
-                         [f.astype(np.float64) for f in feeds])
+    return run_graph_def(
+        graph_def, frozen.inputs, frozen.outputs, [f.astype(np.float64) for f in feeds]
+    )
 
 
 # ---- the same graph through optimize_graph_def, fetching layers, biases and batch norms ----------
-FETCHABLE = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "BiasAdd", "FusedBatchNormV3", "Add",
-             "AddV2", "Sub", "Mul", "RealDiv")
+FETCHABLE = (
+    "Conv2D",
+    "DepthwiseConv2dNative",
+    "MatMul",
+    "BiasAdd",
+    "FusedBatchNormV3",
+    "Add",
+    "AddV2",
+    "Sub",
+    "Mul",
+    "RealDiv",
+)
 
 
 def pick_fetches(graph_def, rng: np.random.Generator) -> list[str]:
@@ -738,8 +855,9 @@ def pick_fetches(graph_def, rng: np.random.Generator) -> list[str]:
     return sorted(str(n) for n in rng.choice(names, size=k, replace=False))
 
 
-def check_fetches(case: Case, input_seed: int = 0,
-                  phase=lambda name: None) -> tuple[list[str], float]:
+def check_fetches(
+    case: Case, input_seed: int = 0, phase=lambda name: None
+) -> tuple[list[str], float]:
     """Calls ``optimize_graph_def`` on ``case``'s frozen graph directly, asking for 1-4 layer,
     bias and batch-norm nodes besides (or instead of) the function's outputs, with the frozen
     shapes or none (then inferred): every requested name must compute what it computed before
@@ -757,13 +875,15 @@ def check_fetches(case: Case, input_seed: int = 0,
     phase("ORIGINAL")
     want = run_graph_def(prepare(frozen.graph_def), frozen.inputs, outputs, feeds)
     phase("REWRITE")
-    optimized, report = graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, outputs,
-                                                     shapes)
+    optimized, report = graphfold.optimize_graph_def(
+        frozen.graph_def, frozen.inputs, outputs, shapes
+    )
     names = [e.name for e in report.batch_norms]
     needed = _ancestors(frozen.graph_def, outputs)
     wanted = [b for b in case.batch_norms if any(n == b or n.startswith(b + "/") for n in needed)]
-    assert sorted(names) == sorted(wanted), \
+    assert sorted(names) == sorted(wanted), (
         f"report lists {sorted(names)}, the requested outputs need {sorted(wanted)}"
+    )
     for entry in report.not_folded:
         assert entry.reason, f"{entry.name} is not folded and has no reason"
 
@@ -772,14 +892,19 @@ def check_fetches(case: Case, input_seed: int = 0,
     errors = [relative_error(a, g) for a, g in zip(want, got)]
     if max(errors) > limit:
         reference = freeze(build(case.seed, reference=True).fn)
-        exact = run_graph_def(prepare(reference.graph_def), reference.inputs, outputs,
-                              [f.astype(np.float64) for f in feeds])
+        exact = run_graph_def(
+            prepare(reference.graph_def),
+            reference.inputs,
+            outputs,
+            [f.astype(np.float64) for f in feeds],
+        )
         floor = ACCURACY_FLOOR[case.dtype]
         for name, r, a, g, err in zip(outputs, exact, want, got, errors):
             original, rewritten = relative_error(r, a), relative_error(r, g)
-            assert rewritten <= 2 * original + floor, \
-                f"fetched {name}: relative error {rewritten:.3g} against the float64 " \
+            assert rewritten <= 2 * original + floor, (
+                f"fetched {name}: relative error {rewritten:.3g} against the float64 "
                 f"reference, the original's is {original:.3g} (and {err:.3g} between the two)"
+            )
     return outputs, max(errors)
 
 

@@ -24,8 +24,12 @@ import graphfold  # noqa: E402
 from graphfold import examples  # noqa: E402
 from graphfold.convert.freeze import freeze  # noqa: E402
 
-BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
-          "BatchNormWithGlobalNormalization")
+BN_OPS = (
+    "FusedBatchNorm",
+    "FusedBatchNormV2",
+    "FusedBatchNormV3",
+    "BatchNormWithGlobalNormalization",
+)
 
 TOLERANCE = {tf.float32: 1e-5, tf.float64: 1e-12, tf.float16: 1e-2, tf.bfloat16: 3e-2}
 
@@ -35,9 +39,16 @@ def fused_bn(y, params, data_format="NHWC", training=False, epsilon=1e-3):
     """``FusedBatchNormV3(y)`` with ``params`` = (γ, β, μ, σ²), in inference mode unless
     ``training``."""
     gamma, beta, mean, var = params
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=epsilon, data_format=data_format,
-                                       is_training=training)[0]
+    return tf.raw_ops.FusedBatchNormV3(
+        x=y,
+        scale=gamma,
+        offset=beta,
+        mean=mean,
+        variance=var,
+        epsilon=epsilon,
+        data_format=data_format,
+        is_training=training,
+    )[0]
 
 
 def decomposed_bn(y, params, epsilon=1e-3):
@@ -50,12 +61,14 @@ def make(body, *specs, dtype=tf.float32):
     """The ConcreteFunction of ``body`` for inputs given as ``TensorSpec``s or as shapes without
     the batch dimension (which is then unknown)."""
     return tf.function(body).get_concrete_function(
-        *[s if isinstance(s, tf.TensorSpec) else tf.TensorSpec([None, *s], dtype) for s in specs])
+        *[s if isinstance(s, tf.TensorSpec) else tf.TensorSpec([None, *s], dtype) for s in specs]
+    )
 
 
 # ---- random parameters ---------------------------------------------------------------------------
-def bn_params(c: int, rng: np.random.Generator, dtype="float32", positive: bool = False,
-              gamma=None):
+def bn_params(
+    c: int, rng: np.random.Generator, dtype="float32", positive: bool = False, gamma=None
+):
     """(γ, β, μ, σ²) for ``c`` channels: γ of magnitude in [0.5, 1.5] with random signs (unless
     ``positive``; or the given ``gamma``), β and μ normal, σ² in [0.2, 2]. Never the identity
     statistics."""
@@ -96,7 +109,7 @@ def random_inputs(fn, rng: np.random.Generator, batch: int = 2):
 
     def make(spec):
         if not isinstance(spec, tf.TensorSpec):
-            return spec                    # a Python value traced into the function
+            return spec  # a Python value traced into the function
         shape = [batch if d is None else d for d in spec.shape.as_list()]
         if spec.dtype == tf.bool:
             return tf.constant(rng.random(shape) < 0.5)
@@ -148,16 +161,27 @@ def assert_close(fn, folded, inputs, tol: float | None = None):
 
 
 def _is_args_kwargs(inputs) -> bool:
-    return (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], (tuple, list))
-            and isinstance(inputs[1], dict))
+    return (
+        isinstance(inputs, tuple)
+        and len(inputs) == 2
+        and isinstance(inputs[0], (tuple, list))
+        and isinstance(inputs[1], dict)
+    )
 
 
 def graph_def_of(fn) -> graph_pb2.GraphDef:
     return fn.graph.as_graph_def()
 
 
-def check_rewrite(fn, rng: np.random.Generator | None = None, *, tol: float | None = None,
-                  batch: int = 2, run: bool = True, **options):
+def check_rewrite(
+    fn,
+    rng: np.random.Generator | None = None,
+    *,
+    tol: float | None = None,
+    batch: int = 2,
+    run: bool = True,
+    **options,
+):
     """Rewrites ``fn`` (with ``options``: ``partial=False``, ...) and checks that ``fn`` is
     untouched (graph and outputs), that the report is JSON-serialisable, and (if ``run``) that
     the folded function matches ``fn``. Returns folded."""
@@ -235,28 +259,41 @@ def weight_of(graph_def, layer_node) -> np.ndarray:
 
 
 def folded_entries(report, batch_norm: bool | None = True):
-    entries = report.entries if batch_norm is None else \
-        [e for e in report.entries if e.is_batch_norm == batch_norm]
+    entries = (
+        report.entries
+        if batch_norm is None
+        else [e for e in report.entries if e.is_batch_norm == batch_norm]
+    )
     return [e for e in entries if e.folded]
 
 
 # ---- running GraphDefs, and the NHWC twin of an NCHW graph ---------------------------------------
-def run_graph_def(graph_def, inputs: list[str], outputs: list[str],
-                  feeds: list) -> list[np.ndarray]:
+def run_graph_def(
+    graph_def, inputs: list[str], outputs: list[str], feeds: list
+) -> list[np.ndarray]:
     """Imports ``graph_def`` (independently of graphfold's own importer) and runs it."""
+
     def load():
         tf.graph_util.import_graph_def(graph_def, name="")
 
     wrapped = tf.compat.v1.wrap_function(load, [])
     g = wrapped.graph
-    full = (lambda t: t if ":" in t else t + ":0")
-    pruned = wrapped.prune([g.get_tensor_by_name(full(t)) for t in inputs],
-                           [g.get_tensor_by_name(full(t)) for t in outputs])
+    full = lambda t: t if ":" in t else t + ":0"
+    pruned = wrapped.prune(
+        [g.get_tensor_by_name(full(t)) for t in inputs],
+        [g.get_tensor_by_name(full(t)) for t in outputs],
+    )
     return [_to_numpy(r) for r in pruned(*[tf.constant(f) for f in feeds])]
 
 
-_NCHW_OPS = ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "AvgPool", "Conv2DBackpropInput",
-             "Conv3DBackpropInputV2")
+_NCHW_OPS = (
+    "Conv2D",
+    "DepthwiseConv2dNative",
+    "MaxPool",
+    "AvgPool",
+    "Conv2DBackpropInput",
+    "Conv3DBackpropInputV2",
+)
 _TRANSPOSED = ("Conv2DBackpropInput", "Conv3DBackpropInputV2")
 
 
@@ -284,8 +321,9 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
         if rank == 5:
             to_nhwc = _perm_const(out, node.name + "/nhwc_twin_to_last", last)
             to_nchw = _perm_const(out, node.name + "/nhwc_twin_to_first", [0, 4, 1, 2, 3])
-        pre = out.node.add(name=node.name + "/nhwc_twin_in", op="Transpose",
-                           input=[node.input[data], to_nhwc])
+        pre = out.node.add(
+            name=node.name + "/nhwc_twin_in", op="Transpose", input=[node.input[data], to_nhwc]
+        )
         pre.attr["T"].type = dtype
         pre.attr["Tperm"].type = tf.int32.as_datatype_enum
         inner = out.node.add()
@@ -294,12 +332,18 @@ def nhwc_twin(graph_def) -> graph_pb2.GraphDef:
         inner.input[data] = pre.name
         inner.attr["data_format"].s = b"NHWC" if rank == 4 else b"NDHWC"
         if node.op in _TRANSPOSED:
-            sizes = out.node.add(name=node.name + "/nhwc_twin_sizes", op="GatherV2",
-                                 input=[node.input[0], _perm_const(out, node.name + "/nhwc_twin_i",
-                                                                   last),
-                                        _perm_const(out, node.name + "/nhwc_twin_a", 0)])
-            sizes.attr["Tparams"].type = node.attr["Tshape"].type if "Tshape" in node.attr \
-                else tf.int32.as_datatype_enum
+            sizes = out.node.add(
+                name=node.name + "/nhwc_twin_sizes",
+                op="GatherV2",
+                input=[
+                    node.input[0],
+                    _perm_const(out, node.name + "/nhwc_twin_i", last),
+                    _perm_const(out, node.name + "/nhwc_twin_a", 0),
+                ],
+            )
+            sizes.attr["Tparams"].type = (
+                node.attr["Tshape"].type if "Tshape" in node.attr else tf.int32.as_datatype_enum
+            )
             for key in ("Tindices", "Taxis"):
                 sizes.attr[key].type = tf.int32.as_datatype_enum
             inner.input[0] = sizes.name
@@ -335,7 +379,6 @@ def frozen_graph_def(fn) -> graph_pb2.GraphDef:
     return freeze(fn).graph_def
 
 
-
 # ---- what folded where ---------------------------------------------------------------------------
 def the_entry(report):
     """The one batch-norm entry of ``report`` (or of a folded function's report; the one affine
@@ -359,8 +402,9 @@ def assert_absorbed(folded, direction: str, op: str, count: int = 1):
     return entry
 
 
-def assert_folded_into_layers(folded, count: int, direction: str = "forward",
-                              ops=("Conv2D", "MatMul")):
+def assert_folded_into_layers(
+    folded, count: int, direction: str = "forward", ops=("Conv2D", "MatMul")
+):
     """``count`` batch norms folded, each ``direction`` into nodes of the rewritten graph whose op
     is one of ``ops``."""
     report = folded.report

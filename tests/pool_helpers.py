@@ -12,12 +12,12 @@ def square_or_crash(item):
         os.kill(os.getpid(), signal.SIGSEGV)
     if item == "raise":
         raise ValueError("no square for you\nsecond line")
-    return item ** 2, os.getpid()
-
+    return item**2, os.getpid()
 
 
 def slow_square(item):
     """``item ** 2`` after 0.3 s."""
     import time
+
     time.sleep(0.3)
-    return item ** 2
+    return item**2

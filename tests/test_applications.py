@@ -22,8 +22,11 @@ from helpers import (
 APPLICATIONS = {
     # name: (input size, BN count, layer names the report must show)
     "ResNet50": (64, 53, ["conv1_bn", "conv2_block1_0_bn", "conv5_block3_3_bn"]),
-    "MobileNetV2": (96, 52, ["bn_Conv1", "expanded_conv_depthwise_BN", "block_16_project_BN",
-                             "Conv_1_bn"]),
+    "MobileNetV2": (
+        96,
+        52,
+        ["bn_Conv1", "expanded_conv_depthwise_BN", "block_16_project_BN", "Conv_1_bn"],
+    ),
 }
 CASES = [(framework, name) for framework in ("keras", "tf_keras") for name in APPLICATIONS]
 
@@ -33,16 +36,25 @@ def application(request):
     framework, name = request.param
     K = pytest.importorskip(framework)
     size, n_bn, layer_names = APPLICATIONS[name]
-    model = getattr(K.applications, name)(weights=None, input_shape=(size, size, 3),
-                                          classifier_activation=None)
+    model = getattr(K.applications, name)(
+        weights=None, input_shape=(size, size, 3), classifier_activation=None
+    )
     assert randomise_keras_model(model, np.random.default_rng(2024)) == n_bn
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, size, size, 3], tf.float32, name="x"))
+        tf.TensorSpec([None, size, size, 3], tf.float32, name="x")
+    )
     rng = np.random.default_rng(7)
     # check_rewrite: fn's graph and outputs unchanged, report JSON-serialisable, error <= 1e-5
     folded = check_rewrite(fn, rng, batch=2)
-    return dict(framework=framework, name=name, fn=fn, folded=folded, n_bn=n_bn,
-                layer_names=layer_names, size=size)
+    return dict(
+        framework=framework,
+        name=name,
+        fn=fn,
+        folded=folded,
+        n_bn=n_bn,
+        layer_names=layer_names,
+        size=size,
+    )
 
 
 def test_every_batch_norm_folds(application):

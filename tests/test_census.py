@@ -32,8 +32,7 @@ def test_report_counts_every_batch_norm_of_every_saved_model(name, tmp_path_fact
     assert len(result), name
     for key, report in result.items():
         fn = loaded.signatures[key]
-        graph_def = (fn.graph.as_graph_def() if key in result.unchanged
-                     else freeze(fn).graph_def)
+        graph_def = fn.graph.as_graph_def() if key in result.unchanged else freeze(fn).graph_def
         assert len(report.batch_norms) == batch_norm_census(graph_def), (key, str(report))
         for entry in report.not_folded:
             assert entry.reason, (key, entry)
@@ -58,7 +57,7 @@ def test_grouped_conv_export_counts_its_batch_norm(tmp_path, capsys):
     model = _grouped_conv_model(keras, np.random.default_rng(5))
     path = str(tmp_path / "grouped")
     model.export(path, verbose=False)
-    loaded = tf.saved_model.load(path)                  # kept alive: fn reads its variables
+    loaded = tf.saved_model.load(path)  # kept alive: fn reads its variables
     fn = loaded.signatures["serving_default"]
     census = batch_norm_census(freeze(fn).graph_def)
     assert census == 2
@@ -66,8 +65,9 @@ def test_grouped_conv_export_counts_its_batch_norm(tmp_path, capsys):
     report = folded.report
     assert len(report.batch_norms) == 2, str(report)
     (pointwise,) = [e for e in report.batch_norms if e.name.startswith("pointwise_bn")]
-    assert pointwise.folded and pointwise.absorbed_by[0].endswith("pointwise_1/convolution"), \
-        str(report)
+    assert pointwise.folded and pointwise.absorbed_by[0].endswith("pointwise_1/convolution"), str(
+        report
+    )
     grouped = [e for e in report.batch_norms if e.name.startswith("grouped_bn")]
     assert len(grouped) == 1 and (grouped[0].folded or grouped[0].reason), str(report)
     assert_close(fn, folded, random_inputs(fn, np.random.default_rng(1)))
@@ -92,8 +92,9 @@ def test_randomise_reaches_batch_norms_nested_in_custom_layers(framework):
             self.inner = Inner(filters)
 
         def call(self, x, training=False):
-            return self.inner(tf.nn.relu(self.bn(self.conv(x), training=training)),
-                              training=training)
+            return self.inner(
+                tf.nn.relu(self.bn(self.conv(x), training=training)), training=training
+            )
 
     class Inner(K.layers.Layer):
         def __init__(self, filters, **kwargs):
@@ -108,18 +109,22 @@ def test_randomise_reaches_batch_norms_nested_in_custom_layers(framework):
     model = K.Model(inp, ConvBlock(6, name="block2")(ConvBlock(6, name="block1")(inp)))
     assert not [layer for layer in model.layers if "BatchNormalization" in type(layer).__name__]
     assert examples.randomise(model, np.random.default_rng(3)) == 4
-    bns = [layer for layer in examples.all_layers(model)
-           if type(layer).__name__ == "BatchNormalization"]
+    bns = [
+        layer
+        for layer in examples.all_layers(model)
+        if type(layer).__name__ == "BatchNormalization"
+    ]
     assert len(bns) == 4
     gammas = np.concatenate([bn.get_weights()[0] for bn in bns])
     variances = np.concatenate([bn.get_weights()[3] for bn in bns])
     assert not np.allclose(gammas, 1) and (gammas < 0).any() and not np.allclose(variances, 1)
     for layer in examples.all_layers(model):
         if type(layer).__name__ == "Conv2D":
-            assert np.any(layer.get_weights()[1] != 0), layer.name      # biases too
+            assert np.any(layer.get_weights()[1] != 0), layer.name  # biases too
 
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 8, 8, 3], tf.float32))
+        tf.TensorSpec([None, 8, 8, 3], tf.float32)
+    )
     folded = graphfold.rewrite(fn)
     assert len(folded.report.batch_norms) == 4 == batch_norm_census(freeze(fn).graph_def)
     assert len(folded.report.folded) == 4, str(folded.report)

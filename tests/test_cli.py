@@ -16,8 +16,11 @@ from helpers import error_line
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 # TensorFlow's own command, from the environment the tests run in (a venv need not be activated).
-SAVED_MODEL_CLI = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or \
-    shutil.which("saved_model_cli") or "saved_model_cli"
+SAVED_MODEL_CLI = (
+    shutil.which("saved_model_cli", path=os.path.dirname(sys.executable))
+    or shutil.which("saved_model_cli")
+    or "saved_model_cli"
+)
 
 
 def test_optimize_prints_tables_progress_and_writes_report(src, tmp_path, capsys):
@@ -35,12 +38,13 @@ def test_optimize_prints_tables_progress_and_writes_report(src, tmp_path, capsys
     assert "op " in out and "before" in out and "after" in out
     assert "verification (relative tolerance by precision: 1e-05 float32" in out and "ok" in out
     assert "random inputs: k[2], x[2, 6, 6, 2]" in out
-    assert "into / reason" not in out           # every batch norm folded: no per-layer table
+    assert "into / reason" not in out  # every batch norm folded: no per-layer table
     assert out.rstrip().splitlines()[-1].startswith(f"wrote {dst}: 2 signature(s) rewritten")
     # stderr: progress lines with elapsed time for each stage
     for stage in ("loading", "freezing and folding", "writing", "verifying", "moving it"):
-        assert any(line.startswith("[") and "s] " in line and stage in line
-                   for line in err.splitlines()), stage
+        assert any(
+            line.startswith("[") and "s] " in line and stage in line for line in err.splitlines()
+        ), stage
     document = json.loads(report.read_text())
     assert document["status"] == "ok" and document["written"] is True
     predict = document["signatures"]["predict"]
@@ -52,8 +56,10 @@ def test_optimize_prints_tables_progress_and_writes_report(src, tmp_path, capsys
 
 
 def test_optimize_verbose_lists_every_batch_norm(src, tmp_path, capsys):
-    assert main(["optimize", src("two_signatures"), str(tmp_path / "out"), "--verbose",
-                 "--no-verify"]) == 0
+    assert (
+        main(["optimize", src("two_signatures"), str(tmp_path / "out"), "--verbose", "--no-verify"])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "into / reason" in out and "forward" in out and "Conv2D" in out
     assert "verifying" not in err and "not verified" in out
@@ -61,8 +67,19 @@ def test_optimize_verbose_lists_every_batch_norm(src, tmp_path, capsys):
 
 def test_optimize_json_and_quiet(src, tmp_path, capsys):
     source = src("table")
-    code = main(["optimize", source, str(tmp_path / "out"), "--json", "--quiet",
-                 "--signature", "lookup", "--signature", "train"])
+    code = main(
+        [
+            "optimize",
+            source,
+            str(tmp_path / "out"),
+            "--json",
+            "--quiet",
+            "--signature",
+            "lookup",
+            "--signature",
+            "train",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0 and err == ""
     document = json.loads(out)
@@ -82,10 +99,10 @@ def test_inspect_writes_nothing(src, tmp_path, capsys):
     out, _ = capsys.readouterr()
     assert sorted(os.listdir(tmp_path)) == listing and F.tree_hash(str(source)) == before
     assert "== signature 'train' ==" in out
-    assert "training mode" in out                                      # the reason
-    assert "forward" in out                                            # the direction
+    assert "training mode" in out  # the reason
+    assert "forward" in out  # the direction
     assert "copied through unchanged" in out and "lookup table" in out
-    assert "FusedBatchNormV3" in out and "total" in out                # op counts
+    assert "FusedBatchNormV3" in out and "total" in out  # op counts
     assert "nothing written" in out
     assert main(["inspect", str(source), "--signature", "serving_default", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -96,8 +113,9 @@ def test_inspect_writes_nothing(src, tmp_path, capsys):
 def test_verification_failure_exits_1_and_writes_nothing(src, tmp_path, capsys):
     dst = tmp_path / "out"
     report = tmp_path / "r.json"
-    code = main(["optimize", src("tf_keras"), str(dst), "--tolerance", "0", "--report",
-                 str(report)])
+    code = main(
+        ["optimize", src("tf_keras"), str(dst), "--tolerance", "0", "--report", str(report)]
+    )
     out, err = capsys.readouterr()
     assert code == 1
     assert "verification failed" in error_line(err) and "nothing was written" in err
@@ -115,24 +133,27 @@ def _bad_pb(source, tmp_path):
     return str(bad)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_path", "no such file or directory"),
-    ("no_pb", "no saved_model.pb"),
-    ("corrupt_pb", "not a valid SavedModel protobuf"),
-    ("unknown_signature", "unknown signature key"),
-    ("unknown_tag_set", "no MetaGraph with tag-set 'train'"),
-    ("no_signatures", "has no signatures"),
-    ("dst_is_src", "DST is SRC"),
-    ("dst_inside_src", "DST is inside SRC"),
-    ("dst_exists", "already exists (pass --overwrite"),
-    ("dst_unwritable", "cannot write here"),
-    ("report_inside_src", "must not be inside SRC"),
-    ("bad_batch", "--batch 0: must be a whole number, at least 1"),
-    ("bad_tolerance", "argument --tolerance: invalid float value"),
-    ("missing_dst", "the following arguments are required: DST"),
-    ("no_command", "a command is required"),
-    ("unknown_command", "invalid choice: 'fold'"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_path", "no such file or directory"),
+        ("no_pb", "no saved_model.pb"),
+        ("corrupt_pb", "not a valid SavedModel protobuf"),
+        ("unknown_signature", "unknown signature key"),
+        ("unknown_tag_set", "no MetaGraph with tag-set 'train'"),
+        ("no_signatures", "has no signatures"),
+        ("dst_is_src", "DST is SRC"),
+        ("dst_inside_src", "DST is inside SRC"),
+        ("dst_exists", "already exists (pass --overwrite"),
+        ("dst_unwritable", "cannot write here"),
+        ("report_inside_src", "must not be inside SRC"),
+        ("bad_batch", "--batch 0: must be a whole number, at least 1"),
+        ("bad_tolerance", "argument --tolerance: invalid float value"),
+        ("missing_dst", "the following arguments are required: DST"),
+        ("no_command", "a command is required"),
+        ("unknown_command", "invalid choice: 'fold'"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, message):
     source = src("two_signatures")
     out = str(tmp_path / "out")
@@ -150,8 +171,7 @@ def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, mess
         "dst_inside_src": ["optimize", source, os.path.join(source, "variables", "x")],
         "dst_exists": ["optimize", source, str(tmp_path / "exists")],
         "dst_unwritable": ["optimize", source, str(tmp_path / "file" / "out")],
-        "report_inside_src": ["optimize", source, out, "--report",
-                              os.path.join(source, "r.json")],
+        "report_inside_src": ["optimize", source, out, "--report", os.path.join(source, "r.json")],
         "bad_batch": ["optimize", source, out, "--batch", "0"],
         "bad_tolerance": ["optimize", source, out, "--tolerance", "tiny"],
         "missing_dst": ["optimize", source],
@@ -176,9 +196,13 @@ def test_bad_input_json_document(tmp_path, capsys):
 
 def test_python_dash_m_graphfold_subprocess(src, tmp_path):
     dst = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "graphfold", "optimize", src("two_signatures"),
-                          str(dst), "--json"], capture_output=True, text=True, env=ENV,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "graphfold", "optimize", src("two_signatures"), str(dst), "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["written"] is True
     assert "Traceback" not in run.stderr and "loading" in run.stderr
@@ -187,8 +211,13 @@ def test_python_dash_m_graphfold_subprocess(src, tmp_path):
 def test_saved_model_cli_show_and_run(src, tmp_path):
     source, dst = src("keras3"), tmp_path / "out"
     assert main(["optimize", source, str(dst), "--quiet"]) == 0
-    show = subprocess.run([SAVED_MODEL_CLI, "show", "--all", "--dir", str(dst)],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    show = subprocess.run(
+        [SAVED_MODEL_CLI, "show", "--all", "--dir", str(dst)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert show.returncode == 0, show.stderr
     assert "signature_def['serving_default']" in show.stdout
     assert "inputs['image']" in show.stdout and "outputs['output_0']" in show.stdout
@@ -196,10 +225,26 @@ def test_saved_model_cli_show_and_run(src, tmp_path):
 
     x = np.random.default_rng(11).standard_normal((2, 16, 16, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
-    run = subprocess.run([SAVED_MODEL_CLI, "run", "--dir", str(dst), "--tag_set", "serve",
-                          "--signature_def", "serving_default", "--inputs",
-                          f"image={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "res")],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    run = subprocess.run(
+        [
+            SAVED_MODEL_CLI,
+            "run",
+            "--dir",
+            str(dst),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"image={tmp_path / 'x.npy'}",
+            "--outdir",
+            str(tmp_path / "res"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     got = np.load(tmp_path / "res" / "output_0.npy")
     want = F.run_tf2(source, "serving_default", {"image": x})["output_0"]
@@ -220,7 +265,7 @@ def test_demo(tmp_path, capsys):
     assert os.path.isfile(out / "original" / "saved_model.pb")
     assert os.path.isfile(out / "optimized" / "saved_model.pb")
     assert "building the demo model" in stderr
-    assert main(["demo", "--out", str(out), "--json", "--quiet"]) == 0   # rerun replaces
+    assert main(["demo", "--out", str(out), "--json", "--quiet"]) == 0  # rerun replaces
     document = json.loads(capsys.readouterr().out)
     latency = document["latency_ms"]
     assert latency["optimized"] > 0 and latency["frozen"] > 0 and latency["original"] > 0

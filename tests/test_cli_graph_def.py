@@ -19,8 +19,16 @@ from helpers import bias, bn_params, rel_err, run_graph_def, weight
 
 def fused(y, p, name):
     gamma, beta, mean, var = (tf.constant(v) for v in p)
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=1e-3, is_training=False, name=name)[0]
+    return tf.raw_ops.FusedBatchNormV3(
+        x=y,
+        scale=gamma,
+        offset=beta,
+        mean=mean,
+        variance=var,
+        epsilon=1e-3,
+        is_training=False,
+        name=name,
+    )[0]
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +37,13 @@ def frozen_pb(tmp_path_factory):
     rng = np.random.default_rng(8)
     with tf.Graph().as_default() as graph:
         x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="image")
-        y = tf.nn.bias_add(tf.nn.conv2d(x, weight((3, 3, 3, 6), rng), 1, "SAME", name="conv1"),
-                           bias(6, rng))
+        y = tf.nn.bias_add(
+            tf.nn.conv2d(x, weight((3, 3, 3, 6), rng), 1, "SAME", name="conv1"), bias(6, rng)
+        )
         y = tf.nn.relu(fused(y, bn_params(6, rng), "bn1"))
-        y = tf.nn.conv2d(fused(y, bn_params(6, rng), "bn2"), weight((1, 1, 6, 4), rng), 1,
-                         "VALID", name="conv2")
+        y = tf.nn.conv2d(
+            fused(y, bn_params(6, rng), "bn2"), weight((1, 1, 6, 4), rng), 1, "VALID", name="conv2"
+        )
         tf.identity(y, name="y")
         tf.reduce_mean(y, [1, 2], name="logits")
     path = tmp_path_factory.mktemp("pb") / "frozen_inference_graph.pb"
@@ -68,7 +78,7 @@ def test_optimize_a_pb_inferring_inputs_and_outputs(frozen_pb, tmp_path, capsys)
     assert "verified" in out.splitlines()[-1] and "2 of 2 batch norms folded" in out
     assert not any(n.op == "FusedBatchNormV3" for n in _load(dst).node)
     _same(frozen_pb, dst, ["y", "logits"])
-    assert os.listdir(tmp_path) == ["out.pb"]            # no temporary file left
+    assert os.listdir(tmp_path) == ["out.pb"]  # no temporary file left
 
 
 @pytest.mark.parametrize("spelling", ["--input-names", "--input_names"])
@@ -77,8 +87,10 @@ def test_named_outputs_on_layers_and_pbtxt_out(frozen_pb, tmp_path, spelling, ca
     ``.pbtxt`` destination is written as text."""
     dst = str(tmp_path / "out.pbtxt")
     out_flag = "--output-names" if spelling == "--input-names" else "--output_names"
-    assert main(["optimize", frozen_pb, dst, spelling, "image", out_flag, "conv2,logits",
-                 "--json"]) == 0
+    assert (
+        main(["optimize", frozen_pb, dst, spelling, "image", out_flag, "conv2,logits", "--json"])
+        == 0
+    )
     document = json.loads(capsys.readouterr().out)
     assert document["written"] is True
     report = document["signatures"]["graph"]["report"]
@@ -95,11 +107,14 @@ def test_inspect_a_pb_writes_nothing(frozen_pb, tmp_path, capsys):
     assert sorted(os.listdir(os.path.dirname(frozen_pb))) == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--input-names", "nope"], "input 'nope' is not a node"),
-    (["--input-names", "conv1"], "not a placeholder"),
-    (["--output-names", "y,missing"], "output 'missing' is not a node"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input-names", "nope"], "input 'nope' is not a node"),
+        (["--input-names", "conv1"], "not a placeholder"),
+        (["--output-names", "y,missing"], "output 'missing' is not a node"),
+    ],
+)
 def test_bad_names_exit_2_and_write_nothing(frozen_pb, tmp_path, args, message, capsys):
     dst = tmp_path / "out.pb"
     assert main(["optimize", frozen_pb, str(dst), *args]) == 2
@@ -125,14 +140,16 @@ def test_not_a_graph_def_and_existing_dst(frozen_pb, tmp_path, capsys):
     _same(frozen_pb, str(existing), ["y"])
 
 
-def test_a_wrong_rewrite_fails_verification_and_writes_nothing(frozen_pb, tmp_path,
-                                                               monkeypatch, capsys):
+def test_a_wrong_rewrite_fails_verification_and_writes_nothing(
+    frozen_pb, tmp_path, monkeypatch, capsys
+):
     import graphfold.serving.graph_def_file as module
+
     real = module.optimize_graph_def
 
     def off(graph_def, inputs, outputs, shapes=None, **kwargs):
         optimized, report = real(graph_def, inputs, outputs, shapes, **kwargs)
-        for node in optimized.node:        # spoil one folded weight
+        for node in optimized.node:  # spoil one folded weight
             if node.op == "Const" and node.name.startswith("conv2"):
                 value = tf.make_ndarray(node.attr["value"].tensor) * 1.01
                 node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
@@ -150,8 +167,21 @@ def test_verify_on_given_inputs_and_a_wrong_key(frozen_pb, tmp_path, capsys):
     x = np.random.default_rng(3).normal(size=(3, 8, 8, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     dst = tmp_path / "out.pb"
-    assert main(["optimize", frozen_pb, str(dst), "--output-names", "y",
-                 "--inputs", f"image={tmp_path / 'x.npy'}", "--json"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                frozen_pb,
+                str(dst),
+                "--output-names",
+                "y",
+                "--inputs",
+                f"image={tmp_path / 'x.npy'}",
+                "--json",
+            ]
+        )
+        == 0
+    )
     check = json.loads(capsys.readouterr().out)["signatures"]["graph"]["verification"]
     assert check["status"] == "ok" and check["inputs"] == {"image": [3, 8, 8, 3]}
     dst.unlink()

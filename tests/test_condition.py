@@ -60,8 +60,9 @@ def test_backward_scale_only_into_same_conv_folds():
 
 def test_backward_into_depthwise_with_multiplier_3():
     p, w = stats(4), const(3, 3, 4, 3)
-    folded = rewrite(lambda x: tf.nn.depthwise_conv2d(bn(x, p), w, [1, 1, 1, 1], "VALID"),
-                     [7, 7, 4])
+    folded = rewrite(
+        lambda x: tf.nn.depthwise_conv2d(bn(x, p), w, [1, 1, 1, 1], "VALID"), [7, 7, 4]
+    )
     assert_absorbed(folded, "backward", "DepthwiseConv2dNative")
 
 
@@ -81,12 +82,17 @@ def test_backward_through_flatten_into_dense():
 
 def test_backward_into_every_consumer():
     p, w1, w2 = stats(3), const(1, 1, 3, 4), const(3, 5)
-    folded = rewrite(lambda x: (tf.nn.conv2d(decomposed_bn(x, p), w1, 1, "VALID"),
-                                tf.matmul(tf.reduce_mean(decomposed_bn(x, p), [1, 2]), w2)),
-                     [5, 5, 3])
+    folded = rewrite(
+        lambda x: (
+            tf.nn.conv2d(decomposed_bn(x, p), w1, 1, "VALID"),
+            tf.matmul(tf.reduce_mean(decomposed_bn(x, p), [1, 2]), w2),
+        ),
+        [5, 5, 3],
+    )
     report, nodes = folded.report, {n.name: n.op for n in folded.graph_def.node}
-    assert len(report.batch_norms) == 2 and all(e.direction == "backward" and len(e.absorbed_by)
-                                                 == 1 for e in report.batch_norms), str(report)
+    assert len(report.batch_norms) == 2 and all(
+        e.direction == "backward" and len(e.absorbed_by) == 1 for e in report.batch_norms
+    ), str(report)
     assert sorted(nodes[e.absorbed_by[0]] for e in report.batch_norms) == ["Conv2D", "MatMul"]
 
 
@@ -104,8 +110,12 @@ def test_bn_feeding_conv_and_relu_is_refused():
 
 def test_backward_through_maxpool_needs_positive_scale():
     p, w = stats(3, gamma=[1.0, -0.5, 2.0]), const(1, 1, 3, 4)
-    entry = the_entry(rewrite(lambda x: tf.nn.conv2d(tf.nn.max_pool2d(bn(x, p), 2, 2, "VALID"), w,
-                                                     1, "VALID"), [6, 6, 3]))
+    entry = the_entry(
+        rewrite(
+            lambda x: tf.nn.conv2d(tf.nn.max_pool2d(bn(x, p), 2, 2, "VALID"), w, 1, "VALID"),
+            [6, 6, 3],
+        )
+    )
     assert not entry.folded and "MaxPool" in entry.reason
 
 
@@ -121,9 +131,14 @@ def test_backward_through_avgpool_and_concat_with_uneven_channels():
 
 def test_backward_pad_blocks_the_shift():
     p, w = stats(3), const(3, 3, 3, 4)
-    entry = the_entry(rewrite(lambda x: tf.nn.conv2d(tf.pad(bn(x, p), [[0, 0], [1, 1], [1, 1],
-                                                                  [0, 0]]), w, 1, "VALID"),
-                         [5, 5, 3]))
+    entry = the_entry(
+        rewrite(
+            lambda x: tf.nn.conv2d(
+                tf.pad(bn(x, p), [[0, 0], [1, 1], [1, 1], [0, 0]]), w, 1, "VALID"
+            ),
+            [5, 5, 3],
+        )
+    )
     assert not entry.folded and "shift" in entry.reason
 
 
@@ -166,8 +181,9 @@ def test_forward_through_add_of_two_convs():
     p, w1, w2, b1 = stats(4), const(3, 3, 3, 4), const(1, 1, 3, 4), const(4)
 
     def body(x):
-        return bn(tf.nn.bias_add(tf.nn.conv2d(x, w1, 1, "SAME"), b1) +
-                  tf.nn.conv2d(x, w2, 1, "SAME"), p)
+        return bn(
+            tf.nn.bias_add(tf.nn.conv2d(x, w1, 1, "SAME"), b1) + tf.nn.conv2d(x, w2, 1, "SAME"), p
+        )
 
     assert_absorbed(rewrite(body, [6, 6, 3]), "forward", "Conv2D", count=2)
 
@@ -176,16 +192,21 @@ def test_forward_through_concat_with_uneven_channels():
     p, w1, w2 = stats(7), const(3, 3, 3, 2), const(1, 1, 3, 5)
 
     def body(x):
-        return bn(tf.concat([tf.nn.conv2d(x, w1, 1, "SAME"), tf.nn.conv2d(x, w2, 1, "SAME")],
-                            -1), p)
+        return bn(
+            tf.concat([tf.nn.conv2d(x, w1, 1, "SAME"), tf.nn.conv2d(x, w2, 1, "SAME")], -1), p
+        )
 
     assert_absorbed(rewrite(body, [6, 6, 3]), "forward", "Conv2D", count=2)
 
 
 def test_forward_through_maxpool_with_negative_gamma_is_refused():
     p, w = stats(3, gamma=[1.0, -1.0, 0.5]), const(3, 3, 2, 3)
-    entry = the_entry(rewrite(lambda x: bn(tf.nn.max_pool2d(tf.nn.conv2d(x, w, 1, "SAME"), 2, 2,
-                                                       "VALID"), p), [6, 6, 2]))
+    entry = the_entry(
+        rewrite(
+            lambda x: bn(tf.nn.max_pool2d(tf.nn.conv2d(x, w, 1, "SAME"), 2, 2, "VALID"), p),
+            [6, 6, 2],
+        )
+    )
     assert not entry.folded and "MaxPool" in entry.tried["forward"]
 
 
@@ -208,8 +229,9 @@ def test_forward_through_pools(pool):
 
 def test_forward_through_relu_with_shift_is_refused_forward():
     p, w = stats(3), const(3, 3, 2, 3)
-    entry = the_entry(rewrite(lambda x: bn(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME")), p),
-                              [6, 6, 2]))
+    entry = the_entry(
+        rewrite(lambda x: bn(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME")), p), [6, 6, 2])
+    )
     assert not entry.folded and "Relu" in entry.tried["forward"]
 
 
@@ -218,19 +240,28 @@ def test_conv_absorbs_bn_before_and_after():
     folded = rewrite(lambda x: bn(tf.nn.conv2d(bn(x, p1), w, 1, "VALID"), p2), [5, 5, 3])
     [conv] = [n.name for n in folded.graph_def.node if n.op == "Conv2D"]
     report = folded.report
-    assert sorted((e.direction, tuple(e.absorbed_by)) for e in report.batch_norms) == \
-        [("backward", (conv,)), ("forward", (conv,))], str(report)
+    assert sorted((e.direction, tuple(e.absorbed_by)) for e in report.batch_norms) == [
+        ("backward", (conv,)),
+        ("forward", (conv,)),
+    ], str(report)
 
 
 def test_backward_into_dilated_depthwise_keeps_the_shift_out_of_space_to_batch_padding():
     """A dilated SAME depthwise conv is SpaceToBatchND (zero padding) → depthwise → BatchToSpaceND:
     the scale folds backward, a shift must not."""
     w = const(3, 3, 3, 1)
-    scale_only = rewrite(lambda x: tf.nn.depthwise_conv2d(x * const(3, low=0.5, high=2.0), w,
-                                                          [1, 1, 1, 1], "SAME", dilations=[2, 2]),
-                         [8, 8, 3])
+    scale_only = rewrite(
+        lambda x: tf.nn.depthwise_conv2d(
+            x * const(3, low=0.5, high=2.0), w, [1, 1, 1, 1], "SAME", dilations=[2, 2]
+        ),
+        [8, 8, 3],
+    )
     assert_absorbed(scale_only, "backward", "DepthwiseConv2dNative")
     p = stats(3)
-    entry = the_entry(rewrite(lambda x: tf.nn.depthwise_conv2d(bn(x, p), w, [1, 1, 1, 1], "SAME",
-                                                          dilations=[2, 2]), [8, 8, 3]))
+    entry = the_entry(
+        rewrite(
+            lambda x: tf.nn.depthwise_conv2d(bn(x, p), w, [1, 1, 1, 1], "SAME", dilations=[2, 2]),
+            [8, 8, 3],
+        )
+    )
     assert not entry.folded and "padding" in entry.tried["backward"]

@@ -65,20 +65,26 @@ def test_evaluator_matches_tensorflow(name):
     assert got.dtype == want.dtype, (got.dtype, want.dtype)
     assert got.shape == want.shape
     if np.issubdtype(want.dtype, np.integer) or want.dtype == bool:
-        np.testing.assert_array_equal(got, want)        # integers: exactly
+        np.testing.assert_array_equal(got, want)  # integers: exactly
     else:
         # floats: within a few units in the last place (TF's Rsqrt, Reciprocal and reduction
         # order may differ from NumPy's correctly rounded float64 by an ulp)
-        eps = {tf.float16: 2.0**-10, tf.bfloat16: 2.0**-7, tf.float32: 2.0**-23,
-               tf.float64: 2.0**-52}[tf.as_dtype(want.dtype)]
-        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
-                                   rtol=4 * eps, atol=0)
+        eps = {
+            tf.float16: 2.0**-10,
+            tf.bfloat16: 2.0**-7,
+            tf.float32: 2.0**-23,
+            tf.float64: 2.0**-52,
+        }[tf.as_dtype(want.dtype)]
+        np.testing.assert_allclose(
+            got.astype(np.float64), want.astype(np.float64), rtol=4 * eps, atol=0
+        )
 
 
 def test_integer_division_by_zero_is_left_to_tensorflow():
     """TF raises at run time; evaluating it to a number would hide the error."""
-    fn = tf.function(lambda: tf.raw_ops.Div(x=tf.constant(I), y=tf.constant(J * 0))
-                     ).get_concrete_function()
+    fn = tf.function(
+        lambda: tf.raw_ops.Div(x=tf.constant(I), y=tf.constant(J * 0))
+    ).get_concrete_function()
     frozen = freeze(fn)
     graph = Graph(frozen.graph_def, frozen.shapes, frozen.outputs)
     fold_constants(graph)

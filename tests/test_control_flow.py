@@ -23,12 +23,12 @@ EPS = 1e-3
 SPEC = tf.TensorSpec([None, 6, 6, 4], tf.float32, name="x")
 
 
-
 @pytest.fixture(scope="module")
 def parts():
     rng = np.random.default_rng(41)
-    return [dict(w=weight((3, 3, 4, 4), rng), b=bias(4, rng), p=bn_params(4, rng))
-            for _ in range(3)]
+    return [
+        dict(w=weight((3, 3, 4, 4), rng), b=bias(4, rng), p=bn_params(4, rng)) for _ in range(3)
+    ]
 
 
 def conv_bn(x, part):
@@ -44,9 +44,12 @@ def test_cond_with_batch_norm_in_a_branch(parts):
 
     @tf.function(input_signature=[SPEC, tf.TensorSpec([], tf.bool, name="flag")])
     def fn(x, flag):
-        h = tf.nn.relu(conv_bn(x, parts[0]))                       # outside: folds
-        y = tf.cond(flag, lambda: conv_bn(h, parts[1]), lambda: tf.nn.conv2d(
-            h, parts[2]["w"], 1, "SAME") * 0.5)
+        h = tf.nn.relu(conv_bn(x, parts[0]))  # outside: folds
+        y = tf.cond(
+            flag,
+            lambda: conv_bn(h, parts[1]),
+            lambda: tf.nn.conv2d(h, parts[2]["w"], 1, "SAME") * 0.5,
+        )
         return y + 1.0
 
     concrete = fn.get_concrete_function()
@@ -117,13 +120,18 @@ def test_decomposed_batch_norm_in_a_branch_is_listed_once(parts, form):
     if form == "keras3":
         keras = pytest.importorskip("keras")
         inp = keras.Input((6, 6, 4))
-        model = keras.Model(inp, keras.layers.BatchNormalization(name="branch_bn")(
-            keras.layers.Conv2D(4, 3, padding="same")(inp)))
+        model = keras.Model(
+            inp,
+            keras.layers.BatchNormalization(name="branch_bn")(
+                keras.layers.Conv2D(4, 3, padding="same")(inp)
+            ),
+        )
         randomise_keras_model(model, rng)
-        branch = (lambda x: model(x, training=False))
+        branch = lambda x: model(x, training=False)
     else:
-        branch = (lambda x: tf.nn.batch_normalization(
-            tf.nn.conv2d(x, part["w"], 1, "SAME"), mean, var, beta, gamma, EPS))
+        branch = lambda x: tf.nn.batch_normalization(
+            tf.nn.conv2d(x, part["w"], 1, "SAME"), mean, var, beta, gamma, EPS
+        )
 
     @tf.function(input_signature=[SPEC, tf.TensorSpec([], tf.bool, name="flag")])
     def fn(x, flag):
@@ -137,4 +145,4 @@ def test_decomposed_batch_norm_in_a_branch_is_listed_once(parts, form):
     (entry,) = folded.report.batch_norms
     assert not entry.folded and "tf.cond branch" in entry.reason, str(folded.report)
     if form == "keras3":
-        assert entry.name.startswith("branch_bn")     # Keras 3 scopes may add a _1
+        assert entry.name.startswith("branch_bn")  # Keras 3 scopes may add a _1

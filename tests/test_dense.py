@@ -24,16 +24,19 @@ from helpers import decomposed_bn as keras_bn
 def per_row(k: int, rng):
     """An affine map on axis -2 (a [K, 1] scale and shift): A for data whose channels are rows."""
     sign = np.where(rng.random((k, 1)) < 0.3, -1.0, 1.0)
-    return ((rng.uniform(0.5, 1.5, (k, 1)) * sign).astype(np.float32),
-            rng.normal(size=(k, 1)).astype(np.float32))
+    return (
+        (rng.uniform(0.5, 1.5, (k, 1)) * sign).astype(np.float32),
+        rng.normal(size=(k, 1)).astype(np.float32),
+    )
 
 
 # ---- MatMul(transpose_a) -------------------------------------------------------------------------
 def test_matmul_transpose_a_forward():
     rng = np.random.default_rng(41)
     w, b, p = weight((5, 4), rng), bias(4, rng), bn_params(4, rng)
-    fn = make(lambda x: keras_bn(tf.matmul(x, w, transpose_a=True) + b, p),
-              tf.TensorSpec([5, None]))
+    fn = make(
+        lambda x: keras_bn(tf.matmul(x, w, transpose_a=True) + b, p), tf.TensorSpec([5, None])
+    )
     assert_absorbed(check_rewrite(fn, rng), "forward", "MatMul")
 
 
@@ -53,8 +56,9 @@ def test_batch_matmul_forward_and_backward(adj_y):
     rng = np.random.default_rng(43)
     w = weight((6, 5) if adj_y else (5, 6), rng)
     p1, p2, b = bn_params(5, rng), bn_params(6, rng), bias(6, rng)
-    forward = make(lambda x: keras_bn(tf.nn.bias_add(tf.matmul(x, w, adjoint_b=adj_y), b), p2),
-                   [None, 3, 5])
+    forward = make(
+        lambda x: keras_bn(tf.nn.bias_add(tf.matmul(x, w, adjoint_b=adj_y), b), p2), [None, 3, 5]
+    )
     folded = check_rewrite(forward, rng)
     assert_absorbed(folded, "forward", "BatchMatMulV2")
     backward = make(lambda x: tf.matmul(keras_bn(x, p1), w, adjoint_b=adj_y), [3, 5])
@@ -79,8 +83,9 @@ def test_batch_matmul_with_a_batched_weight_is_refused():
 
 
 # ---- Einsum --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("equation,shape", [("abc,cd->abd", (5, 4)), ("abc,dc->abd", (4, 5)),
-                                            ("...c,cd->...d", (5, 4))])
+@pytest.mark.parametrize(
+    "equation,shape", [("abc,cd->abd", (5, 4)), ("abc,dc->abd", (4, 5)), ("...c,cd->...d", (5, 4))]
+)
 def test_einsum_dense_forward_and_backward(equation, shape):
     rng = np.random.default_rng(46)
     w, b = weight(shape, rng), bias(4, rng)
@@ -111,20 +116,21 @@ def test_keras_einsum_dense_then_batch_norm(framework):
     if not hasattr(K.layers, "EinsumDense"):
         pytest.skip(f"{framework} has no EinsumDense")
     inp = K.Input((3, 5))
-    y = K.layers.EinsumDense("abc,cd->abd", output_shape=(None, 4), bias_axes="d",
-                             name="ed")(inp)
+    y = K.layers.EinsumDense("abc,cd->abd", output_shape=(None, 4), bias_axes="d", name="ed")(inp)
     model = K.Model(inp, K.layers.BatchNormalization(name="ed_bn")(y))
     randomise_keras_model(model, np.random.default_rng(48))
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 3, 5], tf.float32))
+        tf.TensorSpec([None, 3, 5], tf.float32)
+    )
     folded = check_rewrite(fn, np.random.default_rng(0))
     entry = folded.report.batch_norms[0]
     assert entry.folded and entry.direction == "forward", str(folded.report)
     assert "ed" in entry.absorbed_by[0]
 
 
-@pytest.mark.parametrize("op,shape", [("BatchMatMul", [5]), ("BatchMatMulV2", [3, 5]),
-                                      ("BatchMatMulV3", [3, 5])])
+@pytest.mark.parametrize(
+    "op,shape", [("BatchMatMul", [5]), ("BatchMatMulV2", [3, 5]), ("BatchMatMulV3", [3, 5])]
+)
 def test_every_batch_matmul_version_folds_both_ways(op, shape):
     """(BatchMatMul V1 does not broadcast: a constant 2-D weight means 2-D data.)"""
     rng = np.random.default_rng(49)
@@ -147,6 +153,7 @@ def test_batch_matmul_v3_of_mixed_dtypes_is_refused():
     from tensorflow.core.framework import node_def_pb2
 
     from graphfold.fold.layers import LINEAR, Site
+
     node = node_def_pb2.NodeDef(name="mm", op="BatchMatMulV3")
     for key, dtype in (("Ta", tf.float16), ("Tb", tf.float16), ("Tout", tf.float32)):
         node.attr[key].type = dtype.as_datatype_enum

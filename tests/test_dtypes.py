@@ -21,14 +21,18 @@ from helpers import (
 )
 
 EPS = 1e-3
-DTYPES = {"float32": (tf.float32, 1e-5), "float64": (tf.float64, 1e-12),
-          "float16": (tf.float16, 1e-2), "bfloat16": (tf.bfloat16, 2e-2)}
+DTYPES = {
+    "float32": (tf.float32, 1e-5),
+    "float64": (tf.float64, 1e-12),
+    "float16": (tf.float16, 1e-2),
+    "bfloat16": (tf.bfloat16, 2e-2),
+}
 LAYER_OPS = {"conv2d": "Conv2D", "depthwise_m3": "DepthwiseConv2dNative", "matmul": "MatMul"}
 
 
 def _build(kind: str, dtype: tf.DType, rng):
     np_dtype = np.float32 if dtype == tf.bfloat16 else dtype.as_numpy_dtype
-    cast = (lambda a: tf.cast(tf.constant(a.astype(np.float32)), dtype))
+    cast = lambda a: tf.cast(tf.constant(a.astype(np.float32)), dtype)
     if kind == "conv2d":
         w, c, spec = weight((3, 3, 3, 4), rng, np_dtype), 4, [None, 6, 6, 3]
     elif kind == "depthwise_m3":
@@ -37,7 +41,7 @@ def _build(kind: str, dtype: tf.DType, rng):
         w, c, spec = weight((5, 4), rng, np_dtype), 4, [None, 5]
     b = bias(c, rng, np_dtype)
     gamma, beta, mean, var = bn_params(c, rng, "float32")
-    fused = kind != "matmul" and dtype != tf.float64     # FusedBatchNorm* has no float64 kernel
+    fused = kind != "matmul" and dtype != tf.float64  # FusedBatchNorm* has no float64 kernel
 
     def fn(x):
         wc, bc = cast(w), cast(b)
@@ -49,8 +53,15 @@ def _build(kind: str, dtype: tf.DType, rng):
             y = tf.matmul(x, wc)
         y = tf.nn.bias_add(y, bc)
         if fused:
-            return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean,
-                                               variance=var, epsilon=EPS, is_training=False)[0]
+            return tf.raw_ops.FusedBatchNormV3(
+                x=y,
+                scale=gamma,
+                offset=beta,
+                mean=mean,
+                variance=var,
+                epsilon=EPS,
+                is_training=False,
+            )[0]
         return tf.nn.batch_normalization(y, cast(mean), cast(var), cast(beta), cast(gamma), EPS)
 
     return tf.function(fn).get_concrete_function(tf.TensorSpec(spec, dtype, name="x"))
@@ -92,7 +103,8 @@ def _keras_fn(K, dtype: str, seed: int):
     model = _keras_model(K, dtype)
     randomise_keras_model(model, np.random.default_rng(seed))
     return tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 8, 8, 3], dtype))
+        tf.TensorSpec([None, 8, 8, 3], dtype)
+    )
 
 
 def assert_into_conv_and_dense(folded):

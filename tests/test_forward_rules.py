@@ -41,11 +41,16 @@ from helpers import (
 EPS = 1e-3
 H = W = 6
 C_IN = 3
-K_IN = 5          # MatMul input features
+K_IN = 5  # MatMul input features
 
-LAYER_OPS = {"conv2d": "Conv2D", "depthwise_m1": "DepthwiseConv2dNative",
-             "depthwise_m3": "DepthwiseConv2dNative", "matmul": "MatMul",
-             "matmul_transpose_b": "MatMul", "conv1d": "Conv2D"}
+LAYER_OPS = {
+    "conv2d": "Conv2D",
+    "depthwise_m1": "DepthwiseConv2dNative",
+    "depthwise_m3": "DepthwiseConv2dNative",
+    "matmul": "MatMul",
+    "matmul_transpose_b": "MatMul",
+    "conv1d": "Conv2D",
+}
 AFFINE_OPS = ("Mul", "RealDiv", "Sub", "Add", "AddV2", "Rsqrt")
 
 
@@ -103,7 +108,7 @@ class Layer:
         if not self.with_bias:
             return y
         if self.rank == 2:
-            return y + tf.constant(self.b)            # AddV2 of a constant: the layer's bias
+            return y + tf.constant(self.b)  # AddV2 of a constant: the layer's bias
         if self.kind == "conv1d":
             return y + tf.constant(self.b.reshape(self.channel_shape()))
         return tf.nn.bias_add(y, tf.constant(self.b), data_format=self.fmt)
@@ -145,26 +150,40 @@ def apply_form(form: str, y, layer: Layer, rng):
     gamma, beta, mean, var = params
     if form in ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3"):
         op = getattr(tf.raw_ops, form)
-        out = op(x=y, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=EPS,
-                 data_format=fmt, is_training=False)[0]
+        out = op(
+            x=y,
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=EPS,
+            data_format=fmt,
+            is_training=False,
+        )[0]
         return out, s, t
     if form == "nn.batch_normalization":
         with tf.name_scope("my_bn"):
-            out = tf.nn.batch_normalization(y, _const(mean, shape), _const(var, shape),
-                                            _const(beta, shape), _const(gamma, shape), EPS)
+            out = tf.nn.batch_normalization(
+                y,
+                _const(mean, shape),
+                _const(var, shape),
+                _const(beta, shape),
+                _const(gamma, shape),
+                EPS,
+            )
         return out, s, t
     k1 = (rng.uniform(0.5, 2.0, c) * np.where(rng.random(c) < 0.3, -1, 1)).astype(np.float32)
     k2 = rng.normal(0, 1, c).astype(np.float32)
     k1d, k2d = k1.astype(np.float64), k2.astype(np.float64)
     if form == "mul_add":
         return y * _const(k1, shape) + _const(k2, shape), k1d, k2d
-    if form == "const_mul_const_add":          # constants on the left of Mul and Add
+    if form == "const_mul_const_add":  # constants on the left of Mul and Add
         return tf.add(_const(k2, shape), tf.multiply(_const(k1, shape), y)), k1d, k2d
-    if form == "mul_raw_add":                  # "Add", not "AddV2"
+    if form == "mul_raw_add":  # "Add", not "AddV2"
         return tf.raw_ops.Add(x=y * _const(k1, shape), y=_const(k2, shape)), k1d, k2d
     if form == "mul_sub":
         return y * _const(k1, shape) - _const(k2, shape), k1d, -k2d
-    if form == "sub_from_const":               # Sub(k, x): s = -1, t = k
+    if form == "sub_from_const":  # Sub(k, x): s = -1, t = k
         return _const(k2, shape) - y, -np.ones(c), k2d
     if form == "mul_sub_from_const":
         return tf.subtract(_const(k2, shape), y * _const(k1, shape)), -k1d, k2d
@@ -172,7 +191,7 @@ def apply_form(form: str, y, layer: Layer, rng):
         return y / _const(k1, shape) + _const(k2, shape), 1 / k1d, k2d
     if form == "mul_biasadd":
         return tf.nn.bias_add(y * _const(k1, shape), k2, data_format=fmt), k1d, k2d
-    if form == "scalar_mul_add":               # a scalar broadcasts to every channel
+    if form == "scalar_mul_add":  # a scalar broadcasts to every channel
         return y * tf.constant(-2.5) + _const(k2, shape), np.full(c, -2.5), k2d
     if form == "mul":
         return y * _const(k1, shape), k1d, np.zeros(c)
@@ -195,7 +214,8 @@ def build(layer: Layer, form: str, rng, *, between=None, variables: bool = False
         return out
 
     concrete = tf.function(fn).get_concrete_function(
-        tf.TensorSpec(layer.spec, tf.float32, name="x"))
+        tf.TensorSpec(layer.spec, tf.float32, name="x")
+    )
     return concrete, expected["s"], expected["t"]
 
 
@@ -227,8 +247,9 @@ def assert_no_affine_left(graph_def):
 
 # ---- every layer op × FusedBatchNormV3 (or its decomposed form for MatMul) × bias ----------------
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", ["conv2d", "depthwise_m1", "depthwise_m3", "matmul",
-                                  "matmul_transpose_b"])
+@pytest.mark.parametrize(
+    "kind", ["conv2d", "depthwise_m1", "depthwise_m3", "matmul", "matmul_transpose_b"]
+)
 def test_layer_then_batch_norm_nhwc(kind, with_bias):
     rng = np.random.default_rng(zlib.crc32(f"{kind}{with_bias}".encode()))
     layer = Layer(kind, rng, "NHWC", with_bias)
@@ -242,18 +263,32 @@ def test_layer_then_batch_norm_nhwc(kind, with_bias):
     np.testing.assert_allclose(got, layer.scaled(s), rtol=1e-6, atol=1e-7)
     # A bias exists exactly once and equals s ⊙ b + t.
     expected_bias = s * (layer.b if with_bias else 0) + t
-    consts = [n for n in folded.graph_def.node if n.op == "Const"
-              and tuple(n.attr["value"].tensor.tensor_shape.dim) and
-              n.attr["value"].tensor.tensor_shape.dim[0].size == layer.out and
-              len(n.attr["value"].tensor.tensor_shape.dim) == 1]
+    consts = [
+        n
+        for n in folded.graph_def.node
+        if n.op == "Const"
+        and tuple(n.attr["value"].tensor.tensor_shape.dim)
+        and n.attr["value"].tensor.tensor_shape.dim[0].size == layer.out
+        and len(n.attr["value"].tensor.tensor_shape.dim) == 1
+    ]
     biases = [tf.make_ndarray(n.attr["value"].tensor) for n in consts]
     assert any(np.allclose(b, expected_bias, rtol=1e-5, atol=1e-6) for b in biases), biases
 
 
 # ---- every A form after a Conv2D (NHWC) and after a MatMul ---------------------------------------
 BN_FORMS = ["FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "nn.batch_normalization"]
-ELEMENTWISE_FORMS = ["mul_add", "const_mul_const_add", "mul_raw_add", "mul_sub", "sub_from_const",
-                     "mul_sub_from_const", "realdiv_add", "mul_biasadd", "scalar_mul_add", "mul"]
+ELEMENTWISE_FORMS = [
+    "mul_add",
+    "const_mul_const_add",
+    "mul_raw_add",
+    "mul_sub",
+    "sub_from_const",
+    "mul_sub_from_const",
+    "realdiv_add",
+    "mul_biasadd",
+    "scalar_mul_add",
+    "mul",
+]
 
 
 @pytest.mark.parametrize("form", BN_FORMS + ELEMENTWISE_FORMS)
@@ -312,8 +347,15 @@ def test_chain_of_batch_norm_and_elementwise_ops_merges_into_one_affine():
 
     @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32)])
     def fn(x):
-        y = tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta, mean=mean,
-                                        variance=var, epsilon=EPS, is_training=False)[0]
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=layer.apply(x),
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=EPS,
+            is_training=False,
+        )[0]
         return (y * k1 - k2) / 3.0
 
     folded = check_rewrite(fn.get_concrete_function(), rng)
@@ -326,8 +368,16 @@ def test_chain_of_batch_norm_and_elementwise_ops_merges_into_one_affine():
 def _layer_then_fused_batch_norm(layer, gamma, beta, mean, var):
     @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32, name="x")])
     def fn(x):
-        return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta, mean=mean,
-                                           variance=var, epsilon=EPS, is_training=False)[0]
+        return tf.raw_ops.FusedBatchNormV3(
+            x=layer.apply(x),
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=EPS,
+            is_training=False,
+        )[0]
+
     return fn
 
 
@@ -343,15 +393,19 @@ def test_batch_norm_with_global_normalization():
         graph_def = frozen.graph_def
         [fused] = nodes_of(graph_def, "FusedBatchNormV3")
         x, g_in, b_in, m_in, v_in = fused.input[:5]
-        bngn = node_def_pb2.NodeDef(name=fused.name, op="BatchNormWithGlobalNormalization",
-                                    input=[x, m_in, v_in, b_in, g_in])
+        bngn = node_def_pb2.NodeDef(
+            name=fused.name,
+            op="BatchNormWithGlobalNormalization",
+            input=[x, m_in, v_in, b_in, g_in],
+        )
         bngn.attr["T"].type = tf.float32.as_datatype_enum
         bngn.attr["variance_epsilon"].f = EPS
         bngn.attr["scale_after_normalization"].b = scale_after
         fused.CopyFrom(bngn)
         original = graph_def.SerializeToString()
-        optimized, report = graphfold.optimize_graph_def(graph_def, frozen.inputs, frozen.outputs,
-                                                         frozen.shapes)
+        optimized, report = graphfold.optimize_graph_def(
+            graph_def, frozen.inputs, frozen.outputs, frozen.shapes
+        )
         assert graph_def.SerializeToString() == original, "the input GraphDef was modified"
         [entry] = report.batch_norms
         assert entry.folded and entry.direction == "forward", str(report)
@@ -372,9 +426,13 @@ def _nchw_check(layer: Layer, form: str, rng):
     assert_single_forward_fold(folded, layer, batch_norm=form in BN_FORMS or None)
     assert_no_affine_left(folded.graph_def)
     node = the_layer_node(folded.graph_def, layer)
-    assert node.attr["data_format"].s == b"NCHW"       # still an NCHW layer
-    np.testing.assert_allclose(weight_of(folded.graph_def, node), layer.scaled(s).reshape(
-        weight_of(folded.graph_def, node).shape), rtol=1e-6, atol=1e-7)
+    assert node.attr["data_format"].s == b"NCHW"  # still an NCHW layer
+    np.testing.assert_allclose(
+        weight_of(folded.graph_def, node),
+        layer.scaled(s).reshape(weight_of(folded.graph_def, node).shape),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     feed = rng.normal(size=[3] + layer.spec[1:]).astype(np.float32)
     [want] = run_nhwc_twin(fn, frozen_graph_def(fn), [feed])
     [got] = run_nhwc_twin(fn, folded.graph_def, [feed])
@@ -394,8 +452,18 @@ def test_layer_then_batch_norm_nchw(kind, with_bias):
         assert bias_add.attr["data_format"].s == b"NCHW"
 
 
-@pytest.mark.parametrize("form", ["FusedBatchNorm", "FusedBatchNormV2", "nn.batch_normalization",
-                                  "mul_add", "sub_from_const", "mul_biasadd", "realdiv_add"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "FusedBatchNorm",
+        "FusedBatchNormV2",
+        "nn.batch_normalization",
+        "mul_add",
+        "sub_from_const",
+        "mul_biasadd",
+        "realdiv_add",
+    ],
+)
 def test_affine_forms_nchw(form):
     rng = np.random.default_rng(21)
     _nchw_check(Layer("conv2d", rng, "NCHW"), form, rng)
@@ -441,18 +509,26 @@ def _weight_const_name(graph_def, layer_node):
 
 
 # ---- through ops between L and A -----------------------------------------------------------------
-def _pass_through_case(between, form="FusedBatchNormV3", kind="conv2d", positive=False,
-                       seed=30):
+def _pass_through_case(between, form="FusedBatchNormV3", kind="conv2d", positive=False, seed=30):
     rng = np.random.default_rng(seed)
     layer = Layer(kind, rng, "NHWC")
     if positive:
         # FusedBatchNormV3 with γ > 0: every scale positive.
         def pos_form(y, layer=layer, rng=rng):
             gamma, beta, mean, var = bn_params(layer.out, rng, positive=True)
-            return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean,
-                                               variance=var, epsilon=EPS, is_training=False)[0]
+            return tf.raw_ops.FusedBatchNormV3(
+                x=y,
+                scale=gamma,
+                offset=beta,
+                mean=mean,
+                variance=var,
+                epsilon=EPS,
+                is_training=False,
+            )[0]
+
         fn = tf.function(lambda x: pos_form(between(layer.apply(x)))).get_concrete_function(
-            tf.TensorSpec(layer.spec, tf.float32))
+            tf.TensorSpec(layer.spec, tf.float32)
+        )
     else:
         fn, _, _ = build(layer, form, rng, between=between)
     folded = check_rewrite(fn, rng)
@@ -533,8 +609,9 @@ def test_variables_become_constants_and_fold():
     @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32)])
     def fn(x):
         y = tf.nn.bias_add(tf.nn.depthwise_conv2d(x, w, [1, 1, 1, 1], "VALID"), b)
-        return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean,
-                                           variance=var, epsilon=EPS, is_training=False)[0]
+        return tf.raw_ops.FusedBatchNormV3(
+            x=y, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=EPS, is_training=False
+        )[0]
 
     folded = check_rewrite(fn.get_concrete_function(), rng)
     assert_single_forward_fold(folded, layer)
@@ -552,8 +629,15 @@ def test_gamma_zero_makes_a_constant_channel():
 
     @tf.function(input_signature=[tf.TensorSpec(layer.spec, tf.float32)])
     def fn(x):
-        return tf.raw_ops.FusedBatchNormV3(x=layer.apply(x), scale=gamma, offset=beta, mean=mean,
-                                           variance=var, epsilon=EPS, is_training=False)[0]
+        return tf.raw_ops.FusedBatchNormV3(
+            x=layer.apply(x),
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=EPS,
+            is_training=False,
+        )[0]
 
     fn = fn.get_concrete_function()
     folded = check_rewrite(fn, rng)
@@ -570,8 +654,9 @@ def test_two_batch_norms_in_sequence_both_fold():
     p1, p2 = bn_params(4, rng), bn_params(4, rng)
 
     def bn(y, p):
-        return tf.raw_ops.FusedBatchNormV3(x=y, scale=p[0], offset=p[1], mean=p[2], variance=p[3],
-                                           epsilon=EPS, is_training=False)[0]
+        return tf.raw_ops.FusedBatchNormV3(
+            x=y, scale=p[0], offset=p[1], mean=p[2], variance=p[3], epsilon=EPS, is_training=False
+        )[0]
 
     @tf.function(input_signature=[tf.TensorSpec(l1.spec, tf.float32)])
     def fn(x):
@@ -580,8 +665,10 @@ def test_two_batch_norms_in_sequence_both_fold():
 
     folded = check_rewrite(fn.get_concrete_function(), rng)
     conv1, conv2 = (n.name for n in nodes_of(folded.graph_def, "Conv2D"))
-    assert [(e.direction, e.absorbed_by) for e in folded.report.batch_norms] == \
-        [("forward", [conv1]), ("forward", [conv2])], str(folded.report)
+    assert [(e.direction, e.absorbed_by) for e in folded.report.batch_norms] == [
+        ("forward", [conv1]),
+        ("forward", [conv2]),
+    ], str(folded.report)
     assert_no_batch_norm(folded.graph_def)
 
 
@@ -589,8 +676,7 @@ def test_two_batch_norms_in_sequence_both_fold():
 _fused = fused_bn
 
 
-CONV_VARIANTS = ["strided_valid", "dilated", "explicit_padding",
-                 "depthwise_dilated"]
+CONV_VARIANTS = ["strided_valid", "dilated", "explicit_padding", "depthwise_dilated"]
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
@@ -613,8 +699,9 @@ def test_conv_attributes_do_not_matter(variant):
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 9, 9, 3], tf.float32))
     folded = check_rewrite(fn, rng)
-    assert_absorbed(folded, "forward", "DepthwiseConv2dNative" if variant == "depthwise_dilated"
-                    else "Conv2D")
+    assert_absorbed(
+        folded, "forward", "DepthwiseConv2dNative" if variant == "depthwise_dilated" else "Conv2D"
+    )
 
 
 def test_conv3d_then_5d_fused_batch_norm():
@@ -624,9 +711,16 @@ def test_conv3d_then_5d_fused_batch_norm():
     def body(x):
         y = tf.nn.bias_add(tf.nn.conv3d(x, w, [1, 1, 1, 1, 1], "SAME"), b)
         gamma, beta, mean, var = p
-        return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean,
-                                           variance=var, epsilon=EPS, data_format="NDHWC",
-                                           is_training=False)[0]
+        return tf.raw_ops.FusedBatchNormV3(
+            x=y,
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=EPS,
+            data_format="NDHWC",
+            is_training=False,
+        )[0]
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 4, 5, 5, 3], tf.float32))
     folded = check_rewrite(fn, rng)
@@ -642,7 +736,7 @@ def test_matmul_with_transpose_a():
     gamma, beta, mean, var = bn_params(4, rng)
 
     def body(x):
-        y = tf.matmul(x, w, transpose_a=True) + b              # x: [5, N] -> y: [N, 4]
+        y = tf.matmul(x, w, transpose_a=True) + b  # x: [5, N] -> y: [N, 4]
         return tf.nn.batch_normalization(y, mean, var, beta, gamma, EPS)
 
     fn = tf.function(body).get_concrete_function(tf.TensorSpec([5, None], tf.float32))
@@ -653,8 +747,12 @@ def test_matmul_with_transpose_a():
 def test_nchw_avg_pool_between_conv_and_batch_norm():
     rng = np.random.default_rng(63)
     layer = Layer("conv2d", rng, "NCHW")
-    fn, s, t = build(layer, "FusedBatchNormV3", rng, between=lambda y: tf.nn.avg_pool2d(
-        y, 2, 2, "VALID", data_format="NCHW"))
+    fn, s, t = build(
+        layer,
+        "FusedBatchNormV3",
+        rng,
+        between=lambda y: tf.nn.avg_pool2d(y, 2, 2, "VALID", data_format="NCHW"),
+    )
     folded = check_rewrite(fn, rng, run=False)
     assert_single_forward_fold(folded, layer)
     feed = rng.normal(size=[2] + layer.spec[1:]).astype(np.float32)
@@ -670,7 +768,8 @@ def test_nchw_keras_style_rank4_constants():
     k1 = rng.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32)
     k2 = rng.normal(size=(1, 4, 1, 1)).astype(np.float32)
     fn = tf.function(lambda x: layer.apply(x) * k1 + k2).get_concrete_function(
-        tf.TensorSpec(layer.spec, tf.float32))
+        tf.TensorSpec(layer.spec, tf.float32)
+    )
     folded = check_rewrite(fn, rng, run=False)
     assert len(folded_entries(folded.report, None)) == 1, str(folded.report)
     feed = rng.normal(size=[2] + layer.spec[1:]).astype(np.float32)
@@ -697,11 +796,14 @@ def test_weight_that_is_also_a_function_output_is_cloned():
 def test_keras_grouped_conv_folds_forward(framework):
     K = pytest.importorskip(framework)
     inp = K.Input((6, 6, 4))
-    model = K.Model(inp, K.layers.BatchNormalization(name="g_bn")(
-        K.layers.Conv2D(6, 3, groups=2, name="g")(inp)))
+    model = K.Model(
+        inp,
+        K.layers.BatchNormalization(name="g_bn")(K.layers.Conv2D(6, 3, groups=2, name="g")(inp)),
+    )
     randomise_keras_model(model, np.random.default_rng(66))
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 6, 6, 4], tf.float32))
+        tf.TensorSpec([None, 6, 6, 4], tf.float32)
+    )
     folded = check_rewrite(fn, np.random.default_rng(0))
     # Keras 3 runs a grouped convolution as an XLA-compiled function call, which freezing does
     # not inline: graphfold inlines it (tests/test_grouped.py), and the Conv2D inside absorbs A.

@@ -16,13 +16,41 @@ import pytest
 
 import graphgen
 
-SEEDS = [*range(400), 1711, 4507]   # 1711, 4507: cancellations (see graphgen.check)
-SEEN: dict[int, set[str]] = {}      # seed -> what its graph exercised (for the coverage test)
-KINDS = ("conv", "depthwise", "matmul", "concat", "add", "pool", "pad", "mean", "flatten",
-         "transpose", "shared weight", "broadcast_mul", "EXPLICIT", "/d2/", "/s2/", "gamma=0",
-         "scale/rmul", "bias/sub", "depthwise3x3/m2", "intermediate tensor", "several consumers",
-         "conv_transpose", "/groups", "batch_matmul", "einsum", "leaky_relu", "prelu", "max_pool",
-         "upsample/repeat", "upsample/nearest", "upsample/bilinear")
+SEEDS = [*range(400), 1711, 4507]  # 1711, 4507: cancellations (see graphgen.check)
+SEEN: dict[int, set[str]] = {}  # seed -> what its graph exercised (for the coverage test)
+KINDS = (
+    "conv",
+    "depthwise",
+    "matmul",
+    "concat",
+    "add",
+    "pool",
+    "pad",
+    "mean",
+    "flatten",
+    "transpose",
+    "shared weight",
+    "broadcast_mul",
+    "EXPLICIT",
+    "/d2/",
+    "/s2/",
+    "gamma=0",
+    "scale/rmul",
+    "bias/sub",
+    "depthwise3x3/m2",
+    "intermediate tensor",
+    "several consumers",
+    "conv_transpose",
+    "/groups",
+    "batch_matmul",
+    "einsum",
+    "leaky_relu",
+    "prelu",
+    "max_pool",
+    "upsample/repeat",
+    "upsample/nearest",
+    "upsample/bilinear",
+)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -39,11 +67,14 @@ def _exercise(seed: int) -> set[str]:
         raise AssertionError(f"{exc}\n{case.describe()}") from exc
     text = "\n".join(case.log)
     report = folded.report
-    return ({case.layout, case.dtype.name} | {k for k in KINDS if k in text} |
-            {f"folded {e.direction}" for e in report.folded} |
-            {"leaves" for e in report.folded if e.leaves} |
-            {"partial" for _ in report.partial} |
-            {"not folded" for _ in report.not_folded})
+    return (
+        {case.layout, case.dtype.name}
+        | {k for k in KINDS if k in text}
+        | {f"folded {e.direction}" for e in report.folded}
+        | {"leaves" for e in report.folded if e.leaves}
+        | {"partial" for _ in report.partial}
+        | {"not folded" for _ in report.not_folded}
+    )
 
 
 @pytest.mark.parametrize("seed", range(200))
@@ -64,6 +95,16 @@ def test_the_budget_covers_what_it_claims():
         if seed not in SEEN:
             SEEN[seed] = _exercise(seed)
     counts = collections.Counter(k for kinds in SEEN.values() for k in kinds)
-    wanted = {"NHWC", "NCHW", "float32", "float16", "folded forward", "folded backward",
-              "leaves", "partial", "not folded", *KINDS}
+    wanted = {
+        "NHWC",
+        "NCHW",
+        "float32",
+        "float16",
+        "folded forward",
+        "folded backward",
+        "leaves",
+        "partial",
+        "not folded",
+        *KINDS,
+    }
     assert not wanted - set(counts), f"never exercised: {wanted - set(counts)}"

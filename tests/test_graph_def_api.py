@@ -20,8 +20,16 @@ EPS = 1e-3
 
 def fused(y, p, name):
     gamma, beta, mean, var = (tf.constant(v) for v in p)
-    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                       epsilon=EPS, is_training=False, name=name)[0]
+    return tf.raw_ops.FusedBatchNormV3(
+        x=y,
+        scale=gamma,
+        offset=beta,
+        mean=mean,
+        variance=var,
+        epsilon=EPS,
+        is_training=False,
+        name=name,
+    )[0]
 
 
 def tf1_graph(build, shape=(None, 8, 8, 4)):
@@ -58,14 +66,25 @@ def test_backward_fold_into_a_fetched_layer_keeps_its_value(rng):
     assert entry.folded and entry.direction == "backward" and entry.absorbed_by == ["conv"]
     compare(graph_def, optimized, ["conv"])
     nodes = {n.name: n for n in optimized.node}
-    assert nodes["conv"].op == "BiasAdd"                     # the fetched name: conv + W ⊛ t
+    assert nodes["conv"].op == "BiasAdd"  # the fetched name: conv + W ⊛ t
     assert nodes[nodes["conv"].input[0]].op == "Conv2D"
     assert not any(n.op == "FusedBatchNormV3" for n in optimized.node)
 
 
-@pytest.mark.parametrize("fetch", [("conv",), ("conv", "bias"), ("bias",), ("bn",),
-                                   ("bn", "conv"), ("bn", "bias"), ("conv2",), ("bn2", "conv2"),
-                                   ("conv", "bias", "bn", "conv2", "bn2")])
+@pytest.mark.parametrize(
+    "fetch",
+    [
+        ("conv",),
+        ("conv", "bias"),
+        ("bias",),
+        ("bn",),
+        ("bn", "conv"),
+        ("bn", "bias"),
+        ("conv2",),
+        ("bn2", "conv2"),
+        ("conv", "bias", "bn", "conv2", "bn2"),
+    ],
+)
 def test_any_fetched_layer_bias_or_batch_norm_stays_exact(rng, fetch):
     """conv -> bias -> BN (forward) -> conv2 (VALID 1x1) -> BN2 (forward) ... and BN before conv2
     backward: whichever of the nodes are fetched, each computes what it did before; what can
@@ -87,7 +106,7 @@ def test_any_fetched_layer_bias_or_batch_norm_stays_exact(rng, fetch):
     for entry in report.not_folded:
         assert entry.reason
     bn, bn2 = report.entry("bn"), report.entry("bn2")
-    if "bn" in fetch:                    # its output is fetched: backward is refused
+    if "bn" in fetch:  # its output is fetched: backward is refused
         assert not bn.folded or bn.direction == "forward"
     if not {"conv", "bias", "bn"} & set(fetch):
         assert bn.folded and bn.direction == "forward" and bn.absorbed_by == ["conv"]
@@ -126,8 +145,9 @@ def test_fetched_bias_then_backward_shift_into_a_matmul(rng):
 def test_shapes_are_inferred_when_not_given(rng):
     """``optimize_graph_def(graph_def, inputs, outputs)``: no shapes argument, folds as with."""
     w, p = weight((3, 3, 4, 5), rng), bn_params(5, rng)
-    graph_def = tf1_graph(lambda x: tf.identity(fused(tf.nn.conv2d(x, w, 1, "SAME"), p, "bn"),
-                                                name="y"))
+    graph_def = tf1_graph(
+        lambda x: tf.identity(fused(tf.nn.conv2d(x, w, 1, "SAME"), p, "bn"), name="y")
+    )
     optimized, report = graphfold.optimize_graph_def(graph_def, ["x"], ["y"])
     assert len(report.folded) == 1, str(report)
     compare(graph_def, optimized, ["y"])
@@ -147,22 +167,25 @@ def test_a_placeholder_of_unknown_shape_takes_a_given_shape(rng):
     graph_def = tf1_graph(build, shape=None)
     optimized, report = graphfold.optimize_graph_def(graph_def, ["x"], ["y"])
     (entry,) = report.batch_norms
-    assert not entry.folded and "shape" in entry.reason and "unknown" in entry.reason, \
-        str(report)
+    assert not entry.folded and "shape" in entry.reason and "unknown" in entry.reason, str(report)
     compare(graph_def, optimized, ["y"])
 
-    optimized, report = graphfold.optimize_graph_def(graph_def, ["x"], ["y"],
-                                                     {"x": (None, 8, 8, 4)})
+    optimized, report = graphfold.optimize_graph_def(
+        graph_def, ["x"], ["y"], {"x": (None, 8, 8, 4)}
+    )
     (entry,) = report.batch_norms
     assert entry.folded and entry.direction == "backward", str(report)
     compare(graph_def, optimized, ["y"])
 
 
-@pytest.mark.parametrize("inputs, outputs, message", [
-    (["nope"], ["y"], "input 'nope' is not a node"),
-    (["w"], ["y"], "not a placeholder"),
-    (["x"], ["nope"], "output 'nope'"),
-])
+@pytest.mark.parametrize(
+    "inputs, outputs, message",
+    [
+        (["nope"], ["y"], "input 'nope' is not a node"),
+        (["w"], ["y"], "not a placeholder"),
+        (["x"], ["nope"], "output 'nope'"),
+    ],
+)
 def test_bad_names_are_clear_errors(rng, inputs, outputs, message):
     w = weight((1, 1, 4, 5), rng)
 

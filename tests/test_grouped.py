@@ -59,8 +59,9 @@ def test_forward_into_grouped_conv():
 def test_backward_into_grouped_conv_scales_each_group_and_sums_the_shift_within_it(groups):
     rng = np.random.default_rng(32)
     w, b, p = weight((3, 3, 2, 2 * groups), rng), bias(2 * groups, rng), bn_params(2 * groups, rng)
-    fn = make(lambda x: tf.nn.bias_add(tf.nn.conv2d(fused_bn(x, p), w, 1, "VALID"), b),
-              [6, 6, 2 * groups])
+    fn = make(
+        lambda x: tf.nn.bias_add(tf.nn.conv2d(fused_bn(x, p), w, 1, "VALID"), b), [6, 6, 2 * groups]
+    )
     folded = check_rewrite(fn, rng)
     assert_absorbed(folded, "backward", "Conv2D")
     s, t = bn_scale_shift(p)
@@ -69,14 +70,15 @@ def test_backward_into_grouped_conv_scales_each_group_and_sums_the_shift_within_
     np.testing.assert_allclose(weight_of(folded.graph_def, conv), want_w, rtol=1e-6)
     [bias_add] = nodes_of(folded.graph_def, "BiasAdd")
     const = {n.name: n for n in folded.graph_def.node}[bias_add.input[1]]
-    np.testing.assert_allclose(tf.make_ndarray(const.attr["value"].tensor), b + response,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        tf.make_ndarray(const.attr["value"].tensor), b + response, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_backward_into_same_grouped_conv_keeps_the_shift_and_folds_the_scale():
     rng = np.random.default_rng(33)
     w = weight((3, 3, 2, 4), rng)
-    net = (lambda p: make(lambda x: tf.nn.conv2d(fused_bn(x, p), w, 1, "SAME"), [6, 6, 4]))
+    net = lambda p: make(lambda x: tf.nn.conv2d(fused_bn(x, p), w, 1, "SAME"), [6, 6, 4])
     assert_not_folded(check_rewrite(net(bn_params(4, rng)), rng, partial=False), "padding")
     assert_absorbed(check_rewrite(net(shift_free(bn_params(4, rng))), rng), "backward", "Conv2D")
 
@@ -106,14 +108,16 @@ def test_keras_grouped_conv_folds_both_ways(framework):
     """Keras 3 runs each grouped Conv2D in an XLA-compiled nested call: graphfold inlines it."""
     K = pytest.importorskip(framework)
     inp = K.Input((6, 6, 4))
-    y = K.layers.BatchNormalization(name="after_bn")(K.layers.Conv2D(6, 3, groups=2,
-                                                                     name="g1")(inp))
+    y = K.layers.BatchNormalization(name="after_bn")(
+        K.layers.Conv2D(6, 3, groups=2, name="g1")(inp)
+    )
     y = K.layers.Activation("relu")(y)
     y = K.layers.Conv2D(4, 1, groups=2, name="g2")(K.layers.BatchNormalization(name="before_bn")(y))
     model = K.Model(inp, y)
     randomise_keras_model(model, np.random.default_rng(35))
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 6, 6, 4], tf.float32))
+        tf.TensorSpec([None, 6, 6, 4], tf.float32)
+    )
     folded = check_rewrite(fn, np.random.default_rng(0))
     entries = {e.name.rstrip("_1"): e for e in folded.report.batch_norms}
     assert entries["after_bn"].direction == "forward", str(folded.report)
@@ -135,8 +139,10 @@ def test_a_nested_call_that_cannot_be_inlined_is_named_in_words():
 
     fn = make(lambda x: fused_bn(inner(x), p), [6, 6, 3])
     folded = check_rewrite(fn, rng)
-    if "StatefulPartitionedCall" not in folded.report.ops_before and \
-            "PartitionedCall" not in folded.report.ops_before:
+    if (
+        "StatefulPartitionedCall" not in folded.report.ops_before
+        and "PartitionedCall" not in folded.report.ops_before
+    ):
         pytest.skip("freezing inlined the call")
     assert_not_folded(folded, "nested function call", "could not inline")
     assert any("Sin" in note for note in folded.report.notes), folded.report.notes
@@ -149,10 +155,13 @@ def test_keras_grouped_conv1d_folds(framework):
     norm passes the Squeeze and reaches the Conv2D."""
     K = pytest.importorskip(framework)
     inp = K.Input((10, 4))
-    model = K.Model(inp, K.layers.BatchNormalization(name="c1_bn")(
-        K.layers.Conv1D(6, 3, groups=2, name="c1")(inp)))
+    model = K.Model(
+        inp,
+        K.layers.BatchNormalization(name="c1_bn")(K.layers.Conv1D(6, 3, groups=2, name="c1")(inp)),
+    )
     randomise_keras_model(model, np.random.default_rng(38))
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 10, 4], tf.float32))
+        tf.TensorSpec([None, 10, 4], tf.float32)
+    )
     entry = assert_absorbed(check_rewrite(fn, np.random.default_rng(0)), "forward", "Conv2D")
     assert "c1" in entry.absorbed_by[0], entry

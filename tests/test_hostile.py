@@ -29,7 +29,6 @@ from helpers import fused_bn as bn
 EPS = 1e-3
 
 
-
 def spec(*shape, dtype=tf.float32):
     return tf.TensorSpec([None, *shape], dtype)
 
@@ -45,8 +44,12 @@ def same_with_nan(want, got):
     np.testing.assert_array_equal(np.isnan(want), np.isnan(got))
     np.testing.assert_array_equal(np.isinf(want), np.isinf(got))
     finite = np.isfinite(want)
-    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5,
-                               atol=1e-5 * max(1.0, np.abs(want[finite]).max(initial=0)))
+    np.testing.assert_allclose(
+        got[finite],
+        want[finite],
+        rtol=1e-5,
+        atol=1e-5 * max(1.0, np.abs(want[finite]).max(initial=0)),
+    )
 
 
 # ---- unknown ops and control flow ----------------------------------------------------------------
@@ -74,16 +77,18 @@ def test_an_op_tensorflow_does_not_know_only_blocks():
     stays, with the op named as the blocker, and the custom node is kept as it was."""
     rng = np.random.default_rng(3)
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
-    fn = make(lambda x: bn(tf.identity(tf.nn.conv2d(x, w, 1, "VALID"), name="custom"), p),
-              spec(4, 4, 3))
+    fn = make(
+        lambda x: bn(tf.identity(tf.nn.conv2d(x, w, 1, "VALID"), name="custom"), p), spec(4, 4, 3)
+    )
     frozen = freeze(fn)
     graph_def = graph_pb2.GraphDef()
     graph_def.CopyFrom(frozen.graph_def)
     (custom,) = [n for n in graph_def.node if n.name == "custom"]
     custom.op = "VendorFancyOp"
     custom.attr["mode"].s = b"secret"
-    optimized, report = graphfold.optimize_graph_def(graph_def, frozen.inputs, frozen.outputs,
-                                                     frozen.shapes)
+    optimized, report = graphfold.optimize_graph_def(
+        graph_def, frozen.inputs, frozen.outputs, frozen.shapes
+    )
     (entry,) = report.batch_norms
     assert not entry.folded and "VendorFancyOp" in entry.reason
     (kept,) = [n for n in optimized.node if n.name == "custom"]
@@ -116,8 +121,9 @@ def test_control_flow_next_to_batch_norms(rng):
 
 # ---- NaN, Inf, negative variance -----------------------------------------------------------------
 @pytest.mark.parametrize("form", ["fused", "decomposed"])
-@pytest.mark.parametrize("poison", ["nan_mean", "inf_mean", "inf_gamma", "nan_var",
-                                    "negative_var_below_eps"])
+@pytest.mark.parametrize(
+    "poison", ["nan_mean", "inf_mean", "inf_gamma", "nan_var", "negative_var_below_eps"]
+)
 def test_non_finite_statistics_are_kept_faithfully(rng, form, poison):
     """A BN whose s or t is not finite is not folded (it would put NaN/Inf into the weights and
     spread it to every output channel); it stays (fused: as it is; decomposed: as one
@@ -133,7 +139,7 @@ def test_non_finite_statistics_are_kept_faithfully(rng, form, poison):
     elif poison == "nan_var":
         var[3] = np.nan
     else:
-        var[1] = -0.5                            # var + eps < 0: rsqrt is NaN
+        var[1] = -0.5  # var + eps < 0: rsqrt is NaN
     p = (gamma, beta, mean, var)
     norm = bn if form == "fused" else decomposed_bn
 
@@ -153,8 +159,10 @@ def test_negative_variance_above_minus_eps_folds_faithfully(rng):
     w = weight((3, 3, 3, 4), rng)
     gamma, beta, mean, var = (np.array(v) for v in bn_params(4, rng))
     var[0] = -EPS / 2
-    folded = check_rewrite(make(lambda x: bn(tf.nn.conv2d(x, w, 1, "SAME"),
-                                             (gamma, beta, mean, var)), spec(5, 5, 3)), rng)
+    folded = check_rewrite(
+        make(lambda x: bn(tf.nn.conv2d(x, w, 1, "SAME"), (gamma, beta, mean, var)), spec(5, 5, 3)),
+        rng,
+    )
     (entry,) = folded.report.batch_norms
     assert entry.folded
 
@@ -184,7 +192,7 @@ def test_integer_and_string_tensors_next_to_batch_norms(rng):
             np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
         else:
             np.testing.assert_array_equal(b.numpy(), a.numpy())
-    assert [e.folded for e in folded.report.batch_norms] == [True]     # forward, into the conv
+    assert [e.folded for e in folded.report.batch_norms] == [True]  # forward, into the conv
 
 
 def test_integer_batch_norm_like_chain_is_not_an_affine_map(rng):
@@ -208,15 +216,15 @@ def test_constant_math_that_would_be_huge_is_not_evaluated(rng, kind):
 
     def body(x):
         if kind == "fill":
-            big = tf.fill([2 ** 20, 2 ** 20], 0.5)
+            big = tf.fill([2**20, 2**20], 0.5)
         elif kind == "tile":
-            big = tf.tile(tf.constant([[0.5]]), [2 ** 20, 2 ** 20])
+            big = tf.tile(tf.constant([[0.5]]), [2**20, 2**20])
         else:
-            big = tf.ones([2 ** 20, 1]) * tf.ones([1, 2 ** 20])
+            big = tf.ones([2**20, 1]) * tf.ones([1, 2**20])
         return bn(tf.nn.conv2d(x, w, 1, "VALID"), p) + tf.reduce_max(big), tf.shape(big)
 
     fn = make(body, spec(4, 4, 3))
-    folded = graphfold.rewrite(fn)          # must return, without a MemoryError
+    folded = graphfold.rewrite(fn)  # must return, without a MemoryError
     assert folded.report.batch_norms[0].folded
     ops = op_counts(folded.graph_def)
     assert ops[{"fill": "Fill", "tile": "Tile", "broadcast": "Mul"}[kind]] >= 1
@@ -239,8 +247,9 @@ def test_float16_fold_that_would_overflow_is_refused(rng):
     # push the Mul into the float16 filter at run time and overflow anyway (30000·4 > 65504).
     assert op_counts(folded.graph_def)["FusedBatchNormV3"] == 1
     x = np.full((1, 2, 2, 2), 1e-4, np.float16)
-    np.testing.assert_allclose(folded(x).numpy().astype(np.float64),
-                               fn(x).numpy().astype(np.float64), rtol=2e-3)
+    np.testing.assert_allclose(
+        folded(x).numpy().astype(np.float64), fn(x).numpy().astype(np.float64), rtol=2e-3
+    )
 
 
 def test_a_large_weight_folds(rng):
@@ -272,7 +281,7 @@ def test_write_file_of_constants_is_never_run_by_the_rewrite(rng, tmp_path):
     folded(rng.normal(size=(1, 4, 4, 3)).astype("float32"))
     assert target.read_bytes() == b"written"
     target.unlink()
-    graphfold.rewrite(fn)                    # the check runs the model: as documented
+    graphfold.rewrite(fn)  # the check runs the model: as documented
     assert target.read_bytes() == b"written"
 
 
@@ -296,7 +305,7 @@ def test_other_stateful_ops_on_constants_stay(rng, tmp_path):
     assert ops["RandomUniform"] == 1 and ops["Assert"] == 1 and ops["PrintV2"] == 1
     assert not log.exists()
     with pytest.raises(tf.errors.InvalidArgumentError):
-        folded(rng.normal(size=(1, 4, 4, 3)).astype("float32"))     # the Assert still fires
+        folded(rng.normal(size=(1, 4, 4, 3)).astype("float32"))  # the Assert still fires
 
 
 def test_evaluators_are_pure_registered_ops():
@@ -306,6 +315,7 @@ def test_evaluators_are_pure_registered_ops():
     from tensorflow.python.framework import op_def_registry
 
     from graphfold.fold import constants
+
     for op in constants.EVALUATORS:
         op_def = op_def_registry.get(op)
         assert op_def is not None, f"{op} is not a TensorFlow op"

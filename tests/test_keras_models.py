@@ -25,27 +25,65 @@ def _bn(K, name, **kwargs):
 
 MODELS = {
     # name: (input shape, builder(K, x) -> y, number of BN layers)
-    "conv2d": ((8, 8, 3), lambda K, x: K.layers.ReLU()(_bn(K, "conv_bn")(
-        K.layers.Conv2D(4, 3, padding="same", name="conv")(x))), 1),
-    "conv2d_no_bias_strided": ((9, 9, 3), lambda K, x: _bn(K, "conv_bn")(
-        K.layers.Conv2D(6, 3, strides=2, use_bias=False, name="conv")(x)), 1),
-    "depthwise": ((8, 8, 3), lambda K, x: _bn(K, "dw_bn")(
-        K.layers.DepthwiseConv2D(3, depth_multiplier=1, name="dw")(x)), 1),
-    "depthwise_multiplier_3": ((8, 8, 3), lambda K, x: _bn(K, "dw_bn")(
-        K.layers.DepthwiseConv2D(3, depth_multiplier=3, padding="same", name="dw")(x)), 1),
-    "separable": ((8, 8, 3), lambda K, x: _bn(K, "sep_bn")(
-        K.layers.SeparableConv2D(5, 3, depth_multiplier=2, name="sep")(x)), 1),
-    "conv1d": ((10, 3), lambda K, x: _bn(K, "conv1d_bn")(
-        K.layers.Conv1D(4, 3, name="conv1d")(x)), 1),
+    "conv2d": (
+        (8, 8, 3),
+        lambda K, x: K.layers.ReLU()(
+            _bn(K, "conv_bn")(K.layers.Conv2D(4, 3, padding="same", name="conv")(x))
+        ),
+        1,
+    ),
+    "conv2d_no_bias_strided": (
+        (9, 9, 3),
+        lambda K, x: _bn(K, "conv_bn")(
+            K.layers.Conv2D(6, 3, strides=2, use_bias=False, name="conv")(x)
+        ),
+        1,
+    ),
+    "depthwise": (
+        (8, 8, 3),
+        lambda K, x: _bn(K, "dw_bn")(K.layers.DepthwiseConv2D(3, depth_multiplier=1, name="dw")(x)),
+        1,
+    ),
+    "depthwise_multiplier_3": (
+        (8, 8, 3),
+        lambda K, x: _bn(K, "dw_bn")(
+            K.layers.DepthwiseConv2D(3, depth_multiplier=3, padding="same", name="dw")(x)
+        ),
+        1,
+    ),
+    "separable": (
+        (8, 8, 3),
+        lambda K, x: _bn(K, "sep_bn")(
+            K.layers.SeparableConv2D(5, 3, depth_multiplier=2, name="sep")(x)
+        ),
+        1,
+    ),
+    "conv1d": (
+        (10, 3),
+        lambda K, x: _bn(K, "conv1d_bn")(K.layers.Conv1D(4, 3, name="conv1d")(x)),
+        1,
+    ),
     "dense": ((6,), lambda K, x: _bn(K, "dense_bn")(K.layers.Dense(4, name="dense")(x)), 1),
-    "bn_scale_false": ((8, 8, 3), lambda K, x: _bn(K, "conv_bn", scale=False)(
-        K.layers.Conv2D(4, 3, name="conv")(x)), 1),
-    "bn_center_false": ((8, 8, 3), lambda K, x: _bn(K, "conv_bn", center=False)(
-        K.layers.Conv2D(4, 3, name="conv")(x)), 1),
-    "dense_bn_scale_false": ((6,), lambda K, x: _bn(K, "dense_bn", scale=False)(
-        K.layers.Dense(4, name="dense")(x)), 1),
-    "dense_bn_center_false": ((6,), lambda K, x: _bn(K, "dense_bn", center=False)(
-        K.layers.Dense(4, name="dense")(x)), 1),
+    "bn_scale_false": (
+        (8, 8, 3),
+        lambda K, x: _bn(K, "conv_bn", scale=False)(K.layers.Conv2D(4, 3, name="conv")(x)),
+        1,
+    ),
+    "bn_center_false": (
+        (8, 8, 3),
+        lambda K, x: _bn(K, "conv_bn", center=False)(K.layers.Conv2D(4, 3, name="conv")(x)),
+        1,
+    ),
+    "dense_bn_scale_false": (
+        (6,),
+        lambda K, x: _bn(K, "dense_bn", scale=False)(K.layers.Dense(4, name="dense")(x)),
+        1,
+    ),
+    "dense_bn_center_false": (
+        (6,),
+        lambda K, x: _bn(K, "dense_bn", center=False)(K.layers.Dense(4, name="dense")(x)),
+        1,
+    ),
     "small_cnn": ((12, 12, 3), lambda K, x: _small_cnn(K, x), 6),
 }
 
@@ -54,8 +92,7 @@ def _small_cnn(K, x):
     """Every layer type in one model, with pooling and activations in between."""
     y = K.layers.ReLU()(_bn(K, "c1_bn")(K.layers.Conv2D(8, 3, padding="same", name="c1")(x)))
     y = K.layers.MaxPooling2D(2)(y)
-    y = K.layers.ReLU()(_bn(K, "dw_bn")(K.layers.DepthwiseConv2D(3, padding="same",
-                                                                  name="dw")(y)))
+    y = K.layers.ReLU()(_bn(K, "dw_bn")(K.layers.DepthwiseConv2D(3, padding="same", name="dw")(y)))
     y = K.layers.ReLU()(_bn(K, "sep_bn")(K.layers.SeparableConv2D(8, 3, name="sep")(y)))
     y = K.layers.AveragePooling2D(2)(y)
     y = K.layers.Reshape((4, 8))(y)
@@ -72,13 +109,15 @@ def _build(framework: str, name: str, seed: int = 0):
     model = K.Model(inp, builder(K, inp))
     assert randomise_keras_model(model, np.random.default_rng(seed)) == n_bn
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, *shape], tf.float32, name="x"))
+        tf.TensorSpec([None, *shape], tf.float32, name="x")
+    )
     return model, fn, n_bn
 
 
 def assert_into_its_layer(entry, folded):
     """The batch norm named ``<layer>_bn`` folded forward into one linear op of ``<layer>``."""
     from graphfold.fold.layers import LINEAR
+
     layer = entry.name.split("_bn")[0]
     ops = {n.name: n.op for n in folded.graph_def.node}
     assert entry.direction == "forward" and len(entry.absorbed_by) == 1, entry
@@ -98,10 +137,11 @@ def _check(framework, name):
     assert len(report.batch_norms) == n_bn, str(report)
     assert len(report.folded) == n_bn and not report.not_folded, str(report)
     assert_no_batch_norm(folded.graph_def)
-    for entry in report.batch_norms:    # "<layer>_bn" folded forward into <layer>'s linear op
+    for entry in report.batch_norms:  # "<layer>_bn" folded forward into <layer>'s linear op
         assert_into_its_layer(entry, folded)
     assert report.ops_before.get("FusedBatchNormV3", 0) == (
-        sum(1 for e in report.batch_norms if e.form == "FusedBatchNormV3"))
+        sum(1 for e in report.batch_norms if e.form == "FusedBatchNormV3")
+    )
     assert not any(op.startswith("FusedBatchNorm") for op in report.ops_after)
     # the report names the Keras layers (Keras 3 name scopes carry a "_1" suffix in tf.function)
     names = [e.name for e in report.batch_norms]
@@ -147,7 +187,8 @@ def test_dense_on_higher_rank_input(framework, rank):
     model = K.Model(inp, out)
     randomise_keras_model(model, np.random.default_rng(rank))
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, *shape], tf.float32))
+        tf.TensorSpec([None, *shape], tf.float32)
+    )
     folded = check_rewrite(fn, np.random.default_rng(0))
     [entry] = folded.report.batch_norms
     assert_into_its_layer(entry, folded)

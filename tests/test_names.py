@@ -33,7 +33,8 @@ def keras_fn(framework: str, build, shape):
     model = K.Model(inp, build(K.layers, inp))
     randomise_keras_model(model, RNG)
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, *shape], tf.float32))
+        tf.TensorSpec([None, *shape], tf.float32)
+    )
     return model, fn
 
 
@@ -41,10 +42,11 @@ def keras_fn(framework: str, build, shape):
 def test_report_names_are_the_keras_layer_names(framework):
     """Auto-named layers: Keras 3's name scopes say ``batch_normalization_1`` for the layer
     ``batch_normalization`` (and ``_1_2`` for ``batch_normalization_1``); the report must not."""
+
     def build(L, x):
-        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3)(x)))        # forward into the conv
-        x = L.Conv2D(3, 1)(L.BatchNormalization(name="named_bn")(x))   # backward into the conv
-        return L.BatchNormalization()(L.ReLU()(x))                      # not folded
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(4, 3)(x)))  # forward into the conv
+        x = L.Conv2D(3, 1)(L.BatchNormalization(name="named_bn")(x))  # backward into the conv
+        return L.BatchNormalization()(L.ReLU()(x))  # not folded
 
     model, fn = keras_fn(framework, build, (6, 6, 3))
     report = check_rewrite(fn, RNG).report
@@ -76,7 +78,7 @@ def test_a_shift_folded_backward_goes_into_a_conv_bias_of_any_form(form):
     p, w, b = bn_params(3, RNG), weight((3, 3, 3, 4), RNG), bias(4, RNG)
 
     def body(x):
-        if form == "add_nchw":       # channels first (run through a transpose: CPU has no NCHW)
+        if form == "add_nchw":  # channels first (run through a transpose: CPU has no NCHW)
             y = tf.transpose(tf.nn.conv2d(bn(x, p), w, 1, "VALID"), [0, 3, 1, 2])
             return y + b.reshape(4, 1, 1)
         y = tf.nn.conv2d(bn(x, p), w, 1, "VALID")

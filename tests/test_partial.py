@@ -44,8 +44,9 @@ def kept_add(folded, muls: int = 0) -> np.ndarray:
     """The value of the one add a partial fold leaves (and no multiply but the graph's own
     ``muls``)."""
     counts = op_counts(folded.graph_def)
-    assert counts["Mul"] == muls and not any(op.startswith("FusedBatchNorm") for op in counts), \
+    assert counts["Mul"] == muls and not any(op.startswith("FusedBatchNorm") for op in counts), (
         counts
+    )
     [add] = [n for n in nodes_of(folded.graph_def, "AddV2") if "graphfold" in n.name]
     return const_value(folded.graph_def, add.input[1]).reshape(-1)
 
@@ -66,8 +67,9 @@ def assert_partial(folded, direction: str, layer_op: str):
 ACTIVATIONS = {
     "relu": tf.nn.relu,
     "leaky_relu": lambda y: tf.nn.leaky_relu(y, 0.3),
-    "prelu": lambda y: tf.nn.relu(y) + tf.constant(RNG.uniform(-0.5, 0.5, 4), tf.float32) *
-    tf.nn.relu(-y),
+    "prelu": lambda y: (
+        tf.nn.relu(y) + tf.constant(RNG.uniform(-0.5, 0.5, 4), tf.float32) * tf.nn.relu(-y)
+    ),
     "max_pool": lambda y: tf.nn.max_pool2d(y, 2, 1, "SAME"),
 }
 
@@ -78,8 +80,9 @@ def test_bn_before_f_before_a_padded_conv_keeps_one_add(f, form):
     """A 3×3 SAME conv: a shift cannot fold through its zero padding, the scale can."""
     p, w = positive(4), weight((3, 3, 4, 5), RNG)
     norm = bn if form == "fused" else decomposed_bn
-    folded = check_rewrite(make(lambda x: tf.nn.conv2d(ACTIVATIONS[f](norm(x, p)), w, 1, "SAME"),
-                                [6, 6, 4]), RNG)
+    folded = check_rewrite(
+        make(lambda x: tf.nn.conv2d(ACTIVATIONS[f](norm(x, p)), w, 1, "SAME"), [6, 6, 4]), RNG
+    )
     entry = assert_partial(folded, "backward", "Conv2D")
     assert "shift kept before" in entry.detail and "t/s" in entry.detail, entry
     s, t = bn_scale_shift(p)
@@ -91,8 +94,12 @@ def test_bn_before_f_before_a_padded_conv_keeps_one_add(f, form):
 def test_bn_after_relu_after_conv_keeps_one_add_of_t():
     """Conv → ReLU → BN (the last op): the scale into the conv and its bias, + t after the ReLU."""
     p, w, b = positive(4), weight((3, 3, 3, 4), RNG), bias(4, RNG)
-    folded = check_rewrite(make(lambda x: bn(tf.nn.relu(tf.nn.bias_add(
-        tf.nn.conv2d(x, w, 1, "SAME"), b)), p), [6, 6, 3]), RNG)
+    folded = check_rewrite(
+        make(
+            lambda x: bn(tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)), p), [6, 6, 3]
+        ),
+        RNG,
+    )
     entry = assert_partial(folded, "forward", "Conv2D")
     assert "shift kept after" in entry.detail, entry
     s, t = bn_scale_shift(p)
@@ -103,8 +110,9 @@ def test_bn_after_relu_after_conv_keeps_one_add_of_t():
 
 def test_bn_after_prelu_after_conv():
     p, w = positive(4), weight((3, 3, 3, 4), RNG)
-    folded = check_rewrite(make(lambda x: bn(ACTIVATIONS["prelu"](tf.nn.conv2d(x, w, 1, "SAME")),
-                                             p), [6, 6, 3]), RNG)
+    folded = check_rewrite(
+        make(lambda x: bn(ACTIVATIONS["prelu"](tf.nn.conv2d(x, w, 1, "SAME")), p), [6, 6, 3]), RNG
+    )
     assert_partial(folded, "forward", "Conv2D")
     np.testing.assert_allclose(kept_add(folded, muls=1), bn_scale_shift(p)[1], rtol=1e-5)
 
@@ -117,9 +125,20 @@ def test_scale_forward_shift_backward():
     gamma = np.array([1.0, -0.7, 0.5, 1.2], np.float32)
     p, w1, w2 = bn_params(4, RNG, gamma=gamma), weight((3, 3, 3, 4), RNG), weight((1, 1, 4, 5), RNG)
     pads = [[0, 0], [1, 1], [1, 1], [0, 0]]
-    folded = check_rewrite(make(lambda x: tf.nn.conv2d(tf.nn.max_pool2d(
-        bn(tf.pad(tf.nn.conv2d(x, w1, 1, "VALID"), pads), p), 2, 2, "VALID"), w2, 1, "VALID"),
-        [6, 6, 3]), RNG)
+    folded = check_rewrite(
+        make(
+            lambda x: tf.nn.conv2d(
+                tf.nn.max_pool2d(
+                    bn(tf.pad(tf.nn.conv2d(x, w1, 1, "VALID"), pads), p), 2, 2, "VALID"
+                ),
+                w2,
+                1,
+                "VALID",
+            ),
+            [6, 6, 3],
+        ),
+        RNG,
+    )
     entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "split" and len(entry.absorbed_by) == 2, entry
     assert entry.detail.startswith("scale forward into") and "shift backward into" in entry.detail
@@ -134,8 +153,23 @@ def test_scale_backward_shift_forward():
     gamma = np.array([1.0, -0.7, 0.5, 1.2], np.float32)
     p, w1, w2 = bn_params(4, RNG, gamma=gamma), weight((3, 3, 3, 4), RNG), weight((3, 3, 4, 5), RNG)
     b1 = bias(4, RNG)
-    folded = check_rewrite(make(lambda x: tf.nn.conv2d(bn(tf.nn.max_pool2d(tf.nn.bias_add(
-        tf.nn.conv2d(x, w1, 1, "VALID"), b1), 2, 2, "VALID"), p), w2, 1, "SAME"), [7, 7, 3]), RNG)
+    folded = check_rewrite(
+        make(
+            lambda x: tf.nn.conv2d(
+                bn(
+                    tf.nn.max_pool2d(
+                        tf.nn.bias_add(tf.nn.conv2d(x, w1, 1, "VALID"), b1), 2, 2, "VALID"
+                    ),
+                    p,
+                ),
+                w2,
+                1,
+                "SAME",
+            ),
+            [7, 7, 3],
+        ),
+        RNG,
+    )
     entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "split", entry
     assert entry.detail.startswith("scale backward into") and "shift forward into" in entry.detail
@@ -148,8 +182,9 @@ def test_scale_backward_shift_forward():
 def test_a_negative_scale_before_relu_is_refused_naming_the_channels():
     gamma = np.array([1.0, -0.7, 0.5, -1.2], np.float32)
     p, w = bn_params(4, RNG, gamma=gamma), weight((3, 3, 4, 5), RNG)
-    folded = check_rewrite(make(lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"),
-                                [6, 6, 4]), RNG)
+    folded = check_rewrite(
+        make(lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"), [6, 6, 4]), RNG
+    )
     entry = the_entry(folded.report)
     assert not entry.folded and not entry.partial, entry
     assert "scale <= 0 on channels 1, 3 of 4" in entry.reason, entry.reason
@@ -159,8 +194,9 @@ def test_a_negative_scale_before_relu_is_refused_naming_the_channels():
 def test_a_near_zero_scale_is_refused_as_for_leaves():
     gamma = np.array([1.0, 1e-9, 0.5, 1.2], np.float32)
     p, w = bn_params(4, RNG, gamma=gamma), weight((3, 3, 4, 5), RNG)
-    folded = check_rewrite(make(lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"),
-                                [6, 6, 4]), RNG)
+    folded = check_rewrite(
+        make(lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"), [6, 6, 4]), RNG
+    )
     entry = the_entry(folded.report)
     assert not entry.folded and not entry.partial, entry
     assert "near) zero" in entry.tried["scale alone backward"], entry.tried
@@ -174,8 +210,9 @@ def test_partial_false_keeps_the_batch_norm_whole():
     assert not entry.folded and not entry.partial and entry.absorbed_by == [], entry
     counts = op_counts(folded.graph_def)
     assert counts["Mul"] == 1 and counts["AddV2"] == 1, counts
-    np.testing.assert_array_equal(weight_of(folded.graph_def, nodes_of(folded.graph_def,
-                                                                       "Conv2D")[0]), w)
+    np.testing.assert_array_equal(
+        weight_of(folded.graph_def, nodes_of(folded.graph_def, "Conv2D")[0]), w
+    )
 
 
 def test_relu_with_zero_shift_is_a_full_backward_fold():
@@ -183,8 +220,9 @@ def test_relu_with_zero_shift_is_a_full_backward_fold():
     gamma, _, _, var = positive(4)
     scale = gamma / np.sqrt(var + 1e-3)
     w = weight((3, 3, 4, 5), RNG)
-    folded = check_rewrite(make(lambda x: tf.nn.conv2d(tf.nn.relu(x * scale), w, 1, "SAME"),
-                                [6, 6, 4]), RNG)
+    folded = check_rewrite(
+        make(lambda x: tf.nn.conv2d(tf.nn.relu(x * scale), w, 1, "SAME"), [6, 6, 4]), RNG
+    )
     entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "backward", entry
     assert op_counts(folded.graph_def)["Mul"] == 0
@@ -194,10 +232,11 @@ def test_a_kept_shift_that_overflows_float16_is_refused():
     """t/s = 1000 / 0.01: past float16's range. The add would hold inf."""
     gamma, beta = np.full(4, 0.01), np.full(4, 1000.0)
     p = (gamma, beta, np.zeros(4), np.ones(4))
-    p = tuple(v.astype(np.float32) for v in p)      # a float16 BN keeps float32 statistics
+    p = tuple(v.astype(np.float32) for v in p)  # a float16 BN keeps float32 statistics
     w = weight((3, 3, 4, 5), RNG, dtype="float16")
-    fn = make(lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"), [6, 6, 4],
-              dtype=tf.float16)
+    fn = make(
+        lambda x: tf.nn.conv2d(tf.nn.relu(bn(x, p)), w, 1, "SAME"), [6, 6, 4], dtype=tf.float16
+    )
     entry = the_entry(check_rewrite(fn, RNG).report)
     assert not entry.folded and not entry.partial, entry
     assert "shift overflows float16" in entry.tried["scale alone backward"], entry.tried

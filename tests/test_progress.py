@@ -30,7 +30,7 @@ def test_plain_lines_while_a_stage_runs_when_stderr_is_not_a_terminal():
     still = [line for line in lines if "... still freezing and folding (" in line]
     assert len(still) >= 2, lines
     assert lines[0].endswith("freezing and folding signature 'serve'")
-    assert not any("\x1b" in line for line in lines)          # no terminal codes in a log
+    assert not any("\x1b" in line for line in lines)  # no terminal codes in a log
     assert out.getvalue() == "result table\n"
 
 
@@ -39,7 +39,7 @@ def test_a_spinner_on_a_terminal():
     console = Console(out=io.StringIO(), err=err)
     _run_stage(console, 1.3)
     text = err.getvalue()
-    assert "freezing and folding signature 'serve' (1 s)" in text     # the spinner's update
+    assert "freezing and folding signature 'serve' (1 s)" in text  # the spinner's update
     assert "verifying 1 distinct signature(s)" in text
     assert "... still" not in text
 

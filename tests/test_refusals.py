@@ -37,7 +37,6 @@ EPS = 1e-3
 SPEC = tf.TensorSpec([None, 6, 6, 3], tf.float32, name="x")
 
 
-
 def conv(x, w, b):
     return tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b)
 
@@ -119,9 +118,15 @@ def test_batch_norm_statistics_used(parts, rng):
     gamma, beta, mean, var = p
 
     def body(x):
-        y, m, v = tf.raw_ops.FusedBatchNormV3(x=conv(x, w, b), scale=gamma, offset=beta,
-                                              mean=mean, variance=var, epsilon=EPS,
-                                              is_training=False)[:3]
+        y, m, v = tf.raw_ops.FusedBatchNormV3(
+            x=conv(x, w, b),
+            scale=gamma,
+            offset=beta,
+            mean=mean,
+            variance=var,
+            epsilon=EPS,
+            is_training=False,
+        )[:3]
         return y, m, v
 
     folded = check_rewrite(make(body, SPEC), rng)
@@ -151,8 +156,7 @@ def test_constant_that_broadcasts_along_another_axis(layout, rng):
 def test_mul_by_a_non_constant(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     spec2 = tf.TensorSpec([None, 6, 6, 4], tf.float32, name="gate")
-    folded = check_rewrite(make(lambda x, g: conv(x, w, b) * tf.sigmoid(g) + 1.0, SPEC, spec2),
-                           rng)
+    folded = check_rewrite(make(lambda x, g: conv(x, w, b) * tf.sigmoid(g) + 1.0, SPEC, spec2), rng)
     assert not [e for e in folded.report.entries if e.folded]
     assert_weight_untouched(folded, "Conv2D", w)
 
@@ -160,8 +164,9 @@ def test_mul_by_a_non_constant(rng):
 def test_weight_that_is_not_a_constant(rng):
     p = bn_params(4, rng)
     wspec = tf.TensorSpec([3, 3, 3, 4], tf.float32, name="w")
-    folded = check_rewrite(make(lambda x, w: bn(tf.nn.conv2d(x, w, 1, "SAME"), p), SPEC, wspec),
-                           rng)
+    folded = check_rewrite(
+        make(lambda x, w: bn(tf.nn.conv2d(x, w, 1, "SAME"), p), SPEC, wspec), rng
+    )
     assert_refused(folded, "not a constant")
 
 
@@ -169,8 +174,9 @@ def test_reshape_that_moves_the_channel_axis(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     k1 = rng.uniform(0.5, 2.0, 24).astype(np.float32)
     k2 = bias(24, rng)
-    folded = check_rewrite(make(lambda x: tf.reshape(conv(x, w, b), [-1, 6, 24]) * k1 + k2, SPEC),
-                           rng)
+    folded = check_rewrite(
+        make(lambda x: tf.reshape(conv(x, w, b), [-1, 6, 24]) * k1 + k2, SPEC), rng
+    )
     entry = assert_refused(folded, "channel axis")
     assert "Reshape" in entry.tried["forward"]
     assert_weight_untouched(folded, "Conv2D", w)
@@ -189,8 +195,9 @@ def test_relu_with_a_negative_scale(rng):
 def test_relu_with_a_shift(parts, rng):
     w, b, _ = parts
     p = bn_params(4, rng, positive=True)
-    folded = check_rewrite(make(lambda x: bn(tf.nn.relu(conv(x, w, b)), p), SPEC), rng,
-                           partial=False)      # a partial fold: tests/test_partial.py
+    folded = check_rewrite(
+        make(lambda x: bn(tf.nn.relu(conv(x, w, b)), p), SPEC), rng, partial=False
+    )  # a partial fold: tests/test_partial.py
     entry = assert_refused(folded, "Relu")
     assert "shift" in entry.reason
     assert_weight_untouched(folded, "Conv2D", w)
@@ -200,8 +207,13 @@ def test_max_pool_with_a_negative_scale(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     gamma, beta, mean, var = bn_params(4, rng, positive=True)
     gamma[2] = -gamma[2]
-    folded = check_rewrite(make(lambda x: bn(tf.nn.max_pool2d(conv(x, w, b), 2, 2, "VALID"),
-                                             (gamma, beta, mean, var)), SPEC), rng)
+    folded = check_rewrite(
+        make(
+            lambda x: bn(tf.nn.max_pool2d(conv(x, w, b), 2, 2, "VALID"), (gamma, beta, mean, var)),
+            SPEC,
+        ),
+        rng,
+    )
     entry = assert_refused(folded, "MaxPool")
     assert "scale > 0" in entry.reason
     assert_weight_untouched(folded, "Conv2D", w)
@@ -209,9 +221,11 @@ def test_max_pool_with_a_negative_scale(rng):
 
 def test_zero_pad_with_a_shift(parts, rng):
     w, b, p = parts
-    folded = check_rewrite(make(lambda x: bn(tf.pad(conv(x, w, b), [[0, 0], [1, 1], [1, 1],
-                                                                     [0, 0]]), p), SPEC), rng,
-                           partial=False)      # a partial fold: tests/test_partial.py
+    folded = check_rewrite(
+        make(lambda x: bn(tf.pad(conv(x, w, b), [[0, 0], [1, 1], [1, 1], [0, 0]]), p), SPEC),
+        rng,
+        partial=False,
+    )  # a partial fold: tests/test_partial.py
     entry = assert_refused(folded, "shift")
     assert "Pad" in entry.tried["forward"] or "pad" in entry.tried["forward"]
     assert_weight_untouched(folded, "Conv2D", w)
@@ -220,8 +234,15 @@ def test_zero_pad_with_a_shift(parts, rng):
 def test_non_zero_pad_value(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     k = rng.uniform(0.5, 2.0, 4).astype(np.float32)
-    folded = check_rewrite(make(lambda x: tf.pad(conv(x, w, b), [[0, 0], [1, 1], [1, 1], [0, 0]],
-                                                 constant_values=2.0) * k, SPEC), rng)
+    folded = check_rewrite(
+        make(
+            lambda x: (
+                tf.pad(conv(x, w, b), [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=2.0) * k
+            ),
+            SPEC,
+        ),
+        rng,
+    )
     entry = assert_refused(folded, "pad", multiply_add=False)
     assert_weight_untouched(folded, "Conv2D", w)
     assert entry
@@ -245,8 +266,9 @@ def _overflow_fn(rng):
 
     def body(x):
         y = tf.nn.conv2d(x, w, 1, "SAME")
-        return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=var,
-                                           epsilon=1e-5, is_training=False)[0]
+        return tf.raw_ops.FusedBatchNormV3(
+            x=y, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=1e-5, is_training=False
+        )[0]
 
     return make(body, tf.TensorSpec([None, 4, 4, 3], tf.float16))
 
@@ -331,11 +353,12 @@ def test_bias_shared_by_two_layers(rng):
 
     folded = check_rewrite(make(body, SPEC), rng)
     assert len(folded.report.folded) == 1
-    [bias_unfolded] = [n for n in nodes_of(folded.graph_def, "BiasAdd")
-                       if weight_of(folded.graph_def, _producer(folded.graph_def, n.input[0]))
-                       is not None and np.array_equal(
-                           weight_of(folded.graph_def, _producer(folded.graph_def, n.input[0])),
-                           w2)]
+    [bias_unfolded] = [
+        n
+        for n in nodes_of(folded.graph_def, "BiasAdd")
+        if weight_of(folded.graph_def, _producer(folded.graph_def, n.input[0])) is not None
+        and np.array_equal(weight_of(folded.graph_def, _producer(folded.graph_def, n.input[0])), w2)
+    ]
     np.testing.assert_array_equal(weight_of(folded.graph_def, bias_unfolded), b.numpy())
 
 
@@ -359,8 +382,7 @@ def test_fn_is_not_modified_and_still_runs(parts, rng):
 
 @pytest.mark.parametrize("form", ["fused", "decomposed"])
 @pytest.mark.parametrize("also_fetched", [None, "Conv2D", "BiasAdd"])
-def test_optimize_graph_def_with_the_batch_norm_node_itself_fetched(form, also_fetched, parts,
-                                                                    rng):
+def test_optimize_graph_def_with_the_batch_norm_node_itself_fetched(form, also_fetched, parts, rng):
     """``optimize_graph_def`` called with the BN node (no Identity after it) as the output, and
     maybe the layer's own output too: the fetched names stay valid and exact."""
     w, b, p = parts
@@ -375,8 +397,9 @@ def test_optimize_graph_def_with_the_batch_norm_node_itself_fetched(form, also_f
     frozen = freeze(make(body, SPEC))
     [identity] = [n for n in frozen.graph_def.node if n.name == frozen.outputs[0]]
     outputs = [identity.input[0]] + ([also_fetched] if also_fetched else [])
-    optimized, report = graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, outputs,
-                                                     frozen.shapes)
+    optimized, report = graphfold.optimize_graph_def(
+        frozen.graph_def, frozen.inputs, outputs, frozen.shapes
+    )
     [entry] = report.batch_norms
     assert entry.folded == (also_fetched is None), str(report)
     feed = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)

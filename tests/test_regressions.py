@@ -48,9 +48,9 @@ def test_fuzz_constant_first_operand_k_times_x(rng, where):
     w, k = weight((1, 1, 3, 4), rng), rng.uniform(0.5, 1.5, 3).astype("float32")
     k4 = rng.uniform(0.5, 1.5, 4).astype("float32")
     if where == "before_conv":
-        body = (lambda x: tf.nn.conv2d(k * x, w, 1, "VALID"))
+        body = lambda x: tf.nn.conv2d(k * x, w, 1, "VALID")
     else:
-        body = (lambda x: k4 * tf.nn.conv2d(x, w, 1, "VALID"))
+        body = lambda x: k4 * tf.nn.conv2d(x, w, 1, "VALID")
     folded = check_rewrite(make(body, [4, 4, 3]), rng)
     assert_absorbed(folded, "backward" if where == "before_conv" else "forward", "Conv2D")
     assert "Mul" not in op_counts(folded.graph_def)
@@ -75,10 +75,15 @@ def test_fuzz_sub_bias_on_the_forward_path(rng):
     """Seeds 155, 166, 235, 321, 391, 638, 931: conv → ``y - b`` → AvgPool (or Identity, Mean,
     MaxPool) → BN. The shift t went into ``b`` as ``s·b + t``; for ``y - b`` it is ``s·b − t``."""
     w, b, p = weight((1, 1, 3, 4), rng), bias(4, rng), bn_params(4, rng)
-    folded = check_rewrite(make(lambda x: bn(tf.nn.avg_pool2d(tf.nn.conv2d(x, w, 1, "VALID") - b,
-                                                              2, 2, "VALID"), p), [4, 4, 3]), rng)
+    folded = check_rewrite(
+        make(
+            lambda x: bn(tf.nn.avg_pool2d(tf.nn.conv2d(x, w, 1, "VALID") - b, 2, 2, "VALID"), p),
+            [4, 4, 3],
+        ),
+        rng,
+    )
     assert_absorbed(folded, "forward", "Conv2D")
-    assert "Sub" in op_counts(folded.graph_def)           # the bias stays a Sub, rewritten
+    assert "Sub" in op_counts(folded.graph_def)  # the bias stays a Sub, rewritten
 
 
 @pytest.mark.parametrize("junction", ["add", "concat"])
@@ -103,8 +108,12 @@ def test_bias_between_relu_and_bn_takes_the_shift(rng):
     """With the fix above the bias nearest A absorbs t: conv → Relu → ``+ b`` → Identity → BN
     (γ > 0) now folds (Relu only sees s), exactly."""
     w, b, p = weight((3, 3, 3, 4), rng), bias(4, rng), bn_params(4, rng, positive=True)
-    folded = check_rewrite(make(lambda x: bn(tf.identity(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME"))
-                                                         + b), p), [5, 5, 3]), rng)
+    folded = check_rewrite(
+        make(
+            lambda x: bn(tf.identity(tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME")) + b), p), [5, 5, 3]
+        ),
+        rng,
+    )
     assert_absorbed(folded, "forward", "Conv2D")
 
 
@@ -134,10 +143,11 @@ def test_fuzz_explicit_depthwise_gets_no_new_bias(rng, direction):
     pads = [0, 0, 1, 1, 1, 0, 0, 0] if direction == "forward" else [0] * 8
 
     def depthwise(x):
-        return tf.raw_ops.DepthwiseConv2dNative(input=x, filter=w, strides=[1, 1, 1, 1],
-                                                padding="EXPLICIT", explicit_paddings=pads)
+        return tf.raw_ops.DepthwiseConv2dNative(
+            input=x, filter=w, strides=[1, 1, 1, 1], padding="EXPLICIT", explicit_paddings=pads
+        )
 
-    def body(x):     # backward: zero explicit pads, so the shift could fold into a new bias
+    def body(x):  # backward: zero explicit pads, so the shift could fold into a new bias
         return bn(depthwise(x), p) if direction == "forward" else depthwise(bn(x, p))
 
     fn = make(body, [6, 6, 3])
@@ -158,9 +168,13 @@ def test_fuzz_partial_fold_puts_no_add_after_an_explicit_depthwise(rng):
     w, p = weight((3, 3, 3, 1), rng), bn_params(3, rng, positive=True)
 
     def body(x):
-        y = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=w, strides=[1, 1, 1, 1],
-                                             padding="EXPLICIT",
-                                             explicit_paddings=[0, 0, 1, 1, 1, 0, 0, 0])
+        y = tf.raw_ops.DepthwiseConv2dNative(
+            input=x,
+            filter=w,
+            strides=[1, 1, 1, 1],
+            padding="EXPLICIT",
+            explicit_paddings=[0, 0, 1, 1, 1, 0, 0, 0],
+        )
         return bn(tf.identity(y), p)
 
     fn = make(body, [6, 6, 3])
@@ -169,8 +183,9 @@ def test_fuzz_partial_fold_puts_no_add_after_an_explicit_depthwise(rng):
     assert not entry.folded and not entry.partial and "EXPLICIT" in entry.reason, entry
     (dw,) = nodes_of(folded.graph_def, "DepthwiseConv2dNative")
     readers = [n for n in folded.graph_def.node if dw.name in n.input]
-    readers += [m for n in readers if n.op == "Identity" for m in folded.graph_def.node
-                if n.name in m.input]
+    readers += [
+        m for n in readers if n.op == "Identity" for m in folded.graph_def.node if n.name in m.input
+    ]
     assert not [n.op for n in readers if n.op in ("BiasAdd", "AddV2", "Add")], readers
     assert_close(fn, folded, random_inputs(fn, rng))
 
@@ -182,8 +197,11 @@ def test_no_batch_or_channel_pad_left_next_to_a_conv(rng, axis):
     axis. A backward fold of ``Pad → BN → Conv2D`` removed the BN between them: the folded
     function failed ("input depth must be evenly divisible by filter depth") or, for a batch
     padding, silently returned fewer rows. Refused; a spatial padding still folds."""
-    pads = {"channel": [[0, 0], [1, 1], [1, 1], [0, 1]], "batch": [[1, 0], [1, 1], [1, 1], [0, 0]],
-            "spatial": [[0, 0], [1, 1], [1, 1], [0, 0]]}[axis]
+    pads = {
+        "channel": [[0, 0], [1, 1], [1, 1], [0, 1]],
+        "batch": [[1, 0], [1, 1], [1, 1], [0, 0]],
+        "spatial": [[0, 0], [1, 1], [1, 1], [0, 0]],
+    }[axis]
     c = 2 if axis == "channel" else 3
     w, p = weight((1, 1, 3, 4), rng), bn_params(3, rng)
     fn = make(lambda x: tf.nn.conv2d(decomposed_bn(tf.pad(x, pads), p), w, 2, "VALID"), [4, 3, c])
@@ -238,13 +256,17 @@ def test_transpose_moves_the_channel_axis_and_the_fold_follows_it(rng, direction
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
     p3 = bn_params(3, rng)
     if direction == "forward":
+
         def body(x):
             return bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 3, 1, 2]), p, "NCHW")
+
         shape, s = [5, 5, 3], bn_scale_shift(p)[0]
         want = w * s
     else:
-        def body(x):                                   # x is NCHW
+
+        def body(x):  # x is NCHW
             return tf.nn.conv2d(tf.transpose(bn(x, p3, "NCHW"), [0, 2, 3, 1]), w, 1, "VALID")
+
         shape, s = [3, 5, 5], bn_scale_shift(p3)[0]
         want = w * s[:, None]
     folded = check_rewrite(make(body, shape), rng)
@@ -257,15 +279,19 @@ def test_transpose_that_swaps_spatial_axes_onto_the_bn_axis_is_refused(rng):
     """A square conv output (4×4×4) transposed [0, 2, 1, 3]: a BN in NCHW then normalises what
     was the conv's axis 2 (a spatial axis), not its channels: it must not fold into the conv."""
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
-    body = (lambda x: bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 2, 1, 3]), p, "NCHW"))
+    body = lambda x: bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 2, 1, 3]), p, "NCHW")
     entry = the_entry(check_rewrite(make(body, [4, 4, 3]), rng).report)
     assert not entry.folded and "not the layer's out-channel axis" in entry.tried["forward"], entry
 
 
 def test_transpose_with_the_identity_perm_passes(rng):
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
-    folded = check_rewrite(make(lambda x: bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"),
-                                                          [0, 1, 2, 3]), p), [5, 5, 3]), rng)
+    folded = check_rewrite(
+        make(
+            lambda x: bn(tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 1, 2, 3]), p), [5, 5, 3]
+        ),
+        rng,
+    )
     assert the_entry(folded.report).folded
 
 
@@ -274,8 +300,9 @@ def test_zero_gamma_forward_stays_exact(rng):
     w, b = weight((3, 3, 3, 4), rng), bias(4, rng)
     p = bn_params(4, rng)
     p = (np.asarray([1.2, 0.0, -0.7, 0.0], "float32"),) + p[1:]
-    folded = check_rewrite(make(lambda x: bn(tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b), p),
-                                [5, 5, 3]), rng)
+    folded = check_rewrite(
+        make(lambda x: bn(tf.nn.bias_add(tf.nn.conv2d(x, w, 1, "SAME"), b), p), [5, 5, 3]), rng
+    )
     entry = the_entry(folded.report)
     assert entry.folded and entry.direction == "forward"
     (conv,) = nodes_of(folded.graph_def, "Conv2D")
@@ -341,8 +368,9 @@ def test_concat_on_an_unknown_axis_does_not_crash(rng):
         y = tf.concat([tf.nn.conv2d(x, w1, 1, "SAME"), tf.nn.conv2d(x, w1, 1, "SAME")], axis)
         return bn(tf.reshape(y, [-1, 4, 8, 3]), p)
 
-    fn = tf.function(body).get_concrete_function(tf.TensorSpec([None, 4, 4, 3]),
-                                                  tf.TensorSpec([], tf.int32))
+    fn = tf.function(body).get_concrete_function(
+        tf.TensorSpec([None, 4, 4, 3]), tf.TensorSpec([], tf.int32)
+    )
     folded = check_rewrite(fn, rng, run=False)
     assert not the_entry(folded.report).folded
     x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
@@ -366,17 +394,22 @@ def test_broadcast_constants_are_not_per_channel(rng, shape):
     H, W and C) is not a per-channel scale, even when H equals the channel count."""
     c = h = 4
     w = weight((1, 1, 3, c), rng)
-    k = {"H11": rng.uniform(0.5, 1.5, (h, 1, 1)),
-         "HWC": rng.uniform(0.5, 1.5, (h, 4, c)),
-         "1H11": rng.uniform(0.5, 1.5, (1, h, 1, 1)),
-         "C_on_W": rng.uniform(0.5, 1.5, (c,))}[shape].astype("float32")
-    if shape == "C_on_W":      # NCHW-shaped data through a [C] constant: that is the W axis
+    k = {
+        "H11": rng.uniform(0.5, 1.5, (h, 1, 1)),
+        "HWC": rng.uniform(0.5, 1.5, (h, 4, c)),
+        "1H11": rng.uniform(0.5, 1.5, (1, h, 1, 1)),
+        "C_on_W": rng.uniform(0.5, 1.5, (c,)),
+    }[shape].astype("float32")
+    if shape == "C_on_W":  # NCHW-shaped data through a [C] constant: that is the W axis
+
         def body(x):
-            y = tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 3, 1, 2])    # [N, C, H, W]
+            y = tf.transpose(tf.nn.conv2d(x, w, 1, "VALID"), [0, 3, 1, 2])  # [N, C, H, W]
             return tf.transpose(y * k, [0, 2, 3, 1])
     else:
+
         def body(x):
             return tf.nn.conv2d(x, w, 1, "VALID") * k
+
     fn = make(body, [h, 4, 3])
     folded = check_rewrite(fn, rng)
     assert not any(e.folded for e in folded.report.entries)

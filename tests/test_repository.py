@@ -62,8 +62,11 @@ def _status(records):
 
 
 def _dst_hashes(dst):
-    return {name: F.tree_hash(os.path.join(dst, name)) for name in ALL
-            if os.path.isdir(os.path.join(dst, name))}
+    return {
+        name: F.tree_hash(os.path.join(dst, name))
+        for name in ALL
+        if os.path.isdir(os.path.join(dst, name))
+    }
 
 
 def _check_outputs(repo, dst, name, key="predict"):
@@ -78,8 +81,12 @@ def _check_outputs(repo, dst, name, key="predict"):
 
 def test_find_versions_follows_tf_serving_layout(repo):
     assert find_versions(repo) == [("alpha", "2"), ("broken", "1"), ("table", "7")]
-    assert find_versions(repo, versions="all") == [("alpha", "1"), ("alpha", "2"),
-                                                   ("broken", "1"), ("table", "7")]
+    assert find_versions(repo, versions="all") == [
+        ("alpha", "1"),
+        ("alpha", "2"),
+        ("broken", "1"),
+        ("table", "7"),
+    ]
     assert find_versions(repo, models=["alpha"], versions=2) == [("alpha", "1"), ("alpha", "2")]
     with pytest.raises(BadInput, match="no model 'gamma'"):
         find_versions(repo, models=["gamma"])
@@ -91,35 +98,53 @@ def test_find_versions_follows_tf_serving_layout(repo):
 
 def test_model_config_follows_the_version_policy(tmp_path):
     latest = model_config_text(str(tmp_path), ["a"])
-    assert 'name: "a"' in latest and "model_version_policy" not in latest   # TF Serving's default
+    assert 'name: "a"' in latest and "model_version_policy" not in latest  # TF Serving's default
     assert "latest { num_versions: 3 }" in model_config_text(str(tmp_path), ["a"], 3)
     assert 'name: "q\\"uote"' in model_config_text(str(tmp_path), ['q"uote'])
 
 
 def test_report_is_strict_json(tmp_path):
     path = str(tmp_path / "report.json")
-    write_json(path, {"max_rel": float("nan"), "max_abs": [float("inf")]})   # a failed check
-    assert json.loads(open(path).read(), parse_constant=pytest.fail) == \
-        {"max_rel": "nan", "max_abs": ["inf"]}
+    write_json(path, {"max_rel": float("nan"), "max_abs": [float("inf")]})  # a failed check
+    assert json.loads(open(path).read(), parse_constant=pytest.fail) == {
+        "max_rel": "nan",
+        "max_abs": ["inf"],
+    }
 
 
 def test_jobs_2_corrupt_version_fails_alone_and_rerun_skips(repo, tmp_path, capsys):
     dst, config = str(tmp_path / "serving"), str(tmp_path / "models.config")
     before = F.tree_hash(repo)
-    code = main(["optimize-repo", repo, dst, "--versions", "all", "--jobs", "2", "--json",
-                 "--model-config", config])
+    code = main(
+        [
+            "optimize-repo",
+            repo,
+            dst,
+            "--versions",
+            "all",
+            "--jobs",
+            "2",
+            "--json",
+            "--model-config",
+            config,
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 1, err
     document = json.loads(out)
     assert document["failed"] == ["broken/1"] and document["jobs"] == 2
-    assert _status(document["versions"]) == {"alpha/1": "ok", "alpha/2": "ok",
-                                             "broken/1": "failed", "table/7": "ok"}
+    assert _status(document["versions"]) == {
+        "alpha/1": "ok",
+        "alpha/2": "ok",
+        "broken/1": "failed",
+        "table/7": "ok",
+    }
     broken = document["versions"][_names(document["versions"]).index("broken/1")]
     assert "not a valid SavedModel protobuf" in broken["error"]
     assert "graphfold: error: 1 version(s) failed: broken/1" in err
-    assert "[4/4]" in err                       # a progress line per version (not a terminal)
-    assert F.tree_hash(repo) == before          # SRC_BASE is only read
-    assert not os.path.exists(os.path.join(dst, "broken"))   # nothing half-written
+    assert "[4/4]" in err  # a progress line per version (not a terminal)
+    assert F.tree_hash(repo) == before  # SRC_BASE is only read
+    assert not os.path.exists(os.path.join(dst, "broken"))  # nothing half-written
 
     alpha = document["versions"][0]
     assert (alpha["batch_norms"], alpha["folded"], alpha["verified"]) == (2, 2, True)
@@ -147,7 +172,8 @@ def test_jobs_2_corrupt_version_fails_alone_and_rerun_skips(repo, tmp_path, caps
     feeds = F.random_feeds(single, "serving_default", batch=3, seed=4)
     np.testing.assert_array_equal(
         F.run_tf2(single, "serving_default", feeds)["output_0"],
-        F.run_tf2(os.path.join(dst, "table", "7"), "serving_default", feeds)["output_0"])
+        F.run_tf2(os.path.join(dst, "table", "7"), "serving_default", feeds)["output_0"],
+    )
 
     # A re-run does nothing but the failed version again (and prints the table).
     done = _dst_hashes(dst)
@@ -156,8 +182,12 @@ def test_jobs_2_corrupt_version_fails_alone_and_rerun_skips(repo, tmp_path, caps
     assert code == 1
     assert _dst_hashes(dst) == done
     rows = [line.split()[:3] for line in out.splitlines()[2:6]]
-    assert rows == [["alpha", "1", "skipped"], ["alpha", "2", "skipped"],
-                    ["broken", "1", "failed"], ["table", "7", "skipped"]]
+    assert rows == [
+        ["alpha", "1", "skipped"],
+        ["alpha", "2", "skipped"],
+        ["broken", "1", "failed"],
+        ["table", "7", "skipped"],
+    ]
     assert "0 optimized, 3 already done, 1 failed, of 4 version(s)" in out
 
 
@@ -175,8 +205,13 @@ def test_jobs_1_skips_what_is_done_and_redoes_what_changed(repo, tmp_path):
     assert again.records[0]["folded"] == 2 and _dst_hashes(dst) == first
 
     # --force redoes a version already done.
-    task = Task("alpha", "1", str(src / "alpha" / "1"), os.path.join(dst, "alpha", "1"),
-                normalized_options())
+    task = Task(
+        "alpha",
+        "1",
+        str(src / "alpha" / "1"),
+        os.path.join(dst, "alpha", "1"),
+        normalized_options(),
+    )
     fingerprint = source_fingerprint(task.src)
     assert already_done(task, fingerprint)["source_sha256"] == fingerprint
     assert already_done(dataclasses.replace(task, force=True), fingerprint) is None
@@ -196,22 +231,36 @@ def test_jobs_1_skips_what_is_done_and_redoes_what_changed(repo, tmp_path):
 
 def _python(*args, check=True, **kwargs):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, *args], check=check, env=env, capture_output=True,
-                          text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, *args], check=check, env=env, capture_output=True, text=True, **kwargs
+    )
 
 
 def test_isolate_is_byte_identical_to_graphfold_optimize(repo, tmp_path):
     """Forked workers (the command: its process has run no TensorFlow operation) and spawned
     ones (this test process has): each version in a fresh process writes what `graphfold
     optimize` writes, byte for byte."""
-    assert pool.start_method() == "spawn"          # TensorFlow's runtime runs here
+    assert pool.start_method() == "spawn"  # TensorFlow's runtime runs here
     spawned, forked = str(tmp_path / "spawned"), str(tmp_path / "forked")
     single = str(tmp_path / "single")
     result = optimize_repository(repo, spawned, models=["alpha"], jobs=1, isolate=True)
     assert _status(result.records) == {"alpha/2": "ok"} and result.worker_start == "spawn"
     # the command, with its progress lines (drawn without a thread: the workers are forked)
-    done = _python("-m", "graphfold", "optimize-repo", repo, forked, "--models", "alpha",
-                   "--versions", "all", "--jobs", "2", "--isolate", "--json")
+    done = _python(
+        "-m",
+        "graphfold",
+        "optimize-repo",
+        repo,
+        forked,
+        "--models",
+        "alpha",
+        "--versions",
+        "all",
+        "--jobs",
+        "2",
+        "--isolate",
+        "--json",
+    )
     assert json.loads(done.stdout)["worker_start"] == "fork"
     assert "[2/2] alpha/" in done.stderr
     _python("-m", "graphfold", "optimize", "-q", os.path.join(repo, "alpha", "2"), single)
@@ -226,9 +275,13 @@ def test_isolate_is_byte_identical_to_graphfold_optimize(repo, tmp_path):
 
 def test_the_pool_ticks_while_it_waits():
     import pool_helpers
+
     ticks = []
-    results = dict(pool.imap_unordered(pool_helpers.slow_square, [2, 3], 2,
-                                       tick=lambda: ticks.append(1), every=0.05))
+    results = dict(
+        pool.imap_unordered(
+            pool_helpers.slow_square, [2, 3], 2, tick=lambda: ticks.append(1), every=0.05
+        )
+    )
     assert results == {2: 4, 3: 9} and len(ticks) >= 3
 
 
@@ -238,6 +291,7 @@ def test_progress_lines_come_from_the_calling_thread(capsys):
     import threading
 
     from graphfold.cli.command import Console, _progress
+
     console = Console()
     before = threading.active_count()
     with _progress(console, every=0.0) as (on_plan, on_result, on_tick):
@@ -275,11 +329,12 @@ def test_workers_are_forked_only_while_that_is_safe():
         print(json.dumps(out))
     """
     out = json.loads(_python("-c", script).stdout.strip().splitlines()[-1])
-    assert (out["before"], out["with_a_thread"], out["after_an_op"]) == \
-        ("fork", "spawn", "spawn")
-    assert out["crashes"] == {"segv": "the worker process died (killed by SIGSEGV)",
-                              "raise": "ValueError: no square for you",
-                              "exit": "the worker process died (exit status 3)"}
+    assert (out["before"], out["with_a_thread"], out["after_an_op"]) == ("fork", "spawn", "spawn")
+    assert out["crashes"] == {
+        "segv": "the worker process died (killed by SIGSEGV)",
+        "raise": "ValueError: no square for you",
+        "exit": "the worker process died (exit status 3)",
+    }
     assert len(out["pids"]) == 2
 
 
@@ -302,6 +357,7 @@ def test_usage_errors_exit_2(repo, tmp_path, capsys):
 
 def test_worker_crash_fails_only_its_item():
     import pool_helpers
+
     items = ["segv", 1, "raise", 2, "exit"]
     results = dict(pool.imap_unordered(pool_helpers.square_or_crash, items, 2))
     assert {k: v[0] for k, v in results.items() if isinstance(v, tuple)} == {1: 1, 2: 4}
@@ -321,20 +377,27 @@ def test_beam_missing_says_how_to_install(repo, tmp_path, capsys, monkeypatch):
 
 # ---- Apache Beam ----------------------------------------------------------------------------
 
+
 def _beam():
     return pytest.importorskip(
-        "apache_beam", reason="Apache Beam is not installed (pip install 'graphfold[beam]')")
+        "apache_beam", reason="Apache Beam is not installed (pip install 'graphfold[beam]')"
+    )
 
 
 def test_beam_direct_runner_matches_local(repo, tmp_path, capsys):
     _beam()
     dst = str(tmp_path / "serving")
-    code = main(["optimize-repo", repo, dst, "--versions", "all", "--runner", "beam",
-                 "--json", "-q"])
+    code = main(
+        ["optimize-repo", repo, dst, "--versions", "all", "--runner", "beam", "--json", "-q"]
+    )
     document = json.loads(capsys.readouterr().out)
     assert code == 1 and document["runner"] == "beam" and document["failed"] == ["broken/1"]
-    assert _status(document["versions"]) == {"alpha/1": "ok", "alpha/2": "ok",
-                                             "broken/1": "failed", "table/7": "ok"}
+    assert _status(document["versions"]) == {
+        "alpha/1": "ok",
+        "alpha/2": "ok",
+        "broken/1": "failed",
+        "table/7": "ok",
+    }
     broken = document["versions"][_names(document["versions"]).index("broken/1")]
     assert "not a valid SavedModel protobuf" in broken["error"]
     for name in ("alpha/1", "alpha/2"):
@@ -349,22 +412,28 @@ def test_beam_transform_in_a_pipeline_is_byte_identical_to_local(repo, tmp_path)
     from apache_beam.testing.util import assert_that, equal_to
 
     from graphfold.fleet.beam import OptimizeSavedModels
+
     on_beam, local = str(tmp_path / "beam"), str(tmp_path / "local")
     with beam.Pipeline() as pipeline:
-        statuses = (pipeline
-                    | beam.Create([os.path.join(repo, "alpha", "2")])
-                    | OptimizeSavedModels(repo, on_beam, isolate=True, batch=2)
-                    | beam.Map(lambda r: (r["model"], r["version"], r["status"])))
+        statuses = (
+            pipeline
+            | beam.Create([os.path.join(repo, "alpha", "2")])
+            | OptimizeSavedModels(repo, on_beam, isolate=True, batch=2)
+            | beam.Map(lambda r: (r["model"], r["version"], r["status"]))
+        )
         assert_that(statuses, equal_to([("alpha", "2", "ok")]))
     optimize_repository(repo, local, models=["alpha"], jobs=1, isolate=True, batch=2)
-    with open(os.path.join(local, "alpha", "2", "saved_model.pb"), "rb") as a, \
-            open(os.path.join(on_beam, "alpha", "2", "saved_model.pb"), "rb") as b:
+    with (
+        open(os.path.join(local, "alpha", "2", "saved_model.pb"), "rb") as a,
+        open(os.path.join(on_beam, "alpha", "2", "saved_model.pb"), "rb") as b,
+    ):
         assert a.read() == b.read()
 
 
 def test_bench_repo_smoke(capsys):
     import importlib.util
     import pathlib
+
     path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_repo.py"
     spec = importlib.util.spec_from_file_location("graphfold_tools_bench_repo", path)
     tool = importlib.util.module_from_spec(spec)
@@ -372,8 +441,13 @@ def test_bench_repo_smoke(capsys):
     assert tool.main(["--models", "1", "--versions", "2", "--runs", "jobs1"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("| run |"))
-    for column in ("wall s", "speed-up vs jobs1", "median s per version",
-                   "peak RSS per worker MB", "load avg before"):
+    for column in (
+        "wall s",
+        "speed-up vs jobs1",
+        "median s per version",
+        "peak RSS per worker MB",
+        "load avg before",
+    ):
         assert column in header
     row = next(line for line in out.splitlines() if line.startswith("| jobs1 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -14,8 +14,12 @@ from graphfold.serving.saved_model import BadInput, VerificationFailed
 import savedmodel_fixtures as F
 
 TOL = 1e-5
-BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
-          "BatchNormWithGlobalNormalization")
+BN_OPS = (
+    "FusedBatchNorm",
+    "FusedBatchNormV2",
+    "FusedBatchNormV3",
+    "BatchNormWithGlobalNormalization",
+)
 
 
 def _optimize(source, dst, **kwargs):
@@ -47,6 +51,7 @@ def _no_leftovers(dst):
 
 # ---- sources --------------------------------------------------------------------------------
 
+
 def test_keras3_export_all_signatures_folded_and_exact(src, tmp_path):
     source, dst = src("keras3"), str(tmp_path / "out")
     result = _optimize(source, dst)
@@ -55,7 +60,7 @@ def test_keras3_export_all_signatures_folded_and_exact(src, tmp_path):
         assert len(report.batch_norms) == 7 and len(report.folded) == 7, report
         assert report.count("backward") == 1
         assert not set(BN_OPS) & set(report.ops_after)
-        assert "Rsqrt" not in report.ops_after          # Keras 3's decomposed batch norm is gone
+        assert "Rsqrt" not in report.ops_after  # Keras 3's decomposed batch norm is gone
         check = result.verification[key]
         assert check.status == "ok" and check.max_rel <= TOL
     assert result.written and not result.unchanged
@@ -67,12 +72,14 @@ def test_keras3_export_all_signatures_folded_and_exact(src, tmp_path):
     # once: not the original's variables carried along (a Keras export stores each twice), and
     # `serve` and `serving_default`, one function, share them
     assert result.weights == "variables"
-    size = lambda p: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p)
-                         for f in fs)
+    size = lambda p: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
     assert size(os.path.join(dst, "variables")) < size(os.path.join(source, "variables")) / 2
     checkpoint = os.path.join(dst, "variables", "variables")
-    stem_kernels = [name for name, shape in tf.train.list_variables(checkpoint)
-                    if shape == [3, 3, 3, 16] and name.endswith("VARIABLE_VALUE")]
+    stem_kernels = [
+        name
+        for name, shape in tf.train.list_variables(checkpoint)
+        if shape == [3, 3, 3, 16] and name.endswith("VARIABLE_VALUE")
+    ]
     assert len(stem_kernels) == 1, tf.train.list_variables(checkpoint)
     # readable by others, like any directory the user creates
     probe = tmp_path / "probe"
@@ -98,15 +105,20 @@ def test_module_with_two_signatures_dict_outputs_and_int_input(src, tmp_path):
     assert sorted(result) == ["predict", "single"]
     assert all(len(r.folded) == 1 for r in result.values())
     assert result.verification["predict"].inputs == {"k": (3,), "x": (3, 6, 6, 2)}
-    assert {o.name for o in result.verification["predict"].outputs} == {"logits", "features",
-                                                                       "count"}
+    assert {o.name for o in result.verification["predict"].outputs} == {
+        "logits",
+        "features",
+        "count",
+    }
     defs = F.signature_defs(dst)
     assert defs == F.signature_defs(source)
     assert set(defs["predict"][1]) == {"x", "k"}
     assert set(defs["predict"][2]) == {"logits", "features", "count"}
     rng = np.random.default_rng(7)
-    feeds = {"x": rng.standard_normal((2, 6, 6, 2)).astype("float32"),
-             "k": np.array([1, 3], np.int32)}
+    feeds = {
+        "x": rng.standard_normal((2, 6, 6, 2)).astype("float32"),
+        "k": np.array([1, 3], np.int32),
+    }
     _assert_same_outputs(source, dst, "predict", feeds, tf1=True)
     _assert_same_outputs(source, dst, "single", {"image": feeds["x"]}, tf1=True)
 
@@ -116,7 +128,7 @@ def test_only_requested_signatures_are_rewritten(src, tmp_path):
     result = _optimize(source, dst, signatures=["single"])
     assert list(result) == ["single"] and list(result.verification) == ["single"]
     assert result.all_signatures == ["predict", "single"]
-    assert F.signature_defs(dst) == F.signature_defs(source)     # predict kept as it was
+    assert F.signature_defs(dst) == F.signature_defs(source)  # predict kept as it was
     feeds = {"x": np.ones((1, 6, 6, 2), np.float32), "k": np.array([2], np.int32)}
     _assert_same_outputs(source, dst, "predict", feeds, tf1=True)
 
@@ -146,6 +158,7 @@ def test_lookup_table_copied_through_with_assets_and_training_bn_reported(src, t
 
 
 # ---- verification ---------------------------------------------------------------------------
+
 
 def test_a_wrong_rewrite_is_caught_and_nothing_is_written(src, tmp_path, monkeypatch):
     real = graphfold.serving.saved_model.fold_signature
@@ -178,7 +191,7 @@ def test_tolerance_zero_fails_on_float_rounding(src, tmp_path):
     source, dst = src("tf_keras"), str(tmp_path / "new" / "dirs" / "out")
     with pytest.raises(VerificationFailed):
         graphfold.optimize_saved_model(source, dst, tolerance=0.0)
-    assert os.listdir(tmp_path) == []         # not even the parent directories it made
+    assert os.listdir(tmp_path) == []  # not even the parent directories it made
 
 
 def test_no_verify_writes_without_checking(src, tmp_path):
@@ -187,11 +200,15 @@ def test_no_verify_writes_without_checking(src, tmp_path):
 
 
 def test_random_inputs_and_compare():
-    specs = {"f": tf.TensorSpec([None, 3], tf.float32), "i": tf.TensorSpec([None, None], tf.int64),
-             "b": tf.TensorSpec([2], tf.bool), "s": tf.TensorSpec([None], tf.string),
-             "h": tf.TensorSpec([None, 2], tf.float16)}
+    specs = {
+        "f": tf.TensorSpec([None, 3], tf.float32),
+        "i": tf.TensorSpec([None, None], tf.int64),
+        "b": tf.TensorSpec([2], tf.bool),
+        "s": tf.TensorSpec([None], tf.string),
+        "h": tf.TensorSpec([None, 2], tf.float16),
+    }
     inputs = random_inputs(specs, batch=4)
-    assert inputs["f"].shape == (4, 3) and inputs["i"].shape == (4, 32)   # input_shapes.py
+    assert inputs["f"].shape == (4, 3) and inputs["i"].shape == (4, 32)  # input_shapes.py
     assert inputs["b"].dtype == tf.bool and inputs["s"].dtype == tf.string
     assert inputs["h"].dtype == tf.float16
     assert int(tf.reduce_min(inputs["i"])) >= 0 and int(tf.reduce_max(inputs["i"])) < 4
@@ -201,6 +218,7 @@ def test_random_inputs_and_compare():
 
 
 # ---- safety ---------------------------------------------------------------------------------
+
 
 def test_overwrite_rules(src, tmp_path):
     source = src("tf_keras")
@@ -215,20 +233,26 @@ def test_overwrite_rules(src, tmp_path):
     shutil.rmtree(dst)
     _optimize(source, str(dst), verify=False)
     first = F.tree_hash(str(dst))
-    _optimize(source, str(dst), overwrite=True)            # a SavedModel: replaced
+    _optimize(source, str(dst), overwrite=True)  # a SavedModel: replaced
     assert os.path.isfile(dst / "saved_model.pb") and F.tree_hash(str(dst)) != first
     _no_leftovers(str(dst))
 
 
-@pytest.mark.parametrize("where, message", [
-    ("same", "DST is SRC"),
-    ("inside", "DST is inside SRC"),
-    ("parent", "SRC is inside DST"),
-])
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("same", "DST is SRC"),
+        ("inside", "DST is inside SRC"),
+        ("parent", "SRC is inside DST"),
+    ],
+)
 def test_refuses_dst_overlapping_src(src, tmp_path, where, message):
     source = src("two_signatures")
-    dst = {"same": source, "inside": os.path.join(source, "optimized"),
-           "parent": os.path.dirname(source)}[where]
+    dst = {
+        "same": source,
+        "inside": os.path.join(source, "optimized"),
+        "parent": os.path.dirname(source),
+    }[where]
     before = F.tree_hash(source)
     with pytest.raises(BadInput, match=message):
         graphfold.optimize_saved_model(source, dst, overwrite=True)
@@ -240,7 +264,7 @@ def test_unwritable_dst(src, tmp_path):
     blocker.write_text("x")
     with pytest.raises(BadInput, match="cannot write"):
         graphfold.optimize_saved_model(src("two_signatures"), str(blocker / "out"))
-    if os.geteuid() != 0:     # root ignores permission bits
+    if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o500)
@@ -252,6 +276,7 @@ def test_unwritable_dst(src, tmp_path):
 
 
 # ---- bad input ------------------------------------------------------------------------------
+
 
 def _corrupt_copy(source, tmp_path, how):
     copy = tmp_path / "bad"
@@ -269,12 +294,15 @@ def _corrupt_copy(source, tmp_path, how):
     return str(copy)
 
 
-@pytest.mark.parametrize("how, message", [
-    ("truncated", "not a valid SavedModel|cannot load"),
-    ("garbage", "not a valid SavedModel|cannot load"),
-    ("empty", "no MetaGraph"),
-    ("missing", "no saved_model.pb"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "not a valid SavedModel|cannot load"),
+        ("garbage", "not a valid SavedModel|cannot load"),
+        ("empty", "no MetaGraph"),
+        ("missing", "no saved_model.pb"),
+    ],
+)
 def test_corrupt_saved_model(src, tmp_path, how, message):
     bad = _corrupt_copy(src("two_signatures"), tmp_path, how)
     with pytest.raises(BadInput, match=message):
@@ -316,13 +344,13 @@ def test_verify_skips_what_it_cannot_feed_and_fails_a_broken_candidate():
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="s")])
     def parse(s):
-        return {"n": tf.strings.to_number(s)}        # random words are not numbers
+        return {"n": tf.strings.to_number(s)}  # random words are not numbers
 
     check = verify("parse", parse.get_concrete_function(), parse.get_concrete_function())
     assert check.status == "skipped" and check.ok and "fails on random inputs" in check.reason
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32, name="x")])
-    def valid_conv(x):                      # needs the unknown dim to be 8: 32 fails, then 8
+    def valid_conv(x):  # needs the unknown dim to be 8: 32 fails, then 8
         x = tf.reshape(x, [tf.shape(x)[0], 8, 3])
         return {"y": tf.nn.conv1d(x[..., :1], tf.ones([3, 1, 1]), 1, "VALID")}
 
@@ -331,8 +359,9 @@ def test_verify_skips_what_it_cannot_feed_and_fails_a_broken_candidate():
         x = tf.reshape(x, [tf.shape(x)[0], 8, 3])
         return {"y": tf.nn.conv1d(x[..., :1], tf.ones([3, 1, 1]) * 1.001, 1, "VALID")}
 
-    good = verify("c", valid_conv.get_concrete_function(), valid_conv.get_concrete_function(),
-                  batch=2)
+    good = verify(
+        "c", valid_conv.get_concrete_function(), valid_conv.get_concrete_function(), batch=2
+    )
     assert good.status == "ok" and good.inputs == {"x": (2, 8, 3)}
     assert "unknown dims 8: the original rejects the usual sizes" in good.shape_note
     assert "unknown dims 8" in good.line()

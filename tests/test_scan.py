@@ -38,24 +38,28 @@ class Net(tf.Module):
         super().__init__()
         rng = np.random.default_rng(seed)
         self.w = tf.Variable(rng.normal(size=(3, 3, 2, 4)).astype("float32"))
-        self.gamma = tf.Variable((rng.uniform(0.5, 1.5, 4) * rng.choice([-1, 1], 4))
-                                 .astype("float32"))
+        self.gamma = tf.Variable(
+            (rng.uniform(0.5, 1.5, 4) * rng.choice([-1, 1], 4)).astype("float32")
+        )
         self.beta = tf.Variable(rng.normal(0, 0.3, 4).astype("float32"))
         self.mean = tf.Variable(rng.normal(0, 0.3, 4).astype("float32"))
         self.var = tf.Variable(rng.uniform(0.5, 2.0, 4).astype("float32"))
 
     def features(self, x):
         y = tf.nn.conv2d(x, self.w, 1, "SAME")
-        return tf.compat.v1.nn.fused_batch_norm(y, self.gamma, self.beta, self.mean, self.var,
-                                                is_training=False)[0]
+        return tf.compat.v1.nn.fused_batch_norm(
+            y, self.gamma, self.beta, self.mean, self.var, is_training=False
+        )[0]
 
 
 def _body(kind: str, net: Net, target: str):
     if kind == "write":
+
         def body(x):
             tf.io.write_file(target, tf.strings.as_string(tf.reduce_sum(x)))
             return net.features(x)
     elif kind == "python":
+
         def touch(t):
             open(target, "w").close()
             return t
@@ -65,19 +69,23 @@ def _body(kind: str, net: Net, target: str):
             y.set_shape(x.shape)
             return net.features(y)
     elif kind == "print":
+
         def body(x):
             tf.print("sum", tf.reduce_sum(x), output_stream=f"file://{target}")
             return net.features(x)
-    else:   # "cond": WriteFile in a branch of a tf.cond, inside a nested function
+    else:  # "cond": WriteFile in a branch of a tf.cond, inside a nested function
+
         @tf.function(autograph=False)
         def inner(x):
             def write():
                 with tf.control_dependencies([tf.io.write_file(target, "cond")]):
                     return tf.identity(x)
+
             return tf.cond(tf.size(x) > 0, write, lambda: x)
 
         def body(x):
             return net.features(inner(x))
+
     return body
 
 
@@ -135,9 +143,11 @@ def model(models, request):
 def ops_of(path: str) -> set[str]:
     """Every op of a written SavedModel: its graph and its function library."""
     from graphfold.serving.saved_model import read_saved_model
+
     graph_def = read_saved_model(path).meta_graphs[0].graph_def
-    return {n.op for n in graph_def.node} | \
-        {n.op for f in graph_def.library.function for n in f.node_def}
+    return {n.op for n in graph_def.node} | {
+        n.op for f in graph_def.library.function for n in f.node_def
+    }
 
 
 def assert_folded_keeping(path: str, op: str) -> None:
@@ -156,6 +166,7 @@ def assert_held(check: dict | object, op: str) -> None:
 
 
 # ---- the Python API ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", KINDS, indirect=True)
 def test_api_folds_writes_and_runs_nothing_without_consent(model, tmp_path, request):
@@ -176,8 +187,7 @@ def test_api_folds_writes_and_runs_nothing_without_consent(model, tmp_path, requ
     assert_held(check, OP[kind])
 
     with pytest.raises(VerificationFailed, match="NOT VERIFIED"):
-        graphfold.optimize_saved_model(src, str(tmp_path / "required"),
-                                       require_verification=True)
+        graphfold.optimize_saved_model(src, str(tmp_path / "required"), require_verification=True)
     assert not os.path.exists(tmp_path / "required") and not os.path.exists(target)
 
 
@@ -192,8 +202,9 @@ def test_api_allow_ops_runs_them(model, tmp_path, request):
     assert result.verified and result.verification["serving_default"].status == "ok"
     assert_folded_keeping(dst, OP[kind])
     os.remove(target)
-    check = graphfold.verify_saved_models(src, dst, allow_ops=OP[kind]) \
-        .verification["serving_default"]
+    check = graphfold.verify_saved_models(src, dst, allow_ops=OP[kind]).verification[
+        "serving_default"
+    ]
     assert check.status == "ok", check.reason
     assert os.path.exists(target)
 
@@ -201,11 +212,12 @@ def test_api_allow_ops_runs_them(model, tmp_path, request):
 def test_nested_cond_branch_is_found_with_its_function(models):
     from graphfold.convert.scan import scan_meta_graph
     from graphfold.serving.saved_model import meta_graph_for, read_saved_model
+
     src, _ = models["cond"]
     meta = meta_graph_for(read_saved_model(src), src, ("serve",))
     [finding] = scan_meta_graph(meta, ["serving_default"]).signatures["serving_default"]
     assert finding.op == "WriteFile" and finding.node == "cond/WriteFile"
-    assert finding.function.startswith("cond_true"), finding     # the If's then_branch
+    assert finding.function.startswith("cond_true"), finding  # the If's then_branch
     assert finding.category == "file"
 
 
@@ -228,21 +240,23 @@ def test_every_attr_that_names_a_function_is_walked():
         y = tf.switch_case(i, [lambda: x, write])
         return tf.while_loop(lambda j, y: j < 2, printed, [0, y])[1]
 
-    fn = tf.function(lambda x, i: nested(x, i) + nested(x, i), autograph=False) \
-        .get_concrete_function(tf.TensorSpec([2], tf.float32), tf.TensorSpec([], tf.int32))
+    fn = tf.function(
+        lambda x, i: nested(x, i) + nested(x, i), autograph=False
+    ).get_concrete_function(tf.TensorSpec([2], tf.float32), tf.TensorSpec([], tf.int32))
     graph_def = fn.graph.as_graph_def()
     found = {f.op: f for f in scan_graph_def(graph_def, [t.name for t in fn.outputs])}
     assert sorted(found) == ["PrintV2", "WriteFile"], found
     library = {f.signature.name: f for f in graph_def.library.function}
     for finding in found.values():
         assert finding.node in {n.name for n in library[finding.function].node_def}
-    assert scan_graph_def(graph_def, [fn.inputs[0].name]) == []      # an input runs nothing
+    assert scan_graph_def(graph_def, [fn.inputs[0].name]) == []  # an input runs nothing
 
 
 def test_an_unregistered_op_in_a_saved_model_is_named_before_loading(models, tmp_path):
     """TensorFlow cannot load a SavedModel holding an op it does not know: graphfold says
     which op, and where, without trying."""
     from graphfold.serving.saved_model import read_saved_model
+
     path = str(tmp_path / "custom")
     shutil.copytree(models["write"][0], path)
     proto = read_saved_model(path)
@@ -252,8 +266,11 @@ def test_an_unregistered_op_in_a_saved_model_is_named_before_loading(models, tmp
                 node.op = "GraphfoldNoSuchOp"
     with open(os.path.join(path, "saved_model.pb"), "wb") as f:
         f.write(proto.SerializeToString())
-    with pytest.raises(BadInput, match="GraphfoldNoSuchOp .*at node 'WriteFile' in function "
-                                       "'__inference_.*nothing was loaded"):
+    with pytest.raises(
+        BadInput,
+        match="GraphfoldNoSuchOp .*at node 'WriteFile' in function "
+        "'__inference_.*nothing was loaded",
+    ):
         graphfold.optimize_saved_model(path, str(tmp_path / "out"), allow_ops="WriteFile")
 
 
@@ -263,13 +280,12 @@ def test_the_function_tf_loads_for_a_signature_is_scanned_too(tmp_path):
     pointing at a clean call) is still held back."""
     from graphfold.convert.scan import scan_meta_graph
     from graphfold.serving.saved_model import meta_graph_for, read_saved_model
+
     target, path = str(tmp_path / "crafted.touched"), str(tmp_path / "crafted")
     net = Net()
-    net.serve = tf.function(_body("write", net, target), input_signature=[SPEC],
-                            autograph=False)
+    net.serve = tf.function(_body("write", net, target), input_signature=[SPEC], autograph=False)
     net.clean = tf.function(net.features, input_signature=[SPEC], autograph=False)
-    tf.saved_model.save(net, path, signatures={"serving_default": net.serve,
-                                               "clean": net.clean})
+    tf.saved_model.save(net, path, signatures={"serving_default": net.serve, "clean": net.clean})
     proto = read_saved_model(path)
     signatures = proto.meta_graphs[0].signature_def
     [(name, info)] = signatures["serving_default"].outputs.items()
@@ -292,8 +308,11 @@ def test_own_assets_and_checkpoints_are_not_held_back(src):
     there (InitializeTableFromTextFileV2, RestoreV2)."""
     from graphfold.convert.scan import scan_meta_graph
     from graphfold.serving.saved_model import meta_graph_for, read_saved_model, signature_keys
-    for name, tags, op in (("table", ("serve",), "InitializeTableFromTextFileV2"),
-                           ("tf1", ("serve", "gpu"), "RestoreV2")):
+
+    for name, tags, op in (
+        ("table", ("serve",), "InitializeTableFromTextFileV2"),
+        ("tf1", ("serve", "gpu"), "RestoreV2"),
+    ):
         path = src(name)
         meta = meta_graph_for(read_saved_model(path), path, tags)
         assert op in ops_of(path)
@@ -312,6 +331,7 @@ def test_an_asset_named_outside_the_saved_model_is_not_its_own(src, tmp_path):
     "../../etc/passwd" or an absolute path reads any file, and is held back."""
     from graphfold.convert.scan import scan_meta_graph
     from graphfold.serving.saved_model import meta_graph_for, read_saved_model, signature_keys
+
     path = str(tmp_path / "table")
     shutil.copytree(src("table"), path)
     proto = read_saved_model(path)
@@ -332,9 +352,12 @@ def test_what_loading_runs_is_held_back_too(model, tmp_path, capsys):
     writes a file is not loaded, by inspect, optimize, verify or optimize-repo, without
     consent; with it, it is."""
     src, target = model
-    for argv in (["inspect", src], ["optimize", src, str(tmp_path / "out")],
-                 ["verify", src, src], ["optimize-repo", _repository(src, tmp_path),
-                                        str(tmp_path / "served"), "--jobs", "1"]):
+    for argv in (
+        ["inspect", src],
+        ["optimize", src, str(tmp_path / "out")],
+        ["verify", src, src],
+        ["optimize-repo", _repository(src, tmp_path), str(tmp_path / "served"), "--jobs", "1"],
+    ):
         code = main(argv)
         out, err = capsys.readouterr()
         assert not os.path.exists(target), f"{argv[0]} loaded it"
@@ -348,6 +371,7 @@ def test_what_loading_runs_is_held_back_too(model, tmp_path, capsys):
 
 def test_require_runnable_gates_the_demo_timing(models, src):
     from graphfold.cli.demo import require_runnable
+
     require_runnable(src("two_signatures"), ["predict", "single"])
     with pytest.raises(BadInput, match="WriteFile"):
         require_runnable(models["write"][0], ["serving_default"])
@@ -357,15 +381,18 @@ def test_require_runnable_gates_the_demo_timing(models, src):
 def test_allow_ops_names_must_be_held_back_ops(models, tmp_path, capsys):
     from graphfold.options import Options
     from graphfold.outside import OUTSIDE
+
     assert Options(allow_ops=" WriteFile,PrintV2 ").allow_ops == ("PrintV2", "WriteFile")
     assert Options(allow_ops=["WriteFile"]) == Options(allow_ops="WriteFile")
     for wrong in ("Conv2D", "WriteFIle"):
         with pytest.raises(BadInput, match=f"allow_ops='{wrong}': not an op graphfold holds"):
             Options(allow_ops=wrong)
-        assert main(["optimize", models["write"][0], str(tmp_path / "o"), "--allow-ops",
-                     wrong]) == 2
+        assert (
+            main(["optimize", models["write"][0], str(tmp_path / "o"), "--allow-ops", wrong]) == 2
+        )
         assert f"--allow-ops {wrong}: not an op" in capsys.readouterr().err
     from tensorflow.python.framework import op_def_registry
+
     missing = [op for op in OUTSIDE if op_def_registry.get(op) is None]
     assert not missing, f"not TensorFlow ops (a typo?): {missing}"
 
@@ -374,10 +401,12 @@ def test_folding_evaluates_none_of_them():
     """Folding evaluates constant subgraphs through an allowlist of pure math only."""
     from graphfold.fold.constants import EVALUATORS
     from graphfold.outside import OUTSIDE
+
     assert not set(EVALUATORS) & set(OUTSIDE)
 
 
 # ---- the command ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model", KINDS, indirect=True)
 def test_cli_optimize(model, tmp_path, capsys, request):
@@ -426,8 +455,9 @@ def test_cli_optimize_repo(models, tmp_path, capsys):
         shutil.copytree(models[kind][0], repo / kind / "1")
 
     def run(dst: str, *extra: str) -> tuple[int, dict]:
-        code = main(["optimize-repo", str(repo), str(tmp_path / dst), "--json", "--jobs", "2",
-                     *extra])
+        code = main(
+            ["optimize-repo", str(repo), str(tmp_path / dst), "--json", "--jobs", "2", *extra]
+        )
         versions = json.loads(capsys.readouterr().out)["versions"]
         return code, {v["model"]: v for v in versions}
 
@@ -436,8 +466,9 @@ def test_cli_optimize_repo(models, tmp_path, capsys):
         assert code == 0 and not any(map(os.path.exists, targets))
         for kind in KINDS:
             assert versions[kind]["status"] == "ok" and versions[kind]["verified"] is False
-            assert_held(versions[kind]["report"]["signatures"]["serving_default"]
-                        ["verification"], OP[kind])
+            assert_held(
+                versions[kind]["report"]["signatures"]["serving_default"]["verification"], OP[kind]
+            )
             assert_folded_keeping(str(tmp_path / "held" / kind / "1"), OP[kind])
 
         code, versions = run("required", "--require-verification")
@@ -477,14 +508,18 @@ def test_cli_inspect_lists_them_per_signature(model, capsys):
 
 def test_cli_inspect_of_a_clean_model_says_none(src, capsys):
     assert main(["inspect", src("two_signatures")]) == 0
-    assert "ops reaching outside the graph (file, network, Python, print, unregistered): " \
-           "none in 2 signature(s)" in capsys.readouterr().out
+    assert (
+        "ops reaching outside the graph (file, network, Python, print, unregistered): "
+        "none in 2 signature(s)" in capsys.readouterr().out
+    )
 
 
 # ---- GraphDef files ------------------------------------------------------------------------
 
+
 def _frozen(body, path: str, extra=None) -> None:
     from graphfold.convert.freeze import freeze
+
     fn = tf.function(body, input_signature=[SPEC], autograph=False).get_concrete_function()
     frozen = freeze(fn)
     if extra is not None:
@@ -496,6 +531,7 @@ def _frozen(body, path: str, extra=None) -> None:
 def test_graph_def_file_with_an_unregistered_op(tmp_path, capsys):
     """An op TensorFlow does not know (a custom kernel) cannot run: folded and written, NOT
     VERIFIED; --require-verification: exit 1, nothing written; it cannot be allowed."""
+
     def custom(graph_def, output):
         node = graph_def.node.add()
         node.name, node.op = "custom", "GraphfoldNoSuchOp"
@@ -514,15 +550,16 @@ def test_graph_def_file_with_an_unregistered_op(tmp_path, capsys):
     assert document["signatures"]["graph"]["report"]["summary"]["folded"] == 1
     assert main(["optimize", src, str(tmp_path / "req.pb"), "--require-verification"]) == 1
     assert not os.path.exists(tmp_path / "req.pb")
-    assert main(["optimize", src, str(tmp_path / "a.pb"), "--allow-ops",
-                 "GraphfoldNoSuchOp"]) == 2
-    assert main(["inspect", src, "--allow-ops", "WriteFile"]) == 2    # nothing runs there
-    assert "--allow-ops: not supported for inspecting a GraphDef file" in \
-        capsys.readouterr().err
+    assert main(["optimize", src, str(tmp_path / "a.pb"), "--allow-ops", "GraphfoldNoSuchOp"]) == 2
+    assert main(["inspect", src, "--allow-ops", "WriteFile"]) == 2  # nothing runs there
+    assert "--allow-ops: not supported for inspecting a GraphDef file" in capsys.readouterr().err
     assert main(["inspect", src, "--json"]) == 0
     [finding] = json.loads(capsys.readouterr().out)["outside_ops"]["signatures"]["graph"]
-    assert (finding["op"], finding["node"], finding["category"]) == \
-        ("GraphfoldNoSuchOp", "custom", "unregistered")
+    assert (finding["op"], finding["node"], finding["category"]) == (
+        "GraphfoldNoSuchOp",
+        "custom",
+        "unregistered",
+    )
 
 
 def test_graph_def_file_with_a_file_write(tmp_path, capsys):
@@ -534,6 +571,7 @@ def test_graph_def_file_with_a_file_write(tmp_path, capsys):
     assert not os.path.exists(target) and os.path.exists(dst)
     assert "NOT VERIFIED" in capsys.readouterr().out
     from tensorflow.core.framework import graph_pb2
+
     written = graph_pb2.GraphDef.FromString(open(dst, "rb").read())
     ops = {n.op for n in written.node}
     assert "WriteFile" in ops and not ops & set(BATCH_NORM_OPS)

@@ -42,9 +42,13 @@ def _miscomputed(monkeypatch):
     monkeypatch.setattr(tf_quirks, "QUIRKS", ())
     rng = np.random.default_rng(1)
     w, w2, p = weight((3, 3, 3, 8), rng), weight((1, 1, 3, 8), rng), bn_params(8, rng)
-    return make(lambda x: tf.nn.leaky_relu(decomposed_bn(tf.nn.conv2d(x, w, 1, "SAME"), p) +
-                                           tf.nn.conv2d(x, w2, 1, "SAME"), alpha=0.01),
-                [None, None, 3])
+    return make(
+        lambda x: tf.nn.leaky_relu(
+            decomposed_bn(tf.nn.conv2d(x, w, 1, "SAME"), p) + tf.nn.conv2d(x, w2, 1, "SAME"),
+            alpha=0.01,
+        ),
+        [None, None, 3],
+    )
 
 
 def test_a_wrong_result_raises_with_both_errors(monkeypatch):
@@ -72,7 +76,7 @@ def test_verify_false_skips_the_check(monkeypatch):
     folded = graphfold.rewrite(fn, verify=False)
     assert folded.report.verification is None
     x = random_inputs(fn, np.random.default_rng(2))[0][0]
-    assert rel_err(fn(x), folded(x)) > 1e-2         # what verify=False let through
+    assert rel_err(fn(x), folded(x)) > 1e-2  # what verify=False let through
 
 
 def test_input_shapes_are_used_and_checked():
@@ -80,8 +84,11 @@ def test_input_shapes_are_used_and_checked():
     folded = graphfold.rewrite(fn, input_shapes={"x": (2, 40, 30, 3)})
     assert folded.report.verification.inputs == {"x": (2, 40, 30, 3)}
     assert folded.report.verification.shape_note is None
-    with pytest.raises(BadInput, match=r"input_shapes x=1,40,40,4: input 'x' of signature "
-                                       r"'rewrite' has shape \[\?, \?, \?, 3\]"):
+    with pytest.raises(
+        BadInput,
+        match=r"input_shapes x=1,40,40,4: input 'x' of signature "
+        r"'rewrite' has shape \[\?, \?, \?, 3\]",
+    ):
         graphfold.rewrite(fn, input_shapes={"x": (1, 40, 40, 4)})
     with pytest.raises(BadInput, match="no signature has an input 'image'"):
         graphfold.rewrite(fn, input_shapes={"image": (1, 40, 40, 3)})
@@ -106,6 +113,7 @@ def test_python_values_in_the_signature_are_passed_not_skipped():
 def test_optimize_saved_model_does_not_check_twice(tmp_path, monkeypatch):
     """It verifies the written model; the in-memory check would cost a second run."""
     from graphfold.convert import self_check
+
     rng = np.random.default_rng(5)
     fn = _conv_bn(rng)
     module = tf.Module()
@@ -117,6 +125,7 @@ def test_optimize_saved_model_does_not_check_twice(tmp_path, monkeypatch):
 
     monkeypatch.setattr(self_check, "check", refuse)
     for weights in ("constants", "variables"):
-        result = graphfold.optimize_saved_model(str(tmp_path / "src"),
-                                                str(tmp_path / f"out_{weights}"), weights=weights)
+        result = graphfold.optimize_saved_model(
+            str(tmp_path / "src"), str(tmp_path / f"out_{weights}"), weights=weights
+        )
         assert result.verified and result["serving_default"].verification is None

@@ -39,11 +39,12 @@ def _copy(source, tmp_path, name="copy") -> str:
 
 def _jpeg_npy(tmp_path, seeds=(5, 6)) -> str:
     path = str(tmp_path / "images.npy")
-    np.save(path, np.array([F.jpeg_bytes(s) for s in seeds]))      # dtype S: no pickle
+    np.save(path, np.array([F.jpeg_bytes(s) for s in seeds]))  # dtype S: no pickle
     return path
 
 
 # ---- nothing a server reads is lost ----------------------------------------------------------
+
 
 def test_every_file_beside_the_graph_reaches_dst_byte_identical(src, tmp_path):
     source, dst = src("jpeg"), str(tmp_path / "out")
@@ -74,23 +75,31 @@ def test_a_symbolic_link_in_src_is_copied_as_what_it_points_to(src, tmp_path):
     dst = tmp_path / "out"
     graphfold.optimize_saved_model(source, str(dst))
     assert not os.path.islink(dst / "labels") and not os.path.islink(dst / "labels.txt")
-    assert (dst / "labels" / "labels.txt").read_text() == (dst / "labels.txt").read_text() == \
-        "a\nb\n"
+    assert (
+        (dst / "labels" / "labels.txt").read_text() == (dst / "labels.txt").read_text() == "a\nb\n"
+    )
 
 
 def test_keras_metadata_of_src_left_out_with_a_note_and_dst_loads_in_tf_keras(src, tmp_path):
     import tf_keras
+
     source, dst = src("tf_keras"), str(tmp_path / "out")
     assert os.path.isfile(os.path.join(source, "keras_metadata.pb"))
     result = graphfold.optimize_saved_model(source, dst)
     assert not os.path.exists(os.path.join(dst, "keras_metadata.pb"))
-    assert any(n.startswith("keras_metadata.pb of SRC not copied: it describes the Keras "
-                            "layers") for n in result.notes)
+    assert any(
+        n.startswith("keras_metadata.pb of SRC not copied: it describes the Keras layers")
+        for n in result.notes
+    )
     loaded = tf_keras.models.load_model(dst)
     feeds = F.random_feeds(source, "serving_default", batch=2)
     want = F.run_tf2(source, "serving_default", feeds)
-    got = {k: v.numpy() for k, v in loaded.signatures["serving_default"](
-        **{k: tf.constant(v) for k, v in feeds.items()}).items()}
+    got = {
+        k: v.numpy()
+        for k, v in loaded.signatures["serving_default"](
+            **{k: tf.constant(v) for k, v in feeds.items()}
+        ).items()
+    }
     for key in want:
         assert F.rel_err(want[key], got[key]) <= 1e-5
 
@@ -115,12 +124,13 @@ def test_several_meta_graphs_refused_naming_the_tag_sets_and_the_flag(src, tmp_p
 
 # ---- verification on real inputs -------------------------------------------------------------
 
+
 def test_warmup_records_of_src_are_verified_on_by_default(src, tmp_path):
     result = graphfold.optimize_saved_model(src("jpeg"), str(tmp_path / "out"))
     check = result.verification["serving_default"]
     assert check.status == "ok" and check.source == "warm-up records (2)"
     assert len(check.fed) == 2 and check.max_rel <= 1e-5
-    assert result.verification["pixels"].source == "random inputs"    # no record calls it
+    assert result.verification["pixels"].source == "random inputs"  # no record calls it
 
 
 def test_image_bytes_without_real_inputs_is_not_verified(src, tmp_path, capsys):
@@ -129,7 +139,7 @@ def test_image_bytes_without_real_inputs_is_not_verified(src, tmp_path, capsys):
     dst = str(tmp_path / "out")
     assert main(["optimize", source, dst]) == 0
     out = capsys.readouterr().out
-    assert "NOT VERIFIED" in out.split("verification (")[1]            # in the table
+    assert "NOT VERIFIED" in out.split("verification (")[1]  # in the table
     last = out.rstrip().splitlines()[-1]
     assert "NOT VERIFIED: serving_default (the original fails on random inputs" in last
     assert "--inputs KEY=FILE.npy" in last
@@ -137,16 +147,31 @@ def test_image_bytes_without_real_inputs_is_not_verified(src, tmp_path, capsys):
 
     assert main(["optimize", source, dst, "--require-verification"]) == 1
     err = capsys.readouterr().err
-    assert "--require-verification: signature(s) serving_default NOT VERIFIED" in \
-        error_line(err)
+    assert "--require-verification: signature(s) serving_default NOT VERIFIED" in error_line(err)
     assert not os.path.exists(dst) and not _leftovers(dst)
 
     # real inputs in saved_model_cli's syntax fix it
-    assert main(["optimize", source, dst, "--require-verification", "--inputs",
-                 f"image_bytes={_jpeg_npy(tmp_path)}", "--signature", "serving_default"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                source,
+                dst,
+                "--require-verification",
+                "--inputs",
+                f"image_bytes={_jpeg_npy(tmp_path)}",
+                "--signature",
+                "serving_default",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "--inputs: image_bytes[2]" in out and out.rstrip().endswith("s") and \
-        "; verified;" in out.rstrip().splitlines()[-1]
+    assert (
+        "--inputs: image_bytes[2]" in out
+        and out.rstrip().endswith("s")
+        and "; verified;" in out.rstrip().splitlines()[-1]
+    )
 
 
 def test_inputs_npz_name_and_input_exprs_in_the_api_and_cli(src, tmp_path, capsys):
@@ -154,17 +179,44 @@ def test_inputs_npz_name_and_input_exprs_in_the_api_and_cli(src, tmp_path, capsy
     pixels = np.random.default_rng(1).uniform(size=(3, 8, 8, 3)).astype("float32")
     npz = tmp_path / "feeds.npz"
     np.savez(npz, first=pixels, second=pixels[:1])
-    result = graphfold.optimize_saved_model(source, str(tmp_path / "api"),
-                                            signatures=["pixels"], inputs={"pixels": pixels})
+    result = graphfold.optimize_saved_model(
+        source, str(tmp_path / "api"), signatures=["pixels"], inputs={"pixels": pixels}
+    )
     assert result.verification["pixels"].source == "inputs"
     assert result.verification["pixels"].inputs == {"pixels": (3, 8, 8, 3)}
-    assert main(["verify", source, str(tmp_path / "api"), "-s", "pixels",
-                 "--inputs", f"pixels={npz}[second]"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                source,
+                str(tmp_path / "api"),
+                "-s",
+                "pixels",
+                "--inputs",
+                f"pixels={npz}[second]",
+            ]
+        )
+        == 0
+    )
     assert "--inputs: pixels[1, 8, 8, 3]" in capsys.readouterr().out
     literal = str(pixels[:2].tolist())
-    assert main(["verify", source, str(tmp_path / "api"), "-s", "pixels",
-                 "--input_exprs", f"pixels={literal}", "--json"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                source,
+                str(tmp_path / "api"),
+                "-s",
+                "pixels",
+                "--input_exprs",
+                f"pixels={literal}",
+                "--json",
+            ]
+        )
+        == 0
+    )
     import json
+
     document = json.loads(capsys.readouterr().out)
     check = document["signatures"]["pixels"]["verification"]
     assert check["source"] == "--inputs" and check["inputs"] == {"pixels": [2, 8, 8, 3]}
@@ -172,6 +224,7 @@ def test_inputs_npz_name_and_input_exprs_in_the_api_and_cli(src, tmp_path, capsy
 
 def _off_by_one_percent(real, factor: float = 1.01):
     """A broken ``fold_signature``: every output ``factor`` times too large (1%)."""
+
     def rewrite(fn, *args):
         folded = real(fn, *args)
         inner, (_, specs) = folded.function, fn.structured_input_signature
@@ -179,13 +232,18 @@ def _off_by_one_percent(real, factor: float = 1.01):
             lambda **kw: {k: v * factor for k, v in inner(**kw).items()}
         ).get_concrete_function(**specs)
         return folded
+
     return rewrite
 
 
-def test_a_wrong_fold_is_caught_on_real_inputs_and_noise_does_not_excuse_it(src, tmp_path,
-                                                                             monkeypatch):
-    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature",
-                        _off_by_one_percent(graphfold.serving.saved_model.fold_signature))
+def test_a_wrong_fold_is_caught_on_real_inputs_and_noise_does_not_excuse_it(
+    src, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        graphfold.serving.saved_model,
+        "fold_signature",
+        _off_by_one_percent(graphfold.serving.saved_model.fold_signature),
+    )
     dst = str(tmp_path / "out")
     with pytest.raises(VerificationFailed) as info:
         graphfold.optimize_saved_model(src("jpeg"), dst, signatures=["serving_default"])
@@ -201,6 +259,7 @@ def _chaotic(path, steps: int = 40):
     rounding anywhere grows about 2x a step (to order one after 40; freeze-only noise floor
     5e-4 after 12)."""
     import keras
+
     rng = np.random.default_rng(0)
     inputs = keras.Input((8, 8, 3))
     x = inputs
@@ -219,28 +278,43 @@ def _chaotic(path, steps: int = 40):
     model = keras.Model(inputs, Chaos()(x))
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.set_weights([rng.uniform(0.5, 1.5, 8), rng.normal(0, 0.3, 8),
-                               rng.normal(0, 0.3, 8), rng.uniform(0.5, 2, 8)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, 8),
+                    rng.normal(0, 0.3, 8),
+                    rng.normal(0, 0.3, 8),
+                    rng.uniform(0.5, 2, 8),
+                ]
+            )
     model.export(path, verbose=False)
 
 
-def test_an_error_within_the_noise_floor_is_accepted_and_reported(src, tmp_path, capsys,
-                                                                  monkeypatch):
+def test_an_error_within_the_noise_floor_is_accepted_and_reported(
+    src, tmp_path, capsys, monkeypatch
+):
     """An error over the tolerance but within NOISE_MULTIPLE times a floor under
     INCONCLUSIVE_FLOOR is accepted, and said so. The floor is pinned (a chaotic model's real
     floor depends on the machine's rounding order: see the INCONCLUSIVE test for a real one)."""
     from graphfold.convert import noise
-    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature",
-                        _off_by_one_percent(graphfold.serving.saved_model.fold_signature, 1.0002))
-    monkeypatch.setattr(noise, "measure", lambda reference, feeds: {
-        key: 1e-4 for key in reference.structured_outputs})
+
+    monkeypatch.setattr(
+        graphfold.serving.saved_model,
+        "fold_signature",
+        _off_by_one_percent(graphfold.serving.saved_model.fold_signature, 1.0002),
+    )
+    monkeypatch.setattr(
+        noise,
+        "measure",
+        lambda reference, feeds: {key: 1e-4 for key in reference.structured_outputs},
+    )
     source, dst = src("jpeg"), str(tmp_path / "out")
     assert main(["optimize", source, dst, "-s", "serving_default"]) == 0
     out = capsys.readouterr().out
     assert "ok (noise)" in out and "accepted: relative error" in out
     assert "verified (within the noise floor: serving_default)" in out.splitlines()[-1]
-    result = graphfold.optimize_saved_model(source, str(tmp_path / "api"),
-                                            signatures=["serving_default"])
+    result = graphfold.optimize_saved_model(
+        source, str(tmp_path / "api"), signatures=["serving_default"]
+    )
     check = result.verification["serving_default"]
     assert check.status == "ok" and check.noise_floor == 1e-4
     assert 1e-5 < check.max_rel <= noise.NOISE_MULTIPLE * check.noise_floor
@@ -251,6 +325,7 @@ def test_a_noise_floor_too_large_to_mean_anything_is_inconclusive(tmp_path, caps
     (within the noise floor)" said nothing. Over INCONCLUSIVE_FLOOR it is INCONCLUSIVE, never
     "verified", and --require-verification refuses it."""
     from graphfold.convert.noise import INCONCLUSIVE_FLOOR
+
     source, dst = str(tmp_path / "chaos"), str(tmp_path / "out")
     _chaotic(source, steps=40)
     assert main(["optimize", source, dst, "--batch", "4", "-s", "serving_default"]) == 0
@@ -259,11 +334,25 @@ def test_a_noise_floor_too_large_to_mean_anything_is_inconclusive(tmp_path, caps
     assert "INCONCLUSIVE: serving_default" in final and "verified" not in final
     assert "INCONCLUSIVE" in out and "says nothing" in out
     refused = str(tmp_path / "refused")
-    assert main(["optimize", source, refused, "--batch", "4", "-s", "serving_default",
-                 "--require-verification"]) == 1
+    assert (
+        main(
+            [
+                "optimize",
+                source,
+                refused,
+                "--batch",
+                "4",
+                "-s",
+                "serving_default",
+                "--require-verification",
+            ]
+        )
+        == 1
+    )
     assert "INCONCLUSIVE" in capsys.readouterr().err and not os.path.exists(refused)
-    result = graphfold.optimize_saved_model(source, str(tmp_path / "api"), batch=4,
-                                            signatures=["serving_default"])
+    result = graphfold.optimize_saved_model(
+        source, str(tmp_path / "api"), batch=4, signatures=["serving_default"]
+    )
     check = result.verification["serving_default"]
     assert check.status == "inconclusive" and check.noise_floor > INCONCLUSIVE_FLOOR
     assert not result.verified and result.inconclusive == ["serving_default"]
@@ -272,6 +361,7 @@ def test_a_noise_floor_too_large_to_mean_anything_is_inconclusive(tmp_path, caps
 
 # ---- warm-up records written, read back and replayed ----------------------------------------
 
+
 def test_warmup_records_written_kept_and_replayed_like_tf_serving(src, tmp_path):
     source, dst = src("jpeg"), str(tmp_path / "out")
     result = graphfold.optimize_saved_model(source, dst, warmup=3)
@@ -279,19 +369,19 @@ def test_warmup_records_written_kept_and_replayed_like_tf_serving(src, tmp_path)
         original = f.read()
     with open(os.path.join(dst, WARMUP), "rb") as f:
         written = f.read()
-    assert written.startswith(original)                  # SRC's records kept, byte for byte
+    assert written.startswith(original)  # SRC's records kept, byte for byte
     requests, others = warmup.read(os.path.join(dst, WARMUP))
     assert not others
     by_signature = {}
     for request in requests:
         by_signature[request.signature] = by_signature.get(request.signature, 0) + 1
-    assert by_signature == {"serving_default": 3, "pixels": 3}    # only the missing added
-    added = requests[2:]                         # one example each, from the verification inputs
+    assert by_signature == {"serving_default": 3, "pixels": 3}  # only the missing added
+    added = requests[2:]  # one example each, from the verification inputs
     assert all(len(v) == 1 for r in added for v in r.inputs.values())
     [new_bytes] = [r for r in added if r.signature == "serving_default"]
     assert new_bytes.inputs["image_bytes"][0] == F.jpeg_bytes(1)  # SRC's first warm-up image
     assert any("SRC's 2 record(s) kept, 4 added" in n for n in result.notes)
-    for request in requests:      # TF Serving: the TF1 loader, same signature, same input keys
+    for request in requests:  # TF Serving: the TF1 loader, same signature, same input keys
         want = F.run_tf1(source, request.signature, request.inputs)
         got = F.run_tf1(dst, request.signature, request.inputs)
         assert set(got) == set(want) == {"scores"}
@@ -309,6 +399,7 @@ def test_warmup_without_records_in_src_and_not_for_unverified(src, tmp_path):
 
 # ---- graphfold verify ------------------------------------------------------------------------
 
+
 def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeypatch):
     source, dst = src("jpeg"), str(tmp_path / "out")
     graphfold.optimize_saved_model(source, dst)
@@ -317,17 +408,30 @@ def test_verify_command_compares_two_saved_models(src, tmp_path, capsys, monkeyp
     assert f"{dst} matches {source}: 2 signature(s); verified" in out
     assert "warm-up records (2)" in out
 
-    other = str(tmp_path / "other")                      # another model: signatures differ
+    other = str(tmp_path / "other")  # another model: signatures differ
     graphfold.optimize_saved_model(src("two_signatures"), other)
     assert main(["verify", source, other]) == 1
     assert "differs from" in error_line(capsys.readouterr().err)
 
-    broken = str(tmp_path / "broken")     # same signatures, outputs 1% off: written unchecked
-    monkeypatch.setattr(graphfold.serving.saved_model, "fold_signature",
-                        _off_by_one_percent(graphfold.serving.saved_model.fold_signature))
+    broken = str(tmp_path / "broken")  # same signatures, outputs 1% off: written unchecked
+    monkeypatch.setattr(
+        graphfold.serving.saved_model,
+        "fold_signature",
+        _off_by_one_percent(graphfold.serving.saved_model.fold_signature),
+    )
     graphfold.optimize_saved_model(source, broken, verify=False)
-    assert main(["verify", source, broken, "--input_exprs", "pixels=" + str(
-        np.full((1, 8, 8, 3), 0.5).tolist())]) == 1
+    assert (
+        main(
+            [
+                "verify",
+                source,
+                broken,
+                "--input_exprs",
+                "pixels=" + str(np.full((1, 8, 8, 3), 0.5).tolist()),
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     line = error_line(captured.err)
     assert f"{broken} differs from {source}" in line and "relative error 0.01" in line
@@ -356,19 +460,24 @@ def _run_and_signal(src, tmp_path, stage, signum):
     driver.write_text(DRIVER)
     dst = tmp_path / "out"
     env = dict(ENV, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
-    process = subprocess.Popen([sys.executable, str(driver), stage, "optimize", src("jpeg"),
-                                str(dst)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=env, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(driver), stage, "optimize", src("jpeg"), str(dst)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     assert process.stdout.readline().strip() == "STAGE"
-    [name] = _leftovers(dst)                              # the staging dir, named after its owner
+    [name] = _leftovers(dst)  # the staging dir, named after its owner
     assert staging.owner(name, str(dst)) == (staging.host(), process.pid)
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     return process.returncode, err, dst
 
 
-@pytest.mark.parametrize("signum, code, word", [(signal.SIGTERM, 143, "terminated"),
-                                                (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize(
+    "signum, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
 def test_signal_mid_run_exits_and_removes_the_staging_dir(src, tmp_path, signum, code, word):
     returncode, err, dst = _run_and_signal(src, tmp_path, "rewrite_signatures", signum)
     assert returncode == code, err
@@ -389,11 +498,13 @@ def test_stale_staging_dirs_of_dead_runs_are_removed(src, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = staging.host()
-    names = {"dead": f".out.graphfold-{host}-{dead.pid}-abc",
-             "alive": f".out.graphfold-{host}-{os.getpid()}-def",
-             "other_host": f".out.graphfold-{host}x-{dead.pid}-ghi",
-             "dead_backup": f".out.graphfold-old-{host}-{dead.pid}-jkl",
-             "unrelated": ".other.graphfold-x-1-y"}
+    names = {
+        "dead": f".out.graphfold-{host}-{dead.pid}-abc",
+        "alive": f".out.graphfold-{host}-{os.getpid()}-def",
+        "other_host": f".out.graphfold-{host}x-{dead.pid}-ghi",
+        "dead_backup": f".out.graphfold-old-{host}-{dead.pid}-jkl",
+        "unrelated": ".other.graphfold-x-1-y",
+    }
     for name in names.values():
         (tmp_path / name).mkdir()
         (tmp_path / name / "saved_model.pb").write_bytes(b"x" * 100)
@@ -402,13 +513,15 @@ def test_stale_staging_dirs_of_dead_runs_are_removed(src, tmp_path):
     assert names["dead"] not in left
     # alive, another host's, a backup of a DST that was missing then, an unrelated one: kept
     assert {names[k] for k in ("alive", "other_host", "dead_backup", "unrelated")} <= left
-    assert [n for n in result.notes if "left behind by an interrupted" in n] == \
-        [f"removed {tmp_path / names['dead']}, left behind by an interrupted graphfold run"]
+    assert [n for n in result.notes if "left behind by an interrupted" in n] == [
+        f"removed {tmp_path / names['dead']}, left behind by an interrupted graphfold run"
+    ]
     graphfold.optimize_saved_model(src("two_signatures"), str(dst), overwrite=True)
-    assert names["dead_backup"] not in os.listdir(tmp_path)    # DST exists now: removed
+    assert names["dead_backup"] not in os.listdir(tmp_path)  # DST exists now: removed
 
 
 # ---- bad input: one line, exit 2, nothing written --------------------------------------------
+
 
 def _bad_warmup(source, tmp_path, how) -> str:
     path = _copy(source, tmp_path, f"bad_{how}")
@@ -422,34 +535,38 @@ def _bad_warmup(source, tmp_path, how) -> str:
     elif how == "unknown_signature":
         F.write_tfrecord(target, [good, good, F.warmup_record("nope", {"x": np.zeros(1)})])
     elif how == "original_fails":
-        F.write_tfrecord(target, [F.warmup_record("serving_default",
-                                                  {"image_bytes": np.array([b"not a jpeg"])})])
+        F.write_tfrecord(
+            target, [F.warmup_record("serving_default", {"image_bytes": np.array([b"not a jpeg"])})]
+        )
     elif how == "wrong_key":
         F.write_tfrecord(target, [F.warmup_record("serving_default", {"bytes": np.array([b""])})])
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("inputs_missing", "--inputs image_bytes="),
-    ("inputs_not_npy", "not a .npy or .npz file"),
-    ("inputs_wrong_dtype", "is a string tensor; got float32 values"),
-    ("inputs_wrong_shape", "has shape (None, 8, 8, 3); got shape [1, 4, 4, 3]"),
-    ("inputs_unknown_key", "'image' is not an input of signature 'serving_default'"),
-    ("inputs_no_signature_has_key", "no signature has input(s) 'image'"),
-    ("npz_unknown_name", "no array 'c' in it (it holds: a, b)"),
-    ("npz_ambiguous", "holds 2 arrays (a, b): name one"),
-    ("expr_not_literal", "is not a Python literal"),
-    ("inputs_bad_syntax", "expected <input_key>=<filename>"),
-    ("warmup_not_tfrecord", "record 0 is not a valid TFRecord"),
-    ("warmup_not_prediction_log", "record 1 is not a PredictionLog"),
-    ("warmup_unknown_signature", "record 2 calls signature 'nope'"),
-    ("warmup_wrong_key", "record 0: 'bytes' is not an input of signature 'serving_default'"),
-    ("inputs_original_fails", "signature 'serving_default': the original fails on --inputs #0"),
-    ("warmup_original_fails", "the original fails on warm-up records (1) #0"),
-    ("warmup_zero", "must be a whole number between 1 and 1000"),
-    ("warmup_over_1000", "must be a whole number between 1 and 1000"),
-    ("no_verify_with_inputs", "--no-verify: cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("inputs_missing", "--inputs image_bytes="),
+        ("inputs_not_npy", "not a .npy or .npz file"),
+        ("inputs_wrong_dtype", "is a string tensor; got float32 values"),
+        ("inputs_wrong_shape", "has shape (None, 8, 8, 3); got shape [1, 4, 4, 3]"),
+        ("inputs_unknown_key", "'image' is not an input of signature 'serving_default'"),
+        ("inputs_no_signature_has_key", "no signature has input(s) 'image'"),
+        ("npz_unknown_name", "no array 'c' in it (it holds: a, b)"),
+        ("npz_ambiguous", "holds 2 arrays (a, b): name one"),
+        ("expr_not_literal", "is not a Python literal"),
+        ("inputs_bad_syntax", "expected <input_key>=<filename>"),
+        ("warmup_not_tfrecord", "record 0 is not a valid TFRecord"),
+        ("warmup_not_prediction_log", "record 1 is not a PredictionLog"),
+        ("warmup_unknown_signature", "record 2 calls signature 'nope'"),
+        ("warmup_wrong_key", "record 0: 'bytes' is not an input of signature 'serving_default'"),
+        ("inputs_original_fails", "signature 'serving_default': the original fails on --inputs #0"),
+        ("warmup_original_fails", "the original fails on warm-up records (1) #0"),
+        ("warmup_zero", "must be a whole number between 1 and 1000"),
+        ("warmup_over_1000", "must be a whole number between 1 and 1000"),
+        ("no_verify_with_inputs", "--no-verify: cannot be combined"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, message):
     source, out = src("jpeg"), str(tmp_path / "out")
     (tmp_path / "text.npy").write_text("not numpy")
@@ -474,7 +591,7 @@ def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, mess
         "no_verify_with_inputs": ["--no-verify", "--input_exprs", "image_bytes=[b'']"],
     }.get(case, [])
     if case.startswith("warmup_") and not argv:
-        source = _bad_warmup(source, tmp_path, case[len("warmup_"):])
+        source = _bad_warmup(source, tmp_path, case[len("warmup_") :])
     before = F.tree_hash(source)
     assert main(["optimize", source, out] + argv) == 2
     captured = capsys.readouterr()
@@ -482,6 +599,6 @@ def test_bad_input_exits_2_with_one_line_error(src, tmp_path, capsys, case, mess
     assert "Traceback" not in captured.err
     assert not os.path.exists(out) and not _leftovers(out)
     assert F.tree_hash(source) == before
-    if case.startswith(("inputs_", "npz_", "expr_")):          # `verify` takes them alike
+    if case.startswith(("inputs_", "npz_", "expr_")):  # `verify` takes them alike
         assert main(["verify", source, source] + argv) == 2
         assert message in error_line(capsys.readouterr().err)

@@ -24,13 +24,19 @@ from helpers import fused_bn as bn
 EPS = 1e-3
 
 
-
 @pytest.fixture(scope="module")
 def parts():
     rng = np.random.default_rng(5)
-    return dict(w=weight((3, 3, 3, 4), rng), b=bias(4, rng), p=bn_params(4, rng),
-                wd=weight((4, 6), rng), bd=bias(6, rng), pd=bn_params(6, rng),
-                w2=weight((3, 3, 2, 4), rng), p2=bn_params(4, rng))
+    return dict(
+        w=weight((3, 3, 3, 4), rng),
+        b=bias(4, rng),
+        p=bn_params(4, rng),
+        wd=weight((4, 6), rng),
+        bd=bias(6, rng),
+        pd=bn_params(6, rng),
+        w2=weight((3, 3, 2, 4), rng),
+        p2=bn_params(4, rng),
+    )
 
 
 def conv_bn(x, parts):
@@ -38,8 +44,14 @@ def conv_bn(x, parts):
 
 
 def dense_bn(h, parts):
-    return tf.nn.batch_normalization(tf.matmul(h, parts["wd"]) + parts["bd"], parts["pd"][2],
-                                     parts["pd"][3], parts["pd"][1], parts["pd"][0], EPS)
+    return tf.nn.batch_normalization(
+        tf.matmul(h, parts["wd"]) + parts["bd"],
+        parts["pd"][2],
+        parts["pd"][3],
+        parts["pd"][1],
+        parts["pd"][0],
+        EPS,
+    )
 
 
 def test_dict_output_keeps_keys_dtypes_and_static_shapes(parts):
@@ -49,8 +61,11 @@ def test_dict_output_keeps_keys_dtypes_and_static_shapes(parts):
     def fn(image):
         y = tf.nn.relu(conv_bn(image, parts))
         logits = dense_bn(tf.reduce_mean(y, axis=[1, 2]), parts)
-        return {"logits": logits, "classes": tf.argmax(logits, axis=-1, output_type=tf.int32),
-                "features": y}
+        return {
+            "logits": logits,
+            "classes": tf.argmax(logits, axis=-1, output_type=tf.int32),
+            "features": y,
+        }
 
     concrete = fn.get_concrete_function()
     folded = check_rewrite(concrete, rng)
@@ -152,7 +167,8 @@ def test_positional_and_keyword_arguments_of_different_shapes(parts):
     concrete = tf.function(fn).get_concrete_function(
         tf.TensorSpec([None, 8, 8, 3], tf.float32, name="image"),
         vector=tf.TensorSpec([None, 4], tf.float32, name="vector"),
-        scale=tf.TensorSpec([], tf.float32, name="scale"))
+        scale=tf.TensorSpec([], tf.float32, name="scale"),
+    )
     folded = check_rewrite(concrete, rng)
     assert_folded_into_layers(folded, 2)
     args, kwargs = random_inputs(concrete, rng, batch=3)
@@ -174,8 +190,18 @@ def test_python_arguments_and_defaults(parts):
     def fn(x, training=False, scale=2.0, y=None):
         gamma, beta, mean, var = parts["p"]
         h = tf.nn.bias_add(tf.nn.conv2d(x, parts["w"], 1, "SAME"), parts["b"])
-        out = tf.raw_ops.FusedBatchNormV3(x=h, scale=gamma, offset=beta, mean=mean, variance=var,
-                                          epsilon=EPS, is_training=training)[0] * scale
+        out = (
+            tf.raw_ops.FusedBatchNormV3(
+                x=h,
+                scale=gamma,
+                offset=beta,
+                mean=mean,
+                variance=var,
+                epsilon=EPS,
+                is_training=training,
+            )[0]
+            * scale
+        )
         return out if y is None else out + tf.reduce_mean(y)
 
     spec = tf.TensorSpec([None, 8, 8, 3], tf.float32)
@@ -186,8 +212,9 @@ def test_python_arguments_and_defaults(parts):
     assert_close(inference, folded, ((x,), {}))
     assert_close(inference, folded, ((x, False, 2.0, None), {}))
 
-    training = tf.function(fn).get_concrete_function(spec, training=True, scale=3.0,
-                                                     y=tf.TensorSpec([None], tf.float32))
+    training = tf.function(fn).get_concrete_function(
+        spec, training=True, scale=3.0, y=tf.TensorSpec([None], tf.float32)
+    )
     folded = check_rewrite(training, rng)
     [entry] = folded.report.batch_norms
     assert not entry.folded and "training" in entry.reason
@@ -247,8 +274,7 @@ def test_dict_input(parts):
     rng = np.random.default_rng(8)
 
     def fn(inputs):
-        return conv_bn(inputs["b_image"], parts) + tf.reduce_mean(
-            conv_bn(inputs["a_image"], parts))
+        return conv_bn(inputs["b_image"], parts) + tf.reduce_mean(conv_bn(inputs["a_image"], parts))
 
     spec = tf.TensorSpec([None, 8, 8, 3], tf.float32)
     concrete = tf.function(fn).get_concrete_function({"b_image": spec, "a_image": spec})

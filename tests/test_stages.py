@@ -27,8 +27,7 @@ RNG = np.random.default_rng(1818)
 # ---- events -----------------------------------------------------------------------------------
 def test_stages_are_typed_events_in_order(src, tmp_path):
     events = []
-    result = graphfold.optimize_saved_model(src("keras3"), tmp_path / "out",
-                                            progress=events.append)
+    result = graphfold.optimize_saved_model(src("keras3"), tmp_path / "out", progress=events.append)
     assert result.written
     assert all(isinstance(e, progress_.Event) for e in events), events
     stages = [e.stage for e in events if isinstance(e, progress_.StageStarted)]
@@ -58,8 +57,9 @@ def test_the_heartbeat_says_what_the_stage_does():
     console.heartbeat.every = 0.05
     console.progress(progress_.StageStarted("verify", "2 distinct signature(s)"))
     import time
+
     time.sleep(0.2)
-    console.progress(progress_.Note("  a result"))       # a result line: the stage goes on
+    console.progress(progress_.Note("  a result"))  # a result line: the stage goes on
     time.sleep(0.2)
     console.done()
     lines = err.getvalue().splitlines()
@@ -76,9 +76,11 @@ def test_the_result_is_not_a_dict_but_reads_like_one(src, tmp_path):
     assert result["serve"] is result.reports["serve"] and len(result) == 2
     assert dict(result.items()) == result.reports
     with pytest.raises(TypeError):
-        result["serve"] = None                                  # read-only
-    assert result.same_as == {"serve": "serve", "serving_default": "serve"} or \
-        result.same_as == {"serve": "serving_default", "serving_default": "serving_default"}
+        result["serve"] = None  # read-only
+    assert result.same_as == {"serve": "serve", "serving_default": "serve"} or result.same_as == {
+        "serve": "serving_default",
+        "serving_default": "serving_default",
+    }
     document = result.to_dict()
     assert {s["same_as"] for s in document["signatures"].values()} == {min(result.same_as.values())}
 
@@ -107,7 +109,7 @@ def test_render_uses_the_functions_answer_not_the_reports(tmp_path):
     assert result.same_as == {"a": "a", "b": "b"}
     a, b = (result["a"].to_dict(), result["b"].to_dict())
     a.pop("seconds"), b.pop("seconds")
-    assert a == b                                   # the reports alone cannot tell them apart
+    assert a == b  # the reports alone cannot tell them apart
     out = io.StringIO()
     render_reports(result, Console(out=out, err=io.StringIO()))
     assert "same graph as" not in out.getvalue(), out.getvalue()
@@ -152,10 +154,9 @@ def test_no_partial_keeps_the_batch_norm_whole(pre_activation, tmp_path, capsys)
     assert by_default["partial"] == 1 and by_default["not_folded"] == 0, by_default
     whole = _summary(capsys, ["inspect", pre_activation, "--no-partial"])
     assert whole["partial"] == 0 and whole["not_folded"] == 1, whole
-    written = _summary(capsys, ["optimize", pre_activation, str(tmp_path / "out"),
-                                "--no-partial"])
+    written = _summary(capsys, ["optimize", pre_activation, str(tmp_path / "out"), "--no-partial"])
     assert written["partial"] == 0 and written["not_folded"] == 1, written
-    assert "Mul" in _ops(tmp_path / "out")        # the scale kept in what is written
+    assert "Mul" in _ops(tmp_path / "out")  # the scale kept in what is written
     folded = _summary(capsys, ["optimize", pre_activation, str(tmp_path / "out2")])
     assert folded["partial"] == 1 and "Mul" not in _ops(tmp_path / "out2"), folded
 
@@ -168,16 +169,17 @@ def _ops(path) -> set[str]:
 def test_no_partial_on_a_graph_def_file(tmp_path, capsys):
     p, w = bn_params(4, RNG, positive=True), weight((3, 3, 4, 5), RNG)
     fn = tf.function(lambda x: tf.nn.conv2d(tf.nn.relu(fused_bn(x, p)), w, 1, "SAME"))
-    graph_def = fn.get_concrete_function(tf.TensorSpec([1, 6, 6, 4], tf.float32)).graph \
-        .as_graph_def()
+    graph_def = fn.get_concrete_function(
+        tf.TensorSpec([1, 6, 6, 4], tf.float32)
+    ).graph.as_graph_def()
     path = str(tmp_path / "model.pb")
     with open(path, "wb") as f:
         f.write(graph_def.SerializeToString())
     for argv, partial in ((["--no-partial"], 0), ([], 1)):
-        assert main(["optimize", path, str(tmp_path / "out.pb"), "--overwrite", "--json",
-                     *argv]) == 0
-        summary = json.loads(capsys.readouterr().out)["signatures"]["graph"]["report"][
-            "summary"]
+        assert (
+            main(["optimize", path, str(tmp_path / "out.pb"), "--overwrite", "--json", *argv]) == 0
+        )
+        summary = json.loads(capsys.readouterr().out)["signatures"]["graph"]["report"]["summary"]
         assert summary["partial"] == partial and summary["not_folded"] == 1 - partial, summary
 
 
@@ -196,10 +198,11 @@ def test_the_original_is_let_go_before_the_written_model_is_loaded(src, tmp_path
     import weakref
 
     from graphfold.serving import saved_model
+
     real, loads = saved_model.load, []
 
     def load(path, tags):
-        if loads:                              # the written model, loaded back to be verified
+        if loads:  # the written model, loaded back to be verified
             gc.collect()
             assert loads[0]() is None, "the original is still held"
         loaded = real(path, tags)
@@ -219,6 +222,7 @@ def test_a_record_written_before_partial_existed_is_still_done(tmp_path):
 
     from graphfold.fleet.repo_task import RECORD, Task, already_done
     from graphfold.options import Options
+
     dst = tmp_path / "1"
     (dst / "assets.extra").mkdir(parents=True)
     (dst / "saved_model.pb").write_bytes(b"")

@@ -34,8 +34,11 @@ def _imports() -> dict[str, set[str]]:
     for path in paths:
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and \
-                    node.module.split(".")[0] == "graphfold":
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] == "graphfold"
+            ):
                 base = _module_of(node.module, modules)
                 for alias in node.names:
                     sub = alias.name if base == "graphfold" else f"{base}.{alias.name}"
@@ -74,7 +77,7 @@ def test_no_module_imports_a_layer_above_its_own():
 
 def test_the_layer_check_can_fail():
     assert _layer("fold.report") == 1 and _layer("cli.render") == 5 and _layer("errors") == 0
-    assert _layer("cli.render") > _layer("fold.report")      # report importing render: refused
+    assert _layer("cli.render") > _layer("fold.report")  # report importing render: refused
 
 
 def test_the_leaves_import_no_layer():
@@ -90,8 +93,11 @@ def test_no_module_imports_the_package_itself():
 
 
 def test_no_import_cycles():
-    graph = {m: {i for i in deps if i != m and i != m.rpartition(".")[0]}
-             for m, deps in _imports().items() if not m.endswith("__init__")}
+    graph = {
+        m: {i for i in deps if i != m and i != m.rpartition(".")[0]}
+        for m, deps in _imports().items()
+        if not m.endswith("__init__")
+    }
     state: dict[str, int] = {}
 
     def visit(module, path):
@@ -112,10 +118,25 @@ def test_no_import_cycles():
 # constants' evaluators) and the code that walks them. Op names belong in the tables only.
 # Not here: casts.py (its subject is one op, Cast) and tf_quirks.py (each quirk is a table entry
 # whose find/fix code names the ops of its pattern).
-ENGINE = tuple(f"fold.{m}" for m in ("affine", "apply", "census", "constants", "decide", "graph",
-                                     "inline", "layers", "plan", "rules", "shape_values",
-                                     "shapes", "writes")) + ("convert.rewrite",)
-EMITTERS = ("add_op", "become")    # graph.add_op(name, "BiasAdd", ...): an op emitted, not a test
+ENGINE = tuple(
+    f"fold.{m}"
+    for m in (
+        "affine",
+        "apply",
+        "census",
+        "constants",
+        "decide",
+        "graph",
+        "inline",
+        "layers",
+        "plan",
+        "rules",
+        "shape_values",
+        "shapes",
+        "writes",
+    )
+) + ("convert.rewrite",)
+EMITTERS = ("add_op", "become")  # graph.add_op(name, "BiasAdd", ...): an op emitted, not a test
 # The graph's plumbing, not knowledge of an op's math: a walker may name these.
 PLUMBING = frozenset({"Const", "NoOp", "Placeholder"})
 
@@ -124,6 +145,7 @@ def table_ops() -> set[str]:
     from graphfold.fold.affine import BATCH_NORMS, ELEMENTWISE_OPS
     from graphfold.fold.layers import LINEAR
     from graphfold.fold.rules import IDENTITIES, RULES
+
     return set(RULES) | set(LINEAR) | set(ELEMENTWISE_OPS) | set(BATCH_NORMS) | set(IDENTITIES)
 
 
@@ -131,8 +153,8 @@ def every_op() -> set[str]:
     """Every op TensorFlow registers (``tf.raw_ops``) and every op a table names, but the graph's
     plumbing."""
     import tensorflow as tf
-    return ({name for name in dir(tf.raw_ops) if not name.startswith("_")} | table_ops()) \
-        - PLUMBING
+
+    return ({name for name in dir(tf.raw_ops) if not name.startswith("_")} | table_ops()) - PLUMBING
 
 
 def ops_named_outside_tables(source: str, ops: set[str]) -> list[str]:
@@ -142,23 +164,33 @@ def ops_named_outside_tables(source: str, ops: set[str]) -> list[str]:
     tree = ast.parse(source)
     allowed: set[int] = set()
     for statement in tree.body:
-        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and \
-                not isinstance(statement.value, ast.Constant):
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and not isinstance(
+            statement.value, ast.Constant
+        ):
             allowed.update(id(n) for n in ast.walk(statement))
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                node.func.attr in EMITTERS and len(node.args) >= 2:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in EMITTERS
+            and len(node.args) >= 2
+        ):
             allowed.add(id(node.args[1]))
-    return [f"{node.lineno}: {node.value}" for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and node.value in ops and id(node) not in allowed]
+    return [
+        f"{node.lineno}: {node.value}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in ops and id(node) not in allowed
+    ]
 
 
 def test_the_check_for_op_names_can_fail():
     ops = {"Conv2D", "BiasAdd", "Relu"}
-    source = ("TABLE = {'Conv2D': 1}\nLONE = 'Relu'\n"
-              "def f(graph, node):\n"
-              "    graph.add_op('x', 'BiasAdd', [], None)\n"
-              "    return node.op == 'Conv2D' or node.op in ('Relu',)\n")
+    source = (
+        "TABLE = {'Conv2D': 1}\nLONE = 'Relu'\n"
+        "def f(graph, node):\n"
+        "    graph.add_op('x', 'BiasAdd', [], None)\n"
+        "    return node.op == 'Conv2D' or node.op in ('Relu',)\n"
+    )
     assert ops_named_outside_tables(source, ops) == ["2: Relu", "5: Conv2D", "5: Relu"]
 
 
@@ -175,7 +207,13 @@ def test_the_engine_names_no_op_outside_its_tables():
     tables: no function of the engine names an op, whether a table handles it or not (an op it
     emits and the graph's plumbing aside)."""
     ops = every_op()
-    named = {module: found for module in ENGINE
-             if (found := ops_named_outside_tables(
-                 (PACKAGE / f"{module.replace('.', '/')}.py").read_text(), ops))}
+    named = {
+        module: found
+        for module in ENGINE
+        if (
+            found := ops_named_outside_tables(
+                (PACKAGE / f"{module.replace('.', '/')}.py").read_text(), ops
+            )
+        )
+    }
     assert not named, named

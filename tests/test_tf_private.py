@@ -9,8 +9,11 @@ from graphfold import tf_private
 
 def test_every_touch_point_is_tested_here():
     source = open(__file__).read()
-    untested = [name for name, fn in tf_private.TOUCH_POINTS.items()
-                if f"tf_private.{fn.__name__}(" not in source]
+    untested = [
+        name
+        for name, fn in tf_private.TOUCH_POINTS.items()
+        if f"tf_private.{fn.__name__}(" not in source
+    ]
     assert not untested, f"no test calls {untested}"
 
 
@@ -29,7 +32,7 @@ def test_freezing_without_reading_the_variables():
     fn, w, s = _function()
     graph_def, variables = tf_private.freeze_without_reading(fn)
     assert sorted(v.name for v in variables.values()) == sorted([w.name, s.name])
-    for name in variables:      # stand-ins: one value and a shape, never the weights
+    for name in variables:  # stand-ins: one value and a shape, never the weights
         node = next(n for n in graph_def.node if n.name == name)
         assert node.op == "Const" and len(node.attr["value"].tensor.tensor_content) < 8
     assert not [n for n in graph_def.node if n.op in ("ReadVariableOp", "VarHandleOp")]
@@ -48,7 +51,7 @@ def test_a_variables_buffer_is_shared_not_copied():
     array = tf_private.variable_buffer(w)
     assert np.shares_memory(array, tf_private.variable_buffer(w))
     np.testing.assert_array_equal(array, w.numpy())
-    assert np.asarray(tf_private.variable_buffer(s)) == 3.0     # a scalar: a NumPy scalar
+    assert np.asarray(tf_private.variable_buffer(s)) == 3.0  # a scalar: a NumPy scalar
 
 
 def test_registered_op_defs():
@@ -59,7 +62,7 @@ def test_registered_op_defs():
 def test_a_function_body_rebuilt_with_input_shapes():
     fn, _, _ = _function()
     library = fn.graph.as_graph_def().library
-    assert not library.function      # the einsum is inline: make a nested call
+    assert not library.function  # the einsum is inline: make a nested call
     inner = tf.function(lambda x: tf.nn.relu(x) * 2.0)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32)])
@@ -67,7 +70,7 @@ def test_a_function_body_rebuilt_with_input_shapes():
         return inner(x)
 
     function = outer.get_concrete_function().graph.as_graph_def().library.function[0]
-    function.arg_attr[0].attr.pop("_output_shapes")     # as a loaded SavedModel's calls are
+    function.arg_attr[0].attr.pop("_output_shapes")  # as a loaded SavedModel's calls are
     body = tf_private.function_body(function, [tf.TensorShape([7, 5])])
     assert body.outputs[0].shape.as_list() == [7, 5]
 
@@ -77,15 +80,20 @@ def test_a_saved_model_fingerprint(tmp_path):
     module.f = tf.function(lambda x: x * 2.0, input_signature=[tf.TensorSpec([], tf.float32)])
     tf.saved_model.save(module, str(tmp_path))
     from tensorflow.core.protobuf import fingerprint_pb2
-    written, made = (fingerprint_pb2.FingerprintDef.FromString(data) for data in (
-        (tmp_path / "fingerprint.pb").read_bytes(), tf_private.saved_model_fingerprint(
-            str(tmp_path))))
+
+    written, made = (
+        fingerprint_pb2.FingerprintDef.FromString(data)
+        for data in (
+            (tmp_path / "fingerprint.pb").read_bytes(),
+            tf_private.saved_model_fingerprint(str(tmp_path)),
+        )
+    )
     written.ClearField("uuid")
-    made.ClearField("uuid")           # a random id per call
+    made.ClearField("uuid")  # a random id per call
     assert made == written and made.saved_model_checksum
 
 
 def test_whether_the_runtime_started():
     assert tf_private.runtime_started() in (True, False)
-    tf.constant(1.0) + 1.0          # an eager op starts it
+    tf.constant(1.0) + 1.0  # an eager op starts it
     assert tf_private.runtime_started() is True

@@ -31,15 +31,18 @@ from helpers import (
 )
 from helpers import fused_bn as bn
 
-MISCOMPUTED = 1e-2       # a reproduction's error above this: TensorFlow still miscomputes it
+MISCOMPUTED = 1e-2  # a reproduction's error above this: TensorFlow still miscomputes it
 
 
 def _release() -> str:
     return ".".join(tf.__version__.split(".")[:2])
 
 
-@pytest.mark.parametrize("quirk, op", [(q, op) for q in tf_quirks.QUIRKS for op in q.ops],
-                         ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize(
+    "quirk, op",
+    [(q, op) for q in tf_quirks.QUIRKS for op in q.ops],
+    ids=lambda v: getattr(v, "name", v),
+)
 def test_the_table_is_true_for_this_tensorflow(quirk, op):
     """The reproduction (no graphfold in it) still miscomputes on the releases the entry names;
     when a release fixes it, or a release not in the table runs, this fails and says what to
@@ -50,15 +53,19 @@ def test_the_table_is_true_for_this_tensorflow(quirk, op):
         assert error > MISCOMPUTED, (
             f"TensorFlow {tf.__version__} no longer miscomputes {quirk.name} with {op} "
             f"(relative error {error:.3g}): update graphfold/fold/tf_quirks.py (record the release "
-            f"that fixed it; keep the workaround while older releases may serve the artifact)")
+            f"that fixed it; keep the workaround while older releases may serve the artifact)"
+        )
     else:
-        pytest.fail(f"TensorFlow {release} is not in {quirk.name}'s known_on "
-                    f"{quirk.known_on}: its reproduction with {op} gives relative error "
-                    f"{error:.3g} ({'still miscomputed' if error > MISCOMPUTED else 'fixed'}): "
-                    f"record that in graphfold/fold/tf_quirks.py")
+        pytest.fail(
+            f"TensorFlow {release} is not in {quirk.name}'s known_on "
+            f"{quirk.known_on}: its reproduction with {op} gives relative error "
+            f"{error:.3g} ({'still miscomputed' if error > MISCOMPUTED else 'fixed'}): "
+            f"record that in graphfold/fold/tf_quirks.py"
+        )
 
 
 # ---- the workaround where the fold makes the pattern ------------------------------------------
+
 
 def _residual_leaky(rng, conv: str, form: str, alpha: float = 0.01):
     """``leaky_relu(BN(conv(x)) + conv2(x), alpha)``: after the fold, ``conv -> BiasAdd -> AddV2
@@ -66,29 +73,34 @@ def _residual_leaky(rng, conv: str, form: str, alpha: float = 0.01):
     c = 8
     if conv == "Conv2D":
         w, w2 = weight((3, 3, 4, c), rng), weight((1, 1, 4, c), rng)
-        layer = (lambda x, k: tf.nn.conv2d(x, k, 1, "SAME"))
+        layer = lambda x, k: tf.nn.conv2d(x, k, 1, "SAME")
         shape = [6, 6, 4]
     else:
         w, w2 = weight((3, 3, 3, 4, c), rng), weight((1, 1, 1, 4, c), rng)
-        layer = (lambda x, k: tf.nn.conv3d(x, k, [1] * 5, "SAME"))
+        layer = lambda x, k: tf.nn.conv3d(x, k, [1] * 5, "SAME")
         shape = [4, 6, 6, 4]
     p = bn_params(c, rng)
     norm = bn if form == "fused" and conv == "Conv2D" else decomposed_bn
 
     def body(x):
         return tf.nn.leaky_relu(norm(layer(x, w), p) + layer(x, w2), alpha=alpha)
+
     return make(body, shape)
 
 
-@pytest.mark.parametrize("conv, form", [("Conv2D", "fused"), ("Conv2D", "decomposed"),
-                                        ("Conv3D", "decomposed")])
+@pytest.mark.parametrize(
+    "conv, form", [("Conv2D", "fused"), ("Conv2D", "decomposed"), ("Conv3D", "decomposed")]
+)
 def test_a_pattern_the_fold_makes_is_written_so_that_tensorflow_computes_it_right(conv, form):
     rng = np.random.default_rng(17)
     fn = _residual_leaky(rng, conv, form)
-    folded = check_rewrite(fn, rng)            # run as a tf.function: Grappler has had its say
+    folded = check_rewrite(fn, rng)  # run as a tf.function: Grappler has had its say
     counts = op_counts(folded.graph_def)
-    assert counts[conv] == 2 and "BiasAdd" not in counts and not nodes_of(
-        folded.graph_def, "FusedBatchNormV3")
+    assert (
+        counts[conv] == 2
+        and "BiasAdd" not in counts
+        and not nodes_of(folded.graph_def, "FusedBatchNormV3")
+    )
     assert folded.report.verification.status == "ok"
     assert any("made by the fold" in n and "AddV2" in n for n in folded.report.notes)
 
@@ -105,13 +117,19 @@ def test_a_pattern_the_original_already_has_is_left_as_it_is_and_noted():
     result must compute what the original computes (on this TensorFlow, the same wrong values):
     the BiasAdd stays, and the report says why."""
     rng = np.random.default_rng(5)
-    w, w2, b, p = weight((1, 1, 4, 8), rng), weight((1, 1, 4, 8), rng), bias(8, rng), \
-        bn_params(4, rng, positive=True)
+    w, w2, b, p = (
+        weight((1, 1, 4, 8), rng),
+        weight((1, 1, 4, 8), rng),
+        bias(8, rng),
+        bn_params(4, rng, positive=True),
+    )
 
     def body(x):
-        y = tf.nn.relu(bn(x, p))                       # a batch norm elsewhere, folded
-        return tf.nn.leaky_relu(tf.nn.bias_add(tf.nn.conv2d(y, w, 1, "VALID"), b) +
-                                tf.nn.conv2d(y, w2, 1, "VALID"), alpha=0.01)
+        y = tf.nn.relu(bn(x, p))  # a batch norm elsewhere, folded
+        return tf.nn.leaky_relu(
+            tf.nn.bias_add(tf.nn.conv2d(y, w, 1, "VALID"), b) + tf.nn.conv2d(y, w2, 1, "VALID"),
+            alpha=0.01,
+        )
 
     fn = make(body, [5, 5, 4])
     folded = check_rewrite(fn, rng)
@@ -139,6 +157,7 @@ def test_channels_first_bias_becomes_a_c11_constant():
     NCHW convolutions: the result runs through the NHWC twin (as TensorFlow would, Grappler
     included) against the original's twin."""
     from helpers import nhwc_twin
+
     rng = np.random.default_rng(23)
     w, w2, p = weight((1, 1, 4, 6), rng), weight((1, 1, 4, 6), rng), bn_params(6, rng)
     graph = tf.Graph()
@@ -149,8 +168,11 @@ def test_channels_first_bias_becomes_a_c11_constant():
         tf.identity(tf.nn.leaky_relu(y + side, alpha=0.01), name="y")
     original = graph.as_graph_def()
     optimized, report = optimize_graph_def(original, ["x"], ["y"])
-    [add] = [n for n in optimized.node if n.op == "AddV2" and
-             const_value_or_none(optimized, n.input[1]) is not None]
+    [add] = [
+        n
+        for n in optimized.node
+        if n.op == "AddV2" and const_value_or_none(optimized, n.input[1]) is not None
+    ]
     assert const_value(optimized, add.input[1]).shape == (6, 1, 1)
     assert "BiasAdd" not in op_counts(optimized)
     feed = rng.normal(size=(2, 4, 5, 7)).astype("float32")
@@ -166,12 +188,14 @@ def const_value_or_none(graph_def, tensor):
 
 # ---- a Keras 3 CSPNet-like model: issue 17's keras-hub CSPNet, small ----------------------------
 
+
 def test_keras3_cspnet_like_block_with_leaky_relu_0_01():
     """conv -> BN -> residual add -> LeakyReLU(0.01) (keras-hub CSPNet's block): before the
     workaround, the folded function was 1e-1 off the original when run (its GraphDef was right)."""
     import keras
 
     from graphfold import examples
+
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization()(x)

@@ -42,8 +42,7 @@ def transpose2d(x, w, size, stride, padding, data_format="NHWC"):
     n = tf.shape(x)[0]
     c = w.shape[2]
     shape = [n, size, size, c] if data_format == "NHWC" else [n, c, size, size]
-    return tf.nn.conv2d_transpose(x, w, tf.stack(shape), stride, padding,
-                                  data_format=data_format)
+    return tf.nn.conv2d_transpose(x, w, tf.stack(shape), stride, padding, data_format=data_format)
 
 
 # ---- forward -------------------------------------------------------------------------------------
@@ -51,8 +50,10 @@ def transpose2d(x, w, size, stride, padding, data_format="NHWC"):
 def test_forward_into_conv2d_transpose(stride, padding, size):
     rng = np.random.default_rng(11)
     w, b, p = weight((3, 3, 4, 3), rng), bias(4, rng), bn_params(4, rng)
-    fn = make(lambda x: fused_bn(tf.nn.bias_add(transpose2d(x, w, size, stride, padding), b), p),
-              [6, 6, 3])
+    fn = make(
+        lambda x: fused_bn(tf.nn.bias_add(transpose2d(x, w, size, stride, padding), b), p),
+        [6, 6, 3],
+    )
     folded = check_rewrite(fn, rng)
     assert_absorbed(folded, "forward", T2)
     s, _ = bn_scale_shift(p)
@@ -63,8 +64,14 @@ def test_forward_into_conv2d_transpose(stride, padding, size):
 def test_forward_into_conv2d_transpose_nchw():
     rng = np.random.default_rng(12)
     w, b, p = weight((3, 3, 4, 3), rng), bias(4, rng), bn_params(4, rng)
-    fn = make(lambda x: fused_bn(tf.nn.bias_add(transpose2d(x, w, 12, 2, "SAME", "NCHW"), b,
-                                                data_format="NCHW"), p, "NCHW"), [3, 6, 6])
+    fn = make(
+        lambda x: fused_bn(
+            tf.nn.bias_add(transpose2d(x, w, 12, 2, "SAME", "NCHW"), b, data_format="NCHW"),
+            p,
+            "NCHW",
+        ),
+        [3, 6, 6],
+    )
     folded = check_rewrite(fn, rng, run=False)
     assert_absorbed(folded, "forward", T2)
     feed = rng.normal(size=[2, 3, 6, 6]).astype(np.float32)
@@ -139,13 +146,16 @@ def test_backward_scale_nchw():
     assert rel_err(want, got) <= 1e-5
 
 
-@pytest.mark.parametrize("kernel,stride,padding,size", [
-    (3, 2, "SAME", 12),      # phases modulo the stride get different taps
-    (2, 2, "VALID", 12),     # each output one tap, a different one per phase
-    (1, 2, "VALID", 11),     # odd positions get no tap at all
-    (3, 1, "VALID", 8),      # the borders get fewer taps
-    (3, 1, "SAME", 6),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,size",
+    [
+        (3, 2, "SAME", 12),  # phases modulo the stride get different taps
+        (2, 2, "VALID", 12),  # each output one tap, a different one per phase
+        (1, 2, "VALID", 11),  # odd positions get no tap at all
+        (3, 1, "VALID", 8),  # the borders get fewer taps
+        (3, 1, "SAME", 6),
+    ],
+)
 def test_backward_shift_that_is_a_spatial_map_is_refused(kernel, stride, padding, size):
     rng = np.random.default_rng(16)
     w, p = weight((kernel, kernel, 4, 3), rng), bn_params(3, rng)
@@ -172,8 +182,13 @@ def test_backward_shift_folds_where_every_position_gets_every_tap():
 
     def body(x):
         return tf.raw_ops.Conv2DBackpropInput(
-            input_sizes=tf.stack([tf.shape(x)[0], 4, 4, 4]), filter=w, out_backprop=fused_bn(x, p),
-            strides=[1, 1, 1, 1], padding="EXPLICIT", explicit_paddings=[0, 0, 2, 2, 2, 2, 0, 0])
+            input_sizes=tf.stack([tf.shape(x)[0], 4, 4, 4]),
+            filter=w,
+            out_backprop=fused_bn(x, p),
+            strides=[1, 1, 1, 1],
+            padding="EXPLICIT",
+            explicit_paddings=[0, 0, 2, 2, 2, 2, 0, 0],
+        )
 
     assert_absorbed(check_rewrite(make(body, [6, 6, 3]), rng), "backward", T2)
 
@@ -185,22 +200,31 @@ def test_backward_conv3d_transpose_shift_is_refused_and_scale_folds():
     def net(p):
         def body(x):
             shape = tf.stack([tf.shape(x)[0], 8, 8, 8, 4])
-            return tf.nn.conv3d_transpose(fused_bn(x, p, "NDHWC"), w, shape, [1, 2, 2, 2, 1],
-                                          "SAME")
+            return tf.nn.conv3d_transpose(
+                fused_bn(x, p, "NDHWC"), w, shape, [1, 2, 2, 2, 1], "SAME"
+            )
+
         return make(body, [4, 4, 4, 3])
 
     assert_not_folded(check_rewrite(net(bn_params(3, rng)), rng, partial=False), "spatial map")
     assert_absorbed(check_rewrite(net(shift_free(bn_params(3, rng))), rng), "backward", T3)
-    partial = the_entry(check_rewrite(net(bn_params(3, rng)), rng))     # x + t/s stays
+    partial = the_entry(check_rewrite(net(bn_params(3, rng)), rng))  # x + t/s stays
     assert partial.partial and partial.direction == "backward" and "spatial map" in partial.reason
     assert "shift kept before" in partial.detail, partial
 
 
 # ---- the shift map is TensorFlow's --------------------------------------------------------------
-@pytest.mark.parametrize("kernel,stride,dilation,padding,n_in,n_out", [
-    (3, 2, 1, "SAME", 5, 10), (3, 2, 1, "SAME", 5, 9), (3, 2, 1, "VALID", 5, 11),
-    (4, 3, 1, "VALID", 4, 13), (4, 2, 1, "SAME", 3, 6), (2, 1, 1, "VALID", 5, 6),
-])
+@pytest.mark.parametrize(
+    "kernel,stride,dilation,padding,n_in,n_out",
+    [
+        (3, 2, 1, "SAME", 5, 10),
+        (3, 2, 1, "SAME", 5, 9),
+        (3, 2, 1, "VALID", 5, 11),
+        (4, 3, 1, "VALID", 4, 13),
+        (4, 2, 1, "SAME", 3, 6),
+        (2, 1, 1, "VALID", 5, 6),
+    ],
+)
 def test_shift_map_matches_tensorflow(kernel, stride, dilation, padding, n_in, n_out):
     """(TensorFlow's CPU kernel runs no dilated transposed convolution: dilation 1 only.)"""
     rng = np.random.default_rng(20)
@@ -208,8 +232,13 @@ def test_shift_map_matches_tensorflow(kernel, stride, dilation, padding, n_in, n
     t = rng.normal(size=3)
     x = np.broadcast_to(t, (1, n_in, n_in, 3))
     want = tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=[1, n_out, n_out, 4], filter=w, out_backprop=x, strides=[1, stride, stride, 1],
-        padding=padding, dilations=[1, dilation, dilation, 1]).numpy()[0]
+        input_sizes=[1, n_out, n_out, 4],
+        filter=w,
+        out_backprop=x,
+        strides=[1, stride, stride, 1],
+        padding=padding,
+        dilations=[1, dilation, dilation, 1],
+    ).numpy()[0]
     layer = _node(T2, stride, dilation, padding)
     got = transposed_shift_map(Site(layer, w, (None, n_in, n_in, 3), (None, n_out, n_out, 4)), t)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
@@ -217,6 +246,7 @@ def test_shift_map_matches_tensorflow(kernel, stride, dilation, padding, n_in, n
 
 def _node(op, stride, dilation, padding):
     from tensorflow.core.framework import node_def_pb2
+
     node = node_def_pb2.NodeDef(name="t", op=op)
     node.attr["strides"].list.i.extend([1, stride, stride, 1])
     node.attr["dilations"].list.i.extend([1, dilation, dilation, 1])
@@ -233,13 +263,16 @@ def test_keras_conv_transpose_then_batch_norm(framework, dims):
     shape = (6, 6, 3) if dims == 2 else (4, 4, 4, 3)
     layer = K.layers.Conv2DTranspose if dims == 2 else K.layers.Conv3DTranspose
     inp = K.Input(shape)
-    out = K.layers.BatchNormalization(name="up_bn")(layer(4, 3, strides=2, padding="same",
-                                                          name="up")(inp))
+    out = K.layers.BatchNormalization(name="up_bn")(
+        layer(4, 3, strides=2, padding="same", name="up")(inp)
+    )
     model = K.Model(inp, out)
     from helpers import randomise_keras_model
+
     randomise_keras_model(model, rng)
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec((None,) + shape, tf.float32))
+        tf.TensorSpec((None,) + shape, tf.float32)
+    )
     folded = check_rewrite(fn, rng)
     entry = assert_absorbed(folded, "forward", T2 if dims == 2 else T3)
     assert entry.name.startswith("up_bn") and "/up" in entry.absorbed_by[0], entry

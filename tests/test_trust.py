@@ -33,9 +33,15 @@ def _conv_bn_dense(seed: int):
     bytes, a stub weight) is left as it was."""
     keras = keras_module(False)
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
-                              keras.layers.BatchNormalization(), keras.layers.Flatten(),
-                              keras.layers.Dense(5)])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5),
+        ]
+    )
     randomise(model, np.random.default_rng(seed))
     return model
 
@@ -46,7 +52,8 @@ def test_rewrite_with_variables_binds_the_weights_it_did_not_change(keep_graph_d
     positional arguments, got 2``: the weights were let go before the re-import read them."""
     model = _conv_bn_dense(1)
     fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, 8, 8, 3], tf.float32))
+        tf.TensorSpec([None, 8, 8, 3], tf.float32)
+    )
     folded = graphfold.rewrite(fn, weights="variables", keep_graph_def=keep_graph_def)
     assert len(folded.report.folded) == 1 and not folded.report.not_folded
     assert batch_norm_census(folded.function.graph.as_graph_def()) == 0
@@ -67,8 +74,7 @@ def test_a_keras_export_is_folded_whatever_holds_the_weights(tmp_path, weights):
     assert _written_batch_norms(source) > 0 and _written_batch_norms(dst) == 0
     feeds = F.random_feeds(source, "serving_default", batch=3, seed=2)
     want = F.run_tf2(source, "serving_default", feeds)
-    for got in (F.run_tf2(dst, "serving_default", feeds),
-                F.run_tf1(dst, "serving_default", feeds)):
+    for got in (F.run_tf2(dst, "serving_default", feeds), F.run_tf1(dst, "serving_default", feeds)):
         for name, value in want.items():
             assert rel_err(value, got[name]) <= TOL
 
@@ -76,8 +82,9 @@ def test_a_keras_export_is_folded_whatever_holds_the_weights(tmp_path, weights):
 def test_a_scalar_variable_is_frozen():
     """``tf.Variable(2.0)`` crashed freezing (``Cannot set flags on array scalars``)."""
     keras = keras_module(False)
-    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3),
-                              keras.layers.BatchNormalization()])
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3), keras.layers.BatchNormalization()]
+    )
     randomise(model, np.random.default_rng(3))
     scale = tf.Variable(-2.5)
 
@@ -100,8 +107,11 @@ def test_a_crash_is_a_failure_not_a_copy(src, tmp_path, monkeypatch, capsys):
     exit 1, one line naming the signature and the exception, the traceback with --verbose."""
     monkeypatch.setattr(saved_model, "fold_signature", _crash)
     dst = tmp_path / "out"
-    with pytest.raises(RewriteFailed, match=r"signature 'serv.*': graphfold failed to rewrite "
-                                            r"it \(RuntimeError: boom"):
+    with pytest.raises(
+        RewriteFailed,
+        match=r"signature 'serv.*': graphfold failed to rewrite "
+        r"it \(RuntimeError: boom",
+    ):
         graphfold.optimize_saved_model(src("keras3"), str(dst))
     assert not dst.exists() and os.listdir(tmp_path) == []
     assert main(["optimize", src("keras3"), str(dst)]) == 1
@@ -111,7 +121,7 @@ def test_a_crash_is_a_failure_not_a_copy(src, tmp_path, monkeypatch, capsys):
     assert main(["optimize", src("keras3"), str(dst), "--verbose"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "_crash" in err and not dst.exists()
-    assert main(["inspect", src("keras3")]) == 0      # inspect folds without fold_signature
+    assert main(["inspect", src("keras3")]) == 0  # inspect folds without fold_signature
     monkeypatch.setattr(saved_model, "fold", _crash)
     assert main(["inspect", src("keras3")]) == 1
     assert "RuntimeError: boom" in error_line(capsys.readouterr().err)
@@ -121,8 +131,9 @@ def test_a_crash_fails_its_version_in_a_repository(src, tmp_path, monkeypatch):
     """The unit of work of ``optimize-repo`` and the Beam pipeline: a crash fails the version,
     with the error and its traceback in the record; nothing is written."""
     monkeypatch.setattr(saved_model, "fold_signature", _crash)
-    task = repo_task.Task("m", "1", src("keras3"), str(tmp_path / "m" / "1"),
-                          repo_task.normalized_options())
+    task = repo_task.Task(
+        "m", "1", src("keras3"), str(tmp_path / "m" / "1"), repo_task.normalized_options()
+    )
     record = repo_task.run_task(task)
     assert record["status"] == "failed"
     assert "graphfold failed to rewrite it (RuntimeError: boom" in record["error"]
@@ -134,23 +145,40 @@ def test_a_signature_copied_through_is_not_optimized(src, tmp_path, capsys):
     """A signature that captures a lookup table is copied through (exit 0), and the final line
     says NOT OPTIMIZED about it; "verified" speaks of the rewritten signatures only."""
     dst = tmp_path / "out"
-    assert main(["optimize", src("table"), str(dst), "--signature", "lookup",
-                 "--signature", "serving_default"]) == 0
+    assert (
+        main(
+            [
+                "optimize",
+                src("table"),
+                str(dst),
+                "--signature",
+                "lookup",
+                "--signature",
+                "serving_default",
+            ]
+        )
+        == 0
+    )
     final = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "1 signature(s) rewritten, 1 NOT OPTIMIZED (lookup: it captures 1 resource(s)" \
-        in final and "2 copied unchanged" in final and "; verified;" in final
-    assert main(["optimize", src("table"), str(tmp_path / "out2"), "--signature", "lookup",
-                 "--json"]) == 0
+    assert (
+        "1 signature(s) rewritten, 1 NOT OPTIMIZED (lookup: it captures 1 resource(s)" in final
+        and "2 copied unchanged" in final
+        and "; verified;" in final
+    )
+    assert (
+        main(["optimize", src("table"), str(tmp_path / "out2"), "--signature", "lookup", "--json"])
+        == 0
+    )
     document = json.loads(capsys.readouterr().out)
     assert document["signatures"]["lookup"]["rewritten"] is False
-    assert main(["optimize", src("table"), str(tmp_path / "out3"), "--signature",
-                 "lookup"]) == 0
+    assert main(["optimize", src("table"), str(tmp_path / "out3"), "--signature", "lookup"]) == 0
     final = capsys.readouterr().out.strip().splitlines()[-1]
     assert "0 signature(s) rewritten, 1 NOT OPTIMIZED" in final
     assert "nothing rewritten, nothing to verify" in final and "; verified" not in final
 
 
 # ---- options act or are refused (issue 17, item 4) -----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def jpeg_pb(tmp_path_factory):
@@ -161,8 +189,7 @@ def jpeg_pb(tmp_path_factory):
         data = tf.compat.v1.placeholder(tf.string, [], name="image_bytes")
         x = tf.cast(tf.io.decode_jpeg(data, channels=3), tf.float32)[None]
         y = tf.nn.conv2d(x, rng.normal(size=(3, 3, 3, 4)).astype(np.float32), 1, "SAME")
-        scale, offset = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(
-            np.float32)
+        scale, offset = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
         tf.identity(y * scale + offset, name="y")
     path = tmp_path_factory.mktemp("jpeg_pb") / "frozen.pb"
     path.write_bytes(graph.as_graph_def().SerializeToString())
@@ -172,55 +199,72 @@ def jpeg_pb(tmp_path_factory):
 def test_require_verification_acts_on_a_graph_def_file(jpeg_pb, tmp_path, capsys):
     """It was dropped: the .pb was written, NOT VERIFIED, exit 0."""
     dst = tmp_path / "out.pb"
-    assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y",
-                 "--require-verification"]) == 1
+    assert (
+        main(["optimize", jpeg_pb, str(dst), "--output-names", "y", "--require-verification"]) == 1
+    )
     err = capsys.readouterr().err
     assert "--require-verification: the graph is NOT VERIFIED" in error_line(err)
     assert not dst.exists() and os.listdir(tmp_path) == []
-    assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y"]) == 0    # without it
+    assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y"]) == 0  # without it
     assert "NOT VERIFIED" in capsys.readouterr().out and dst.exists()
 
 
-@pytest.mark.parametrize("flags", [["--warmup", "2"], ["--weights", "variables"],
-                                   ["--signature", "serving_default"], ["--tag-set", "serve"],
-                                   ["--drop-other-tag-sets"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--warmup", "2"],
+        ["--weights", "variables"],
+        ["--signature", "serving_default"],
+        ["--tag-set", "serve"],
+        ["--drop-other-tag-sets"],
+    ],
+)
 def test_a_graph_def_file_refuses_the_options_it_cannot_honour(jpeg_pb, tmp_path, capsys, flags):
     dst = tmp_path / "out.pb"
     assert main(["optimize", jpeg_pb, str(dst), "--output-names", "y", *flags]) == 2
-    assert f"{flags[0]}: not supported for a GraphDef file" in error_line(
-        capsys.readouterr().err)
+    assert f"{flags[0]}: not supported for a GraphDef file" in error_line(capsys.readouterr().err)
     assert not dst.exists()
 
 
 def test_a_saved_model_refuses_graph_def_names(src, tmp_path, capsys):
-    for command in (["optimize", src("keras3"), str(tmp_path / "out")],
-                    ["inspect", src("keras3")]):
+    for command in (["optimize", src("keras3"), str(tmp_path / "out")], ["inspect", src("keras3")]):
         assert main([*command, "--input-names", "x"]) == 2
         assert "--input-names: not supported for" in error_line(capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["verify", "optimize-repo"])
-def test_names_of_graph_def_files_are_not_offered_where_nothing_reads_them(src, tmp_path,
-                                                                          capsys, command):
+def test_names_of_graph_def_files_are_not_offered_where_nothing_reads_them(
+    src, tmp_path, capsys, command
+):
     assert main([command, src("keras3"), str(tmp_path / "out"), "--output-names", "y"]) == 2
     assert "unrecognized arguments: --output-names y" in error_line(capsys.readouterr().err)
 
 
 def test_the_api_refuses_options_in_its_own_words(src, jpeg_pb, tmp_path):
     from graphfold.serving.graph_def_file import optimize_graph_def_file
-    with pytest.raises(graphfold.options.BadOption, match=r"^warmup: not supported for a "
-                                                          r"GraphDef file$"):
+
+    with pytest.raises(
+        graphfold.options.BadOption,
+        match=r"^warmup: not supported for a "
+        r"GraphDef file$",
+    ):
         optimize_graph_def_file(jpeg_pb, str(tmp_path / "o.pb"), warmup=2)
     with pytest.raises(graphfold.options.BadOption, match=r"^input_names: not supported"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), input_names=["x"])
     with pytest.raises(graphfold.options.BadOption, match=r"^warmup=0: must be a whole number"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), warmup=0)
-    with pytest.raises(graphfold.options.BadOption, match=r"^verify=False: cannot be combined "
-                                                          r"with require_verification"):
+    with pytest.raises(
+        graphfold.options.BadOption,
+        match=r"^verify=False: cannot be combined "
+        r"with require_verification",
+    ):
         graphfold.Options(verify=False, require_verification=True)
-    with pytest.raises(graphfold.options.BadOption, match=r"^weights: not supported for "
-                                                          r"comparing two SavedModels"):
+    with pytest.raises(
+        graphfold.options.BadOption,
+        match=r"^weights: not supported for "
+        r"comparing two SavedModels",
+    ):
         graphfold.verify_saved_models(src("keras3"), src("keras3"), weights="variables")
     with pytest.raises(TypeError, match="unexpected keyword argument 'tolerence'"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), tolerence=1e-3)
@@ -229,12 +273,15 @@ def test_the_api_refuses_options_in_its_own_words(src, jpeg_pb, tmp_path):
 
 def test_options_are_one_value_the_repository_keys_on(src, tmp_path):
     """The same options spelled differently are one key; the record keeps every field."""
-    assert repo_task.normalized_options(tags="serve", signatures="serving_default") == \
-        graphfold.Options(tags=("serve",), signatures=["serving_default"])
+    assert repo_task.normalized_options(
+        tags="serve", signatures="serving_default"
+    ) == graphfold.Options(tags=("serve",), signatures=["serving_default"])
     options = graphfold.Options(tolerance=1e-4, warmup=None)
     result = graphfold.optimize_repository(
-        os.path.dirname(os.path.dirname(_one_version_repo(src, tmp_path))), tmp_path / "dst",
-        options=options)
+        os.path.dirname(os.path.dirname(_one_version_repo(src, tmp_path))),
+        tmp_path / "dst",
+        options=options,
+    )
     assert result.count("ok") == 1
     record = json.load(open(tmp_path / "dst" / "m" / "1" / repo_task.RECORD))
     assert record["options"] == options.to_dict() and record["options"]["tolerance"] == 1e-4
@@ -242,6 +289,7 @@ def test_options_are_one_value_the_repository_keys_on(src, tmp_path):
 
 def _one_version_repo(src, tmp_path) -> str:
     import shutil
+
     version = tmp_path / "repo" / "m" / "1"
     shutil.copytree(src("keras3"), version)
     return str(version)
@@ -249,16 +297,23 @@ def _one_version_repo(src, tmp_path) -> str:
 
 # ---- verification that cannot pass without checking (issue 17, items 5 and 6) --------------------
 
+
 @pytest.mark.parametrize("max_rel, accepted", [(5e-5, True), (1e-2, False)])
-def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, max_rel,
-                                                                   accepted):
+def test_the_noise_floor_excuses_only_an_error_within_its_multiple(monkeypatch, max_rel, accepted):
     """A floor over the tolerance accepts an error within NOISE_MULTIPLE times it, never more."""
     from graphfold.convert import noise
     from graphfold.convert.verify import OutputError, Verification
+
     monkeypatch.setattr(noise, "measure", lambda reference, feeds: {"y": 2e-5})
-    check = Verification("serving_default", "failed", 1e-5, reason="y: too far", mismatch=True,
-                         outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel, 1e-5)],
-                         fed=[{"x": np.zeros((1, 4), np.float32)}])
+    check = Verification(
+        "serving_default",
+        "failed",
+        1e-5,
+        reason="y: too far",
+        mismatch=True,
+        outputs=[OutputError("y", (1, 4), "float32", max_rel, max_rel, 1e-5)],
+        fed=[{"x": np.zeros((1, 4), np.float32)}],
+    )
     noise.judge(check, reference=None)
     assert check.noise_floor == 2e-5
     assert (check.status == "ok") is accepted, check.reason
@@ -270,6 +325,7 @@ def test_verify_acts_on_require_verification(src, tmp_path, capsys):
     import shutil
 
     from graphfold.errors import VerificationFailed
+
     source = str(tmp_path / "jpeg")
     shutil.copytree(src("jpeg"), source)
     shutil.rmtree(os.path.join(source, "assets.extra"))
@@ -278,10 +334,12 @@ def test_verify_acts_on_require_verification(src, tmp_path, capsys):
     assert "NOT VERIFIED" in capsys.readouterr().out
     assert main([*args, "--require-verification"]) == 1
     assert "--require-verification: signature(s) serving_default NOT VERIFIED" in error_line(
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     with pytest.raises(VerificationFailed, match="^require_verification: signature"):
-        graphfold.verify_saved_models(source, source, signatures=["serving_default"],
-                                      require_verification=True)
+        graphfold.verify_saved_models(
+            source, source, signatures=["serving_default"], require_verification=True
+        )
 
 
 def test_a_batch_norm_it_cannot_read_is_still_counted():
@@ -289,10 +347,11 @@ def test_a_batch_norm_it_cannot_read_is_still_counted():
     folds, and the census still lists it, with the reason."""
     rng = np.random.default_rng(11)
     with tf.Graph().as_default() as graph:
-        x = tf.compat.v1.placeholder(tf.float32, None, name="x")     # unknown rank
+        x = tf.compat.v1.placeholder(tf.float32, None, name="x")  # unknown rank
         with tf.name_scope("bn/batchnorm"):
             y = x * rng.uniform(0.5, 2, 4).astype(np.float32) + rng.normal(size=4).astype(
-                np.float32)
+                np.float32
+            )
         tf.identity(y, name="y")
     optimized, report = graphfold.optimize_graph_def(graph.as_graph_def(), ["x"], ["y"])
     [entry] = report.batch_norms

@@ -28,6 +28,7 @@ def _any_size_model(path):
     import keras
 
     from graphfold import examples
+
     inputs = keras.Input((None, None, 3), name="x")
     x = inputs
     for _ in range(2):
@@ -64,16 +65,22 @@ def test_input_shape_on_optimize_and_verify(any_size, tmp_path, capsys):
     assert "x[1, 20, 20, 3]" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argument, message", [
-    ("x=1,64,64,4", "--input-shape x=1,64,64,4: input 'x' of signature 'serve' has shape "
-                    "[?, ?, ?, 3]"),
-    ("x=1,64,64", "input 'x' of signature"),
-    ("image=1,64,64,3", "no signature has an input 'image'"),
-    ("x=1,0,64,3", "every dimension must be at least 1"),
-    ("x", "expected KEY=D1,D2,..."),
-])
-def test_a_shape_the_signature_cannot_take_is_refused(any_size, tmp_path, capsys, argument,
-                                                      message):
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        (
+            "x=1,64,64,4",
+            "--input-shape x=1,64,64,4: input 'x' of signature 'serve' has shape [?, ?, ?, 3]",
+        ),
+        ("x=1,64,64", "input 'x' of signature"),
+        ("image=1,64,64,3", "no signature has an input 'image'"),
+        ("x=1,0,64,3", "every dimension must be at least 1"),
+        ("x", "expected KEY=D1,D2,..."),
+    ],
+)
+def test_a_shape_the_signature_cannot_take_is_refused(
+    any_size, tmp_path, capsys, argument, message
+):
     out = str(tmp_path / "out")
     assert main(["optimize", any_size, out, "--input-shape", argument]) == 2
     assert message in capsys.readouterr().err and not os.path.exists(out)
@@ -113,10 +120,12 @@ def test_graph_def_file_placeholders_with_unknown_dims(tmp_path):
     with open(src, "wb") as f:
         f.write(graph.as_graph_def().SerializeToString())
     from graphfold.serving.graph_def_file import optimize_graph_def_file
+
     result = optimize_graph_def_file(src, str(tmp_path / "out.pb"))
     assert result.verification["graph"].inputs == {"x": (1, 224, 224, 3)}
-    result = optimize_graph_def_file(src, str(tmp_path / "out2.pb"),
-                                     input_shapes={"x": (3, 10, 12, 3)})
+    result = optimize_graph_def_file(
+        src, str(tmp_path / "out2.pb"), input_shapes={"x": (3, 10, 12, 3)}
+    )
     assert result.verification["graph"].inputs == {"x": (3, 10, 12, 3)}
     with pytest.raises(BadInput, match="signature 'graph' has shape"):
         optimize_graph_def_file(src, str(tmp_path / "out3.pb"), input_shapes={"x": (1, 9, 9, 2)})
@@ -136,9 +145,11 @@ def test_default_shapes_and_the_memory_budget():
 
 # ---- mixed precision ----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def mixed_float16():
     import keras
+
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         yield keras
@@ -149,14 +160,17 @@ def mixed_float16():
 def _mobilenet_like(keras, seed=0):
     """A small MobileNetV2-like model (conv/BN/ReLU6, inverted residual, dense)."""
     from graphfold import examples
+
     L = keras.layers
     inputs = keras.Input((32, 32, 3), name="x")
-    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(16, 3, strides=2, padding="same",
-                                                    use_bias=False)(inputs)))
+    x = L.ReLU(6.0)(
+        L.BatchNormalization()(L.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inputs))
+    )
     for _ in range(2):
         y = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(32, 1, use_bias=False)(x)))
-        y = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same",
-                                                                 use_bias=False)(y)))
+        y = L.ReLU(6.0)(
+            L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(y))
+        )
         y = L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(y))
         x = L.Add()([x, y])
     x = L.Dense(10)(L.GlobalAveragePooling2D()(x))
@@ -165,8 +179,9 @@ def _mobilenet_like(keras, seed=0):
     return model
 
 
-def test_mixed_float16_passes_the_default_check_and_fails_1e_5_with_a_hint(mixed_float16,
-                                                                          tmp_path, capsys):
+def test_mixed_float16_passes_the_default_check_and_fails_1e_5_with_a_hint(
+    mixed_float16, tmp_path, capsys
+):
     src = str(tmp_path / "src")
     _mobilenet_like(mixed_float16).export(src, verbose=False)
     result = graphfold.optimize_saved_model(src, str(tmp_path / "out"))
@@ -185,15 +200,19 @@ def test_mixed_float16_passes_the_default_check_and_fails_1e_5_with_a_hint(mixed
 
 def test_the_default_tolerance_follows_outputs_and_computation():
     from graphfold.convert import tolerance
+
     assert tolerance.default(tf.float32, frozenset({tf.float32})) == (1e-5, "default")
-    assert tolerance.default(tf.float32, frozenset({tf.float32, tf.float16})) == \
-        (2e-2, "float16 computation")
+    assert tolerance.default(tf.float32, frozenset({tf.float32, tf.float16})) == (
+        2e-2,
+        "float16 computation",
+    )
     assert tolerance.default(tf.bfloat16, frozenset({tf.float32})) == (6e-2, "bfloat16 output")
     assert tolerance.default(tf.int32, frozenset()) == (1e-5, "default")
 
 
 def test_cast_round_trips_where_batch_norms_were_are_removed(mixed_float16, monkeypatch):
     from graphfold import examples
+
     model = _mobilenet_like(mixed_float16)
     fn = examples.concrete(model, (32, 32, 3))
     folded = graphfold.rewrite(fn)
@@ -201,10 +220,10 @@ def test_cast_round_trips_where_batch_norms_were_are_removed(mixed_float16, monk
         patch.setattr(casts, "remove_round_trips", lambda graph: 0)
         kept = graphfold.rewrite(fn)
     removed = op_counts(kept.graph_def)["Cast"] - op_counts(folded.graph_def)["Cast"]
-    assert removed == 2 * 7           # a float16 -> float32 -> float16 pair per batch norm
+    assert removed == 2 * 7  # a float16 -> float32 -> float16 pair per batch norm
     assert any("7 Cast round trip(s)" in note for note in folded.report.notes)
     x = tf.constant(np.random.default_rng(3).normal(size=(2, 32, 32, 3)), tf.float32)
-    np.testing.assert_array_equal(kept(x).numpy(), folded(x).numpy())     # bit for bit
+    np.testing.assert_array_equal(kept(x).numpy(), folded(x).numpy())  # bit for bit
 
 
 def test_only_exact_round_trips_are_removed():
@@ -216,6 +235,7 @@ def test_only_exact_round_trips_are_removed():
         tf.cast(tf.cast(x, tf.float16), tf.float32, name="rounds")
         tf.cast(tf.cast(h, tf.float32), tf.float16, name="exact")
     from graphfold.convert.rewrite import optimize_graph_def
+
     optimized, report = optimize_graph_def(graph.as_graph_def(), ["x", "h"], ["rounds", "exact"])
     nodes = {n.name: n for n in optimized.node}
     assert nodes["exact"].op == "Identity" and nodes["exact"].input == ["h"]

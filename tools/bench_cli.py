@@ -38,14 +38,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-WIDTH = 2048                                  # synthetic layers: WIDTH x WIDTH float32 weights
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT + os.pathsep +
-           os.environ.get("PYTHONPATH", ""))
+WIDTH = 2048  # synthetic layers: WIDTH x WIDTH float32 weights
+ENV = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+)
 
 
 # ---- building the models (in a child process: the parent stays small) --------------------------
 def _build_application(name: str, path: str) -> None:
     from graphfold import examples
+
     model, _, _ = examples.application(name, legacy=False)
     model.export(path, verbose=False)
 
@@ -55,6 +59,7 @@ def _build_synthetic(megabytes: int, path: str) -> None:
     saved as ``serve`` and ``serving_default``."""
     import numpy as np
     import tensorflow as tf
+
     layers = max(1, round(megabytes * 1e6 / (WIDTH * WIDTH * 4)))
     rng = np.random.default_rng(0)
     module = tf.Module()
@@ -64,10 +69,18 @@ def _build_synthetic(megabytes: int, path: str) -> None:
         kernel *= np.float32(1.0 / np.sqrt(WIDTH))
         module.kernels.append(tf.Variable(kernel, name=f"dense_{i}/kernel"))
         del kernel
-        stats = [rng.uniform(0.5, 1.5, WIDTH), rng.normal(0, 0.5, WIDTH),
-                 rng.normal(0, 0.5, WIDTH), rng.uniform(0.3, 2.0, WIDTH)]
-        module.bn.append([tf.Variable(s.astype(np.float32), name=f"bn_{i}/{n}") for s, n in
-                          zip(stats, ("gamma", "beta", "mean", "variance"))])
+        stats = [
+            rng.uniform(0.5, 1.5, WIDTH),
+            rng.normal(0, 0.5, WIDTH),
+            rng.normal(0, 0.5, WIDTH),
+            rng.uniform(0.3, 2.0, WIDTH),
+        ]
+        module.bn.append(
+            [
+                tf.Variable(s.astype(np.float32), name=f"bn_{i}/{n}")
+                for s, n in zip(stats, ("gamma", "beta", "mean", "variance"))
+            ]
+        )
 
     @tf.function(input_signature=[tf.TensorSpec([None, WIDTH], tf.float32, name="x")])
     def serve(x):
@@ -87,11 +100,12 @@ def ensure_model(cache: str, name: str) -> str:
         return path
     shutil.rmtree(path, ignore_errors=True)
     print(f"building {name} in {path}", file=sys.stderr, flush=True)
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import bench_cli; "
-            + (f"bench_cli._build_synthetic({int(name[:-2])}, {path!r})" if name.endswith("MB")
-               else f"bench_cli._build_application({name!r}, {path!r})"))
-    subprocess.run([sys.executable, "-c", code], check=True, env=ENV,
-                   stdout=subprocess.DEVNULL)
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import bench_cli; " + (
+        f"bench_cli._build_synthetic({int(name[:-2])}, {path!r})"
+        if name.endswith("MB")
+        else f"bench_cli._build_application({name!r}, {path!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, stdout=subprocess.DEVNULL)
     return path
 
 
@@ -101,14 +115,18 @@ def run_child(argv: list[str], marks_file: str | None = None) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(argv, env=ENV, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)     # this child's own rusage
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    result = dict(wall=wall, peak_mib=usage.ru_maxrss / 1024, exit=process.returncode,
-                  stdout=stdout.decode(errors="replace")[-500:])
+    result = dict(
+        wall=wall,
+        peak_mib=usage.ru_maxrss / 1024,
+        exit=process.returncode,
+        stdout=stdout.decode(errors="replace")[-500:],
+    )
     if process.returncode != 0:
         result["stderr"] = stderr.decode(errors="replace")[-2000:]
     if marks_file and os.path.exists(marks_file):
@@ -169,8 +187,9 @@ sys.exit(code)
 """
 
 
-def measure(path: str, workdir: str, commands: list[str], weights: str,
-            reference: dict | None = None) -> dict:
+def measure(
+    path: str, workdir: str, commands: list[str], weights: str, reference: dict | None = None
+) -> dict:
     """One row: the reference (measured now unless given), then each command; after
     ``optimize``, the same load and call of what it wrote ("output")."""
     row = {"reference": reference or run_child([sys.executable, "-c", REFERENCE, path])}
@@ -209,19 +228,29 @@ def stage_cell(run: dict) -> str:
 
 
 def markdown(rows: dict) -> str:
-    lines = ["| model | weights MB | written as | reference s | reference peak GiB | optimize s | "
-             "× ref | optimize peak GiB | (peak − ref) / weights | output: load + call peak GiB | "
-             "(output − ref) / weights | inspect s | × ref |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | weights MB | written as | reference s | reference peak GiB | optimize s | "
+        "× ref | optimize peak GiB | (peak − ref) / weights | output: load + call peak GiB | "
+        "(output − ref) / weights | inspect s | × ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         ref, opt, ins = r["reference"], r.get("optimize"), r.get("inspect")
-        cells = [name, f"{r['weight_mb']:.0f}", r.get("weights") or "–", f"{ref['wall']:.1f}",
-                 f"{ref['peak_mib'] / 1024:.2f}"]
+        cells = [
+            name,
+            f"{r['weight_mb']:.0f}",
+            r.get("weights") or "–",
+            f"{ref['wall']:.1f}",
+            f"{ref['peak_mib'] / 1024:.2f}",
+        ]
         if opt:
             over = (opt["peak_mib"] - ref["peak_mib"]) * 2**20 / (r["weight_mb"] * 1e6)
-            cells += [f"{opt['wall']:.1f}" + ("" if opt["exit"] == 0 else f" (exit {opt['exit']})"),
-                      f"{opt['wall'] / ref['wall']:.2f}", f"{opt['peak_mib'] / 1024:.2f}",
-                      f"{over:.1f}"]
+            cells += [
+                f"{opt['wall']:.1f}" + ("" if opt["exit"] == 0 else f" (exit {opt['exit']})"),
+                f"{opt['wall'] / ref['wall']:.2f}",
+                f"{opt['peak_mib'] / 1024:.2f}",
+                f"{over:.1f}",
+            ]
         else:
             cells += ["–"] * 4
         out = r.get("output")
@@ -230,19 +259,30 @@ def markdown(rows: dict) -> str:
             cells += [f"{out['peak_mib'] / 1024:.2f}", f"{over:.1f}"]
         else:
             cells += ["–", "–"]
-        cells += ([f"{ins['wall']:.1f}" + ("" if ins["exit"] == 0 else f" (exit {ins['exit']})"),
-                   f"{ins['wall'] / ref['wall']:.2f}"] if ins else ["–", "–"])
+        cells += (
+            [
+                f"{ins['wall']:.1f}" + ("" if ins["exit"] == 0 else f" (exit {ins['exit']})"),
+                f"{ins['wall'] / ref['wall']:.2f}",
+            ]
+            if ins
+            else ["–", "–"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", targets(rows)]
-    lines += ["", "Stages of `graphfold optimize` (seconds / peak GiB within the stage):", "",
-              "| model | stages |", "|---|---|"]
+    lines += [
+        "",
+        "Stages of `graphfold optimize` (seconds / peak GiB within the stage):",
+        "",
+        "| model | stages |",
+        "|---|---|",
+    ]
     for name, r in rows.items():
         if r.get("optimize"):
             lines.append(f"| {name} | {stage_cell(r['optimize'])} |")
     return "\n".join(lines)
 
 
-OVER_OUTPUT, OVER_REFERENCE = 3, 5      # issue 20's targets, in weights
+OVER_OUTPUT, OVER_REFERENCE = 3, 5  # issue 20's targets, in weights
 
 
 def _over(mib: float, base: float, weight_mb: float) -> float:
@@ -253,30 +293,51 @@ def targets(rows: dict) -> str:
     """Issue 20's memory targets per row: optimize's peak <= the written artifact's own load
     and call peak (same loader, fresh process) + 3x the weights, in every mode; with the
     default mode (auto), <= the original's load-and-call peak + 5x the weights."""
-    lines = [f"| model | mode | written as | optimize peak GiB | output peak GiB | (optimize − "
-             f"output) / weights | ≤ output + {OVER_OUTPUT}× | reference peak GiB | "
-             f"(optimize − reference) / weights | default mode: ≤ reference + "
-             f"{OVER_REFERENCE}× |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | mode | written as | optimize peak GiB | output peak GiB | (optimize − "
+        f"output) / weights | ≤ output + {OVER_OUTPUT}× | reference peak GiB | "
+        f"(optimize − reference) / weights | default mode: ≤ reference + "
+        f"{OVER_REFERENCE}× |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         opt, out, ref = r.get("optimize"), r.get("output"), r["reference"]
         if not opt or opt["exit"] != 0 or not out or out["exit"] != 0:
             continue
         vs_output = _over(opt["peak_mib"], out["peak_mib"], r["weight_mb"])
         vs_reference = _over(opt["peak_mib"], ref["peak_mib"], r["weight_mb"])
-        default = ("yes" if vs_reference <= OVER_REFERENCE else "**no**") \
-            if r.get("mode", "auto") == "auto" else "–"
-        lines.append("| " + " | ".join([
-            name.split(" (")[0], r.get("mode", "auto"), r.get("weights") or "–",
-            f"{opt['peak_mib'] / 1024:.2f}", f"{out['peak_mib'] / 1024:.2f}", f"{vs_output:.1f}",
-            "yes" if vs_output <= OVER_OUTPUT else "**no**", f"{ref['peak_mib'] / 1024:.2f}",
-            f"{vs_reference:.1f}", default]) + " |")
+        default = (
+            ("yes" if vs_reference <= OVER_REFERENCE else "**no**")
+            if r.get("mode", "auto") == "auto"
+            else "–"
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name.split(" (")[0],
+                    r.get("mode", "auto"),
+                    r.get("weights") or "–",
+                    f"{opt['peak_mib'] / 1024:.2f}",
+                    f"{out['peak_mib'] / 1024:.2f}",
+                    f"{vs_output:.1f}",
+                    "yes" if vs_output <= OVER_OUTPUT else "**no**",
+                    f"{ref['peak_mib'] / 1024:.2f}",
+                    f"{vs_reference:.1f}",
+                    default,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def plot(rows: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     sweeps: dict[str, list] = {}
     for key, r in rows.items():
         if key.split(" (")[0].endswith("MB") and r.get("optimize"):
@@ -287,20 +348,36 @@ def plot(rows: dict, path: str) -> None:
     for mode, sweep in sweeps.items():
         sweep.sort(key=lambda r: r["weight_mb"])
         gb = [r["weight_mb"] / 1e3 for r in sweep]
-        left.plot(gb, [r["optimize"]["wall"] for r in sweep], "o-",
-                  label=f"graphfold optimize --weights {mode}")
-        right.plot(gb, [r["optimize"]["peak_mib"] / 1024 for r in sweep], "o-",
-                   label=f"graphfold optimize --weights {mode}")
+        left.plot(
+            gb,
+            [r["optimize"]["wall"] for r in sweep],
+            "o-",
+            label=f"graphfold optimize --weights {mode}",
+        )
+        right.plot(
+            gb,
+            [r["optimize"]["peak_mib"] / 1024 for r in sweep],
+            "o-",
+            label=f"graphfold optimize --weights {mode}",
+        )
         served = [r for r in sweep if r.get("output") and r["output"]["exit"] == 0]
-        right.plot([r["weight_mb"] / 1e3 for r in served],
-                   [r["output"]["peak_mib"] / 1024 for r in served], ":",
-                   label=f"its output: load + one call ({mode})")
+        right.plot(
+            [r["weight_mb"] / 1e3 for r in served],
+            [r["output"]["peak_mib"] / 1024 for r in served],
+            ":",
+            label=f"its output: load + one call ({mode})",
+        )
     reference = max(sweeps.values(), key=len)
     gb = [r["weight_mb"] / 1e3 for r in reference]
-    left.plot(gb, [r["reference"]["wall"] for r in reference], "s--",
-              label="reference: load + one call")
-    right.plot(gb, [r["reference"]["peak_mib"] / 1024 for r in reference], "s--",
-               label="reference: load + one call")
+    left.plot(
+        gb, [r["reference"]["wall"] for r in reference], "s--", label="reference: load + one call"
+    )
+    right.plot(
+        gb,
+        [r["reference"]["peak_mib"] / 1024 for r in reference],
+        "s--",
+        label="reference: load + one call",
+    )
     left.set_xlabel("weights (GB)")
     left.set_ylabel("wall time (s)")
     right.set_xlabel("weights (GB)")
@@ -314,13 +391,20 @@ def plot(rows: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="ResNet50,MobileNetV2,DenseNet121",
-                        help="keras.applications exports; '' for none")
-    parser.add_argument("--sizes", default="100,500,1000,2000",
-                        help="synthetic models, MB of weights; '' for none")
+    parser.add_argument(
+        "--models",
+        default="ResNet50,MobileNetV2,DenseNet121",
+        help="keras.applications exports; '' for none",
+    )
+    parser.add_argument(
+        "--sizes", default="100,500,1000,2000", help="synthetic models, MB of weights; '' for none"
+    )
     parser.add_argument("--commands", default="optimize,inspect")
-    parser.add_argument("--weights", default="auto",
-                        help="graphfold optimize --weights, one row per mode: auto,constants,...")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        help="graphfold optimize --weights, one row per mode: auto,constants,...",
+    )
     parser.add_argument("--cache", default=os.path.join("/tmp", "graphfold-bench-cli"))
     parser.add_argument("--json", help="write the measurements here (merged with its rows)")
     parser.add_argument("--from-json", help="print tables (and --plot) from saved measurements")
@@ -345,7 +429,7 @@ def main(argv=None) -> int:
                 key = f"{name} ({mode})"
                 rows[key] = measure(path, args.cache, commands, mode, reference)
                 reference = rows[key]["reference"]
-                commands = [c for c in commands if c != "inspect"]   # the same for every mode
+                commands = [c for c in commands if c != "inspect"]  # the same for every mode
                 print(markdown({key: rows[key]}).splitlines()[2], file=sys.stderr, flush=True)
                 if args.json:
                     with open(args.json, "w") as f:

@@ -47,10 +47,12 @@ def main(argv=None) -> int:
     for fn in (original, folded):
         for _ in range(10):
             fn(x)
-    print(f"GroupedNet (Keras 3), batch {args.batch}: {folded.report.summary()}; "
-          f"StatefulPartitionedCall before/after: "
-          f"{folded.report.ops_before.get('StatefulPartitionedCall', 0)}/"
-          f"{folded.report.ops_after.get('StatefulPartitionedCall', 0)}")
+    print(
+        f"GroupedNet (Keras 3), batch {args.batch}: {folded.report.summary()}; "
+        f"StatefulPartitionedCall before/after: "
+        f"{folded.report.ops_before.get('StatefulPartitionedCall', 0)}/"
+        f"{folded.report.ops_after.get('StatefulPartitionedCall', 0)}"
+    )
     print("| round | original ms | graphfold ms | original / graphfold |")
     print("|---|---|---|---|")
     for r in range(args.rounds):

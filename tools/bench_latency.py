@@ -57,12 +57,30 @@ import benchlib  # noqa: E402
 
 MODELS = "ResNet50,MobileNetV2,EfficientNetB0,DenseNet121"
 VARIANTS = ("a", "b", "c", "d", "e", "f")
-LABELS = {"a": "original", "b": "graphfold", "c": "BN-free limit", "d": "optimize_for_inference",
-          "e": "keras folder", "f": "frozen, not folded"}
+LABELS = {
+    "a": "original",
+    "b": "graphfold",
+    "c": "BN-free limit",
+    "d": "optimize_for_inference",
+    "e": "keras folder",
+    "f": "frozen, not folded",
+}
 # f/a: what freezing alone gives; b/f: what folding gives on top (b/a ~ f/a x b/f)
 RATIOS = ("b/a", "f/a", "b/f", "b/c", "d/c", "e/c", "f/c", "b/d", "b/e")
-COLUMNS = ["model", "framework", "batch", "a ms", "b ms", "c ms", "d ms", "e ms", "f ms",
-           *RATIOS, "BN left b/d/e", "max rel err b/d/e"]
+COLUMNS = [
+    "model",
+    "framework",
+    "batch",
+    "a ms",
+    "b ms",
+    "c ms",
+    "d ms",
+    "e ms",
+    "f ms",
+    *RATIOS,
+    "BN left b/d/e",
+    "max rel err b/d/e",
+]
 
 
 def _first_output(result):
@@ -86,9 +104,11 @@ def variants(name: str, legacy: bool, size: int | None) -> tuple[dict, dict, int
     calls["c"], _ = benchlib.limit_function(frozen, like=fn)
     try:
         calls["d"], left["d"] = benchlib.optimize_for_inference_function(frozen, like=fn)
-    except Exception as err:               # noqa: BLE001  a tool that fails is a result too
-        print(f"# optimize_for_inference failed on {name}: {type(err).__name__}: {err}",
-              file=sys.stderr)
+    except Exception as err:  # noqa: BLE001  a tool that fails is a result too
+        print(
+            f"# optimize_for_inference failed on {name}: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
     if legacy:
         keras_folded = benchlib.keras_fold(model)
         if keras_folded is not None:
@@ -99,8 +119,9 @@ def variants(name: str, legacy: bool, size: int | None) -> tuple[dict, dict, int
     return calls, left, size
 
 
-def measure(calls: dict, x: tf.Tensor, repeats: int, warmup: int,
-            seed: int = 0) -> dict[str, list[float]]:
+def measure(
+    calls: dict, x: tf.Tensor, repeats: int, warmup: int, seed: int = 0
+) -> dict[str, list[float]]:
     """Seconds per call of each variant, interleaved: one call of each per round, in a new random
     order each round (a fixed rotation would always run b right after a, whose memory traffic
     left b a few percent slower at batch 1)."""
@@ -120,8 +141,11 @@ def measure(calls: dict, x: tf.Tensor, repeats: int, warmup: int,
 def errors(calls: dict, x: tf.Tensor) -> dict[str, float]:
     want = np.asarray(_first_output(calls["a"](x)), np.float64)
     scale = np.abs(want).max() or 1.0
-    return {k: float(np.abs(np.asarray(_first_output(calls[k](x)), np.float64) - want).max()
-                     / scale) for k in ("b", "d", "e") if k in calls}
+    return {
+        k: float(np.abs(np.asarray(_first_output(calls[k](x)), np.float64) - want).max() / scale)
+        for k in ("b", "d", "e")
+        if k in calls
+    }
 
 
 def _ms(value):
@@ -153,29 +177,37 @@ def markdown_row(r: dict) -> str:
 
 
 def header() -> str:
-    return ("| " + " | ".join(COLUMNS) + " |\n" + "|" + "---|" * len(COLUMNS))
+    return "| " + " | ".join(COLUMNS) + " |\n" + "|" + "---|" * len(COLUMNS)
 
 
 def plot(rows: list[dict], path: str) -> None:
     """Per batch size: median latency per model for a-f (log scale), and each variant's time over
     the limit's (the paired ratio; 1 is the limit)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(len(batches), 2, figsize=(15, 3.8 * len(batches) + 0.8),
-                             squeeze=False)
-    colors = {"a": "#7f7f7f", "b": "#1f77b4", "c": "#2ca02c", "d": "#ff7f0e", "e": "#9467bd",
-              "f": "#c7c7c7"}
+    fig, axes = plt.subplots(len(batches), 2, figsize=(15, 3.8 * len(batches) + 0.8), squeeze=False)
+    colors = {
+        "a": "#7f7f7f",
+        "b": "#1f77b4",
+        "c": "#2ca02c",
+        "d": "#ff7f0e",
+        "e": "#9467bd",
+        "f": "#c7c7c7",
+    }
     width = 0.8 / len(VARIANTS)
     for (ax, rel), batch in zip(axes, batches):
         sub = [r for r in rows if r["batch"] == batch]
         for i, k in enumerate(VARIANTS):
             xs = [j + (i - (len(VARIANTS) - 1) / 2) * width for j in range(len(sub))]
             ms = [r["median"].get(k, float("nan")) * 1e3 for r in sub]
-            ratio = [paired_ratio(r["times"], k, "c") if k in r["times"] else float("nan")
-                     for r in sub]
+            ratio = [
+                paired_ratio(r["times"], k, "c") if k in r["times"] else float("nan") for r in sub
+            ]
             ax.bar(xs, ms, width, label=f"{k}: {LABELS[k]}", color=colors[k])
             rel.bar(xs, ratio, width, color=colors[k])
         for a in (ax, rel):
@@ -239,8 +271,10 @@ def main(argv=None) -> int:
 
     print(f"# {benchlib.machine()}")
     folder = "installed" if benchlib.keras_folder() else "not installed: e skipped"
-    print(f"# tensorflow-batchnorm-folding: {folder}; median of {args.repeats} interleaved "
-          f"rounds after {args.warmup} warm-up calls; ratios: median of per-round ratios")
+    print(
+        f"# tensorflow-batchnorm-folding: {folder}; median of {args.repeats} interleaved "
+        f"rounds after {args.warmup} warm-up calls; ratios: median of per-round ratios"
+    )
     print(header(), flush=True)
     lines, rows = [header()], []
     rng = np.random.default_rng(0)
@@ -250,10 +284,16 @@ def main(argv=None) -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
                 times = measure(calls, x, args.repeats, args.warmup)
-                row = dict(model=name, framework=framework, batch=batch, left=left,
-                           median={k: benchlib.median(v) for k, v in times.items()},
-                           ratios=_ratios(times),
-                           error=errors(calls, x), times=times)
+                row = dict(
+                    model=name,
+                    framework=framework,
+                    batch=batch,
+                    left=left,
+                    median={k: benchlib.median(v) for k, v in times.items()},
+                    ratios=_ratios(times),
+                    error=errors(calls, x),
+                    times=times,
+                )
                 rows.append(row)
                 lines.append(markdown_row(row))
                 print(lines[-1], flush=True)

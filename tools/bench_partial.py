@@ -42,8 +42,19 @@ import benchlib  # noqa: E402
 
 MODELS = "DenseNet121,ResNet50V2,DenseNet169"
 RATIOS = ("p/c", "n/c", "p/n", "p/a")
-COLUMNS = ["model", "framework", "batch", "BN full/partial/left", "a ms", "p ms", "n ms", "c ms",
-           *RATIOS, "p/n 95% interval", "rounds p < n"]
+COLUMNS = [
+    "model",
+    "framework",
+    "batch",
+    "BN full/partial/left",
+    "a ms",
+    "p ms",
+    "n ms",
+    "c ms",
+    *RATIOS,
+    "p/n 95% interval",
+    "rounds p < n",
+]
 
 
 def variants(name: str, legacy: bool, size: int | None):
@@ -52,14 +63,19 @@ def variants(name: str, legacy: bool, size: int | None):
         model, size, _ = examples.application(name, legacy, 0, negative_gamma=0.0)
     else:
         model = getattr(examples.keras_module(legacy).applications, name)(
-            weights=None, input_shape=(size, size, 3), classifier_activation=None)
+            weights=None, input_shape=(size, size, 3), classifier_activation=None
+        )
         examples.randomise(model, np.random.default_rng(0), negative_gamma=0.0)
     fn = examples.concrete(model, (size, size, 3))
     partial, whole = graphfold.rewrite(fn), graphfold.rewrite(fn, partial=False)
     report = partial.report
     counts = (len(report.folded), len(report.partial), len(report.not_folded))
-    calls = {"a": fn, "p": partial.function, "n": whole.function,
-             "c": benchlib.limit_function(freeze(fn), like=fn)[0]}
+    calls = {
+        "a": fn,
+        "p": partial.function,
+        "n": whole.function,
+        "c": benchlib.limit_function(freeze(fn), like=fn)[0],
+    }
     return calls, counts, size
 
 
@@ -85,8 +101,10 @@ def row(r: dict) -> str:
 
 def _max_error(calls, x) -> str:
     want = np.asarray(calls["a"](x), np.float64)
-    errors = [np.abs(np.asarray(calls[k](x), np.float64) - want).max() / np.abs(want).max()
-              for k in ("p", "n")]
+    errors = [
+        np.abs(np.asarray(calls[k](x), np.float64) - want).max() / np.abs(want).max()
+        for k in ("p", "n")
+    ]
     return "/".join(f"{e:.0e}" for e in errors)
 
 
@@ -116,8 +134,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         return replay(args.from_json, args.out)
-    print(f"# {benchlib.machine()}; median of {args.repeats} interleaved rounds after "
-          f"{args.warmup} warm-up calls; ratios: median of per-round ratios")
+    print(
+        f"# {benchlib.machine()}; median of {args.repeats} interleaved rounds after "
+        f"{args.warmup} warm-up calls; ratios: median of per-round ratios"
+    )
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     print("\n".join(lines), flush=True)
     rows, rng = [], np.random.default_rng(0)
@@ -127,8 +147,16 @@ def main(argv=None) -> int:
             for batch in (int(b) for b in args.batches.split(",")):
                 x = tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32"))
                 times = measure(calls, x, args.repeats, args.warmup)
-                rows.append(dict(model=name, framework=framework, batch=batch, counts=counts,
-                                 times=times, error=_max_error(calls, x)))
+                rows.append(
+                    dict(
+                        model=name,
+                        framework=framework,
+                        batch=batch,
+                        counts=counts,
+                        times=times,
+                        error=_max_error(calls, x),
+                    )
+                )
                 lines.append(row(rows[-1]))
                 print(lines[-1] + f" max rel err p/n {rows[-1]['error']}", flush=True)
             del calls

@@ -53,10 +53,30 @@ import benchlib  # noqa: E402
 MODELS = "ResNet50,MobileNetV2,EfficientNetB0,DenseNet121"
 STAGES = ("freeze", "normalize", "plan", "apply", "import")
 OWN = ("normalize", "plan", "apply")
-MODEL_COLUMNS = ["model", "framework", "nodes", "BNs folded", *STAGES, "own", "total",
-                 "keras folder", "speed-up"]
-SCALING_COLUMNS = ["nodes", "blocks", "BNs folded", *OWN, "own", "µs/node", "vs smallest",
-                   "GraphDef MiB", "tracemalloc peak MiB", "RSS growth MiB", "max rel err"]
+MODEL_COLUMNS = [
+    "model",
+    "framework",
+    "nodes",
+    "BNs folded",
+    *STAGES,
+    "own",
+    "total",
+    "keras folder",
+    "speed-up",
+]
+SCALING_COLUMNS = [
+    "nodes",
+    "blocks",
+    "BNs folded",
+    *OWN,
+    "own",
+    "µs/node",
+    "vs smallest",
+    "GraphDef MiB",
+    "tracemalloc peak MiB",
+    "RSS growth MiB",
+    "max rel err",
+]
 
 
 def _table_header(columns) -> str:
@@ -68,23 +88,28 @@ def _s(value) -> str:
 
 
 # ---- 1. models ----------------------------------------------------------------------------------
-def model_row(name: str, legacy: bool, repeats: int, size: int | None, keras_folder: bool,
-              profile: int) -> dict:
+def model_row(
+    name: str, legacy: bool, repeats: int, size: int | None, keras_folder: bool, profile: int
+) -> dict:
     model, size, _ = benchlib.build(name, legacy, size)
     fn = examples.concrete(model, (size, size, 3))
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        folded = graphfold.rewrite(fn, verify=False)   # the fold alone (its check: ~2 calls)
+        folded = graphfold.rewrite(fn, verify=False)  # the fold alone (its check: ~2 calls)
         total = time.perf_counter() - start
         runs.append(dict(folded.report.seconds, total=total))
     med = {k: benchlib.median([r.get(k, 0.0) for r in runs]) for k in (*STAGES, "total")}
     med["own"] = benchlib.median([sum(r.get(k, 0.0) for k in OWN) for r in runs])
     report = folded.report
-    row = dict(model=name, framework="tf-keras" if legacy else "keras3",
-               nodes=sum(report.ops_before.values()),
-               folded=f"{len(report.folded)}/{len(report.batch_norms)}", seconds=med,
-               keras_folder=None)
+    row = dict(
+        model=name,
+        framework="tf-keras" if legacy else "keras3",
+        nodes=sum(report.ops_before.values()),
+        folded=f"{len(report.folded)}/{len(report.batch_norms)}",
+        seconds=med,
+        keras_folder=None,
+    )
     if keras_folder and legacy and benchlib.keras_folder() is not None:
         start = time.perf_counter()
         result = benchlib.keras_fold(model)
@@ -94,13 +119,14 @@ def model_row(name: str, legacy: bool, repeats: int, size: int | None, keras_fol
         frozen = freeze(fn)
         profiler = cProfile.Profile()
         profiler.enable()
-        graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, frozen.outputs,
-                                     frozen.shapes)
+        graphfold.optimize_graph_def(frozen.graph_def, frozen.inputs, frozen.outputs, frozen.shapes)
         profiler.disable()
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(profile)
-        print(f"## profile of normalize+plan+apply, {name} ({row['framework']})\n{out.getvalue()}",
-              file=sys.stderr)
+        print(
+            f"## profile of normalize+plan+apply, {name} ({row['framework']})\n{out.getvalue()}",
+            file=sys.stderr,
+        )
     return row
 
 
@@ -109,8 +135,7 @@ def model_markdown(r: dict) -> str:
     folder = r["keras_folder"]
     speedup = "–" if folder is None else f"{folder / sec['total']:.1f}×"
     cells = [r["model"], r["framework"], str(r["nodes"]), r["folded"]]
-    cells += [_s(sec[k]) for k in STAGES] + [_s(sec["own"]), _s(sec["total"]),
-                                             _s(folder), speedup]
+    cells += [_s(sec[k]) for k in STAGES] + [_s(sec["own"]), _s(sec["total"]), _s(folder), speedup]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -157,8 +182,9 @@ class _Builder:
     def variable(self, name, value):
         """A former variable: a Const read through an Identity."""
         const = self.const(f"{name}/resource", value.astype(np.float32))
-        return self.node(f"{name}/ReadVariableOp", "Identity", [const], np.shape(value),
-                         T=tf.float32)
+        return self.node(
+            f"{name}/ReadVariableOp", "Identity", [const], np.shape(value), T=tf.float32
+        )
 
     def act(self):
         return (None, self.hw, self.hw, self.c)
@@ -166,9 +192,18 @@ class _Builder:
     def conv(self, p, x):
         c = self.c
         w = self.variable(f"{p}/kernel", self.rng.normal(0, 0.3 / np.sqrt(9 * c), (3, 3, c, c)))
-        return self.node(f"{p}/Conv2D", "Conv2D", [x, w], self.act(), T=tf.float32,
-                         strides=[1, 1, 1, 1], padding=b"SAME", data_format=b"NHWC",
-                         dilations=[1, 1, 1, 1], use_cudnn_on_gpu=True)
+        return self.node(
+            f"{p}/Conv2D",
+            "Conv2D",
+            [x, w],
+            self.act(),
+            T=tf.float32,
+            strides=[1, 1, 1, 1],
+            padding=b"SAME",
+            data_format=b"NHWC",
+            dilations=[1, 1, 1, 1],
+            use_cudnn_on_gpu=True,
+        )
 
     def _bn_params(self, p):
         c = self.c
@@ -181,9 +216,18 @@ class _Builder:
     def fused_bn(self, p, x):
         self.bns += 1
         gamma, beta, mean, var = self._bn_params(p)
-        name = self.node(f"{p}/FusedBatchNormV3", "FusedBatchNormV3", [x, gamma, beta, mean, var],
-                         self.act(), T=tf.float32, U=tf.float32, epsilon=1e-3,
-                         data_format=b"NHWC", is_training=False, exponential_avg_factor=1.0)
+        name = self.node(
+            f"{p}/FusedBatchNormV3",
+            "FusedBatchNormV3",
+            [x, gamma, beta, mean, var],
+            self.act(),
+            T=tf.float32,
+            U=tf.float32,
+            epsilon=1e-3,
+            data_format=b"NHWC",
+            is_training=False,
+            exponential_avg_factor=1.0,
+        )
         for i in range(1, 6):
             self.shapes[f"{name}:{i}"] = (self.c,) if i < 5 else None
         return name
@@ -205,17 +249,22 @@ class _Builder:
     def block(self, i, x):
         bn = self.fused_bn if i % 2 == 0 else self.decomposed_bn
         p = f"block{i}"
-        y = self.node(f"{p}/relu1", "Relu", [bn(f"{p}/bn1", self.conv(f"{p}/conv1", x))],
-                      self.act(), T=tf.float32)
+        y = self.node(
+            f"{p}/relu1",
+            "Relu",
+            [bn(f"{p}/bn1", self.conv(f"{p}/conv1", x))],
+            self.act(),
+            T=tf.float32,
+        )
         y = bn(f"{p}/bn2", self.conv(f"{p}/conv2", y))
         y = self.node(f"{p}/add", "AddV2", [x, y], self.act(), T=tf.float32)
         y = self.node(f"{p}/relu2", "Relu", [y], self.act(), T=tf.float32)
         if i % 4 == 3:
-            y = self.fused_bn(f"{p}/bn3", y)           # after the Relu: cannot fold exactly
+            y = self.fused_bn(f"{p}/bn3", y)  # after the Relu: cannot fold exactly
         return y
 
 
-NODES_PER_BLOCK = 36.25     # (27 + 41) / 2 + 9 / 4, see _Builder.block
+NODES_PER_BLOCK = 36.25  # (27 + 41) / 2 + 9 / 4, see _Builder.block
 
 
 def synthetic(nodes: int, seed: int = 0, height: int = 8, channels: int = 8, classes: int = 10):
@@ -224,19 +273,33 @@ def synthetic(nodes: int, seed: int = 0, height: int = 8, channels: int = 8, cla
     b = _Builder(np.random.default_rng(seed), height, channels)
     x = b.node("x", "Placeholder", [], b.act(), dtype=tf.float32)
     b.g.node[-1].attr["shape"].shape.CopyFrom(
-        tf.TensorShape([None, height, height, channels]).as_proto())
+        tf.TensorShape([None, height, height, channels]).as_proto()
+    )
     blocks = max(1, round((nodes - 12) / NODES_PER_BLOCK))
     for i in range(blocks):
         x = b.block(i, x)
     axes = b.const("head/Mean/reduction_indices", np.array([1, 2], np.int32))
-    pooled = b.node("head/Mean", "Mean", [x, axes], (None, channels), T=tf.float32,
-                    Tidx=tf.int32, keep_dims=False)
+    pooled = b.node(
+        "head/Mean",
+        "Mean",
+        [x, axes],
+        (None, channels),
+        T=tf.float32,
+        Tidx=tf.int32,
+        keep_dims=False,
+    )
     w = b.variable("head/dense/kernel", b.rng.normal(0, 0.3, (channels, classes)))
     bias = b.variable("head/dense/bias", b.rng.normal(0, 0.3, classes))
-    y = b.node("head/MatMul", "MatMul", [pooled, w], (None, classes), T=tf.float32,
-               transpose_a=False, transpose_b=False)
-    y = b.node("logits", "BiasAdd", [y, bias], (None, classes), T=tf.float32,
-               data_format=b"NHWC")
+    y = b.node(
+        "head/MatMul",
+        "MatMul",
+        [pooled, w],
+        (None, classes),
+        T=tf.float32,
+        transpose_a=False,
+        transpose_b=False,
+    )
+    y = b.node("logits", "BiasAdd", [y, bias], (None, classes), T=tf.float32, data_format=b"NHWC")
     return b.g, ["x"], [y], b.shapes, blocks, b.bns
 
 
@@ -282,8 +345,9 @@ def scaling_row(nodes: int, repeats: int, verify_up_to: int) -> dict:
     runs = []
     for _ in range(repeats):
         seconds = {}
-        optimized, report = graphfold.optimize_graph_def(graph_def, inputs, outputs, shapes,
-                                                         seconds)
+        optimized, report = graphfold.optimize_graph_def(
+            graph_def, inputs, outputs, shapes, seconds
+        )
         runs.append(seconds)
         del optimized
     med = {k: benchlib.median([r[k] for r in runs]) for k in OWN}
@@ -300,19 +364,31 @@ def scaling_row(nodes: int, repeats: int, verify_up_to: int) -> dict:
         want = import_graph(graph_def, inputs, outputs)(tf.constant(x))[0].numpy()
         got = import_graph(optimized, inputs, outputs)(tf.constant(x))[0].numpy()
         error = float(np.abs(want - got).max() / (np.abs(want).max() or 1.0))
-    return dict(nodes=len(graph_def.node), blocks=blocks,
-                folded=f"{len(report.folded)}/{len(report.batch_norms)}", seconds=med, own=own,
-                per_node=own / len(graph_def.node), tracemalloc=peak / 2**20,
-                rss=rss.growth, graph_mib=graph_def.ByteSize() / 2**20, error=error)
+    return dict(
+        nodes=len(graph_def.node),
+        blocks=blocks,
+        folded=f"{len(report.folded)}/{len(report.batch_norms)}",
+        seconds=med,
+        own=own,
+        per_node=own / len(graph_def.node),
+        tracemalloc=peak / 2**20,
+        rss=rss.growth,
+        graph_mib=graph_def.ByteSize() / 2**20,
+        error=error,
+    )
 
 
 def scaling_markdown(r: dict, first: dict) -> str:
     cells = [str(r["nodes"]), str(r["blocks"]), r["folded"]]
     cells += [_s(r["seconds"][k]) for k in OWN] + [_s(r["own"])]
-    cells += [f"{r['per_node'] * 1e6:.1f}", f"{r['per_node'] / first['per_node']:.2f}",
-              f"{r['graph_mib']:.1f}", f"{r['tracemalloc']:.1f}",
-              "–" if r["rss"] is None else f"{r['rss']:.1f}",
-              "–" if r["error"] is None else f"{r['error']:.0e}"]
+    cells += [
+        f"{r['per_node'] * 1e6:.1f}",
+        f"{r['per_node'] / first['per_node']:.2f}",
+        f"{r['graph_mib']:.1f}",
+        f"{r['tracemalloc']:.1f}",
+        "–" if r["rss"] is None else f"{r['rss']:.1f}",
+        "–" if r["error"] is None else f"{r['error']:.0e}",
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -322,14 +398,23 @@ def main(argv=None) -> int:
     parser.add_argument("--frameworks", default="keras3,tf-keras")
     parser.add_argument("--repeats", type=int, default=3, help="rewrites per model")
     parser.add_argument("--size", type=int, help="input size instead of the model's own")
-    parser.add_argument("--keras-folder", default="DenseNet121",
-                        help="tf-keras models to time the Keras-level folder on: names, "
-                             "'all' or 'none'")
-    parser.add_argument("--sizes", default="1000,5000,20000,50000",
-                        help="synthetic graph sizes (nodes); '' for none")
+    parser.add_argument(
+        "--keras-folder",
+        default="DenseNet121",
+        help="tf-keras models to time the Keras-level folder on: names, 'all' or 'none'",
+    )
+    parser.add_argument(
+        "--sizes",
+        default="1000,5000,20000,50000",
+        help="synthetic graph sizes (nodes); '' for none",
+    )
     parser.add_argument("--scaling-repeats", type=int, default=3)
-    parser.add_argument("--verify-up-to", type=int, default=6000,
-                        help="compare outputs before/after on synthetic graphs this small")
+    parser.add_argument(
+        "--verify-up-to",
+        type=int,
+        default=6000,
+        help="compare outputs before/after on synthetic graphs this small",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N")
     parser.add_argument("--out", help="also write the tables (Markdown) to this file")
     args = parser.parse_args(argv)
@@ -338,28 +423,35 @@ def main(argv=None) -> int:
     print(lines[0], flush=True)
     models = [m for m in args.models.split(",") if m]
     if models:
-        folder = {"all": models, "none": []}.get(args.keras_folder,
-                                                 args.keras_folder.split(","))
+        folder = {"all": models, "none": []}.get(args.keras_folder, args.keras_folder.split(","))
         installed = benchlib.keras_folder() is not None
-        lines += ["", f"Seconds per stage, median of {args.repeats} rewrites; own = normalize + "
-                      f"plan + apply; keras folder: tensorflow-batchnorm-folding "
-                      f"({'installed' if installed else 'not installed'}), one run.", "",
-                  _table_header(MODEL_COLUMNS)]
+        lines += [
+            "",
+            f"Seconds per stage, median of {args.repeats} rewrites; own = normalize + "
+            f"plan + apply; keras folder: tensorflow-batchnorm-folding "
+            f"({'installed' if installed else 'not installed'}), one run.",
+            "",
+            _table_header(MODEL_COLUMNS),
+        ]
         print("\n".join(lines[-4:]), flush=True)
         for framework in args.frameworks.split(","):
             legacy = benchlib.FRAMEWORKS[framework]
             for name in models:
-                r = model_row(name, legacy, args.repeats, args.size, name in folder,
-                              args.profile)
+                r = model_row(name, legacy, args.repeats, args.size, name in folder, args.profile)
                 lines.append(model_markdown(r))
                 print(lines[-1], flush=True)
                 examples.keras_module(legacy).backend.clear_session()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if sizes:
-        lines += ["", f"Synthetic residual conv+BN stacks: graphfold.optimize_graph_def, median of "
-                      f"{args.scaling_repeats} runs.", "", _table_header(SCALING_COLUMNS)]
+        lines += [
+            "",
+            f"Synthetic residual conv+BN stacks: graphfold.optimize_graph_def, median of "
+            f"{args.scaling_repeats} runs.",
+            "",
+            _table_header(SCALING_COLUMNS),
+        ]
         print("\n".join(lines[-4:]), flush=True)
-        graphfold.optimize_graph_def(*synthetic(300)[:4])          # warm-up, not timed
+        graphfold.optimize_graph_def(*synthetic(300)[:4])  # warm-up, not timed
         first = None
         for size in sizes:
             r = scaling_row(size, args.scaling_repeats, args.verify_up_to)

@@ -36,8 +36,9 @@ def build(name: str, legacy: bool, size: int | None = None, seed: int = 0):
     if size is None:
         return examples.application(name, legacy, seed)
     keras = examples.keras_module(legacy)
-    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
-                                              classifier_activation=None)
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classifier_activation=None
+    )
     return model, size, examples.randomise(model, np.random.default_rng(seed))
 
 
@@ -50,7 +51,7 @@ def _constant_nodes(graph_def) -> set[str]:
     """Nodes computed from constants alone (Const, and anything whose data inputs all are)."""
     nodes = {n.name: n for n in graph_def.node}
     constant: set[str] = set()
-    state: dict[str, int] = {}            # 1: on the stack, 2: done
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
     for root in nodes:
         stack = [root]
         while stack:
@@ -67,8 +68,9 @@ def _constant_nodes(graph_def) -> set[str]:
                 continue
             state[name] = 2
             stack.pop()
-            if node.op == "Const" or (preds and node.op not in ("Placeholder",) and
-                                      all(p in constant for p in preds)):
+            if node.op == "Const" or (
+                preds and node.op not in ("Placeholder",) and all(p in constant for p in preds)
+            ):
                 constant.add(name)
     return constant
 
@@ -96,11 +98,19 @@ def batch_norms(graph_def) -> list[tuple[str, str, str]]:
                 readers.setdefault(canonical(t), []).append(node.name)
     for members in scopes.values():
         names = {n.name for n in members}
-        xs = {canonical(t) for n in members for t in n.input
-              if not t.startswith("^") and split_tensor(t)[0] not in names
-              and split_tensor(t)[0] not in constant}
-        ys = {n.name for n in members
-              if any(r not in names for r in readers.get(canonical(n.name), ()))}
+        xs = {
+            canonical(t)
+            for n in members
+            for t in n.input
+            if not t.startswith("^")
+            and split_tensor(t)[0] not in names
+            and split_tensor(t)[0] not in constant
+        }
+        ys = {
+            n.name
+            for n in members
+            if any(r not in names for r in readers.get(canonical(n.name), ()))
+        }
         if len(xs) == 1 and len(ys) == 1:
             found.append(("decomposed", xs.pop(), ys.pop()))
     return found
@@ -146,8 +156,11 @@ def bypass_batch_norms(graph_def, outputs: list[str]):
     for _, x, y in found:
         name, index = split_tensor(x)
         layer = nodes.get(name)
-        channels = _out_channels(nodes, layer) if layer is not None and layer.op in LINEAR \
-            and index == 0 else None
+        channels = (
+            _out_channels(nodes, layer)
+            if layer is not None and layer.op in LINEAR and index == 0
+            else None
+        )
         if channels is None:
             alias[canonical(y)] = canonical(x)
             continue
@@ -191,8 +204,9 @@ def frozen_function(frozen, like=None):
 def limit_function(frozen, like=None):
     """The BN-free limit: the frozen graph (cleaned up) with every batch norm removed,
     re-imported; with the number of batch norms removed."""
-    graph_def, outputs, count = bypass_batch_norms(cleaned(frozen.graph_def, frozen.outputs),
-                                                   frozen.outputs)
+    graph_def, outputs, count = bypass_batch_norms(
+        cleaned(frozen.graph_def, frozen.outputs), frozen.outputs
+    )
     return served(graph_def, frozen, outputs, like), count
 
 
@@ -215,14 +229,19 @@ def cleaned(graph_def, outputs=()):
     fetched = {split_tensor(t)[0] for t in outputs}
     reads = {}
     for node in work.node:
-        if node.op == "Identity" and node.name not in fetched and node.input and \
-                not node.input[0].startswith("^"):
+        if (
+            node.op == "Identity"
+            and node.name not in fetched
+            and node.input
+            and not node.input[0].startswith("^")
+        ):
             source = nodes.get(split_tensor(node.input[0])[0])
             if source is not None and source.op == "Const" and split_tensor(node.input[0])[1] == 0:
                 reads[node.name] = source.name
     for node in work.node:
-        if any(t.startswith("^") and t[1:] in pure for t in node.input) or \
-                any(split_tensor(t)[0] in reads and split_tensor(t)[1] == 0 for t in node.input):
+        if any(t.startswith("^") and t[1:] in pure for t in node.input) or any(
+            split_tensor(t)[0] in reads and split_tensor(t)[1] == 0 for t in node.input
+        ):
             kept = [t for t in node.input if not (t.startswith("^") and t[1:] in pure)]
             kept = [reads.get(canonical(t), t) if not t.startswith("^") else t for t in kept]
             del node.input[:]
@@ -234,6 +253,7 @@ def optimize_for_inference_function(frozen, like=None):
     """TensorFlow's ``optimize_for_inference`` on the frozen graph (cleaned up, see above),
     re-imported; with the number of batch norms left in its graph."""
     from tensorflow.python.tools import optimize_for_inference_lib as ofi
+
     names = [split_tensor(t)[0] for t in frozen.inputs]
     outputs = [split_tensor(t)[0] for t in frozen.outputs]
     nodes = {n.name: n for n in frozen.graph_def.node}
@@ -241,7 +261,7 @@ def optimize_for_inference_function(frozen, like=None):
     graph_def = cleaned(frozen.graph_def, frozen.outputs)
     logger = tf.get_logger()
     level = logger.level
-    logger.setLevel("ERROR")               # one warning per batch norm it does not fold
+    logger.setLevel("ERROR")  # one warning per batch norm it does not fold
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             graph_def = ofi.optimize_for_inference(graph_def, names, outputs, dtypes)
@@ -267,9 +287,10 @@ def keras_folder():
         return _FOLDER or None
     try:
         import tf_keras
+
         with contextlib.redirect_stdout(io.StringIO()):
             from batch_normalization_folding import folder
-    except Exception:                      # noqa: BLE001  not installed, or broken
+    except Exception:  # noqa: BLE001  not installed, or broken
         _FOLDER = False
         return None
     proxy = types.ModuleType("tensorflow_with_tf_keras")
@@ -289,14 +310,16 @@ def keras_fold(model):
     if fold is None:
         return None
     import tf_keras
+
     if not isinstance(model, tf_keras.Model):
         return None
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             folded, status = fold(model, verbose=False)
-    except Exception as err:               # noqa: BLE001  report and go on
-        print(f"# keras folder failed on {model.name}: {type(err).__name__}: {err}",
-              file=sys.stderr)
+    except Exception as err:  # noqa: BLE001  report and go on
+        print(
+            f"# keras folder failed on {model.name}: {type(err).__name__}: {err}", file=sys.stderr
+        )
         return None
     if status == "failed":
         return None
@@ -314,8 +337,10 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-            f"TensorFlow {tf.__version__}, graphfold {graphfold.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+        f"TensorFlow {tf.__version__}, graphfold {graphfold.__version__}"
+    )
 
 
 def median(values):

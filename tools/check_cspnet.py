@@ -21,10 +21,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = {
-    "cspresnext50": dict(stackwise_num_filters=[32, 64, 128], bottle_ratio=[1.0],
-                         block_ratio=[0.5], expand_ratio=[1.0], groups=8),
-    "cspresnet50": dict(stackwise_num_filters=[32, 64, 128], bottle_ratio=[0.5],
-                        block_ratio=[1.0], expand_ratio=[2.0], groups=1),
+    "cspresnext50": dict(
+        stackwise_num_filters=[32, 64, 128],
+        bottle_ratio=[1.0],
+        block_ratio=[0.5],
+        expand_ratio=[1.0],
+        groups=8,
+    ),
+    "cspresnet50": dict(
+        stackwise_num_filters=[32, 64, 128],
+        bottle_ratio=[0.5],
+        block_ratio=[1.0],
+        expand_ratio=[2.0],
+        groups=1,
+    ),
 }
 
 
@@ -47,23 +57,34 @@ def main(argv=None) -> int:
     from graphfold.convert.verify import compare
 
     backbone = keras_hub.models.CSPNetBackbone(
-        stem_filters=16, stem_kernel_size=7, stem_strides=4, stackwise_depth=[2, 2, 2],
-        stackwise_strides=[1, 2, 2], block_type="bottleneck_block", stage_type="csp",
-        stem_pooling="max", stem_padding="valid", cross_linear=True, **CONFIGS[args.config])
+        stem_filters=16,
+        stem_kernel_size=7,
+        stem_strides=4,
+        stackwise_depth=[2, 2, 2],
+        stackwise_strides=[1, 2, 2],
+        block_type="bottleneck_block",
+        stage_type="csp",
+        stem_pooling="max",
+        stem_padding="valid",
+        cross_linear=True,
+        **CONFIGS[args.config],
+    )
     examples.randomise(backbone, np.random.default_rng(0))
     fn = tf.function(lambda x: backbone(x, training=False)).get_concrete_function(
-        tf.TensorSpec([None, args.size, args.size, 3], tf.float32, name="x"))
+        tf.TensorSpec([None, args.size, args.size, 3], tf.float32, name="x")
+    )
     folded = graphfold.rewrite(fn)
-    x = tf.constant(np.random.default_rng(1).normal(size=(2, args.size, args.size, 3)),
-                    tf.float32)
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, args.size, args.size, 3)), tf.float32)
     error = compare(fn(x).numpy(), folded(x).numpy())[1]
     floor = compare(fn(x).numpy(), noise.unfolded(fn)(x).numpy())[1]
     report = folded.report
     print(f"keras-hub CSPNetBackbone ({args.config}-like): {report.summary()}")
     for note in report.notes:
         print(f"note: {note}")
-    print(f"rel error {error:.3g} at 2 x {args.size} x {args.size} (freeze-only noise floor "
-          f"{floor:.3g}); rewrite's check: {report.verification.line()}")
+    print(
+        f"rel error {error:.3g} at 2 x {args.size} x {args.size} (freeze-only noise floor "
+        f"{floor:.3g}); rewrite's check: {report.verification.line()}"
+    )
     return 0 if error <= max(1e-5, 4 * floor) else 1
 
 

@@ -52,6 +52,7 @@ def write_tensors(path: str, tensors: dict) -> None:
     ``tensorflow.NamedTensorProto``."""
     import tensorflow as tf
     from tensorflow.core.protobuf import named_tensor_pb2
+
     with open(path, "wb") as f:
         for key, value in tensors.items():
             named = named_tensor_pb2.NamedTensorProto(name=key, tensor=tf.make_tensor_proto(value))
@@ -63,13 +64,14 @@ def read_tensors(path: str) -> dict:
     """``key -> numpy array`` of a tensors file."""
     import tensorflow as tf
     from tensorflow.core.protobuf import named_tensor_pb2
+
     tensors = {}
     with open(path, "rb") as f:
         data = f.read()
     at = 0
     while at < len(data):
         (length,) = struct.unpack_from("<Q", data, at)
-        named = named_tensor_pb2.NamedTensorProto.FromString(data[at + 8:at + 8 + length])
+        named = named_tensor_pb2.NamedTensorProto.FromString(data[at + 8 : at + 8 + length])
         tensors[named.name] = tf.make_ndarray(named.tensor)
         at += 8 + length
     return tensors
@@ -79,6 +81,7 @@ def read_tensors(path: str) -> dict:
 def signature_defs(path: str) -> dict:
     """Signature key -> SignatureDef of the ``serve`` MetaGraph of the SavedModel at ``path``."""
     from tensorflow.core.protobuf import saved_model_pb2
+
     proto = saved_model_pb2.SavedModel()
     try:
         with open(os.path.join(path, "saved_model.pb"), "rb") as f:
@@ -97,18 +100,23 @@ def input_shape(key: str, info, batch: int, given: dict) -> tuple:
     known = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
     if key in given:
         shape = given[key]
-        if known is not None and (len(shape) != len(known) or
-                                  any(k >= 0 and k != s for k, s in zip(known, shape))):
-            raise CannotCheck(f"--input-shape {key}={','.join(map(str, shape))} does not fit "
-                              f"the signature's {known}")
+        if known is not None and (
+            len(shape) != len(known) or any(k >= 0 and k != s for k, s in zip(known, shape))
+        ):
+            raise CannotCheck(
+                f"--input-shape {key}={','.join(map(str, shape))} does not fit "
+                f"the signature's {known}"
+            )
         return tuple(shape)
     if known is None:
         raise CannotCheck(f"input {key} has an unknown rank: give --input-shape {key}=...")
     shape = [batch if i == 0 and d < 0 else d for i, d in enumerate(known)]
     if any(d < 0 for d in shape):
         example = ",".join(str(d) if d >= 0 else "N" for d in shape)
-        raise CannotCheck(f"input {key} has unknown dimensions {known}: give their sizes with "
-                          f"--input-shape {key}={example}")
+        raise CannotCheck(
+            f"input {key} has unknown dimensions {known}: give their sizes with "
+            f"--input-shape {key}={example}"
+        )
     return tuple(shape)
 
 
@@ -118,13 +126,16 @@ def random_feeds(signature, batch: int, shapes: dict, seed: int) -> dict:
     import tensorflow as tf
 
     from graphfold.convert.verify import random_tensor
+
     rng = np.random.default_rng(seed)
     feeds = {}
     for key in sorted(signature.inputs):
         info = signature.inputs[key]
         if info.dtype == tf.string.as_datatype_enum:
-            raise CannotCheck(f"input {key} is a string (encoded images?): random bytes mean "
-                              f"nothing to the model; give real inputs with --inputs")
+            raise CannotCheck(
+                f"input {key} is a string (encoded images?): random bytes mean "
+                f"nothing to the model; give real inputs with --inputs"
+            )
         spec = tf.TensorSpec(None, tf.as_dtype(info.dtype))
         feeds[key] = random_tensor(spec, rng, input_shape(key, info, batch, shapes)).numpy()
     return feeds
@@ -133,6 +144,7 @@ def random_feeds(signature, batch: int, shapes: dict, seed: int) -> dict:
 def given_feeds(path: str, signature) -> dict:
     """The arrays of ``--inputs`` (``.npz``, or a tensors file) for the inputs of ``signature``."""
     import numpy as np
+
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as arrays:
             given = {k: arrays[k] for k in arrays.files}
@@ -145,14 +157,28 @@ def given_feeds(path: str, signature) -> dict:
 
 
 # ---- running -------------------------------------------------------------------------------------
-def served(binary: str, model: str, key: str, inputs_file: str, out: str,
-           config: str | None, env: dict | None = None) -> dict:
+def served(
+    binary: str,
+    model: str,
+    key: str,
+    inputs_file: str,
+    out: str,
+    config: str | None,
+    env: dict | None = None,
+) -> dict:
     """The outputs of signature ``key`` of ``model`` run by the harness in a process of its own
     (written to ``out``); raises RuntimeError with the harness' message when it fails."""
-    argv = [binary, "outputs", model, f"--inputs={inputs_file}", f"--out={out}",
-            f"--signature={key}"] + ([f"--config={config}"] if config else [])
-    run = subprocess.run(argv, capture_output=True, text=True,
-                         env={**bench_serving.ENV, **(env or {})})
+    argv = [
+        binary,
+        "outputs",
+        model,
+        f"--inputs={inputs_file}",
+        f"--out={out}",
+        f"--signature={key}",
+    ] + ([f"--config={config}"] if config else [])
+    run = subprocess.run(
+        argv, capture_output=True, text=True, env={**bench_serving.ENV, **(env or {})}
+    )
     if run.returncode != 0:
         raise RuntimeError((run.stderr.strip() or f"exit {run.returncode}").splitlines()[-1])
     return read_tensors(out)
@@ -164,6 +190,7 @@ _LOADED: dict = {}
 def loaded_outputs(model: str, key: str, feeds: dict):
     """``(outputs by key, the signature function)`` through ``tf.saved_model.load``."""
     import tensorflow as tf
+
     if model not in _LOADED:
         _LOADED[model] = tf.saved_model.load(model)
     fn = _LOADED[model].signatures[key]
@@ -179,6 +206,7 @@ def compare_outputs(want: dict, got: dict, tolerance: float | None, computation)
 
     from graphfold.convert import tolerance as tolerance_
     from graphfold.convert.verify import compare
+
     rows = []
     for key in sorted(set(want) | set(got)):
         row = dict(output=key, max_abs=None, max_rel=None, problem=None)
@@ -187,9 +215,13 @@ def compare_outputs(want: dict, got: dict, tolerance: float | None, computation)
             rows.append(row)
             continue
         a, b = want[key], got[key]
-        limit, why = (tolerance, "given") if tolerance is not None else \
-            (0.0, "not numbers") if a.dtype.kind in "OSUb" else \
-            tolerance_.default(tf.as_dtype(a.dtype), computation)
+        limit, why = (
+            (tolerance, "given")
+            if tolerance is not None
+            else (0.0, "not numbers")
+            if a.dtype.kind in "OSUb"
+            else tolerance_.default(tf.as_dtype(a.dtype), computation)
+        )
         row.update(dtype=str(a.dtype), shape=list(a.shape), tolerance=limit, why=why)
         try:
             row["max_abs"], row["max_rel"] = compare(a, b)
@@ -208,13 +240,17 @@ def largest(rows: list[dict]) -> float | None:
     return max(values) if values else None
 
 
-def check_signature(binary: str, args, key: str, signature, workdir: str,
-                    config: str | None) -> dict:
+def check_signature(
+    binary: str, args, key: str, signature, workdir: str, config: str | None
+) -> dict:
     """Served SRC against served DST on the same inputs; the same through tf.saved_model.load.
     ``config``: the session configuration file (``--config``; its environment is added)."""
     env = bench_serving.CONFIGS[args.config][1]
-    feeds = given_feeds(args.inputs, signature) if args.inputs else \
-        random_feeds(signature, args.batch, args.input_shape, args.seed)
+    feeds = (
+        given_feeds(args.inputs, signature)
+        if args.inputs
+        else random_feeds(signature, args.batch, args.input_shape, args.seed)
+    )
     inputs_file = os.path.join(workdir, f"inputs-{key}.tensors")
     write_tensors(inputs_file, feeds)
     result = dict(signature=key, inputs={k: list(v.shape) for k, v in feeds.items()})
@@ -223,13 +259,15 @@ def check_signature(binary: str, args, key: str, signature, workdir: str,
     except RuntimeError as exc:
         raise CannotCheck(f"{key}: the original fails when served: {exc}") from None
     from graphfold.convert import tolerance as tolerance_
+
     try:
         python_src, fn = loaded_outputs(args.src, key, feeds)
     except Exception as exc:  # noqa: BLE001 - the reference of the tolerance and the comparison
         raise CannotCheck(f"{key}: the original fails when loaded: {exc}") from None
     computation = tolerance_.computation_dtypes(fn) if args.tolerance is None else frozenset()
-    result["served_src_vs_loaded_src"] = largest(compare_outputs(python_src, want, None,
-                                                                 computation))
+    result["served_src_vs_loaded_src"] = largest(
+        compare_outputs(python_src, want, None, computation)
+    )
     try:
         got = served(binary, args.dst, key, inputs_file, inputs_file + ".dst", config, env)
     except RuntimeError as exc:
@@ -255,14 +293,18 @@ def _figure(value) -> str:
 def print_result(result: dict) -> None:
     key = result["signature"]
     shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in result["inputs"].items())
-    print(f"{key}: inputs {shapes}; served original vs loaded original: max rel "
-          f"{_figure(result.get('served_src_vs_loaded_src'))}")
+    print(
+        f"{key}: inputs {shapes}; served original vs loaded original: max rel "
+        f"{_figure(result.get('served_src_vs_loaded_src'))}"
+    )
     for row in result["outputs"]:
         loaded = result.get("loaded", {}).get(row["output"])
         tolerance = f"tolerance {row['tolerance']:g} ({row['why']})" if "tolerance" in row else ""
-        print(f"  {row['output']}: served DST vs SRC max abs {_figure(row['max_abs'])} max rel "
-              f"{_figure(row['max_rel'])} {tolerance}; loaded (tf.saved_model.load) DST vs SRC "
-              f"max rel {_figure(loaded)}" + (f"  <- {row['problem']}" if row["problem"] else ""))
+        print(
+            f"  {row['output']}: served DST vs SRC max abs {_figure(row['max_abs'])} max rel "
+            f"{_figure(row['max_rel'])} {tolerance}; loaded (tf.saved_model.load) DST vs SRC "
+            f"max rel {_figure(loaded)}" + (f"  <- {row['problem']}" if row["problem"] else "")
+        )
     if result.get("loaded_problem"):
         print(f"  loaded: {result['loaded_problem']}")
     if result["status"] == "ok":
@@ -288,18 +330,38 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", help="the original SavedModel")
     parser.add_argument("dst", help="the optimized SavedModel")
-    parser.add_argument("--signature", action="extend", nargs="+", metavar="K",
-                        help="signature keys; default: every signature of SRC")
+    parser.add_argument(
+        "--signature",
+        action="extend",
+        nargs="+",
+        metavar="K",
+        help="signature keys; default: every signature of SRC",
+    )
     parser.add_argument("--batch", type=int, default=2, help="an unknown first dimension")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="KEY=D,D,...",
-                        help="the shape of an input's random values")
-    parser.add_argument("--inputs", help=".npz (arrays by input key) or a tensors file: "
-                        "these inputs instead of random ones")
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="KEY=D,D,...",
+        help="the shape of an input's random values",
+    )
+    parser.add_argument(
+        "--inputs",
+        help=".npz (arrays by input key) or a tensors file: these inputs instead of random ones",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, help="relative error accepted for every "
-                        "output (default: by precision, graphfold.convert.tolerance)")
-    parser.add_argument("--config", default="default", choices=sorted(bench_serving.CONFIGS),
-                        help="the session configuration (bench_serving.CONFIGS)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        help="relative error accepted for every "
+        "output (default: by precision, graphfold.convert.tolerance)",
+    )
+    parser.add_argument(
+        "--config",
+        default="default",
+        choices=sorted(bench_serving.CONFIGS),
+        help="the session configuration (bench_serving.CONFIGS)",
+    )
     parser.add_argument("--cache", default=CACHE, help="where the harness is built")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args(argv)
@@ -307,8 +369,13 @@ def parse_args(argv):
 
 def check(args) -> tuple[int, dict]:
     binary, how = bench_serving.harness(args.cache)
-    document = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), src=args.src,
-                    dst=args.dst, harness=how, signatures={})
+    document = dict(
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        src=args.src,
+        dst=args.dst,
+        harness=how,
+        signatures={},
+    )
     print(f"# serving harness: {how}", flush=True)
     if binary is None:
         print(f"not checked: the serving harness cannot be built ({how})")
@@ -317,8 +384,10 @@ def check(args) -> tuple[int, dict]:
     keys = args.signature or sorted(signatures)
     unknown = sorted(set(keys) - set(signatures))
     if unknown:
-        raise CannotCheck(f"{args.src} has no signature {', '.join(unknown)} "
-                          f"(it has {', '.join(sorted(signatures))})")
+        raise CannotCheck(
+            f"{args.src} has no signature {', '.join(unknown)} "
+            f"(it has {', '.join(sorted(signatures))})"
+        )
     args.input_shape = parse_shapes(args.input_shape)
     with tempfile.TemporaryDirectory(prefix="check-serving-") as workdir:
         config = bench_serving.config_file(workdir, args.config)
@@ -328,8 +397,11 @@ def check(args) -> tuple[int, dict]:
             print_result(result)
     failed = [k for k, r in document["signatures"].items() if r["status"] != "ok"]
     document["status"] = "failed" if failed else "ok"
-    print(f"served outputs differ: {', '.join(failed)}" if failed else
-          f"served outputs match ({len(keys)} signature(s))")
+    print(
+        f"served outputs differ: {', '.join(failed)}"
+        if failed
+        else f"served outputs match ({len(keys)} signature(s))"
+    )
     return (1 if failed else 0), document
 
 
@@ -339,8 +411,7 @@ def main(argv=None) -> int:
         code, document = check(args)
     except CannotCheck as why:
         print(f"cannot check: {why}", file=sys.stderr)
-        code, document = 2, dict(src=args.src, dst=args.dst, status="cannot check",
-                                 reason=str(why))
+        code, document = 2, dict(src=args.src, dst=args.dst, status="cannot check", reason=str(why))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(document, f, indent=1, default=str)

@@ -45,12 +45,17 @@ import check_cspnet  # noqa: E402
 import check_serving  # noqa: E402
 
 MODELS = "ResNet50,CSPNet,HGNetV2"
-HGNETV2 = dict(depths=[1, 1, 2], embedding_size=16, hidden_sizes=[32, 64, 128],
-               stem_channels=[3, 16, 16], hidden_act="relu", use_learnable_affine_block=True,
-               stackwise_stage_filters=[(16, 16, 32, 1, 2, 3), (32, 24, 64, 1, 2, 3),
-                                        (64, 32, 128, 2, 2, 5)],
-               apply_downsample=[False, True, True],
-               use_lightweight_conv_block=[False, True, True])
+HGNETV2 = dict(
+    depths=[1, 1, 2],
+    embedding_size=16,
+    hidden_sizes=[32, 64, 128],
+    stem_channels=[3, 16, 16],
+    hidden_act="relu",
+    use_learnable_affine_block=True,
+    stackwise_stage_filters=[(16, 16, 32, 1, 2, 3), (32, 24, 64, 1, 2, 3), (64, 32, 128, 2, 2, 5)],
+    apply_downsample=[False, True, True],
+    use_lightweight_conv_block=[False, True, True],
+)
 
 
 # ---- the exports (in a child process) ------------------------------------------------------------
@@ -59,18 +64,27 @@ def _build_keras_hub(name: str, path: str) -> None:
     import numpy as np
 
     from graphfold import examples
+
     if name == "CSPNet":
         model = keras_hub.models.CSPNetBackbone(
-            stem_filters=16, stem_kernel_size=7, stem_strides=4, stackwise_depth=[2, 2, 2],
-            stackwise_strides=[1, 2, 2], block_type="bottleneck_block", stage_type="csp",
-            stem_pooling="max", stem_padding="valid", cross_linear=True,
-            **check_cspnet.CONFIGS["cspresnext50"])
+            stem_filters=16,
+            stem_kernel_size=7,
+            stem_strides=4,
+            stackwise_depth=[2, 2, 2],
+            stackwise_strides=[1, 2, 2],
+            block_type="bottleneck_block",
+            stage_type="csp",
+            stem_pooling="max",
+            stem_padding="valid",
+            cross_linear=True,
+            **check_cspnet.CONFIGS["cspresnext50"],
+        )
     else:
         model = keras_hub.models.HGNetV2Backbone(**HGNETV2)
     rng = np.random.default_rng(0)
     examples.randomise(model, rng)
     scales = [v for v in model.weights if v.path.endswith("/scale") and v.shape == ()]
-    for variable in scales:                     # learnable affine blocks (bias: randomise)
+    for variable in scales:  # learnable affine blocks (bias: randomise)
         variable.assign(np.float32(rng.uniform(0.5, 1.5) * rng.choice([-1, 1])))
     if name == "HGNetV2" and not scales:
         raise SystemExit("HGNetV2: no learnable affine scale found to randomise")
@@ -84,10 +98,13 @@ def ensure_export(cache: str, name: str) -> str | None:
     path = os.path.join(cache, name)
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
-    code = (f"import sys; sys.path.insert(0, {HERE!r}); import check_serving_models as m; "
-            f"m._build_keras_hub({name!r}, {path!r})")
-    built = subprocess.run([sys.executable, "-c", code], env=bench_cli.ENV, capture_output=True,
-                           text=True)
+    code = (
+        f"import sys; sys.path.insert(0, {HERE!r}); import check_serving_models as m; "
+        f"m._build_keras_hub({name!r}, {path!r})"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", code], env=bench_cli.ENV, capture_output=True, text=True
+    )
     if built.returncode != 0:
         if "No module named 'keras_hub'" in built.stderr:
             return None
@@ -119,6 +136,7 @@ def quirk_paths(cache: str) -> list[str]:
     import tensorflow as tf
 
     from graphfold.convert.verify import compare
+
     rng = np.random.default_rng(0)
     x, sc = (rng.normal(size=(2, 8, 8, 16)).astype(np.float32) for _ in range(2))
     module = tf.Module()
@@ -127,8 +145,7 @@ def quirk_paths(cache: str) -> list[str]:
     constants = (tf.constant(module.w.numpy()), tf.constant(module.b.numpy()))
 
     def body(v, s, w, b):
-        return tf.nn.leaky_relu(tf.nn.bias_add(tf.nn.conv2d(v, w, 1, "VALID"), b) + s,
-                                alpha=0.01)
+        return tf.nn.leaky_relu(tf.nn.bias_add(tf.nn.conv2d(v, w, 1, "VALID"), b) + s, alpha=0.01)
 
     want = body(x, sc, *constants).numpy()
     error = lambda got: compare(want, got)[1]  # noqa: E731
@@ -145,32 +162,58 @@ def quirk_paths(cache: str) -> list[str]:
             path = os.path.join(cache, "quirk", f"{weights}-{'x'.join(map(str, shape))}")
             tf.saved_model.save(module, path, signatures={"serving_default": serve})
             check_serving.write_tensors(path + ".in", {"x": x, "sc": sc})
-            served = check_serving.served(binary, path, "serving_default", path + ".in",
-                                          path + ".out", None)["y"]
+            served = check_serving.served(
+                binary, path, "serving_default", path + ".in", path + ".out", None
+            )["y"]
             loaded = tf.saved_model.load(path).signatures["serving_default"](x=x, sc=sc)["y"]
-            rows.append(f"| {weights} | {'x'.join(str(d) if d else '?' for d in shape)} | "
-                        f"{error(served):.2g} | {error(loaded.numpy()):.2g} |")
+            rows.append(
+                f"| {weights} | {'x'.join(str(d) if d else '?' for d in shape)} | "
+                f"{error(served):.2g} | {error(loaded.numpy()):.2g} |"
+            )
     return rows
 
 
 # ---- one model -----------------------------------------------------------------------------------
 def optimize(export: str, dst: str, weights: str, shapes: list[str]) -> dict:
     """``graphfold optimize`` and its last line, exit status and seconds."""
-    argv = [sys.executable, "-m", "graphfold", "optimize", export, dst, "--overwrite",
-            "--weights", weights] + [a for s in shapes for a in ("--input-shape", s)]
+    argv = [
+        sys.executable,
+        "-m",
+        "graphfold",
+        "optimize",
+        export,
+        dst,
+        "--overwrite",
+        "--weights",
+        weights,
+    ] + [a for s in shapes for a in ("--input-shape", s)]
     start = time.perf_counter()
     run = subprocess.run(argv, env=bench_cli.ENV, capture_output=True, text=True)
-    lines = [line for line in run.stdout.splitlines() + run.stderr.splitlines()
-             if line.startswith(("wrote", "graphfold:", "error", "FAILED", "NOT"))]
-    return dict(exit=run.returncode, seconds=round(time.perf_counter() - start, 1),
-                line=lines[-1] if lines else (run.stdout + run.stderr).strip()[-300:])
+    lines = [
+        line
+        for line in run.stdout.splitlines() + run.stderr.splitlines()
+        if line.startswith(("wrote", "graphfold:", "error", "FAILED", "NOT"))
+    ]
+    return dict(
+        exit=run.returncode,
+        seconds=round(time.perf_counter() - start, 1),
+        line=lines[-1] if lines else (run.stdout + run.stderr).strip()[-300:],
+    )
 
 
 def served_check(export: str, dst: str, shapes: list[str], cache: str, workdir: str) -> dict:
     """``check_serving.py`` in a child process; its JSON document and exit status."""
     report = os.path.join(workdir, "check.json")
-    argv = [sys.executable, os.path.join(HERE, "check_serving.py"), export, dst,
-            "--cache", cache, "--json", report] + [f"--input-shape={s}" for s in shapes]
+    argv = [
+        sys.executable,
+        os.path.join(HERE, "check_serving.py"),
+        export,
+        dst,
+        "--cache",
+        cache,
+        "--json",
+        report,
+    ] + [f"--input-shape={s}" for s in shapes]
     run = subprocess.run(argv, env=bench_cli.ENV, capture_output=True, text=True)
     with open(report) as f:
         document = json.load(f)
@@ -195,11 +238,14 @@ def _largest(document: dict, field: str) -> float | None:
 def row(name: str, weights: str, optimized: dict, document: dict) -> str:
     figure = lambda v: "–" if v is None else f"{v:.2g}"  # noqa: E731
     verdict = {"ok": "match", "failed": "DIFFER", "not checked": "not checked"}.get(
-        document.get("status"), document.get("status"))
-    return (f"| {name} | {weights} | {optimized['line']} (exit {optimized['exit']}) | "
-            f"{optimized['batch_norm_ops']} | "
-            f"{figure(_largest(document, 'served'))} | {figure(_largest(document, 'loaded'))} | "
-            f"{figure(_largest(document, 'floor'))} | {verdict} (exit {document['exit']}) |")
+        document.get("status"), document.get("status")
+    )
+    return (
+        f"| {name} | {weights} | {optimized['line']} (exit {optimized['exit']}) | "
+        f"{optimized['batch_norm_ops']} | "
+        f"{figure(_largest(document, 'served'))} | {figure(_largest(document, 'loaded'))} | "
+        f"{figure(_largest(document, 'floor'))} | {verdict} (exit {document['exit']}) |"
+    )
 
 
 def main(argv=None) -> int:
@@ -207,11 +253,15 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--weights", default="variables,constants")
     parser.add_argument("--size", type=int, default=224, help="unknown height and width")
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(),
-                                                        "graphfold-check-serving"))
+    parser.add_argument(
+        "--cache", default=os.path.join(tempfile.gettempdir(), "graphfold-check-serving")
+    )
     parser.add_argument("--json", help="write every result here")
-    parser.add_argument("--quirk", action="store_true",
-                        help="TensorFlow's LeakyRelu fusion on each path instead of the models")
+    parser.add_argument(
+        "--quirk",
+        action="store_true",
+        help="TensorFlow's LeakyRelu fusion on each path instead of the models",
+    )
     args = parser.parse_args(argv)
     if args.quirk:
         print("| weights | input shape | served rel err | loaded rel err |\n|---|---|---|---|")
@@ -228,26 +278,37 @@ def main(argv=None) -> int:
         for weights in [w for w in args.weights.split(",") if w]:
             dst = os.path.join(args.cache, f"{name}-{weights}")
             optimized = optimize(export, dst, weights, shapes)
-            optimized["batch_norm_ops"] = (   # in the written graphs: SRC -> DST
+            optimized["batch_norm_ops"] = (  # in the written graphs: SRC -> DST
                 f"{bench_serving.census(export)['batch_norm_ops']} -> "
-                f"{bench_serving.census(dst)['batch_norm_ops']}" if optimized["exit"] == 0
-                else "–")
+                f"{bench_serving.census(dst)['batch_norm_ops']}"
+                if optimized["exit"] == 0
+                else "–"
+            )
             print(f"{name} --weights {weights}: {optimized['line']}", flush=True)
             with tempfile.TemporaryDirectory() as workdir:
-                document = served_check(export, dst, shapes, harness_cache, workdir) \
-                    if optimized["exit"] == 0 else dict(status="not optimized", exit=None)
+                document = (
+                    served_check(export, dst, shapes, harness_cache, workdir)
+                    if optimized["exit"] == 0
+                    else dict(status="not optimized", exit=None)
+                )
             print(document.get("output", ""), flush=True)
             results[f"{name} {weights}"] = dict(optimize=optimized, served=document)
             rows.append(row(name, weights, optimized, document))
             failed = failed or optimized["exit"] != 0 or document.get("exit") != 0
-    print("| model | --weights | graphfold optimize says | batch-norm ops | served max rel | "
-          "loaded max rel | served vs loaded original | served outputs |")
+    print(
+        "| model | --weights | graphfold optimize says | batch-norm ops | served max rel | "
+        "loaded max rel | served vs loaded original | served outputs |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           results=results), f, indent=1, default=str)
+            json.dump(
+                dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), results=results),
+                f,
+                indent=1,
+                default=str,
+            )
     return 1 if failed else 0
 
 

@@ -37,14 +37,15 @@ def blocker_kind(reason: str) -> str:
     for part in reason.split("; "):
         direction, _, rest = part.partition(": ")
         rule = rest.split(": ", 1)[-1]
-        rule = re.sub(r"\S*/\S*", "another node", rule)      # drop node names
+        rule = re.sub(r"\S*/\S*", "another node", rule)  # drop node names
         rule = re.sub(r"scale <= 0 on channels? [^)]*", "scale <= 0 on some channels", rule)
         parts.append(f"{direction}: {rule}")
     return " / ".join(dict.fromkeys(parts))
 
 
-def row(name: str, legacy: bool, batch: int = 2, seed: int = 0,
-        negative_gamma: float = 0.3) -> dict:
+def row(
+    name: str, legacy: bool, batch: int = 2, seed: int = 0, negative_gamma: float = 0.3
+) -> dict:
     if name in examples.SMALL_MODELS:
         model, shape, bn_layers = examples.small_model(name, legacy, seed)
     else:
@@ -59,23 +60,35 @@ def row(name: str, legacy: bool, batch: int = 2, seed: int = 0,
     error = float(np.abs(want - got).max() / np.abs(want).max())
     report = folded.report
     blockers = collections.Counter(blocker_kind(e.reason) for e in report.not_folded)
-    return dict(model=name, framework="tf-keras" if legacy else "keras3", bn_layers=bn_layers,
-                found=len(report.batch_norms), forward=report.count("forward"),
-                backward=report.count("backward"), split=report.count("split"),
-                partial=len(report.partial), not_folded=len(report.not_folded),
-                blockers="; ".join(f"{n}× {k}" for k, n in blockers.most_common(3)) or "–",
-                error=error, seconds=seconds)
+    return dict(
+        model=name,
+        framework="tf-keras" if legacy else "keras3",
+        bn_layers=bn_layers,
+        found=len(report.batch_norms),
+        forward=report.count("forward"),
+        backward=report.count("backward"),
+        split=report.count("split"),
+        partial=len(report.partial),
+        not_folded=len(report.not_folded),
+        blockers="; ".join(f"{n}× {k}" for k, n in blockers.most_common(3)) or "–",
+        error=error,
+        seconds=seconds,
+    )
 
 
-HEADER = ("| model | framework | BN layers | folded forward | folded backward | folded split | "
-          "partial | not folded | main blockers | max relative error | rewrite seconds |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| model | framework | BN layers | folded forward | folded backward | folded split | "
+    "partial | not folded | main blockers | max relative error | rewrite seconds |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def markdown(r: dict) -> str:
-    return (f"| {r['model']} | {r['framework']} | {r['bn_layers']} | {r['forward']} | "
-            f"{r['backward']} | {r['split']} | {r['partial']} | {r['not_folded']} | "
-            f"{r['blockers']} | {r['error']:.2e} | {r['seconds']:.1f} |")
+    return (
+        f"| {r['model']} | {r['framework']} | {r['bn_layers']} | {r['forward']} | "
+        f"{r['backward']} | {r['split']} | {r['partial']} | {r['not_folded']} | "
+        f"{r['blockers']} | {r['error']:.2e} | {r['seconds']:.1f} |"
+    )
 
 
 def main(argv=None) -> int:
@@ -83,8 +96,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(examples.APPLICATIONS))
     parser.add_argument("--frameworks", default="keras3,tf-keras")
     parser.add_argument("--out", help="also write the table (Markdown) to this file")
-    parser.add_argument("--negative-gamma", type=float, default=0.3,
-                        help="share of negative γ in the randomised batch norms")
+    parser.add_argument(
+        "--negative-gamma",
+        type=float,
+        default=0.3,
+        help="share of negative γ in the randomised batch norms",
+    )
     args = parser.parse_args(argv)
     lines = [HEADER]
     print(HEADER, flush=True)

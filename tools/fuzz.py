@@ -43,12 +43,13 @@ def _child(args) -> None:
         case = None
         try:
             case = graphgen.build(seed)
-            print(f"ORIGINAL {seed}", flush=True)   # a TensorFlow abort here is not ours
+            print(f"ORIGINAL {seed}", flush=True)  # a TensorFlow abort here is not ours
             graphgen.run_original(case)
             print(f"REWRITE {seed}", flush=True)
             folded, err = graphgen.check(case)
             fetched, fetch_err = graphgen.check_fetches(
-                case, phase=lambda name, seed=seed: print(f"{name} {seed}", flush=True))
+                case, phase=lambda name, seed=seed: print(f"{name} {seed}", flush=True)
+            )
         except Exception as exc:  # noqa: BLE001 (every failure is reported with its seed)
             text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             if case is not None:
@@ -58,13 +59,22 @@ def _child(args) -> None:
             print("FAIL " + json.dumps({"seed": seed, "text": text}), flush=True)
             continue
         report = folded.report
-        stats = {"seed": seed, "layout": case.layout, "dtype": case.dtype.name,
-                 "batch_norms": len(report.batch_norms), "forward": report.count("forward"),
-                 "backward": report.count("backward"), "split": report.count("split"),
-                 "partial": len(report.partial), "not_folded": len(report.not_folded),
-                 "err": err, "by_reference": err > graphgen.TOLERANCE[case.dtype],
-                 "fetched": len(fetched), "fetch_err": fetch_err,
-                 "fetch_by_reference": fetch_err > graphgen.TOLERANCE[case.dtype]}
+        stats = {
+            "seed": seed,
+            "layout": case.layout,
+            "dtype": case.dtype.name,
+            "batch_norms": len(report.batch_norms),
+            "forward": report.count("forward"),
+            "backward": report.count("backward"),
+            "split": report.count("split"),
+            "partial": len(report.partial),
+            "not_folded": len(report.not_folded),
+            "err": err,
+            "by_reference": err > graphgen.TOLERANCE[case.dtype],
+            "fetched": len(fetched),
+            "fetch_err": fetch_err,
+            "fetch_by_reference": fetch_err > graphgen.TOLERANCE[case.dtype],
+        }
         if args.verbose:
             stats["text"] = case.describe() + "\n" + report.entry_table()
         print("OK " + json.dumps(stats), flush=True)
@@ -83,16 +93,22 @@ def main(argv=None) -> int:
         return 0
 
     failures: list[int] = []
-    original_aborts: list[int] = []     # seeds whose original graph TensorFlow cannot run
+    original_aborts: list[int] = []  # seeds whose original graph TensorFlow cannot run
     stats = collections.Counter()
-    worst: dict[str, tuple[float, int]] = {}     # dtype -> (largest relative error, its seed)
+    worst: dict[str, tuple[float, int]] = {}  # dtype -> (largest relative error, its seed)
     start, end = time.perf_counter(), args.seed + args.n
     seed = args.seed
     while seed < end:
-        command = [sys.executable, os.path.abspath(__file__), "--child", "--seed", str(seed),
-                   "--n", str(end - seed)] + (["--verbose"] if args.verbose else [])
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            "--seed",
+            str(seed),
+            "--n",
+            str(end - seed),
+        ] + (["--verbose"] if args.verbose else [])
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         current, stop, phase = None, False, None
         for line in proc.stdout:
             kind, _, rest = line.rstrip("\n").partition(" ")
@@ -101,8 +117,10 @@ def main(argv=None) -> int:
             elif kind == "FAIL":
                 record = json.loads(rest)
                 failures.append(record["seed"])
-                print(f"FAIL seed {record['seed']}: " + record["text"].replace("\n", "\n  "),
-                      flush=True)
+                print(
+                    f"FAIL seed {record['seed']}: " + record["text"].replace("\n", "\n  "),
+                    flush=True,
+                )
                 current = None
                 if args.stop:
                     proc.kill()
@@ -114,11 +132,21 @@ def main(argv=None) -> int:
                 stats["graphs"] += 1
                 for key in ("layout", "dtype"):
                     stats[record[key]] += 1
-                for key in ("batch_norms", "forward", "backward", "split", "partial",
-                            "not_folded", "by_reference", "fetched", "fetch_by_reference"):
+                for key in (
+                    "batch_norms",
+                    "forward",
+                    "backward",
+                    "split",
+                    "partial",
+                    "not_folded",
+                    "by_reference",
+                    "fetched",
+                    "fetch_by_reference",
+                ):
                     stats[key] += record[key]
-                worst[record["dtype"]] = max(worst.get(record["dtype"], (0.0, -1)),
-                                             (record["err"], record["seed"]))
+                worst[record["dtype"]] = max(
+                    worst.get(record["dtype"], (0.0, -1)), (record["err"], record["seed"])
+                )
                 key = record["dtype"] + " fetched"
                 worst[key] = max(worst.get(key, (0.0, -1)), (record["fetch_err"], record["seed"]))
                 if args.verbose:
@@ -128,30 +156,43 @@ def main(argv=None) -> int:
         if stop:
             break
         if current is None:
-            break                       # the child ran every seed
-        tail = [line for line in stderr.splitlines() if "Check failed" in line or
-                line.startswith(("F0000", "Fatal", "Segmentation"))][-1:]
-        if phase == "ORIGINAL":         # TensorFlow aborts on the generated graph itself
+            break  # the child ran every seed
+        tail = [
+            line
+            for line in stderr.splitlines()
+            if "Check failed" in line or line.startswith(("F0000", "Fatal", "Segmentation"))
+        ][-1:]
+        if phase == "ORIGINAL":  # TensorFlow aborts on the generated graph itself
             original_aborts.append(current)
-            print(f"SKIP seed {current}: TensorFlow aborts running the ORIGINAL graph (exit "
-                  f"status {proc.returncode})" + (f": {tail[0]}" if tail else ""), flush=True)
+            print(
+                f"SKIP seed {current}: TensorFlow aborts running the ORIGINAL graph (exit "
+                f"status {proc.returncode})" + (f": {tail[0]}" if tail else ""),
+                flush=True,
+            )
         else:
-            failures.append(current)    # the child died inside seed ``current``
-            print(f"FAIL seed {current}: the process died (exit status {proc.returncode})"
-                  + (f": {tail[0]}" if tail else ""), flush=True)
+            failures.append(current)  # the child died inside seed ``current``
+            print(
+                f"FAIL seed {current}: the process died (exit status {proc.returncode})"
+                + (f": {tail[0]}" if tail else ""),
+                flush=True,
+            )
         if args.stop:
             break
         seed = current + 1
     seconds = time.perf_counter() - start
     print(f"\n{args.n} seeds from {args.seed}: {len(failures)} failed, {seconds:.0f} s")
     print("  " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
-    print("  worst relative error: " + ", ".join(f"{k} {e:.3g} (seed {s})"
-                                                 for k, (e, s) in sorted(worst.items())))
+    print(
+        "  worst relative error: "
+        + ", ".join(f"{k} {e:.3g} (seed {s})" for k, (e, s) in sorted(worst.items()))
+    )
     if failures:
         print("  failing seeds: " + " ".join(map(str, failures)))
     if original_aborts:
-        print(f"  skipped, TensorFlow aborts on the original graph: {len(original_aborts)} "
-              "(seeds " + " ".join(map(str, original_aborts)) + ")")
+        print(
+            f"  skipped, TensorFlow aborts on the original graph: {len(original_aborts)} "
+            "(seeds " + " ".join(map(str, original_aborts)) + ")"
+        )
     return 1 if failures else 0
 
 

@@ -56,7 +56,7 @@ def build_model(seed: int = 0, input_shape: tuple = INPUT_SHAPE):
     x = layers.ReLU(name="pw_relu")(x)
 
     x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.BatchNormalization(name="pool_bn")(x)      # before a layer: folds backward
+    x = layers.BatchNormalization(name="pool_bn")(x)  # before a layer: folds backward
     x = layers.Dense(32, name="fc1")(x)
     x = layers.BatchNormalization(name="fc1_bn")(x)
     x = layers.ReLU(name="fc1_relu")(x)
@@ -70,13 +70,14 @@ def call_ms(fn, inputs: dict) -> float:
     """Wall time of one call ``fn(**inputs)`` (outputs fetched), in milliseconds."""
     clock = time.perf_counter()
     outputs = fn(**inputs)
-    for value in (outputs.values() if isinstance(outputs, dict) else [outputs]):
+    for value in outputs.values() if isinstance(outputs, dict) else [outputs]:
         value.numpy()
     return (time.perf_counter() - clock) * 1e3
 
 
-def compare_latency(functions: dict, inputs: dict, calls: int = CALLS, warmup: int = 3,
-                    seed: int = 0) -> dict[str, float]:
+def compare_latency(
+    functions: dict, inputs: dict, calls: int = CALLS, warmup: int = 3, seed: int = 0
+) -> dict[str, float]:
     """Median latency (ms) of each of ``functions`` (name -> callable) over ``calls`` rounds of
     one call of each, in a new random order each round, so that a noisy neighbour slows them
     alike."""
@@ -100,12 +101,16 @@ def render_latency(key: str, ms: dict[str, float], console) -> None:
     original/optimized = (original/frozen) x (frozen/optimized)."""
     console.print(f"latency of '{key}' (batch {BATCH}, median of {CALLS} interleaved calls):")
     console.print(f"  original             {ms['original']:8.3f} ms")
-    console.print(f"  frozen, not folded   {ms['frozen']:8.3f} ms   "
-                  f"({_speedup(ms['original'] / ms['frozen'])}: what freezing alone gives)")
-    console.print(f"  optimized            {ms['optimized']:8.3f} ms   "
-                  f"({_speedup(ms['original'] / ms['optimized'])}: "
-                  f"{ms['original'] / ms['frozen']:.2f}x from freezing, then "
-                  f"{ms['frozen'] / ms['optimized']:.2f}x from folding)")
+    console.print(
+        f"  frozen, not folded   {ms['frozen']:8.3f} ms   "
+        f"({_speedup(ms['original'] / ms['frozen'])}: what freezing alone gives)"
+    )
+    console.print(
+        f"  optimized            {ms['optimized']:8.3f} ms   "
+        f"({_speedup(ms['original'] / ms['optimized'])}: "
+        f"{ms['original'] / ms['frozen']:.2f}x from freezing, then "
+        f"{ms['frozen'] / ms['optimized']:.2f}x from folding)"
+    )
 
 
 def require_runnable(path: str, keys: list[str], tags=("serve",), allow_ops=()) -> None:
@@ -115,6 +120,7 @@ def require_runnable(path: str, keys: list[str], tags=("serve",), allow_ops=()) 
     from graphfold.convert import scan
     from graphfold.options import Options
     from graphfold.serving.saved_model import meta_graph_for, read_saved_model
+
     allowed = Options(allow_ops=allow_ops).allow_ops
     found = scan.scan_meta_graph(meta_graph_for(read_saved_model(path), path, tags), keys)
     scan.check_loading(found, allowed, path)
@@ -133,8 +139,9 @@ def _prepare(out: str | None) -> str:
     original = os.path.join(out, "original")
     if os.path.lexists(original):
         if not os.path.isfile(os.path.join(original, "saved_model.pb")):
-            raise BadInput(f"--out {out}: {original} exists and is not a SavedModel; "
-                           f"refusing to replace it")
+            raise BadInput(
+                f"--out {out}: {original} exists and is not a SavedModel; refusing to replace it"
+            )
         shutil.rmtree(original)
     return out
 
@@ -149,17 +156,23 @@ def run_demo(out: str | None, console) -> int:
 
     out = _prepare(out)
     original, optimized = os.path.join(out, "original"), os.path.join(out, "optimized")
-    console.progress(StageStarted("build", "the demo model (Keras 3: residual CNN with Conv2D, "
-                                  "DepthwiseConv2D and Dense layers, 7 batch norms with random "
-                                  "statistics)"))
+    console.progress(
+        StageStarted(
+            "build",
+            "the demo model (Keras 3: residual CNN with Conv2D, "
+            "DepthwiseConv2D and Dense layers, 7 batch norms with random "
+            "statistics)",
+        )
+    )
     model = build_model()
     console.progress(StageStarted("save", f"it with model.export(): {original}"))
     model.export(original, verbose=False)
 
     failure = None
     try:
-        result = optimize_saved_model(original, optimized, overwrite=True, batch=BATCH,
-                                      progress=console.progress)
+        result = optimize_saved_model(
+            original, optimized, overwrite=True, batch=BATCH, progress=console.progress
+        )
     except VerificationFailed as exc:
         result, failure = exc.result, exc
 
@@ -167,22 +180,32 @@ def run_demo(out: str | None, console) -> int:
     console.print()
     render_reports(result, console)
     render_verification(result, console)
-    document = {"command": "demo", "status": "ok" if failure is None else
-                "verification_failed", **result.to_dict()}
+    document = {
+        "command": "demo",
+        "status": "ok" if failure is None else "verification_failed",
+        **result.to_dict(),
+    }
     if failure is not None:
         console.error(str(failure))
         document["exit_code"] = EXIT_VERIFY
         console.json(document)
         return EXIT_VERIFY
 
-    console.progress(StageStarted("time", f"the original, the frozen original (nothing folded) "
-                                          f"and the optimized model (serving_default, batch "
-                                          f"{BATCH}, {CALLS} rounds)"))
+    console.progress(
+        StageStarted(
+            "time",
+            f"the original, the frozen original (nothing folded) "
+            f"and the optimized model (serving_default, batch "
+            f"{BATCH}, {CALLS} rounds)",
+        )
+    )
     key = "serving_default"
-    for path in (original, optimized):      # the demo's own model: clean, but gated all the same
+    for path in (original, optimized):  # the demo's own model: clean, but gated all the same
         require_runnable(path, [key])
-    loaded = {name: tf.saved_model.load(path) for name, path in
-              (("original", original), ("optimized", optimized))}
+    loaded = {
+        name: tf.saved_model.load(path)
+        for name, path in (("original", original), ("optimized", optimized))
+    }
     functions = {name: model.signatures[key] for name, model in loaded.items()}
     functions["frozen"] = freeze_only(functions["original"])
     rng = np.random.default_rng(1)

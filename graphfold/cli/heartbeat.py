@@ -28,6 +28,7 @@ class Heartbeat:
         if self.terminal:
             if self._console is None:
                 from rich.console import Console
+
                 self._console = Console(file=self.stream, highlight=False, markup=False)
             self._console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
@@ -49,8 +50,11 @@ class Heartbeat:
             if self._status is not None:
                 self._status.update(f"{stage.text} ({seconds:.0f} s)")
             else:
-                print(f"{self.prefix()}   ... still {stage.doing} ({seconds:.0f} s)",
-                      file=self.stream, flush=True)
+                print(
+                    f"{self.prefix()}   ... still {stage.doing} ({seconds:.0f} s)",
+                    file=self.stream,
+                    flush=True,
+                )
 
     def stop(self) -> None:
         self._done.set()

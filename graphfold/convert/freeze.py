@@ -24,10 +24,10 @@ WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
 @dataclasses.dataclass
 class Frozen:
     graph_def: graph_pb2.GraphDef
-    inputs: list[str]                 # placeholder tensors, in the flat order of the signature
-    outputs: list[str]                # fetched tensors, in the flat order of the outputs
-    shapes: dict[str, tuple | None]   # static shape of every tensor in the frozen graph
-    weights: Weights | None = None    # values of the stub constants (see graphfold.fold.weights)
+    inputs: list[str]  # placeholder tensors, in the flat order of the signature
+    outputs: list[str]  # fetched tensors, in the flat order of the outputs
+    shapes: dict[str, tuple | None]  # static shape of every tensor in the frozen graph
+    weights: Weights | None = None  # values of the stub constants (see graphfold.fold.weights)
     variables: dict[str, str] = dataclasses.field(default_factory=dict)
     """``{Const node: the name of the variable it froze}`` (``conv1_bn/gamma``): the path of the
     Keras layer that owns it, which the report's names come from."""
@@ -40,8 +40,10 @@ def as_concrete_function(fn) -> tf.types.experimental.ConcreteFunction:
         return fn
     if isinstance(fn, tf.types.experimental.PolymorphicFunction):
         if fn.input_signature is None:
-            raise TypeError("a tf.function needs an input_signature to be rewritten; pass "
-                            "fn.get_concrete_function(...) instead")
+            raise TypeError(
+                "a tf.function needs an input_signature to be rewritten; pass "
+                "fn.get_concrete_function(...) instead"
+            )
         return fn.get_concrete_function()
     raise TypeError(f"expected a ConcreteFunction or a tf.function, got {type(fn).__name__}")
 
@@ -65,14 +67,18 @@ def check_freezable(fn: tf.types.experimental.ConcreteFunction) -> None:
     resources = sum(t.dtype == tf.resource for t in fn.captured_inputs)
     others = resources - len(fn.variables)
     if others > 0:
-        raise NotFreezable(f"it captures {others} resource(s) other than variables (a lookup "
-                           "table, ...), which cannot be frozen into constants")
+        raise NotFreezable(
+            f"it captures {others} resource(s) other than variables (a lookup "
+            "table, ...), which cannot be frozen into constants"
+        )
     graph_def = fn.graph.as_graph_def()
     ops = {n.op for n in graph_def.node}
     ops.update(n.op for f in graph_def.library.function for n in f.node_def)
     if ops & set(WRITES):
-        raise NotFreezable("it assigns to variables (a batch norm in training mode updating its "
-                           "moving statistics, ...), which cannot be frozen into constants")
+        raise NotFreezable(
+            "it assigns to variables (a batch norm in training mode updating its "
+            "moving statistics, ...), which cannot be frozen into constants"
+        )
 
 
 def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None = None) -> Frozen:
@@ -94,8 +100,11 @@ def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None =
     # Freezing changes the signature of a call that is not inlined (an XLA-compiled function,
     # e.g. Keras' grouped Conv2D on CPU): its outputs, and everything after them, lose their
     # static shapes in the frozen graph. Same node name, same tensor: take them from ``fn``.
-    original = {canonical(f"{op.name}:{i}"): out.shape
-                for op in fn.graph.get_operations() for i, out in enumerate(op.outputs)}
+    original = {
+        canonical(f"{op.name}:{i}"): out.shape
+        for op in fn.graph.get_operations()
+        for i, out in enumerate(op.outputs)
+    }
     shapes = {}
     for op in frozen_graph.get_operations():
         for i, out in enumerate(op.outputs):
@@ -104,7 +113,7 @@ def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None =
     if weights is None:
         inputs = [canonical(t.name) for t in frozen_fn.inputs]
         outputs = [canonical(t.name) for t in frozen_fn.outputs]
-    else:   # the names convert_variables_to_constants_v2 gives them: those of fn's own graph
+    else:  # the names convert_variables_to_constants_v2 gives them: those of fn's own graph
         captured = {id(t) for t in fn.graph.internal_captures}
         inputs = [canonical(t.name) for t in fn.inputs if id(t) not in captured]
         outputs = [canonical(t.name) for t in fn.outputs]
@@ -123,8 +132,8 @@ def variable_names(fn: tf.types.experimental.ConcreteFunction) -> dict[str, str]
     freeze)."""
     try:
         by_handle = {id(v.handle): v for v in fn.variables}
-    except AssertionError:          # "Called a function referencing variables which have been
-        return {}                   # deleted"
+    except AssertionError:  # "Called a function referencing variables which have been
+        return {}  # deleted"
     names = {}
     for captured, placeholder in zip(fn.captured_inputs, fn.graph.internal_captures):
         variable = by_handle.get(id(captured))

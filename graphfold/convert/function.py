@@ -17,8 +17,9 @@ from tensorflow.core.framework import graph_pb2
 from graphfold.fold.weights import as_placeholders
 
 
-def import_graph(graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str],
-                 stubs: Sequence[str] = ()):
+def import_graph(
+    graph_def: graph_pb2.GraphDef, inputs: list[str], outputs: list[str], stubs: Sequence[str] = ()
+):
     """A pruned ConcreteFunction computing ``outputs`` from ``inputs`` (flat lists), then from
     the stub constants named ``stubs`` (``graphfold.fold.weights``), fed in that order (nothing of
     their values is copied into the graph)."""
@@ -57,10 +58,14 @@ def with_signature(pruned, original: tf.types.experimental.ConcreteFunction, ext
         if signature is not None:
             # Bound by the original parameter names, so keyword calls work as they do on fn.
             bound = signature.bind(*call_args, **call_kwargs).arguments
-            call_args = tuple(bound[name] for name, p in signature.parameters.items()
-                              if p.kind != p.KEYWORD_ONLY)
-            call_kwargs = {name: bound[name] for name, p in signature.parameters.items()
-                           if p.kind == p.KEYWORD_ONLY}
+            call_args = tuple(
+                bound[name] for name, p in signature.parameters.items() if p.kind != p.KEYWORD_ONLY
+            )
+            call_kwargs = {
+                name: bound[name]
+                for name, p in signature.parameters.items()
+                if p.kind == p.KEYWORD_ONLY
+            }
         flat = tf.nest.flatten((call_args, call_kwargs))
         flat = [value for value, is_fed in zip(flat, fed) if is_fed]
         if extra is not None:
@@ -93,11 +98,17 @@ def _python_signature(original, args, kwargs) -> inspect.Signature | None:
     if function_type is None:
         return None
     params = list(function_type.parameters.values())
-    positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    positional = [
+        p
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
     keyword = [p for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
-    if len(positional) + len(keyword) != len(params) or len(positional) != len(args) or \
-            sorted(p.name for p in keyword) != sorted(kwargs):
+    if (
+        len(positional) + len(keyword) != len(params)
+        or len(positional) != len(args)
+        or sorted(p.name for p in keyword) != sorted(kwargs)
+    ):
         return None
     try:
         return inspect.Signature([inspect.Parameter(p.name, p.kind) for p in params])
@@ -105,8 +116,9 @@ def _python_signature(original, args, kwargs) -> inspect.Signature | None:
         return None
 
 
-def bind_weights(weights, mode: str,
-                 release: bool = False) -> tuple[Callable[[], list], list[tf.Variable]]:
+def bind_weights(
+    weights, mode: str, release: bool = False
+) -> tuple[Callable[[], list], list[tf.Variable]]:
     """``(extra, variables)`` for ``with_signature``: the stub constants' values as ``Const``
     nodes of the traced function (``mode`` "constants") or as variables it captures
     ("variables": the original variable where a value is still exactly its buffer, else a new
@@ -124,12 +136,19 @@ def bind_weights(weights, mode: str,
                 if release:
                     weights.discard(name)
             return values
+
         return constants, []
     if mode != "variables":
         raise ValueError(f"weights must be 'constants' or 'variables', got {mode!r}")
-    variables = [_variable(weights, name, lambda a, name=name: tf.Variable(
-                               a, trainable=False, name=op_name(name)), release)
-                 for name in names]
+    variables = [
+        _variable(
+            weights,
+            name,
+            lambda a, name=name: tf.Variable(a, trainable=False, name=op_name(name)),
+            release,
+        )
+        for name in names
+    ]
     return (lambda: [v.value() for v in variables]), variables
 
 
@@ -155,8 +174,15 @@ class FoldedFunction:
     ``marked``: the values of marked constants not yet written (``saved_weights``), if any.
     """
 
-    def __init__(self, function, graph_def: graph_pb2.GraphDef | None, report, weights=None,
-                 variables=(), marked=None):
+    def __init__(
+        self,
+        function,
+        graph_def: graph_pb2.GraphDef | None,
+        report,
+        weights=None,
+        variables=(),
+        marked=None,
+    ):
         self.function = function
         self.report = report
         self.variables = list(variables)
@@ -165,7 +191,7 @@ class FoldedFunction:
 
     @property
     def graph_def(self) -> graph_pb2.GraphDef:
-        if self._weights is not None:      # stub constants: put their values back, once
+        if self._weights is not None:  # stub constants: put their values back, once
             self._graph_def, self._weights = self._weights.inline(self._graph_def), None
         return self._graph_def
 

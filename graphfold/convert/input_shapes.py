@@ -22,14 +22,15 @@ import tensorflow as tf
 from graphfold.errors import BadInput
 from graphfold.options import spelled
 
-IMAGE_SIZE = 224           # unknown height / width of a rank-4 floating input
-OTHER_SIZE = 32            # any other unknown non-batch dimension (a sequence, a volume's side)
-MAX_ELEMENTS = 1 << 24     # values per random input (64 MiB of float32)
+IMAGE_SIZE = 224  # unknown height / width of a rank-4 floating input
+OTHER_SIZE = 32  # any other unknown non-batch dimension (a sequence, a volume's side)
+MAX_ELEMENTS = 1 << 24  # values per random input (64 MiB of float32)
 FALLBACK_SIZES = (32, 8, 1)
 
 
-def default_shape(spec: tf.TensorSpec, batch: int, image: int = IMAGE_SIZE,
-                  other: int = OTHER_SIZE) -> tuple[tuple, str | None]:
+def default_shape(
+    spec: tf.TensorSpec, batch: int, image: int = IMAGE_SIZE, other: int = OTHER_SIZE
+) -> tuple[tuple, str | None]:
     """``(shape, note)``: the shape of a random input for ``spec``; the note says when the
     memory budget made it smaller."""
     if spec.shape.rank is None:
@@ -37,7 +38,7 @@ def default_shape(spec: tf.TensorSpec, batch: int, image: int = IMAGE_SIZE,
     dims = spec.shape.as_list()
     image_like = len(dims) == 4 and tf.as_dtype(spec.dtype).is_floating
     if image_like and dims[1:] == [None, None, None]:
-        dims[3] = 3                                # channels unknown too: an RGB image (NHWC)
+        dims[3] = 3  # channels unknown too: an RGB image (NHWC)
     free = [i for i, d in enumerate(dims) if d is None and i > 0]
     size = image if image_like else other
     wanted = [batch if i == 0 and d is None else d for i, d in enumerate(dims)]
@@ -51,8 +52,9 @@ def uniform_shape(spec: tf.TensorSpec, batch: int, size: int) -> tuple:
     """Every unknown non-batch dimension ``size`` (the fallbacks)."""
     if spec.shape.rank is None:
         return (batch,)
-    return tuple((batch if i == 0 else size) if d is None else d
-                 for i, d in enumerate(spec.shape.as_list()))
+    return tuple(
+        (batch if i == 0 else size) if d is None else d for i, d in enumerate(spec.shape.as_list())
+    )
 
 
 def _within_budget(shape: list, free: list[int], size: int) -> tuple[tuple, str | None]:
@@ -62,8 +64,11 @@ def _within_budget(shape: list, free: list[int], size: int) -> tuple[tuple, str 
         size //= 2
     for i in free:
         shape[i] = size
-    note = None if size == wanted or not free else \
-        f"unknown dims {size}, not {wanted}: over {MAX_ELEMENTS} values per input otherwise"
+    note = (
+        None
+        if size == wanted or not free
+        else f"unknown dims {size}, not {wanted}: over {MAX_ELEMENTS} values per input otherwise"
+    )
     return tuple(shape), note
 
 
@@ -79,8 +84,9 @@ def parse_entry(text: str) -> tuple[str, tuple[int, ...]]:
     return key.strip(), shape
 
 
-def check(input_shapes: dict | None, specs: dict[str, dict[str, tf.TensorSpec]]) -> \
-        dict[str, dict[str, tuple]]:
+def check(
+    input_shapes: dict | None, specs: dict[str, dict[str, tf.TensorSpec]]
+) -> dict[str, dict[str, tuple]]:
     """``{signature: {input: shape}}`` for the given shapes (``{input: shape}``), each applied to
     every signature with that input; ``BadInput`` for an input no signature has, a dimension
     below 1, or a shape the signature's input cannot take."""
@@ -94,14 +100,16 @@ def check(input_shapes: dict | None, specs: dict[str, dict[str, tf.TensorSpec]])
             raise BadInput(f"{where}: every dimension must be at least 1")
         having = [name for name, inputs in specs.items() if key in inputs]
         if not having:
-            listing = "; ".join(f"{name}: {', '.join(sorted(inputs))}"
-                                for name, inputs in specs.items())
+            listing = "; ".join(
+                f"{name}: {', '.join(sorted(inputs))}" for name, inputs in specs.items()
+            )
             raise BadInput(f"{where}: no signature has an input '{key}' (inputs: {listing})")
         for name in having:
             spec = specs[name][key]
             if not tf.TensorShape(shape).is_compatible_with(spec.shape):
-                raise BadInput(f"{where}: input '{key}' of signature '{name}' has shape "
-                               f"{_shown(spec.shape)}")
+                raise BadInput(
+                    f"{where}: input '{key}' of signature '{name}' has shape {_shown(spec.shape)}"
+                )
             out.setdefault(name, {})[key] = shape
     return out
 
@@ -118,8 +126,11 @@ def from_feeds(feeds: dict[str, list[dict]]) -> dict[str, tuple]:
 
 def compatible(hints: dict[str, tuple], specs: dict[str, tf.TensorSpec]) -> dict[str, tuple]:
     """The hints that fit the inputs of the same name."""
-    return {k: s for k, s in hints.items()
-            if k in specs and tf.TensorShape(s).is_compatible_with(specs[k].shape)}
+    return {
+        k: s
+        for k, s in hints.items()
+        if k in specs and tf.TensorShape(s).is_compatible_with(specs[k].shape)
+    }
 
 
 def _shown(shape: tf.TensorShape) -> str:

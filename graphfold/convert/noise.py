@@ -31,6 +31,7 @@ def unfolded(fn):
     """``fn`` frozen and re-imported, with nothing folded."""
     from graphfold.convert.freeze import freeze
     from graphfold.convert.function import import_graph, with_signature
+
     frozen = freeze(fn)
     return with_signature(import_graph(frozen.graph_def, frozen.inputs, frozen.outputs), fn)
 
@@ -79,21 +80,27 @@ def judge(check: Verification, reference) -> None:
     check.noise_floor = floor
     over = [o for o in check.outputs if not o.max_rel <= _tolerance(o)]
     accepted = bool(over) and all(
-        _tolerance(o) > 0 and floors.get(o.name, 0.0) > _tolerance(o) and
-        o.max_rel <= NOISE_MULTIPLE * floors[o.name] for o in over)
+        _tolerance(o) > 0
+        and floors.get(o.name, 0.0) > _tolerance(o)
+        and o.max_rel <= NOISE_MULTIPLE * floors[o.name]
+        for o in over
+    )
     if not accepted:
-        check.reason = f"{check.reason} (noise floor {floor:.3g}: freezing alone, nothing " \
-                       f"folded)"
+        check.reason = f"{check.reason} (noise floor {floor:.3g}: freezing alone, nothing folded)"
         return
     largest = max(floors[o.name] for o in over)
-    said = (f"relative error {check.max_rel:.3g} is within {NOISE_MULTIPLE:g}x the noise "
-            f"floor {largest:.3g} (freezing with nothing folded moves the outputs that much: "
-            f"the model amplifies float rounding)")
+    said = (
+        f"relative error {check.max_rel:.3g} is within {NOISE_MULTIPLE:g}x the noise "
+        f"floor {largest:.3g} (freezing with nothing folded moves the outputs that much: "
+        f"the model amplifies float rounding)"
+    )
     if largest > INCONCLUSIVE_FLOOR:
         check.status = "inconclusive"
-        check.reason = (f"{said}; a floor over {INCONCLUSIVE_FLOOR:g} lets errors as large as "
-                        f"real defects through, so the comparison says nothing (random "
-                        f"weights amplify rounding: verify a trained model, or on real inputs)")
+        check.reason = (
+            f"{said}; a floor over {INCONCLUSIVE_FLOOR:g} lets errors as large as "
+            f"real defects through, so the comparison says nothing (random "
+            f"weights amplify rounding: verify a trained model, or on real inputs)"
+        )
     else:
         check.status = "ok"
         check.reason = f"accepted: {said}"

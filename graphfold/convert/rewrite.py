@@ -35,9 +35,16 @@ from graphfold.fold.weights import Weights
 CHECK_IMAGE_SIZE = 64
 
 
-def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, verify: bool = True,
-            tolerance: float | None = None, input_shapes: dict | None = None,
-            partial: bool = True) -> FoldedFunction:
+def rewrite(
+    fn,
+    *,
+    weights: str = "constants",
+    keep_graph_def: bool = True,
+    verify: bool = True,
+    tolerance: float | None = None,
+    input_shapes: dict | None = None,
+    partial: bool = True,
+) -> FoldedFunction:
     """Fold every batch normalization of ``fn`` that can be folded exactly.
 
     ``fn``: a ConcreteFunction, or a ``tf.function`` with an ``input_signature``. ``fn`` is not
@@ -58,7 +65,7 @@ def rewrite(fn, *, weights: str = "constants", keep_graph_def: bool = True, veri
     concrete = as_concrete_function(fn)
     shapes = self_check.rewrite_shapes(concrete, input_shapes, verify, tolerance)
     concrete, graph_def, held, inputs, outputs, report = fold(concrete, partial=partial)
-    stubs = held.names()          # before binding: binding may release the arrays
+    stubs = held.names()  # before binding: binding may release the arrays
     bound, variables = bind_weights(held, weights, release=not keep_graph_def)
     function = reimport(concrete, graph_def, stubs, inputs, outputs, report, bound)
     if not keep_graph_def:
@@ -101,10 +108,19 @@ def fold(fn, partial: bool = True, folding: bool = True):
     clock = time.perf_counter()
     frozen = freeze(concrete, Weights())
     seconds["freeze"] = time.perf_counter() - clock
-    graph_def, report = _without_gc(_optimize_graph_def, frozen.graph_def, frozen.inputs,
-                                    frozen.outputs, frozen.shapes, seconds, frozen.weights,
-                                    frozen.variables, partial, folding)
-    assert frozen.weights is not None           # freeze was given a Weights
+    graph_def, report = _without_gc(
+        _optimize_graph_def,
+        frozen.graph_def,
+        frozen.inputs,
+        frozen.outputs,
+        frozen.shapes,
+        seconds,
+        frozen.weights,
+        frozen.variables,
+        partial,
+        folding,
+    )
+    assert frozen.weights is not None  # freeze was given a Weights
     frozen.weights.keep_only(node.name for node in graph_def.node)
     report.seconds = seconds
     return concrete, graph_def, frozen.weights, frozen.inputs, frozen.outputs, report
@@ -126,12 +142,23 @@ def optimize_graph_def(graph_def, inputs, outputs, shapes=None, seconds=None, pa
     given = {canonical(k): v for k, v in (shapes or {}).items()}
     try:
         inferred, note = infer_shapes(graph_def, given), None
-    except (tf.errors.OpError, ValueError, TypeError) as err:   # an op TF does not know, ...
+    except (tf.errors.OpError, ValueError, TypeError) as err:  # an op TF does not know, ...
         inferred = {}
-        note = (f"TensorFlow could not import the graph to infer its shapes "
-                f"({str(err).splitlines()[0]}): only the shapes given were used")
-    graph_def, report = _without_gc(_optimize_graph_def, graph_def, inputs, outputs,
-                                    {**inferred, **given}, seconds, None, None, partial)
+        note = (
+            f"TensorFlow could not import the graph to infer its shapes "
+            f"({str(err).splitlines()[0]}): only the shapes given were used"
+        )
+    graph_def, report = _without_gc(
+        _optimize_graph_def,
+        graph_def,
+        inputs,
+        outputs,
+        {**inferred, **given},
+        seconds,
+        None,
+        None,
+        partial,
+    )
     if note:
         report.notes.append(note)
     return graph_def, report
@@ -150,8 +177,17 @@ def _without_gc(function, *args):
             gc.enable()
 
 
-def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weights=None,
-                        variables=None, partial=True, folding=True):
+def _optimize_graph_def(
+    graph_def,
+    inputs,
+    outputs,
+    shapes,
+    seconds=None,
+    weights=None,
+    variables=None,
+    partial=True,
+    folding=True,
+):
     """The rewrite itself, with ``shapes`` known for every tensor. ``weights``: the
     ``graphfold.fold.weights.Weights`` of its stub constants, if it has any; updated to hold
     those of
@@ -172,8 +208,11 @@ def _optimize_graph_def(graph_def, inputs, outputs, shapes, seconds=None, weight
     fold_constants(graph)
     graph.prune(keep=keep)
     affines = find_affines(graph) if folding else []
-    missed = census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined) \
-        if folding else []
+    missed = (
+        census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
+        if folding
+        else []
+    )
     quirks = tf_quirks.snapshot(graph)
     seconds["normalize"] = time.perf_counter() - clock
 
@@ -207,8 +246,10 @@ def _after_folding(graph: Graph, quirks) -> list[str]:
     notes = []
     removed = casts.remove_round_trips(graph)
     if removed:
-        notes.append(f"{removed} Cast round trip(s) that compute nothing removed (e.g. float16 "
-                     f"-> float32 -> float16 where batch norms were)")
+        notes.append(
+            f"{removed} Cast round trip(s) that compute nothing removed (e.g. float16 "
+            f"-> float32 -> float16 where batch norms were)"
+        )
     return notes + tf_quirks.avoid(graph, quirks)
 
 
@@ -227,12 +268,21 @@ def _entries(affine: Affine, decision) -> list[Entry]:
     form = affine.form
     if affine.is_batch_norm and form not in BATCH_NORM_OPS:
         form = "decomposed (x*inv+offset)"
-    common = dict(form=form, nodes=list(affine.nodes), folded=decision.folded,
-                  tried=decision.tried, partial=decision.partial, detail=decision.detail)
+    common = dict(
+        form=form,
+        nodes=list(affine.nodes),
+        folded=decision.folded,
+        tried=decision.tried,
+        partial=decision.partial,
+        detail=decision.detail,
+    )
     plan = decision.plan
     if not isinstance(plan, Blocked):
-        common.update(direction=plan.direction, absorbed_by=plan.absorbed_by,
-                      leaves=[leaf.layer for leaf in plan.leaves])
+        common.update(
+            direction=plan.direction,
+            absorbed_by=plan.absorbed_by,
+            leaves=[leaf.layer for leaf in plan.leaves],
+        )
     if not decision.folded:
         reason = "; ".join(f"{d}: {why}" for d, why in decision.tried.items()) or str(plan)
         blocker = plan.node if isinstance(plan, Blocked) else _first_blocker(decision.tried)
@@ -259,16 +309,19 @@ def _merge_parts(entries: list[Entry]) -> list[Entry]:
         first = parts[0]
         if len(parts) > 1:
             first = dataclasses.replace(
-                first, nodes=[n for p in parts for n in p.nodes],
+                first,
+                nodes=[n for p in parts for n in p.nodes],
                 folded=all(p.folded for p in parts),
                 absorbed_by=list(dict.fromkeys(n for p in parts for n in p.absorbed_by)),
-                leaves=list(dict.fromkeys(n for p in parts for n in p.leaves)))
+                leaves=list(dict.fromkeys(n for p in parts for n in p.leaves)),
+            )
             first.partial = not first.folded and all(p.folded or p.partial for p in parts)
             if not first.folded:
                 blocked = [p for p in parts if not p.folded]
                 first.direction = None
                 first.blocker = blocked[0].blocker
                 first.reason = "a fetched tensor splits it in parts; " + "; ".join(
-                    f"part {p.nodes[0]}: {p.reason}" for p in blocked)
+                    f"part {p.nodes[0]}: {p.reason}" for p in blocked
+                )
         merged.append(first)
     return merged

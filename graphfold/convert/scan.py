@@ -36,21 +36,27 @@ from graphfold.outside import OUTSIDE, UNREGISTERED_REASON
 
 # Ops that read a file named by one of their inputs (its index), and load at least: not held
 # back when that input is the SavedModel's own file (an asset, its variables/ checkpoint).
-OWN_FILE_INPUT = {"RestoreV2": 0, "Restore": 0, "RestoreSlice": 0,
-                  "InitializeTableFromTextFile": 1, "InitializeTableFromTextFileV2": 1}
-GRAPH = ""                     # Finding.function of a node of the top-level graph
+OWN_FILE_INPUT = {
+    "RestoreV2": 0,
+    "Restore": 0,
+    "RestoreSlice": 0,
+    "InitializeTableFromTextFile": 1,
+    "InitializeTableFromTextFileV2": 1,
+}
+GRAPH = ""  # Finding.function of a node of the top-level graph
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """An op that reaches outside the graph: the op, its node, the function holding it
     (``GRAPH`` for the top-level graph), and why it is held back."""
+
     op: str
     node: str
     function: str
     category: str
     reason: str
-    model: str = ""            # "SRC" / "DST" when two models are scanned together
+    model: str = ""  # "SRC" / "DST" when two models are scanned together
 
     def where(self) -> str:
         owner = f"{self.model}'s " if self.model else ""
@@ -66,19 +72,22 @@ class Finding:
 class Scan:
     """``signatures``: key -> what running that signature would run; ``loading``: what loading
     the model runs."""
+
     signatures: dict[str, list[Finding]] = dataclasses.field(default_factory=dict)
     loading: list[Finding] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"signatures": {k: [f.to_dict() for f in v]
-                               for k, v in sorted(self.signatures.items())},
-                "loading": [f.to_dict() for f in self.loading]}
+        return {
+            "signatures": {k: [f.to_dict() for f in v] for k, v in sorted(self.signatures.items())},
+            "loading": [f.to_dict() for f in self.loading],
+        }
 
 
 def risk(op: str) -> tuple[str, str] | None:
     """``(category, reason)`` when ``op`` reaches outside the graph (or is unknown), else None.
     ``op`` must not be a library function's name (those are walked, not judged)."""
     from tensorflow.python.framework import op_def_registry
+
     if op in OUTSIDE:
         return OUTSIDE[op]
     if op_def_registry.get(op) is None:
@@ -87,6 +96,7 @@ def risk(op: str) -> tuple[str, str] | None:
 
 
 # ---- walking a graph and its functions ----------------------------------------------------------
+
 
 def called_functions(node) -> list[str]:
     """Names of the functions a node calls through its attrs (``f``, ``then_branch``,
@@ -110,8 +120,9 @@ class _Walker:
     function once. ``own_files``: (function, tensor source) pairs that are the model's own
     files (``OWN_FILE_INPUT``)."""
 
-    def __init__(self, graph_def, own_files: AbstractSet[tuple[str, str]] = frozenset(),
-                 model: str = ""):
+    def __init__(
+        self, graph_def, own_files: AbstractSet[tuple[str, str]] = frozenset(), model: str = ""
+    ):
         self.library = {f.signature.name: f for f in graph_def.library.function}
         self.own_files, self.model = own_files, model
         self.seen: set[str] = set()
@@ -174,8 +185,13 @@ def reachable(graph_def, tensors: Iterable[str]) -> list:
     return list(seen.values())
 
 
-def scan_graph_def(graph_def, outputs: Iterable[str] | None = None, *,
-                   own_files: AbstractSet = frozenset(), model: str = "") -> list[Finding]:
+def scan_graph_def(
+    graph_def,
+    outputs: Iterable[str] | None = None,
+    *,
+    own_files: AbstractSet = frozenset(),
+    model: str = "",
+) -> list[Finding]:
     """Findings of what fetching ``outputs`` runs (every node when None)."""
     walker = _Walker(graph_def, own_files, model)
     walker.nodes(graph_def.node if outputs is None else reachable(graph_def, outputs))
@@ -183,6 +199,7 @@ def scan_graph_def(graph_def, outputs: Iterable[str] | None = None, *,
 
 
 # ---- SavedModels -----------------------------------------------------------------------------
+
 
 def scan_meta_graph(meta_graph, keys: Iterable[str], model: str = "") -> Scan:
     """The findings of signatures ``keys`` of a MetaGraphDef, and of what loading it runs.
@@ -194,8 +211,11 @@ def scan_meta_graph(meta_graph, keys: Iterable[str], model: str = "") -> Scan:
     functions = _signature_functions(meta_graph)
     scan = Scan()
     for key in keys:
-        outputs = [name for info in meta_graph.signature_def[key].outputs.values()
-                   for name in _tensor_names(info)]
+        outputs = [
+            name
+            for info in meta_graph.signature_def[key].outputs.values()
+            for name in _tensor_names(info)
+        ]
         walker = _Walker(graph_def, model=model)
         walker.nodes(reachable(graph_def, outputs) if outputs else graph_def.node)
         for name in functions.get(key, ()):
@@ -224,8 +244,11 @@ def _tensor_names(info) -> list[str]:
     kind = info.WhichOneof("encoding")
     if kind == "coo_sparse":
         sparse = info.coo_sparse
-        return [sparse.values_tensor_name, sparse.indices_tensor_name,
-                sparse.dense_shape_tensor_name]
+        return [
+            sparse.values_tensor_name,
+            sparse.indices_tensor_name,
+            sparse.dense_shape_tensor_name,
+        ]
     if kind == "composite_tensor":
         return [n for part in info.composite_tensor.components for n in _tensor_names(part)]
     return [info.name] if info.name else []
@@ -238,8 +261,11 @@ def _signature_functions(meta_graph) -> dict[str, list[str]]:
     if not objects.nodes:
         return {}
     maps = [c.node_id for c in objects.nodes[0].children if c.local_name == "signatures"]
-    return {c.local_name: _concrete_functions(objects.nodes[c.node_id])
-            for node_id in maps for c in objects.nodes[node_id].children}
+    return {
+        c.local_name: _concrete_functions(objects.nodes[c.node_id])
+        for node_id in maps
+        for c in objects.nodes[node_id].children
+    }
 
 
 LOAD_CHILDREN = ("_create_resource", "_initialize", "_initializer", "_destroy_resource")
@@ -251,8 +277,11 @@ def _loading_tf2(meta_graph, model: str) -> list[Finding]:
     objects = meta_graph.object_graph_def
     names = []
     for obj in objects.nodes:
-        ids = [c.node_id for c in obj.children if c.local_name in LOAD_CHILDREN] \
-            if obj.WhichOneof("kind") == "resource" else []
+        ids = (
+            [c.node_id for c in obj.children if c.local_name in LOAD_CHILDREN]
+            if obj.WhichOneof("kind") == "resource"
+            else []
+        )
         ids += [s.restore_function for s in obj.saveable_objects.values()]
         for i in ids:
             names.extend(_concrete_functions(objects.nodes[i]))
@@ -282,33 +311,47 @@ def _asset_args(meta_graph, function: str) -> list[str]:
     bound = objects.concrete_functions[function].bound_inputs
     args = library[function].signature.input_arg
     first = len(args) - len(bound)
-    return [args[first + i].name for i, node_id in enumerate(bound)
-            if first + i >= 0 and objects.nodes[node_id].WhichOneof("kind") == "asset" and
-            _inside_assets(meta_graph.asset_file_def[
-                objects.nodes[node_id].asset.asset_file_def_index].filename)]
+    return [
+        args[first + i].name
+        for i, node_id in enumerate(bound)
+        if first + i >= 0
+        and objects.nodes[node_id].WhichOneof("kind") == "asset"
+        and _inside_assets(
+            meta_graph.asset_file_def[objects.nodes[node_id].asset.asset_file_def_index].filename
+        )
+    ]
 
 
 def _inside_assets(filename: str) -> bool:
     """Whether an asset's file name stays inside ``assets/``: TensorFlow's loader joins it to
     that directory as it is, so an absolute name or a ``..`` reaches any file."""
-    return bool(filename) and not os.path.isabs(filename) and \
-        ".." not in filename.replace("\\", "/").split("/")
+    return (
+        bool(filename)
+        and not os.path.isabs(filename)
+        and ".." not in filename.replace("\\", "/").split("/")
+    )
 
 
 def _loading_tf1(meta_graph, model: str) -> list[Finding]:
     """What loading a TF1 SavedModel runs: the saver's restore op (reading the SavedModel's own
     ``variables/``) and the init op (its tables filled from the SavedModel's assets)."""
-    targets = [meta_graph.saver_def.restore_op_name] if meta_graph.saver_def.restore_op_name \
-        else []
+    targets = [meta_graph.saver_def.restore_op_name] if meta_graph.saver_def.restore_op_name else []
     init = meta_graph.signature_def.get("__saved_model_init_op")
     if init is not None:
         targets += [info.name for info in init.outputs.values()]
-    for collection in ("saved_model_main_op", "legacy_init_op", "table_initializer",
-                       "local_variables"):
+    for collection in (
+        "saved_model_main_op",
+        "legacy_init_op",
+        "table_initializer",
+        "local_variables",
+    ):
         if collection in meta_graph.collection_def:
             targets += list(meta_graph.collection_def[collection].node_list.value)
-    own = {(GRAPH, _node_of(a.tensor_info.name)) for a in meta_graph.asset_file_def
-           if _inside_assets(a.filename)}
+    own = {
+        (GRAPH, _node_of(a.tensor_info.name))
+        for a in meta_graph.asset_file_def
+        if _inside_assets(a.filename)
+    }
     if meta_graph.saver_def.filename_tensor_name:
         own.add((GRAPH, _node_of(meta_graph.saver_def.filename_tensor_name)))
     return scan_graph_def(meta_graph.graph_def, targets, own_files=own, model=model)
@@ -318,6 +361,7 @@ def _loading_tf1(meta_graph, model: str) -> list[Finding]:
 
 # ``allowed``: the ops the user allows to run, ``Options.allow_ops`` (checked there: every one
 # is in ``OUTSIDE``).
+
 
 def held_back(findings: Iterable[Finding], allowed: Iterable[str]) -> list[Finding]:
     allowed = frozenset(allowed)
@@ -335,29 +379,38 @@ def describe(findings: list[Finding], limit: int = 4) -> str:
 def consent_hint(findings: list[Finding]) -> str:
     """How to let them run, in the caller's words (``--allow-ops X`` or ``allow_ops='X'``)."""
     ops = sorted({f.op for f in findings if f.category != "unregistered"})
-    return f"allow them with {with_value('allow_ops', ','.join(ops))}" if ops else \
-        "an unregistered op cannot run in this TensorFlow"
+    return (
+        f"allow them with {with_value('allow_ops', ','.join(ops))}"
+        if ops
+        else "an unregistered op cannot run in this TensorFlow"
+    )
 
 
 def check_loading(scan: Scan, allowed: Iterable[str], path: str) -> None:
     """Raises ``BadInput`` when loading ``path`` would run ops that are held back."""
     held = held_back(scan.loading, allowed)
     if held:
-        raise BadInput(f"{path}: loading it would run (or fail on) ops that reach outside the "
-                       f"graph: {describe(held)}; nothing was loaded ({consent_hint(held)})")
+        raise BadInput(
+            f"{path}: loading it would run (or fail on) ops that reach outside the "
+            f"graph: {describe(held)}; nothing was loaded ({consent_hint(held)})"
+        )
 
 
 def not_run_reason(held: list[Finding]) -> str:
     """Why a signature was not run: the ops, where they sit, how to consent."""
-    return (f"not run: it holds ops that reach outside the graph: {describe(held)} "
-            f"({consent_hint(held)})")
+    return (
+        f"not run: it holds ops that reach outside the graph: {describe(held)} "
+        f"({consent_hint(held)})"
+    )
 
 
-def gate(scans: Iterable[Scan], keys: Iterable[str], allowed: Iterable[str],
-         tolerance: float | None):
+def gate(
+    scans: Iterable[Scan], keys: Iterable[str], allowed: Iterable[str], tolerance: float | None
+):
     """``(keys that may run, {key: NOT VERIFIED Verification})`` for ``keys``, a key being held
     back when any of ``scans`` finds an op that is not allowed in what it runs."""
     from graphfold.convert.verify import Verification
+
     scans = list(scans)
     runnable, skipped = [], {}
     for key in keys:

@@ -14,8 +14,9 @@ def rewrite_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
     """``rewrite``'s ``input_shapes`` checked against ``concrete``'s inputs (``BadInput``, as
     ``tolerance`` is)."""
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-        raise BadInput(f"tolerance must be a non-negative number (or None: by precision), got "
-                       f"{tolerance!r}")
+        raise BadInput(
+            f"tolerance must be a non-negative number (or None: by precision), got {tolerance!r}"
+        )
     if not verify:
         if input_shapes:
             raise BadInput("input_shapes is for the verification: not with verify=False")
@@ -28,8 +29,14 @@ def check(folded, concrete, tolerance, shapes: dict, image_size: int) -> None:
     """``rewrite``'s own check: ``folded`` (a FoldedFunction) against ``concrete`` on random
     inputs (``verify``, ``noise.judge``); the outcome in its report; ``VerificationFailed``
     giving the folded error and the freeze-only noise floor when it fails."""
-    check = verify("rewrite", concrete, folded.function, tolerance=tolerance, shapes=shapes,
-                   image_size=image_size)
+    check = verify(
+        "rewrite",
+        concrete,
+        folded.function,
+        tolerance=tolerance,
+        shapes=shapes,
+        image_size=image_size,
+    )
     noise.judge(check, concrete)
     folded.report.verification = check
     folded.report.seconds["verify"] = check.seconds
@@ -42,4 +49,5 @@ def check(folded, concrete, tolerance, shapes: dict, image_size: int) -> None:
         f"{floor}, on {check.source} "
         + ", ".join(f"{k}{list(v)}" for k, v in check.inputs.items())
         + " (the FoldedFunction is the exception's .result; verify=False skips this check)",
-        folded)
+        folded,
+    )

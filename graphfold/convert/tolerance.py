@@ -53,8 +53,13 @@ def computation_dtypes(fn) -> frozenset:
     found = set()
     for node in nodes:
         for value in node.attr.values():
-            kinds = [value.type] if value.WhichOneof("value") == "type" else \
-                list(value.list.type) if value.WhichOneof("value") == "list" else []
+            kinds = (
+                [value.type]
+                if value.WhichOneof("value") == "type"
+                else list(value.list.type)
+                if value.WhichOneof("value") == "list"
+                else []
+            )
             for kind in kinds:
                 dtype = tf.as_dtype(kind)
                 if dtype.is_floating:

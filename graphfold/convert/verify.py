@@ -20,7 +20,7 @@ from graphfold.convert import input_shapes as shapes_
 from graphfold.convert import tolerance as tolerance_
 from graphfold.verification import OutputError, Verification
 
-INT_RANGE = (0, 4)            # integers are drawn from [0, 4): safe as small indices
+INT_RANGE = (0, 4)  # integers are drawn from [0, 4): safe as small indices
 WORDS = (b"a", b"b", b"c", b"graphfold")
 
 
@@ -32,15 +32,21 @@ def input_specs(fn) -> dict[str, tf.TensorSpec]:
     return dict(kwargs)
 
 
-def random_inputs(specs: dict[str, tf.TensorSpec], *, batch: int = 1, seed: int = 0,
-                  shapes: dict[str, tuple] | None = None) -> dict[str, tf.Tensor]:
+def random_inputs(
+    specs: dict[str, tf.TensorSpec],
+    *,
+    batch: int = 1,
+    seed: int = 0,
+    shapes: dict[str, tuple] | None = None,
+) -> dict[str, tf.Tensor]:
     """Random tensors matching ``specs`` (see the module docstring for the distributions), of
     the given ``shapes`` where there is one, else of ``input_shapes.default_shape``."""
     rng = np.random.default_rng(seed)
     shapes = shapes or {}
-    return {name: random_tensor(spec, rng, shapes.get(name) or
-                                shapes_.default_shape(spec, batch)[0])
-            for name, spec in sorted(specs.items())}
+    return {
+        name: random_tensor(spec, rng, shapes.get(name) or shapes_.default_shape(spec, batch)[0])
+        for name, spec in sorted(specs.items())
+    }
 
 
 def random_tensor(spec: tf.TensorSpec, rng: np.random.Generator, shape: tuple) -> tf.Tensor:
@@ -55,8 +61,11 @@ def random_tensor(spec: tf.TensorSpec, rng: np.random.Generator, shape: tuple) -
     if dtype.is_integer:
         return tf.constant(rng.integers(*INT_RANGE, shape).astype(dtype.as_numpy_dtype))
     if dtype == tf.string:
-        return tf.constant(rng.choice(np.array(WORDS, dtype=object), shape).astype(bytes)
-                           if shape else WORDS[int(rng.integers(len(WORDS)))])
+        return tf.constant(
+            rng.choice(np.array(WORDS, dtype=object), shape).astype(bytes)
+            if shape
+            else WORDS[int(rng.integers(len(WORDS)))]
+        )
     raise TypeError(f"cannot build random inputs of dtype {dtype.name}")
 
 
@@ -94,16 +103,26 @@ class Recorded:
     shapes, precision; "skipped" when the reference could not be run) and, per input run,
     ``(args, kwargs, outputs)``. ``replay`` compares a candidate with it: the reference need
     not be held meanwhile."""
+
     check: Verification
     runs: list = dataclasses.field(default_factory=list, repr=False)
-    problem: str | None = None          # why the reference failed on a given input
-    given: bool = False                 # run on given inputs (``feeds``), not random ones
+    problem: str | None = None  # why the reference failed on a given input
+    given: bool = False  # run on given inputs (``feeds``), not random ones
 
 
-def verify(name: str, reference, candidate, *, tolerance: float | None = None, batch: int = 1,
-           seed: int = 0, feeds: list[dict] | None = None, source: str | None = None,
-           shapes: dict[str, tuple] | None = None,
-           image_size: int = shapes_.IMAGE_SIZE) -> Verification:
+def verify(
+    name: str,
+    reference,
+    candidate,
+    *,
+    tolerance: float | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    feeds: list[dict] | None = None,
+    source: str | None = None,
+    shapes: dict[str, tuple] | None = None,
+    image_size: int = shapes_.IMAGE_SIZE,
+) -> Verification:
     """Runs ``reference`` and ``candidate`` (ConcreteFunctions with the same inputs: a
     SavedModel's signature functions take keyword arguments) on the same random inputs and
     compares every output. ``feeds``: run these keyword-argument dicts instead (real inputs,
@@ -111,18 +130,38 @@ def verify(name: str, reference, candidate, *, tolerance: float | None = None, b
     name -> the shape of its random values (else ``input_shapes.default_shape``, images
     ``image_size`` high and wide). ``tolerance``: None follows the precision (``tolerance.py``).
     ``record`` then ``replay``: the same in two steps."""
-    return replay(record(name, reference, tolerance=tolerance, batch=batch, seed=seed,
-                         feeds=feeds, source=source, shapes=shapes, image_size=image_size),
-                  candidate)
+    return replay(
+        record(
+            name,
+            reference,
+            tolerance=tolerance,
+            batch=batch,
+            seed=seed,
+            feeds=feeds,
+            source=source,
+            shapes=shapes,
+            image_size=image_size,
+        ),
+        candidate,
+    )
 
 
-def record(name: str, reference, *, tolerance: float | None = None, batch: int = 1,
-           seed: int = 0, feeds: list[dict] | None = None, source: str | None = None,
-           shapes: dict[str, tuple] | None = None,
-           image_size: int = shapes_.IMAGE_SIZE) -> Recorded:
+def record(
+    name: str,
+    reference,
+    *,
+    tolerance: float | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    feeds: list[dict] | None = None,
+    source: str | None = None,
+    shapes: dict[str, tuple] | None = None,
+    image_size: int = shapes_.IMAGE_SIZE,
+) -> Recorded:
     """The reference's outputs on the inputs ``verify`` would run (its arguments), to
     ``replay`` against a candidate later."""
     import time
+
     clock = time.perf_counter()
     result = Verification(name, "ok", tolerance)
     if tolerance is None:
@@ -132,8 +171,9 @@ def record(name: str, reference, *, tolerance: float | None = None, batch: int =
     else:
         recorded = Recorded(result)
         try:
-            want, args, kwargs = _run_on_random_inputs(result, reference, batch, seed,
-                                                       image_size, shapes or {})
+            want, args, kwargs = _run_on_random_inputs(
+                result, reference, batch, seed, image_size, shapes or {}
+            )
             recorded.runs.append((args, kwargs, want))
         except _NotRun as why:
             result.status, result.reason = "skipped", str(why)
@@ -161,6 +201,7 @@ def replay(recorded: Recorded, candidate) -> Verification:
     """``recorded.check`` completed: ``candidate`` run on the recorded inputs, every output
     compared with the reference's."""
     import time
+
     clock = time.perf_counter()
     result = recorded.check
     if result.status == "skipped":
@@ -194,8 +235,9 @@ class _NotRun(Exception):
     """Why the reference could not be run on random inputs."""
 
 
-def _run_on_random_inputs(result: Verification, reference, batch: int, seed: int, image: int,
-                          given: dict[str, tuple]):
+def _run_on_random_inputs(
+    result: Verification, reference, batch: int, seed: int, image: int, given: dict[str, tuple]
+):
     """``(outputs, args, kwargs)`` of ``reference`` on random inputs of the usual sizes, else of
     the fallback sizes (the first it accepts); the shapes, why they are smaller than usual and
     the inputs go into ``result``. Python values of the signature (``training=False``) are
@@ -218,7 +260,8 @@ def _run_on_random_inputs(result: Verification, reference, batch: int, seed: int
             raise _NotRun(str(exc)) from None
         fed = iter(values.values())
         args, kwargs = tf.nest.pack_sequence_as(
-            structure, [next(fed) if isinstance(a, tf.TensorSpec) else a for a in atoms])
+            structure, [next(fed) if isinstance(a, tf.TensorSpec) else a for a in atoms]
+        )
         try:
             want = reference(*args, **kwargs)
         except (tf.errors.OpError, ValueError, TypeError) as exc:
@@ -227,16 +270,23 @@ def _run_on_random_inputs(result: Verification, reference, batch: int, seed: int
         result.inputs = {label: tuple(t.shape.as_list()) for label, t in values.items()}
         notes = [note for _, note in plan.values() if note]
         if size is not None:
-            notes.append(f"unknown dims {size}: the original rejects the usual sizes "
-                         f"({_first_line(first_error)})")
+            notes.append(
+                f"unknown dims {size}: the original rejects the usual sizes "
+                f"({_first_line(first_error)})"
+            )
         result.shape_note = "; ".join(dict.fromkeys(notes)) or None
         result.fed = [kwargs] if not args else [(args, kwargs)]
         return want, args, kwargs
     raise _NotRun(f"the original fails on random inputs: {_first_line(first_error)}")
 
 
-def _plan_shapes(specs: dict[str, tf.TensorSpec], batch: int, size: int | None, image: int,
-                 given: dict[str, tuple]) -> dict[str, tuple]:
+def _plan_shapes(
+    specs: dict[str, tf.TensorSpec],
+    batch: int,
+    size: int | None,
+    image: int,
+    given: dict[str, tuple],
+) -> dict[str, tuple]:
     """label -> (shape, note): the given shape, else the usual size (``size`` None) or ``size``
     for every unknown non-batch dimension."""
     plan: dict[str, tuple[tuple, str | None]] = {}
@@ -272,17 +322,23 @@ def _compare_outputs(result: Verification, want, got) -> str | None:
         if problem is None and a.dtype == tf.string and max_abs > 0:
             problem = f"{key}: strings differ from the original's"
         numeric_only = numeric_only and problem is None
-        limit, why = (result.tolerance, "given") if result.tolerance is not None else \
-            tolerance_.default(a.dtype, result.computation)
+        limit, why = (
+            (result.tolerance, "given")
+            if result.tolerance is not None
+            else tolerance_.default(a.dtype, result.computation)
+        )
         if key in known:
             known[key].max_abs = max(known[key].max_abs, max_abs)
             known[key].max_rel = max(known[key].max_rel, max_rel)
         else:
-            result.outputs.append(OutputError(key, tuple(a.shape.as_list()), a.dtype.name,
-                                              max_abs, max_rel, limit))
+            result.outputs.append(
+                OutputError(key, tuple(a.shape.as_list()), a.dtype.name, max_abs, max_rel, limit)
+            )
         if problem is None and not max_rel <= limit:
-            problem = (f"{key}: relative error {max_rel:.3g} > tolerance {limit:g} ({why}; "
-                       f"{tolerance_.how_to_set()})")
+            problem = (
+                f"{key}: relative error {max_rel:.3g} > tolerance {limit:g} ({why}; "
+                f"{tolerance_.how_to_set()})"
+            )
         if problem:
             bad.append(problem)
     result.mismatch = bool(bad) and numeric_only
@@ -296,7 +352,7 @@ def _labels(args_specs, kwargs_specs) -> list[str]:
     for i, spec in enumerate(tf.nest.flatten(args_specs)):
         name = getattr(spec, "name", None) or f"arg{i}"
         labels.append(name if name not in labels else f"arg{i}")
-    for key in sorted(kwargs_specs or {}):          # tf.nest flattens a dict in key order
+    for key in sorted(kwargs_specs or {}):  # tf.nest flattens a dict in key order
         parts = tf.nest.flatten(kwargs_specs[key])
         labels.extend([key] if len(parts) == 1 else [f"{key}/{i}" for i in range(len(parts))])
     return labels
@@ -307,8 +363,11 @@ def input_labels(fn) -> dict[str, tf.TensorSpec]:
     ``input_shapes`` and the verification line use)."""
     args_specs, kwargs_specs = fn.structured_input_signature
     atoms = tf.nest.flatten((args_specs, kwargs_specs))
-    return {label: a for label, a in zip(_labels(args_specs, kwargs_specs), atoms)
-            if isinstance(a, tf.TensorSpec)}
+    return {
+        label: a
+        for label, a in zip(_labels(args_specs, kwargs_specs), atoms)
+        if isinstance(a, tf.TensorSpec)
+    }
 
 
 def _named(outputs) -> dict[str, tf.Tensor]:
@@ -319,8 +378,11 @@ def _named(outputs) -> dict[str, tf.Tensor]:
         pairs: list[tuple[str, object]] = []
         for key in sorted(outputs):
             leaves = tf.nest.flatten(outputs[key])
-            pairs += [(key, outputs[key])] if isinstance(outputs[key], tf.Tensor) else \
-                [(f"{key}/{i}", leaf) for i, leaf in enumerate(leaves)]
+            pairs += (
+                [(key, outputs[key])]
+                if isinstance(outputs[key], tf.Tensor)
+                else [(f"{key}/{i}", leaf) for i, leaf in enumerate(leaves)]
+            )
     else:
         pairs = [(f"output_{i}", t) for i, t in enumerate(tf.nest.flatten(outputs))]
     return {name: t for name, t in pairs if isinstance(t, tf.Tensor)}
@@ -333,8 +395,13 @@ def _first_line(exc) -> str:
     lines = text.splitlines()
     first = lines[0] if lines else ""
     if first.startswith("Graph execution error"):
-        said = [line for line in lines[1:] if line.strip() and not line[0].isspace() and
-                not line.startswith(("Detected at node", "<stack traces", "[["))]
+        said = [
+            line
+            for line in lines[1:]
+            if line.strip()
+            and not line[0].isspace()
+            and not line.startswith(("Detected at node", "<stack traces", "[["))
+        ]
         node = re.search(r"Detected at node (\S+)", text)
         if said:
             first = said[0] + (f" (node {node.group(1)})" if node else "")

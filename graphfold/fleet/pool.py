@@ -52,10 +52,16 @@ class _Worker:
     done: int = 0
 
 
-def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
-                   tasks_per_worker: int | None = None, initializer: Callable | None = None,
-                   tick: Callable[[], None] | None = None,
-                   every: float = 1.0) -> Iterator[tuple[Any, Any]]:
+def imap_unordered(
+    function: Callable,
+    items: Iterable,
+    jobs: int,
+    *,
+    tasks_per_worker: int | None = None,
+    initializer: Callable | None = None,
+    tick: Callable[[], None] | None = None,
+    every: float = 1.0,
+) -> Iterator[tuple[Any, Any]]:
     """Yields ``(item, result)`` as each item finishes; ``result`` is ``function(item)``, or a
     ``WorkerDied`` / ``WorkerError`` instance. ``function`` and ``initializer`` must be
     importable module-level functions, or partials of them (they are sent to the workers by
@@ -70,9 +76,12 @@ def imap_unordered(function: Callable, items: Iterable, jobs: int, *,
             workers.feed(workers.start())
         while any(w.busy for w in workers.running):
             busy = [w for w in workers.running if w.busy]
-            ready = set(connection.wait([w.conn for w in busy] +
-                                        [w.process.sentinel for w in busy],
-                                        timeout=every if tick is not None else None))
+            ready = set(
+                connection.wait(
+                    [w.conn for w in busy] + [w.process.sentinel for w in busy],
+                    timeout=every if tick is not None else None,
+                )
+            )
             if tick is not None:
                 tick()
             for worker in busy:
@@ -87,8 +96,13 @@ class _Workers:
     """The running workers and the items not yet given out (``pending``: ``pop()`` takes the
     next in order)."""
 
-    def __init__(self, function: Callable, initializer: Callable | None, pending: list,
-                 tasks_per_worker: int | None):
+    def __init__(
+        self,
+        function: Callable,
+        initializer: Callable | None,
+        pending: list,
+        tasks_per_worker: int | None,
+    ):
         self.function, self.initializer = function, initializer
         self.pending, self.tasks_per_worker = pending, tasks_per_worker
         self.running: list[_Worker] = []
@@ -96,8 +110,12 @@ class _Workers:
     def start(self) -> _Worker:
         context: Any = multiprocessing.get_context(start_method())
         parent, child = context.Pipe()
-        process = context.Process(target=_serve, args=(child, self.function, self.initializer),
-                                  daemon=True, name="graphfold-worker")
+        process = context.Process(
+            target=_serve,
+            args=(child, self.function, self.initializer),
+            daemon=True,
+            name="graphfold-worker",
+        )
         process.start()
         child.close()
         worker = _Worker(process, parent)
@@ -142,12 +160,13 @@ class _Workers:
 
 
 def start_method() -> str:
-    """"fork" while forking this process is safe for TensorFlow (its runtime not started, no
+    """ "fork" while forking this process is safe for TensorFlow (its runtime not started, no
     other Python thread), else "spawn"."""
     if threading.active_count() > 1 or sys.platform != "linux":
         return "spawn"
     if "tensorflow" in sys.modules:
         from graphfold.tf_private import runtime_started
+
         if runtime_started():
             return "spawn"
     return "fork"
@@ -178,7 +197,7 @@ def _stop(worker: _Worker) -> None:
 
 def _serve(conn, function: Callable, initializer: Callable | None) -> None:
     """A worker's loop: an item in, ``(True, result)`` or ``(False, error)`` out; None ends it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)          # the parent handles Ctrl-C
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     signal.signal(signal.SIGTERM, _exit_cleanly)
     if initializer is not None:
         initializer()

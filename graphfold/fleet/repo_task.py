@@ -18,17 +18,18 @@ import warnings
 from graphfold.errors import GraphfoldError
 from graphfold.options import SAVED_MODEL, Options
 
-RECORD = os.path.join("assets.extra", "graphfold_source.json")   # TF Serving ignores it
+RECORD = os.path.join("assets.extra", "graphfold_source.json")  # TF Serving ignores it
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One version to optimize: ``src`` -> ``dst`` (``model``/``version`` name it)."""
+
     model: str
     version: str
     src: str
     dst: str
-    options: Options = Options()    # for optimize_saved_model
+    options: Options = Options()  # for optimize_saved_model
     force: bool = False
     fingerprint: str | None = None  # the source's, when the planner already computed it
 
@@ -70,8 +71,11 @@ def already_done(task: Task, fingerprint: str) -> dict | None:
     if task.force:
         return None
     record = read_record(task.dst)
-    if not record or record.get("source_sha256") != fingerprint or \
-            not isinstance(record.get("options"), dict):
+    if (
+        not record
+        or record.get("source_sha256") != fingerprint
+        or not isinstance(record.get("options"), dict)
+    ):
         return None
     # an option added since the record was written took its default then
     recorded = {**Options().to_dict(), **record["options"]}
@@ -82,6 +86,7 @@ def run_task(task: Task) -> dict:
     """Optimizes one version (unless already done); returns its result record (a plain dict).
     Never raises for a bad model: the record's ``status`` is "ok", "skipped" or "failed"."""
     from graphfold.serving.saved_model import VerificationFailed, optimize_saved_model
+
     clock = time.perf_counter()
     record = failed_record(task, None)
     try:
@@ -92,8 +97,7 @@ def run_task(task: Task) -> dict:
             record.update(status="skipped", seconds=time.perf_counter() - clock)
             return record
         try:
-            result = optimize_saved_model(task.src, task.dst, overwrite=True,
-                                          options=task.options)
+            result = optimize_saved_model(task.src, task.dst, overwrite=True, options=task.options)
         except VerificationFailed as exc:
             result = exc.result
             record["error"] = str(exc)
@@ -116,27 +120,43 @@ def run_task(task: Task) -> dict:
 
 
 def failed_record(task: Task, error: str | None) -> dict:
-    return {"model": task.model, "version": task.version, "src": task.src, "dst": task.dst,
-            "status": "failed", "error": error, "seconds": None}
+    return {
+        "model": task.model,
+        "version": task.version,
+        "src": task.src,
+        "dst": task.dst,
+        "status": "failed",
+        "error": error,
+        "seconds": None,
+    }
 
 
-SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified",
-                  "not_optimized")
+SUMMARY_FIELDS = ("batch_norms", "folded", "ops_before", "ops_after", "verified", "not_optimized")
 
 
 def summarise(result) -> dict:
     batch_norms, folded, before, after = result.totals()
     checked = result.verification and result.rewritten
-    return {"batch_norms": batch_norms, "folded": folded, "ops_before": before,
-            "ops_after": after, "verified": result.verified if checked else None,
-            "not_optimized": dict(sorted(result.unchanged.items()))}
+    return {
+        "batch_norms": batch_norms,
+        "folded": folded,
+        "ops_before": before,
+        "ops_after": after,
+        "verified": result.verified if checked else None,
+        "not_optimized": dict(sorted(result.unchanged.items())),
+    }
 
 
 def write_record(task: Task, fingerprint: str, record: dict) -> None:
     from graphfold.version import __version__
-    document = {"source": task.src, "source_sha256": fingerprint,
-                "options": task.options.to_dict(), "graphfold": __version__,
-                **{k: record.get(k) for k in SUMMARY_FIELDS}}
+
+    document = {
+        "source": task.src,
+        "source_sha256": fingerprint,
+        "options": task.options.to_dict(),
+        "graphfold": __version__,
+        **{k: record.get(k) for k in SUMMARY_FIELDS},
+    }
     write_json(os.path.join(task.dst, RECORD), document)
 
 
@@ -144,6 +164,7 @@ def write_json(path: str, document) -> None:
     """Writes ``document`` as strict JSON (as ``--json`` prints it: an infinite or NaN error is
     the string "inf" / "nan") through a temporary file and a rename."""
     from graphfold.jsonout import dumps
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     with open(temporary, "w", encoding="utf-8") as f:
@@ -158,6 +179,7 @@ def quiet_worker(threads: int | None = None) -> None:
     runtime starts (after this): ``tf.config.threading`` would also write the thread counts
     into every saved function's ``config_proto``, and so change the bytes of saved_model.pb."""
     import logging
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if threads is not None:
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))

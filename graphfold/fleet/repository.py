@@ -36,14 +36,16 @@ from graphfold.fleet.repo_task import (  # noqa: F401 - the task's names, re-exp
 from graphfold.options import Options, spelled, with_value
 from graphfold.serving.saved_model import is_inside
 
-REPORT = "graphfold_repository.json"                             # in DST_BASE
-VERSION_NAME = re.compile(r"^[0-9]+$")                           # what TF Serving loads
+REPORT = "graphfold_repository.json"  # in DST_BASE
+VERSION_NAME = re.compile(r"^[0-9]+$")  # what TF Serving loads
 
 
 # ---- finding the versions -----------------------------------------------------------------------
 
-def find_versions(src_base: str, models: Iterable[str] | None = None,
-                  versions: str | int = "latest") -> list[tuple[str, str]]:
+
+def find_versions(
+    src_base: str, models: Iterable[str] | None = None, versions: str | int = "latest"
+) -> list[tuple[str, str]]:
     """``(model, version)`` for every version to optimize under ``src_base``, sorted.
 
     A model is a directory of ``src_base``; its versions are its subdirectories whose names are
@@ -51,31 +53,45 @@ def find_versions(src_base: str, models: Iterable[str] | None = None,
     default policy), "all", or N (the N highest, like ``latest { num_versions: N }``).
     """
     if not os.path.isdir(src_base):
-        raise BadInput(f"{src_base}: not a directory (expected a model repository, "
-                       f"<base>/<model>/<version>/)")
+        raise BadInput(
+            f"{src_base}: not a directory (expected a model repository, <base>/<model>/<version>/)"
+        )
     keep = _version_policy(versions)
     found = {}
     for model in sorted(os.listdir(src_base)):
         path = os.path.join(src_base, model)
         if model.startswith(".") or not os.path.isdir(path):
             continue
-        numbers = sorted((d for d in os.listdir(path) if VERSION_NAME.match(d)
-                          and os.path.isdir(os.path.join(path, d))), key=int)
+        numbers = sorted(
+            (
+                d
+                for d in os.listdir(path)
+                if VERSION_NAME.match(d) and os.path.isdir(os.path.join(path, d))
+            ),
+            key=int,
+        )
         if numbers:
             found[model] = numbers
     if models is not None:
         models = list(dict.fromkeys(models))
         unknown = [m for m in models if m not in found]
         if unknown:
-            raise BadInput(f"{src_base}: no model {', '.join(map(repr, unknown))} with a "
-                           f"numeric version directory (models: "
-                           f"{', '.join(sorted(found)) or 'none'})")
+            raise BadInput(
+                f"{src_base}: no model {', '.join(map(repr, unknown))} with a "
+                f"numeric version directory (models: "
+                f"{', '.join(sorted(found)) or 'none'})"
+            )
         found = {m: found[m] for m in models}
     if not found:
-        raise BadInput(f"{src_base}: no <model>/<version>/ directories (a version is a "
-                       f"directory named by a number, as TF Serving expects)")
-    return [(model, version) for model in sorted(found)
-            for version in (found[model] if keep is None else found[model][-keep:])]
+        raise BadInput(
+            f"{src_base}: no <model>/<version>/ directories (a version is a "
+            f"directory named by a number, as TF Serving expects)"
+        )
+    return [
+        (model, version)
+        for model in sorted(found)
+        for version in (found[model] if keep is None else found[model][-keep:])
+    ]
 
 
 def _version_policy(versions) -> int | None:
@@ -89,8 +105,9 @@ def _version_policy(versions) -> int | None:
     except (TypeError, ValueError):
         count = 0
     if count < 1:
-        raise BadInput(f"{with_value('versions', versions)}: must be latest, all or a positive "
-                       f"number")
+        raise BadInput(
+            f"{with_value('versions', versions)}: must be latest, all or a positive number"
+        )
     return count
 
 
@@ -111,9 +128,11 @@ def check_bases(src_base: str, dst_base: str) -> None:
 
 # ---- the repository -----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class RepositoryResult:
     """Every version's record (sorted by model, then version number) and what was run."""
+
     src_base: str
     dst_base: str
     records: list[dict]
@@ -122,7 +141,7 @@ class RepositoryResult:
     seconds: float = 0.0
     report_path: str | None = None
     model_config: str | None = None
-    worker_start: str | None = None          # local runner: "fork" or "spawn" (pool.start_method)
+    worker_start: str | None = None  # local runner: "fork" or "spawn" (pool.start_method)
 
     @property
     def failed(self) -> list[dict]:
@@ -132,22 +151,39 @@ class RepositoryResult:
         return sum(r["status"] == status for r in self.records)
 
     def to_dict(self) -> dict:
-        return {"src_base": self.src_base, "dst_base": self.dst_base, "runner": self.runner,
-                "jobs": self.jobs, "worker_start": self.worker_start, "seconds": self.seconds,
-                "summary": {s: self.count(s) for s in ("ok", "skipped", "failed")},
-                "failed": [f"{r['model']}/{r['version']}" for r in self.failed],
-                "report": self.report_path, "model_config": self.model_config,
-                "versions": self.records}
+        return {
+            "src_base": self.src_base,
+            "dst_base": self.dst_base,
+            "runner": self.runner,
+            "jobs": self.jobs,
+            "worker_start": self.worker_start,
+            "seconds": self.seconds,
+            "summary": {s: self.count(s) for s in ("ok", "skipped", "failed")},
+            "failed": [f"{r['model']}/{r['version']}" for r in self.failed],
+            "report": self.report_path,
+            "model_config": self.model_config,
+            "versions": self.records,
+        }
 
 
-def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = None,
-                        versions: str | int = "latest", jobs: int | None = None,
-                        force: bool = False, isolate: bool = False, runner: str = "local",
-                        pipeline_args: list[str] | None = None, model_config: str | None = None,
-                        on_result: Callable[[dict], None] | None = None,
-                        on_plan: Callable[[list[Task]], None] | None = None,
-                        on_tick: Callable[[], None] | None = None,
-                        options: Options | None = None, **option_kwargs) -> RepositoryResult:
+def optimize_repository(
+    src_base,
+    dst_base,
+    *,
+    models: Iterable[str] | None = None,
+    versions: str | int = "latest",
+    jobs: int | None = None,
+    force: bool = False,
+    isolate: bool = False,
+    runner: str = "local",
+    pipeline_args: list[str] | None = None,
+    model_config: str | None = None,
+    on_result: Callable[[dict], None] | None = None,
+    on_plan: Callable[[list[Task]], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    options: Options | None = None,
+    **option_kwargs,
+) -> RepositoryResult:
     """Optimizes every chosen ``<model>/<version>/`` SavedModel under ``src_base`` into the same
     relative path under ``dst_base`` with ``optimize_saved_model(options=options)`` (or the
     options as keyword arguments).
@@ -169,9 +205,17 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     check_bases(src_base, dst_base)
     if model_config is not None:
         _check_output_file(model_config, spelled("model_config"), src_base)
-    tasks = [Task(model, version, os.path.join(src_base, model, version),
-                  os.path.join(dst_base, model, version), normalized, force)
-             for model, version in find_versions(src_base, models, versions)]
+    tasks = [
+        Task(
+            model,
+            version,
+            os.path.join(src_base, model, version),
+            os.path.join(dst_base, model, version),
+            normalized,
+            force,
+        )
+        for model, version in find_versions(src_base, models, versions)
+    ]
     if runner == "beam":
         _check_beam()
     os.makedirs(dst_base, exist_ok=True)
@@ -193,9 +237,14 @@ def optimize_repository(src_base, dst_base, *, models: Iterable[str] | None = No
     for task in tasks:
         if task.name not in records:
             done(task, failed_record(task, "no result came back from the pipeline"))
-    result = RepositoryResult(src_base, dst_base, [records[t.name] for t in tasks],
-                              runner, jobs if runner == "local" else None,
-                              worker_start=worker_start)
+    result = RepositoryResult(
+        src_base,
+        dst_base,
+        [records[t.name] for t in tasks],
+        runner,
+        jobs if runner == "local" else None,
+        worker_start=worker_start,
+    )
     result.seconds = time.perf_counter() - clock
     if model_config is not None:
         write_model_config(model_config, dst_base, result, versions)
@@ -214,9 +263,11 @@ def _check_runner(runner: str, jobs, pipeline_args) -> None:
     if pipeline_args and runner != "beam":
         raise BadInput(f"Beam pipeline options are only for {with_value('runner', 'beam')}")
     if jobs is not None and runner == "beam":
-        raise BadInput(f"{spelled('jobs')} is for the local runner; on Beam the pipeline "
-                       f"options say how many workers (e.g. -- --direct_num_workers=2 "
-                       f"--direct_running_mode=multi_processing)")
+        raise BadInput(
+            f"{spelled('jobs')} is for the local runner; on Beam the pipeline "
+            f"options say how many workers (e.g. -- --direct_num_workers=2 "
+            f"--direct_running_mode=multi_processing)"
+        )
 
 
 def _check_beam() -> None:
@@ -224,8 +275,9 @@ def _check_beam() -> None:
     try:
         import graphfold.fleet.beam  # noqa: F401
     except ImportError:
-        raise BadInput(f"{with_value('runner', 'beam')} needs Apache Beam: pip install "
-                       f"'graphfold[beam]'") from None
+        raise BadInput(
+            f"{with_value('runner', 'beam')} needs Apache Beam: pip install 'graphfold[beam]'"
+        ) from None
 
 
 def _run_local(tasks: list[Task], jobs: int, isolate: bool, done, on_tick) -> str | None:
@@ -235,22 +287,26 @@ def _run_local(tasks: list[Task], jobs: int, isolate: bool, done, on_tick) -> st
     if not todo:
         return None
     from graphfold.fleet import pool
+
     workers = min(jobs, len(todo))
     threads = max(1, default_jobs() // workers)
     worker_start = pool.start_method()
-    for task, record in pool.imap_unordered(run_task, todo, workers,
-                                            tasks_per_worker=1 if isolate else None,
-                                            initializer=functools.partial(quiet_worker,
-                                                                          threads),
-                                            tick=on_tick):
-        done(task, failed_record(task, str(record)) if isinstance(record, Exception)
-             else record)
+    for task, record in pool.imap_unordered(
+        run_task,
+        todo,
+        workers,
+        tasks_per_worker=1 if isolate else None,
+        initializer=functools.partial(quiet_worker, threads),
+        tick=on_tick,
+    ):
+        done(task, failed_record(task, str(record)) if isinstance(record, Exception) else record)
     return worker_start
 
 
 def _run_beam(tasks: list[Task], pipeline_args: list[str], isolate: bool, done) -> None:
     """Runs every task as a Beam pipeline (its workers hash the sources, near the data)."""
     from graphfold.fleet.beam import run_pipeline
+
     by_name = {task.name: task for task in tasks}
     for record in run_pipeline(tasks, pipeline_args, isolate=isolate):
         done(by_name[f"{record['model']}/{record['version']}"], record)
@@ -264,8 +320,7 @@ def _not_done(tasks: list[Task], done: Callable[[Task, dict], None]) -> list[Tas
         try:
             fingerprint = source_fingerprint(task.src)
         except OSError as exc:
-            done(task, failed_record(task, f"{task.src}: cannot read it "
-                                           f"({exc.strerror or exc})"))
+            done(task, failed_record(task, f"{task.src}: cannot read it ({exc.strerror or exc})"))
             continue
         task = dataclasses.replace(task, fingerprint=fingerprint)
         if already_done(task, fingerprint) is not None:
@@ -278,7 +333,7 @@ def _not_done(tasks: list[Task], done: Callable[[Task, dict], None]) -> list[Tas
 def default_jobs() -> int:
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:           # not Linux
+    except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
@@ -292,19 +347,27 @@ def _check_output_file(path: str, option: str, src_base: str) -> None:
 
 # ---- TF Serving's model config ------------------------------------------------------------------
 
+
 def model_config_text(dst_base: str, models: list[str], versions: str | int = "latest") -> str:
     """TF Serving's ``model_config_list`` (text protobuf) serving ``models`` from ``dst_base``
     with the version policy matching ``versions``."""
     count = _version_policy(versions)
-    policy = ("" if count == 1 else "    model_version_policy { all {} }\n" if count is None
-              else f"    model_version_policy {{ latest {{ num_versions: {count} }} }}\n")
+    policy = (
+        ""
+        if count == 1
+        else "    model_version_policy { all {} }\n"
+        if count is None
+        else f"    model_version_policy {{ latest {{ num_versions: {count} }} }}\n"
+    )
     lines = ["model_config_list {"]
     for model in models:
         base = os.path.join(os.path.abspath(dst_base), model)
-        lines.append("  config {\n"
-                     f"    name: {_quote(model)}\n"
-                     f"    base_path: {_quote(base)}\n"
-                     '    model_platform: "tensorflow"\n' + policy + "  }")
+        lines.append(
+            "  config {\n"
+            f"    name: {_quote(model)}\n"
+            f"    base_path: {_quote(base)}\n"
+            '    model_platform: "tensorflow"\n' + policy + "  }"
+        )
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -31,17 +31,16 @@ class Affine:
     nodes: list[str]
     s: np.ndarray
     t: np.ndarray
-    axis: int | None          # None: s and t are scalars, any axis will do
+    axis: int | None  # None: s and t are scalars, any axis will do
     rank: int
     dtype: tf.DType
-    batch_norms: list[str]    # user-facing names of the batch-norm layers inside the chain
-    form: str                 # "FusedBatchNormV3", "Keras 3 (Mul/Add)", "Mul", ...
+    batch_norms: list[str]  # user-facing names of the batch-norm layers inside the chain
+    form: str  # "FusedBatchNormV3", "Keras 3 (Mul/Add)", "Mul", ...
     blocked: Blocked | None = None  # set when the group can never be folded (training mode, ...)
 
     @property
     def is_batch_norm(self) -> bool:
         return bool(self.batch_norms)
-
 
     def input(self, graph: Graph) -> str:
         """The tensor A applies to: the first node's variable operand (``k * x`` reads it
@@ -60,11 +59,17 @@ class Affine:
         """The composition ``other ∘ self``."""
         axis = self.axis if self.axis is not None else other.axis
         return Affine(
-            nodes=self.nodes + other.nodes, s=other.s * self.s, t=other.s * self.t + other.t,
-            axis=axis, rank=self.rank, dtype=self.dtype,
-            batch_norms=self.batch_norms + [b for b in other.batch_norms
-                                            if b not in self.batch_norms],
-            form=_merge_forms(self.form, other.form), blocked=self.blocked or other.blocked)
+            nodes=self.nodes + other.nodes,
+            s=other.s * self.s,
+            t=other.s * self.t + other.t,
+            axis=axis,
+            rank=self.rank,
+            dtype=self.dtype,
+            batch_norms=self.batch_norms
+            + [b for b in other.batch_norms if b not in self.batch_norms],
+            form=_merge_forms(self.form, other.form),
+            blocked=self.blocked or other.blocked,
+        )
 
 
 def _merge_forms(a: str, b: str) -> str:
@@ -99,7 +104,7 @@ def batch_norm_scope(node_name: str) -> str | None:
     parts = node_name.split("/")
     for i in range(len(parts) - 2, -1, -1):
         if re.fullmatch(r"batchnorm(_\d+)?", parts[i]):
-            return "/".join(parts[:i + 1])
+            return "/".join(parts[: i + 1])
     return None
 
 
@@ -126,6 +131,7 @@ class Elementwise:
     """``op(x, k)`` (or ``op(k, x)``, ``x_index`` 1) with k a per-channel constant vector ``v``:
     ``affine(v, x_index)`` gives (s, t), or None when that form is not an A (``x / 0``,
     ``k / x``). ``format_axis``: k's channel axis is the op's ``data_format`` (``BiasAdd``)."""
+
     affine: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray] | None]
     format_axis: bool = False
 
@@ -158,6 +164,7 @@ class BatchNormOp:
     """A batch-norm op: the inputs holding γ, β, μ, σ² (in that order), its ε attribute, its
     channel axis, and whether it only normalises with its inputs (``fused``: ``is_training``
     and outputs 1-5 exist)."""
+
     params: tuple[int, int, int, int]
     epsilon: str
     fused: bool
@@ -165,9 +172,12 @@ class BatchNormOp:
 
 _FUSED = BatchNormOp(params=(1, 2, 3, 4), epsilon="epsilon", fused=True)
 BATCH_NORMS: dict[str, BatchNormOp] = {
-    "FusedBatchNorm": _FUSED, "FusedBatchNormV2": _FUSED, "FusedBatchNormV3": _FUSED,
-    "BatchNormWithGlobalNormalization": BatchNormOp(params=(4, 3, 1, 2),
-                                                    epsilon="variance_epsilon", fused=False),
+    "FusedBatchNorm": _FUSED,
+    "FusedBatchNormV2": _FUSED,
+    "FusedBatchNormV3": _FUSED,
+    "BatchNormWithGlobalNormalization": BatchNormOp(
+        params=(4, 3, 1, 2), epsilon="variance_epsilon", fused=False
+    ),
 }
 BATCH_NORM_OPS = tuple(BATCH_NORMS)
 FUSED_BATCH_NORMS = tuple(op for op, entry in BATCH_NORMS.items() if entry.fused)
@@ -191,7 +201,7 @@ def recognise(graph: Graph, node) -> Affine | None:
         return None
     x_index = 0 if b is not None else 1
     k = b if b is not None else a
-    assert k is not None                      # exactly one of a, b is a constant
+    assert k is not None  # exactly one of a, b is a constant
     x = inputs[x_index]
     shape = graph.shape(x)
     per_channel: tuple[np.ndarray, int | None] | None
@@ -202,7 +212,7 @@ def recognise(graph: Graph, node) -> Affine | None:
         per_channel = (k.reshape(-1).astype(np.float64), channel)
     else:
         per_channel = _per_channel(k, shape)
-    if per_channel is None or shape is None:    # _per_channel: None for an unknown shape
+    if per_channel is None or shape is None:  # _per_channel: None for an unknown shape
         return None
     vec, axis = per_channel
     scale_shift = entry.affine(vec, x_index)
@@ -210,8 +220,16 @@ def recognise(graph: Graph, node) -> Affine | None:
         return None
     s, t = scale_shift
     name = batch_norm_name(node.name)
-    return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=len(shape), dtype=dtype,
-                  batch_norms=[name] if name else [], form=node.op)
+    return Affine(
+        nodes=[node.name],
+        s=s,
+        t=t,
+        axis=axis,
+        rank=len(shape),
+        dtype=dtype,
+        batch_norms=[name] if name else [],
+        form=node.op,
+    )
 
 
 def _batch_norm(graph: Graph, node, op: BatchNormOp) -> Affine | None:
@@ -224,35 +242,58 @@ def _batch_norm(graph: Graph, node, op: BatchNormOp) -> Affine | None:
     # every op but the fused ones (BatchNormWithGlobalNormalization) is channels-last
     axis = formats.channel_axis(formats.data_format(node), rank) if op.fused else rank - 1
     blocked = _fused_blocked(graph, node) if op.fused else None
-    if "scale_after_normalization" in node.attr and \
-            not node.attr["scale_after_normalization"].b and gamma is not None:
+    if (
+        "scale_after_normalization" in node.attr
+        and not node.attr["scale_after_normalization"].b
+        and gamma is not None
+    ):
         gamma = np.ones_like(gamma)
     name = fused_layer_name(node.name)
     params = [gamma, beta, mean, var]
     if blocked or any(p is None for p in params):
-        return Affine(nodes=[node.name], s=np.ones(1), t=np.zeros(1), axis=axis, rank=rank,
-                      dtype=dtype, batch_norms=[name], form=node.op,
-                      blocked=blocked or Blocked(node.name,
-                                                 "batch-norm parameters are not constant"))
+        return Affine(
+            nodes=[node.name],
+            s=np.ones(1),
+            t=np.zeros(1),
+            axis=axis,
+            rank=rank,
+            dtype=dtype,
+            batch_norms=[name],
+            form=node.op,
+            blocked=blocked or Blocked(node.name, "batch-norm parameters are not constant"),
+        )
     gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
     with np.errstate(all="ignore"):
         s = gamma / np.sqrt(var + eps)
         t = beta - mean * s
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
-        blocked = blocked or Blocked(node.name, "non-finite scale or shift (NaN/Inf or "
-                                                "negative variance)")
-    return Affine(nodes=[node.name], s=s, t=t, axis=axis, rank=rank, dtype=dtype,
-                  batch_norms=[name], form=node.op, blocked=blocked)
+        blocked = blocked or Blocked(
+            node.name, "non-finite scale or shift (NaN/Inf or negative variance)"
+        )
+    return Affine(
+        nodes=[node.name],
+        s=s,
+        t=t,
+        axis=axis,
+        rank=rank,
+        dtype=dtype,
+        batch_norms=[name],
+        form=node.op,
+        blocked=blocked,
+    )
 
 
 def _fused_blocked(graph: Graph, node) -> Blocked | None:
     """Why a fused batch norm computes more than an A: training mode, or its batch statistics
     (outputs 1-5) are read."""
     if node.attr["is_training"].b:
-        return Blocked(node.name, "training mode (is_training=true): it normalises with batch "
-                                  "statistics")
-    if any(graph.consumers(tensor_name(node.name, i)) or
-           graph.is_fetched(tensor_name(node.name, i)) for i in range(1, 6)):
+        return Blocked(
+            node.name, "training mode (is_training=true): it normalises with batch statistics"
+        )
+    if any(
+        graph.consumers(tensor_name(node.name, i)) or graph.is_fetched(tensor_name(node.name, i))
+        for i in range(1, 6)
+    ):
         return Blocked(node.name, "outputs 1-5 (batch statistics) are used")
     return None
 
@@ -321,7 +362,7 @@ def refresh(graph: Graph, affine: Affine) -> Affine:
         return affine
     result = parts[0]
     for part in parts[1:]:
-        assert result is not None and part is not None    # checked above
+        assert result is not None and part is not None  # checked above
         result = result.then(part)
     assert result is not None
     return dataclasses.replace(affine, s=result.s, t=result.t)

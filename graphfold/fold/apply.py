@@ -57,8 +57,13 @@ def add_bias_after(graph: Graph, layer, bias: np.ndarray, like=None) -> None:
     like = layer if like is None else like
     dtype = graph.dtype(like)
     const = graph.add_const(f"{layer.name}/folded_bias", bias, dtype)
-    add = graph.add_op(f"{layer.name}/folded_bias_add", "BiasAdd", [layer.name, const], dtype,
-                       data_format=bias_format(like))
+    add = graph.add_op(
+        f"{layer.name}/folded_bias_add",
+        "BiasAdd",
+        [layer.name, const],
+        dtype,
+        data_format=bias_format(like),
+    )
     graph.shapes[add] = graph.shapes.get(canonical(layer.name))
     graph.created.update({const: layer.name, add: layer.name})
     graph.redirect(layer.name, add)
@@ -74,8 +79,9 @@ def as_multiply_add(graph: Graph, affine: Affine) -> None:
     it is the identity). A float16/bfloat16 batch-norm op stays as it is: its kernel computes in
     float32, and Grappler pushes a ``Mul`` that follows a conv into the conv's half-precision
     filter at run time (``MulConvPushDown``), the very overflow a refused fold avoided."""
-    if affine.dtype in (tf.float16, tf.bfloat16) and \
-            any(graph.nodes[name].op in BATCH_NORM_OPS for name in affine.nodes):
+    if affine.dtype in (tf.float16, tf.bfloat16) and any(
+        graph.nodes[name].op in BATCH_NORM_OPS for name in affine.nodes
+    ):
         return
     _emit(graph, affine, affine.s, affine.t)
 

@@ -14,11 +14,15 @@ import tensorflow as tf
 from graphfold.fold.graph import Graph
 
 # (narrow, wide): every value of ``narrow`` is exactly a value of ``wide``.
-EXACT_WIDENINGS = frozenset({
-    (tf.float16, tf.float32), (tf.float16, tf.float64),
-    (tf.bfloat16, tf.float32), (tf.bfloat16, tf.float64),
-    (tf.float32, tf.float64),
-})
+EXACT_WIDENINGS = frozenset(
+    {
+        (tf.float16, tf.float32),
+        (tf.float16, tf.float64),
+        (tf.bfloat16, tf.float32),
+        (tf.bfloat16, tf.float64),
+        (tf.float32, tf.float64),
+    }
+)
 
 
 def _cast_types(node) -> tuple[tf.DType, tf.DType]:

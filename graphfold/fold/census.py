@@ -69,16 +69,26 @@ def _layer_key(node_name: str, op: str) -> str | None:
 def unrecognised(graph: Graph, affines: list[Affine]) -> list[Entry]:
     """An entry (not folded, with the reason) for each batch-norm layer of ``graph`` that none of
     ``affines`` covers."""
-    covered = {_layer_key(name, graph.nodes[name].op if name in graph.nodes else "")
-               for affine in affines for name in affine.nodes}
+    covered = {
+        _layer_key(name, graph.nodes[name].op if name in graph.nodes else "")
+        for affine in affines
+        for name in affine.nodes
+    }
     entries = []
     for key, nodes in batch_norm_layers(graph.graph_def.node).items():
         if key in covered:
             continue
         blocker, reason = _why_unrecognised(graph, nodes)
-        entries.append(Entry(name=display_name(key, nodes), form=DECOMPOSED,
-                             nodes=[n.name for n in nodes], folded=False, reason=reason,
-                             blocker=blocker))
+        entries.append(
+            Entry(
+                name=display_name(key, nodes),
+                form=DECOMPOSED,
+                nodes=[n.name for n in nodes],
+                folded=False,
+                reason=reason,
+                blocker=blocker,
+            )
+        )
     return entries
 
 
@@ -89,16 +99,22 @@ def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
         inputs = graph.data_inputs(node)
         variable = [t for t in inputs if graph.const(t) is None]
         if len(variable) > 1:
-            return node.name, (f"{node.name}: {node.op} of two computed tensors: the batch "
-                               "norm's parameters are not constants (training mode, or "
-                               "statistics computed from the input)")
+            return node.name, (
+                f"{node.name}: {node.op} of two computed tensors: the batch "
+                "norm's parameters are not constants (training mode, or "
+                "statistics computed from the input)"
+            )
         if variable and graph.shape(variable[0]) is None:
-            return node.name, (f"{node.name}: the shape of its input is unknown, so its channel "
-                               "axis cannot be told (TensorFlow could not infer it)")
+            return node.name, (
+                f"{node.name}: the shape of its input is unknown, so its channel "
+                "axis cannot be told (TensorFlow could not infer it)"
+            )
     node = nodes[-1]
-    return node.name, (f"{node.name}: not a per-channel affine map of constants (a constant "
-                       "broadcasts along a non-channel axis, or an op that is not a multiply or "
-                       "an add)")
+    return node.name, (
+        f"{node.name}: not a per-channel affine map of constants (a constant "
+        "broadcasts along a non-channel axis, or an op that is not a multiply or "
+        "an add)"
+    )
 
 
 # ---- names: the Keras layer's, never a node graphfold made -------------------------------------
@@ -109,8 +125,11 @@ def layer_names(graph: Graph, variables: dict[str, str]) -> dict[str, str]:
     auto-named layer's scope can be another layer's name: its variables cannot."""
     names: dict[str, str] = {}
     for nodes in batch_norm_layers(graph.graph_def.node).values():
-        owners = {_variable_read(graph, tensor, variables).rpartition("/")[0]
-                  for node in nodes for tensor in graph.data_inputs(node)} - {"", "/"}
+        owners = {
+            _variable_read(graph, tensor, variables).rpartition("/")[0]
+            for node in nodes
+            for tensor in graph.data_inputs(node)
+        } - {"", "/"}
         owners.discard("")
         if len(owners) == 1:
             owner = owners.pop()
@@ -149,9 +168,11 @@ def in_user_names(entry: Entry, created: dict[str, str]) -> Entry:
         return _CREATED.sub(lambda m: _origin(m.group(0), created), text)
 
     return dataclasses.replace(
-        entry, reason=None if entry.reason is None else user(entry.reason),
+        entry,
+        reason=None if entry.reason is None else user(entry.reason),
         blocker=None if entry.blocker is None else _origin(entry.blocker, created),
-        tried={k: user(v) for k, v in entry.tried.items()})
+        tried={k: user(v) for k, v in entry.tried.items()},
+    )
 
 
 _CREATED = re.compile(r"[^\s:;,()']+/(?:folded_\w+|graphfold_\w+)")
@@ -179,12 +200,17 @@ def in_function_bodies(graph_def, skip=frozenset()) -> list[Entry]:
         if "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b:
             how = "an XLA-compiled function call (jit_compile=True) that freezing leaves in place"
         for key, nodes in batch_norm_layers(function.node_def).items():
-            entries.append(Entry(
-                name=display_name(key, nodes),
-                form=nodes[0].op if nodes[0].op in BATCH_NORM_OPS else DECOMPOSED,
-                nodes=[f"{name}/{n.name}" for n in nodes], folded=False, blocker=name,
-                reason=f"{name}: inside the body of {how}; graphfold does not rewrite function "
-                       "bodies"))
+            entries.append(
+                Entry(
+                    name=display_name(key, nodes),
+                    form=nodes[0].op if nodes[0].op in BATCH_NORM_OPS else DECOMPOSED,
+                    nodes=[f"{name}/{n.name}" for n in nodes],
+                    folded=False,
+                    blocker=name,
+                    reason=f"{name}: inside the body of {how}; graphfold does not rewrite function "
+                    "bodies",
+                )
+            )
     return entries
 
 

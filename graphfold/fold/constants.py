@@ -51,8 +51,10 @@ def _div(node, x, y):
 
 def _same_type(fn):
     """Applies ``fn`` and keeps the dtype of the first argument (NumPy may promote)."""
+
     def evaluate(node, *args):
         return np.asarray(fn(*args)).astype(args[0].dtype, copy=False)
+
     return evaluate
 
 
@@ -85,8 +87,9 @@ EVALUATORS = {
     "Transpose": lambda node, x, perm: np.transpose(x, perm.astype(np.int64)),
     "Fill": lambda node, dims, value: np.full(dims.astype(np.int64), value, dtype=value.dtype),
     "Tile": lambda node, x, multiples: np.tile(x, multiples.astype(np.int64)),
-    "Prod": lambda node, x, axes: np.prod(x, axis=tuple(np.atleast_1d(axes).tolist()),
-                                          keepdims=node.attr["keep_dims"].b).astype(x.dtype),
+    "Prod": lambda node, x, axes: np.prod(
+        x, axis=tuple(np.atleast_1d(axes).tolist()), keepdims=node.attr["keep_dims"].b
+    ).astype(x.dtype),
     "Shape": lambda node, x: np.asarray(x.shape, dtype=_attr_type(node, "out_type")),
 }
 
@@ -109,8 +112,11 @@ def _broadcast_size(values) -> float:
 
 # The ops that can make their result larger than their inputs: its element count, known before
 # computing it (float: a hostile ``Fill`` of [2**40, 2**40] must not wrap around).
-_RESULT_SIZE = {"Fill": _fill_size, "Tile": _tile_size,
-                **dict.fromkeys(_BROADCASTING, _broadcast_size)}
+_RESULT_SIZE = {
+    "Fill": _fill_size,
+    "Tile": _tile_size,
+    **dict.fromkeys(_BROADCASTING, _broadcast_size),
+}
 # The evaluated ops whose result does not take the dtype of their ``T`` attribute.
 _OWN_DTYPE = frozenset({"Cast", "Shape", "Prod", "Fill", "Tile"})
 
@@ -124,13 +130,13 @@ def _result_size(node, values) -> float:
 
 def _evaluate(node, values):
     if _result_size(node, values) > MAX_ELEMENTS:
-        return None                           # checked first: never allocate it
+        return None  # checked first: never allocate it
     result = np.asarray(EVALUATORS[node.op](node, *values))
     if result.size > MAX_ELEMENTS:
         return None
     if node.op not in _OWN_DTYPE and "T" in node.attr:
         expected = tf.as_dtype(node.attr["T"].type).as_numpy_dtype
-        result = result.astype(expected, copy=False)   # no copy of a weight read through
+        result = result.astype(expected, copy=False)  # no copy of a weight read through
     return result
 
 
@@ -190,8 +196,11 @@ def _drop_pure_control_edges(graph: Graph, pure) -> None:
     pure = set(pure)
     for node in graph.graph_def.node:
         if any(t.startswith("^") for t in node.input):
-            kept = [t for t in node.input if not t.startswith("^") or
-                    (t[1:] not in pure and graph.nodes[t[1:]].op != "Const")]
+            kept = [
+                t
+                for t in node.input
+                if not t.startswith("^") or (t[1:] not in pure and graph.nodes[t[1:]].op != "Const")
+            ]
             if len(kept) != len(node.input):
                 del node.input[:]
                 node.input.extend(kept)

@@ -27,6 +27,7 @@ class Decision:
     """What one A becomes: ``plan`` and its ``writes``, or the first ``Blocked`` met; ``tried``:
     for each direction that failed, why. ``partial``: the scale folded and the shift stays as one
     add (``detail`` says where each went; also for a split fold)."""
+
     plan: Plan | Blocked
     writes: list[Write]
     tried: dict[str, str]
@@ -57,10 +58,13 @@ def decide(graph: Graph, affine: Affine, partial: bool = True) -> Decision:
         split = _split(graph, affine)
         if isinstance(split, Decision):
             return dataclasses.replace(split, tried=tried)
-        scale_only = {f"scale alone {d}": str(b) for d, b in zip(("forward", "backward"), split)
-                      if str(b) != tried.get(d)}
+        scale_only = {
+            f"scale alone {d}": str(b)
+            for d, b in zip(("forward", "backward"), split)
+            if str(b) != tried.get(d)
+        }
         tried.update(scale_only)
-    assert first is not None                # both directions were tried and failed
+    assert first is not None  # both directions were tried and failed
     return Decision(first, [], tried)
 
 
@@ -130,16 +134,22 @@ def _tiny_scale(affine: Affine) -> Blocked | None:
 def _joined(scale: tuple[Plan, list[Write]], shift: tuple[Plan, list[Write]]) -> Decision:
     """Scale and shift folded in opposite directions: A disappears."""
     (scale_plan, scale_writes), (shift_plan, shift_writes) = scale, shift
-    plan = Plan("split", roots=scale_plan.roots + shift_plan.roots,
-                sinks=scale_plan.sinks + shift_plan.sinks,
-                leaves=scale_plan.leaves + shift_plan.leaves)
-    detail = (f"scale {scale_plan.direction} into {', '.join(scale_plan.absorbed_by)}; shift "
-              f"{shift_plan.direction} into {', '.join(shift_plan.absorbed_by)}")
+    plan = Plan(
+        "split",
+        roots=scale_plan.roots + shift_plan.roots,
+        sinks=scale_plan.sinks + shift_plan.sinks,
+        leaves=scale_plan.leaves + shift_plan.leaves,
+    )
+    detail = (
+        f"scale {scale_plan.direction} into {', '.join(scale_plan.absorbed_by)}; shift "
+        f"{shift_plan.direction} into {', '.join(shift_plan.absorbed_by)}"
+    )
     return Decision(plan, scale_writes + shift_writes, {}, detail=detail)
 
 
-def _kept(graph: Graph, affine: Affine, scale: tuple[Plan, list[Write]],
-          shift: np.ndarray) -> Decision | Blocked:
+def _kept(
+    graph: Graph, affine: Affine, scale: tuple[Plan, list[Write]], shift: np.ndarray
+) -> Decision | Blocked:
     """The scale folded; the shift stays where A was, as one add (of A's dtype: refused when it
     does not hold the shift)."""
     plan, writes = scale
@@ -151,6 +161,8 @@ def _kept(graph: Graph, affine: Affine, scale: tuple[Plan, list[Write]],
         what = "t/s"
     else:
         where, what = "after " + graph.producer(affine.input(graph)).name, "t"
-    detail = (f"scale {plan.direction} into {', '.join(plan.absorbed_by)}; shift kept {where} as "
-              f"one add of {what}")
+    detail = (
+        f"scale {plan.direction} into {', '.join(plan.absorbed_by)}; shift kept {where} as "
+        f"one add of {what}"
+    )
     return Decision(plan, writes + [KeepShift(shift)], {}, partial=True, detail=detail)

@@ -38,15 +38,20 @@ SHAPE_ONLY_OPS = frozenset({"Shape", "ShapeN", "Rank", "Size"})
 class Graph:
     """Nodes, consumers, constants and shapes of one GraphDef (which the Graph owns)."""
 
-    def __init__(self, graph_def: graph_pb2.GraphDef, shapes: dict[str, tuple | None] | None = None,
-                 outputs: Iterable[str] = (), weights=None):
+    def __init__(
+        self,
+        graph_def: graph_pb2.GraphDef,
+        shapes: dict[str, tuple | None] | None = None,
+        outputs: Iterable[str] = (),
+        weights=None,
+    ):
         self.graph_def = graph_def
         # ``graphfold.fold.weights.Weights``: values of the stub constants kept out of the GraphDef;
         # new constants that large are kept there too (None: every value is in the GraphDef).
         self.weights = weights
         self.nodes: dict[str, node_def_pb2.NodeDef] = {n.name: n for n in graph_def.node}
         self.shapes: dict[str, tuple | None] = dict(shapes or {})
-        self.outputs = {canonical(t) for t in outputs}   # tensors the caller fetches
+        self.outputs = {canonical(t) for t in outputs}  # tensors the caller fetches
         self._consts: dict[str, np.ndarray] = {}
         # nodes a rewrite created -> the node of the original graph each stands for (a folded
         # bias -> its layer), so that no report names a node the user never had
@@ -63,8 +68,9 @@ class Graph:
         for node in self.graph_def.node:
             for tensor in node.input:
                 if split_tensor(tensor.lstrip("^"))[0] not in self.nodes:
-                    raise ValueError(f"node {node.name!r} reads {tensor!r}, which no node "
-                                     "of the graph produces")
+                    raise ValueError(
+                        f"node {node.name!r} reads {tensor!r}, which no node of the graph produces"
+                    )
         for tensor in self.outputs:
             if split_tensor(tensor)[0] not in self.nodes:
                 raise ValueError(f"output {tensor!r} is produced by no node of the graph")
@@ -96,8 +102,9 @@ class Graph:
             return None
         if name not in self._consts:
             held = self.weights.get(name) if self.weights is not None else None
-            self._consts[name] = held if held is not None else \
-                tf.make_ndarray(node.attr["value"].tensor)
+            self._consts[name] = (
+                held if held is not None else tf.make_ndarray(node.attr["value"].tensor)
+            )
         return self._consts[name]
 
     def shape(self, tensor: str) -> tuple | None:
@@ -191,9 +198,9 @@ class Graph:
             if index != 0 or split_tensor(new)[1] != 0:
                 raise ValueError(f"cannot hand the fetched name {old} to {new}")
             inner = self.unique_name(f"{old_name}/graphfold_inner")
-            self._rename(old_name, inner)           # the fetched name is free ...
+            self._rename(old_name, inner)  # the fetched name is free ...
             self.created[inner] = old_name
-            self._rename(new_node.name, old_name)   # ... for the node that now computes it
+            self._rename(new_node.name, old_name)  # ... for the node that now computes it
         else:
             self.become(self.nodes[old_name], "Identity", [new], self.dtype(self.nodes[old_name]))
 
@@ -220,10 +227,11 @@ class Graph:
                 if name == old:
                     reader.input[i] = ("^" if control else "") + new
                 elif name.startswith(prefix):
-                    reader.input[i] = new + name[len(old):]
+                    reader.input[i] = new + name[len(old) :]
 
-    def become(self, node: node_def_pb2.NodeDef, op: str, inputs: list[str],
-               dtype: tf.DType) -> None:
+    def become(
+        self, node: node_def_pb2.NodeDef, op: str, inputs: list[str], dtype: tf.DType
+    ) -> None:
         """Turns ``node`` into ``op(*inputs)`` of type ``dtype``, keeping its name (so that a
         fetched tensor stays valid) and its control inputs."""
         for tensor in self.data_inputs(node):
@@ -276,7 +284,7 @@ class Graph:
         nodes = self.graph_def.node
         count = sum(n.name in doomed for n in nodes)
         nodes.sort(key=lambda n: n.name in doomed)
-        del nodes[len(nodes) - count:]
+        del nodes[len(nodes) - count :]
         self.nodes = {n.name: n for n in self.graph_def.node}
 
     def prune(self, keep: Iterable[str] = ()) -> None:

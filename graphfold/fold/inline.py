@@ -25,8 +25,13 @@ from graphfold.fold.rules import IDENTITIES, RULES
 from graphfold.fold.shapes import PLACEHOLDERS, infer_shapes
 
 CALLS = ("StatefulPartitionedCall", "PartitionedCall")
-PURE = frozenset(LINEAR) | frozenset(RULES) | frozenset(ELEMENTWISE) | frozenset(BATCH_NORM_OPS) \
+PURE = (
+    frozenset(LINEAR)
+    | frozenset(RULES)
+    | frozenset(ELEMENTWISE)
+    | frozenset(BATCH_NORM_OPS)
     | {"Const", "NoOp", "Identity", "Relu", "Relu6", "Shape"}
+)
 
 
 def why_not_inlined(graph: Graph, call) -> Blocked | None:
@@ -37,21 +42,30 @@ def why_not_inlined(graph: Graph, call) -> Blocked | None:
         return Blocked(call.name, f"its function {name} is not in the graph's library")
     unknown = sorted({n.op for n in function.node_def} - PURE)
     if unknown:
-        return Blocked(call.name, f"its function {name} runs ops graphfold does not fold through "
-                                  f"({', '.join(unknown)})")
+        return Blocked(
+            call.name,
+            f"its function {name} runs ops graphfold does not fold through ({', '.join(unknown)})",
+        )
     for node in function.node_def:
         why = _needs_xla(node)
         if why:
-            return Blocked(call.name, f"its function {name} runs {why}, which TensorFlow's CPU "
-                                      "kernels may not run outside XLA")
+            return Blocked(
+                call.name,
+                f"its function {name} runs {why}, which TensorFlow's CPU "
+                "kernels may not run outside XLA",
+            )
     if len(function.signature.output_arg) != len(function.ret):
         return Blocked(call.name, f"its function {name} has outputs graphfold cannot map")
     if len(function.signature.output_arg) != 1 and (
-            any(graph.is_fetched(tensor_name(call.name, i))
-                for i in range(len(function.signature.output_arg)))
-            or any(f"^{call.name}" in n.input for n in graph.graph_def.node)):
-        return Blocked(call.name, f"its function {name} has several outputs and the call is "
-                                  "fetched or awaited")
+        any(
+            graph.is_fetched(tensor_name(call.name, i))
+            for i in range(len(function.signature.output_arg))
+        )
+        or any(f"^{call.name}" in n.input for n in graph.graph_def.node)
+    ):
+        return Blocked(
+            call.name, f"its function {name} has several outputs and the call is fetched or awaited"
+        )
     return None
 
 
@@ -90,11 +104,14 @@ def _infer_shapes(graph: Graph) -> None:
     none, and the tensors after a call whose shape TensorFlow could not see through (a
     SavedModel's signature) had none either. A shape already known is kept where inference
     knows less."""
-    fed = {canonical(n.name): graph.shapes.get(canonical(n.name))
-           for n in graph.graph_def.node if n.op in PLACEHOLDERS}
+    fed = {
+        canonical(n.name): graph.shapes.get(canonical(n.name))
+        for n in graph.graph_def.node
+        if n.op in PLACEHOLDERS
+    }
     try:
         inferred = infer_shapes(graph.graph_def, fed)
-    except (tf.errors.OpError, ValueError, TypeError):   # a graph TF cannot import: keep ours
+    except (tf.errors.OpError, ValueError, TypeError):  # a graph TF cannot import: keep ours
         return
     for tensor, shape in inferred.items():
         if shape is None:
@@ -108,8 +125,9 @@ def _infer_shapes(graph: Graph) -> None:
         graph.shapes[tensor] = shape
 
 
-def linear_body(graph: Graph, call: node_def_pb2.NodeDef
-                ) -> tuple[node_def_pb2.NodeDef, int, int] | None:
+def linear_body(
+    graph: Graph, call: node_def_pb2.NodeDef
+) -> tuple[node_def_pb2.NodeDef, int, int] | None:
     """``(layer, data, weight)`` when the call's function computes one linear layer of two of its
     arguments and nothing else (Identity and NoOp aside): the layer's NodeDef in the body, and
     the call's inputs that are its data and its weight. Keras 3 runs a grouped Conv3D so, in an
@@ -120,8 +138,9 @@ def linear_body(graph: Graph, call: node_def_pb2.NodeDef
         return None
     body = {n.name: n for n in function.node_def}
     layers = [n for n in function.node_def if n.op in LINEAR]
-    if len(layers) != 1 or any(n.op not in IDENTITIES and n.op != "NoOp"
-                               for n in function.node_def if n is not layers[0]):
+    if len(layers) != 1 or any(
+        n.op not in IDENTITIES and n.op != "NoOp" for n in function.node_def if n is not layers[0]
+    ):
         return None
     layer = layers[0]
     args = [arg.name for arg in function.signature.input_arg]
@@ -133,15 +152,20 @@ def linear_body(graph: Graph, call: node_def_pb2.NodeDef
             if name in args or name not in body:
                 return name
             if body[name].op not in IDENTITIES:
-                return name if not rest or rest[-1] == "0" else ""     # layers: one output
+                return name if not rest or rest[-1] == "0" else ""  # layers: one output
             tensor = [t for t in body[name].input if not t.startswith("^")][0]
         return ""
 
     linear = LINEAR[layer.op]
     inputs = [t for t in layer.input if not t.startswith("^")]
     data, weight = source(inputs[linear.data]), source(inputs[linear.weight])
-    if source(next(iter(function.ret.values()))) != layer.name or data not in args or \
-            weight not in args or data == weight or len(args) != len(graph.data_inputs(call)):
+    if (
+        source(next(iter(function.ret.values()))) != layer.name
+        or data not in args
+        or weight not in args
+        or data == weight
+        or len(args) != len(graph.data_inputs(call))
+    ):
         return None
     return layer, args.index(data), args.index(weight)
 
@@ -193,7 +217,7 @@ def _inline(graph: Graph, call, function) -> list[str]:
             producer, result = graph.producer(result_in), result_in
         graph.replace_uses(tensor_name(call.name, i), outer(function.ret[arg.name]))
     result = outer(function.ret[function.signature.output_arg[0].name])
-    if graph.is_fetched(call.name):     # the fetched name stays valid: an Identity of the result
+    if graph.is_fetched(call.name):  # the fetched name stays valid: an Identity of the result
         graph.become(call, "Identity", [result], tf.as_dtype(call.attr["Tout"].list.type[0]))
     elif any(f"^{call.name}" in n.input for n in graph.graph_def.node):
         # awaited by control edges only: a NoOp that waits for the result (reads no value)

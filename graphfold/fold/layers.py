@@ -30,6 +30,7 @@ class Site:
     holds it, other dtypes as float64), and the static shapes of its data input and output
     (None where unknown). ``host``: the graph node that runs ``node``, when it is a call whose
     function body holds ``node`` (None: ``node`` itself), its input ``weight_input`` the weight."""
+
     node: NodeDef
     w: np.ndarray
     data_shape: tuple | None
@@ -58,14 +59,14 @@ class Site:
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
-    data: int                                       # index of the data input
-    weight: int                                     # index of the weight input
-    in_axis: Callable[[NodeDef, int], int]          # (node, rank) -> channel axis of the data
-    out_axis: Callable[[NodeDef, int], int]         # (node, rank) -> channel axis of the output
+    data: int  # index of the data input
+    weight: int  # index of the weight input
+    in_axis: Callable[[NodeDef, int], int]  # (node, rank) -> channel axis of the data
+    out_axis: Callable[[NodeDef, int], int]  # (node, rank) -> channel axis of the output
     in_channels: Callable[[Site], int]
     out_channels: Callable[[Site], int]
-    out_factor: Callable[[Site, np.ndarray], np.ndarray]    # F, W ⊙_out s = W · F (broadcast)
-    in_factor: Callable[[Site, np.ndarray], np.ndarray]     # F, W ⊙_in s = W · F (broadcast)
+    out_factor: Callable[[Site, np.ndarray], np.ndarray]  # F, W ⊙_out s = W · F (broadcast)
+    in_factor: Callable[[Site, np.ndarray], np.ndarray]  # F, W ⊙_in s = W · F (broadcast)
     shift_response: Callable[[Site, np.ndarray], np.ndarray | Blocked]
     """W ⊛ t as a per-out-channel vector, or why it is not one (then the shift cannot fold)."""
     refuse: Callable[[Site], Blocked | None] = lambda site: None
@@ -125,8 +126,9 @@ def _conv_response(site: Site, t: np.ndarray) -> np.ndarray | Blocked:
     return np.einsum("kjo,jo->o", w, t[_group_index(site)])
 
 
-PADDING_TOUCHES = ("zero padding touches the input: the shift cannot fold (the border outputs "
-                   "would change)")
+PADDING_TOUCHES = (
+    "zero padding touches the input: the shift cannot fold (the border outputs would change)"
+)
 
 
 def _padding_touches(site: Site) -> Blocked | None:
@@ -157,12 +159,18 @@ def _padding_touches(site: Site) -> Blocked | None:
 
 
 CONV2D = Linear(
-    data=0, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
+    data=0,
+    weight=1,
+    in_axis=_fmt_axis,
+    out_axis=_fmt_axis,
     in_channels=lambda site: site.w.shape[-2] * site.groups,
     out_channels=lambda site: site.w.shape[-1],
     out_factor=lambda site, s: s,
     in_factor=_conv_in_factor,
-    shift_response=_conv_response, groups=_conv_groups, fuses_pad=True)
+    shift_response=_conv_response,
+    groups=_conv_groups,
+    fuses_pad=True,
+)
 CONV3D = dataclasses.replace(CONV2D, fuses_pad=False, needs_xla=True)
 
 
@@ -177,18 +185,26 @@ def _dw_refuse_bias(node: NodeDef) -> Blocked | None:
     tensor_format.h, from grappler's remapper) when a ``DepthwiseConv2dNative`` with
     ``padding=EXPLICIT`` feeds a ``BiasAdd`` or ``Add``: never add one after such a layer."""
     if node.attr["padding"].s == b"EXPLICIT":
-        return Blocked(node.name, "a bias after a DepthwiseConv2dNative with EXPLICIT padding "
-                                  "makes TensorFlow's oneDNN remapper abort the process")
+        return Blocked(
+            node.name,
+            "a bias after a DepthwiseConv2dNative with EXPLICIT padding "
+            "makes TensorFlow's oneDNN remapper abort the process",
+        )
     return None
 
 
 DEPTHWISE = Linear(
-    data=0, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
+    data=0,
+    weight=1,
+    in_axis=_fmt_axis,
+    out_axis=_fmt_axis,
     in_channels=lambda site: site.w.shape[2],
     out_channels=lambda site: site.w.shape[2] * site.w.shape[3],
     out_factor=lambda site, s: s.reshape(site.w.shape[2], site.w.shape[3]),
     in_factor=lambda site, s: s[:, None],
-    shift_response=_dw_response, refuse_bias=_dw_refuse_bias)
+    shift_response=_dw_response,
+    refuse_bias=_dw_refuse_bias,
+)
 
 
 # ---- MatMul: [K, N] (transpose_b: [N, K]) --------------------------------------------------------
@@ -196,14 +212,17 @@ def _transposed(node: NodeDef) -> bool:
     return bool(node.attr["transpose_b"].b)
 
 
-MATMUL = Linear(     # transpose_a: the data is [K, M], its channels (K) on axis 0
-    data=0, weight=1, out_axis=_last,
+MATMUL = Linear(  # transpose_a: the data is [K, M], its channels (K) on axis 0
+    data=0,
+    weight=1,
+    out_axis=_last,
     in_axis=lambda node, rank: 0 if node.attr["transpose_a"].b else rank - 1,
     in_channels=lambda site: site.w.shape[1 if _transposed(site.node) else 0],
     out_channels=lambda site: site.w.shape[0 if _transposed(site.node) else 1],
     out_factor=lambda site, s: s[:, None] if _transposed(site.node) else s[None, :],
     in_factor=lambda site, s: s[None, :] if _transposed(site.node) else s[:, None],
-    shift_response=lambda site, t: _w64(site) @ t if _transposed(site.node) else t @ _w64(site))
+    shift_response=lambda site, t: _w64(site) @ t if _transposed(site.node) else t @ _w64(site),
+)
 
 
 # ---- Conv2DBackpropInput / Conv3DBackpropInputV2: [..., C_out, C_in], data input 2 ---------------
@@ -231,8 +250,9 @@ def _tap_coverage(site: Site) -> list[np.ndarray] | Blocked:
         else:
             before = explicit[2 * axis] if explicit else 0
         source = np.arange(n_out)[:, None] + before - np.arange(kernel)[None, :] * dilation
-        coverage.append(((source % stride == 0) & (source >= 0) &
-                         (source < n_in * stride)).astype(np.float64))
+        coverage.append(
+            ((source % stride == 0) & (source >= 0) & (source < n_in * stride)).astype(np.float64)
+        )
     return coverage
 
 
@@ -243,7 +263,7 @@ def transposed_shift_map(site: Site, t: np.ndarray) -> np.ndarray | Blocked:
     coverage = _tap_coverage(site)
     if isinstance(coverage, Blocked):
         return coverage
-    taps = _w64(site) @ t                                   # [..., C_out]: Σ_c W[k, o, c] t_c
+    taps = _w64(site) @ t  # [..., C_out]: Σ_c W[k, o, c] t_c
     n = len(coverage)
     positions, kernel = "abc"[:n], "klm"[:n]
     spec = ",".join(p + k for p, k in zip(positions, kernel)) + f",{kernel}o->{positions}o"
@@ -257,20 +277,26 @@ def _transposed_response(site: Site, t: np.ndarray) -> np.ndarray | Blocked:
         return shift_map
     flat = shift_map.reshape(-1, shift_map.shape[-1])
     if np.max(np.abs(flat - flat[0]), initial=0.0) > 1e-12 * max(np.max(np.abs(flat)), 1e-300):
-        return Blocked(site.node.name,
-                       "transposed convolution: its output positions receive different sets of "
-                       "kernel taps (by phase modulo the stride, and at the borders), so the "
-                       "shift adds a spatial map, not a per-channel bias")
+        return Blocked(
+            site.node.name,
+            "transposed convolution: its output positions receive different sets of "
+            "kernel taps (by phase modulo the stride, and at the borders), so the "
+            "shift adds a spatial map, not a per-channel bias",
+        )
     return flat[0]
 
 
 TRANSPOSED_CONV2D = Linear(
-    data=2, weight=1, in_axis=_fmt_axis, out_axis=_fmt_axis,
+    data=2,
+    weight=1,
+    in_axis=_fmt_axis,
+    out_axis=_fmt_axis,
     in_channels=lambda site: site.w.shape[-1],
     out_channels=lambda site: site.w.shape[-2],
     out_factor=lambda site, s: s[:, None],
     in_factor=lambda site, s: s,
-    shift_response=_transposed_response)
+    shift_response=_transposed_response,
+)
 TRANSPOSED_CONV3D = dataclasses.replace(TRANSPOSED_CONV2D, needs_xla=True)
 
 
@@ -282,24 +308,30 @@ def _dense(w_kn: Callable[[Site], bool]) -> dict:
         out_channels=lambda site: site.w.shape[1 if w_kn(site) else 0],
         out_factor=lambda site, s: s[None, :] if w_kn(site) else s[:, None],
         in_factor=lambda site, s: s[:, None] if w_kn(site) else s[None, :],
-        shift_response=lambda site, t: t @ _w64(site) if w_kn(site) else _w64(site) @ t)
+        shift_response=lambda site, t: t @ _w64(site) if w_kn(site) else _w64(site) @ t,
+    )
 
 
 def _batch_matmul_refuse(site: Site) -> Blocked | None:
     node = site.node
     if site.w.ndim != 2:
-        return Blocked(node.name, f"{node.op}: the weight has batch dimensions (shape "
-                                  f"{list(site.w.shape)})")
+        return Blocked(
+            node.name, f"{node.op}: the weight has batch dimensions (shape {list(site.w.shape)})"
+        )
     attr = node.attr
     if "Ta" in attr and len({attr[k].type for k in ("Ta", "Tb", "Tout")}) != 1:
         return Blocked(node.name, f"{node.op} mixes dtypes (Ta, Tb, Tout differ)")
     return None
 
 
-BATCH_MATMUL = Linear(   # adj_x: the data is [..., K, M], its channels on axis -2
-    data=0, weight=1, out_axis=_last,
+BATCH_MATMUL = Linear(  # adj_x: the data is [..., K, M], its channels on axis -2
+    data=0,
+    weight=1,
+    out_axis=_last,
     in_axis=lambda node, rank: rank - 2 if node.attr["adj_x"].b else rank - 1,
-    refuse=_batch_matmul_refuse, **_dense(lambda site: not site.node.attr["adj_y"].b))
+    refuse=_batch_matmul_refuse,
+    **_dense(lambda site: not site.node.attr["adj_y"].b),
+)
 
 
 def dense_equation(node: NodeDef) -> tuple[str, str] | None:
@@ -334,7 +366,8 @@ def _einsum_kn(site: Site) -> bool:
 
 
 EINSUM = Linear(
-    data=0, weight=1, in_axis=_last, out_axis=_last, refuse=_einsum_refuse, **_dense(_einsum_kn))
+    data=0, weight=1, in_axis=_last, out_axis=_last, refuse=_einsum_refuse, **_dense(_einsum_kn)
+)
 
 
 LINEAR: dict[str, Linear] = {

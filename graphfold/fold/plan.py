@@ -29,6 +29,7 @@ from graphfold.fold.rules import IDENTITIES, RULES, Demand, Next, homogeneous_ch
 class BiasOnPath:
     """A constant bias between a root and A: it becomes s ⊙ b + sign · t with the s, t seen there
     (``sign`` −1 for ``y − b``)."""
+
     node: str
     axis: int | None
     rank: int
@@ -43,6 +44,7 @@ class Root:
     it); each bias on its path becomes s ⊙ b + t with the s and t that reach that bias (the bias
     nearest A takes t, the ones below it see t = 0). A bias below an Add or Concat is listed on
     one root only."""
+
     layer: str
     s: np.ndarray
     t: np.ndarray
@@ -54,6 +56,7 @@ class Root:
 class Sink:
     """A layer absorbing A backward: W ⊙_in s, and ``response`` = ``W ⊛ t`` added to its bias
     (None when t = 0)."""
+
     layer: str
     s: np.ndarray
     t: np.ndarray
@@ -63,10 +66,10 @@ class Sink:
 
 @dataclasses.dataclass
 class Plan:
-    direction: str                      # "forward" or "backward"
+    direction: str  # "forward" or "backward"
     roots: list[Root] = dataclasses.field(default_factory=list)
     sinks: list[Sink] = dataclasses.field(default_factory=list)
-    leaves: list[Root] = dataclasses.field(default_factory=list)   # roots of 1/s, behind Adds
+    leaves: list[Root] = dataclasses.field(default_factory=list)  # roots of 1/s, behind Adds
 
     @property
     def absorbed_by(self) -> list[str]:
@@ -107,12 +110,18 @@ def site(graph: Graph, layer: NodeDef) -> Site | Blocked:
     if isinstance(const, Blocked):
         return const
     weight = graph.const(const)
-    assert weight is not None                 # weight_const found a constant
+    assert weight is not None  # weight_const found a constant
     if weight.dtype not in (np.float32, np.float64):
         weight = weight.astype(np.float64)
     host = None if inner is layer else layer
-    where = Site(inner, weight, graph.shape(graph.data_inputs(layer)[data]),
-                 graph.shape(layer.name), host, None if host is None else weight_input)
+    where = Site(
+        inner,
+        weight,
+        graph.shape(graph.data_inputs(layer)[data]),
+        graph.shape(layer.name),
+        host,
+        None if host is None else weight_input,
+    )
     return where.linear.refuse(where) or where
 
 
@@ -125,8 +134,10 @@ def _fit(layer, demand: Demand, axis: int, n: int, side: str) -> Blocked | None:
 
 
 def _vectors(demand: Demand, n: int) -> tuple[np.ndarray, np.ndarray]:
-    return (np.broadcast_to(demand.s, (n,)).astype(np.float64),
-            np.broadcast_to(demand.t, (n,)).astype(np.float64))
+    return (
+        np.broadcast_to(demand.s, (n,)).astype(np.float64),
+        np.broadcast_to(demand.t, (n,)).astype(np.float64),
+    )
 
 
 def _root(graph: Graph, layer, demand: Demand) -> list[Root] | Blocked:
@@ -173,8 +184,9 @@ def plan_forward(graph: Graph, affine: Affine) -> Plan | Blocked:
     return roots if isinstance(roots, Blocked) else Plan("forward", roots=roots)
 
 
-def _up(graph: Graph, tensor: str, reader: str | tuple[str, ...], demand: Demand,
-        seen: set[str]) -> list[Root] | Blocked:
+def _up(
+    graph: Graph, tensor: str, reader: str | tuple[str, ...], demand: Demand, seen: set[str]
+) -> list[Root] | Blocked:
     """Roots that absorb ``demand`` applied to ``tensor``, read on the path by ``reader`` (or
     by each of several readers)."""
     node = graph.producer(tensor)
@@ -198,11 +210,12 @@ def _up(graph: Graph, tensor: str, reader: str | tuple[str, ...], demand: Demand
         roots = _up(graph, step.tensor, step.readers or node.name, step.demand, seen)
         if isinstance(roots, Blocked):
             return roots
-        if step.bias:    # recorded once, with the s and t seen here (roots below share it)
+        if step.bias:  # recorded once, with the s and t seen here (roots below share it)
             taken = step.taken
-            assert taken is not None            # a Step with a bias has what it takes
-            roots[0].biases.append(BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t,
-                                              step.bias_sign))
+            assert taken is not None  # a Step with a bias has what it takes
+            roots[0].biases.append(
+                BiasOnPath(step.bias, taken.axis, taken.rank, taken.s, taken.t, step.bias_sign)
+            )
         found.extend(roots)
     return found
 
@@ -218,13 +231,14 @@ def plan_backward(graph: Graph, affine: Affine) -> Plan | Blocked:
         return Blocked(affine.output, "its output reaches no linear layer")
     layers = [sink.layer for sink in plan.sinks] + [leaf.layer for leaf in plan.leaves]
     twice = [layer for layer in layers if layers.count(layer) > 1]
-    if twice:   # y = A(x); L(y + P(y)): P would need W ⊙_in s and W ⊙_out 1/s at once
+    if twice:  # y = A(x); L(y + P(y)): P would need W ⊙_in s and W ⊙_out 1/s at once
         return Blocked(twice[0], "the layer reads A's output and is also a leaf behind an Add")
     return _pad_meets_conv(graph, affine, plan) or plan
 
 
-def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
-          padded: bool) -> Blocked | None:
+def _down(
+    graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str], padded: bool
+) -> Blocked | None:
     """Adds to ``plan`` the sinks (and leaves) that absorb ``demand`` applied to ``tensor``."""
     if graph.is_fetched(tensor):
         return Blocked(split_tensor(tensor)[0], "its output is a function output")
@@ -232,19 +246,21 @@ def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
     if not consumers:
         return Blocked(split_tensor(tensor)[0], "its output has no consumer")
     prelu = prelu_at(graph, tensor)
-    if prelu is not None:        # one homogeneous op made of five
+    if prelu is not None:  # one homogeneous op made of five
         nodes, output = prelu
         if seen & set(nodes):
             return Blocked(output.name, "reached twice")
         seen.update(nodes)
-        return homogeneous_check(graph, output, demand, "PReLU") or \
-            _down(graph, canonical(output.name), demand, plan, seen, padded)
+        return homogeneous_check(graph, output, demand, "PReLU") or _down(
+            graph, canonical(output.name), demand, plan, seen, padded
+        )
     for node in consumers:
         if node.name in seen:
             return Blocked(node.name, "reached twice")
         seen.add(node.name)
-        reads = [i for i, t in enumerate(graph.data_inputs(node))
-                 if canonical(t) == canonical(tensor)]
+        reads = [
+            i for i, t in enumerate(graph.data_inputs(node)) if canonical(t) == canonical(tensor)
+        ]
         layer = layer_of(graph, node)
         if layer is not None:
             if reads != [layer[1]]:
@@ -255,12 +271,12 @@ def _down(graph: Graph, tensor: str, demand: Demand, plan: Plan, seen: set[str],
             plan.sinks.append(sink)
             continue
         rule = RULES.get(node.op)
-        after = rule.backward(graph, node, reads, demand) if rule and rule.backward \
-            else _stop(node)
+        after = rule.backward(graph, node, reads, demand) if rule and rule.backward else _stop(node)
         if isinstance(after, Blocked):
             return after
-        blocked = _leaves(graph, node, after, plan) or \
-            _down(graph, canonical(node.name), after.demand, plan, seen, padded or after.pads)
+        blocked = _leaves(graph, node, after, plan) or _down(
+            graph, canonical(node.name), after.demand, plan, seen, padded or after.pads
+        )
         if blocked is not None:
             return blocked
     return None
@@ -280,6 +296,7 @@ def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
     channel axis (an error, or silently a smaller batch). Bypassing A must not make such a Pad
     feed such a layer (``Linear.fuses_pad``) directly (through Identity, which Grappler
     removes)."""
+
     def skip_identities(tensor):
         while graph.producer(tensor).op in IDENTITIES:
             tensor = graph.data_inputs(graph.producer(tensor))[0]
@@ -297,7 +314,10 @@ def _pad_meets_conv(graph: Graph, affine: Affine, plan: Plan) -> Blocked | None:
             continue
         spatial = formats.spatial_axes(formats.data_format(sink.site.node), 4)
         if any(np.any(pads[axis] != 0) for axis in range(4) if axis not in spatial):
-            return Blocked(layer.name, f"{pad.name} pads the batch or channel axis: without A "
-                                       "between them, TensorFlow's oneDNN Pad+Conv2D fusion drops "
-                                       "that padding")
+            return Blocked(
+                layer.name,
+                f"{pad.name} pads the batch or channel axis: without A "
+                "between them, TensorFlow's oneDNN Pad+Conv2D fusion drops "
+                "that padding",
+            )
     return None

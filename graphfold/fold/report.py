@@ -14,20 +14,21 @@ if TYPE_CHECKING:
 @dataclasses.dataclass
 class Entry:
     """One batch-norm layer (or another affine map the rewrite met)."""
-    name: str                   # user-facing name, e.g. "conv1_bn"
-    form: str                   # "FusedBatchNormV3", "decomposed (x*inv+offset)", "Mul", ...
-    nodes: list[str]            # graph nodes of the A this layer belongs to
-    folded: bool                # A disappeared entirely
-    direction: str | None = None        # "forward" / "backward" / "split" (scale one way, shift
+
+    name: str  # user-facing name, e.g. "conv1_bn"
+    form: str  # "FusedBatchNormV3", "decomposed (x*inv+offset)", "Mul", ...
+    nodes: list[str]  # graph nodes of the A this layer belongs to
+    folded: bool  # A disappeared entirely
+    direction: str | None = None  # "forward" / "backward" / "split" (scale one way, shift
     #                                     the other); a partial fold: where the scale went
     absorbed_by: list[str] = dataclasses.field(default_factory=list)
     leaves: list[str] = dataclasses.field(default_factory=list)
-    reason: str | None = None   # why not folded: "<blocker node>: <rule that failed>"
+    reason: str | None = None  # why not folded: "<blocker node>: <rule that failed>"
     blocker: str | None = None
     tried: dict[str, str] = dataclasses.field(default_factory=dict)  # direction -> blocker
     is_batch_norm: bool = True
-    partial: bool = False       # the scale folded, the shift stays as one add (docs/folding.md §8)
-    detail: str | None = None   # a partial or split fold: what folded where, what stayed
+    partial: bool = False  # the scale folded, the shift stays as one add (docs/folding.md §8)
+    detail: str | None = None  # a partial or split fold: what folded where, what stayed
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class FoldReport:
     ops_after: dict[str, int]
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    verification: Verification | None = None     # rewrite's own check, if it ran
+    verification: Verification | None = None  # rewrite's own check, if it ran
 
     @property
     def batch_norms(self) -> list[Entry]:
@@ -70,9 +71,11 @@ class FoldReport:
         folded``: full folds, partial folds (one add left each) and the rest, apart."""
         split = f", {self.count('split')} split" if self.count("split") else ""
         partial = f", {len(self.partial)} partial" if self.partial else ""
-        return (f"{len(self.batch_norms)} batch norms: {len(self.folded)} folded "
-                f"({self.count('forward')} forward, {self.count('backward')} backward{split})"
-                f"{partial}, {len(self.not_folded)} not folded")
+        return (
+            f"{len(self.batch_norms)} batch norms: {len(self.folded)} folded "
+            f"({self.count('forward')} forward, {self.count('backward')} backward{split})"
+            f"{partial}, {len(self.not_folded)} not folded"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -92,7 +95,6 @@ class FoldReport:
             "seconds": dict(self.seconds),
             "verification": self.verification.to_dict() if self.verification else None,
         }
-
 
     def op_table(self) -> str:
         return op_table(self.ops_before, self.ops_after)

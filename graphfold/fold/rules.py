@@ -32,6 +32,7 @@ from graphfold.fold.shape_values import shape_value
 class Demand:
     """What a walk carries: the per-channel s and t as seen at the current tensor, on which
     axis of a tensor of which rank (axis None: scalars, any axis)."""
+
     s: np.ndarray
     t: np.ndarray
     axis: int | None
@@ -69,18 +70,20 @@ class Step:
     """Forward: continue at ``tensor`` with ``demand``. ``bias``: the op is a constant bias on the
     path, which takes the shift (s ⊙ (y + b) + t = s ⊙ y + (s ⊙ b + t)) with ``taken``'s s and t;
     ``bias_sign`` −1 for ``y − b`` (then b ← s ⊙ b − t)."""
+
     tensor: str
     demand: Demand
     bias: str | None = None
     taken: Demand | None = None
     bias_sign: float = 1.0
-    readers: tuple[str, ...] = ()     # the nodes that read ``tensor`` on the path (default: op)
+    readers: tuple[str, ...] = ()  # the nodes that read ``tensor`` on the path (default: op)
 
 
 @dataclasses.dataclass(frozen=True)
 class Next:
     """Backward: continue at the op's output with ``demand``; ``pads``: the op adds zero padding
     (no shift may fold below it); ``leaves``: operands whose layers must absorb ``1/s`` first."""
+
     demand: Demand
     pads: bool = False
     leaves: tuple[tuple[str, Demand], ...] = ()
@@ -154,8 +157,9 @@ def _transpose_axis(graph, node, axis, src, dst):
     return [int(p) % len(src) for p in perm].index(axis)
 
 
-def axis_in_to_out(graph: Graph, node, axis: int | None,
-                   axis_map) -> tuple[int | None, int] | Blocked:
+def axis_in_to_out(
+    graph: Graph, node, axis: int | None, axis_map
+) -> tuple[int | None, int] | Blocked:
     """Where channel ``axis`` of the op's input lands in its output, with the output rank; or
     Blocked when the op does not keep the channel axis intact."""
     src, dst = graph.shape(graph.data_inputs(node)[0]), graph.shape(node.name)
@@ -168,8 +172,9 @@ def axis_in_to_out(graph: Graph, node, axis: int | None,
     return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
 
 
-def axis_out_to_in(graph: Graph, node, axis: int | None,
-                   axis_map) -> tuple[int | None, int] | Blocked:
+def axis_out_to_in(
+    graph: Graph, node, axis: int | None, axis_map
+) -> tuple[int | None, int] | Blocked:
     """The inverse of ``axis_in_to_out``."""
     src = graph.shape(graph.data_inputs(node)[0])
     if src is not None:
@@ -192,8 +197,11 @@ def reshape_target(graph: Graph, node) -> tuple | None:
     if not isinstance(value, list) or (dst is not None and len(dst) != len(value)):
         return dst
     value = [None if v is None or v < 0 else v for v in value]
-    return tuple(value) if dst is None else \
-        tuple(d if d is not None else v for d, v in zip(dst, value))
+    return (
+        tuple(value)
+        if dst is None
+        else tuple(d if d is not None else v for d, v in zip(dst, value))
+    )
 
 
 def _last_axis_repeats(node, c: int | None, d: int | None, forward: bool) -> int | Blocked:
@@ -203,10 +211,17 @@ def _last_axis_repeats(node, c: int | None, d: int | None, forward: bool) -> int
     if c is not None and d is not None and d % c == 0:
         return d // c
     if c is not None and d is not None and c % d == 0:
-        why = (f"merges positions into A's channel axis (rows of {d} into {c} channels): A's "
-               "scale would differ within one channel of the layer") if forward else \
-            (f"splits the channel axis ({c} channels into rows of {d}): one channel's scale "
-             "would apply to several")
+        why = (
+            (
+                f"merges positions into A's channel axis (rows of {d} into {c} channels): A's "
+                "scale would differ within one channel of the layer"
+            )
+            if forward
+            else (
+                f"splits the channel axis ({c} channels into rows of {d}): one channel's scale "
+                "would apply to several"
+            )
+        )
         return Blocked(node.name, f"{node.op} {why}")
     return Blocked(node.name, f"{node.op} does not keep the channel axis intact")
 
@@ -256,8 +271,9 @@ def _reshape_down(graph, node, reads, demand):
     return Next(_tiled(demand, repeats, len(dst) - 1, len(dst)))
 
 
-def concat_slices(graph: Graph, node, axis: int | None,
-                  rank: int) -> list[tuple[str, int, int]] | Blocked:
+def concat_slices(
+    graph: Graph, node, axis: int | None, rank: int
+) -> list[tuple[str, int, int]] | Blocked:
     """``[(operand, start, stop)]`` when ``node`` concatenates on ``axis``, else why not."""
     inputs = graph.data_inputs(node)
     concat_axis = graph.const(inputs[-1])
@@ -332,17 +348,27 @@ def _alignment_only(graph: Graph, node) -> bool:
     inputs = graph.data_inputs(node)
     block, pads = graph.const(inputs[1]), graph.const(inputs[2])
     users = graph.value_consumers(node.name)
-    if block is None or pads is None or np.any(pads[:, 0] != 0) or len(users) != 1 or \
-            users[0].op not in LINEAR or any(s != 1 for s in users[0].attr["strides"].list.i):
+    if (
+        block is None
+        or pads is None
+        or np.any(pads[:, 0] != 0)
+        or len(users) != 1
+        or users[0].op not in LINEAR
+        or any(s != 1 for s in users[0].attr["strides"].list.i)
+    ):
         return False
     after = graph.value_consumers(users[0].name)
     rule = RULES.get(after[0].op) if len(after) == 1 else None
     crops = rule.crops(graph, after[0]) if rule is not None and rule.crops else None
     crop_block = graph.const(after[0].input[1])
-    return bool(crops is not None and crop_block is not None and
-                np.array_equal(crop_block, block) and
-                crops.shape == pads.shape and not np.any(crops[:, 0]) and
-                np.all(crops[:, 1] >= pads[:, 1]))
+    return bool(
+        crops is not None
+        and crop_block is not None
+        and np.array_equal(crop_block, block)
+        and crops.shape == pads.shape
+        and not np.any(crops[:, 0])
+        and np.all(crops[:, 1] >= pads[:, 1])
+    )
 
 
 def _crops(graph: Graph, node) -> np.ndarray | None:
@@ -370,6 +396,7 @@ def _resize_check(graph, node, demand) -> Blocked | None:
 
 def _reshaping(axis_map) -> Rule:
     """The rule of an op that moves axes as ``axis_map`` says."""
+
     def up(graph, node, demand):
         mapped = axis_out_to_in(graph, node, demand.axis, axis_map)
         if isinstance(mapped, Blocked):
@@ -389,13 +416,17 @@ def _reshaping(axis_map) -> Rule:
 def _pooling(positive: bool) -> Rule:
     """Pools act per channel: they commute with A when A's axis is the channel axis; a max
     (``positive``) commutes with a positive scale only."""
+
     def check(graph, node, demand) -> Blocked | None:
-        if demand.axis is not None and \
-                demand.axis != formats.channel_axis(formats.data_format(node), demand.rank):
+        if demand.axis is not None and demand.axis != formats.channel_axis(
+            formats.data_format(node), demand.rank
+        ):
             return Blocked(node.name, "pools over the channel axis")
         if positive and not demand.positive:
-            return Blocked(node.name, "MaxPool needs every scale > 0 (a negative γ flips max; "
-                                      f"{demand.not_positive()})")
+            return Blocked(
+                node.name,
+                f"MaxPool needs every scale > 0 (a negative γ flips max; {demand.not_positive()})",
+            )
         return None
 
     return Rule(_checked(check, True), _checked(check, False))
@@ -431,8 +462,9 @@ def _mean_down(graph, node, reads, demand):
         return Blocked(node.name, "Mean reduces the channel axis")
     if keep:
         return Next(demand)
-    return Next(demand.with_axis(demand.axis - sum(a < demand.axis for a in axes),
-                                 demand.rank - len(axes)))
+    return Next(
+        demand.with_axis(demand.axis - sum(a < demand.axis for a in axes), demand.rank - len(axes))
+    )
 
 
 def homogeneous_check(graph, node, demand, what: str | None = None) -> Blocked | None:
@@ -455,8 +487,11 @@ def _sole_user(graph: Graph, node, ops: tuple[str, ...]):
     """The one consumer of ``node``'s output, if its op is one of ``ops`` and the output is not
     fetched; else None. A node that nothing reads any more (an A already replaced, waiting to be
     pruned) is no consumer."""
-    users = [u for u in graph.value_consumers(node.name)
-             if graph.value_consumers(u.name) or graph.is_fetched(u.name)]
+    users = [
+        u
+        for u in graph.value_consumers(node.name)
+        if graph.value_consumers(u.name) or graph.is_fetched(u.name)
+    ]
     if len(users) != 1 or graph.is_fetched(node.name) or users[0].op not in ops:
         return None
     return users[0]
@@ -473,9 +508,12 @@ def prelu_at(graph: Graph, tensor: str) -> tuple[list[str], NodeDef] | None:
     relu = _sole_user(graph, negate[0], _PRELU["relu"])
     scale = relu and _sole_user(graph, relu, _PRELU["scale"])
     total = scale and _sole_user(graph, scale, _PRELU["sum"])
-    if total is None or const_operand(graph, scale) is None or \
-            _sole_user(graph, positive[0], _PRELU["sum"]) is not total or \
-            graph.shape(total.name) != graph.shape(tensor):
+    if (
+        total is None
+        or const_operand(graph, scale) is None
+        or _sole_user(graph, positive[0], _PRELU["sum"]) is not total
+        or graph.shape(total.name) != graph.shape(tensor)
+    ):
         return None
     return [positive[0].name, negate[0].name, relu.name, scale.name, total.name], total
 
@@ -491,8 +529,9 @@ def _prelu_up(graph, node, demand) -> list[Step] | Blocked | None:
             found = prelu_at(graph, x)
             if found is not None and found[1] is node:
                 nodes = found[0]
-                return homogeneous_check(graph, node, demand, "PReLU") or \
-                    [Step(x, demand, readers=(nodes[0], nodes[1]))]
+                return homogeneous_check(graph, node, demand, "PReLU") or [
+                    Step(x, demand, readers=(nodes[0], nodes[1]))
+                ]
     return None
 
 
@@ -510,6 +549,7 @@ def _pad_check(graph, node, demand, value_check=lambda graph, node: None) -> Blo
 
 def _padding(value_check=lambda graph, node: None) -> Rule:
     """A zero ``Pad``: A passes when its shift is zero and the channel axis is not padded."""
+
     def check(graph, node, demand):
         return _pad_check(graph, node, demand, value_check)
 
@@ -529,8 +569,12 @@ def _add_up(graph, node, demand):
         return prelu
     inputs = graph.data_inputs(node)
     shapes = [graph.shape(t) for t in inputs]
-    if len(inputs) != 2 or shapes[0] is None or shapes[0] != shapes[1] or \
-            graph.shape(node.name) != shapes[0]:
+    if (
+        len(inputs) != 2
+        or shapes[0] is None
+        or shapes[0] != shapes[1]
+        or graph.shape(node.name) != shapes[0]
+    ):
         return Blocked(node.name, "Add broadcasts its operands")
     if inputs[0] == inputs[1]:
         return Blocked(node.name, "Add of a tensor with itself")
@@ -540,11 +584,15 @@ def _add_up(graph, node, demand):
 def _bias_up(graph, node, demand, sign: float):
     """``x ± b`` (``sign``) with b a per-channel constant: it takes the shift."""
     shift = recognise(graph, node)
-    if shift is None or shift.blocked or not np.all(shift.s == 1) or not \
-            (shift.axis is None or demand.axis is None or shift.axis == demand.axis):
+    if (
+        shift is None
+        or shift.blocked
+        or not np.all(shift.s == 1)
+        or not (shift.axis is None or demand.axis is None or shift.axis == demand.axis)
+    ):
         return Blocked(node.name, f"{node.op} is not a per-channel bias on A's axis")
     k = const_operand(graph, node)
-    assert k is not None                    # recognise found the constant operand
+    assert k is not None  # recognise found the constant operand
     x = graph.data_inputs(node)[1 - k]
     return [Step(x, demand.without_shift(), bias=node.name, taken=demand, bias_sign=sign)]
 
@@ -566,8 +614,9 @@ def _add_down(graph, node, reads, demand):
         return Blocked(node.name, "Add broadcasts its operands")
     magnitude = np.abs(demand.s)
     if np.any(magnitude < LEAF_EPS * magnitude.max()) or np.any(demand.s == 0):
-        return Blocked(node.name, "a scale is (near) zero: the other operand cannot be divided "
-                                  "by it")
+        return Blocked(
+            node.name, "a scale is (near) zero: the other operand cannot be divided by it"
+        )
     inverse = Demand(1 / demand.s, np.zeros_like(demand.t), demand.axis, demand.rank)
     return Next(demand, leaves=((inputs[1 - reads[0]], inverse),))
 
@@ -604,25 +653,30 @@ def _checked(check, forward: bool):
     """A rule that passes A through unchanged once ``check(graph, node, demand)`` allows it."""
     if forward:
         return lambda graph, node, d: check(graph, node, d) or _through(graph, node, d)
-    return lambda graph, node, reads, d: (_only_data(node, reads) or check(graph, node, d)
-                                          or Next(d))
+    return lambda graph, node, reads, d: _only_data(node, reads) or check(graph, node, d) or Next(d)
 
 
 def _refuse(reason: str) -> Rule:
-    return Rule(lambda graph, node, d: Blocked(node.name, reason),
-                lambda graph, node, reads, d: Blocked(node.name, reason))
+    return Rule(
+        lambda graph, node, d: Blocked(node.name, reason),
+        lambda graph, node, reads, d: Blocked(node.name, reason),
+    )
 
 
 def _call(node) -> Blocked:
-    return Blocked(node.name, f"a nested function call ({node.attr['f'].func.name}; Keras runs "
-                              "grouped convolutions and jit_compile layers this way) that "
-                              "graphfold could not inline, so the batch norm cannot reach the "
-                              "layer inside it (the report's notes say why)")
+    return Blocked(
+        node.name,
+        f"a nested function call ({node.attr['f'].func.name}; Keras runs "
+        "grouped convolutions and jit_compile layers this way) that "
+        "graphfold could not inline, so the batch norm cannot reach the "
+        "layer inside it (the report's notes say why)",
+    )
 
 
 _IDENTITY = Rule(_through, _through_down)
-_CAST = Rule(_checked(lambda g, n, d: _cast_check(n), True),
-             _checked(lambda g, n, d: _cast_check(n), False))
+_CAST = Rule(
+    _checked(lambda g, n, d: _cast_check(n), True), _checked(lambda g, n, d: _cast_check(n), False)
+)
 
 IDENTITIES = ("Identity", "Snapshot", "StopGradient")
 # a layer's own bias (a per-channel constant add), to which a shift folded backward is added
@@ -640,15 +694,19 @@ RULES: dict[str, Rule] = {
     "Squeeze": _reshaping(_squeeze_axis),
     "ExpandDims": _reshaping(_expand_axis),
     "Transpose": _reshaping(_transpose_axis),
-    "AvgPool": _pooling(positive=False), "AvgPool3D": _pooling(positive=False),
-    "MaxPool": _pooling(positive=True), "MaxPool3D": _pooling(positive=True),
+    "AvgPool": _pooling(positive=False),
+    "AvgPool3D": _pooling(positive=False),
+    "MaxPool": _pooling(positive=True),
+    "MaxPool3D": _pooling(positive=True),
     "Mean": Rule(_mean_up, _mean_down),
     "Relu": Rule(_checked(homogeneous_check, True), _checked(homogeneous_check, False)),
     "LeakyRelu": Rule(_checked(homogeneous_check, True), _checked(homogeneous_check, False)),
     "Pad": _padding(),
     "PadV2": _padding(_zero_pad_v2),
-    "Add": Rule(_add_up, _add_down), "AddV2": Rule(_add_up, _add_down),
-    "BiasAdd": _bias(1.0), "Sub": _bias(-1.0),
+    "Add": Rule(_add_up, _add_down),
+    "AddV2": Rule(_add_up, _add_down),
+    "BiasAdd": _bias(1.0),
+    "Sub": _bias(-1.0),
     "ConcatV2": Rule(_concat_up, _concat_down),
     "Placeholder": _refuse("graph input"),
     "StatefulPartitionedCall": Rule(lambda g, n, d: _call(n), lambda g, n, r, d: _call(n)),

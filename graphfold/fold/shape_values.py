@@ -16,7 +16,7 @@ import numpy as np
 
 from graphfold.fold.graph import SHAPE_ONLY_OPS, Graph
 
-Value: TypeAlias = "list[int | None] | int | None"   # a vector, a scalar, or unknown altogether
+Value: TypeAlias = "list[int | None] | int | None"  # a vector, a scalar, or unknown altogether
 MAX_DEPTH = 16
 
 
@@ -32,8 +32,11 @@ def shape_value(graph: Graph, tensor: str, depth: int = 0) -> Value:
     evaluate = _EVALUATORS.get(node.op)
     if evaluate is None or depth >= MAX_DEPTH:
         return None
-    operands = [shape_value(graph, t, depth + 1) for t in graph.data_inputs(node)[1:]] \
-        if node.op not in SHAPE_ONLY_OPS else []
+    operands = (
+        [shape_value(graph, t, depth + 1) for t in graph.data_inputs(node)[1:]]
+        if node.op not in SHAPE_ONLY_OPS
+        else []
+    )
     return evaluate(graph, node, depth, operands)
 
 
@@ -81,19 +84,21 @@ def _concat(graph, node, depth, operands):
 def _strided_slice(graph, node, depth, operands):
     """A 1-D slice ``x[begin:end:stride]`` (begin/end masks; a shrink to one element)."""
     values, (begin, end, strides) = _first(graph, node, depth), operands[:3]
-    attr = {k: node.attr[k].i for k in ("begin_mask", "end_mask", "ellipsis_mask",
-                                        "new_axis_mask", "shrink_axis_mask")}
-    if not isinstance(values, list) or not all(isinstance(v, list) and len(v) == 1 and
-                                               v[0] is not None for v in (begin, end, strides)):
+    attr = {
+        k: node.attr[k].i
+        for k in ("begin_mask", "end_mask", "ellipsis_mask", "new_axis_mask", "shrink_axis_mask")
+    }
+    if not isinstance(values, list) or not all(
+        isinstance(v, list) and len(v) == 1 and v[0] is not None for v in (begin, end, strides)
+    ):
         return None
     if attr["ellipsis_mask"] or attr["new_axis_mask"]:
         return None
     start = None if attr["begin_mask"] & 1 else begin[0]
     stop = None if attr["end_mask"] & 1 else end[0]
     if attr["shrink_axis_mask"] & 1:
-        return values[start] if start is not None and -len(values) <= start < len(values) \
-            else None
-    return values[start:stop:strides[0]]
+        return values[start] if start is not None and -len(values) <= start < len(values) else None
+    return values[start : stop : strides[0]]
 
 
 def _cast(graph, node, depth, operands):

@@ -24,8 +24,9 @@ def as_tuple(shape: tf.TensorShape) -> tuple | None:
     return None if shape.rank is None else tuple(shape.as_list())
 
 
-def infer_shapes(graph_def: graph_pb2.GraphDef,
-                 overrides: dict[str, tuple | None] | None = None) -> dict[str, tuple | None]:
+def infer_shapes(
+    graph_def: graph_pb2.GraphDef, overrides: dict[str, tuple | None] | None = None
+) -> dict[str, tuple | None]:
     """``{tensor: shape}`` for every tensor of ``graph_def`` (a tuple with None for an unknown
     dimension; None for an unknown rank). ``overrides`` gives the shapes of some tensors: those
     of placeholders (one of unknown shape, say) and calls are fed in their place, the others
@@ -42,8 +43,11 @@ def infer_shapes(graph_def: graph_pb2.GraphDef,
             outputs = _call_output_shapes(node, library, shapes)
             for i, shape in enumerate(outputs or []):
                 tensor = canonical(f"{name}:{i}")
-                if shape is not None and _more_known(shape, shapes.get(tensor)) and \
-                        tensor not in known:
+                if (
+                    shape is not None
+                    and _more_known(shape, shapes.get(tensor))
+                    and tensor not in known
+                ):
                     known[tensor] = shape
                     learned = True
         if not learned:
@@ -65,8 +69,9 @@ def _import_shapes(graph_def, known: dict[str, tuple | None]) -> dict[str, tuple
         input_map = {}
         for tensor, shape in known.items():
             if tensor in dtypes:
-                input_map[tensor if ":" in tensor else tensor + ":0"] = \
-                    tf.compat.v1.placeholder(dtypes[tensor], shape)
+                input_map[tensor if ":" in tensor else tensor + ":0"] = tf.compat.v1.placeholder(
+                    dtypes[tensor], shape
+                )
         tf.graph_util.import_graph_def(graph_def, input_map=input_map, name="graphfold_shapes")
         prefix = "graphfold_shapes/"
         shapes = {}
@@ -74,7 +79,7 @@ def _import_shapes(graph_def, known: dict[str, tuple | None]) -> dict[str, tuple
             if not op.name.startswith(prefix):
                 continue
             for i, out in enumerate(op.outputs):
-                shapes[canonical(f"{op.name[len(prefix):]}:{i}")] = as_tuple(out.shape)
+                shapes[canonical(f"{op.name[len(prefix) :]}:{i}")] = as_tuple(out.shape)
     return shapes
 
 

@@ -30,27 +30,27 @@ import tensorflow as tf
 from graphfold.fold import formats
 from graphfold.fold.graph import Graph
 
-Match = tuple[str, ...]        # the names of the nodes of one occurrence
+Match = tuple[str, ...]  # the names of the nodes of one occurrence
 
 
 @dataclasses.dataclass(frozen=True)
 class Quirk:
     name: str
-    known_on: tuple[str, ...]               # TensorFlow releases seen to miscompute it ("2.21")
-    pattern: str                            # what the graph holds
-    bug: str                                # what TensorFlow does with it
-    workaround: str                         # what the rewrite emits instead
-    find: Callable[[Graph], list[Match]]     # every occurrence in a graph
+    known_on: tuple[str, ...]  # TensorFlow releases seen to miscompute it ("2.21")
+    pattern: str  # what the graph holds
+    bug: str  # what TensorFlow does with it
+    workaround: str  # what the rewrite emits instead
+    find: Callable[[Graph], list[Match]]  # every occurrence in a graph
     fix: Callable[[Graph, Match], str | None]  # rewrites one occurrence; None, or why it cannot
-    reproduce: Callable[[str], float]        # pure TF, per op: rel. error of tf.function vs eager
-    ops: tuple[str, ...]                     # the ops ``reproduce`` takes (each miscomputed)
+    reproduce: Callable[[str], float]  # pure TF, per op: rel. error of tf.function vs eager
+    ops: tuple[str, ...]  # the ops ``reproduce`` takes (each miscomputed)
 
 
 # ---- Conv2D/Conv3D -> BiasAdd -> Add -> LeakyRelu ---------------------------------------------
 
 _FUSED_LINEAR = ("Conv2D", "Conv3D")
 _ADDS = ("Add", "AddV2")
-_FUSED_ALPHA = 0.2          # what the fused kernel uses, whatever the LeakyRelu's alpha
+_FUSED_ALPHA = 0.2  # what the fused kernel uses, whatever the LeakyRelu's alpha
 
 
 def _find_leaky_relu_fusion(graph: Graph) -> list[Match]:
@@ -88,8 +88,9 @@ def _bias_as_add(graph: Graph, match: Match) -> str | None:
         value = graph.const(b)
         if value is None:
             return f"{bias_add.name}: its channels-first bias is not a constant"
-        b = graph.add_const(f"{bias_add.name}/graphfold_bias",
-                            value.reshape([-1] + [1] * (rank - 2)), dtype)
+        b = graph.add_const(
+            f"{bias_add.name}/graphfold_bias", value.reshape([-1] + [1] * (rank - 2)), dtype
+        )
     graph.become(bias_add, "AddV2", [y, b], dtype)
     return None
 
@@ -103,8 +104,10 @@ def _leaky_relu_reproduction(op: str) -> float:
     sc = tf.constant(rng.normal(size=(2, *spatial, 16)), tf.float32)
     w = tf.constant(rng.normal(size=(*[1] * len(spatial), 16, 16)) / 4, tf.float32)
     b = tf.constant(rng.normal(size=16), tf.float32)
-    conv = {"Conv2D": lambda v: tf.nn.conv2d(v, w, 1, "VALID"),
-            "Conv3D": lambda v: tf.nn.conv3d(v, w, [1] * 5, "VALID")}[op]
+    conv = {
+        "Conv2D": lambda v: tf.nn.conv2d(v, w, 1, "VALID"),
+        "Conv3D": lambda v: tf.nn.conv3d(v, w, [1] * 5, "VALID"),
+    }[op]
 
     def body(v, s):
         return tf.nn.leaky_relu(tf.nn.bias_add(conv(v), b) + s, alpha=0.01)
@@ -133,6 +136,7 @@ QUIRKS = (LEAKY_RELU_FUSION,)
 
 # ---- the pass ---------------------------------------------------------------------------------
 
+
 def snapshot(graph: Graph) -> dict[str, set[Match]]:
     """Every quirk's occurrences in ``graph`` (before the fold)."""
     return {quirk.name: set(quirk.find(graph)) for quirk in QUIRKS}
@@ -152,15 +156,20 @@ def avoid(graph: Graph, before: dict[str, set[Match]]) -> list[str]:
             (failed.append(why) if why else fixed.append(match[-1]))
         known = f"on TensorFlow {', '.join(quirk.known_on)}"
         if fixed:
-            notes.append(f"{quirk.pattern} made by the fold at {_names(fixed)}: "
-                         f"{quirk.workaround} ({quirk.bug} {known})")
+            notes.append(
+                f"{quirk.pattern} made by the fold at {_names(fixed)}: "
+                f"{quirk.workaround} ({quirk.bug} {known})"
+            )
         if kept:
-            notes.append(f"{quirk.pattern} already in the original at {_names(kept)}, left as "
-                         f"it is: {quirk.bug} {known}, the original's too, and the result "
-                         f"computes what the original computes")
+            notes.append(
+                f"{quirk.pattern} already in the original at {_names(kept)}, left as "
+                f"it is: {quirk.bug} {known}, the original's too, and the result "
+                f"computes what the original computes"
+            )
         for why in failed:
-            notes.append(f"{quirk.pattern} made by the fold NOT avoided: {why} ({quirk.bug} "
-                         f"{known})")
+            notes.append(
+                f"{quirk.pattern} made by the fold NOT avoided: {why} ({quirk.bug} {known})"
+            )
     return notes
 
 

@@ -17,7 +17,7 @@ from tensorflow.core.framework import graph_pb2, tensor_pb2
 
 from graphfold.tf_private import variable_buffer
 
-THRESHOLD = 1024      # bytes: smaller constants (shapes, axes, scalars) stay in the GraphDef
+THRESHOLD = 1024  # bytes: smaller constants (shapes, axes, scalars) stay in the GraphDef
 
 
 # Dtypes that ``tf.make_tensor_proto`` writes as raw ``tensor_content`` (when there is more than
@@ -29,8 +29,12 @@ _RAW_DTYPES = frozenset({tf.float32, tf.float64, tf.int32, tf.int64})
 
 def fill_tensor(tensor: tensor_pb2.TensorProto, array: np.ndarray, dtype: tf.DType) -> None:
     """Makes ``tensor`` what ``tf.make_tensor_proto(array, dtype=dtype)`` returns."""
-    if (dtype in _RAW_DTYPES and array.size > 1 and array.dtype == dtype.as_numpy_dtype
-            and array.dtype.isnative):
+    if (
+        dtype in _RAW_DTYPES
+        and array.size > 1
+        and array.dtype == dtype.as_numpy_dtype
+        and array.dtype.isnative
+    ):
         tensor.Clear()
         tensor.dtype = dtype.as_datatype_enum
         for size in array.shape:
@@ -113,8 +117,9 @@ class Weights:
         for node in full.node:
             array = self._arrays.get(node.name)
             if array is not None and node.op == "Const":
-                fill_tensor(node.attr["value"].tensor, np.ascontiguousarray(array),
-                            tf.as_dtype(array.dtype))
+                fill_tensor(
+                    node.attr["value"].tensor, np.ascontiguousarray(array), tf.as_dtype(array.dtype)
+                )
         return full
 
 

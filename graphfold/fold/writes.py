@@ -25,8 +25,7 @@ from graphfold.fold.rules import LAYER_BIAS_OPS, RULES, Demand, const_operand
 
 # The largest magnitude each dtype holds: a folded value (computed in float64) past it would be
 # cast to inf.
-_LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38,
-           tf.float32: float(np.finfo(np.float32).max)}
+_LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38, tf.float32: float(np.finfo(np.float32).max)}
 
 
 # ---- writes: what a fold changes, as values ------------------------------------------------------
@@ -34,6 +33,7 @@ _LIMITS = {tf.float16: 65504.0, tf.bfloat16: 3.38e38,
 class SetConst:
     """Input ``index`` of ``node`` becomes a constant holding ``value`` (the constant ``const`` is
     overwritten when ``node`` is its only reader, else a clone is made)."""
+
     node: NodeDef
     index: int
     const: str
@@ -44,6 +44,7 @@ class SetConst:
 class NewBias:
     """A bias holding ``value`` is inserted after the layer ``site.layer`` (of ``site.node``'s
     dtype and data format)."""
+
     site: Site
     value: np.ndarray
 
@@ -51,6 +52,7 @@ class NewBias:
 @dataclasses.dataclass(frozen=True)
 class KeepShift:
     """A stays as one add where it was: its input + ``value`` (a partial fold)."""
+
     value: np.ndarray
 
 
@@ -78,8 +80,7 @@ def check_range(values: np.ndarray, dtype: tf.DType, layer: str, what: str) -> B
     return Blocked(layer, f"folded {what} overflows {dtype.name}")
 
 
-def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType,
-            layer: str) -> np.ndarray | Blocked:
+def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType, layer: str) -> np.ndarray | Blocked:
     """``W · F`` (F broadcast), each product in float64, as ``dtype``; Blocked if one is not
     finite or past ``dtype``'s range. A float32 or float64 W is multiplied straight into a new
     array of its dtype (NumPy's float64 loop, cast on output: the same values, no float64 copy
@@ -90,7 +91,7 @@ def _scaled(w: np.ndarray, factor: np.ndarray, dtype: tf.DType,
             np.multiply(w, factor, out=out, casting="unsafe")
         if math.isfinite(_largest(out)):
             return out
-    values = w * factor                            # float64: says what is wrong, or is right
+    values = w * factor  # float64: says what is wrong, or is right
     return check_range(values, dtype, layer, "weight") or values
 
 
@@ -116,12 +117,13 @@ def _weight_dtype(graph: Graph, const: str) -> tf.DType:
     return tf.as_dtype(graph.nodes[const].attr["dtype"].type)
 
 
-def _weight_write(graph: Graph, where: Site,
-                  factor: np.ndarray) -> tuple[SetConst, tf.DType] | Blocked:
+def _weight_write(
+    graph: Graph, where: Site, factor: np.ndarray
+) -> tuple[SetConst, tf.DType] | Blocked:
     """``W ← W · F`` (F broadcast) as a write, with the weight's dtype."""
     layer = where.layer
     const = weight_const(graph, layer, where.weight_index)
-    if isinstance(const, Blocked):          # plan.site checked it: never
+    if isinstance(const, Blocked):  # plan.site checked it: never
         return const
     dtype = _weight_dtype(graph, const)
     new_w = _scaled(where.w, factor, dtype, layer.name)
@@ -140,8 +142,9 @@ def _sink_writes(graph: Graph, sink: Sink) -> list[Write] | Blocked:
     writes: list[Write] = [weight[0]]
     dtype = weight[1]
     if sink.response is not None:
-        blocked = check_range(sink.response, dtype, layer.name, "bias") or \
-            linear.refuse_bias(where.node)
+        blocked = check_range(sink.response, dtype, layer.name, "bias") or linear.refuse_bias(
+            where.node
+        )
         if blocked:
             return blocked
         writes.append(_into_bias(graph, where, sink.response))
@@ -166,8 +169,7 @@ def _root_writes(graph: Graph, root: Root) -> list[Write] | Blocked:
             return blocked
         writes.append(SetConst(bias_node, k, bias_const, new_b))
     if np.any(root.t != 0):
-        blocked = check_range(root.t, dtype, layer.name, "bias") or \
-            linear.refuse_bias(where.node)
+        blocked = check_range(root.t, dtype, layer.name, "bias") or linear.refuse_bias(where.node)
         if blocked:
             return blocked
         writes.append(NewBias(where, root.t))
@@ -178,15 +180,14 @@ def _bias(graph: Graph, name: str) -> tuple[NodeDef, int, str, np.ndarray]:
     """A bias node, the index of its constant operand, that constant's name and value."""
     node = graph.nodes[name]
     k = const_operand(graph, node)
-    assert k is not None                    # the plan recognised it as a constant bias
+    assert k is not None  # the plan recognised it as a constant bias
     const = graph.producer(graph.data_inputs(node)[k]).name
     value = graph.const(const)
     assert value is not None
     return node, k, const, value.astype(np.float64)
 
 
-def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None,
-                    rank: int) -> np.ndarray:
+def _channel_values(b: np.ndarray, s: np.ndarray, shift, axis: int | None, rank: int) -> np.ndarray:
     """``s ⊙ b + shift`` shaped to broadcast along channel ``axis`` of a rank-``rank`` tensor
     (keeping b's own shape when b already has one value per channel)."""
     values = b.reshape(-1) * s + shift
@@ -226,8 +227,11 @@ def own_bias(graph: Graph, where: Site, delta: np.ndarray):
         user, inputs = users[0], graph.data_inputs(users[0])
         reads = [i for i, t in enumerate(inputs) if canonical(t) == tensor]
         if user.op in LAYER_BIAS_OPS:
-            constant = len(inputs) == 2 and len(reads) == 1 and \
-                graph.const(inputs[1 - reads[0]]) is not None
+            constant = (
+                len(inputs) == 2
+                and len(reads) == 1
+                and graph.const(inputs[1 - reads[0]]) is not None
+            )
             return _bias_sum(graph, user, demand) if constant else None
         rule = RULES.get(user.op)
         after = rule.backward(graph, user, reads, demand) if rule and rule.backward else None
@@ -241,8 +245,13 @@ def _bias_sum(graph: Graph, node, demand: Demand):
     """``node``'s constant, plus the shift of ``demand``, when it is a per-channel bias on the
     same axis with as many channels."""
     shift = recognise(graph, node)
-    if shift is None or shift.blocked or not np.all(shift.s == 1) or \
-            shift.axis not in (demand.axis,) or shift.t.size != demand.t.size:
+    if (
+        shift is None
+        or shift.blocked
+        or not np.all(shift.s == 1)
+        or shift.axis not in (demand.axis,)
+        or shift.t.size != demand.t.size
+    ):
         return None
     k, const, b = _bias(graph, node.name)[1:]
     return node, k, const, (b.reshape(-1) + demand.t).reshape(b.shape)

@@ -16,11 +16,16 @@ from __future__ import annotations
 import os
 import shutil
 
-REWRITTEN = ("saved_model.pb", "saved_model.pbtxt", "saved_model.cpb", "variables",
-             "fingerprint.pb")
+REWRITTEN = (
+    "saved_model.pb",
+    "saved_model.pbtxt",
+    "saved_model.cpb",
+    "variables",
+    "fingerprint.pb",
+)
 DESCRIBES_SRC_GRAPH = {
     "keras_metadata.pb": "it describes the Keras layers of SRC's object graph, which DST does "
-                         "not have (tf_keras.models.load_model would fail on DST with it)",
+    "not have (tf_keras.models.load_model would fail on DST with it)",
 }
 
 
@@ -38,15 +43,21 @@ def untouched_paths(src: str) -> list[str]:
                 paths.append(rel)
         paths.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files))
         # os.walk does not enter a symbolic link to a folder: it is copied whole, as a folder
-        paths.extend(os.path.normpath(os.path.join(rel, d)) for d in dirs
-                     if os.path.islink(os.path.join(directory, d)))
+        paths.extend(
+            os.path.normpath(os.path.join(rel, d))
+            for d in dirs
+            if os.path.islink(os.path.join(directory, d))
+        )
     return paths
 
 
 def left_out(src: str) -> dict[str, str]:
     """Top-level files of ``src`` that are not copied (``DESCRIBES_SRC_GRAPH``) -> why."""
-    return {name: why for name, why in DESCRIBES_SRC_GRAPH.items()
-            if os.path.isfile(os.path.join(src, name))}
+    return {
+        name: why
+        for name, why in DESCRIBES_SRC_GRAPH.items()
+        if os.path.isfile(os.path.join(src, name))
+    }
 
 
 def copy_untouched(src: str, dst: str) -> list[str]:

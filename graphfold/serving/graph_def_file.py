@@ -35,11 +35,23 @@ from graphfold.progress import Note, SignatureChecked, StageStarted, silent
 from graphfold.serving.checking import fix_hint
 from graphfold.serving.result import SavedModelResult
 
-KEY = "graph"                     # the one "signature" of a GraphDef file, in the report
+KEY = "graph"  # the one "signature" of a GraphDef file, in the report
 EXTENSIONS = (".pb", ".pbtxt", ".graphdef")
 # Ops that produce nothing worth fetching: never inferred as outputs.
-_NOT_OUTPUTS = frozenset({"NoOp", "Const", "Placeholder", "PlaceholderWithDefault", "Assert",
-                          "SaveV2", "RestoreV2", "Print", "PrintV2", "VarHandleOp"})
+_NOT_OUTPUTS = frozenset(
+    {
+        "NoOp",
+        "Const",
+        "Placeholder",
+        "PlaceholderWithDefault",
+        "Assert",
+        "SaveV2",
+        "RestoreV2",
+        "Print",
+        "PrintV2",
+        "VarHandleOp",
+    }
+)
 
 
 def is_graph_def_file(path: str) -> bool:
@@ -68,8 +80,9 @@ def read_graph_def(path: str) -> graph_pb2.GraphDef:
     return graph_def
 
 
-def io_names(graph_def, inputs: Sequence[str] | None,
-             outputs: Sequence[str] | None) -> tuple[list[str], list[str], list[str]]:
+def io_names(
+    graph_def, inputs: Sequence[str] | None, outputs: Sequence[str] | None
+) -> tuple[list[str], list[str], list[str]]:
     """``(inputs, outputs, notes)``: the names given, checked, or inferred (placeholders; nodes
     whose outputs nobody reads), with a note saying what was inferred."""
     nodes = {n.name: n for n in graph_def.node}
@@ -79,12 +92,12 @@ def io_names(graph_def, inputs: Sequence[str] | None,
         notes.append(f"inputs inferred (the placeholders): {', '.join(inputs) or 'none'}")
     if not outputs:
         read = {split_tensor(t.lstrip("^"))[0] for n in graph_def.node for t in n.input}
-        outputs = [n.name for n in graph_def.node
-                   if n.name not in read and n.op not in _NOT_OUTPUTS]
+        outputs = [
+            n.name for n in graph_def.node if n.name not in read and n.op not in _NOT_OUTPUTS
+        ]
         notes.append(f"outputs inferred (nodes nobody reads): {', '.join(outputs) or 'none'}")
         if not outputs:
-            raise BadInput(f"no output could be inferred: name them with "
-                           f"{spelled('output_names')}")
+            raise BadInput(f"no output could be inferred: name them with {spelled('output_names')}")
     for tensor in inputs:
         node = nodes.get(split_tensor(tensor)[0])
         if node is None:
@@ -112,8 +125,9 @@ def input_specs(graph_def, inputs: list[str]) -> dict[str, tf.TensorSpec]:
     for tensor in inputs:
         node = nodes[split_tensor(tensor)[0]]
         shape = tf.TensorShape(node.attr["shape"].shape) if "shape" in node.attr else None
-        specs[input_key(tensor)] = tf.TensorSpec(shape, tf.as_dtype(node.attr["dtype"].type),
-                                                 name=input_key(tensor))
+        specs[input_key(tensor)] = tf.TensorSpec(
+            shape, tf.as_dtype(node.attr["dtype"].type), name=input_key(tensor)
+        )
     return specs
 
 
@@ -121,6 +135,7 @@ def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
     """A ConcreteFunction taking the placeholders by keyword (``input_key``) and returning
     ``{output: tensor}``, like a SavedModel signature (for verification)."""
     from graphfold.convert.function import import_graph
+
     pruned = import_graph(graph_def, inputs, outputs)
     specs = input_specs(graph_def, inputs)
 
@@ -128,9 +143,11 @@ def callable_graph(graph_def, inputs: list[str], outputs: list[str]):
         return dict(zip(outputs, pruned(*args)))
 
     call.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD) for key in specs])
-    return tf.function(call, input_signature=list(specs.values()),
-                       autograph=False).get_concrete_function()
+        [inspect.Parameter(key, inspect.Parameter.POSITIONAL_OR_KEYWORD) for key in specs]
+    )
+    return tf.function(
+        call, input_signature=list(specs.values()), autograph=False
+    ).get_concrete_function()
 
 
 def write_graph_def(graph_def, path: str) -> None:
@@ -138,8 +155,11 @@ def write_graph_def(graph_def, path: str) -> None:
     rename: a reader never sees half a file."""
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.graphfold-tmp")
-    data = text_format.MessageToString(graph_def).encode() if path.endswith(".pbtxt") else \
-        graph_def.SerializeToString()
+    data = (
+        text_format.MessageToString(graph_def).encode()
+        if path.endswith(".pbtxt")
+        else graph_def.SerializeToString()
+    )
     try:
         with open(temporary, "wb") as f:
             f.write(data)
@@ -164,11 +184,12 @@ def _check_destination(src: str, dst: str, overwrite: bool) -> None:
 @dataclasses.dataclass
 class Rewritten:
     """What reading and folding a GraphDef file found."""
+
     original: graph_pb2.GraphDef
     optimized: graph_pb2.GraphDef
     inputs: list[str]
     outputs: list[str]
-    result: SavedModelResult        # the report under ``KEY``, the notes, the scan, the seconds
+    result: SavedModelResult  # the report under ``KEY``, the notes, the scan, the seconds
     scan: scan_.Scan
 
 
@@ -184,21 +205,29 @@ def _rewrite(src: str, dst: str | None, options: Options, progress) -> Rewritten
     clock = time.perf_counter()
     progress(StageStarted("fold", f"{len(graph_def.node)} nodes", verb="folding"))
     try:
-        optimized, report = optimize_graph_def(graph_def, inputs, outputs,
-                                               partial=options.partial)
+        optimized, report = optimize_graph_def(graph_def, inputs, outputs, partial=options.partial)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
     seconds["rewrite"] = time.perf_counter() - clock
     scan = scan_.Scan({KEY: scan_.scan_graph_def(graph_def, outputs)})
-    result = SavedModelResult(src, dst, (), reports={KEY: report}, same_as={KEY: KEY},
-                              notes=list(notes), seconds=seconds, all_signatures=[KEY],
-                              scan=scan)
+    result = SavedModelResult(
+        src,
+        dst,
+        (),
+        reports={KEY: report},
+        same_as={KEY: KEY},
+        notes=list(notes),
+        seconds=seconds,
+        all_signatures=[KEY],
+        scan=scan,
+    )
     progress(Note(f"  {report.summary()}"))
     return Rewritten(graph_def, optimized, inputs, outputs, result, scan)
 
 
-def inspect_graph_def_file(src, *, options: Options | None = None, progress=None,
-                           **option_kwargs) -> SavedModelResult:
+def inspect_graph_def_file(
+    src, *, options: Options | None = None, progress=None, **option_kwargs
+) -> SavedModelResult:
     """The fold report of the GraphDef file ``src``; nothing is written. ``options`` (or the
     same as keyword arguments): ``input_names``, ``output_names``, ``partial``. ``progress``:
     called with each progress event (``graphfold.progress``)."""
@@ -207,9 +236,16 @@ def inspect_graph_def_file(src, *, options: Options | None = None, progress=None
     return _rewrite(os.fspath(src), None, options, progress or silent).result
 
 
-def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=None,
-                            overwrite: bool = False, progress=None,
-                            **option_kwargs) -> SavedModelResult:
+def optimize_graph_def_file(
+    src,
+    dst,
+    *,
+    options: Options | None = None,
+    inputs=None,
+    overwrite: bool = False,
+    progress=None,
+    **option_kwargs,
+) -> SavedModelResult:
     """Folds the GraphDef file ``src`` into ``dst`` (``.pbtxt``: text), verified first on
     ``inputs`` (``{input_key: array}``) or on random inputs, then written with a rename.
 
@@ -225,8 +261,9 @@ def optimize_graph_def_file(src, dst, *, options: Options | None = None, inputs=
     options = Options.of(options, **option_kwargs)
     GRAPH_DEF_FILE.refuse_unsupported(options.given())
     if inputs and not options.verify:
-        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
-                        "verification)")
+        raise BadOption(
+            "verify", False, "cannot be combined with inputs (they are for the verification)"
+        )
     _check_destination(src, dst, overwrite)
     rewritten = _rewrite(src, dst, options, progress)
     result = rewritten.result
@@ -242,18 +279,28 @@ def _checked(rewritten: Rewritten, options: Options, inputs, progress) -> None:
     """The verify stage of a GraphDef file (its check in the result), and its policy:
     ``VerificationFailed``."""
     held = scan_.gate([rewritten.scan], [KEY], options.allow_ops, options.tolerance)[1]
-    check = held.get(KEY) or _verify(rewritten.original, rewritten.optimized, rewritten.inputs,
-                                     rewritten.outputs, options, inputs, progress)
+    check = held.get(KEY) or _verify(
+        rewritten.original,
+        rewritten.optimized,
+        rewritten.inputs,
+        rewritten.outputs,
+        options,
+        inputs,
+        progress,
+    )
     if held:
         progress(SignatureChecked(check))
     rewritten.result.verification[KEY] = check
     if not check.ok:
-        raise VerificationFailed(f"verification failed: {check.reason}; nothing was "
-                                 f"written", rewritten.result)
+        raise VerificationFailed(
+            f"verification failed: {check.reason}; nothing was written", rewritten.result
+        )
     if check.status in ("skipped", "inconclusive") and options.require_verification:
-        raise VerificationFailed(f"{spelled('require_verification')}: the graph is NOT "
-                                 f"VERIFIED ({check.reason}); nothing was written",
-                                 rewritten.result)
+        raise VerificationFailed(
+            f"{spelled('require_verification')}: the graph is NOT "
+            f"VERIFIED ({check.reason}); nothing was written",
+            rewritten.result,
+        )
 
 
 def _verify(original, optimized, names, outputs, options, inputs, progress):
@@ -264,12 +311,23 @@ def _verify(original, optimized, names, outputs, options, inputs, progress):
     specs = input_specs(original, names)
     shapes = check_shapes(options.shapes(), {KEY: specs}).get(KEY, {})
     given = [check_feeds(KEY, specs, inputs)] if inputs else None
-    progress(StageStarted("verify", f"on {'the given' if given else 'random'} inputs "
-                                    f"({tolerance_words(options.tolerance)})"))
-    check = verify_functions(KEY, callable_graph(original, names, outputs),
-                             callable_graph(optimized, names, outputs),
-                             tolerance=options.tolerance, batch=options.batch, feeds=given,
-                             source=spelled("inputs") if given else None, shapes=shapes)
+    progress(
+        StageStarted(
+            "verify",
+            f"on {'the given' if given else 'random'} inputs "
+            f"({tolerance_words(options.tolerance)})",
+        )
+    )
+    check = verify_functions(
+        KEY,
+        callable_graph(original, names, outputs),
+        callable_graph(optimized, names, outputs),
+        tolerance=options.tolerance,
+        batch=options.batch,
+        feeds=given,
+        source=spelled("inputs") if given else None,
+        shapes=shapes,
+    )
     if check.status == "skipped":
         check.reason = f"{check.reason}; {fix_hint()}"
     check.seconds = time.perf_counter() - clock

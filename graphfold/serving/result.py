@@ -31,6 +31,7 @@ class SavedModelResult:
     "variables", as written. ``scan``: ops reaching outside the graph (``graphfold.convert.scan``).
     ``written``: whether ``dst`` now holds the result.
     """
+
     src: str
     dst: str | None
     tags: tuple[str, ...]
@@ -121,9 +122,17 @@ class SavedModelResult:
                 "report": report.to_dict(),
                 "verification": check.to_dict() if check else None,
             }
-        return {"src": self.src, "dst": self.dst, "tag_set": list(self.tags),
-                "written": self.written, "all_signatures": list(self.all_signatures),
-                "not_verified": self.not_verified, "inconclusive": self.inconclusive,
-                "signatures": signatures, "notes": list(self.notes), "weights": self.weights,
-                "outside_ops": self.scan.to_dict() if self.scan else None,
-                "seconds": dict(self.seconds)}
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "tag_set": list(self.tags),
+            "written": self.written,
+            "all_signatures": list(self.all_signatures),
+            "not_verified": self.not_verified,
+            "inconclusive": self.inconclusive,
+            "signatures": signatures,
+            "notes": list(self.notes),
+            "weights": self.weights,
+            "outside_ops": self.scan.to_dict() if self.scan else None,
+            "seconds": dict(self.seconds),
+        }

@@ -70,19 +70,25 @@ from graphfold.serving.staging import prefix as staging_prefix
 from graphfold.serving.staging import remove_stale, signals_deferred
 
 INTERNAL_SIGNATURES = ("__saved_model_init_op", "__saved_model_train_op")
-BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
-                  "BatchNormWithGlobalNormalization")
+BATCH_NORM_OPS = (
+    "FusedBatchNorm",
+    "FusedBatchNormV2",
+    "FusedBatchNormV3",
+    "BatchNormWithGlobalNormalization",
+)
 
 
 # ---- reading and checking the source ---------------------------------------------------------
+
 
 def read_saved_model(src: str) -> saved_model_pb2.SavedModel:
     """The parsed ``saved_model.pb`` (or ``.pbtxt``) of ``src``, or a clear ``BadInput``."""
     if not os.path.exists(src):
         raise BadInput(f"{src}: no such file or directory")
     if not os.path.isdir(src):
-        raise BadInput(f"{src}: not a directory (a SavedModel is a directory holding "
-                       f"saved_model.pb)")
+        raise BadInput(
+            f"{src}: not a directory (a SavedModel is a directory holding saved_model.pb)"
+        )
     pb, pbtxt = os.path.join(src, "saved_model.pb"), os.path.join(src, "saved_model.pbtxt")
     proto = saved_model_pb2.SavedModel()
     if os.path.isfile(pb):
@@ -91,8 +97,9 @@ def read_saved_model(src: str) -> saved_model_pb2.SavedModel:
                 data = f.read()
             proto.ParseFromString(data)
         except (pb_message.DecodeError, RuntimeWarning, ValueError) as exc:
-            raise BadInput(f"{pb}: not a valid SavedModel protobuf (truncated or corrupt: "
-                           f"{exc})") from None
+            raise BadInput(
+                f"{pb}: not a valid SavedModel protobuf (truncated or corrupt: {exc})"
+            ) from None
         except OSError as exc:
             raise BadInput(f"{pb}: cannot read it ({exc.strerror or exc})") from None
     elif os.path.isfile(pbtxt):
@@ -115,8 +122,9 @@ def meta_graph_for(proto: saved_model_pb2.SavedModel, src: str, tags: Iterable[s
         if set(mg.meta_info_def.tags) == wanted:
             return mg
     shown = "; ".join(",".join(t) for t in available) or "(none)"
-    raise BadInput(f"{src}: no MetaGraph with tag-set '{','.join(sorted(wanted))}' "
-                   f"(available: {shown})")
+    raise BadInput(
+        f"{src}: no MetaGraph with tag-set '{','.join(sorted(wanted))}' (available: {shown})"
+    )
 
 
 def signature_keys(meta_graph) -> list[str]:
@@ -125,8 +133,10 @@ def signature_keys(meta_graph) -> list[str]:
 
 def select(available: list[str], requested: Iterable[str] | None, src: str) -> list[str]:
     if not available:
-        raise BadInput(f"{src}: the SavedModel has no signatures (save it with "
-                       f"tf.saved_model.save(obj, path, signatures=...) or model.export(path))")
+        raise BadInput(
+            f"{src}: the SavedModel has no signatures (save it with "
+            f"tf.saved_model.save(obj, path, signatures=...) or model.export(path))"
+        )
     if requested is None:
         return sorted(available)
     if isinstance(requested, str):
@@ -136,8 +146,10 @@ def select(available: list[str], requested: Iterable[str] | None, src: str) -> l
         raise BadInput("no signature requested")
     unknown = [k for k in requested if k not in available]
     if unknown:
-        raise BadInput(f"{src}: unknown signature key {', '.join(map(repr, unknown))} "
-                       f"(available: {', '.join(sorted(available))})")
+        raise BadInput(
+            f"{src}: unknown signature key {', '.join(map(repr, unknown))} "
+            f"(available: {', '.join(sorted(available))})"
+        )
     return requested
 
 
@@ -145,8 +157,9 @@ def load(src: str, tags: Iterable[str]):
     try:
         return tf.saved_model.load(src, tags=list(tags))
     except Exception as exc:  # noqa: BLE001 - TF raises many types here; all mean a bad SavedModel
-        raise BadInput(f"{src}: TensorFlow cannot load this SavedModel: {_first_line(exc)}") \
-            from None
+        raise BadInput(
+            f"{src}: TensorFlow cannot load this SavedModel: {_first_line(exc)}"
+        ) from None
 
 
 def release_unread_variables(loaded) -> list[str]:
@@ -158,20 +171,24 @@ def release_unread_variables(loaded) -> list[str]:
     functions = list(loaded.signatures.values())
     for value in vars(loaded).values():
         if isinstance(value, tf.types.experimental.PolymorphicFunction):
-            if not hasattr(value, "concrete_functions"):    # what it reads is unknown
+            if not hasattr(value, "concrete_functions"):  # what it reads is unknown
                 return []
             functions.extend(value.concrete_functions)
     read = {id(v) for fn in functions for v in fn.variables}
     dropped = []
     for name, value in list(vars(loaded).items()):
-        if isinstance(value, (list, tuple)) and value and \
-                all(isinstance(v, tf.Variable) and id(v) not in read for v in value):
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, tf.Variable) and id(v) not in read for v in value)
+        ):
             delattr(loaded, name)
             dropped.append(name)
     return dropped
 
 
 # ---- rewriting ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Folded:
@@ -180,6 +197,7 @@ class Folded:
     (``same_functions``); and what to save: key -> function, the variables they capture (the
     folded weights as variables), key -> the ``Weights`` of its marked constants (filled into
     the saved model by ``saved_weights.fill``)."""
+
     reports: dict[str, FoldReport]
     unchanged: dict[str, str]
     same_as: dict[str, str]
@@ -188,8 +206,14 @@ class Folded:
     deferred: dict = dataclasses.field(default_factory=dict)
 
 
-def rewrite_signatures(loaded, keys: list[str], progress: Progress, weights: str = "constants",
-                       bind: bool = True, partial: bool = True) -> Folded:
+def rewrite_signatures(
+    loaded,
+    keys: list[str],
+    progress: Progress,
+    weights: str = "constants",
+    bind: bool = True,
+    partial: bool = True,
+) -> Folded:
     """Freezes and folds every signature in ``keys`` (``weights``: how the folded functions
     hold theirs: "constants", marked constants filled once saved, or "variables"). Signatures
     that are one function (Keras' ``serve`` and ``serving_default``) are folded once and share
@@ -202,7 +226,7 @@ def rewrite_signatures(loaded, keys: list[str], progress: Progress, weights: str
             found.reports[key] = found.reports[first]
             if first in found.unchanged:
                 found.unchanged[key] = found.unchanged[first]
-            if first in found.functions:      # not with bind=False: nothing was built
+            if first in found.functions:  # not with bind=False: nothing was built
                 found.functions[key] = found.functions[first]
             progress(SameFunction(key, first))
             continue
@@ -211,8 +235,9 @@ def rewrite_signatures(loaded, keys: list[str], progress: Progress, weights: str
     return found
 
 
-def _fold_one(fn, key: str, found: Folded, progress: Progress, weights: str, bind: bool,
-              partial: bool) -> None:
+def _fold_one(
+    fn, key: str, found: Folded, progress: Progress, weights: str, bind: bool, partial: bool
+) -> None:
     """Folds one signature into ``found``: its report and function, or why it is copied
     through (``NotFreezable``); any other failure is ``RewriteFailed``."""
     try:
@@ -224,7 +249,7 @@ def _fold_one(fn, key: str, found: Folded, progress: Progress, weights: str, bin
                 found.deferred[key] = folded.marked
         else:
             report = fold(fn, partial=partial)[-1]
-    except NotFreezable as exc:     # an expected reason: the signature is copied through
+    except NotFreezable as exc:  # an expected reason: the signature is copied through
         found.unchanged[key] = str(exc)
         found.reports[key] = unrewritten_report(fn, str(exc))
         found.functions[key] = fn
@@ -236,9 +261,15 @@ def _fold_one(fn, key: str, found: Folded, progress: Progress, weights: str, bin
         raise RewriteFailed(key, exc) from exc
     found.reports[key] = report
     s = report.seconds
-    progress(SignatureFolded(key, report.summary(), s.get("freeze", 0),
-                             s.get("normalize", 0) + s.get("plan", 0) + s.get("apply", 0),
-                             s.get("import", 0) if bind else None))
+    progress(
+        SignatureFolded(
+            key,
+            report.summary(),
+            s.get("freeze", 0),
+            s.get("normalize", 0) + s.get("plan", 0) + s.get("apply", 0),
+            s.get("import", 0) if bind else None,
+        )
+    )
 
 
 def fold_signature(fn, key: str, weights: str, partial: bool = True) -> FoldedFunction:
@@ -247,11 +278,17 @@ def fold_signature(fn, key: str, weights: str, partial: bool = True) -> FoldedFu
     into the saved model (called before that, the function computes with zeros)."""
     if weights != "constants":
         # verify=False: optimize_saved_model verifies the written model instead
-        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False,
-                       partial=partial)
+        return rewrite(fn, weights=weights, keep_graph_def=False, verify=False, partial=partial)
     concrete, graph_def, held, inputs, outputs, report = fold(fn, partial=partial)
-    function = reimport(concrete, graph_def, held.names(), inputs, outputs, report,
-                        saved_weights.marked_constants(held, key, op_name))
+    function = reimport(
+        concrete,
+        graph_def,
+        held.names(),
+        inputs,
+        outputs,
+        report,
+        saved_weights.marked_constants(held, key, op_name),
+    )
     return FoldedFunction(function, None, report, marked=held)
 
 
@@ -268,18 +305,31 @@ def same_functions(loaded, keys: list[str]) -> dict[str, str]:
 
 def _function_fingerprint(fn) -> str:
     import hashlib
+
     graph_def = fn.graph.as_graph_def()
-    for node in graph_def.node:   # names of the trace, not of what it computes: a capture's
-        node.ClearField("experimental_debug_info")         # is a counter that differs per trace
+    for node in graph_def.node:  # names of the trace, not of what it computes: a capture's
+        node.ClearField("experimental_debug_info")  # is a counter that differs per trace
         if "_user_specified_name" in node.attr:
             del node.attr["_user_specified_name"]
     digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True))
     digest.update(repr([id(t) for t in fn.captured_inputs]).encode())
     digest.update(repr(fn.structured_input_signature).encode())
-    digest.update(repr(tf.nest.map_structure(
-        lambda t: (t.dtype.name, tuple(t.shape.as_list()) if t.shape.rank is not None else None,
-                   getattr(t, "name", None)) if hasattr(t, "dtype") else repr(t),
-        fn.structured_outputs)).encode())
+    digest.update(
+        repr(
+            tf.nest.map_structure(
+                lambda t: (
+                    (
+                        t.dtype.name,
+                        tuple(t.shape.as_list()) if t.shape.rank is not None else None,
+                        getattr(t, "name", None),
+                    )
+                    if hasattr(t, "dtype")
+                    else repr(t)
+                ),
+                fn.structured_outputs,
+            )
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -291,7 +341,7 @@ def _function_fingerprint(fn) -> str:
 # call (Grappler and the session hold several copies of every constant; written TF1-style, in
 # the main graph, the same), variables at or below the original's; constants serve faster at
 # small batches on CPU (oneDNN keeps a constant filter's reordering).
-PROTOBUF_LIMIT = 2 << 30          # bytes: no protobuf message (saved_model.pb) can be larger
+PROTOBUF_LIMIT = 2 << 30  # bytes: no protobuf message (saved_model.pb) can be larger
 
 
 def weight_bytes(loaded, keys: list[str]) -> int:
@@ -301,8 +351,9 @@ def weight_bytes(loaded, keys: list[str]) -> int:
     total = 0
     for key in keys:
         if first[key] == key:
-            total += sum(v.shape.num_elements() * v.dtype.size
-                         for v in loaded.signatures[key].variables)
+            total += sum(
+                v.shape.num_elements() * v.dtype.size for v in loaded.signatures[key].variables
+            )
     return total
 
 
@@ -310,34 +361,47 @@ def choose_weights(mode: str, nbytes: int) -> tuple[str, str | None]:
     """``(constants or variables, a note saying why when auto chose constants)``; ``nbytes``:
     the bytes of the variables the rewritten functions read (``weight_bytes``)."""
     if mode == "constants" and nbytes >= PROTOBUF_LIMIT:
-        raise BadOption("weights", mode, f"{nbytes / 2**30:.2f} GiB of weights cannot be "
-                        f"constants: saved_model.pb would pass protobuf's 2 GiB limit (use "
-                        f"variables, or auto)")
+        raise BadOption(
+            "weights",
+            mode,
+            f"{nbytes / 2**30:.2f} GiB of weights cannot be "
+            f"constants: saved_model.pb would pass protobuf's 2 GiB limit (use "
+            f"variables, or auto)",
+        )
     if mode != "auto":
         return mode, None
     if nbytes:
         return "variables", None
-    return "constants", ("the original reads no variable (its weights are constants): the "
-                         "folded weights are written as constants too")
+    return "constants", (
+        "the original reads no variable (its weights are constants): the "
+        "folded weights are written as constants too"
+    )
 
 
 def weights_tradeoff(mode: str, chosen: bool) -> str:
     """One line for the command's summary: how the weights were written (``chosen``: by auto)
     and what the other mode would give (figures: docs/benchmarks.md)."""
-    constants_cost = ("TF Serving peaks at up to about +8x the weights on the first call with "
-                      "constants")
+    constants_cost = (
+        "TF Serving peaks at up to about +8x the weights on the first call with constants"
+    )
     if mode == "variables":
         how = "as the original reads them (auto)" if chosen else "as asked"
-        return (f"weights: variables, {how}: serves no slower than the original and loads in no "
-                f"more memory; --weights constants serves faster at small batches on CPU, but "
-                f"{constants_cost}")
+        return (
+            f"weights: variables, {how}: serves no slower than the original and loads in no "
+            f"more memory; --weights constants serves faster at small batches on CPU, but "
+            f"{constants_cost}"
+        )
     if chosen:
-        return ("weights: constants, as the original holds them (auto): no slower and no more "
-                "memory than the original; --weights variables would load in less but serve "
-                "slower at small batches on CPU")
-    return (f"weights: constants, as asked: fastest at small batches on CPU, but "
-            f"{constants_cost}; the default (variables, when the original reads variables) "
-            f"loads in no more memory than the original")
+        return (
+            "weights: constants, as the original holds them (auto): no slower and no more "
+            "memory than the original; --weights variables would load in less but serve "
+            "slower at small batches on CPU"
+        )
+    return (
+        f"weights: constants, as asked: fastest at small batches on CPU, but "
+        f"{constants_cost}; the default (variables, when the original reads variables) "
+        f"loads in no more memory than the original"
+    )
 
 
 def unrewritten_report(fn, reason: str) -> FoldReport:
@@ -347,14 +411,21 @@ def unrewritten_report(fn, reason: str) -> FoldReport:
     for function in graph_def.library.function:
         nodes.extend(function.node_def)
     ops = dict(sorted(collections.Counter(n.op for n in nodes).items()))
-    entries = [Entry(name=census.display_name(key, layer), form=layer[0].op if layer[0].op in
-                     BATCH_NORM_OPS else census.DECOMPOSED, nodes=[n.name for n in layer],
-                     folded=False, reason=f"signature copied through unchanged: {reason}")
-               for key, layer in census.layers_in_every_body(graph_def)]
+    entries = [
+        Entry(
+            name=census.display_name(key, layer),
+            form=layer[0].op if layer[0].op in BATCH_NORM_OPS else census.DECOMPOSED,
+            nodes=[n.name for n in layer],
+            folded=False,
+            reason=f"signature copied through unchanged: {reason}",
+        )
+        for key, layer in census.layers_in_every_body(graph_def)
+    ]
     return FoldReport(entries, ops, dict(ops), [f"signature copied through unchanged: {reason}"])
 
 
 # ---- writing --------------------------------------------------------------------------------
+
 
 def is_inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
@@ -375,14 +446,16 @@ def check_destination(src: str, dst: str, overwrite: bool) -> str:
         if not os.path.isdir(real_dst):
             raise BadInput(f"{dst}: exists and is not a directory; refusing to replace it")
         if os.listdir(real_dst) and not _looks_like_saved_model(real_dst):
-            raise BadInput(f"{dst}: exists and is not a SavedModel directory; refusing to "
-                           f"replace it")
+            raise BadInput(
+                f"{dst}: exists and is not a SavedModel directory; refusing to replace it"
+            )
     return real_dst
 
 
 def _looks_like_saved_model(path: str) -> bool:
-    return any(os.path.isfile(os.path.join(path, name))
-               for name in ("saved_model.pb", "saved_model.pbtxt"))
+    return any(
+        os.path.isfile(os.path.join(path, name)) for name in ("saved_model.pb", "saved_model.pbtxt")
+    )
 
 
 def make_staging_dir(dst: str) -> tuple[str, list[str]]:
@@ -436,6 +509,7 @@ def save(loaded, functions: dict, path: str, keep_original: bool, variables=()) 
     (``keep_original``); otherwise only its assets are, so the folded model does not carry
     the original's variables.
     """
+
     def attempt(attach: bool):
         module = tf.Module()
         module.weights = list(variables)
@@ -469,9 +543,9 @@ def restore_metadata(path: str, original_meta_graph) -> None:
     Predict signatures: put back the original tag set and method names (Classify, Regress)."""
     saved_tags, saved_method = {tf.saved_model.SERVING}, tf.saved_model.PREDICT_METHOD_NAME
     if set(original_meta_graph.meta_info_def.tags) == saved_tags and all(
-            s.method_name in ("", saved_method)
-            for s in original_meta_graph.signature_def.values()):
-        return     # nothing to put back: do not parse (and hold) a saved_model.pb of weights
+        s.method_name in ("", saved_method) for s in original_meta_graph.signature_def.values()
+    ):
+        return  # nothing to put back: do not parse (and hold) a saved_model.pb of weights
     proto = read_saved_model(path)
     meta = proto.meta_graphs[0]
     changed = False
@@ -481,8 +555,11 @@ def restore_metadata(path: str, original_meta_graph) -> None:
         meta.meta_info_def.tags.extend(tags)
         changed = True
     for key, original in original_meta_graph.signature_def.items():
-        if key in meta.signature_def and original.method_name and \
-                meta.signature_def[key].method_name != original.method_name:
+        if (
+            key in meta.signature_def
+            and original.method_name
+            and meta.signature_def[key].method_name != original.method_name
+        ):
             meta.signature_def[key].method_name = original.method_name
             changed = True
     if not changed:
@@ -494,8 +571,9 @@ def move_into_place(staging: str, dst: str) -> None:
     """Renames ``staging`` to ``dst``; an existing ``dst`` is replaced only once that works."""
     backup = None
     if os.path.lexists(dst):
-        backup = tempfile.mkdtemp(prefix=staging_prefix(dst, "old"),
-                                  dir=os.path.dirname(dst) or ".")
+        backup = tempfile.mkdtemp(
+            prefix=staging_prefix(dst, "old"), dir=os.path.dirname(dst) or "."
+        )
         os.rmdir(backup)
         os.rename(dst, backup)
     try:
@@ -510,10 +588,12 @@ def move_into_place(staging: str, dst: str) -> None:
 
 # ---- the entry points -----------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Source:
     """What the prepare stage read and checked: the MetaGraph to rewrite, the keys requested,
     the scan of their ops, and notes (the tag-set policy, stale staging directories)."""
+
     src: str
     tags: tuple[str, ...]
     meta: Any
@@ -540,15 +620,20 @@ def tag_set_policy(proto, source: Source, drop_others: bool) -> list[str]:
     if len(proto.meta_graphs) <= 1:
         return []
     tags, meta = ",".join(source.tags), source.meta
-    others = "; ".join(",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs
-                       if mg is not meta)
+    others = "; ".join(
+        ",".join(mg.meta_info_def.tags) for mg in proto.meta_graphs if mg is not meta
+    )
     if not drop_others:
-        raise BadInput(f"{source.src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
-                       f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
-                       f"only tag-set '{tags}': drop the others with "
-                       f"{spelled('drop_other_tag_sets')}")
-    return [f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set '{tags}' is written "
-            f"to DST (dropped, as asked: {others})"]
+        raise BadInput(
+            f"{source.src}: holds {len(proto.meta_graphs)} MetaGraphs (tag-sets: "
+            f"{','.join(meta.meta_info_def.tags)}; {others}); graphfold writes "
+            f"only tag-set '{tags}': drop the others with "
+            f"{spelled('drop_other_tag_sets')}"
+        )
+    return [
+        f"SRC has {len(proto.meta_graphs)} MetaGraphs: only tag-set '{tags}' is written "
+        f"to DST (dropped, as asked: {others})"
+    ]
 
 
 def prepare(src: str, dst: str, options: Options, inputs, overwrite: bool) -> tuple[Source, str]:
@@ -556,14 +641,17 @@ def prepare(src: str, dst: str, options: Options, inputs, overwrite: bool) -> tu
     tag-set policy applied, the destination checked; ``(source, resolved destination)``."""
     SAVED_MODEL.refuse_unsupported(options.given())
     if inputs and not options.verify:
-        raise BadOption("verify", False, "cannot be combined with inputs (they are for the "
-                        "verification)")
+        raise BadOption(
+            "verify", False, "cannot be combined with inputs (they are for the verification)"
+        )
     source, proto = read_source(src, options)
     target = check_destination(src, dst, overwrite)
     scan_.check_loading(source.scan, options.allow_ops, src)
     source.notes += tag_set_policy(proto, source, options.drop_other_tag_sets)
-    source.notes += [f"removed {path}, left behind by an interrupted graphfold run"
-                     for path in remove_stale(target)]
+    source.notes += [
+        f"removed {path}, left behind by an interrupted graphfold run"
+        for path in remove_stale(target)
+    ]
     return source, target
 
 
@@ -574,14 +662,17 @@ def load_source(source: Source, progress: Progress):
     loaded = load(source.src, source.tags)
     missing = [k for k in source.keys if k not in loaded.signatures]
     if missing:
-        raise BadInput(f"{source.src}: signature {', '.join(missing)} is in saved_model.pb but "
-                       f"TensorFlow did not load it")
+        raise BadInput(
+            f"{source.src}: signature {', '.join(missing)} is in saved_model.pb but "
+            f"TensorFlow did not load it"
+        )
     release_unread_variables(loaded)
     return loaded
 
 
-def inspect_saved_model(src, *, options: Options | None = None,
-                        progress: Progress | None = None, **option_kwargs) -> SavedModelResult:
+def inspect_saved_model(
+    src, *, options: Options | None = None, progress: Progress | None = None, **option_kwargs
+) -> SavedModelResult:
     """The fold report of every requested signature of ``src``, and the ops reaching outside
     the graph each one holds (``.scan``); nothing is written, no signature is run.
     ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``allow_ops``,
@@ -598,18 +689,31 @@ def inspect_saved_model(src, *, options: Options | None = None,
     progress(StageStarted("load", f"{src} (tag-set {','.join(source.tags)})"))
     loaded = load(src, source.tags)
     seconds["load"], clock = time.perf_counter() - clock, time.perf_counter()
-    found = rewrite_signatures(loaded, source.keys, progress, bind=False,
-                               partial=options.partial)
+    found = rewrite_signatures(loaded, source.keys, progress, bind=False, partial=options.partial)
     seconds["rewrite"] = time.perf_counter() - clock
-    return SavedModelResult(src, None, source.tags, reports=found.reports,
-                            same_as=found.same_as, unchanged=found.unchanged, seconds=seconds,
-                            all_signatures=source.all_signatures, scan=source.scan)
+    return SavedModelResult(
+        src,
+        None,
+        source.tags,
+        reports=found.reports,
+        same_as=found.same_as,
+        unchanged=found.unchanged,
+        seconds=seconds,
+        all_signatures=source.all_signatures,
+        scan=source.scan,
+    )
 
 
-def optimize_saved_model(src, dst, *, options: Options | None = None,
-                         inputs: dict | None = None, overwrite: bool = False,
-                         progress: Progress | None = None,
-                         **option_kwargs) -> SavedModelResult:
+def optimize_saved_model(
+    src,
+    dst,
+    *,
+    options: Options | None = None,
+    inputs: dict | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    **option_kwargs,
+) -> SavedModelResult:
     """Folds the batch norms of every requested signature of the SavedModel ``src`` into a new
     SavedModel ``dst``.
 
@@ -647,14 +751,21 @@ def optimize_saved_model(src, dst, *, options: Options | None = None,
     src, dst = os.fspath(src), os.fspath(dst)
     options = Options.of(options, **option_kwargs)
     source, target = prepare(src, dst, options, inputs, overwrite)
-    result = SavedModelResult(src, dst, source.tags, notes=list(source.notes),
-                              all_signatures=source.all_signatures, scan=source.scan)
+    result = SavedModelResult(
+        src,
+        dst,
+        source.tags,
+        notes=list(source.notes),
+        all_signatures=source.all_signatures,
+        scan=source.scan,
+    )
     staging, created = make_staging_dir(target)
     try:
-        _optimize(source, Original(source, progress), staging, target, result, options,
-                  inputs, progress)
+        _optimize(
+            source, Original(source, progress), staging, target, result, options, inputs, progress
+        )
         return result
-    except KeyboardInterrupt as exc:   # (SIGTERM too, from the CLI): say whether DST was written
+    except KeyboardInterrupt as exc:  # (SIGTERM too, from the CLI): say whether DST was written
         exc.written = result.written  # type: ignore[attr-defined]
         raise
     finally:
@@ -678,8 +789,16 @@ class Original:
             gc.collect()
 
 
-def _optimize(source: Source, original: Original, staging: str, target: str,
-              result: SavedModelResult, options: Options, inputs, progress: Progress) -> None:
+def _optimize(
+    source: Source,
+    original: Original,
+    staging: str,
+    target: str,
+    result: SavedModelResult,
+    options: Options,
+    inputs,
+    progress: Progress,
+) -> None:
     """The stages after prepare, each one's findings into ``result``."""
     result.seconds["load"] = original.seconds
     feeds, notes = choose_feeds(source, original.loaded, inputs, options)
@@ -690,25 +809,25 @@ def _optimize(source: Source, original: Original, staging: str, target: str,
     if why:
         result.notes.append(why)
         progress(Note(why))
-    found = rewrite_signatures(original.loaded, source.keys, progress, mode,
-                               partial=options.partial)
-    result.reports, result.unchanged, result.same_as = found.reports, found.unchanged, \
-        found.same_as
+    found = rewrite_signatures(
+        original.loaded, source.keys, progress, mode, partial=options.partial
+    )
+    result.reports, result.unchanged, result.same_as = found.reports, found.unchanged, found.same_as
     result.seconds["rewrite"], clock = time.perf_counter() - clock, time.perf_counter()
     result.notes += write_stage(source, original.loaded, found, staging, result.dst, progress)
-    del found       # the folded weights: let them go before the written model is loaded
+    del found  # the folded weights: let them go before the written model is loaded
     gc.collect()
     result.seconds["write"] = time.perf_counter() - clock
     if feeds is not None:
         clock = time.perf_counter()
-        checks, specs = verify_stage(source, original, staging, feeds, result, options,
-                                     progress)
+        checks, specs = verify_stage(source, original, staging, feeds, result, options, progress)
         result.verification.update(checks)
         result.seconds["verify"] = time.perf_counter() - clock
         verification_policy(result, options.require_verification)
         if options.warmup:
-            result.notes += warmup_stage(src=source.src, staging=staging, checks=checks,
-                                         specs=specs, count=options.warmup)
+            result.notes += warmup_stage(
+                src=source.src, staging=staging, checks=checks, specs=specs, count=options.warmup
+            )
     original.release()
     clock = time.perf_counter()
     commit(staging, target, result, progress)
@@ -719,24 +838,26 @@ def _optimize(source: Source, original: Original, staging: str, target: str,
 class Feeds:
     """The inputs verification runs on: key -> given inputs, key -> SRC's warm-up records,
     key -> {input: shape} of random inputs (``checking.py``)."""
+
     given: dict
     recorded: dict
     shapes: dict
 
 
-def choose_feeds(source: Source, loaded, inputs,
-                 options: Options) -> tuple[Feeds | None, list[str]]:
+def choose_feeds(
+    source: Source, loaded, inputs, options: Options
+) -> tuple[Feeds | None, list[str]]:
     """``(the feeds of the verification (None when it is off), notes)``."""
     if not options.verify:
         return None, []
     given = checking.given_feeds(loaded, source.keys, inputs)
     recorded, notes = checking.warmup_feeds(source.src, loaded)
-    return Feeds(given, recorded, checking.shapes_for(loaded, source.keys, options.shapes())), \
-        notes
+    return Feeds(given, recorded, checking.shapes_for(loaded, source.keys, options.shapes())), notes
 
 
-def write_stage(source: Source, loaded, found: Folded, staging: str, dst: str | None,
-                progress: Progress) -> list[str]:
+def write_stage(
+    source: Source, loaded, found: Folded, staging: str, dst: str | None, progress: Progress
+) -> list[str]:
     """The write stage: the folded functions (and the signatures not requested, as they are)
     saved into ``staging``, the folded weights filled in, the tag set and method names
     restored, every other file of SRC copied; returns the notes (files not copied)."""
@@ -756,13 +877,20 @@ def write_stage(source: Source, loaded, found: Folded, staging: str, dst: str | 
     except GraphfoldError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise BadInput(f"{dst}: cannot write the optimized SavedModel: "
-                       f"{_first_line(exc)}") from None
+        raise BadInput(
+            f"{dst}: cannot write the optimized SavedModel: {_first_line(exc)}"
+        ) from None
 
 
-def verify_stage(source: Source, original: Original, staging: str, feeds: Feeds,
-                 result: SavedModelResult, options: Options,
-                 progress: Progress) -> tuple[dict[str, Verification], dict]:
+def verify_stage(
+    source: Source,
+    original: Original,
+    staging: str,
+    feeds: Feeds,
+    result: SavedModelResult,
+    options: Options,
+    progress: Progress,
+) -> tuple[dict[str, Verification], dict]:
     """The verify stage: ``(key -> Verification, key -> input specs of the rewritten
     signatures)``. The original is run first, on the inputs each distinct signature is checked
     on (the same function under two keys is checked once, unless real inputs address both),
@@ -773,14 +901,26 @@ def verify_stage(source: Source, original: Original, staging: str, feeds: Feeds,
     distinct, checks = scan_.gate([source.scan], distinct, options.allow_ops, tolerance)
     for check in checks.values():
         progress(SignatureChecked(check))
-    progress(StageStarted("verify", f"{len(distinct)} distinct signature(s) "
-                                    f"({tolerance_words(tolerance)})"))
+    progress(
+        StageStarted(
+            "verify", f"{len(distinct)} distinct signature(s) ({tolerance_words(tolerance)})"
+        )
+    )
     loaded = original.loaded
-    records = checking.record_checks(loaded, distinct, feeds.given, feeds.recorded,
-                                     tolerance=tolerance, batch=options.batch,
-                                     shapes=feeds.shapes)
-    specs = {k: input_specs(loaded.signatures[k]) for k in keys
-             if k not in result.unchanged} if options.warmup else {}
+    records = checking.record_checks(
+        loaded,
+        distinct,
+        feeds.given,
+        feeds.recorded,
+        tolerance=tolerance,
+        batch=options.batch,
+        shapes=feeds.shapes,
+    )
+    specs = (
+        {k: input_specs(loaded.signatures[k]) for k in keys if k not in result.unchanged}
+        if options.warmup
+        else {}
+    )
     del loaded
     original.release()
     written = load(staging, source.tags)
@@ -802,6 +942,7 @@ def _reloader(source: Source):
         if not held:
             held.append(load(source.src, source.tags))
         return held[0].signatures[key]
+
     return original_of
 
 
@@ -812,16 +953,22 @@ def verification_policy(result: SavedModelResult, require_verification: bool) ->
     failed = [k for k, v in checks.items() if not v.ok]
     if failed:
         raise VerificationFailed(
-            "verification failed for signature(s) " + ", ".join(failed) + ": " +
-            "; ".join(f"{k}: {checks[k].reason or ''}" for k in failed) +
-            f"; nothing was written to {dst}", result)
+            "verification failed for signature(s) "
+            + ", ".join(failed)
+            + ": "
+            + "; ".join(f"{k}: {checks[k].reason or ''}" for k in failed)
+            + f"; nothing was written to {dst}",
+            result,
+        )
     unverified = sorted(result.not_verified + result.inconclusive)
     if unverified and require_verification:
         raise VerificationFailed(
             f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT "
-            f"VERIFIED (" + "; ".join(f"{checks[k].status.upper()}: {checks[k].reason or ''}"
-                                      for k in unverified) +
-            f"); nothing was written to {dst}", result)
+            f"VERIFIED ("
+            + "; ".join(f"{checks[k].status.upper()}: {checks[k].reason or ''}" for k in unverified)
+            + f"); nothing was written to {dst}",
+            result,
+        )
 
 
 def warmup_stage(*, src: str, staging: str, checks: dict, specs: dict, count: int) -> list[str]:
@@ -842,8 +989,9 @@ def commit(staging: str, target: str, result: SavedModelResult, progress: Progre
         try:
             move_into_place(staging, target)
         except OSError as exc:
-            raise BadInput(f"{result.dst}: cannot move the result into place "
-                           f"({exc.strerror or exc})") from None
+            raise BadInput(
+                f"{result.dst}: cannot move the result into place ({exc.strerror or exc})"
+            ) from None
         result.written = True
 
 
@@ -857,8 +1005,10 @@ def _first_line(exc) -> str:
 
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
-def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None,
-                        progress=None, **option_kwargs):
+
+def verify_saved_models(
+    src, dst, *, options: Options | None = None, inputs=None, progress=None, **option_kwargs
+):
     """Compares the SavedModel ``dst`` with ``src``, signature by signature, on the same
     inputs (``inputs``; else SRC's warm-up records; else random). Nothing is written.
     ``options`` (or the same as keyword arguments): ``signatures``, ``tags``, ``tolerance``,
@@ -874,16 +1024,21 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     src, dst = os.fspath(src), os.fspath(dst)
     options = Options.of(options, **option_kwargs)
     COMPARISON.refuse_unsupported(options.given())
-    metas = {path: meta_graph_for(read_saved_model(path), path, options.tags)
-             for path in (src, dst)}
+    metas = {
+        path: meta_graph_for(read_saved_model(path), path, options.tags) for path in (src, dst)
+    }
     keys = select(signature_keys(metas[src]), options.signatures, src)
-    scans = [scan_.scan_meta_graph(metas[path], [k for k in keys if k in
-                                                 metas[path].signature_def], model=label)
-             for path, label in ((src, "SRC"), (dst, "DST"))]
+    scans = [
+        scan_.scan_meta_graph(
+            metas[path], [k for k in keys if k in metas[path].signature_def], model=label
+        )
+        for path, label in ((src, "SRC"), (dst, "DST"))
+    ]
     for path, found in zip((src, dst), scans):
         scan_.check_loading(found, options.allow_ops, path)
-    result = SavedModelResult(src, dst, options.tags, scan=scans[0],
-                              all_signatures=sorted(signature_keys(metas[src])))
+    result = SavedModelResult(
+        src, dst, options.tags, scan=scans[0], all_signatures=sorted(signature_keys(metas[src]))
+    )
     progress(StageStarted("load", f"{src} and {dst} (tag-set {','.join(options.tags)})"))
     reference, candidate = load(src, options.tags), load(dst, options.tags)
     given = checking.given_feeds(reference, keys, inputs)
@@ -896,32 +1051,49 @@ def verify_saved_models(src, dst, *, options: Options | None = None, inputs=None
     for check in checks.values():
         progress(SignatureChecked(check))
     result.verification.update(checks)
-    progress(StageStarted("verify", f"{len(comparable)} signature(s) "
-                                    f"({tolerance_words(options.tolerance)})"))
-    result.verification.update(checking.run_checks(
-        reference, candidate, comparable, feeds.given, feeds.recorded,
-        tolerance=options.tolerance, batch=options.batch, progress=progress,
-        shapes=feeds.shapes))
+    progress(
+        StageStarted(
+            "verify", f"{len(comparable)} signature(s) ({tolerance_words(options.tolerance)})"
+        )
+    )
+    result.verification.update(
+        checking.run_checks(
+            reference,
+            candidate,
+            comparable,
+            feeds.given,
+            feeds.recorded,
+            tolerance=options.tolerance,
+            batch=options.batch,
+            progress=progress,
+            shapes=feeds.shapes,
+        )
+    )
     unverified = sorted(result.not_verified + result.inconclusive)
     if options.require_verification and unverified:
-        raise VerificationFailed(f"{spelled('require_verification')}: signature(s) "
-                                 f"{', '.join(unverified)} NOT VERIFIED", result)
+        raise VerificationFailed(
+            f"{spelled('require_verification')}: signature(s) {', '.join(unverified)} NOT VERIFIED",
+            result,
+        )
     return result
 
 
-def _comparable(metas: dict, src: str, dst: str, keys: list[str], candidate,
-                tolerance) -> tuple[list[str], dict[str, Verification]]:
+def _comparable(
+    metas: dict, src: str, dst: str, keys: list[str], candidate, tolerance
+) -> tuple[list[str], dict[str, Verification]]:
     """The keys whose DST signature can be compared with SRC's, and a failed ``Verification``
     for each of the others (missing, other keys, dtypes or method name, not loaded)."""
     comparable, failed = [], {}
     for key in keys:
-        problem = _signature_difference(metas[src].signature_def[key],
-                                        metas[dst].signature_def.get(key))
+        problem = _signature_difference(
+            metas[src].signature_def[key], metas[dst].signature_def.get(key)
+        )
         if problem is None and key not in candidate.signatures:
             problem = "TensorFlow did not load it from DST"
         if problem:
-            failed[key] = Verification(key, "failed", tolerance,
-                                       reason=f"DST's signature: {problem}")
+            failed[key] = Verification(
+                key, "failed", tolerance, reason=f"DST's signature: {problem}"
+            )
         else:
             comparable.append(key)
     return comparable, failed

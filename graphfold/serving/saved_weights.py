@@ -22,11 +22,12 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from graphfold.fold.weights import Weights, fill_tensor, stub
 
-MARK = "_graphfold_weight"        # attribute of a marked constant: "<tag>\0<weight name>"
+MARK = "_graphfold_weight"  # attribute of a marked constant: "<tag>\0<weight name>"
 
 
-def marked_constants(weights: Weights, tag: str, names: Callable[[str], str]
-                     ) -> Callable[[], list[tf.Tensor]]:
+def marked_constants(
+    weights: Weights, tag: str, names: Callable[[str], str]
+) -> Callable[[], list[tf.Tensor]]:
     """``extra`` for ``function.with_signature``: one marked, empty ``Const`` per weight of
     ``weights`` (in the order of ``weights.names()``), named ``names(weight)``; ``tag`` tells
     this function's weights from another's in the same SavedModel."""
@@ -41,10 +42,17 @@ def marked_constants(weights: Weights, tag: str, names: Callable[[str], str]
             dtype = tf.as_dtype(array.dtype)
             value = tensor_pb2.TensorProto()
             stub(value, array, dtype)
-            op = graph.create_op("Const", [], [dtype], name=names(name), attrs={
-                "value": attr_value_pb2.AttrValue(tensor=value),
-                "dtype": attr_value_pb2.AttrValue(type=dtype.as_datatype_enum),
-                MARK: attr_value_pb2.AttrValue(s=_mark(tag, name))})
+            op = graph.create_op(
+                "Const",
+                [],
+                [dtype],
+                name=names(name),
+                attrs={
+                    "value": attr_value_pb2.AttrValue(tensor=value),
+                    "dtype": attr_value_pb2.AttrValue(type=dtype.as_datatype_enum),
+                    MARK: attr_value_pb2.AttrValue(s=_mark(tag, name)),
+                },
+            )
             values.append(op.outputs[0])
         return values
 
@@ -73,13 +81,16 @@ def _fill_marked(proto: saved_model_pb2.SavedModel, weights: dict[str, Weights])
     for node in _nodes(proto):
         if MARK in node.attr:
             marked.setdefault(node.attr[MARK].s, []).append(node)
-    expected = {_mark(tag, name): (held, name) for tag, held in weights.items()
-                for name in held.names()}
+    expected = {
+        _mark(tag, name): (held, name) for tag, held in weights.items() for name in held.names()
+    }
     missing = sorted(m.decode().replace("\0", ": ") for m in set(expected) - set(marked))
     unknown = sorted(m.decode().replace("\0", ": ") for m in set(marked) - set(expected))
     if missing or unknown:
-        raise RuntimeError(f"graphfold: the saved functions' weights do not match what was "
-                           f"folded (no node for {missing[:3]}; no value for {unknown[:3]})")
+        raise RuntimeError(
+            f"graphfold: the saved functions' weights do not match what was "
+            f"folded (no node for {missing[:3]}; no value for {unknown[:3]})"
+        )
     for mark, nodes in marked.items():
         held, name = expected[mark]
         array = np.ascontiguousarray(held.get(name))
@@ -111,6 +122,7 @@ def write(path: str, data: bytes) -> None:
     fingerprint = os.path.join(path, "fingerprint.pb")
     try:
         from graphfold.tf_private import saved_model_fingerprint
+
         value = saved_model_fingerprint(path)
         with open(fingerprint, "wb") as f:
             f.write(value)

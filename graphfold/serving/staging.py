@@ -33,8 +33,7 @@ def prefix(dst: str, kind: str = "") -> str:
 
 def owner(name: str, dst: str) -> tuple[str, int] | None:
     """(host, pid) recorded in ``name`` if it is a staging or backup directory of ``dst``."""
-    pattern = (re.escape(f".{os.path.basename(dst)}{MARK}") +
-               r"(?:old-)?([A-Za-z0-9]+)-(\d+)-[^/]+$")
+    pattern = re.escape(f".{os.path.basename(dst)}{MARK}") + r"(?:old-)?([A-Za-z0-9]+)-(\d+)-[^/]+$"
     match = re.match(pattern, name)
     return (match.group(1), int(match.group(2))) if match else None
 
@@ -46,7 +45,7 @@ def is_running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:     # alive, another user's
+    except PermissionError:  # alive, another user's
         return True
     except OverflowError:
         return False
@@ -58,7 +57,7 @@ def started_after(pid: int, timestamp: float) -> bool:
     then: its pid was reused). False when that cannot be told (no ``/proc``)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])    # field 22: starttime
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
         with open("/proc/stat") as f:
             boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
     except (OSError, ValueError, IndexError, StopIteration):
@@ -82,13 +81,15 @@ def signals_deferred():
     block is complete. A no-op off the main thread (Python runs handlers only there)."""
     import signal
     import threading
+
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
     previous: dict[int, Any] = {
         signum: signal.signal(signum, lambda signum, frame: came.append(signum))
-        for signum in (signal.SIGINT, signal.SIGTERM)}
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:

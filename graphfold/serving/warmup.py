@@ -18,13 +18,14 @@ from graphfold.errors import BadInput
 from graphfold.options import MAX_WARMUP
 
 PATH = os.path.join("assets.extra", "tf_serving_warmup_requests")
-MAX_RECORDS = MAX_WARMUP    # TF Serving's limit on the records it replays
+MAX_RECORDS = MAX_WARMUP  # TF Serving's limit on the records it replays
 DEFAULT_SIGNATURE = "serving_default"
 
 
 @dataclasses.dataclass
 class Request:
     """One predict record: its index in the file, the signature it calls, its inputs."""
+
     index: int
     signature: str
     inputs: dict[str, np.ndarray]
@@ -46,8 +47,9 @@ def _protos():
     try:
         from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
     except ImportError:
-        raise _bad("warm-up records need tensorflow-serving-api: pip install "
-                   "'graphfold[serving]'") from None
+        raise _bad(
+            "warm-up records need tensorflow-serving-api: pip install 'graphfold[serving]'"
+        ) from None
     return model_pb2, predict_pb2, prediction_log_pb2
 
 
@@ -58,8 +60,10 @@ def read_raw(path: str) -> list[bytes]:
         for record in tf.data.TFRecordDataset(path):
             records.append(record.numpy())
     except tf.errors.OpError as exc:
-        raise _bad(f"{path}: record {len(records)} is not a valid TFRecord "
-                   f"({str(exc.message).splitlines()[0][:120]})") from None
+        raise _bad(
+            f"{path}: record {len(records)} is not a valid TFRecord "
+            f"({str(exc.message).splitlines()[0][:120]})"
+        ) from None
     return records
 
 
@@ -68,6 +72,7 @@ def read(path: str) -> tuple[list[Request], dict[str, int]]:
     and a count of the other kinds of record (classify, regress, ...), which are kept but not
     replayed here. ``BadInput`` names the first record that is not a ``PredictionLog``."""
     from google.protobuf import message
+
     _, _, prediction_log_pb2 = _protos()
     requests: list[Request] = []
     others: dict[str, int] = {}
@@ -87,10 +92,12 @@ def read(path: str) -> tuple[list[Request], dict[str, int]]:
         try:
             inputs = {key: tf.make_ndarray(tensor) for key, tensor in request.inputs.items()}
         except (TypeError, ValueError) as exc:
-            raise _bad(f"{path}: record {index} holds an input tensor that cannot be read "
-                       f"({exc})") from None
-        requests.append(Request(index, request.model_spec.signature_name or DEFAULT_SIGNATURE,
-                                inputs))
+            raise _bad(
+                f"{path}: record {index} holds an input tensor that cannot be read ({exc})"
+            ) from None
+        requests.append(
+            Request(index, request.model_spec.signature_name or DEFAULT_SIGNATURE, inputs)
+        )
     return requests, others
 
 
@@ -104,7 +111,8 @@ def build(signature: str, inputs: dict[str, np.ndarray], model_name: str = "") -
     for key, value in sorted(inputs.items()):
         request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
     log = prediction_log_pb2.PredictionLog(
-        predict_log=prediction_log_pb2.PredictLog(request=request))
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
     return log.SerializeToString(deterministic=True)
 
 
@@ -112,8 +120,9 @@ def write(path: str, records: list[bytes]) -> None:
     """Writes ``records`` as the TFRecord file ``path`` (TFRecord framing is deterministic: an
     existing file's records written again come out as the same bytes)."""
     if len(records) > MAX_RECORDS:
-        raise _bad(f"{path}: {len(records)} warm-up records; TF Serving reads at most "
-                   f"{MAX_RECORDS}")
+        raise _bad(
+            f"{path}: {len(records)} warm-up records; TF Serving reads at most {MAX_RECORDS}"
+        )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tf.io.TFRecordWriter(path) as writer:
         for record in records:
