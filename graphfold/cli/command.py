@@ -413,20 +413,12 @@ def _output(parser):
 def cmd_optimize(args, console: Console) -> int:
     from graphfold.serving.graph_def_file import is_graph_def_file, optimize_graph_def_file
     from graphfold.serving.saved_model import (
-        BadInput,
         VerificationFailed,
-        is_inside,
         optimize_saved_model,
         weights_tradeoff,
     )
 
-    if args.report:
-        report_path = os.path.realpath(args.report)
-        if os.path.isdir(report_path):
-            raise BadInput(f"--report {args.report}: is a directory")
-        for name, path in (("SRC", args.src), ("DST", args.dst)):
-            if is_inside(report_path, os.path.realpath(path)):
-                raise BadInput(f"--report {args.report}: must not be inside {name}")
+    _check_report_path(args)
     from graphfold.convert.inputs import parse_inputs
     from graphfold.options import GRAPH_DEF_FILE, SAVED_MODEL
 
@@ -449,21 +441,7 @@ def cmd_optimize(args, console: Console) -> int:
         result, failure = exc.result, exc
     result.seconds["total"] = console.elapsed()
 
-    render_reports(result, console, full=args.verbose)
-    render_scan(result, console, always=False)
-    render_verification(result, console)
-    document = {
-        "command": "optimize",
-        "status": "ok" if failure is None else "verification_failed",
-        "exit_code": EXIT_OK if failure is None else EXIT_VERIFY,
-        **result.to_dict(),
-    }
-    if failure is not None:
-        document["error"] = str(failure)
-    if args.report:
-        _write_json(args.report, document)
-        console.progress(f"report written to {args.report}")
-    console.json(document)
+    _show_optimize_result(result, failure, args, console)
     if failure is not None:
         console.error(str(failure) + _where_to_look(result, args))
         return EXIT_VERIFY
@@ -479,6 +457,40 @@ def cmd_optimize(args, console: Console) -> int:
         f"{result.seconds['total']:.1f}s"
     )
     return EXIT_OK
+
+
+def _check_report_path(args) -> None:
+    """``--report`` names a file outside SRC and DST (``BadInput`` otherwise)."""
+    from graphfold.serving.saved_model import BadInput, is_inside
+
+    if not args.report:
+        return
+    report_path = os.path.realpath(args.report)
+    if os.path.isdir(report_path):
+        raise BadInput(f"--report {args.report}: is a directory")
+    for name, path in (("SRC", args.src), ("DST", args.dst)):
+        if is_inside(report_path, os.path.realpath(path)):
+            raise BadInput(f"--report {args.report}: must not be inside {name}")
+
+
+def _show_optimize_result(result, failure, args, console: Console) -> None:
+    """The reports, the scan and the verification on the console; the JSON document to
+    ``--report`` and ``--json``."""
+    render_reports(result, console, full=args.verbose)
+    render_scan(result, console, always=False)
+    render_verification(result, console)
+    document = {
+        "command": "optimize",
+        "status": "ok" if failure is None else "verification_failed",
+        "exit_code": EXIT_OK if failure is None else EXIT_VERIFY,
+        **result.to_dict(),
+    }
+    if failure is not None:
+        document["error"] = str(failure)
+    if args.report:
+        _write_json(args.report, document)
+        console.progress(f"report written to {args.report}")
+    console.json(document)
 
 
 def _where_to_look(result, args) -> str:
@@ -886,6 +898,31 @@ def line(record: dict) -> str:
     return text
 
 
+def _rich_bar(console: Console):
+    """A ``rich`` progress bar over versions on ``console``'s stderr, or None without rich."""
+    try:
+        from rich.console import Console as RichConsole
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+    except ImportError:
+        return None
+    return Progress(
+        TextColumn("optimizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=RichConsole(file=console.err),
+        transient=False,
+        auto_refresh=False,
+    )
+
+
 @contextlib.contextmanager
 def _progress(console: Console, every: float = 10.0):
     """``(on_plan, on_result, on_tick)``: a rich progress bar over versions when stderr is a
@@ -894,30 +931,7 @@ def _progress(console: Console, every: float = 10.0):
     from a thread of its own: the workers are then forked, not spawned
     (``graphfold.fleet.pool``)."""
     state: dict[str, Any] = {"done": 0, "total": 0, "bar": None, "last": time.perf_counter()}
-    bar = None
-    if not console.quiet and console.err.isatty():
-        try:
-            from rich.console import Console as RichConsole
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            bar = Progress(
-                TextColumn("optimizing"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.description}"),
-                console=RichConsole(file=console.err),
-                transient=False,
-                auto_refresh=False,
-            )
-        except ImportError:
-            bar = None
+    bar = None if console.quiet or not console.err.isatty() else _rich_bar(console)
 
     def on_plan(tasks) -> None:
         state["total"] = len(tasks)

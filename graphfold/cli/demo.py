@@ -146,11 +146,37 @@ def _prepare(out: str | None) -> str:
     return out
 
 
-def run_demo(out: str | None, console) -> int:
-    """The ``graphfold demo`` command; returns the exit code."""
+def _time_three_ways(original: str, optimized: str, key: str, console) -> dict[str, float]:
+    """Milliseconds per call of ``key``: the original, the original frozen with nothing folded
+    (freezing's share of the speed-up) and the optimized model, interleaved rounds."""
     import tensorflow as tf
 
     from graphfold.convert.rewrite import freeze_only
+    from graphfold.progress import StageStarted
+
+    console.progress(
+        StageStarted(
+            "time",
+            f"the original, the frozen original (nothing folded) "
+            f"and the optimized model (serving_default, batch "
+            f"{BATCH}, {CALLS} rounds)",
+        )
+    )
+    for path in (original, optimized):  # the demo's own model: clean, but gated all the same
+        require_runnable(path, [key])
+    loaded = {
+        name: tf.saved_model.load(path)
+        for name, path in (("original", original), ("optimized", optimized))
+    }
+    functions = {name: model.signatures[key] for name, model in loaded.items()}
+    functions["frozen"] = freeze_only(functions["original"])
+    rng = np.random.default_rng(1)
+    inputs = {"image": tf.constant(rng.standard_normal((BATCH,) + INPUT_SHAPE), tf.float32)}
+    return compare_latency(functions, inputs)
+
+
+def run_demo(out: str | None, console) -> int:
+    """The ``graphfold demo`` command; returns the exit code."""
     from graphfold.progress import StageStarted
     from graphfold.serving.saved_model import optimize_saved_model
 
@@ -191,26 +217,8 @@ def run_demo(out: str | None, console) -> int:
         console.json(document)
         return EXIT_VERIFY
 
-    console.progress(
-        StageStarted(
-            "time",
-            f"the original, the frozen original (nothing folded) "
-            f"and the optimized model (serving_default, batch "
-            f"{BATCH}, {CALLS} rounds)",
-        )
-    )
     key = "serving_default"
-    for path in (original, optimized):  # the demo's own model: clean, but gated all the same
-        require_runnable(path, [key])
-    loaded = {
-        name: tf.saved_model.load(path)
-        for name, path in (("original", original), ("optimized", optimized))
-    }
-    functions = {name: model.signatures[key] for name, model in loaded.items()}
-    functions["frozen"] = freeze_only(functions["original"])
-    rng = np.random.default_rng(1)
-    inputs = {"image": tf.constant(rng.standard_normal((BATCH,) + INPUT_SHAPE), tf.float32)}
-    ms = compare_latency(functions, inputs)
+    ms = _time_three_ways(original, optimized, key, console)
     render_latency(key, ms, console)
     console.print()
     console.print(f"try: saved_model_cli show --all --dir {optimized}")

@@ -166,6 +166,11 @@ class RepositoryResult:
         }
 
 
+def _paths(src_base: str, dst_base: str, model: str, version: str) -> tuple[str, str]:
+    """A version's SRC and DST directories."""
+    return os.path.join(src_base, model, version), os.path.join(dst_base, model, version)
+
+
 def optimize_repository(
     src_base,
     dst_base,
@@ -206,14 +211,7 @@ def optimize_repository(
     if model_config is not None:
         _check_output_file(model_config, spelled("model_config"), src_base)
     tasks = [
-        Task(
-            model,
-            version,
-            os.path.join(src_base, model, version),
-            os.path.join(dst_base, model, version),
-            normalized,
-            force,
-        )
+        Task(model, version, *_paths(src_base, dst_base, model, version), normalized, force)
         for model, version in find_versions(src_base, models, versions)
     ]
     if runner == "beam":
@@ -229,7 +227,7 @@ def optimize_repository(
         if on_result is not None:
             on_result(record)
 
-    worker_start = None
+    worker_start = None  # local workers: how they started (fork, spawn)
     if runner == "local":
         worker_start = _run_local(tasks, jobs, isolate, done, on_tick)
     else:

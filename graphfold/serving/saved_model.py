@@ -1006,6 +1006,20 @@ def _first_line(exc) -> str:
 # ---- comparing two SavedModels -----------------------------------------------------------------
 
 
+def _scan_both(metas: dict, keys: list[str], src: str, dst: str, allow_ops) -> list:
+    """SRC's and DST's scans for ops reaching outside the graph (``BadInput`` where loading
+    either would run one that ``allow_ops`` does not allow)."""
+    scans = [
+        scan_.scan_meta_graph(
+            metas[path], [k for k in keys if k in metas[path].signature_def], model=label
+        )
+        for path, label in ((src, "SRC"), (dst, "DST"))
+    ]
+    for path, found in zip((src, dst), scans):
+        scan_.check_loading(found, allow_ops, path)
+    return scans
+
+
 def verify_saved_models(
     src, dst, *, options: Options | None = None, inputs=None, progress=None, **option_kwargs
 ):
@@ -1028,14 +1042,7 @@ def verify_saved_models(
         path: meta_graph_for(read_saved_model(path), path, options.tags) for path in (src, dst)
     }
     keys = select(signature_keys(metas[src]), options.signatures, src)
-    scans = [
-        scan_.scan_meta_graph(
-            metas[path], [k for k in keys if k in metas[path].signature_def], model=label
-        )
-        for path, label in ((src, "SRC"), (dst, "DST"))
-    ]
-    for path, found in zip((src, dst), scans):
-        scan_.check_loading(found, options.allow_ops, path)
+    scans = _scan_both(metas, keys, src, dst, options.allow_ops)
     result = SavedModelResult(
         src, dst, options.tags, scan=scans[0], all_signatures=sorted(signature_keys(metas[src]))
     )
