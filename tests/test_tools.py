@@ -334,8 +334,8 @@ def test_the_cheap_mutants_are_caught(name):
 
 def test_a_mutant_whose_text_moved_is_an_error(tmp_path):
     mutants = _load("mutants")
-    (tmp_path / "graphfold").mkdir()
-    (tmp_path / "graphfold" / "rewrite.py").write_text("nothing to replace here\n")
+    (tmp_path / "graphfold" / "convert").mkdir(parents=True)
+    (tmp_path / "graphfold" / "convert" / "rewrite.py").write_text("nothing to replace here\n")
     with pytest.raises(
         ValueError,
         match="rewrite-folds-nothing: the text to replace is in "
