@@ -65,6 +65,29 @@ def test_input_shape_on_optimize_and_verify(any_size, tmp_path, capsys):
     assert "x[1, 20, 20, 3]" in capsys.readouterr().out
 
 
+def test_input_shape_on_optimize_repo_reaches_every_version(any_size, tmp_path, capsys):
+    """``optimize-repo --input-shape`` verifies each version on that shape (it is an option of
+    the run: the records say so, and a re-run with another shape is not "already done")."""
+    import json
+    import shutil
+
+    repo, dst = tmp_path / "repo", str(tmp_path / "dst")
+    for version in ("1", "2"):
+        shutil.copytree(any_size, repo / "m" / version)
+    argv = ["optimize-repo", str(repo), dst, "--versions", "all", "--jobs", "1", "--json"]
+    assert main([*argv, "--input-shape", "x=1,24,20,3"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    for version in document["versions"]:
+        check = version["report"]["signatures"]["serving_default"]["verification"]
+        assert check["inputs"] == {"x": [1, 24, 20, 3]}, version["version"]
+    assert main([*argv, "--input-shape", "x=1,16,16,3"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for version in again["versions"]:
+        assert version["status"] == "ok", version
+        check = version["report"]["signatures"]["serving_default"]["verification"]
+        assert check["inputs"] == {"x": [1, 16, 16, 3]}
+
+
 @pytest.mark.parametrize(
     "argument, message",
     [

@@ -359,7 +359,7 @@ def _names(text):
     return names
 
 
-def _real_inputs(parser):
+def _input_shape_flag(parser):
     parser.add_argument(
         "--input-shape",
         "--input_shape",
@@ -372,6 +372,10 @@ def _real_inputs(parser):
         "dimensions unknown, e.g. x=1,224,224,3 (repeatable; default: the "
         "given inputs' or warm-up records' shapes, else 224x224 images)",
     )
+
+
+def _real_inputs(parser):
+    _input_shape_flag(parser)
     parser.add_argument(
         "--inputs",
         action="append",
@@ -796,6 +800,7 @@ def add_repo_parser(commands) -> None:
     )
     _selection(repo)
     _writing(repo)
+    _input_shape_flag(repo)
     _consent(repo)
     _output(repo)
 
