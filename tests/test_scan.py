@@ -579,3 +579,23 @@ def test_graph_def_file_with_a_file_write(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "req.pb") and not os.path.exists(target)
     assert main(["optimize", src, str(tmp_path / "ok.pb"), "--allow-ops", "WriteFile"]) == 0
     assert os.path.exists(target)
+
+
+# ---- graphfold.rewrite's own check ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rewrite_checks_itself_without_running_them(kind, tmp_path):
+    """``rewrite`` folds a function holding such an op but its own check does not run it (NOT
+    VERIFIED, naming it); ``allow_ops`` consents, and then the check runs and passes."""
+    target = str(tmp_path / "touched")
+    net = Net()
+    fn = tf.function(_body(kind, net, target), input_signature=[SPEC], autograph=False)
+    folded = graphfold.rewrite(fn)
+    assert not os.path.exists(target), f"rewrite's check ran {OP[kind]}"
+    assert_held(folded.report.verification, OP[kind])
+    assert folded.report.folded, "the batch norm was not folded"
+
+    allowed = graphfold.rewrite(fn, allow_ops=[OP[kind]])
+    assert allowed.report.verification.status == "ok"
+    assert os.path.exists(target), "with consent, the check runs the function"

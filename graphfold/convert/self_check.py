@@ -4,10 +4,13 @@ noise floor)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from graphfold.convert import input_shapes as input_shapes_
-from graphfold.convert import noise
+from graphfold.convert import noise, scan
 from graphfold.convert.verify import input_labels, verify
 from graphfold.errors import BadInput, VerificationFailed
+from graphfold.verification import Verification
 
 
 def rewrite_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
@@ -25,10 +28,27 @@ def rewrite_shapes(concrete, input_shapes, verify: bool, tolerance) -> dict:
     return checked.get("rewrite", {})
 
 
-def check(folded, concrete, tolerance, shapes: dict, image_size: int) -> None:
+def held_back(concrete, allow_ops) -> Verification | None:
+    """A NOT VERIFIED outcome when ``concrete`` holds ops reaching outside the graph that
+    ``allow_ops`` does not allow (``scan.py``: the check would run them), else None."""
+    held = scan.held_back(scan.scan_graph_def(concrete.graph.as_graph_def()), allow_ops)
+    if not held:
+        return None
+    return Verification("rewrite", "skipped", None, reason=scan.not_run_reason(held))
+
+
+def check(
+    folded, concrete, tolerance, shapes: dict, image_size: int, allow_ops: Iterable[str] = ()
+) -> None:
     """``rewrite``'s own check: ``folded`` (a FoldedFunction) against ``concrete`` on random
     inputs (``verify``, ``noise.judge``); the outcome in its report; ``VerificationFailed``
-    giving the folded error and the freeze-only noise floor when it fails."""
+    giving the folded error and the freeze-only noise floor when it fails. Nothing runs when
+    ``concrete`` holds ops reaching outside the graph that ``allow_ops`` does not allow: the
+    outcome is then NOT VERIFIED, naming them."""
+    held = held_back(concrete, allow_ops)
+    if held is not None:
+        folded.report.verification = held
+        return
     check = verify(
         "rewrite",
         concrete,
