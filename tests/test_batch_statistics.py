@@ -46,7 +46,12 @@ def _assert_left_as_it_is(fn, seed):
     entry = the_entry(report)
     assert len(report.batch_norms) == 1 and report.not_folded == [entry], str(report)
     assert not entry.folded and not entry.partial
-    for phrase in ("computed from the input", "not constants", "batch statistics", "moments of"):
+    for phrase in (
+        "computed from the input",
+        "not constants",
+        "batch statistics",
+        "the tensor it normalizes",
+    ):
         assert phrase in entry.reason, (phrase, entry.reason)
     assert "splits it in parts" not in entry.reason and "not a linear layer" not in entry.reason
     before, after = report.ops_before, report.ops_after
@@ -65,7 +70,7 @@ def test_training_mode_batch_norm_with_moments_is_explained_and_kept():
     entry = _assert_left_as_it_is(_normalized([0, 1, 2], False, 0), 1)
     # it names the statistics and the tensor they are computed from
     assert "mean moments/Squeeze" in entry.reason and "variance moments/Squeeze_1" in entry.reason
-    assert "moments of Conv2D" in entry.reason
+    assert "computed from Conv2D" in entry.reason
 
 
 def test_layer_norm_like_moments_over_the_channel_axis_is_explained_and_kept():
@@ -74,6 +79,30 @@ def test_layer_norm_like_moments_over_the_channel_axis_is_explained_and_kept():
 
 def test_instance_norm_like_moments_over_the_positions_is_explained_and_kept():
     _assert_left_as_it_is(_normalized([1, 2], True, 4), 5)
+
+
+def test_scale_fed_from_another_input_is_explained_and_kept():
+    """Conditional batch norm: constant μ, σ², β but γ fed in (``gamma``), so s is no constant."""
+    rng = np.random.default_rng(8)
+    w = tf.constant(weight((3, 3, 3, 8), rng))
+    mean, beta = (tf.constant(rng.normal(0, 1, 8).astype("float32")) for _ in range(2))
+    variance = tf.constant(rng.uniform(0.5, 2, 8).astype("float32"))
+
+    @tf.function
+    def fn(x, gamma):
+        y = tf.nn.conv2d(x, w, 1, "SAME")
+        return tf.nn.batch_normalization(y, mean, variance, beta, gamma, EPS)
+
+    fn = fn.get_concrete_function(SPEC, tf.TensorSpec([8], tf.float32, name="gamma"))
+    folded = graphfold.rewrite(fn)
+    entry = the_entry(folded.report)
+    assert not entry.folded and not entry.partial, str(folded.report)
+    assert "computed in the graph, not constants (gamma" in entry.reason, entry.reason
+    assert "splits it in parts" not in entry.reason
+    assert sum(folded.report.ops_after.values()) <= sum(folded.report.ops_before.values())
+    x = rng.normal(0, 1, (2, 6, 6, 3)).astype("float32")
+    gamma = rng.normal(0, 1, 8).astype("float32")
+    assert assert_close(fn, folded, (x, gamma), tol=1e-5) <= 1e-5
 
 
 def test_unfolded_subtraction_from_a_constant_is_not_made_a_multiply_add():

@@ -131,23 +131,19 @@ def computed_statistics(graph: Graph, nodes) -> Blocked | None:
         if graph.const(t) is None and graph.producer(t).name not in inside
     ]
     outside = list(dict.fromkeys(outside))
-    sources = [
-        t
-        for t in outside
-        if any(_feeds(graph, t, o) for o in outside)
-        and not any(_feeds(graph, o, t) for o in outside)
-    ]
-    statistics = [t for t in outside if t not in sources]
-    if sources and statistics:
+    roots = [t for t in outside if not any(_feeds(graph, o, t) for o in outside)]
+    source = next((t for t in roots if any(_feeds(graph, t, o) for o in outside)), None)
+    statistics = [t for t in outside if source is not None and _feeds(graph, source, t)]
+    others = [t for t in outside if t != source and t not in statistics]
+    elsewhere = f"{', '.join(others)} computed in the graph" if others else ""
+    if statistics:
         named = " and ".join(f"{_statistic(graph, t, inside)}{t}" for t in statistics)
-        why = f"batch statistics: {named} are moments of {sources[0]}, the tensor it normalizes"
+        why = f"batch statistics: {named} are computed from {source}, the tensor it normalizes"
+        why += f"; {elsewhere}" if elsewhere else ""
+        text = f"its scale and shift are computed from the input, not constants ({why})"
     else:
-        why = f"{', '.join(outside)} are computed in the graph"
-    return Blocked(
-        first.name,
-        f"its scale and shift are computed from the input, not constants ({why}): not a fixed "
-        "per-channel affine map",
-    )
+        text = f"its scale and shift are computed in the graph, not constants ({elsewhere})"
+    return Blocked(first.name, f"{text}: not a fixed per-channel affine map")
 
 
 def _statistic(graph: Graph, tensor: str, inside: set[str]) -> str:
