@@ -166,7 +166,8 @@ def _computed_operands(graph: Graph, node) -> list[str]:
 
 def _feeds(graph: Graph, source: str, tensor: str, limit: int = 64) -> bool:
     """Whether ``source`` is among the ``limit`` nearest ancestors of ``tensor``."""
-    seen, frontier = set(), [tensor]
+    seen: set[str] = set()
+    frontier = [tensor]
     while frontier and len(seen) < limit:
         node = graph.producer(frontier.pop(0))
         if node.name in seen:
