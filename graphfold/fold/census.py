@@ -146,14 +146,19 @@ def computed_statistics(graph: Graph, nodes) -> Blocked | None:
     return Blocked(first.name, f"{text}: not a fixed per-channel affine map")
 
 
+# The decomposed form reads σ² through ``rsqrt(σ² + ε)`` and μ through ``μ · inv``.
+_SQUARE_ROOTS = ("Rsqrt", "Sqrt")
+_MULTIPLIES = ("Mul",)
+
+
 def _statistic(graph: Graph, tensor: str, inside: set[str]) -> str:
     """``"variance "`` when ``tensor`` reaches a square root within the batch norm (``σ² + ε``
     then ``Rsqrt``), ``"mean "`` when a multiply reads it (``μ·inv``), else ""."""
     users = [u for u in graph.consumers(tensor) if u.name in inside]
     then = [c for u in users for c in graph.consumers(canonical(u.name))]
-    if any(n.op in ("Rsqrt", "Sqrt") for n in users + then):
+    if any(n.op in _SQUARE_ROOTS for n in users + then):
         return "variance "
-    return "mean " if any(u.op == "Mul" for u in users) else ""
+    return "mean " if any(u.op in _MULTIPLIES for u in users) else ""
 
 
 def _computed_operands(graph: Graph, node) -> list[str]:
