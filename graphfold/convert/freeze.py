@@ -72,13 +72,34 @@ def check_freezable(fn: tf.types.experimental.ConcreteFunction) -> None:
             "table, ...), which cannot be frozen into constants"
         )
     graph_def = fn.graph.as_graph_def()
-    ops = {n.op for n in graph_def.node}
-    ops.update(n.op for f in graph_def.library.function for n in f.node_def)
-    if ops & set(WRITES):
-        raise NotFreezable(
-            "it assigns to variables (a batch norm in training mode updating its "
-            "moving statistics, ...), which cannot be frozen into constants"
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    writers = [n.name for n in nodes if n.op in WRITES]
+    if writers:
+        raise NotFreezable(_why_writes(writers, nodes))
+
+
+def _why_writes(writers: list[str], nodes) -> str:
+    """Why a function that assigns to variables (``writers``) cannot be frozen, naming the
+    writes, and a batch norm in training mode where a writer's scope holds one (a fused op with
+    ``is_training`` or the ``moments`` of the decomposed form)."""
+    named = ", ".join(writers[:3]) + (f" and {len(writers) - 3} more" if len(writers) > 3 else "")
+    scopes = {w.rpartition("/")[0] + "/" for w in writers}
+    training = any(
+        n.name.startswith(tuple(scopes))
+        and ("/moments/" in n.name or n.op.startswith("FusedBatchNorm") and n.attr["is_training"].b)
+        for n in nodes
+    )
+    if training:
+        return (
+            f"it assigns to variables ({named}): a batch norm in training mode (called with "
+            "training=True) normalises with batch statistics, the mean and variance of its "
+            "input, not constants, and updates its moving statistics; variables that change "
+            "cannot be frozen into constants (call it with training=False)"
         )
+    return (
+        f"it assigns to variables ({named}: a batch norm in training mode updating its "
+        "moving statistics, ...), which cannot be frozen into constants"
+    )
 
 
 def freeze(fn: tf.types.experimental.ConcreteFunction, weights: Weights | None = None) -> Frozen:

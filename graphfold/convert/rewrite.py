@@ -211,7 +211,7 @@ def _optimize_graph_def(
     keep = [i.split(":")[0] for i in inputs]
     fold_constants(graph)
     graph.prune(keep=keep)
-    affines = find_affines(graph) if folding else []
+    affines = census.without_computed_statistics(graph, find_affines(graph)) if folding else []
     missed = (
         census.unrecognised(graph, affines) + census.in_function_bodies(work, skip=inlined)
         if folding

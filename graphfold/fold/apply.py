@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from graphfold.fold.affine import BATCH_NORM_OPS, Affine
+from graphfold.fold.affine import BATCH_NORM_OPS, ELEMENTWISE, Affine
 from graphfold.fold.formats import bias_format
 from graphfold.fold.graph import Graph, canonical
 from graphfold.fold.writes import KeepShift, NewBias, SetConst, Write
@@ -78,9 +78,15 @@ def as_multiply_add(graph: Graph, affine: Affine) -> None:
     """Replaces A's nodes by ``x * s + t`` (one ``Mul`` and one ``AddV2``; either is omitted when
     it is the identity). A float16/bfloat16 batch-norm op stays as it is: its kernel computes in
     float32, and Grappler pushes a ``Mul`` that follows a conv into the conv's half-precision
-    filter at run time (``MulConvPushDown``), the very overflow a refused fold avoided."""
+    filter at run time (``MulConvPushDown``), the very overflow a refused fold avoided. A chain
+    of elementwise ops that would take more ops so (``Sub(k, x)``: ``x * -1 + k``) stays too."""
     if affine.dtype in (tf.float16, tf.bfloat16) and any(
         graph.nodes[name].op in BATCH_NORM_OPS for name in affine.nodes
+    ):
+        return
+    emitted = int(not np.all(affine.s == 1)) + int(not np.all(affine.t == 0))
+    if emitted > len(affine.nodes) and all(
+        graph.nodes[name].op in ELEMENTWISE for name in affine.nodes
     ):
         return
     _emit(graph, affine, affine.s, affine.t)

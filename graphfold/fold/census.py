@@ -14,6 +14,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 
+from graphfold.errors import Blocked
 from graphfold.fold.affine import (
     BATCH_NORM_OPS,
     ELEMENTWISE,
@@ -22,7 +23,7 @@ from graphfold.fold.affine import (
     batch_norm_scope,
     fused_layer_name,
 )
-from graphfold.fold.graph import Graph
+from graphfold.fold.graph import Graph, canonical
 from graphfold.fold.report import Entry
 from graphfold.fold.rules import IDENTITIES
 
@@ -93,17 +94,13 @@ def unrecognised(graph: Graph, affines: list[Affine]) -> list[Entry]:
 
 
 def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
+    computed = computed_statistics(graph, nodes)
+    if computed is not None:
+        return computed.node, str(computed)
     for node in nodes:
         if node.op not in ELEMENTWISE:
             continue
-        inputs = graph.data_inputs(node)
-        variable = [t for t in inputs if graph.const(t) is None]
-        if len(variable) > 1:
-            return node.name, (
-                f"{node.name}: {node.op} of two computed tensors: the batch "
-                "norm's parameters are not constants (training mode, or "
-                "statistics computed from the input)"
-            )
+        variable = [t for t in graph.data_inputs(node) if graph.const(t) is None]
         if variable and graph.shape(variable[0]) is None:
             return node.name, (
                 f"{node.name}: the shape of its input is unknown, so its channel "
@@ -115,6 +112,90 @@ def _why_unrecognised(graph: Graph, nodes) -> tuple[str, str]:
         "broadcasts along a non-channel axis, or an op that is not a multiply or "
         "an add)"
     )
+
+
+# ---- batch statistics: a decomposed batch norm whose mean and variance are computed ----------
+def computed_statistics(graph: Graph, nodes) -> Blocked | None:
+    """Why a decomposed batch norm (``x * inv + (β - μ·inv)``, ``nodes`` its scope) is no A when
+    an op of it multiplies or adds two computed tensors: its μ and σ² (or γ, β) are tensors the
+    graph computes (``tf.nn.moments`` of x: training mode, instance or layer norm), so s and t
+    change with the input. None when every operand but x is a constant."""
+    first = next((n for n in nodes if n.op in ELEMENTWISE and _computed_operands(graph, n)), None)
+    if first is None:
+        return None
+    inside = {n.name for n in nodes}
+    outside = [
+        t
+        for n in nodes
+        for t in graph.data_inputs(n)
+        if graph.const(t) is None and graph.producer(t).name not in inside
+    ]
+    outside = list(dict.fromkeys(outside))
+    roots = [t for t in outside if not any(_feeds(graph, o, t) for o in outside)]
+    source = next((t for t in roots if any(_feeds(graph, t, o) for o in outside)), None)
+    statistics = [t for t in outside if source is not None and _feeds(graph, source, t)]
+    others = [t for t in outside if t != source and t not in statistics]
+    elsewhere = f"{', '.join(others)} computed in the graph" if others else ""
+    if statistics:
+        named = " and ".join(f"{_statistic(graph, t, inside)}{t}" for t in statistics)
+        why = f"batch statistics: {named} are computed from {source}, the tensor it normalizes"
+        why += f"; {elsewhere}" if elsewhere else ""
+        text = f"its scale and shift are computed from the input, not constants ({why})"
+    else:
+        text = f"its scale and shift are computed in the graph, not constants ({elsewhere})"
+    return Blocked(first.name, f"{text}: not a fixed per-channel affine map")
+
+
+# The decomposed form reads σ² through ``rsqrt(σ² + ε)`` and μ through ``μ · inv``.
+_SQUARE_ROOTS = ("Rsqrt", "Sqrt")
+_MULTIPLIES = ("Mul",)
+
+
+def _statistic(graph: Graph, tensor: str, inside: set[str]) -> str:
+    """``"variance "`` when ``tensor`` reaches a square root within the batch norm (``σ² + ε``
+    then ``Rsqrt``), ``"mean "`` when a multiply reads it (``μ·inv``), else ""."""
+    users = [u for u in graph.consumers(tensor) if u.name in inside]
+    then = [c for u in users for c in graph.consumers(canonical(u.name))]
+    if any(n.op in _SQUARE_ROOTS for n in users + then):
+        return "variance "
+    return "mean " if any(u.op in _MULTIPLIES for u in users) else ""
+
+
+def _computed_operands(graph: Graph, node) -> list[str]:
+    """Both operands of an elementwise ``node`` when neither is a constant, else []."""
+    inputs = graph.data_inputs(node)[:2]
+    if len(inputs) == 2 and all(graph.const(t) is None for t in inputs):
+        return inputs
+    return []
+
+
+def _feeds(graph: Graph, source: str, tensor: str, limit: int = 64) -> bool:
+    """Whether ``source`` is among the ``limit`` nearest ancestors of ``tensor``."""
+    seen: set[str] = set()
+    frontier = [tensor]
+    while frontier and len(seen) < limit:
+        node = graph.producer(frontier.pop(0))
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        inputs = graph.data_inputs(node)
+        if any(canonical(t) == canonical(source) for t in inputs):
+            return True
+        frontier += inputs
+    return False
+
+
+def without_computed_statistics(graph: Graph, affines: list[Affine]) -> list[Affine]:
+    """``affines`` less those inside a decomposed batch norm whose statistics are computed: such
+    a part (``σ² + ε``, ``γ · rsqrt(σ² + ε)``, ``β - μ·inv``) maps the statistics, not the
+    data, and rewriting it could only grow the graph; the census reports the layer (its
+    ``computed_statistics``)."""
+    computed = {
+        key
+        for key, nodes in batch_norm_layers(graph.graph_def.node).items()
+        if not any(n.op in BATCH_NORM_OPS for n in nodes) and computed_statistics(graph, nodes)
+    }
+    return [a for a in affines if not any(batch_norm_scope(n) in computed for n in a.nodes)]
 
 
 # ---- names: the Keras layer's, never a node graphfold made -------------------------------------
