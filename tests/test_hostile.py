@@ -265,7 +265,7 @@ def test_write_file_of_constants_is_never_run_by_the_rewrite(rng, tmp_path):
     """``tf.io.write_file`` whose inputs are all constants is a stateful op: folding evaluates only
     allowlisted pure math, so rewriting must not create the file. Calling the folded function
     runs the model's graph, as TF Serving would: then the file appears, as with the original.
-    rewrite's own check calls both (``verify=False``: only the fold runs)."""
+    rewrite's own check scans first and runs them only with ``allow_ops`` (issue 21)."""
     target = tmp_path / "pwned.txt"
     w, p = weight((1, 1, 3, 4), rng), bn_params(4, rng)
 
@@ -281,7 +281,11 @@ def test_write_file_of_constants_is_never_run_by_the_rewrite(rng, tmp_path):
     folded(rng.normal(size=(1, 4, 4, 3)).astype("float32"))
     assert target.read_bytes() == b"written"
     target.unlink()
-    graphfold.rewrite(fn)  # the check runs the model: as documented
+    checked = graphfold.rewrite(fn)  # the check scans first: it does not run WriteFile
+    assert not target.exists(), "rewrite's own check ran the WriteFile op"
+    assert checked.report.verification.status == "skipped"
+    assert "WriteFile" in checked.report.verification.reason
+    graphfold.rewrite(fn, allow_ops=["WriteFile"])  # with consent the check runs the model
     assert target.read_bytes() == b"written"
 
 
