@@ -266,6 +266,11 @@ def test_the_api_refuses_options_in_its_own_words(src, jpeg_pb, tmp_path):
         r"comparing two SavedModels",
     ):
         graphfold.verify_saved_models(src("keras3"), src("keras3"), weights="variables")
+    with pytest.raises(
+        graphfold.options.BadOption,
+        match=r"^partial: not supported for comparing two SavedModels",
+    ):
+        graphfold.verify_saved_models(src("keras3"), src("keras3"), partial=False)
     with pytest.raises(TypeError, match="unexpected keyword argument 'tolerence'"):
         graphfold.optimize_saved_model(src("keras3"), str(tmp_path / "o"), tolerence=1e-3)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("o")]
