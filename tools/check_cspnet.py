@@ -38,6 +38,23 @@ CONFIGS = {
 }
 
 
+def cspnet(keras_hub, config: str):
+    """The small cspresnext50-like (or cspresnet50-like) backbone, ``weights=None``."""
+    return keras_hub.models.CSPNetBackbone(
+        stem_filters=16,
+        stem_kernel_size=7,
+        stem_strides=4,
+        stackwise_depth=[2, 2, 2],
+        stackwise_strides=[1, 2, 2],
+        block_type="bottleneck_block",
+        stage_type="csp",
+        stem_pooling="max",
+        stem_padding="valid",
+        cross_linear=True,
+        **CONFIGS[config],
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cspresnext50")
@@ -56,19 +73,7 @@ def main(argv=None) -> int:
     from graphfold.convert import noise
     from graphfold.convert.verify import compare
 
-    backbone = keras_hub.models.CSPNetBackbone(
-        stem_filters=16,
-        stem_kernel_size=7,
-        stem_strides=4,
-        stackwise_depth=[2, 2, 2],
-        stackwise_strides=[1, 2, 2],
-        block_type="bottleneck_block",
-        stage_type="csp",
-        stem_pooling="max",
-        stem_padding="valid",
-        cross_linear=True,
-        **CONFIGS[args.config],
-    )
+    backbone = cspnet(keras_hub, args.config)
     examples.randomise(backbone, np.random.default_rng(0))
     fn = tf.function(lambda x: backbone(x, training=False)).get_concrete_function(
         tf.TensorSpec([None, args.size, args.size, 3], tf.float32, name="x")

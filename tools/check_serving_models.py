@@ -66,19 +66,7 @@ def _build_keras_hub(name: str, path: str) -> None:
     from graphfold import examples
 
     if name == "CSPNet":
-        model = keras_hub.models.CSPNetBackbone(
-            stem_filters=16,
-            stem_kernel_size=7,
-            stem_strides=4,
-            stackwise_depth=[2, 2, 2],
-            stackwise_strides=[1, 2, 2],
-            block_type="bottleneck_block",
-            stage_type="csp",
-            stem_pooling="max",
-            stem_padding="valid",
-            cross_linear=True,
-            **check_cspnet.CONFIGS["cspresnext50"],
-        )
+        model = check_cspnet.cspnet(keras_hub, "cspresnext50")
     else:
         model = keras_hub.models.HGNetV2Backbone(**HGNETV2)
     rng = np.random.default_rng(0)
